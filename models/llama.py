@@ -1,0 +1,233 @@
+"""A minimal LLaMA: RMSNorm, RoPE (incl. llama3 scaling), GQA attention, SwiGLU, tied/untied head.
+
+The forward takes a block of ``n`` new tokens (a chain, or a tree given by ``parents``), writes
+their K/V into the stage's preallocated :class:`~pipespec_fast.kv_cache.KVCache` at slots
+``[cache.length, cache.length + n)`` and attends through ``pipespec_fast.ops.verify_attention``
+(Triton on CUDA, the torch reference on CPU). Weights are kept fused (QKV, gate/up) so a layer
+is five matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import LlamaConfig
+from pipespec_fast import ops, reference
+from pipespec_fast.kv_cache import KVCache
+
+__all__ = ["LlamaConfig", "Transformer", "rope_inv_freq"]
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies ``[head_dim // 2]`` fp32 (as transformers computes them), with llama3
+    scaling when configured."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv
+    factor = float(sc["factor"])
+    low, high = float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+    old_ctx = float(sc["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x: [n, heads, head_dim]`` (HF half-split layout) by ``cos/sin: [n, head_dim]``."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_out = cfg.n_heads * cfg.head_dim
+        self.kv_out = cfg.n_kv_heads * cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, self.q_out + 2 * self.kv_out, bias=False)
+        self.wo = nn.Linear(self.q_out, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, cache_len, anc_bits):
+        n = x.shape[0]
+        qkv = self.wqkv(x)
+        q = qkv[:, : self.q_out].view(n, self.n_heads, self.head_dim)
+        k = qkv[:, self.q_out : self.q_out + self.kv_out].view(n, self.n_kv, self.head_dim)
+        v = qkv[:, self.q_out + self.kv_out :].view(n, self.n_kv, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = ops.verify_attention(q, k, v, k_cache, v_cache, cache_len, anc_bits)
+        return self.wo(out.reshape(n, self.q_out))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.w13(x)
+        return self.w2(F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :])
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, cache_len, anc_bits):
+        h = x + self.attention(self.attention_norm(x), cos, sin, k_cache, v_cache, cache_len,
+                               anc_bits)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """LLaMA decoder. Batch 1; the batch of a verify step is its block of new tokens."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self._chain_bits: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> Transformer:
+        """Load a Hugging Face-layout safetensors checkpoint (single file or sharded)."""
+        from models.checkpoint import load_state_dict
+
+        cfg = LlamaConfig.from_dir(model_dir)
+        hf = load_state_dict(model_dir, cfg, dtype=dtype, device="cpu")
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_hf_state_dict(hf)
+        model.inv_freq = rope_inv_freq(cfg)
+        return model.to(device=device).eval()
+
+    def load_hf_state_dict(self, hf: dict[str, torch.Tensor]) -> None:
+        """Take HF-named tensors (already validated), fusing QKV and gate/up."""
+        sd: dict[str, torch.Tensor] = {
+            "tok_embeddings.weight": hf["model.embed_tokens.weight"],
+            "norm.weight": hf["model.norm.weight"],
+        }
+        if not self.config.tie_word_embeddings:
+            sd["output.weight"] = hf["lm_head.weight"]
+        for i in range(self.config.n_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            sd[f"layers.{i}.attention.wqkv.weight"] = torch.cat(
+                [hf[a + "q_proj.weight"], hf[a + "k_proj.weight"], hf[a + "v_proj.weight"]]
+            )
+            sd[f"layers.{i}.attention.wo.weight"] = hf[a + "o_proj.weight"]
+            m = p + "mlp."
+            sd[f"layers.{i}.feed_forward.w13.weight"] = torch.cat(
+                [hf[m + "gate_proj.weight"], hf[m + "up_proj.weight"]]
+            )
+            sd[f"layers.{i}.feed_forward.w2.weight"] = hf[m + "down_proj.weight"]
+            sd[f"layers.{i}.attention_norm.weight"] = hf[p + "input_layernorm.weight"]
+            sd[f"layers.{i}.ffn_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
+        self.load_state_dict(sd, strict=False, assign=True)
+        if self.config.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        """A KV cache for this model (default: the config's context length)."""
+        cfg = self.config
+        max_len = max_len or cfg.max_position_embeddings
+        w = self.tok_embeddings.weight
+        return KVCache(cfg.n_layers, cfg.n_kv_heads, max_len, cfg.head_dim, w.dtype, w.device)
+
+    # ------------------------------------------------------------------ forward
+
+    def _bits_and_positions(self, n: int, start: int, parents: torch.Tensor | None, device):
+        if parents is None:
+            bits = self._chain_bits.get(n)
+            if bits is None or bits.device != device:
+                bits = reference.ancestor_bits(reference.chain_parents(n, device))
+                self._chain_bits[n] = bits
+            pos = torch.arange(start, start + n, device=device)
+        else:
+            bits = reference.ancestor_bits(parents)
+            pos = start + reference.tree_depths(parents)
+        return bits, pos
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        parents: torch.Tensor | None = None,
+        last_n: int | None = None,
+    ) -> torch.Tensor:
+        """Run ``n`` new tokens through the model, appending their K/V to ``cache``.
+
+        Args:
+            tokens: ``[n]`` int64 token ids.
+            cache: this model's cache; node ``i`` goes to slot ``cache.length + i`` and
+                ``cache.length`` grows by ``n`` (roll back or ``keep_path`` afterwards).
+            parents: ``[n]`` tree parents (``reference`` module doc); ``None`` for a chain.
+            last_n: compute logits only for the last ``last_n`` tokens (default: all).
+
+        Returns:
+            ``[last_n, vocab_size]`` fp32 logits.
+        """
+        if tokens.dim() != 1:
+            raise ValueError(f"tokens: expected a 1-D tensor of ids, got {tuple(tokens.shape)}")
+        n = tokens.shape[0]
+        start = cache.reserve(n)
+        try:
+            bits, pos = self._bits_and_positions(n, start, parents, tokens.device)
+            freqs = pos.float()[:, None] * self.inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            dtype = self.tok_embeddings.weight.dtype
+            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+            x = self.tok_embeddings(tokens)
+            for i, layer in enumerate(self.layers):
+                k_cache, v_cache = cache.layer(i)
+                x = layer(x, cos, sin, k_cache, v_cache, start, bits)
+            if last_n is not None:
+                x = x[n - last_n :]
+            return self.output(self.norm(x)).float()
+        except BaseException:
+            cache.length = start
+            raise

@@ -1,0 +1,394 @@
+"""``FastPipeline``: k stages (smallest first, target last) decoding as PipeSpec, synchronous
+speculative decoding or plain autoregressive decoding of the target."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipespec_fast import baselines
+from pipespec_fast.sequencer import SamplingParams, Sequencer, StageStats
+from pipespec_fast.stage import LlamaStage, Stage
+from pipespec_fast.workers import Emit, StageWorker
+
+MODES = ("pipespec", "sync", "ar")
+ERROR_WAIT_S = 2.0
+
+
+class StageError(RuntimeError):
+    """A stage failed during generation; ``stage`` names it, ``__cause__`` is the original."""
+
+    def __init__(self, stage: str, exc: BaseException) -> None:
+        super().__init__(f"PipeSpec stage {stage} failed: {type(exc).__name__}: {exc}")
+        self.stage = stage
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str | None
+    stats: dict
+    stage_stats: list[StageStats] = field(default_factory=list)
+    finish_reason: str = "length"
+
+
+class FastPipeline:
+    """Hierarchical pipelined speculative decoding over ``stages`` (target last).
+
+    Args:
+        stages: objects implementing :class:`~pipespec_fast.stage.Stage`, smallest first.
+        tokenizer: a ``transformers`` tokenizer shared by every stage (optional: without it
+            prompts must be token ids and results carry no text).
+        mode: ``"pipespec"`` (default), ``"sync"`` or ``"ar"``; ``generate`` may override it.
+        windows: per stage i > 0, the most draft tokens it verifies in one forward.
+        max_leads: per stage i < k-1, how many tokens it may run ahead of the stage above.
+        threads: per stage, torch intra-op threads of its worker (``None``: leave as is).
+        eos_token_ids: tokens that end generation (default: the tokenizer's / target config's).
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[Stage],
+        tokenizer=None,
+        mode: str = "pipespec",
+        windows: Sequence[int] | None = None,
+        max_leads: Sequence[int] | None = None,
+        threads: Sequence[int | None] | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+    ) -> None:
+        if not stages:
+            raise ValueError("stages: at least one stage (the target) is required")
+        for st in stages:
+            if not isinstance(st, Stage):
+                raise ValueError(f"stages: {st!r} does not implement the Stage protocol")
+        target = stages[-1]
+        for st in stages[:-1]:
+            if st.vocab_size != target.vocab_size:
+                raise ValueError(
+                    f"vocab mismatch: stage {st.name!r} has vocab_size {st.vocab_size}, "
+                    f"target {target.name!r} has {target.vocab_size}"
+                )
+        self.stages = list(stages)
+        self.tokenizer = tokenizer
+        self.mode = _check_mode(mode)
+        k = len(stages)
+        self.windows = list(windows) if windows is not None else [0] + [6] * (k - 1)
+        self.max_leads = list(max_leads) if max_leads is not None else [8] * (k - 1) + [0]
+        if len(self.windows) != k or any(w < 1 for w in self.windows[1:]):
+            raise ValueError(f"windows: expected {k} entries >= 1 (entry 0 unused)")
+        if len(self.max_leads) != k or any(m < 1 for m in self.max_leads[:-1]):
+            raise ValueError(f"max_leads: expected {k} entries >= 1 (last unused)")
+        self.threads = list(threads) if threads is not None else [None] * k
+        if eos_token_ids is None:
+            eos = []
+            if tokenizer is not None and tokenizer.eos_token_id is not None:
+                eos.append(tokenizer.eos_token_id)
+            cfg = getattr(getattr(target, "model", None), "config", None)
+            eos += [e for e in getattr(cfg, "eos_token_ids", []) if e not in eos]
+            eos_token_ids = eos
+        self.eos_token_ids = set(eos_token_ids)
+        self._closed = False
+        self._active: list[StageWorker] = []
+        self.last_result: GenerationResult | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        paths: Sequence[str | Path],
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        devices: Sequence[str | torch.device] | None = None,
+        max_len: int = 2048,
+        **kwargs,
+    ) -> FastPipeline:
+        """Load LLaMA checkpoints (HF layout), smallest first; the last path is the target.
+
+        Every stage must share the target's tokenizer: a different vocabulary is refused with
+        a ``ValueError`` that names both stages.
+        """
+        if not paths:
+            raise ValueError("paths: at least one model directory is required")
+        devices = list(devices) if devices is not None else [device] * len(paths)
+        if len(devices) != len(paths):
+            raise ValueError(f"devices: {len(devices)} given for {len(paths)} stages")
+        tokenizers = [_load_tokenizer(p) for p in paths]
+        names = [Path(p).name for p in paths]
+        tok = tokenizers[-1]
+        for name, t in zip(names[:-1], tokenizers[:-1], strict=True):
+            if (t is None) != (tok is None) or (t is not None and t.get_vocab() != tok.get_vocab()):
+                raise ValueError(
+                    f"tokenizer vocab mismatch between stage {name!r} and target {names[-1]!r}: "
+                    "all stages must share one tokenizer"
+                )
+        stages = [
+            LlamaStage.from_pretrained(p, dtype=dtype, device=d, max_len=max_len, name=n)
+            for p, d, n in zip(paths, devices, names, strict=True)
+        ]
+        return cls(stages, tokenizer=tok, **kwargs)
+
+    @classmethod
+    def from_default(cls, **kwargs) -> FastPipeline:
+        """The embedded default hierarchy (see ``pipespec-fast models``)."""
+        from models.defaults import default_model_dirs
+
+        return cls.from_pretrained([str(p) for p in default_model_dirs()], **kwargs)
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 128, **kwargs
+                 ) -> GenerationResult:
+        """Generate and return the result (``token_ids`` are the new tokens only)."""
+        for _ in self._run(prompt, max_new_tokens, **kwargs):
+            pass
+        return self.last_result
+
+    def stream(self, prompt: str | list[int], max_new_tokens: int = 128, **kwargs
+               ) -> Iterator[str]:
+        """Yield text pieces as soon as the target has verified them."""
+        if self.tokenizer is None:
+            raise ValueError("stream: needs a tokenizer (load the stages with tokenizer files)")
+        yield from (piece for piece in self._run(prompt, max_new_tokens, **kwargs) if piece)
+
+    def predict(self, result: GenerationResult | None = None):
+        """The PipeSpec analytical model filled from a generation's measured figures."""
+        from pipespec_fast.analysis import predict_from_stats
+
+        result = result or self.last_result
+        if result is None:
+            raise ValueError("predict: run generate() first (it measures latencies and alpha)")
+        return predict_from_stats(_analysis_input(result.stage_stats, self.windows))
+
+    def close(self) -> None:
+        """Stop any running workers; idempotent."""
+        self._stop_workers()
+        self._closed = True
+
+    def __enter__(self) -> FastPipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: text needs a tokenizer; pass token ids instead")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = [int(t) for t in prompt]
+            V = self.stages[-1].vocab_size
+            bad = [t for t in ids if not 0 <= t < V]
+            if bad:
+                raise ValueError(f"prompt: token ids {bad[:5]} outside the vocab [0, {V})")
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        return ids
+
+    def _run(self, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
+             ignore_eos=False, stop=None, mode=None) -> Iterator[str]:
+        if self._closed:
+            raise RuntimeError("this FastPipeline is closed")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        mode = _check_mode(mode or self.mode)
+        if stop is not None:
+            stop = [stop] if isinstance(stop, str) else list(stop)
+            if not all(isinstance(s, str) and s for s in stop):
+                raise ValueError("stop: must be a non-empty string or a list of them")
+            if self.tokenizer is None:
+                raise ValueError("stop: stop strings need a tokenizer")
+        ids = self._encode(prompt)
+        room = min(st.max_len for st in self.stages)
+        slack = sum(self.windows[1:]) + sum(self.max_leads[:-1]) + 2 * len(self.stages)
+        if len(ids) >= room:
+            raise ValueError(f"prompt: {len(ids)} tokens do not fit the context of {room}")
+        if len(ids) + max_new_tokens + slack > room:
+            raise ValueError(
+                f"max_new_tokens: prompt ({len(ids)}) + {max_new_tokens} new tokens (+{slack} "
+                f"speculation slack) exceed the context of {room} tokens"
+            )
+        stages = self.stages if mode != "ar" else self.stages[-1:]
+        t0 = time.perf_counter()
+        seqrs = [Sequencer(st, params, i, t0) for i, st in enumerate(stages)]
+        limit = len(ids) + max_new_tokens
+        new: list[int] = []
+        reason = "length"
+        decoder = _Detok(self.tokenizer, stop)
+        self.last_result = None
+        try:
+            if max_new_tokens == 0:
+                chunks: Iterator[list[int]] = iter(())
+            elif mode == "pipespec" and len(stages) > 1:
+                chunks = self._pipespec_chunks(seqrs, ids, limit)
+            else:
+                for s in seqrs:
+                    s.start(ids)
+                if len(seqrs) == 1:
+                    chunks = baselines.autoregressive(seqrs[0], limit)
+                else:
+                    chunks = baselines.synchronous(seqrs, self.windows, limit)
+            for chunk in chunks:
+                for tok in chunk:
+                    new.append(tok)
+                    if tok in self.eos_token_ids and not ignore_eos:
+                        reason = "eos"
+                        break
+                    if len(new) >= max_new_tokens:
+                        break
+                piece, hit = decoder.feed(new)
+                if piece:
+                    yield piece
+                if hit:
+                    reason = "stop"
+                if reason != "length" or len(new) >= max_new_tokens:
+                    break
+        finally:
+            self._stop_workers()
+        elapsed = time.perf_counter() - t0
+        tail = decoder.flush(new)
+        if tail:
+            yield tail
+        if reason == "stop":
+            new = decoder.kept_ids(new)
+        text = decoder.text if self.tokenizer is not None else None
+        st = [s.stats for s in seqrs]
+        self.last_result = GenerationResult(
+            token_ids=new,
+            text=text,
+            stats={
+                "mode": mode,
+                "new_tokens": len(new),
+                "seconds": elapsed,
+                "tokens_per_s": len(new) / elapsed if elapsed > 0 else 0.0,
+                "stages": [s.as_dict() for s in st],
+            },
+            stage_stats=st,
+            finish_reason=reason,
+        )
+
+    def _pipespec_chunks(self, seqrs: list[Sequencer], ids: list[int], limit: int
+                         ) -> Iterator[list[int]]:
+        stop = threading.Event()
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        k = len(seqrs)
+        workers = [
+            StageWorker(s, i, k, self.windows[i], self.max_leads[i], stop, out, self.threads[i])
+            for i, s in enumerate(seqrs)
+        ]
+        workers[-1].limit = limit
+        for lo, hi in zip(workers, workers[1:], strict=False):
+            lo.above, hi.below = hi, lo
+        self._active = workers
+        self._stop_event = stop
+        for w in workers:
+            w.start(ids)
+        while True:
+            try:
+                msg: Emit = out.get(timeout=0.5)
+            except queue.Empty:
+                if not any(w.thread.is_alive() for w in workers):
+                    raise RuntimeError("all PipeSpec workers exited without output") from None
+                continue
+            if msg.error is not None:
+                raise StageError(msg.stage, msg.error) from msg.error
+            yield msg.tokens
+
+    def _stop_workers(self) -> None:
+        workers, self._active = self._active, []
+        if not workers:
+            return
+        self._stop_event.set()
+        for w in workers:
+            w.thread.join(timeout=ERROR_WAIT_S + 30)
+
+
+class _Detok:
+    """Incremental detokenisation with stop strings; holds back incomplete UTF-8."""
+
+    def __init__(self, tokenizer, stop: list[str] | None) -> None:
+        self.tok = tokenizer
+        self.stop = stop or []
+        self.text = ""
+        self._cut: int | None = None
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def feed(self, ids: list[int]) -> tuple[str, bool]:
+        if self.tok is None:
+            return "", False
+        full = self._decode(ids)
+        if full.endswith("\ufffd"):
+            return "", False
+        for s in self.stop:
+            j = full.find(s)
+            if j >= 0:
+                full = full[:j]
+                self._cut = j
+                piece = full[len(self.text) :]
+                self.text = full
+                return piece, True
+        # hold back a possible prefix of a stop string
+        hold = 0
+        for s in self.stop:
+            for L in range(min(len(s) - 1, len(full)), 0, -1):
+                if full.endswith(s[:L]):
+                    hold = max(hold, L)
+                    break
+        visible = full[: len(full) - hold]
+        piece = visible[len(self.text) :] if len(visible) > len(self.text) else ""
+        self.text = max(self.text, visible, key=len)
+        return piece, False
+
+    def flush(self, ids: list[int]) -> str:
+        if self.tok is None or self._cut is not None:
+            return ""
+        full = self._decode(ids)
+        piece = full[len(self.text) :]
+        self.text = full
+        return piece
+
+    def kept_ids(self, ids: list[int]) -> list[int]:
+        """The shortest prefix of ``ids`` whose text reaches the stop cut."""
+        for n in range(len(ids) + 1):
+            if len(self._decode(ids[:n])) >= (self._cut or 0):
+                return ids[:n]
+        return ids
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def _load_tokenizer(path: str | Path):
+    p = Path(path)
+    if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer.model",
+                                          "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(p))
+
+
+def _analysis_input(stats: list[StageStats], windows: list[int]) -> dict:
+    stages = []
+    for i, s in enumerate(stats):
+        ns = sorted(s.forward_latency)
+        lat = {"n": ns, "s": [sorted(s.forward_latency[n])[len(s.forward_latency[n]) // 2]
+                              for n in ns]}
+        stages.append({"name": s.name, "alpha": s.acceptance_rate if i else None,
+                       "gamma": windows[i] if i else None, "latency": lat})
+    return {"stages": stages}

@@ -1,0 +1,210 @@
+"""Per-stage decoding state shared by every mode (autoregressive, synchronous, PipeSpec).
+
+A :class:`Sequencer` holds one stage's view of the sequence (``seq``: prompt + tokens it has
+committed), the distribution each generated token was drawn from (needed when the stage above
+verifies them under sampling), and the stage's statistics. Invariant: the stage's KV cache holds
+``seq[:stage.cache_len]``; whatever is not cached yet is fed with the next forward.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pipespec_fast import ops, reference
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling parameters, validated on construction (``ValueError`` names the argument)."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        ops.validate_sampling(self.temperature, self.top_k, self.top_p)
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return ops.probs_from_logits(logits, self.temperature, self.top_k, self.top_p)
+
+
+@dataclass
+class StageStats:
+    """What one stage did during a generation (all counts in tokens unless named otherwise)."""
+
+    name: str
+    drafted: int = 0  # tokens this stage generated with its own model (not by verifying)
+    proposed: int = 0  # draft tokens from the stage below that this stage verified
+    accepted: int = 0  # of those, accepted
+    rejected: int = 0  # verification steps that ended in a rejection
+    rollbacks: int = 0  # times a sync from above truncated this stage's sequence
+    forwards: int = 0  # model forward calls
+    verify_steps: int = 0  # forward calls that verified drafts
+    busy_s: float = 0.0
+    idle_s: float = 0.0
+    timeline: list[tuple[float, float, str]] = field(default_factory=list)
+    forward_latency: dict[int, list[float]] = field(default_factory=dict)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Fraction of proposed draft tokens accepted (alpha of the stage below vs this one)."""
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens committed per verification step (accepted drafts + the verifier's token)."""
+        return (self.accepted + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in (
+            "name", "drafted", "proposed", "accepted", "rejected", "rollbacks", "forwards",
+            "verify_steps", "busy_s", "idle_s")}
+        d["acceptance_rate"] = self.acceptance_rate
+        d["mean_accepted_length"] = self.mean_accepted_length
+        return d
+
+
+def _seed_for(seed: int | None, index: int) -> int:
+    base = seed if seed is not None else int.from_bytes(torch.randint(0, 2**31, (1,)).numpy()
+                                                        .tobytes()[:4], "little")
+    return (base * 1000003 + index * 7919) & 0x7FFFFFFF
+
+
+class Sequencer:
+    """One stage's sequence, cache bookkeeping, verification and drafting."""
+
+    def __init__(self, stage, params: SamplingParams, index: int, t0: float | None = None):
+        self.stage = stage
+        self.params = params
+        self.index = index
+        self.seq: list[int] = []
+        self.probs: list[torch.Tensor | None] = []  # per position; None for prompt / adopted
+        self.stats = StageStats(stage.name)
+        self.seed = _seed_for(params.seed, index)
+        self.rng_offset = 0
+        self.t0 = time.perf_counter() if t0 is None else t0
+        self._device = stage.device
+
+    # ------------------------------------------------------------------ state
+
+    def start(self, prompt: list[int]) -> None:
+        """Reset to ``prompt`` and prefill all of it but the last token."""
+        self.stage.rollback(0)
+        self.seq = list(prompt)
+        self.probs = [None] * len(prompt)
+        if len(prompt) > 1:
+            self._forward(self.seq[:-1], last_n=1, kind="prefill")
+
+    def truncate(self, length: int) -> None:
+        """Drop tokens at and after ``length`` (and their cached K/V)."""
+        del self.seq[length:]
+        del self.probs[length:]
+        if self.stage.cache_len > length:
+            self.stage.rollback(length)
+
+    def apply_sync(self, start: int, tokens: list[int]) -> int | None:
+        """Adopt ``seq[:start] + tokens`` from the stage above where it differs from ours.
+
+        Returns the first position that changed (``None`` if nothing did). Tokens of ours beyond
+        the synced range are kept when the synced range agrees with them.
+        """
+        end = start + len(tokens)
+        d = start
+        while d < end and d < len(self.seq) and self.seq[d] == tokens[d - start]:
+            d += 1
+        if d == end:
+            return None
+        if d < len(self.seq):
+            self.stats.rollbacks += 1
+            self.truncate(d)
+        self.seq.extend(tokens[d - start :])
+        self.probs.extend([None] * (end - d))
+        return d
+
+    # ------------------------------------------------------------------ model work
+
+    def _forward(self, tokens: list[int], last_n: int, kind: str) -> torch.Tensor:
+        t = time.perf_counter()
+        ids = torch.tensor(tokens, dtype=torch.int64, device=self._device)
+        logits = self.stage.forward(ids, last_n=last_n)
+        self._record(t, kind, len(tokens))
+        return logits
+
+    def _record(self, t: float, kind: str, n: int) -> None:
+        now = time.perf_counter()
+        st = self.stats
+        st.forwards += 1
+        st.busy_s += now - t
+        st.timeline.append((t - self.t0, now - self.t0, kind))
+        st.forward_latency.setdefault(n, []).append(now - t)
+
+    def _next_offset(self) -> int:
+        self.rng_offset += 1
+        return self.rng_offset
+
+    def draft(self, n: int) -> int:
+        """Generate ``n`` tokens autoregressively with this stage's own model; returns n."""
+        for _ in range(n):
+            feed = self.seq[self.stage.cache_len :]
+            logits = self._forward(feed, last_n=1, kind="draft")
+            if self.params.greedy:
+                tok = int(logits[0].argmax())
+                self.probs.append(None)
+            else:
+                p = self.params.probs(logits)
+                tok = int(ops.sample_from_probs(p, self.seed, self._next_offset())[0])
+                self.probs.append(p[0])
+            self.seq.append(tok)
+        self.stats.drafted += n
+        return n
+
+    def verify(self, drafts: list[int], draft_probs: list[torch.Tensor] | None) -> int:
+        """Verify a chain of draft tokens in one forward and commit the outcome.
+
+        Appends the accepted drafts plus the verifier's own next token (the correction on a
+        rejection, the bonus when all were accepted) to ``seq``. Returns the number accepted.
+        ``draft_probs`` (sampling only) are the rows the drafts were drawn from.
+        """
+        n = len(drafts)
+        base = self.stage.cache_len
+        feed = self.seq[base:] + drafts
+        uncached = len(feed) - n
+        t = time.perf_counter()
+        ids = torch.tensor(feed, dtype=torch.int64, device=self._device)
+        logits = self.stage.forward(ids, last_n=n + 1)
+        dtok = ids[uncached:]
+        parents = reference.chain_parents(n, self._device)
+        if self.params.greedy:
+            target_ids = logits.argmax(-1)
+            _, num, nxt = ops.greedy_accept(dtok, parents, target_ids)
+            p = None
+        else:
+            p = self.params.probs(logits)
+            q = torch.stack([r.to(self._device) for r in draft_probs]) if n else p[:0]
+            _, num, nxt = ops.stochastic_accept(dtok, parents, q, p, self.seed,
+                                                self._next_offset())
+        num_i, nxt_i = int(num), int(nxt)  # the one host sync of a verify step
+        self.stage.rollback(base + uncached + num_i)
+        self._record(t, "verify", len(feed))
+        self.seq.extend(drafts[:num_i])
+        self.seq.append(nxt_i)
+        if p is None:
+            self.probs.extend([None] * (num_i + 1))
+        else:
+            self.probs.extend(p[: num_i + 1].unbind(0))
+        st = self.stats
+        st.verify_steps += 1
+        st.proposed += n
+        st.accepted += num_i
+        st.rejected += int(num_i < n)
+        return num_i

@@ -1,0 +1,222 @@
+"""PipeSpec's asynchronous stage workers and the messages between them.
+
+Every stage runs in its own worker (a thread; see ``docs/ARCHITECTURE.md`` for why threads and
+not processes on CPU) and talks to its neighbours only through single-producer FIFO messages:
+
+* :class:`Chunk`, stage i-1 -> stage i: "my sequence is now ``seq[:start] + tokens``" (new
+  drafts, or tokens it adopted from a sync), with the rows the drafts were drawn from.
+* :class:`Sync`, stage i -> stage i-1: "my sequence is ``seq[:start] + tokens``"; the lower
+  stage finds the first divergence, rolls its KV cache back there, adopts the rest and carries
+  on. Rollbacks thereby cascade down the pipeline.
+
+Stage i keeps a *mirror* of stage i-1's sequence built from the chunks in order. Drafts are the
+mirror's tokens past stage i's own sequence, usable only while the mirror agrees with that
+sequence. Consistency is checked by content, so a stale message can waste work but never make
+output wrong. Only the last stage's verified tokens reach the output queue.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from pipespec_fast.sequencer import Sequencer
+
+
+@dataclass
+class Chunk:
+    start: int
+    tokens: list[int]
+    probs: list[torch.Tensor | None]
+
+
+@dataclass
+class Sync:
+    start: int
+    tokens: list[int]
+
+
+class Mirror:
+    """Stage i's copy of stage i-1's sequence, and how far it agrees with stage i's own."""
+
+    def __init__(self, prompt: list[int]) -> None:
+        self.tokens = list(prompt)
+        self.probs: list[torch.Tensor | None] = [None] * len(prompt)
+        self.agree = len(prompt)  # mirror[:agree] == own seq[:agree], both long enough
+
+    def apply(self, c: Chunk) -> None:
+        del self.tokens[c.start :]
+        del self.probs[c.start :]
+        self.tokens.extend(c.tokens)
+        self.probs.extend(c.probs)
+        self.agree = min(self.agree, c.start)
+
+    def own_changed(self, pos: int) -> None:
+        self.agree = min(self.agree, pos)
+
+    def common_prefix(self, seq: list[int]) -> int:
+        a, lim = self.agree, min(len(seq), len(self.tokens))
+        while a < lim and seq[a] == self.tokens[a]:
+            a += 1
+        self.agree = a
+        return a
+
+
+@dataclass
+class Emit:
+    """Target -> caller: newly verified tokens (``tokens``) or a failure (``error``)."""
+
+    tokens: list[int]
+    error: BaseException | None = None
+    stage: str | None = None
+
+
+class StageWorker:
+    """Runs one stage of a PipeSpec pipeline until ``stop`` is set."""
+
+    POLL_S = 0.05
+
+    def __init__(
+        self,
+        seqr: Sequencer,
+        index: int,
+        n_stages: int,
+        window: int,
+        max_lead: int,
+        stop: threading.Event,
+        out: queue.SimpleQueue,
+        threads: int | None = None,
+    ) -> None:
+        self.s = seqr
+        self.i = index
+        self.last = index == n_stages - 1
+        self.window = window
+        self.max_lead = max_lead
+        self.stop = stop
+        self.out = out
+        self.threads = threads
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.below: StageWorker | None = None
+        self.above: StageWorker | None = None
+        self.mirror: Mirror | None = None
+        self.upper_len = 0
+        self._last_sync: tuple[int, int] | None = None
+        self._prompt_len = 0
+        self.limit: int | None = None  # the target stops verifying once it holds this many
+        self.thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, prompt: list[int]) -> None:
+        self._prompt_len = len(prompt)
+        self.mirror = Mirror(prompt) if self.i > 0 else None
+        self.upper_len = len(prompt)
+        self.thread = threading.Thread(target=self._main, args=(prompt,),
+                                       name=f"pipespec-stage{self.i}-{self.s.stage.name}",
+                                       daemon=True)
+        self.thread.start()
+
+    def _main(self, prompt: list[int]) -> None:
+        try:
+            if self.threads is not None:
+                torch.set_num_threads(self.threads)
+            self.s.start(prompt)
+            self._loop()
+        except BaseException as e:  # surfaced to the caller by the output queue
+            e.add_note(f"in PipeSpec stage {self.i} ({self.s.stage.name}):\n"
+                       + "".join(traceback.format_tb(e.__traceback__)))
+            self.out.put(Emit([], error=e, stage=f"{self.i} ({self.s.stage.name})"))
+            self.stop.set()
+
+    # ------------------------------------------------------------------ messages
+
+    def _handle(self, msg) -> None:
+        if isinstance(msg, Sync):
+            self.upper_len = msg.start + len(msg.tokens)
+            changed = self.s.apply_sync(msg.start, msg.tokens)
+            if changed is not None:
+                if self.mirror is not None:
+                    self.mirror.own_changed(changed)
+                if self.above is not None:  # tell the stage above what we now hold
+                    self.above.inbox.put(Chunk(changed, self.s.seq[changed:],
+                                               [None] * (len(self.s.seq) - changed)))
+        elif isinstance(msg, Chunk):
+            self.mirror.apply(msg)
+
+    def _drain(self, block: bool) -> None:
+        try:
+            msg = self.inbox.get(timeout=self.POLL_S) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        self._handle(msg)
+        while True:
+            try:
+                self._handle(self.inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def _sync_down(self) -> None:
+        """Tell the stage below our sequence from the first place its copy may differ."""
+        if self.below is None:
+            return
+        seq = self.s.seq
+        c = self.mirror.common_prefix(seq)
+        key = (c, len(seq))
+        if key == self._last_sync and c == len(seq):
+            return
+        self._last_sync = key
+        self.below.inbox.put(Sync(c, seq[c:]))
+
+    def _send_up(self, start: int) -> None:
+        seq = self.s.seq
+        if self.above is not None:
+            self.above.inbox.put(Chunk(start, seq[start:], self.s.probs[start:]))
+        if self.last:
+            self.out.put(Emit(seq[start:]))
+
+    # ------------------------------------------------------------------ work
+
+    def _drafts(self) -> tuple[list[int], list[torch.Tensor] | None]:
+        seq, m = self.s.seq, self.mirror
+        if m.common_prefix(seq) < len(seq):
+            return [], None
+        n = self.window
+        if self.limit is not None:
+            n = min(n, self.limit - len(seq))
+        toks = m.tokens[len(seq) : len(seq) + max(n, 0)]
+        if self.s.params.greedy:
+            return toks, None
+        rows = m.probs[len(seq) : len(seq) + len(toks)]
+        k = next((j for j, r in enumerate(rows) if r is None), len(rows))
+        return toks[:k], rows[:k]
+
+    def _loop(self) -> None:
+        s = self.s
+        while not self.stop.is_set():
+            self._drain(block=False)
+            lead_ok = self.last or len(s.seq) - self.upper_len < self.max_lead
+            if self.i > 0 and lead_ok:
+                drafts, rows = self._drafts()
+                if drafts:
+                    start = len(s.seq)
+                    s.verify(drafts, rows)
+                    self._send_up(start)
+                    self._sync_down()
+                    continue
+            if not self.last and lead_ok:
+                start = len(s.seq)
+                s.draft(1)
+                self._send_up(start)
+                if self.i > 0:
+                    self._sync_down()
+                continue
+            if self.i > 0:
+                self._sync_down()  # a diverged stage below must learn it, even when we wait
+            t = time.perf_counter()
+            self._drain(block=True)
+            s.stats.idle_s += time.perf_counter() - t

@@ -1,0 +1,48 @@
+"""Tiny random LLaMA families for tests: a target and drafts made as noisy copies of it, so
+that acceptance is neither 0 nor 1."""
+
+from __future__ import annotations
+
+import torch
+
+from models.config import LlamaConfig
+from models.llama import Transformer
+
+
+def tiny_config(vocab: int = 64, dim: int = 32, n_layers: int = 2, n_heads: int = 4,
+                n_kv_heads: int = 2, tie: bool = False, **kw) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads,
+                       n_kv_heads=n_kv_heads, head_dim=dim // n_heads, intermediate_size=2 * dim,
+                       rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=512,
+                       tie_word_embeddings=tie, eos_token_ids=[], **kw)
+
+
+def random_hf_state(cfg: LlamaConfig, seed: int, std: float = 0.3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, shape in cfg.expected_shapes().items():
+        if name.endswith("norm.weight") or "layernorm" in name:
+            sd[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            sd[name] = std * torch.randn(shape, generator=g)
+    return sd
+
+
+def noisy_copy(sd: dict[str, torch.Tensor], noise: float, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + noise * v.std() * torch.randn(v.shape, generator=g) for k, v in sd.items()}
+
+
+def build(cfg: LlamaConfig, sd: dict[str, torch.Tensor], dtype=torch.float32) -> Transformer:
+    m = Transformer(cfg)
+    m.load_hf_state_dict({k: v.to(dtype) for k, v in sd.items()})
+    return m.to(dtype).eval()
+
+
+def family(k: int, noise: float = 0.35, seed: int = 0, **cfg_kw) -> list[Transformer]:
+    """k models sharing one vocab, smallest-noise (best) last: the last is the target."""
+    cfg = tiny_config(**cfg_kw)
+    target = random_hf_state(cfg, seed)
+    models = [build(cfg, noisy_copy(target, noise * (k - 1 - i), seed + 100 + i))
+              for i in range(k - 1)]
+    return models + [build(cfg, target)]

@@ -1,0 +1,142 @@
+"""Our LLaMA against transformers' LlamaForCausalLM, and cache behaviour."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from models.config import LlamaConfig
+from models.llama import Transformer
+from pipespec_fast import reference
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def hf_pair(n_heads, n_kv, tie, scaling, layers=3, dim=48, vocab=101, seed=0):
+    torch.manual_seed(seed)
+    hc = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=dim, num_hidden_layers=layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv, intermediate_size=2 * dim,
+        tie_word_embeddings=tie, rope_scaling=scaling, rope_theta=500.0,
+        max_position_embeddings=256, rms_norm_eps=1e-5)
+    hm = transformers.LlamaForCausalLM(hc).eval()
+    with torch.no_grad():
+        for p in hm.parameters():
+            p.normal_(0, 0.2)
+    cfg = LlamaConfig.from_hf_dict(hc.to_dict())
+    ours = Transformer(cfg)
+    ours.load_hf_state_dict(dict(hm.state_dict()))
+    return hm, ours.eval()
+
+
+@pytest.mark.parametrize("n_heads,n_kv", [(6, 6), (6, 3), (6, 2)])
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("scaling", [None, LLAMA3], ids=["rope", "llama3"])
+def test_logits_match_transformers(n_heads, n_kv, tie, scaling):
+    hm, ours = hf_pair(n_heads, n_kv, tie, scaling)
+    assert (ours.config.rope_scaling is not None) == (scaling is not None)
+    ids = torch.randint(0, 101, (40,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hm(ids[None]).logits[0]
+    out = ours(ids, ours.new_cache(64))
+    assert (out - ref).abs().max().item() <= 1e-4
+
+
+def test_incremental_decoding_equals_full_forward():
+    hm, ours = hf_pair(6, 2, False, LLAMA3)
+    ids = torch.randint(0, 101, (33,), generator=torch.Generator().manual_seed(2))
+    full = ours(ids, ours.new_cache(64))
+    cache = ours.new_cache(64)
+    parts = [ours(ids[a:b], cache) for a, b in [(0, 10), (10, 11), (11, 20), (20, 33)]]
+    assert cache.length == 33
+    assert torch.allclose(torch.cat(parts), full, atol=1e-5)
+
+
+def test_rollback_gives_logits_of_a_cache_that_never_saw_the_rejected_tokens():
+    _, ours = hf_pair(6, 3, True, None)
+    ids = torch.randint(0, 101, (20,), generator=torch.Generator().manual_seed(3))
+    c1 = ours.new_cache(64)
+    ours(ids[:12], c1)
+    ours(torch.tensor([5, 6, 7, 8]), c1)  # rejected drafts
+    c1.rollback(12)
+    a = ours(ids[12:], c1)
+    c2 = ours.new_cache(64)
+    ours(ids[:12], c2)
+    b = ours(ids[12:], c2)
+    assert torch.equal(a, b)
+
+
+def test_tree_forward_equals_each_path_as_a_chain_and_compaction_keeps_it():
+    _, ours = hf_pair(6, 2, False, None)
+    prefix = torch.randint(0, 101, (9,), generator=torch.Generator().manual_seed(4))
+    #      0     1   2     3   4   5
+    toks = torch.tensor([11, 12, 13, 14, 15, 16])
+    parents = torch.tensor([-1, 0, 0, 1, -1, 4], dtype=torch.int32)
+    cache = ours.new_cache(64)
+    ours(prefix, cache)
+    tree_logits = ours(toks, cache, parents=parents)
+    for path in ([0, 1, 3], [0, 2], [4, 5]):
+        c = ours.new_cache(64)
+        ours(prefix, c)
+        chain = ours(toks[path], c)
+        assert torch.allclose(tree_logits[path], chain, atol=1e-5)
+    # keep path 0 -> 1 -> 3, then decode one more token: equals a cache that saw only the path
+    cache.keep_path(9, torch.tensor([0, 1, 3, -1, -1, -1]), 3)
+    assert cache.length == 12
+    nxt = ours(torch.tensor([20]), cache)
+    c = ours.new_cache(64)
+    ours(torch.cat([prefix, toks[[0, 1, 3]], torch.tensor([20])]), c)
+    assert torch.allclose(cache.k[:, :, :13], c.k[:, :, :13], atol=1e-5)
+    assert torch.allclose(cache.v[:, :, :13], c.v[:, :, :13], atol=1e-5)
+    assert torch.allclose(nxt, ours(torch.tensor([20]), _rolled(c, 12)), atol=1e-6)
+
+
+def _rolled(cache, n):
+    cache.rollback(n)
+    return cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_close_to_fp32(dtype):
+    _, ours = hf_pair(6, 2, False, None)
+    ids = torch.randint(0, 101, (16,), generator=torch.Generator().manual_seed(5))
+    ref = ours(ids, ours.new_cache(32))
+    low = ours.to(dtype)
+    out = low(ids, low.new_cache(32))
+    assert out.dtype == torch.float32
+    rel = (out - ref).abs().max() / ref.abs().max()
+    assert rel < (0.02 if dtype == torch.float16 else 0.06)
+
+
+def test_from_pretrained_single_file(tmp_path):
+    hm, _ = hf_pair(6, 3, False, LLAMA3)
+    cfg = LlamaConfig.from_hf_dict(hm.config.to_dict())
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    save_file({k: v.contiguous() for k, v in hm.state_dict().items()},
+              str(tmp_path / "model.safetensors"))
+    ours = Transformer.from_pretrained(tmp_path)
+    ids = torch.arange(12)
+    with torch.no_grad():
+        ref = hm(ids[None]).logits[0]
+    assert (ours(ids, ours.new_cache(32)) - ref).abs().max() <= 1e-4
+
+
+def test_tree_depths_and_bits():
+    parents = torch.tensor([-1, 0, 0, 1, -1, 4, 3], dtype=torch.int32)
+    assert reference.tree_depths(parents).tolist() == [0, 1, 1, 2, 0, 1, 3]
+    m = reference.unpack_bits(reference.ancestor_bits(parents), 7)
+    assert m[6].nonzero().flatten().tolist() == [0, 1, 3, 6]
+    assert m[5].nonzero().flatten().tolist() == [4, 5]
+
+
+def test_forward_rejects_bad_tokens_and_cache_overflow():
+    _, ours = hf_pair(6, 2, False, None)
+    cache = ours.new_cache(8)
+    with pytest.raises(ValueError, match="tokens"):
+        ours(torch.zeros(2, 2, dtype=torch.int64), cache)
+    with pytest.raises(ValueError, match="overflow"):
+        ours(torch.arange(9), cache)
+    assert cache.length == 0

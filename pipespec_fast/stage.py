@@ -133,7 +133,9 @@ class HFStage:
         if length == 0:
             self._cache = self._cache_cls()
         else:
-            self._cache.crop(length)
+            extra = self._cache.get_seq_length() - length
+            if extra > 0:  # transformers >= 5 crops by a negative count of tokens to drop
+                self._cache.crop(-extra)
         self._len = length
 
     def keep_path(self, start, path, num, chain=False):

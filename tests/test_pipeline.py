@@ -239,7 +239,7 @@ def test_stage_failure_reaches_caller_fast_and_pipeline_recovers(where):
     stages[where] = boom
     pipe = FastPipeline(stages)
     t = time.perf_counter()
-    with pytest.raises(StageError, match=r"stage %d \(boom\).*injected failure" % where) as ei:
+    with pytest.raises(StageError, match=rf"stage {where} \(boom\).*injected failure") as ei:
         pipe.generate(PROMPT, 200, ignore_eos=True)
     assert time.perf_counter() - t < 2.0
     assert isinstance(ei.value.__cause__, RuntimeError)

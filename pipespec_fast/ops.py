@@ -88,7 +88,10 @@ def verify_attention(
     _check(anc_bits.dtype == torch.int32 and tuple(anc_bits.shape) == (n, (n + 31) // 32),
            "anc_bits", f"expected int32 [{n}, {(n + 31) // 32}], got {anc_bits.dtype} "
            f"{tuple(anc_bits.shape)}")
-    _check(0 <= cache_len and cache_len + n <= max_len, "cache_len",
+    _check(q.dtype in (torch.float32, torch.float16, torch.bfloat16), "q",
+           f"dtype must be float32/float16/bfloat16, got {q.dtype}")
+    _check(cache_len >= 0, "cache_len", f"must be >= 0, got {cache_len!r}")
+    _check(cache_len + n <= max_len, "cache_len",
            f"{cache_len} + {n} new tokens exceeds the cache's max_len {max_len}")
     if backend_for(q) == "triton":
         from csrc_triton.verify_attention import verify_attention as kernel
@@ -111,11 +114,21 @@ def kv_compact(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor,
     _check(src.dim() == 1 and src.dtype in (torch.int32, torch.int64), "src",
            f"expected 1-D int tensor, got {src.dtype} {tuple(src.shape)}")
     _check(src.device == k_cache.device, "src", f"on {src.device}, cache on {k_cache.device}")
+    _check(v_cache.device == k_cache.device, "v_cache",
+           f"on {v_cache.device}, k_cache on {k_cache.device}")
     m = src.shape[0]
     _check(0 <= dst_start and dst_start + m <= k_cache.shape[2], "dst_start",
            f"{dst_start} + {m} exceeds max_len {k_cache.shape[2]}")
     if m == 0:
         return
+    if src.device.type == "cpu":
+        # Free on the host (no device sync); the in-order overlap argument of the kernel needs
+        # strictly increasing sources at or above their destinations.
+        s = src.to(torch.int64)
+        ok = bool((s >= dst_start + torch.arange(m)).all()) and bool((s < k_cache.shape[2]).all())
+        ok = ok and bool((s[1:] > s[:-1]).all())
+        _check(ok, "src", f"must be strictly increasing with dst_start + i <= src[i] < max_len "
+               f"{k_cache.shape[2]}, got {s.tolist()}")
     if backend_for(k_cache) == "triton":
         from csrc_triton.kv_rollback import kv_compact as kernel
 
@@ -145,14 +158,29 @@ def validate_sampling(temperature: float, top_k: int | None, top_p: float | None
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
+def _check_accept_common(draft_tokens: torch.Tensor, parents: torch.Tensor) -> None:
+    """Shared checks of the acceptance entries (shapes/dtypes always, tree order on the host)."""
+    n = draft_tokens.shape[0]
+    _check(draft_tokens.dtype in (torch.int32, torch.int64), "draft_tokens",
+           f"must be int32/int64, got {draft_tokens.dtype}")
+    _check(n <= reference.MAX_TREE_NODES, "draft_tokens",
+           f"at most {reference.MAX_TREE_NODES} nodes, got {n}")
+    _check_parents(parents, n)
+    if parents.device.type == "cpu":
+        # Free on the host; on an accelerator call check_tree once when the tree is built.
+        check_tree(parents)
+
+
 def greedy_accept(draft_tokens: torch.Tensor, parents: torch.Tensor, target_ids: torch.Tensor):
     """See :func:`pipespec_fast.reference.greedy_accept`."""
     n = draft_tokens.shape[0]
     _check(draft_tokens.dim() == 1, "draft_tokens", f"must be 1-D, got "
            f"{tuple(draft_tokens.shape)}")
-    _check_parents(parents, n)
+    _check_accept_common(draft_tokens, parents)
     _check(tuple(target_ids.shape) == (n + 1,), "target_ids",
            f"expected [{n + 1}], got {tuple(target_ids.shape)}")
+    _check(target_ids.dtype in (torch.int32, torch.int64), "target_ids",
+           f"must be int32/int64, got {target_ids.dtype}")
     for name, t in (("parents", parents), ("target_ids", target_ids)):
         _check(t.device == draft_tokens.device, name, "on a different device than draft_tokens")
     if backend_for(draft_tokens) == "triton":
@@ -169,7 +197,10 @@ def stochastic_accept(draft_tokens: torch.Tensor, parents: torch.Tensor,
     n = draft_tokens.shape[0]
     _check(draft_tokens.dim() == 1, "draft_tokens", f"must be 1-D, got "
            f"{tuple(draft_tokens.shape)}")
-    _check_parents(parents, n)
+    _check_accept_common(draft_tokens, parents)
+    for name, x in (("seed", seed), ("offset", offset)):
+        _check(hasattr(x, "__index__") and not isinstance(x, (bool, torch.Tensor)), name,
+               f"must be an int, got {x!r}")
     _check(draft_probs.dim() == 2 and draft_probs.shape[0] == n, "draft_probs",
            f"expected [{n}, V], got {tuple(draft_probs.shape)}")
     V = draft_probs.shape[1]

@@ -109,17 +109,29 @@ def verify_attention(
         scale = head_dim**-0.5
     k_cache[:, cache_len : cache_len + n] = k_new.transpose(0, 1).to(k_cache.dtype)
     v_cache[:, cache_len : cache_len + n] = v_new.transpose(0, 1).to(v_cache.dtype)
+    if n == 0:
+        return q.new_empty(q.shape)
     total = cache_len + n
-    keys = k_cache[:, :total].float().repeat_interleave(group, dim=0)  # [H, T, D]
-    vals = v_cache[:, :total].float().repeat_interleave(group, dim=0)
-    scores = torch.einsum("nhd,htd->hnt", q.float(), keys) * scale  # [H, n, T]
-    new_mask = unpack_bits(anc_bits, n)  # [n, n] bool
-    mask = torch.ones(n, total, dtype=torch.bool, device=q.device)
-    mask[:, cache_len:] = new_mask
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("hnt,htd->nhd", probs, vals)
-    return out.to(q.dtype)
+    # fp32 math (no copy for fp32 caches). GQA without repeat_interleave: the query heads of
+    # one kv head become extra query rows, ordered (g, node): [kv_heads, group * n, D].
+    keys = k_cache[:, :total].float()  # [KV, T, D]
+    vals = v_cache[:, :total].float()
+    qg = q.float().view(n, kv_heads, group, head_dim).permute(1, 2, 0, 3)
+    qg = qg.reshape(kv_heads, group * n, head_dim)
+    mask = None
+    if n > 1:  # a single node sees the whole prefix and itself: no mask at all
+        # Ancestor-or-self bits -> [n, n] bool (as unpack_bits, in fewer ops), written once
+        # per query row (g, node) of a [group, n, total] mask that is True on the prefix.
+        j = torch.arange(n, device=q.device, dtype=torch.int32)
+        words = anc_bits[:, j >> 5] if anc_bits.shape[1] > 1 else anc_bits
+        mask = torch.ones(group, n, total, dtype=torch.bool, device=q.device)
+        mask[:, :, cache_len:] = ((words >> (j & 31)) & 1).bool()
+        mask = mask.view(group * n, total)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        qg, keys, vals, attn_mask=mask, scale=scale
+    )  # [KV, group * n, D], softmax in fp32
+    out = out.view(kv_heads, group, n, head_dim).permute(2, 0, 1, 3)
+    return out.reshape(n, n_heads, head_dim).to(q.dtype)
 
 
 def unpack_bits(anc_bits: torch.Tensor, n: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """pipespec-fast: hierarchical pipelined speculative decoding (PipeSpec) with Triton kernels."""
 
+from pipespec_fast.ngram import NGramStage
 from pipespec_fast.pipeline import FastPipeline, GenerationResult, StageError
 from pipespec_fast.sequencer import SamplingParams
 from pipespec_fast.stage import HFStage, LlamaStage, Stage
@@ -9,6 +10,7 @@ __all__ = [
     "GenerationResult",
     "HFStage",
     "LlamaStage",
+    "NGramStage",
     "SamplingParams",
     "Stage",
     "StageError",

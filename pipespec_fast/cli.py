@@ -16,7 +16,7 @@ def _generate(args: argparse.Namespace) -> int:
              "bfloat16": torch.bfloat16}[args.dtype]
     kw = dict(device=args.device, dtype=dtype, mode=args.mode, max_len=args.max_len)
     if args.models:
-        pipe = FastPipeline.from_pretrained(args.models, **kw)
+        pipe = FastPipeline.from_pretrained(args.models, ngram=args.ngram, **kw)
     else:
         pipe = FastPipeline.from_default(**kw)
     with pipe:
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--models", nargs="+", help="model dirs, smallest first, target last "
                    "(default: the embedded default hierarchy)")
+    g.add_argument("--ngram", action="store_true",
+                   help="with --models: put an n-gram prompt-lookup drafter below them")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int)

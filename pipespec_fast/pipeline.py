@@ -107,12 +107,14 @@ class FastPipeline:
         dtype: torch.dtype = torch.float32,
         devices: Sequence[str | torch.device] | None = None,
         max_len: int = 2048,
+        ngram: bool = False,
         **kwargs,
     ) -> FastPipeline:
         """Load LLaMA checkpoints (HF layout), smallest first; the last path is the target.
 
         Every stage must share the target's tokenizer: a different vocabulary is refused with
-        a ``ValueError`` that names both stages.
+        a ``ValueError`` that names both stages. ``ngram=True`` puts a model-free prompt-lookup
+        drafter (:class:`~pipespec_fast.ngram.NGramStage`) below the models as stage 0.
         """
         if not paths:
             raise ValueError("paths: at least one model directory is required")
@@ -132,13 +134,20 @@ class FastPipeline:
             LlamaStage.from_pretrained(p, dtype=dtype, device=d, max_len=max_len, name=n)
             for p, d, n in zip(paths, devices, names, strict=True)
         ]
+        if ngram:
+            from pipespec_fast.ngram import NGramStage
+
+            t = stages[-1]
+            stages.insert(0, NGramStage(t.vocab_size, max_len=t.max_len, device=t.device))
         return cls(stages, tokenizer=tok, **kwargs)
 
     @classmethod
     def from_default(cls, **kwargs) -> FastPipeline:
-        """The embedded default hierarchy (see ``pipespec-fast models``)."""
+        """The embedded default hierarchy: an n-gram drafter below the models listed by
+        ``pipespec-fast models`` (target last)."""
         from models.defaults import default_model_dirs
 
+        kwargs.setdefault("ngram", True)
         return cls.from_pretrained([str(p) for p in default_model_dirs()], **kwargs)
 
     # ------------------------------------------------------------------ public API

@@ -36,6 +36,8 @@ def _propose(levels: list[Sequencer], level: int, gamma: list[int], limit: int) 
         start = len(me.seq)
         _propose(levels, level - 1, gamma, limit)
         drafts = below.seq[start:]
+        conf = below.confident[start:]
+        drafts = drafts[: next((j for j, c in enumerate(conf) if not c), len(drafts))]
         rows = None if me.params.greedy else below.probs[start:]
         me.verify(drafts, rows)
         below.apply_sync(start, me.seq[start:])
@@ -53,6 +55,8 @@ def synchronous(levels: list[Sequencer], gamma: list[int], limit: int) -> Iterat
         start = len(target.seq)
         _propose(levels, len(levels) - 2, gamma, limit)
         drafts = below.seq[start : start + min(gamma[-1], limit - start)]
+        conf = below.confident[start : start + len(drafts)]
+        drafts = drafts[: next((j for j, c in enumerate(conf) if not c), len(drafts))]
         rows = None if target.params.greedy else below.probs[start : start + len(drafts)]
         target.verify(drafts, rows)
         below.apply_sync(start, target.seq[start:])

@@ -53,6 +53,7 @@ class NGramStage:
         min_ngram: int = 1,
         name: str = "ngram",
         device: torch.device | str = "cpu",
+        min_confident_match: int = 1,
     ) -> None:
         if not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
@@ -69,6 +70,8 @@ class NGramStage:
         self.max_len = max_len
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
+        # proposals from a match shorter than this are guesses, never sent for verification
+        self.min_confident_match = min_confident_match
         self._device = torch.device(device)
         self.history: list[int] = []
         # _index[n - min_ngram]: n-gram tuple -> ascending positions where it ends

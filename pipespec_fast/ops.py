@@ -9,6 +9,7 @@ raises ``ValueError`` naming the offending one; contracts are documented in
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -25,6 +26,18 @@ def backend_for(t: torch.Tensor) -> str:
     if forced == "auto":
         return "triton" if t.is_cuda else "reference"
     return forced
+
+
+# Triton's interpreter patches module-level state while it runs a kernel, so two threads must
+# not interpret at once (PipeSpec stages are threads). Compiled kernels need no lock.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _run_triton(kernel, *args):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        with _INTERPRETER_LOCK:
+            return kernel(*args)
+    return kernel(*args)
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -54,17 +67,10 @@ def check_tree(parents: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------- attention
 
 
-def verify_attention(
-    q: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_len: int,
-    anc_bits: torch.Tensor,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """See :func:`pipespec_fast.reference.verify_attention`."""
+_VALID_ATTENTION_SIGS: set = set()
+
+
+def _validate_attention(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits) -> None:
     _check(q.dim() == 3, "q", f"expected [n, n_heads, head_dim], got {tuple(q.shape)}")
     n, n_heads, head_dim = q.shape
     _check(k_cache.dim() == 3, "k_cache",
@@ -93,10 +99,35 @@ def verify_attention(
     _check(cache_len >= 0, "cache_len", f"must be >= 0, got {cache_len!r}")
     _check(cache_len + n <= max_len, "cache_len",
            f"{cache_len} + {n} new tokens exceeds the cache's max_len {max_len}")
+
+
+def verify_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_len: int,
+    anc_bits: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """See :func:`pipespec_fast.reference.verify_attention`."""
+    sig = (q.shape, q.dtype, q.device, k_new.shape, k_new.dtype, k_new.device, v_new.shape,
+           v_new.dtype, v_new.device, k_cache.shape, k_cache.dtype, k_cache.device,
+           v_cache.shape, v_cache.dtype, v_cache.device, anc_bits.shape, anc_bits.dtype,
+           anc_bits.device)
+    if sig in _VALID_ATTENTION_SIGS:  # shapes/dtypes/devices already checked: bounds only
+        if not 0 <= cache_len <= k_cache.shape[1] - q.shape[0]:
+            _check(False, "cache_len", f"{cache_len} + {q.shape[0]} new tokens exceeds the "
+                   f"cache's max_len {k_cache.shape[1]}")
+    else:
+        _validate_attention(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits)
+        if len(_VALID_ATTENTION_SIGS) < 4096:
+            _VALID_ATTENTION_SIGS.add(sig)
     if backend_for(q) == "triton":
         from csrc_triton.verify_attention import verify_attention as kernel
 
-        return kernel(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale)
+        return _run_triton(kernel, q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale)
     return reference.verify_attention(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits,
                                       scale)
 
@@ -132,7 +163,7 @@ def kv_compact(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor,
     if backend_for(k_cache) == "triton":
         from csrc_triton.kv_rollback import kv_compact as kernel
 
-        kernel(k_cache, v_cache, src, dst_start)
+        _run_triton(kernel, k_cache, v_cache, src, dst_start)
         return
     reference.kv_compact(k_cache, v_cache, src, dst_start)
 
@@ -186,7 +217,7 @@ def greedy_accept(draft_tokens: torch.Tensor, parents: torch.Tensor, target_ids:
     if backend_for(draft_tokens) == "triton":
         from csrc_triton.acceptance import greedy_accept as kernel
 
-        return kernel(draft_tokens, parents, target_ids)
+        return _run_triton(kernel, draft_tokens, parents, target_ids)
     return reference.greedy_accept(draft_tokens, parents, target_ids)
 
 
@@ -212,7 +243,7 @@ def stochastic_accept(draft_tokens: torch.Tensor, parents: torch.Tensor,
     if backend_for(draft_tokens) == "triton":
         from csrc_triton.acceptance import stochastic_accept as kernel
 
-        return kernel(draft_tokens, parents, draft_probs, target_probs, seed, offset)
+        return _run_triton(kernel, draft_tokens, parents, draft_probs, target_probs, seed, offset)
     return reference.stochastic_accept(draft_tokens, parents, draft_probs, target_probs, seed,
                                        offset)
 

@@ -186,7 +186,8 @@ def counter_uniform(seed: int, offset: int, stream: int, index: torch.Tensor) ->
 
     ``index`` is an int64 tensor of counters (< 2**32); the result has its shape. The key mixes
     seed, offset and stream with murmur3's finaliser; the same arithmetic (uint32, wrapping) is
-    used by the Triton kernels, so both backends draw identical numbers.
+    used by the Triton kernels, so both backends draw identical numbers. The top 23 bits plus
+    half a step are exact in fp32, so the result is strictly inside (0, 1) and ``-log U > 0``.
     """
     key = _fmix32(torch.tensor((seed & _M32) ^ 0x9E3779B9, dtype=torch.int64))
     key = _fmix32(key ^ (offset & _M32))
@@ -194,7 +195,7 @@ def counter_uniform(seed: int, offset: int, stream: int, index: torch.Tensor) ->
     x = (index.to(torch.int64) * 0x9E3779B1) & _M32
     x = _fmix32(x ^ key.to(index.device))
     x = _fmix32(x ^ 0x5BD1E995)
-    return ((x >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    return ((x >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
 
 
 def rng_key(seed: int, offset: int, stream: int) -> int:

@@ -89,6 +89,9 @@ class Sequencer:
         self.index = index
         self.seq: list[int] = []
         self.probs: list[torch.Tensor | None] = []  # per position; None for prompt / adopted
+        # per position: is this token worth verifying? False only for drafts a stage marks as
+        # guesses (an n-gram stage's fallback when no earlier occurrence matched).
+        self.confident: list[bool] = []
         self.stats = StageStats(stage.name)
         self.seed = _seed_for(params.seed, index)
         self.rng_offset = 0
@@ -102,6 +105,7 @@ class Sequencer:
         self.stage.rollback(0)
         self.seq = list(prompt)
         self.probs = [None] * len(prompt)
+        self.confident = [True] * len(prompt)
         if len(prompt) > 1:
             self._forward(self.seq[:-1], last_n=1, kind="prefill")
 
@@ -109,6 +113,7 @@ class Sequencer:
         """Drop tokens at and after ``length`` (and their cached K/V)."""
         del self.seq[length:]
         del self.probs[length:]
+        del self.confident[length:]
         if self.stage.cache_len > length:
             self.stage.rollback(length)
 
@@ -129,6 +134,7 @@ class Sequencer:
             self.truncate(d)
         self.seq.extend(tokens[d - start :])
         self.probs.extend([None] * (end - d))
+        self.confident.extend([True] * (end - d))
         return d
 
     # ------------------------------------------------------------------ model work
@@ -165,8 +171,15 @@ class Sequencer:
                 tok = int(ops.sample_from_probs(p, self.seed, self._next_offset())[0])
                 self.probs.append(p[0])
             self.seq.append(tok)
+            self.confident.append(self._stage_is_confident())
         self.stats.drafted += n
         return n
+
+    def _stage_is_confident(self) -> bool:
+        """Model stages always are; a stage exposing ``last_match_len`` (the n-gram drafter)
+        is when its last proposal came from a real match of at least ``min_confident_match``."""
+        m = getattr(self.stage, "last_match_len", None)
+        return m is None or m >= getattr(self.stage, "min_confident_match", 1)
 
     def verify(self, drafts: list[int], draft_probs: list[torch.Tensor] | None) -> int:
         """Verify a chain of draft tokens in one forward and commit the outcome.
@@ -198,6 +211,7 @@ class Sequencer:
         self._record(t, "verify", len(feed))
         self.seq.extend(drafts[:num_i])
         self.seq.append(nxt_i)
+        self.confident.extend([True] * (num_i + 1))
         if p is None:
             self.probs.extend([None] * (num_i + 1))
         else:

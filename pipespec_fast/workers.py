@@ -33,6 +33,7 @@ class Chunk:
     start: int
     tokens: list[int]
     probs: list[torch.Tensor | None]
+    confident: list[bool]
 
 
 @dataclass
@@ -47,13 +48,16 @@ class Mirror:
     def __init__(self, prompt: list[int]) -> None:
         self.tokens = list(prompt)
         self.probs: list[torch.Tensor | None] = [None] * len(prompt)
+        self.confident: list[bool] = [True] * len(prompt)
         self.agree = len(prompt)  # mirror[:agree] == own seq[:agree], both long enough
 
     def apply(self, c: Chunk) -> None:
         del self.tokens[c.start :]
         del self.probs[c.start :]
+        del self.confident[c.start :]
         self.tokens.extend(c.tokens)
         self.probs.extend(c.probs)
+        self.confident.extend(c.confident)
         self.agree = min(self.agree, c.start)
 
     def own_changed(self, pos: int) -> None:
@@ -143,8 +147,9 @@ class StageWorker:
                 if self.mirror is not None:
                     self.mirror.own_changed(changed)
                 if self.above is not None:  # tell the stage above what we now hold
-                    self.above.inbox.put(Chunk(changed, self.s.seq[changed:],
-                                               [None] * (len(self.s.seq) - changed)))
+                    n = len(self.s.seq) - changed
+                    self.above.inbox.put(Chunk(changed, self.s.seq[changed:], [None] * n,
+                                               [True] * n))
         elif isinstance(msg, Chunk):
             self.mirror.apply(msg)
 
@@ -175,25 +180,32 @@ class StageWorker:
     def _send_up(self, start: int) -> None:
         seq = self.s.seq
         if self.above is not None:
-            self.above.inbox.put(Chunk(start, seq[start:], self.s.probs[start:]))
+            self.above.inbox.put(Chunk(start, seq[start:], self.s.probs[start:],
+                                       self.s.confident[start:]))
         if self.last:
             self.out.put(Emit(seq[start:]))
 
     # ------------------------------------------------------------------ work
 
-    def _drafts(self) -> tuple[list[int], list[torch.Tensor] | None]:
+    def _drafts(self) -> tuple[list[int], list[torch.Tensor] | None, bool]:
+        """The usable drafts (tokens, rows) and whether the stage below has already spoken
+        for our next position (with only unusable guesses when the list is empty)."""
         seq, m = self.s.seq, self.mirror
         if m.common_prefix(seq) < len(seq):
-            return [], None
+            return [], None, False
+        L = len(seq)
+        spoke = len(m.tokens) > L
         n = self.window
         if self.limit is not None:
-            n = min(n, self.limit - len(seq))
-        toks = m.tokens[len(seq) : len(seq) + max(n, 0)]
+            n = min(n, self.limit - L)
+        toks = m.tokens[L : L + max(n, 0)]
+        conf = m.confident[L : L + len(toks)]
+        k = next((j for j, c in enumerate(conf) if not c), len(toks))
         if self.s.params.greedy:
-            return toks, None
-        rows = m.probs[len(seq) : len(seq) + len(toks)]
-        k = next((j for j, r in enumerate(rows) if r is None), len(rows))
-        return toks[:k], rows[:k]
+            return toks[:k], None, spoke
+        rows = m.probs[L : L + k]
+        k = next((j for j, r in enumerate(rows) if r is None), k)
+        return toks[:k], rows[:k], spoke
 
     def _loop(self) -> None:
         s = self.s
@@ -201,8 +213,10 @@ class StageWorker:
             self._drain(block=False)
             lead_ok = self.last or len(s.seq) - self.upper_len < self.max_lead
             if self.i > 0 and lead_ok:
-                drafts, rows = self._drafts()
-                if drafts:
+                drafts, rows, spoke = self._drafts()
+                # the target goes on alone when the stage below only offers guesses
+                alone = self.last and not drafts and spoke and len(s.seq) < (self.limit or 0)
+                if drafts or alone:
                     start = len(s.seq)
                     s.verify(drafts, rows)
                     self._send_up(start)

@@ -286,3 +286,21 @@ def test_eos_from_the_target_ends_output():
     eos = ref[12]
     res = FastPipeline(stages, eos_token_ids=[eos]).generate(PROMPT, 30)
     assert res.token_ids == ref[: ref.index(eos) + 1] and res.finish_reason == "eos"
+
+
+@pytest.mark.parametrize("mode", ["pipespec", "sync"])
+def test_triton_backend_under_the_interpreter_gives_the_same_greedy_tokens(mode, monkeypatch):
+    """Every op of the engine through the Triton kernels (run by Triton's interpreter on CPU):
+    the same greedy tokens as the reference backend, and as the target alone."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    stages = stages_for(3, seed=13, n_layers=1)
+    monkeypatch.setenv("PIPESPEC_BACKEND", "reference")
+    ref = target_greedy(stages[-1], PROMPT, 12)
+    monkeypatch.setenv("PIPESPEC_BACKEND", "triton")
+    from pipespec_fast import ops
+
+    assert ops.backend_for(torch.zeros(1)) == "triton"
+    res = FastPipeline(stages, mode=mode).generate(PROMPT, 12, ignore_eos=True)
+    assert res.token_ids == ref
+    assert res.stage_stats[-1].accepted > 0

@@ -1,0 +1,258 @@
+"""Greedy and stochastic (lossless) acceptance of a draft chain or tree (Triton).
+
+Contracts: :func:`pipespec_fast.reference.greedy_accept` and
+:func:`pipespec_fast.reference.stochastic_accept`. Both launch a single program (grid ``(1,)``)
+that walks the tree (``n <= 64``) and writes ``path [n]`` (int64, padded with -1),
+``num_accepted`` and ``next_token`` (0-d int64) into device tensors: the launchers never read
+anything back (no ``.item()``/``.tolist()``), so no host synchronisation.
+
+The walk is one increasing sweep ``c = 0 .. n-1``: with topologically ordered parents, the
+children of the current node ``cur`` are visited in index order, and every child of an accepted
+node has a larger index than it, so "try the children of ``cur`` in order, descend on
+acceptance" is exactly "for each ``c`` with ``parents[c] == cur``: test it". Once every child
+of ``cur`` failed, no later index has ``cur`` as parent and the sweep is idle.
+
+Random numbers: the host derives the 32-bit keys with :func:`pipespec_fast.reference.rng_key`
+(a pure function of python ints: no device work, no sync); the kernel reproduces the
+per-index part of :func:`pipespec_fast.reference.counter_uniform` in uint32 arithmetic, so both
+backends draw bit-identical uniforms.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pipespec_fast import reference
+
+
+@triton.jit
+def _fmix32(x):
+    # murmur3 finaliser on uint32 (wrapping multiplies).
+    x = x ^ (x >> 16)
+    x = x * 0x85EBCA6B
+    x = x ^ (x >> 13)
+    x = x * 0xC2B2AE35
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def _uniform(key, index):
+    """``counter_uniform`` for an int ``index`` (scalar or block) and a uint32 ``key``."""
+    x = tl.cast(index, tl.uint32) * 0x9E3779B1
+    x = _fmix32(x ^ key)
+    x = _fmix32(x ^ 0x5BD1E995)
+    return ((x >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+
+
+@triton.jit
+def _greedy_kernel(tok_ptr, par_ptr, tgt_ptr, path_ptr, num_ptr, next_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    path = tl.full([BLOCK], -1, dtype=tl.int64)
+    cur = tl.full([], -1, dtype=tl.int32)
+    count = tl.full([], 0, dtype=tl.int32)
+    want = tl.load(tgt_ptr).to(tl.int64)
+    for c in range(n):
+        par = tl.load(par_ptr + c).to(tl.int32)
+        tok = tl.load(tok_ptr + c).to(tl.int64)
+        take = (par == cur) & (tok == want)
+        path = tl.where(take & (offs == count), c, path)
+        count += take.to(tl.int32)
+        cur = tl.where(take, c, cur)
+        # Row c + 1 exists for every c < n; it only becomes the wanted token on acceptance.
+        want = tl.where(take, tl.load(tgt_ptr + c + 1).to(tl.int64), want)
+    tl.store(path_ptr + offs, path, mask=offs < n)
+    tl.store(num_ptr, count.to(tl.int64))
+    tl.store(next_ptr, want)
+
+
+@triton.jit
+def _row_sum(base, V, BLOCK_V: tl.constexpr):
+    offs = tl.arange(0, BLOCK_V)
+    acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for start in range(0, V, BLOCK_V):
+        o = start + offs
+        acc += tl.load(base + o, mask=o < V, other=0.0)
+    return tl.sum(acc, 0)
+
+
+@triton.jit
+def _stochastic_kernel(
+    tok_ptr,
+    par_ptr,
+    dp_ptr,
+    tp_ptr,
+    scratch_ptr,
+    path_ptr,
+    num_ptr,
+    next_ptr,
+    n,
+    V,
+    s_dp,
+    s_tp,
+    key_acc_i32,
+    key_res_i32,
+    BLOCK: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    key_acc = key_acc_i32.to(tl.uint32, bitcast=True)
+    key_res = key_res_i32.to(tl.uint32, bitcast=True)
+    offs = tl.arange(0, BLOCK)
+    offs_v = tl.arange(0, BLOCK_V)
+    path = tl.full([BLOCK], -1, dtype=tl.int64)
+    cur = tl.full([], -1, dtype=tl.int32)
+    count = tl.full([], 0, dtype=tl.int32)
+    # The residual r is target row `row` until the first rejection at that level, then it
+    # lives in the scratch buffer. Its sum is computed lazily (only when a child is tested).
+    row = tl.full([], 0, dtype=tl.int32)
+    in_scratch = tl.full([], 0, dtype=tl.int32)
+    mass = tl.full([], 0.0, dtype=tl.float32)
+    mass_ok = tl.full([], 0, dtype=tl.int32)
+    for c in range(n):
+        par = tl.load(par_ptr + c).to(tl.int32)
+        if par == cur:
+            if in_scratch == 1:
+                r_base = scratch_ptr
+            else:
+                r_base = tp_ptr + row * s_tp
+            if mass_ok == 0:
+                mass = _row_sum(r_base, V, BLOCK_V)
+                mass_ok = 1
+            x = tl.load(tok_ptr + c).to(tl.int32)
+            x_ok = (x >= 0) & (x < V)
+            qx = tl.load(dp_ptr + c * s_dp + x, mask=x_ok, other=0.0)
+            rx = tl.load(r_base + x, mask=x_ok, other=0.0)
+            u = _uniform(key_acc, c)
+            if u * qx * mass < rx:
+                path = tl.where(offs == count, c, path)
+                count += 1
+                cur = c
+                row = c + 1
+                in_scratch = 0
+                mass_ok = 0
+            else:
+                # r = max(r - q_c * sum(r), 0), written to scratch, new sum on the way.
+                tl.debug_barrier()  # every thread has read r(x) before r is overwritten
+                acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+                for start in range(0, V, BLOCK_V):
+                    o = start + offs_v
+                    ok = o < V
+                    r = tl.load(r_base + o, mask=ok, other=0.0)
+                    q = tl.load(dp_ptr + c * s_dp + o, mask=ok, other=0.0)
+                    r = tl.maximum(r - q * mass, 0.0)
+                    tl.store(scratch_ptr + o, r, mask=ok)
+                    acc += r
+                mass = tl.sum(acc, 0)
+                mass_ok = 1
+                in_scratch = 1
+                tl.debug_barrier()  # the new residual is visible to every thread
+    if in_scratch == 1:
+        r_base = scratch_ptr
+    else:
+        r_base = tp_ptr + row * s_tp
+    # Extra token: argmax_v r(v) / E(v), E = -log U (exponential race), ties to lowest v.
+    # torch.argmax semantics, NaN included: a NaN counts as the maximum (first one wins). U is
+    # strictly inside (0, 1), so E > 0 and no NaN arises from the race itself; the handling
+    # stays so that a NaN in the inputs behaves as in the reference on every device.
+    best = tl.full([], -1.0, dtype=tl.float32)
+    best_idx = tl.full([], 0, dtype=tl.int32)
+    best_nan = tl.full([], 0, dtype=tl.int32)
+    for start in range(0, V, BLOCK_V):
+        o = start + offs_v
+        ok = o < V
+        r = tl.load(r_base + o, mask=ok, other=0.0)
+        e = -tl.log(_uniform(key_res, o))
+        val = tl.div_rn(r, e)
+        is_nan = ok & (val != val)
+        val = tl.where(ok & (val == val), val, -1.0)
+        cmax = tl.max(val, 0)
+        cidx = tl.min(tl.where(val == cmax, o, 2147483647), 0)
+        nan_idx = tl.min(tl.where(is_nan, o, 2147483647), 0)
+        chunk_nan = nan_idx < 2147483647
+        take_nan = chunk_nan & (best_nan == 0)
+        take = take_nan | ((best_nan == 0) & (chunk_nan == 0) & (cmax > best))
+        best_idx = tl.where(take_nan, nan_idx, tl.where(take, cidx, best_idx))
+        best = tl.where(take, cmax, best)
+        best_nan = tl.where(take_nan, 1, best_nan)
+    tl.store(path_ptr + offs, path, mask=offs < n)
+    tl.store(num_ptr, count.to(tl.int64))
+    tl.store(next_ptr, best_idx.to(tl.int64))
+
+
+def _outputs(n: int, device: torch.device):
+    path = torch.empty(n, dtype=torch.int64, device=device)
+    num = torch.empty((), dtype=torch.int64, device=device)
+    nxt = torch.empty((), dtype=torch.int64, device=device)
+    return path, num, nxt
+
+
+def _block(n: int) -> int:
+    return max(16, triton.next_power_of_2(max(n, 1)))
+
+
+def _as_i32(key: int) -> int:
+    """A uint32 key as the signed int32 with the same bits (the kernel bitcasts it back)."""
+    return key - (1 << 32) if key >= (1 << 31) else key
+
+
+def greedy_accept(draft_tokens: torch.Tensor, parents: torch.Tensor, target_ids: torch.Tensor):
+    """Triton twin of :func:`pipespec_fast.reference.greedy_accept` (one program, no sync)."""
+    n = draft_tokens.shape[0]
+    path, num, nxt = _outputs(n, draft_tokens.device)
+    _greedy_kernel[(1,)](
+        draft_tokens, parents, target_ids, path, num, nxt, n, BLOCK=_block(n), num_warps=1
+    )
+    return path, num, nxt
+
+
+def stochastic_accept(
+    draft_tokens: torch.Tensor,
+    parents: torch.Tensor,
+    draft_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+    seed: int,
+    offset: int,
+    *,
+    block_v: int | None = None,
+):
+    """Triton twin of :func:`pipespec_fast.reference.stochastic_accept` (one program, no sync).
+
+    The residual lives in a ``[V]`` fp32 scratch buffer in global memory, processed in
+    ``block_v`` chunks (override for tests; power of two). Decisions equal the reference's
+    whenever the fp32 sums agree to the last bit; see ``docs/KERNELS.md``.
+    """
+    n, V = draft_probs.shape
+    dev = draft_tokens.device
+    path, num, nxt = _outputs(n, dev)
+    if draft_probs.stride(-1) != 1:
+        draft_probs = draft_probs.contiguous()
+    if target_probs.stride(-1) != 1:
+        target_probs = target_probs.contiguous()
+    scratch = torch.empty(V, dtype=torch.float32, device=dev)
+    if block_v is None:
+        block_v = min(2048, max(16, triton.next_power_of_2(V)))
+    key_acc = _as_i32(reference.rng_key(seed, offset, reference.STREAM_ACCEPT))
+    key_res = _as_i32(reference.rng_key(seed, offset, reference.STREAM_RESIDUAL))
+    _stochastic_kernel[(1,)](
+        draft_tokens,
+        parents,
+        draft_probs,
+        target_probs,
+        scratch,
+        path,
+        num,
+        nxt,
+        n,
+        V,
+        draft_probs.stride(0),
+        target_probs.stride(0),
+        key_acc,
+        key_res,
+        BLOCK=_block(n),
+        BLOCK_V=block_v,
+        num_warps=4,
+        enable_fp_fusion=False,  # r - q * mass must round twice, like the torch reference
+    )
+    return path, num, nxt

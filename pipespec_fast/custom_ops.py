@@ -1,0 +1,96 @@
+"""The kernels as torch custom ops (namespace ``pipespec``), with fake (meta) implementations.
+
+Importing this module registers::
+
+    torch.ops.pipespec.verify_attention(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits,
+                                        scale=None) -> Tensor        # mutates k_cache, v_cache
+    torch.ops.pipespec.kv_compact(k_cache, v_cache, src, dst_start) -> ()  # mutates both caches
+    torch.ops.pipespec.greedy_accept(draft_tokens, parents, target_ids) -> (Tensor, Tensor, Tensor)
+    torch.ops.pipespec.stochastic_accept(draft_tokens, parents, draft_probs, target_probs, seed,
+                                         offset) -> (Tensor, Tensor, Tensor)
+
+Each real implementation calls the :mod:`pipespec_fast.ops` entry (validation, then Triton on
+CUDA or the torch reference on CPU), so the contracts are those of
+:mod:`pipespec_fast.reference`. The fake implementations only compute output shapes, which
+depend on input shapes alone, so ``torch.compile`` can trace through the ops (as opaque calls
+with declared mutations) without data-dependent guards.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipespec_fast import ops
+
+_NS = "pipespec"
+
+
+@torch.library.custom_op(f"{_NS}::verify_attention", mutates_args=("k_cache", "v_cache"))
+def verify_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_len: int,
+    anc_bits: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    out = ops.verify_attention(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale)
+    return out.contiguous()
+
+
+@verify_attention.register_fake
+def _verify_attention_fake(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale=None):
+    torch._check(q.dim() == 3, lambda: "q: expected [n, n_heads, head_dim]")
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op(f"{_NS}::kv_compact", mutates_args=("k_cache", "v_cache"))
+def kv_compact(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor, dst_start: int
+) -> None:
+    ops.kv_compact(k_cache, v_cache, src, dst_start)
+
+
+@kv_compact.register_fake
+def _kv_compact_fake(k_cache, v_cache, src, dst_start):
+    return None
+
+
+def _accept_outputs(draft_tokens: torch.Tensor):
+    n = draft_tokens.shape[0]
+    return (
+        draft_tokens.new_empty((n,), dtype=torch.int64),
+        draft_tokens.new_empty((), dtype=torch.int64),
+        draft_tokens.new_empty((), dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op(f"{_NS}::greedy_accept", mutates_args=())
+def greedy_accept(
+    draft_tokens: torch.Tensor, parents: torch.Tensor, target_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return ops.greedy_accept(draft_tokens, parents, target_ids)
+
+
+@greedy_accept.register_fake
+def _greedy_accept_fake(draft_tokens, parents, target_ids):
+    return _accept_outputs(draft_tokens)
+
+
+@torch.library.custom_op(f"{_NS}::stochastic_accept", mutates_args=())
+def stochastic_accept(
+    draft_tokens: torch.Tensor,
+    parents: torch.Tensor,
+    draft_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+    seed: int,
+    offset: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return ops.stochastic_accept(draft_tokens, parents, draft_probs, target_probs, seed, offset)
+
+
+@stochastic_accept.register_fake
+def _stochastic_accept_fake(draft_tokens, parents, draft_probs, target_probs, seed, offset):
+    return _accept_outputs(draft_tokens)

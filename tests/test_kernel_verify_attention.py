@@ -1,0 +1,324 @@
+"""Verification attention: reference vs float64 math / SDPA, Triton (interpreter) vs reference."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton / csrc_triton are imported
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from csrc_triton.verify_attention import verify_attention as triton_verify_attention  # noqa: E402
+from pipespec_fast import ops, reference  # noqa: E402
+
+HEAD_DIMS = (16, 32, 64, 128)
+GQA_RATIOS = (1, 3, 4, 8)
+# Max abs error vs the float64 oracle, per dtype (outputs are convex mixes of N(0,1) values).
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def random_parents(n: int, gen: torch.Generator, chain: bool) -> torch.Tensor:
+    if chain:
+        return reference.chain_parents(n)
+    par = [-1] + [int(torch.randint(-1, i, (1,), generator=gen)) for i in range(1, n)]
+    return torch.tensor(par[:n], dtype=torch.int32)
+
+
+def dense_mask_python(parents: torch.Tensor) -> torch.Tensor:
+    """Ancestor-or-self mask by walking parents (independent of the reference's helpers)."""
+    par = parents.tolist()
+    n = len(par)
+    m = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        j = i
+        while j >= 0:
+            m[i, j] = True
+            j = par[j]
+    return m
+
+
+def make_problem(n, kv_heads, group, head_dim, prefix, max_len, dtype, seed, chain=False):
+    gen = torch.Generator().manual_seed(seed)
+    h = kv_heads * group
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    # q non-contiguous on purpose: a [n, head_dim, H] buffer seen as [n, H, head_dim].
+    q = rnd(n, head_dim, h).transpose(1, 2)
+    k_new, v_new = rnd(n, kv_heads, head_dim), rnd(n, kv_heads, head_dim)
+    k_cache, v_cache = rnd(kv_heads, max_len, head_dim), rnd(kv_heads, max_len, head_dim)
+    parents = random_parents(n, gen, chain)
+    return q, k_new, v_new, k_cache, v_cache, prefix, parents
+
+
+def oracle(q, k_new, v_new, k_cache, v_cache, prefix, parents, scale=None):
+    """float64 attention with a dense mask built from ``parents`` (cache not modified)."""
+    n, h, d = q.shape
+    kv = k_cache.shape[0]
+    group = h // kv
+    scale = d**-0.5 if scale is None else scale
+    keys = torch.cat([k_cache[:, :prefix], k_new.transpose(0, 1)], 1).double()
+    vals = torch.cat([v_cache[:, :prefix], v_new.transpose(0, 1)], 1).double()
+    keys = keys.repeat_interleave(group, 0)
+    vals = vals.repeat_interleave(group, 0)
+    s = torch.einsum("nhd,htd->hnt", q.double(), keys) * scale
+    mask = torch.ones(n, prefix + n, dtype=torch.bool)
+    mask[:, prefix:] = dense_mask_python(parents)
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hnt,htd->nhd", torch.softmax(s, -1), vals)
+
+
+def run_both(problem, **kernel_kw):
+    q, k_new, v_new, k_cache, v_cache, prefix, parents = problem
+    bits = reference.ancestor_bits(parents)
+    kc_r, vc_r = k_cache.clone(), v_cache.clone()
+    kc_t, vc_t = k_cache.clone(), v_cache.clone()
+    out_r = reference.verify_attention(q, k_new, v_new, kc_r, vc_r, prefix, bits)
+    out_t = triton_verify_attention(q, k_new, v_new, kc_t, vc_t, prefix, bits, **kernel_kw)
+    return out_r, out_t, (kc_r, vc_r), (kc_t, vc_t)
+
+
+def check_cache_append(problem, kc, vc):
+    q, k_new, v_new, k_cache, v_cache, prefix, _ = problem
+    n = q.shape[0]
+    exp_k, exp_v = k_cache.clone(), v_cache.clone()
+    exp_k[:, prefix : prefix + n] = k_new.transpose(0, 1)
+    exp_v[:, prefix : prefix + n] = v_new.transpose(0, 1)
+    assert torch.equal(kc, exp_k) and torch.equal(vc, exp_v)
+
+
+problem_args = st.tuples(
+    st.integers(1, 24),  # n
+    st.sampled_from([1, 2]),  # kv_heads
+    st.sampled_from(GQA_RATIOS),
+    st.sampled_from(HEAD_DIMS),
+    st.integers(0, 70),  # prefix
+    st.integers(0, 6),  # spare slots after the block
+    st.booleans(),  # chain
+    st.integers(0, 2**31 - 1),  # seed
+)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+@SETTINGS
+@given(args=problem_args, dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_reference_matches_float64_oracle(args, dtype):
+    n, kv, group, d, prefix, spare, chain, seed = args
+    problem = make_problem(n, kv, group, d, prefix, prefix + n + spare, dtype, seed, chain)
+    q, k_new, v_new, k_cache, v_cache, _, parents = problem
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = reference.verify_attention(
+        q, k_new, v_new, kc, vc, prefix, reference.ancestor_bits(parents)
+    )
+    assert out.dtype == dtype and out.shape == q.shape
+    want = oracle(q, k_new, v_new, k_cache, v_cache, prefix, parents)
+    torch.testing.assert_close(out.double(), want, atol=TOL[dtype], rtol=0)
+    check_cache_append(problem, kc, vc)
+
+
+@SETTINGS
+@given(args=problem_args)
+def test_reference_matches_sdpa_with_materialised_mask(args):
+    n, kv, group, d, prefix, spare, chain, seed = args
+    problem = make_problem(n, kv, group, d, prefix, prefix + n + spare, torch.float32, seed, chain)
+    q, k_new, v_new, k_cache, v_cache, _, parents = problem
+    bits = reference.ancestor_bits(parents)
+    out = reference.verify_attention(
+        q, k_new, v_new, k_cache.clone(), v_cache.clone(), prefix, bits
+    )
+    keys = torch.cat([k_cache[:, :prefix], k_new.transpose(0, 1)], 1).repeat_interleave(group, 0)
+    vals = torch.cat([v_cache[:, :prefix], v_new.transpose(0, 1)], 1).repeat_interleave(group, 0)
+    mask = torch.ones(n, prefix + n, dtype=torch.bool)
+    mask[:, prefix:] = dense_mask_python(parents)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), keys, vals, attn_mask=mask
+    ).transpose(0, 1)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_custom_scale_and_single_token():
+    problem = make_problem(1, 2, 3, 32, 9, 12, torch.float32, 5)
+    q, k_new, v_new, k_cache, v_cache, prefix, parents = problem
+    out = reference.verify_attention(
+        q,
+        k_new,
+        v_new,
+        k_cache.clone(),
+        v_cache.clone(),
+        prefix,
+        reference.ancestor_bits(parents),
+        scale=0.3,
+    )
+    want = oracle(q, k_new, v_new, k_cache, v_cache, prefix, parents, scale=0.3)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- triton
+
+
+@SETTINGS
+@given(args=problem_args, dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_triton_matches_reference(args, dtype):
+    n, kv, group, d, prefix, spare, chain, seed = args
+    problem = make_problem(n, kv, group, d, prefix, prefix + n + spare, dtype, seed, chain)
+    # Small tiles so that row blocks, full and partial prefix blocks all occur.
+    out_r, out_t, cache_r, cache_t = run_both(problem, block_r=16, block_n=16)
+    assert out_t.dtype == dtype and out_t.shape == out_r.shape
+    want = oracle(*problem)
+    torch.testing.assert_close(out_t.double(), want, atol=TOL[dtype], rtol=0)
+    torch.testing.assert_close(out_t.float(), out_r.float(), atol=2 * TOL[dtype], rtol=0)
+    # The fused append writes exactly what the reference writes, bit for bit.
+    assert torch.equal(cache_t[0], cache_r[0]) and torch.equal(cache_t[1], cache_r[1])
+    check_cache_append(problem, *cache_t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_64_node_tree_two_mask_words(dtype):
+    """n = 64: bits 32..63 live in word 1 and bit 31 makes words negative int32."""
+    gen = torch.Generator().manual_seed(3)
+    problem = list(make_problem(64, 1, 4, 16, 33, 100, dtype, 11))
+    # A bushy tree with deep branches crossing the 32-node word boundary.
+    par = [-1] + [int(torch.randint(max(-1, i - 8), i, (1,), generator=gen)) for i in range(1, 64)]
+    problem[6] = torch.tensor(par, dtype=torch.int32)
+    assert (reference.ancestor_bits(problem[6]) < 0).any()
+    out_r, out_t, cache_r, cache_t = run_both(tuple(problem))
+    torch.testing.assert_close(out_t.double(), oracle(*problem), atol=TOL[dtype], rtol=0)
+    assert torch.equal(cache_t[0], cache_r[0]) and torch.equal(cache_t[1], cache_r[1])
+
+
+@pytest.mark.parametrize("prefix", [0, 64, 65])
+def test_triton_default_tiles_chain(prefix):
+    """Default tile sizes; empty prefix, prefix a multiple of BLOCK_N, and one past it."""
+    problem = make_problem(16, 3, 3, 64, prefix, prefix + 16, torch.float32, prefix, chain=True)
+    out_r, out_t, cache_r, cache_t = run_both(problem)
+    torch.testing.assert_close(out_t.double(), oracle(*problem), atol=2e-5, rtol=0)
+    assert torch.equal(cache_t[0], cache_r[0])
+
+
+def test_triton_odd_head_dim_and_scale():
+    """head_dim 24 is padded to a 32-wide tile and masked."""
+    problem = make_problem(5, 2, 3, 24, 20, 30, torch.float32, 8)
+    q, k_new, v_new, k_cache, v_cache, prefix, parents = problem
+    bits = reference.ancestor_bits(parents)
+    out = triton_verify_attention(
+        q, k_new, v_new, k_cache.clone(), v_cache.clone(), prefix, bits, 0.2
+    )
+    want = oracle(q, k_new, v_new, k_cache, v_cache, prefix, parents, scale=0.2)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=0)
+
+
+def test_ops_dispatches_to_triton_when_forced(monkeypatch):
+    monkeypatch.setenv("PIPESPEC_BACKEND", "triton")
+    problem = make_problem(6, 2, 4, 32, 10, 20, torch.float32, 4)
+    q, k_new, v_new, k_cache, v_cache, prefix, parents = problem
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = ops.verify_attention(q, k_new, v_new, kc, vc, prefix, reference.ancestor_bits(parents))
+    torch.testing.assert_close(out.double(), oracle(*problem), atol=2e-5, rtol=0)
+    check_cache_append(problem, kc, vc)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _good():
+    q, k_new, v_new, k_cache, v_cache, prefix, parents = make_problem(
+        4, 2, 3, 16, 5, 12, torch.float32, 0
+    )
+    return dict(
+        q=q,
+        k_new=k_new,
+        v_new=v_new,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        cache_len=prefix,
+        anc_bits=reference.ancestor_bits(parents),
+    )
+
+
+@pytest.mark.parametrize(
+    "arg,name,bad",
+    [
+        ("q", "q", lambda a: a["q"][0]),
+        ("k_cache", "k_cache", lambda a: a["k_cache"][0]),
+        ("v_cache", "v_cache", lambda a: a["v_cache"][:, :5]),
+        ("q", "k_cache", lambda a: a["q"][..., :8]),  # head_dim of q != the cache's
+        ("q", "q", lambda a: a["q"][:, :5]),  # 5 query heads for 2 kv heads
+        ("k_new", "k_new", lambda a: a["k_new"][:3]),
+        ("v_new", "v_new", lambda a: a["v_new"][:, :1]),
+        ("k_new", "k_new", lambda a: a["k_new"].to("meta")),
+        ("anc_bits", "anc_bits", lambda a: a["anc_bits"].to("meta")),
+        ("v_cache", "v_cache", lambda a: a["v_cache"].double()),
+        ("anc_bits", "anc_bits", lambda a: a["anc_bits"].long()),
+        ("anc_bits", "anc_bits", lambda a: a["anc_bits"][:3]),
+        ("cache_len", "cache_len", lambda a: 9),  # 9 + 4 > max_len 12: overflow
+        ("cache_len", "cache_len", lambda a: -1),
+    ],
+)
+def test_ops_validation_names_the_argument(arg, name, bad):
+    args = _good()
+    args[arg] = bad(args)
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        ops.verify_attention(**args)
+
+
+def test_ops_rejects_integer_q():
+    args = _good()
+    for k in ("q", "k_new", "v_new", "k_cache", "v_cache"):
+        args[k] = args[k].to(torch.int32)
+    with pytest.raises(ValueError, match=r"^q\b"):
+        ops.verify_attention(**args)
+
+
+# ----------------------------------------------------------------------------- AOT compile
+
+
+def test_kernel_compiles_for_sm90_without_a_gpu():
+    """Front end + PTX + cubin for sm_90 (no device needed): catches compile-only errors the
+    interpreter cannot see. Runs in a subprocess because TRITON_INTERPRET=1 is set here."""
+    script = textwrap.dedent(
+        """
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from csrc_triton.verify_attention import _verify_attention_kernel as k
+        for dt, hd, group in (("fp32", 64, 3), ("fp16", 128, 1), ("bf16", 24, 8)):
+            consts = dict(GROUP=group, HEAD_DIM=hd, BLOCK_D=triton.next_power_of_2(hd),
+                          BLOCK_R=32, BLOCK_N=32, DOT_PREC="ieee" if dt == "fp32" else "tf32")
+            s = {}
+            for a in k.arg_names:
+                if a in consts:
+                    s[a] = "constexpr"
+                elif a == "anc_ptr":
+                    s[a] = "*i32"
+                elif a.endswith("_ptr"):
+                    s[a] = "*" + dt
+                elif a == "qk_scale":
+                    s[a] = "fp32"
+                else:
+                    s[a] = "i32"
+            src = ASTSource(fn=k, signature=s, constexprs=consts)
+            out = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+            assert "cubin" in out.asm, dt
+        print("OK")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    res = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr:
+        pytest.skip("Triton's bundled ptxas is missing in this install")
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]

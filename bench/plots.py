@@ -1,0 +1,93 @@
+"""Pictures for the README: speedup by system and task (from ``bench/e2e.py``'s JSON), and the
+time line of each stage's busy intervals during one PipeSpec generation.
+
+    .venv/bin/python bench/plots.py            # reads bench/results/e2e-*.json, writes PNGs
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+
+
+def speedup_chart(out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = sorted(RESULTS.glob("e2e-*.json"))
+    if not files:
+        return None
+    data = [json.loads(f.read_text()) for f in files]
+    systems = list(dict.fromkeys(s for d in data for s in d["summary"]))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(data)
+    for j, d in enumerate(data):
+        m = d["meta"]
+        label = f"{m['task']} T={m['temperature']:g}"
+        ys = [d["summary"].get(s, {}).get("speedup_vs_hf_ar") or 0 for s in systems]
+        xs = [i + j * width for i in range(len(systems))]
+        bars = ax.bar(xs, ys, width, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks([i + width * (len(data) - 1) / 2 for i in range(len(systems))], systems)
+    ax.set_ylabel("tokens/s relative to transformers AR")
+    ax.set_title("Decoding speed, SmolLM2-135M-Instruct fp32, 2-core CPU")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def timeline_chart(out: Path, max_new_tokens: int = 64) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.e2e import chat_ids, load_prompts
+    from pipespec_fast import FastPipeline
+
+    pipe = FastPipeline.from_default()
+    ids = chat_ids(pipe.tokenizer, load_prompts("humaneval", 1)[0])
+    pipe.generate(ids, 8, ignore_eos=True)  # warm-up
+    res = pipe.generate(ids, max_new_tokens, ignore_eos=True)
+    colors = {"prefill": "#999999", "draft": "#4c9be8", "verify": "#e8734c"}
+    fig, ax = plt.subplots(figsize=(10, 0.6 + 0.55 * len(res.stage_stats)))
+    for row, st in enumerate(res.stage_stats):
+        for kind in colors:
+            spans = [(a * 1e3, (b - a) * 1e3) for a, b, k in st.timeline if k == kind]
+            if spans:
+                ax.broken_barh(spans, (row - 0.35, 0.7), color=colors[kind],
+                               label=kind if row == 0 or kind == "verify" else None)
+    ax.set_yticks(range(len(res.stage_stats)),
+                  [f"{i}: {s.name[:24]}" for i, s in enumerate(res.stage_stats)])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms since the start of generate()")
+    ax.set_title(f"PipeSpec stages at work ({res.stats['new_tokens']} tokens, "
+                 f"{res.stats['tokens_per_s']:.1f} tokens/s)")
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles, strict=False))
+    ax.legend(uniq.values(), uniq.keys(), loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    pipe.close()
+    return out
+
+
+def main() -> int:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for p in (speedup_chart(RESULTS / "speedup.png"), timeline_chart(RESULTS / "timeline.png")):
+        if p:
+            print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,9 +1,9 @@
 """``y = x @ w.T`` for the model's projections, fastest per device.
 
-On CPU, fp32 decoding is a stream of small-batch GEMVs, where torch's BLAS path reaches about
-20 GB/s on this project's machines and numpy's OpenBLAS about 50 GB/s (``bench/`` measures it).
-So CPU fp32 matmuls go through numpy (which releases the GIL, so stage threads overlap); every
-other device or dtype uses ``torch.nn.functional.linear``.
+On CPU, fp32 decoding is memory-bound small-batch matmuls. torch's BLAS path reaches about
+20 GB/s on this project's machines; ``cpu_gemm``'s skinny kernel streams every weight once for
+all rows of a block (about 40 GB/s), batch-invariantly, and releases the GIL so stage threads
+overlap. Fallback: numpy's OpenBLAS. Every other device or dtype uses ``F.linear``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-_USE_NUMPY = os.environ.get("PIPESPEC_CPU_LINEAR", "numpy") == "numpy"
+_USE_NUMPY = os.environ.get("PIPESPEC_CPU_LINEAR", "skinny") in ("skinny", "numpy")
 
 
 def blas_threads(n: int | None):
@@ -39,10 +39,38 @@ def uses_numpy() -> bool:
     return _USE_NUMPY
 
 
+_threads = 1
+
+
+def set_threads(n: int) -> int:
+    """Threads each CPU matmul may use (set per generation by the pipeline's thread policy);
+    returns the previous value."""
+    global _threads
+    old, _threads = _threads, max(1, int(n))
+    return old
+
+
+def _skinny():
+    if os.environ.get("PIPESPEC_CPU_LINEAR", "skinny") != "skinny":
+        return None
+    from pipespec_fast import cpu_gemm
+
+    return cpu_gemm if cpu_gemm.available() else None
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x: [n, in]``, ``w: [out, in]`` (no grad) -> ``[n, out]`` in ``x.dtype``."""
+    """``x: [n, in]``, ``w: [out, in]`` (no grad) -> ``[n, out]`` in ``x.dtype``.
+
+    On CPU in fp32 every block goes to the batch-invariant skinny GEMM (``cpu_gemm``, a small
+    AVX2/AVX-512 C kernel built on first use): it reads each weight once for all rows, so
+    verifying 8 tokens costs about what decoding one does, and row ``i`` of the result is
+    bit-identical whatever the number of rows — the projections of a verified token equal
+    those of one-token decoding. Without a compiler or AVX2 it falls back to numpy's OpenBLAS.
+    """
     if _USE_NUMPY and x.dtype == torch.float32 and w.dtype == torch.float32 and \
             not x.is_cuda and not w.requires_grad and x.device.type == "cpu":
+        if _SKINNY is not None:
+            return _SKINNY.skinny_linear(x, w, _threads)
         wn = w.numpy()
         xn = x.detach().numpy()
         if xn.shape[0] == 1:  # GEMV: OpenBLAS' sgemv on the row-major weight
@@ -61,3 +89,6 @@ class Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight)
+
+
+_SKINNY = _skinny()

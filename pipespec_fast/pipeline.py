@@ -415,21 +415,27 @@ class _CpuThreads:
         self.active = uses_numpy() and all(st.device.type == "cpu" for st in stages)
         heavy = sum(1 for st in stages if getattr(st, "model", None) is not None)
         concurrent = mode == "pipespec" and heavy > 1
-        self.blas = blas_threads(1 if concurrent else _free_cores()) if self.active \
-            else blas_threads(None)
+        self.n = 1 if concurrent else _free_cores()
+        self.blas = blas_threads(self.n) if self.active else blas_threads(None)
         self.torch_threads = int(os.environ.get("PIPESPEC_TORCH_THREADS", "1"))
         self.saved = torch.get_num_threads()
 
     def __enter__(self):
+        from pipespec_fast.linear import set_threads
+
         if self.active:
             torch.set_num_threads(self.torch_threads)
+            self.saved_linear = set_threads(self.n)
         self.blas.__enter__()
         return self
 
     def __exit__(self, *exc):
+        from pipespec_fast.linear import set_threads
+
         self.blas.__exit__(*exc)
         if self.active:
             torch.set_num_threads(self.saved)
+            set_threads(self.saved_linear)
 
 
 def _check_mode(mode: str) -> str:

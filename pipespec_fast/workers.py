@@ -224,7 +224,10 @@ class StageWorker:
                     continue
             if not self.last and lead_ok:
                 start = len(s.seq)
-                s.draft(1)
+                # a model-free drafter (n-gram) fills its whole lead at once; a model drafts
+                # one token per step so that rollbacks reach it between tokens
+                free = getattr(s.stage, "model", None) is None
+                s.draft(max(1, self.max_lead - (len(s.seq) - self.upper_len)) if free else 1)
                 self._send_up(start)
                 if self.i > 0:
                     self._sync_down()

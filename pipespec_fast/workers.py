@@ -129,8 +129,9 @@ class StageWorker:
         try:
             if self.threads is not None:
                 torch.set_num_threads(self.threads)
-            self.s.start(prompt)
-            self._loop()
+            with self.s.on_stream():  # CUDA: this stage's own stream, overlapping the others
+                self.s.start(prompt)
+                self._loop()
         except BaseException as e:  # surfaced to the caller by the output queue
             e.add_note(f"in PipeSpec stage {self.i} ({self.s.stage.name}):\n"
                        + "".join(traceback.format_tb(e.__traceback__)))

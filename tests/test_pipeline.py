@@ -304,3 +304,17 @@ def test_triton_backend_under_the_interpreter_gives_the_same_greedy_tokens(mode,
     res = FastPipeline(stages, mode=mode).generate(PROMPT, 12, ignore_eos=True)
     assert res.token_ids == ref
     assert res.stage_stats[-1].accepted > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: one stream per stage, "
+                    "pinned host buffers and events are exercised only on a GPU")
+@pytest.mark.parametrize("mode", ["pipespec", "sync"])
+def test_cuda_streams_pipeline_greedy_and_sampling(mode):
+    stages = [LlamaStage(m.to("cuda"), name=f"s{i}", max_len=256)
+              for i, m in enumerate(family(3, noise=0.05, seed=17))]
+    ref = target_greedy(stages[-1], PROMPT, 40)
+    pipe = FastPipeline(stages, mode=mode)
+    assert pipe.generate(PROMPT, 40, ignore_eos=True).token_ids == ref
+    res = pipe.generate(PROMPT, 40, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
+    assert len(res.token_ids) == 40 and res.stage_stats[-1].proposed > 0

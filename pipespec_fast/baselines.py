@@ -27,7 +27,7 @@ def _propose(levels: list[Sequencer], level: int, gamma: list[int], limit: int) 
     proposes (recursively), so every level's tokens follow its own model's distribution.
     """
     me = levels[level]
-    want = max(1, min(gamma[level + 1], limit - len(me.seq)))
+    want = max(1, min(levels[level + 1].window(gamma[level + 1]), limit - len(me.seq)))
     if level == 0:
         return me.draft(want)
     below = levels[level - 1]
@@ -54,7 +54,7 @@ def synchronous(levels: list[Sequencer], gamma: list[int], limit: int) -> Iterat
     while len(target.seq) < limit:
         start = len(target.seq)
         _propose(levels, len(levels) - 2, gamma, limit)
-        drafts = below.seq[start : start + min(gamma[-1], limit - start)]
+        drafts = below.seq[start : start + min(target.window(gamma[-1]), limit - start)]
         conf = below.confident[start : start + len(drafts)]
         drafts = drafts[: next((j for j, c in enumerate(conf) if not c), len(drafts))]
         rows = None if target.params.greedy else below.probs[start : start + len(drafts)]

@@ -72,6 +72,7 @@ class NGramStage:
         self.min_ngram = min_ngram
         # proposals from a match shorter than this are guesses, never sent for verification
         self.min_confident_match = min_confident_match
+        self.model_free = True  # proposals cost microseconds: run inline, fill leads at once
         self._device = torch.device(device)
         self.history: list[int] = []
         # _index[n - min_ngram]: n-gram tuple -> ascending positions where it ends

@@ -15,7 +15,7 @@ import torch
 from pipespec_fast import baselines
 from pipespec_fast.sequencer import SamplingParams, Sequencer, StageStats
 from pipespec_fast.stage import LlamaStage, Stage
-from pipespec_fast.workers import Emit, StageWorker
+from pipespec_fast.workers import Emit, InlineDrafter, StageWorker, is_model_free
 
 MODES = ("pipespec", "sync", "ar")
 ERROR_WAIT_S = 2.0
@@ -47,6 +47,8 @@ class FastPipeline:
             prompts must be token ids and results carry no text).
         mode: ``"pipespec"`` (default), ``"sync"`` or ``"ar"``; ``generate`` may override it.
         windows: per stage i > 0, the most draft tokens it verifies in one forward.
+        adaptive_windows: shrink each window to what the stage's recent acceptance makes
+            worth verifying (``Sequencer.window``); ``False`` always offers the full window.
         max_leads: per stage i < k-1, how many tokens it may run ahead of the stage above.
         threads: per stage, torch intra-op threads of its worker (``None``: leave as is).
         eos_token_ids: tokens that end generation (default: the tokenizer's / target config's).
@@ -61,6 +63,7 @@ class FastPipeline:
         max_leads: Sequence[int] | None = None,
         threads: Sequence[int | None] | None = None,
         eos_token_ids: Sequence[int] | None = None,
+        adaptive_windows: bool = True,
     ) -> None:
         if not stages:
             raise ValueError("stages: at least one stage (the target) is required")
@@ -85,6 +88,7 @@ class FastPipeline:
         if len(self.max_leads) != k or any(m < 1 for m in self.max_leads[:-1]):
             raise ValueError(f"max_leads: expected {k} entries >= 1 (last unused)")
         self.threads = list(threads) if threads is not None else [None] * k
+        self.adaptive_windows = adaptive_windows
         if eos_token_ids is None:
             eos = []
             if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -230,6 +234,8 @@ class FastPipeline:
         stages = self.stages if mode != "ar" else self.stages[-1:]
         t0 = time.perf_counter()
         seqrs = [Sequencer(st, params, i, t0) for i, st in enumerate(stages)]
+        for s in seqrs:
+            s.adaptive = self.adaptive_windows
         limit = len(ids) + max_new_tokens
         new: list[int] = []
         reason = "length"
@@ -294,6 +300,8 @@ class FastPipeline:
         stop = threading.Event()
         out: queue.SimpleQueue = queue.SimpleQueue()
         k = len(seqrs)
+        # a model-free lowest stage runs inside the worker above it (nothing to overlap)
+        inline = is_model_free(seqrs[0].stage)
         workers = [
             StageWorker(s, i, k, self.windows[i], self.max_leads[i], stop, out,
                         self.threads[i] or torch.get_num_threads())
@@ -302,6 +310,10 @@ class FastPipeline:
         workers[-1].limit = limit
         for lo, hi in zip(workers, workers[1:], strict=False):
             lo.above, hi.below = hi, lo
+        if inline:
+            drafter = InlineDrafter(seqrs[0])
+            drafter.upper, workers[1].below = workers[1], drafter
+            workers = workers[1:]
         self._active = workers
         self._stop_event = stop
         for w in workers:
@@ -413,7 +425,7 @@ class _CpuThreads:
         from pipespec_fast.linear import blas_threads, uses_numpy
 
         self.active = uses_numpy() and all(st.device.type == "cpu" for st in stages)
-        heavy = sum(1 for st in stages if getattr(st, "model", None) is not None)
+        heavy = sum(1 for st in stages if not is_model_free(st))
         concurrent = mode == "pipespec" and heavy > 1
         self.n = 1 if concurrent else _free_cores()
         self.blas = blas_threads(self.n) if self.active else blas_threads(None)

@@ -9,6 +9,7 @@ verifies them under sampling), and the stage's statistics. Invariant: the stage'
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -106,6 +107,9 @@ class Sequencer:
         self.stats = StageStats(stage.name)
         self.seed = _seed_for(params.seed, index)
         self.rng_offset = 0
+        self.adaptive = True
+        self._acc = 0.0  # decayed counts of accepted drafts / rejections (adaptive window)
+        self._rej = 0.0
         self.t0 = time.perf_counter() if t0 is None else t0
         self._device = stage.device
         self._cuda = self._device.type == "cuda"
@@ -205,6 +209,19 @@ class Sequencer:
         self.stats.drafted += n
         return n
 
+    def window(self, max_n: int) -> int:
+        """Adaptive draft window: how many drafts are worth verifying in one forward, from this
+        stage's recent acceptance (decayed counts, smoothed towards 1/2): the smallest ``n``
+        with ``alpha^n <= 0.15`` (the chance that a draft that far is still accepted), within
+        ``[1, max_n]``. Verification costs little per extra row, so this mainly stops offering
+        long windows of drafts that will not be accepted."""
+        if not self.adaptive:
+            return max_n
+        a = (self._acc + 1.0) / (self._acc + self._rej + 2.0)
+        if a >= 0.999:
+            return max_n
+        return max(1, min(max_n, math.ceil(math.log(0.15) / math.log(a))))
+
     def _stage_is_confident(self) -> bool:
         """Model stages always are; a stage exposing ``last_match_len`` (the n-gram drafter)
         is when its last proposal came from a real match of at least ``min_confident_match``."""
@@ -251,6 +268,9 @@ class Sequencer:
             self.probs.extend([None] * (num_i + 1))
         else:
             self.probs.extend(p[: num_i + 1].unbind(0))
+        if n:
+            self._acc = 0.9 * self._acc + num_i
+            self._rej = 0.9 * self._rej + float(num_i < n)
         st = self.stats
         st.verify_steps += 1
         st.proposed += n

@@ -71,6 +71,55 @@ class Mirror:
         return a
 
 
+def is_model_free(stage) -> bool:
+    """A stage whose proposals cost next to nothing (declares ``model_free = True``)."""
+    return bool(getattr(stage, "model_free", False))
+
+
+class InlineDrafter:
+    """A model-free lowest stage (the n-gram drafter) run inside the worker above it.
+
+    Its proposals cost microseconds, so a thread of its own would only take the GIL from the
+    model stage above. It is driven on demand: the stage above asks for drafts (``fill``) and
+    its Syncs are applied at once (``put``); the mirror above stays an exact copy of it.
+    """
+
+    def __init__(self, seqr: Sequencer) -> None:
+        self.s = seqr
+        self.inbox = self  # the stage above sends its Syncs here
+        self.upper: StageWorker | None = None
+
+    def _named(self, e: BaseException) -> BaseException:
+        e.pipespec_stage = f"{self.s.index} ({self.s.stage.name})"
+        return e
+
+    def put(self, msg: Sync) -> None:
+        try:
+            changed = self.s.apply_sync(msg.start, msg.tokens)
+        except Exception as e:
+            raise self._named(e)  # noqa: B904 (re-raised as is, with the stage named)
+        if changed is not None:
+            n = len(self.s.seq) - changed
+            self.upper.mirror.apply(Chunk(changed, self.s.seq[changed:], [None] * n, [True] * n))
+
+    def fill(self, want: int) -> None:
+        """Draft until this stage is ``want`` tokens ahead of the stage above (when in sync)."""
+        try:
+            self._fill(want)
+        except Exception as e:
+            raise self._named(e)  # noqa: B904
+
+    def _fill(self, want: int) -> None:
+        s, up = self.s, self.upper
+        if len(s.seq) < len(up.s.seq) or up.mirror.common_prefix(up.s.seq) < len(up.s.seq):
+            return
+        lead = len(s.seq) - len(up.s.seq)
+        if lead < want:
+            start = len(s.seq)
+            s.draft(want - lead)
+            up.mirror.apply(Chunk(start, s.seq[start:], s.probs[start:], s.confident[start:]))
+
+
 @dataclass
 class Emit:
     """Target -> caller: newly verified tokens (``tokens``) or a failure (``error``)."""
@@ -105,7 +154,7 @@ class StageWorker:
         self.out = out
         self.threads = threads
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.below: StageWorker | None = None
+        self.below: StageWorker | InlineDrafter | None = None
         self.above: StageWorker | None = None
         self.mirror: Mirror | None = None
         self.upper_len = 0
@@ -130,12 +179,18 @@ class StageWorker:
             if self.threads is not None:
                 torch.set_num_threads(self.threads)
             with self.s.on_stream():  # CUDA: this stage's own stream, overlapping the others
+                if isinstance(self.below, InlineDrafter):
+                    try:
+                        self.below.s.start(prompt)
+                    except Exception as e:
+                        raise self.below._named(e)  # noqa: B904
                 self.s.start(prompt)
                 self._loop()
         except BaseException as e:  # surfaced to the caller by the output queue
             e.add_note(f"in PipeSpec stage {self.i} ({self.s.stage.name}):\n"
                        + "".join(traceback.format_tb(e.__traceback__)))
-            self.out.put(Emit([], error=e, stage=f"{self.i} ({self.s.stage.name})"))
+            stage = getattr(e, "pipespec_stage", f"{self.i} ({self.s.stage.name})")
+            self.out.put(Emit([], error=e, stage=stage))
             self.stop.set()
 
     # ------------------------------------------------------------------ messages
@@ -196,7 +251,7 @@ class StageWorker:
             return [], None, False
         L = len(seq)
         spoke = len(m.tokens) > L
-        n = self.window
+        n = self.s.window(self.window)
         if self.limit is not None:
             n = min(n, self.limit - L)
         toks = m.tokens[L : L + max(n, 0)]
@@ -214,6 +269,8 @@ class StageWorker:
             self._drain(block=False)
             lead_ok = self.last or len(s.seq) - self.upper_len < self.max_lead
             if self.i > 0 and lead_ok:
+                if isinstance(self.below, InlineDrafter):
+                    self.below.fill(self.s.window(self.window))
                 drafts, rows, spoke = self._drafts()
                 # the target goes on alone when the stage below only offers guesses
                 alone = self.last and not drafts and spoke and len(s.seq) < (self.limit or 0)
@@ -227,7 +284,7 @@ class StageWorker:
                 start = len(s.seq)
                 # a model-free drafter (n-gram) fills its whole lead at once; a model drafts
                 # one token per step so that rollbacks reach it between tokens
-                free = getattr(s.stage, "model", None) is None
+                free = is_model_free(s.stage)
                 s.draft(max(1, self.max_lead - (len(s.seq) - self.upper_len)) if free else 1)
                 self._send_up(start)
                 if self.i > 0:

@@ -47,3 +47,43 @@ def test_cli_generate_streams_text_and_prints_speed(capsys):
     out = capsys.readouterr().out
     assert "Paris" in out
     assert "tokens/s" in out.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def default_pipe():
+    from pipespec_fast import FastPipeline
+
+    with FastPipeline.from_default() as pipe:
+        yield pipe
+
+
+def test_default_hierarchy_streams_the_targets_greedy_text(default_pipe, chat_ids):
+    from pipespec_fast import FastPipeline
+
+    assert [s.name for s in default_pipe.stages][0] == "ngram"
+    pieces = list(default_pipe.stream(chat_ids, 48))
+    res = default_pipe.last_result
+    assert "".join(pieces) == res.text and len(pieces) > 1
+    alone = FastPipeline([default_pipe.stages[-1]], tokenizer=default_pipe.tokenizer)
+    assert res.token_ids == alone.generate(chat_ids, 48).token_ids
+    assert res.stage_stats[-1].verify_steps > 0
+    pred = default_pipe.predict()
+    assert pred.pipespec_tokens_per_s > 0 and pred.ar_tokens_per_s > 0
+
+
+def test_stop_string_ends_generation_and_is_not_returned(default_pipe, chat_ids):
+    full = default_pipe.generate(chat_ids, 48, ignore_eos=True)
+    assert "\n" in full.text
+    res = default_pipe.generate(chat_ids, 48, ignore_eos=True, stop="\n")
+    assert res.finish_reason == "stop"
+    assert res.text == full.text[: full.text.index("\n")]
+    assert res.token_ids == full.token_ids[: len(res.token_ids)]
+
+
+def test_text_prompt_and_sampling_on_the_default(default_pipe):
+    a = default_pipe.generate("Name three colours.", 16, temperature=0.8, top_k=50, seed=7)
+    b = default_pipe.generate("Name three colours.", 16, temperature=0.8, top_k=50, seed=7,
+                              mode="sync")
+    assert a.text and b.text and len(a.token_ids) <= 16
+    with pytest.raises(ValueError, match="top_p"):
+        default_pipe.generate("x", 4, top_p=2.0)

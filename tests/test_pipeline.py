@@ -318,3 +318,19 @@ def test_cuda_streams_pipeline_greedy_and_sampling(mode):
     assert pipe.generate(PROMPT, 40, ignore_eos=True).token_ids == ref
     res = pipe.generate(PROMPT, 40, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
     assert len(res.token_ids) == 40 and res.stage_stats[-1].proposed > 0
+
+
+def test_failure_in_an_inline_ngram_drafter_names_it():
+    from pipespec_fast.ngram import NGramStage
+
+    target = stages_for(1, seed=2)[0]
+    ng = NGramStage(target.vocab_size, max_len=256)
+    ng.name = "ngram-boom"
+
+    def boom(*a, **kw):
+        raise RuntimeError("injected failure")
+
+    ng.forward = boom
+    with pytest.raises(StageError, match=r"stage 0 \(ngram-boom\).*injected failure"):
+        FastPipeline([ng, target]).generate(PROMPT, 20, ignore_eos=True)
+    assert not _stage_threads()

@@ -35,7 +35,8 @@ def blas_threads(n: int | None):
 
 
 def uses_numpy() -> bool:
-    """Whether CPU fp32 matmuls go through numpy (``PIPESPEC_CPU_LINEAR=numpy``, the default)."""
+    """Whether CPU fp32 matmuls bypass torch: ``PIPESPEC_CPU_LINEAR=skinny`` (default) or
+    ``numpy``; ``torch`` keeps ``F.linear``."""
     return _USE_NUMPY
 
 

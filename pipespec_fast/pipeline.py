@@ -98,6 +98,7 @@ class FastPipeline:
             eos_token_ids = eos
         self.eos_token_ids = set(eos_token_ids)
         self._closed = False
+        self._busy = threading.Lock()
         self._active: list[StageWorker] = []
         self.last_result: GenerationResult | None = None
 
@@ -211,6 +212,19 @@ class FastPipeline:
              ignore_eos=False, stop=None, mode=None) -> Iterator[str]:
         if self._closed:
             raise RuntimeError("this FastPipeline is closed")
+        # one generation at a time: stages own their KV caches (checked once per call, not
+        # on the hot path)
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("this FastPipeline is already generating (one generation at a "
+                               "time per pipeline; finish or close the other stream first)")
+        try:
+            yield from self._run_locked(prompt, max_new_tokens, temperature, top_k, top_p,
+                                        seed, ignore_eos, stop, mode)
+        finally:
+            self._busy.release()
+
+    def _run_locked(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos,
+                    stop, mode) -> Iterator[str]:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         params = SamplingParams(temperature, top_k, top_p, seed)
@@ -264,8 +278,7 @@ class FastPipeline:
                     if len(new) >= max_new_tokens:
                         break
                 piece, hit = decoder.feed(new)
-                if piece:
-                    yield piece
+                yield piece  # "" too: one step per verified chunk (stream() drops empties)
                 if hit:
                     reason = "stop"
                 if reason != "length" or len(new) >= max_new_tokens:

@@ -1,7 +1,6 @@
 """FastPipeline: lossless greedy output for k = 1..4 in every mode, exact sampling
 distributions (chi-square), argument errors, and failure behaviour."""
 
-import itertools
 import threading
 import time
 
@@ -256,10 +255,12 @@ def test_stage_failure_reaches_caller_fast_and_pipeline_recovers(where):
 def test_early_stop_of_a_stream_frees_the_workers():
     stages = stages_for(3, seed=4)
     pipe = FastPipeline(stages)
-    gen = pipe._run(PROMPT, 100, ignore_eos=True)  # token-level stream without a tokenizer
-    next(itertools.islice(gen, 0, None), None)
+    gen = pipe._run(PROMPT, 100, ignore_eos=True)  # one step per verified chunk
+    next(gen)
+    assert _stage_threads()  # mid-generation: the workers are running
     gen.close()
     assert not _stage_threads()
+    assert pipe.last_result is None  # abandoned: no result was recorded
     with FastPipeline(stages) as p2:
         assert len(p2.generate(PROMPT, 10, ignore_eos=True).token_ids) == 10
     assert not _stage_threads()
@@ -334,3 +335,58 @@ def test_failure_in_an_inline_ngram_drafter_names_it():
     with pytest.raises(StageError, match=r"stage 0 \(ngram-boom\).*injected failure"):
         FastPipeline([ng, target]).generate(PROMPT, 20, ignore_eos=True)
     assert not _stage_threads()
+
+
+def _write_tiny_checkpoint(path, model, words):
+    """A tiny checkpoint dir with a word-level tokenizer over ``words``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from models.checkpoint import save_state_dict
+
+    cfg = model.config
+    m = model
+    sd = {"model.embed_tokens.weight": m.tok_embeddings.weight, "model.norm.weight":
+          m.norm.weight, "lm_head.weight": m.output.weight}
+    for i, layer in enumerate(m.layers):
+        a = layer.attention
+        q, k, v = a.wqkv.weight.split([a.q_out, a.kv_out, a.kv_out])
+        g, u = layer.feed_forward.w13.weight.chunk(2)
+        p = f"model.layers.{i}."
+        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                   p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": a.wo.weight,
+                   p + "mlp.gate_proj.weight": g, p + "mlp.up_proj.weight": u,
+                   p + "mlp.down_proj.weight": layer.feed_forward.w2.weight,
+                   p + "input_layernorm.weight": layer.attention_norm.weight,
+                   p + "post_attention_layernorm.weight": layer.ffn_norm.weight})
+    save_state_dict(path, {k: v.detach().contiguous() for k, v in sd.items()}, cfg)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0]).save_pretrained(path)
+
+
+def test_from_pretrained_text_pipeline_and_tokenizer_mismatch(tmp_path):
+    draft, target = family(2, noise=0.05, seed=31)
+    words = ["<unk>"] + [f"w{i}" for i in range(63)]
+    _write_tiny_checkpoint(tmp_path / "draft", draft, words)
+    _write_tiny_checkpoint(tmp_path / "target", target, words)
+    pipe = FastPipeline.from_pretrained([tmp_path / "draft", tmp_path / "target"], max_len=256)
+    res = pipe.generate("w1 w5 w7 w9", 12, ignore_eos=True)
+    ids = pipe.tokenizer.encode("w1 w5 w7 w9", add_special_tokens=False)
+    assert res.token_ids == target_greedy(LlamaStage(target, max_len=256), ids, 12)
+    assert res.text == pipe.tokenizer.decode(res.token_ids, skip_special_tokens=True)
+    assert res.text.split() == [words[t] for t in res.token_ids if t != 0]
+    other = ["<unk>"] + [f"v{i}" for i in range(63)]  # same size, different vocabulary
+    _write_tiny_checkpoint(tmp_path / "other", draft, other)
+    with pytest.raises(ValueError, match=r"vocab.*'other'.*'target'"):
+        FastPipeline.from_pretrained([tmp_path / "other", tmp_path / "target"])
+
+
+def test_one_generation_at_a_time_per_pipeline():
+    pipe = FastPipeline(stages_for(2, seed=6))
+    gen = pipe._run(PROMPT, 40, ignore_eos=True)
+    next(gen)  # mid-stream (no tokenizer: yields empty pieces per verified chunk)
+    with pytest.raises(RuntimeError, match="already generating"):
+        pipe.generate(PROMPT, 4)
+    gen.close()
+    assert len(pipe.generate(PROMPT, 4, ignore_eos=True).token_ids) == 4

@@ -390,3 +390,19 @@ def test_one_generation_at_a_time_per_pipeline():
         pipe.generate(PROMPT, 4)
     gen.close()
     assert len(pipe.generate(PROMPT, 4, ignore_eos=True).token_ids) == 4
+
+
+def test_cli_runs_a_three_stage_pipeline(tmp_path, capsys):
+    from pipespec_fast.cli import main
+
+    words = ["<unk>"] + [f"w{i}" for i in range(63)]
+    dirs = []
+    for name, model in zip(("small", "mid", "big"), family(3, noise=0.05, seed=41), strict=True):
+        _write_tiny_checkpoint(tmp_path / name, model, words)
+        dirs.append(str(tmp_path / name))
+    assert main(["generate", "--models", *dirs, "--prompt", "w1 w5 w7", "--max-new-tokens", "10",
+                 "--ignore-eos", "--max-len", "128"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "[pipespec: small -> mid -> big] 10 tokens" in last and "tokens/s" in last
+    assert main(["generate", "--models", dirs[0], "--prompt", "w1", "--top-p", "3"]) == 2
+    assert "top_p" in capsys.readouterr().err

@@ -160,7 +160,7 @@ class FastPipeline:
     def generate(self, prompt: str | list[int], max_new_tokens: int = 128, **kwargs
                  ) -> GenerationResult:
         """Generate and return the result (``token_ids`` are the new tokens only)."""
-        for _ in self._run(prompt, max_new_tokens, **kwargs):
+        for _ in self._run(prompt, max_new_tokens, _incremental=False, **kwargs):
             pass
         return self.last_result
 
@@ -209,7 +209,7 @@ class FastPipeline:
         return ids
 
     def _run(self, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
-             ignore_eos=False, stop=None, mode=None) -> Iterator[str]:
+             ignore_eos=False, stop=None, mode=None, _incremental=True) -> Iterator[str]:
         if self._closed:
             raise RuntimeError("this FastPipeline is closed")
         # one generation at a time: stages own their KV caches (checked once per call, not
@@ -219,12 +219,12 @@ class FastPipeline:
                                "time per pipeline; finish or close the other stream first)")
         try:
             yield from self._run_locked(prompt, max_new_tokens, temperature, top_k, top_p,
-                                        seed, ignore_eos, stop, mode)
+                                        seed, ignore_eos, stop, mode, _incremental)
         finally:
             self._busy.release()
 
     def _run_locked(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos,
-                    stop, mode) -> Iterator[str]:
+                    stop, mode, incremental) -> Iterator[str]:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         params = SamplingParams(temperature, top_k, top_p, seed)
@@ -253,7 +253,10 @@ class FastPipeline:
         limit = len(ids) + max_new_tokens
         new: list[int] = []
         reason = "length"
-        decoder = _Detok(self.tokenizer, stop)
+        # text is decoded as it comes only when someone reads it (stream) or stop strings
+        # need it; generate() decodes once at the end (decoding is O(text) per call and would
+        # take the GIL from the stage workers)
+        decoder = _Detok(self.tokenizer, stop, incremental or bool(stop))
         self.last_result = None
         blas = _CpuThreads(stages, mode)
         blas.__enter__()
@@ -354,8 +357,9 @@ class FastPipeline:
 class _Detok:
     """Incremental detokenisation with stop strings; holds back incomplete UTF-8."""
 
-    def __init__(self, tokenizer, stop: list[str] | None) -> None:
+    def __init__(self, tokenizer, stop: list[str] | None, incremental: bool = True) -> None:
         self.tok = tokenizer
+        self.incremental = incremental
         self.stop = stop or []
         self.text = ""
         self._cut: int | None = None
@@ -364,7 +368,7 @@ class _Detok:
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def feed(self, ids: list[int]) -> tuple[str, bool]:
-        if self.tok is None:
+        if self.tok is None or not self.incremental:
             return "", False
         full = self._decode(ids)
         if full.endswith("\ufffd"):

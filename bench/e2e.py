@@ -46,12 +46,6 @@ def load_prompts(task: str, n: int) -> list[str]:
     raise ValueError(f"task must be humaneval or mtbench, got {task!r}")
 
 
-def chat_ids(tok, text: str) -> list[int]:
-    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                  tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
 def peak_rss_mb() -> float:
     import resource
 
@@ -128,7 +122,6 @@ def main(argv=None) -> int:
         pipe = FastPipeline.from_pretrained(args.models)
     else:
         pipe = FastPipeline.from_default()
-    tok = pipe.tokenizer
     target_dir = str(getattr(pipe.stages[-1], "model_dir", None) or _default_target())
     systems = {}
     for name in args.systems.split(","):
@@ -144,7 +137,7 @@ def main(argv=None) -> int:
                 systems[name] = HFSystem(target_dir, name)
         else:
             systems[name] = OursSystem(pipe, name.removeprefix("ours_"))
-    prompts = [chat_ids(tok, p) for p in load_prompts(args.task, args.prompts)]
+    prompts = [pipe.chat_prompt(p) for p in load_prompts(args.task, args.prompts)]
     # warm up every system once
     for s in systems.values():
         s.run(prompts[0][:32], 4, args.temperature, 0)

@@ -51,11 +51,11 @@ def timeline_chart(out: Path, max_new_tokens: int = 64) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bench.e2e import chat_ids, load_prompts
+    from bench.e2e import load_prompts
     from pipespec_fast import FastPipeline
 
     pipe = FastPipeline.from_default()
-    ids = chat_ids(pipe.tokenizer, load_prompts("humaneval", 1)[0])
+    ids = pipe.chat_prompt(load_prompts("humaneval", 1)[0])
     pipe.generate(ids, 8, ignore_eos=True)  # warm-up
     res = pipe.generate(ids, max_new_tokens, ignore_eos=True)
     colors = {"prefill": "#999999", "draft": "#4c9be8", "verify": "#e8734c"}

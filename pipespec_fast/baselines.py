@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from pipespec_fast.sequencer import Sequencer
+from pipespec_fast.sequencer import Sequencer, usable_drafts
 
 
 def autoregressive(target: Sequencer, limit: int) -> Iterator[list[int]]:
@@ -35,9 +35,7 @@ def _propose(levels: list[Sequencer], level: int, gamma: list[int], limit: int) 
     while added < want:
         start = len(me.seq)
         _propose(levels, level - 1, gamma, limit)
-        drafts = below.seq[start:]
-        conf = below.confident[start:]
-        drafts = drafts[: next((j for j, c in enumerate(conf) if not c), len(drafts))]
+        drafts = usable_drafts(below.seq[start:], below.confident[start:])
         rows = None if me.params.greedy else below.probs[start:]
         me.verify(drafts, rows)
         below.apply_sync(start, me.seq[start:])
@@ -54,9 +52,8 @@ def synchronous(levels: list[Sequencer], gamma: list[int], limit: int) -> Iterat
     while len(target.seq) < limit:
         start = len(target.seq)
         _propose(levels, len(levels) - 2, gamma, limit)
-        drafts = below.seq[start : start + min(target.window(gamma[-1]), limit - start)]
-        conf = below.confident[start : start + len(drafts)]
-        drafts = drafts[: next((j for j, c in enumerate(conf) if not c), len(drafts))]
+        end = start + min(target.window(gamma[-1]), limit - start)
+        drafts = usable_drafts(below.seq[start:end], below.confident[start:end])
         rows = None if target.params.greedy else below.probs[start : start + len(drafts)]
         target.verify(drafts, rows)
         below.apply_sync(start, target.seq[start:])

@@ -22,11 +22,8 @@ def _generate(args: argparse.Namespace) -> int:
     with pipe:
         tok = pipe.tokenizer
         prompt: str | list[int] = args.prompt
-        if tok is not None and not args.no_chat and getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                          add_generation_prompt=True, tokenize=True)
-            prompt = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys")
-                          else ids)
+        if tok is not None and not args.no_chat:
+            prompt = pipe.chat_prompt(args.prompt)
         gen = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, ignore_eos=args.ignore_eos)
         t = time.perf_counter()

@@ -171,6 +171,17 @@ class FastPipeline:
             raise ValueError("stream: needs a tokenizer (load the stages with tokenizer files)")
         yield from (piece for piece in self._run(prompt, max_new_tokens, **kwargs) if piece)
 
+    def chat_prompt(self, text: str) -> list[int]:
+        """Token ids of ``text`` as one user turn with the tokenizer's chat template (plain
+        encoding when the tokenizer has no template)."""
+        if self.tokenizer is None:
+            raise ValueError("chat_prompt: needs a tokenizer")
+        if not getattr(self.tokenizer, "chat_template", None):
+            return self._encode(text)
+        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                 add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
     def predict(self, result: GenerationResult | None = None):
         """The PipeSpec analytical model filled from a generation's measured figures."""
         from pipespec_fast.analysis import predict_from_stats

@@ -86,9 +86,14 @@ class StageStats:
         return d
 
 
+def usable_drafts(tokens: list[int], confident: list[bool]) -> list[int]:
+    """The drafts worth verifying: ``tokens`` up to the first one marked as a guess."""
+    k = next((j for j, c in enumerate(confident) if not c), len(tokens))
+    return tokens[:k]
+
+
 def _seed_for(seed: int | None, index: int) -> int:
-    base = seed if seed is not None else int.from_bytes(torch.randint(0, 2**31, (1,)).numpy()
-                                                        .tobytes()[:4], "little")
+    base = seed if seed is not None else int(torch.randint(0, 2**31, ()))
     return (base * 1000003 + index * 7919) & 0x7FFFFFFF
 
 

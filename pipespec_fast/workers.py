@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipespec_fast.sequencer import Sequencer
+from pipespec_fast.sequencer import Sequencer, usable_drafts
 
 
 @dataclass
@@ -159,14 +159,12 @@ class StageWorker:
         self.mirror: Mirror | None = None
         self.upper_len = 0
         self._last_sync: tuple[int, int] | None = None
-        self._prompt_len = 0
         self.limit: int | None = None  # the target stops verifying once it holds this many
         self.thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, prompt: list[int]) -> None:
-        self._prompt_len = len(prompt)
         self.mirror = Mirror(prompt) if self.i > 0 else None
         self.upper_len = len(prompt)
         self.thread = threading.Thread(target=self._main, args=(prompt,),
@@ -254,11 +252,10 @@ class StageWorker:
         n = self.s.window(self.window)
         if self.limit is not None:
             n = min(n, self.limit - L)
-        toks = m.tokens[L : L + max(n, 0)]
-        conf = m.confident[L : L + len(toks)]
-        k = next((j for j, c in enumerate(conf) if not c), len(toks))
+        toks = usable_drafts(m.tokens[L : L + max(n, 0)], m.confident[L : L + max(n, 0)])
+        k = len(toks)
         if self.s.params.greedy:
-            return toks[:k], None, spoke
+            return toks, None, spoke
         rows = m.probs[L : L + k]
         k = next((j for j, r in enumerate(rows) if r is None), k)
         return toks[:k], rows[:k], spoke

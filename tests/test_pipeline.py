@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 from scipy.stats import chisquare
-from tiny import family
+from tiny import family, hf_state_of
 
 from pipespec_fast import FastPipeline, HFStage, LlamaStage, StageError
 from pipespec_fast.reference import probs_from_logits
@@ -74,21 +74,7 @@ def test_hf_adapter_stage_in_a_pipeline_gives_identical_greedy_output():
     hm = transformers.LlamaForCausalLM(hc).eval()
     # a noisy copy of the target as an HF model: load our draft's weights into it
     m = draft.model
-    sd = {"model.embed_tokens.weight": m.tok_embeddings.weight, "model.norm.weight":
-          m.norm.weight, "lm_head.weight": m.output.weight}
-    for i, layer in enumerate(m.layers):
-        q, kk, v = layer.attention.wqkv.weight.split(
-            [layer.attention.q_out, layer.attention.kv_out, layer.attention.kv_out])
-        g, u = layer.feed_forward.w13.weight.chunk(2)
-        p = f"model.layers.{i}."
-        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": kk,
-                   p + "self_attn.v_proj.weight": v,
-                   p + "self_attn.o_proj.weight": layer.attention.wo.weight,
-                   p + "mlp.gate_proj.weight": g, p + "mlp.up_proj.weight": u,
-                   p + "mlp.down_proj.weight": layer.feed_forward.w2.weight,
-                   p + "input_layernorm.weight": layer.attention_norm.weight,
-                   p + "post_attention_layernorm.weight": layer.ffn_norm.weight})
-    hm.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    hm.load_state_dict(hf_state_of(m), strict=False)
     hf_stage = HFStage(hm, name="hf-draft")
     ref = target_greedy(target, PROMPT, 40)
     for mode in ("pipespec", "sync"):
@@ -344,22 +330,7 @@ def _write_tiny_checkpoint(path, model, words):
 
     from models.checkpoint import save_state_dict
 
-    cfg = model.config
-    m = model
-    sd = {"model.embed_tokens.weight": m.tok_embeddings.weight, "model.norm.weight":
-          m.norm.weight, "lm_head.weight": m.output.weight}
-    for i, layer in enumerate(m.layers):
-        a = layer.attention
-        q, k, v = a.wqkv.weight.split([a.q_out, a.kv_out, a.kv_out])
-        g, u = layer.feed_forward.w13.weight.chunk(2)
-        p = f"model.layers.{i}."
-        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                   p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": a.wo.weight,
-                   p + "mlp.gate_proj.weight": g, p + "mlp.up_proj.weight": u,
-                   p + "mlp.down_proj.weight": layer.feed_forward.w2.weight,
-                   p + "input_layernorm.weight": layer.attention_norm.weight,
-                   p + "post_attention_layernorm.weight": layer.ffn_norm.weight})
-    save_state_dict(path, {k: v.detach().contiguous() for k, v in sd.items()}, cfg)
+    save_state_dict(path, hf_state_of(model), model.config)
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0]).save_pretrained(path)

@@ -46,3 +46,22 @@ def family(k: int, noise: float = 0.35, seed: int = 0, **cfg_kw) -> list[Transfo
     models = [build(cfg, noisy_copy(target, noise * (k - 1 - i), seed + 100 + i))
               for i in range(k - 1)]
     return models + [build(cfg, target)]
+
+
+def hf_state_of(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our model's weights under Hugging Face names (untied head), un-fusing QKV and gate/up."""
+    m = model
+    sd = {"model.embed_tokens.weight": m.tok_embeddings.weight,
+          "model.norm.weight": m.norm.weight, "lm_head.weight": m.output.weight}
+    for i, layer in enumerate(m.layers):
+        a = layer.attention
+        q, k, v = a.wqkv.weight.split([a.q_out, a.kv_out, a.kv_out])
+        g, u = layer.feed_forward.w13.weight.chunk(2)
+        p = f"model.layers.{i}."
+        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                   p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": a.wo.weight,
+                   p + "mlp.gate_proj.weight": g, p + "mlp.up_proj.weight": u,
+                   p + "mlp.down_proj.weight": layer.feed_forward.w2.weight,
+                   p + "input_layernorm.weight": layer.attention_norm.weight,
+                   p + "post_attention_layernorm.weight": layer.ffn_norm.weight})
+    return {k: v.detach().clone().contiguous() for k, v in sd.items()}

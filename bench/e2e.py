@@ -6,10 +6,12 @@ run, interleaved prompt by prompt so that machine noise hits all systems alike.
 Systems (``--systems``, comma separated):
   hf_ar        transformers ``generate()``, greedy/sampled, autoregressive
   hf_pld       transformers ``generate(prompt_lookup_num_tokens=...)`` (prompt lookup drafting)
-  hf_assisted  transformers ``generate(assistant_model=draft)`` (needs a draft model)
+  hf_assisted  transformers ``generate(assistant_model=draft)``, the same draft as ours
   ours_ar      FastPipeline mode="ar" (the target alone)
-  ours_sync    FastPipeline mode="sync" over the default stages
-  ours_pipespec FastPipeline mode="pipespec" over the default stages
+  ours_sync    FastPipeline mode="sync" over the whole hierarchy (chained draft-verify)
+  ours_sync2   FastPipeline mode="sync" over [draft -> target] (classic speculative decoding)
+  ours_pipespec2 FastPipeline mode="pipespec" over [n-gram -> target]
+  ours_pipespec FastPipeline mode="pipespec" over the whole hierarchy (3 stages by default)
 Writes ``bench/results/e2e-<task>-<temp>.json`` and prints a Markdown table.
 """
 
@@ -65,8 +67,9 @@ class HFSystem:
         if kind == "hf_pld":
             self.extra["prompt_lookup_num_tokens"] = 10
         if kind == "hf_assisted":
-            self.extra["assistant_model"] = transformers.LlamaForCausalLM.from_pretrained(
-                draft_dir, dtype=torch.float32).eval()
+            from models.hf_subset import load_hf_model
+
+            self.extra["assistant_model"] = load_hf_model(draft_dir)
 
     def run(self, ids: list[int], max_new: int, temperature: float, seed: int) -> dict:
         torch.set_num_threads(self.threads)
@@ -111,7 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--systems", default="hf_ar,hf_pld,ours_ar,ours_sync,ours_pipespec")
+    ap.add_argument("--systems", default="hf_ar,hf_pld,hf_assisted,ours_ar,ours_sync,ours_sync2,"
+                    "ours_pipespec2,ours_pipespec")
     ap.add_argument("--models", nargs="+", help="stage dirs (default: the default hierarchy)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
@@ -136,7 +140,7 @@ def main(argv=None) -> int:
             else:
                 systems[name] = HFSystem(target_dir, name)
         else:
-            systems[name] = OursSystem(pipe, name.removeprefix("ours_"))
+            systems[name] = OursSystem(_sub_pipeline(pipe, name), _MODES[name])
     prompts = [pipe.chat_prompt(p) for p in load_prompts(args.task, args.prompts)]
     # warm up every system once
     for s in systems.values():
@@ -211,6 +215,29 @@ def _default_target() -> str:
     from models.defaults import default_model_dirs
 
     return str(default_model_dirs()[-1])
+
+
+_MODES = {"ours_ar": "ar", "ours_sync": "sync", "ours_sync2": "sync",
+          "ours_pipespec2": "pipespec", "ours_pipespec": "pipespec"}
+
+
+def _sub_pipeline(pipe, name: str):
+    """The pipeline a system runs: the whole hierarchy, or two of its stages (sharing the
+    loaded stages; runs are sequential, so they never use a stage at the same time)."""
+    from pipespec_fast import FastPipeline
+    from pipespec_fast.workers import is_model_free
+
+    if name not in _MODES:
+        raise SystemExit(f"unknown system {name!r}: choose from hf_*, {', '.join(_MODES)}")
+    stages = pipe.stages
+    if name == "ours_sync2":  # the neural draft and the target
+        models = [s for s in stages if not is_model_free(s)]
+        stages = [models[0], stages[-1]]
+    elif name == "ours_pipespec2":  # the model-free drafter and the target
+        stages = [stages[0], stages[-1]]
+    if stages is pipe.stages:
+        return pipe
+    return FastPipeline(list(stages), tokenizer=pipe.tokenizer)
 
 
 def _draft_dir(pipe) -> str | None:

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models.config import LlamaConfig
+from models.config import VOCAB_SUBSET_IDS, LlamaConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -29,6 +29,7 @@ CONFIG_FILE = "config.json"
 # Buffers some exporters store that a LLaMA forward recomputes; accepted and dropped.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_INT_DTYPES = {"I64", "I32"}  # only model.vocab_subset_ids
 _SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _MAX_LISTED = 8
 
@@ -159,7 +160,13 @@ def validate_checkpoint(
                 f"tensor {name} in {info.file.name} has the wrong shape: "
                 f"expected {list(expected[name])}, found {list(info.shape)}"
             )
-        if info.dtype not in _FLOAT_DTYPES:
+        if name == VOCAB_SUBSET_IDS:
+            if info.dtype not in _INT_DTYPES:
+                problems.append(
+                    f"tensor {name} in {info.file.name} has dtype {info.dtype}; "
+                    f"expected an integer type ({', '.join(sorted(_INT_DTYPES))})"
+                )
+        elif info.dtype not in _FLOAT_DTYPES:
             problems.append(
                 f"tensor {name} in {info.file.name} has dtype {info.dtype}; "
                 f"expected a float type ({', '.join(sorted(_FLOAT_DTYPES))})"
@@ -184,7 +191,8 @@ def _materialize(
                     t = f.get_tensor(name)
                 except Exception as e:
                     raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from e
-                out[name] = t.to(device=device, dtype=dtype)
+                kind = torch.int64 if name == VOCAB_SUBSET_IDS else dtype
+                out[name] = t.to(device=device, dtype=kind)
     # Return in config order so that iteration is deterministic whatever the sharding.
     return {name: out[name] for name in plan}
 
@@ -206,7 +214,22 @@ def load_state_dict(
     plan = validate_checkpoint(scan_checkpoint(model_dir), config)
     order = {n: i for i, n in enumerate(config.expected_shapes())}
     plan = dict(sorted(plan.items(), key=lambda kv: order[kv[0]]))
-    return _materialize(plan, dtype, device)
+    tensors = _materialize(plan, dtype, device)
+    ids = tensors.get(VOCAB_SUBSET_IDS)
+    if ids is not None:
+        _check_subset_ids(ids, config, plan[VOCAB_SUBSET_IDS].file)
+    return tensors
+
+
+def _check_subset_ids(ids: torch.Tensor, config: LlamaConfig, file: Path) -> None:
+    """The subset's ids must be strictly ascending token ids of the vocabulary."""
+    bad = ""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size):
+        bad = f"ids outside [0, vocab_size={config.vocab_size})"
+    elif ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
+        bad = "ids not strictly ascending"
+    if bad:
+        raise CheckpointError(f"{file}: tensor {VOCAB_SUBSET_IDS}: {bad}")
 
 
 def load_checkpoint(

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama",)
+VOCAB_SUBSET_IDS = "model.vocab_subset_ids"
 
 
 @dataclass
@@ -28,8 +29,17 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # A draft's reduced vocabulary: the model embeds and predicts only ``vocab_subset`` token
+    # ids (``model.vocab_subset_ids``, ascending); every other input token shares one extra
+    # embedding row and every other output token gets logit -inf. ``None``: the full vocabulary.
+    vocab_subset: int | None = None
 
     def __post_init__(self) -> None:
+        if self.vocab_subset is not None and not 0 < self.vocab_subset <= self.vocab_size:
+            raise ValueError(
+                f"vocab_subset_size must be in [1, vocab_size={self.vocab_size}], "
+                f"got {self.vocab_subset}"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"num_attention_heads ({self.n_heads}) must be a multiple of "
@@ -74,6 +84,7 @@ class LlamaConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            vocab_subset=d.get("vocab_subset_size"),
         )
 
     @classmethod
@@ -110,6 +121,8 @@ class LlamaConfig:
             "mlp_bias": False,
             "torch_dtype": "float32",
         }
+        if self.vocab_subset is not None:
+            d["vocab_subset_size"] = self.vocab_subset
         if self.bos_token_id is not None:
             d["bos_token_id"] = self.bos_token_id
         if self.eos_token_ids:
@@ -118,14 +131,28 @@ class LlamaConfig:
             )
         return d
 
+    @property
+    def embedding_rows(self) -> int:
+        """Rows of the embedding table: the vocabulary, or the subset plus one shared row."""
+        return self.vocab_size if self.vocab_subset is None else self.vocab_subset + 1
+
+    @property
+    def head_rows(self) -> int:
+        """Rows of the output head: the vocabulary or the subset."""
+        return self.vocab_size if self.vocab_subset is None else self.vocab_subset
+
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor of the HF checkpoint layout with its shape (no lm_head when tied)."""
+        """Every tensor of the HF checkpoint layout with its shape (no lm_head when tied).
+
+        With a vocabulary subset, ``model.vocab_subset_ids`` (integer) lists its token ids."""
         shapes: dict[str, tuple[int, ...]] = {
-            "model.embed_tokens.weight": (self.vocab_size, self.dim),
+            "model.embed_tokens.weight": (self.embedding_rows, self.dim),
             "model.norm.weight": (self.dim,),
         }
+        if self.vocab_subset is not None:
+            shapes[VOCAB_SUBSET_IDS] = (self.vocab_subset,)
         if not self.tie_word_embeddings:
-            shapes["lm_head.weight"] = (self.vocab_size, self.dim)
+            shapes["lm_head.weight"] = (self.head_rows, self.dim)
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         for i in range(self.n_layers):
             p = f"model.layers.{i}."

@@ -96,6 +96,21 @@ def default_target_dir(progress: bool = True) -> Path:
     return target
 
 
+DRAFT_DIR = Path(__file__).resolve().parent / "drafts" / "SmolLM2-135M-draft"
+
+
+def default_draft_dir() -> Path:
+    """The draft distilled from the default target (``models/train_draft.py``), shipped with
+    the package: 3 layers, a 12k-token vocabulary subset, fp16 weights."""
+    if not (DRAFT_DIR / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{DRAFT_DIR}: the default draft model is missing; rebuild it with "
+            "python -m models.draft_data and python -m models.train_draft (see README)"
+        )
+    return DRAFT_DIR
+
+
 def default_model_dirs() -> list[Path]:
-    """Model directories of the default setup, the target last (a draft will come first)."""
-    return [default_target_dir()]
+    """Model directories of the default hierarchy, smallest first: the distilled draft, then
+    the target (``FastPipeline.from_default`` puts an n-gram drafter below them)."""
+    return [default_draft_dir(), default_target_dir()]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import LlamaConfig
+from models.config import VOCAB_SUBSET_IDS, LlamaConfig
 from pipespec_fast import ops, reference
 from pipespec_fast.kv_cache import KVCache
 from pipespec_fast.linear import Linear
@@ -116,13 +116,16 @@ class Transformer(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_embeddings = nn.Embedding(cfg.embedding_rows, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
-        self.output = Linear(cfg.dim, cfg.vocab_size)
-        if cfg.tie_word_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.output = Linear(cfg.dim, cfg.head_rows)
+        self._tie_output()
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        # With a vocabulary subset: token id -> embedding row (``S`` for tokens outside the
+        # subset) and head row -> token id.
+        self.register_buffer("vocab_rows", None, persistent=False)
+        self.register_buffer("vocab_ids", None, persistent=False)
         self._chain_bits: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ construction
@@ -168,9 +171,29 @@ class Transformer(nn.Module):
             sd[f"layers.{i}.attention_norm.weight"] = hf[p + "input_layernorm.weight"]
             sd[f"layers.{i}.ffn_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
         self.load_state_dict(sd, strict=False, assign=True)
-        if self.config.tie_word_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self._tie_output()
+        if self.config.vocab_subset is not None:
+            self.set_vocab_subset(hf[VOCAB_SUBSET_IDS])
         self.requires_grad_(False)  # inference only: lets CPU matmuls view weights as numpy
+
+    def _tie_output(self) -> None:
+        if not self.config.tie_word_embeddings:
+            return
+        w = self.tok_embeddings.weight
+        if self.config.vocab_subset is None:
+            self.output.weight = w
+        else:  # the head shares the subset's rows (a view; the shared last row is input-only)
+            self.output.weight = nn.Parameter(w.data[: self.config.vocab_subset],
+                                              requires_grad=False)
+
+    def set_vocab_subset(self, ids: torch.Tensor) -> None:
+        """Install the subset's ascending token ids ``[S]`` (see ``LlamaConfig.vocab_subset``)."""
+        cfg = self.config
+        ids = ids.to(torch.int64)
+        rows = torch.full((cfg.vocab_size,), cfg.vocab_subset, dtype=torch.int64)
+        rows[ids.cpu()] = torch.arange(ids.numel())
+        dev = self.tok_embeddings.weight.device
+        self.vocab_ids, self.vocab_rows = ids.to(dev), rows.to(dev)
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         """A KV cache for this model (default: the config's context length)."""
@@ -223,13 +246,19 @@ class Transformer(nn.Module):
             emb = torch.cat((freqs, freqs), dim=-1)
             dtype = self.tok_embeddings.weight.dtype
             cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-            x = self.tok_embeddings(tokens)
+            x = self.tok_embeddings(tokens if self.vocab_rows is None
+                                    else self.vocab_rows[tokens])
             for i, layer in enumerate(self.layers):
                 k_cache, v_cache = cache.layer(i)
                 x = layer(x, cos, sin, k_cache, v_cache, start, bits)
             if last_n is not None:
                 x = x[n - last_n :]
-            return self.output(self.norm(x)).float()
+            logits = self.output(self.norm(x)).float()
+            if self.vocab_ids is not None:  # back to the full vocabulary, -inf elsewhere
+                full = logits.new_full((logits.shape[0], self.config.vocab_size), -math.inf)
+                full[:, self.vocab_ids] = logits
+                logits = full
+            return logits
         except BaseException:
             cache.length = start
             raise

@@ -316,3 +316,51 @@ def test_no_config_json(tmp_path: Path) -> None:
     (tmp_path / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         load_checkpoint(tmp_path)
+
+
+# ------------------------------------------------------------------ vocabulary subsets
+
+
+def subset_tensors(config: LlamaConfig, ids) -> dict:
+    tensors = random_tensors(config)
+    tensors["model.vocab_subset_ids"] = torch.tensor(ids, dtype=torch.int64)
+    return tensors
+
+
+def test_vocab_subset_round_trip_keeps_ids_integer(tmp_path: Path) -> None:
+    config = tiny_config(vocab_subset=5)
+    assert config.expected_shapes()["model.embed_tokens.weight"] == (6, 32)
+    assert config.expected_shapes()["lm_head.weight"] == (5, 32)
+    tensors = subset_tensors(config, [0, 2, 3, 10, 63])
+    save_state_dict(tmp_path, tensors, config)
+    assert LlamaConfig.from_dir(tmp_path) == config
+    loaded = load_state_dict(tmp_path, config, dtype=torch.float16)
+    assert loaded["model.vocab_subset_ids"].dtype == torch.int64
+    assert loaded["model.vocab_subset_ids"].tolist() == [0, 2, 3, 10, 63]
+    assert loaded["model.norm.weight"].dtype == torch.float16
+
+
+@pytest.mark.parametrize("ids,dtype,message", [
+    ([0, 2, 3, 10, 64], torch.int64, "outside"),
+    ([0, 3, 2, 10, 11], torch.int64, "ascending"),
+    ([0, 2, 2, 10, 11], torch.int32, "ascending"),
+    ([0, 2, 3, 10, 11], torch.float32, "dtype F32"),
+])
+def test_bad_vocab_subset_ids_name_the_tensor(tmp_path: Path, ids, dtype, message) -> None:
+    config = tiny_config(vocab_subset=5)
+    tensors = subset_tensors(config, ids)
+    tensors["model.vocab_subset_ids"] = tensors["model.vocab_subset_ids"].to(dtype)
+    save_state_dict(tmp_path, tensors, config)
+    with pytest.raises(CheckpointError, match=rf"model\.vocab_subset_ids.*{message}"):
+        load_state_dict(tmp_path, config)
+
+
+def test_missing_vocab_subset_ids_and_bad_subset_size(tmp_path: Path) -> None:
+    config = tiny_config(vocab_subset=5)
+    tensors = subset_tensors(config, [0, 1, 2, 3, 4])
+    del tensors["model.vocab_subset_ids"]
+    save_state_dict(tmp_path, tensors, config)
+    with pytest.raises(CheckpointError, match=r"missing tensors: model\.vocab_subset_ids"):
+        load_state_dict(tmp_path, config)
+    with pytest.raises(ValueError, match="vocab_subset_size"):
+        tiny_config(vocab_subset=65)

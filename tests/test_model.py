@@ -140,3 +140,36 @@ def test_forward_rejects_bad_tokens_and_cache_overflow():
     with pytest.raises(ValueError, match="overflow"):
         ours(torch.arange(9), cache)
     assert cache.length == 0
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_vocab_subset_model_equals_full_model_on_its_subset(tie):
+    """A subset model gives the full model's logits on its tokens and -inf elsewhere, and embeds
+    every other input token with the one shared row."""
+    from dataclasses import replace
+
+    from tiny import build, random_hf_state, tiny_config
+
+    from models.config import VOCAB_SUBSET_IDS
+
+    cfg = tiny_config(vocab=64, tie=tie)
+    sd = random_hf_state(cfg, seed=5)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randperm(64, generator=g)[:40].sort().values
+    other = torch.ones(64, dtype=torch.bool)
+    other[ids] = False
+    shared = torch.randn(cfg.dim, generator=g)
+    emb = sd["model.embed_tokens.weight"].clone()
+    emb[other] = shared  # the full model embeds other tokens with the shared row too
+    full = build(cfg, {**sd, "model.embed_tokens.weight": emb})
+    sub_sd = {**sd, "model.embed_tokens.weight": torch.cat([emb[ids], shared[None]]),
+              VOCAB_SUBSET_IDS: ids}
+    if not tie:
+        sub_sd["lm_head.weight"] = sd["lm_head.weight"][ids]
+    sub = build(replace(cfg, vocab_subset=40), sub_sd)
+    tokens = torch.randint(0, 64, (30,), generator=g)
+    assert other[tokens].any() and (~other[tokens]).any()
+    lf, ls = full(tokens, full.new_cache(64)), sub(tokens, sub.new_cache(64))
+    assert ls.shape == (30, 64)
+    assert torch.isneginf(ls[:, other]).all()
+    torch.testing.assert_close(ls[:, ids], lf[:, ids], rtol=1e-5, atol=1e-5)

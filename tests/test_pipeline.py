@@ -377,3 +377,56 @@ def test_cli_runs_a_three_stage_pipeline(tmp_path, capsys):
     assert "[pipespec: small -> mid -> big] 10 tokens" in last and "tokens/s" in last
     assert main(["generate", "--models", dirs[0], "--prompt", "w1", "--top-p", "3"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ vocabulary-subset drafts
+
+
+@pytest.mark.parametrize("mode", ["pipespec", "sync"])
+def test_vocab_subset_draft_stays_lossless_under_greedy(mode):
+    """A draft that cannot propose most tokens still yields exactly the target's output."""
+    from tiny import subset_draft
+
+    models = family(3, noise=0.05, seed=11)
+    t_stage = LlamaStage(models[2], name="t", max_len=256)
+    ref = target_greedy(t_stage, PROMPT, 48)
+    missing = sorted(set(ref))[::3]  # tokens the target emits but the draft cannot
+    ids = [t for t in range(64) if t not in missing]
+    stages = [LlamaStage(subset_draft(models[0], ids), name="sub0", max_len=256),
+              LlamaStage(models[1], name="s1", max_len=256), t_stage]
+    res = FastPipeline(stages, mode=mode).generate(PROMPT, 48, ignore_eos=True)
+    assert res.token_ids == ref
+    s1 = res.stage_stats[1]
+    assert 0 < s1.accepted < s1.proposed  # the subset draft's tokens were checked
+
+
+@pytest.mark.parametrize("mode", ["pipespec", "sync"])
+def test_vocab_subset_draft_keeps_the_sampling_distribution(mode):
+    """Tokens outside the draft's subset come only from the residual: still exact."""
+    from tiny import subset_draft
+
+    models = family(2, noise=0.6, seed=31, vocab=6)
+    target = LlamaStage(models[1], name="t", max_len=64)
+    prompt = [1, 5, 2, 3, 0, 4]
+    joint = exact_joint(target, prompt, 1.0, None, None)
+    first = joint.view(6, 6).sum(1)
+    missing = first.argsort(descending=True)[[0, 3]].tolist()  # the favourite and one more
+    assert first[missing].sum() > 0.2  # the target often picks tokens the draft lacks
+    ids = [t for t in range(6) if t not in missing]
+    stages = [LlamaStage(subset_draft(models[0], ids), name="sub", max_len=64), target]
+    pipe = FastPipeline(stages, mode=mode)
+    n, V = 2000, 6
+    counts = torch.zeros(V * V)
+    accepted = 0
+    for seed in range(n):
+        res = pipe.generate(prompt, 2, temperature=1.0, seed=seed, ignore_eos=True)
+        a, b = res.token_ids
+        counts[a * V + b] += 1
+        accepted += res.stage_stats[-1].accepted
+    assert accepted > 0
+    exp = joint.flatten().double() * n
+    keep = exp >= 5
+    obs = torch.cat([counts[keep].double(), counts[~keep].sum().reshape(1)])
+    ex = torch.cat([exp[keep], exp[~keep].sum().reshape(1)])
+    p = chisquare(obs.numpy(), ex.numpy() * obs.sum().item() / ex.sum().item()).pvalue
+    assert p > 1e-3, p

@@ -65,3 +65,27 @@ def hf_state_of(model: Transformer) -> dict[str, torch.Tensor]:
                    p + "input_layernorm.weight": layer.attention_norm.weight,
                    p + "post_attention_layernorm.weight": layer.ffn_norm.weight})
     return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+
+
+def subset_draft(model: Transformer, ids: list[int] | torch.Tensor,
+                 shared_row: torch.Tensor | None = None) -> Transformer:
+    """A vocabulary-subset copy of ``model`` (``LlamaConfig.vocab_subset``): the subset's rows
+    of its embedding and head, plus ``shared_row`` (default: the mean of the other rows) as the
+    embedding of every token outside the subset."""
+    from dataclasses import replace
+
+    from models.config import VOCAB_SUBSET_IDS
+
+    ids = torch.as_tensor(ids, dtype=torch.int64)
+    sd = hf_state_of(model)
+    emb = sd["model.embed_tokens.weight"]
+    other = torch.ones(emb.shape[0], dtype=torch.bool)
+    other[ids] = False
+    shared = emb[other].mean(0) if shared_row is None else shared_row
+    sd["model.embed_tokens.weight"] = torch.cat([emb[ids], shared[None]])
+    sd["lm_head.weight"] = sd["lm_head.weight"][ids]
+    sd[VOCAB_SUBSET_IDS] = ids
+    cfg = replace(model.config, vocab_subset=len(ids), tie_word_embeddings=False)
+    m = Transformer(cfg)
+    m.load_hf_state_dict(sd)
+    return m.eval()

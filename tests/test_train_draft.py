@@ -1,0 +1,113 @@
+"""The draft distillation recipe on a tiny target: data format, training, export.
+
+The exported checkpoint must load in our ``Transformer`` (and as a transformers model) with the
+logits of the trained module, and training must move the draft towards the target."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import build, random_hf_state, tiny_config
+
+from models.checkpoint import load_checkpoint, save_state_dict
+from models.draft_prompts import CODE_PREFIX, chat_prompts, code_prompts
+from models.llama import Transformer
+from models.train_draft import TrainDraft, choose_subset, main
+
+
+def target_rows(model: Transformer, n: int, gen: int, k: int, seed: int) -> list[dict]:
+    """What ``models.draft_data`` stores: the target's greedy answers and top-k log-probs."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        prompt = torch.randint(0, model.config.vocab_size, (int(torch.randint(3, 9, (1,),
+                               generator=g)),), generator=g).tolist()
+        cache = model.new_cache(64)
+        logits = model(torch.tensor(prompt), cache, last_n=1)
+        toks, lps = [], []
+        for _ in range(gen):
+            lp = torch.log_softmax(logits[-1], -1)
+            toks.append(int(lp.argmax()))
+            lps.append(lp)
+            logits = model(torch.tensor(toks[-1:]), cache)
+        top_lp, top_ids = torch.stack(lps).topk(k, -1)
+        rows.append(dict(kind="code" if i % 2 else "chat", sampled=False, prompt=prompt,
+                         tokens=toks, top_ids=top_ids.to(torch.int32),
+                         top_logp=top_lp.to(torch.float16)))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distil")
+    cfg = tiny_config(vocab=48, dim=32, n_layers=2, tie=True)
+    cfg.eos_token_ids = [2]
+    sd = random_hf_state(cfg, seed=3, std=0.5)
+    for name in sd:  # a second layer that changes little: one layer can learn the target
+        if name.startswith("model.layers.1.") and "norm" not in name:
+            sd[name] = sd[name] * 0.1
+    save_state_dict(root / "target", sd, cfg)
+    target = build(cfg, sd)
+    (root / "data").mkdir()
+    torch.save({"rows": target_rows(target, 240, 12, 8, seed=0)}, root / "data" / "shard-0000.pt")
+    main(["--data", str(root / "data"), "--out", str(root / "draft"), "--target",
+          str(root / "target"), "--layers", "1", "--init-layers", "1", "--subset", "32",
+          "--epochs", "12", "--eval-every", "50", "--lr", "3e-3", "--held-out", "24",
+          "--batch-tokens", "400", "--threads", "1"])
+    return root, target
+
+
+def test_exported_draft_loads_with_the_trained_logits(tiny_setup):
+    root, _ = tiny_setup
+    cfg, sd = load_checkpoint(root / "draft")
+    assert cfg.n_layers == 1 and cfg.vocab_subset == 32 and cfg.tie_word_embeddings
+    assert cfg.vocab_size == 48 and 2 in sd["model.vocab_subset_ids"].tolist()  # EOS kept
+    ours = Transformer.from_pretrained(root / "draft")
+    trained = TrainDraft.from_hf_state(cfg, sd)
+    ids = sd["model.vocab_subset_ids"]
+    rows = ours.vocab_rows
+    toks = torch.randint(0, 48, (20,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = trained.logits(trained.hidden(rows[toks][None]))[0]
+    got = ours(toks, ours.new_cache(32))
+    torch.testing.assert_close(got[:, ids], want, rtol=1e-4, atol=1e-4)
+    assert torch.isneginf(got[:, rows == 32]).all()
+
+    from models.hf_subset import load_hf_model
+
+    hf = load_hf_model(root / "draft")
+    with torch.no_grad():
+        hf_logits = hf(toks[None]).logits[0]
+    torch.testing.assert_close(hf_logits[:, ids], got[:, ids], rtol=1e-4, atol=1e-4)
+    assert torch.isneginf(hf_logits[:, rows == 32]).all()
+
+
+def test_training_fits_the_targets_distributions(tiny_setup):
+    """(A random tiny target does not generalise; the real one's held-out agreement is in
+    models/drafts/*/training.json.)"""
+    root, _ = tiny_setup
+    meta = json.loads((root / "draft" / "training.json").read_text())
+    first, last = meta["train_loss_first_steps"], meta["train_loss_last_steps"]
+    assert last < 0.8 * first, (first, last)
+    assert set(meta["held_out_greedy_agreement"]) == {"chat", "code"}
+    assert meta["steps"] > 0 and meta["generated_tokens"] == 216 * 12
+
+
+def test_subset_takes_the_most_generated_tokens_and_required_ones():
+    rows = [dict(tokens=[5, 5, 5, 7, 7, 9], top_ids=torch.tensor([[5, 1, 1, 1]] * 6))]
+    assert choose_subset(rows, 3, always=[0]).tolist() == [0, 1, 5]
+    assert choose_subset(rows, 2, always=[]).tolist() == [1, 5]
+
+
+def test_prompts_are_deterministic_and_shaped_like_the_benchmarks():
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"]) / "json"
+    code = code_prompts(5, seed=1, root=root)
+    assert code == code_prompts(5, seed=1, root=root) and len(set(code)) == 5
+    quotes = ('"' * 3, "'" * 3)
+    assert all(p.startswith(CODE_PREFIX + "def ") and any(q in p for q in quotes) for p in code)
+    chat = chat_prompts(200, seed=1)
+    assert chat == chat_prompts(200, seed=1) and len(set(chat)) == 200
+    assert chat != chat_prompts(200, seed=2)

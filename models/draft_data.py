@@ -4,7 +4,7 @@
 
 Prompts come from :mod:`models.draft_prompts` (stdlib functions and template instructions, never
 benchmark questions), wrapped in the target's chat template. The target (transformers, batched,
-left-padded) answers each prompt greedily or by sampling at temperature 0.7 (one prompt in three);
+left-padded) answers each prompt greedily or by sampling at temperature 0.7 (one shard in three);
 for every generated position the shard keeps the token and the target's top-``k`` log-probs over
 the full vocabulary. Shards (``DIR/shard-XXXX.pt``) are written as they finish, so training can
 start before the data is complete; an interrupted run resumes at the next missing shard.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from models.draft_prompts import chat_prompts, code_prompts
+from models.draft_prompts import chat_prompts, code_prompts, resembles_benchmark
 
 
 def build_prompts(n_code: int, n_chat: int, seed: int) -> list[tuple[str, str]]:
@@ -61,7 +61,7 @@ def generate_shard(model, tok, batch: list[tuple[str, str]], max_new: int, sampl
             if t in eos:
                 n = j + 1
                 break
-        rows.append(dict(kind=kind, sampled=sample, prompt=ids[b], tokens=g[:n],
+        rows.append(dict(kind=kind, text=batch[b][1], sampled=sample, prompt=ids[b], tokens=g[:n],
                          top_ids=top_ids[b, :n].to(torch.int32).clone(),
                          top_logp=top_lp[b, :n].to(torch.float16).clone()))
     return dict(rows=rows)
@@ -99,7 +99,10 @@ def main(argv=None) -> None:
         path = out / f"shard-{s:04d}.pt"
         if path.exists():
             continue
-        batch = items[s * args.batch : (s + 1) * args.batch]
+        batch = [it for it in items[s * args.batch : (s + 1) * args.batch]
+                 if not resembles_benchmark(it[1])]
+        if not batch:
+            continue
         # sort inside the batch is not needed: prompts are short and similar in length
         shard = generate_shard(model, tok, batch, args.max_new, sample=(s % 3 == 2),
                                top_k=args.top_k, seed=args.seed * 100003 + s)

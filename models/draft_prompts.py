@@ -7,13 +7,17 @@
   a chat model gets (writing, role-play, reasoning, arithmetic, coding, extraction, science,
   humanities); MT-Bench questions are not used.
 
-Everything is deterministic for a given seed and Python installation.
+Everything is deterministic for a given seed and Python installation. Two templates came out
+close to MT-Bench's first writing questions (a travel blog about Hawaii; an email asking for
+feedback on a report); :func:`resembles_benchmark` marks their prompts and every prompt naming
+Hawaii, and neither the data generator nor the trainer uses them.
 """
 
 from __future__ import annotations
 
 import ast
 import random
+import re
 import sysconfig
 from pathlib import Path
 
@@ -120,12 +124,22 @@ REASONING = [
 ]
 
 
+_BENCHMARK_LIKE = re.compile(r"travel blog|professional email|\bHawaii\b", re.IGNORECASE)
+
+
+def resembles_benchmark(text: str) -> bool:
+    """Whether a prompt is too close to a benchmark question to train on."""
+    return bool(_BENCHMARK_LIKE.search(text))
+
+
 def chat_prompts(n: int, seed: int = 0) -> list[str]:
     """``n`` distinct chat instructions (templates x subjects, arithmetic, puzzles)."""
     rng = random.Random(seed)
     out: list[str] = []
     seen: set[str] = set()
-    while len(out) < n:
+    for _ in range(50 * n):
+        if len(out) >= n:
+            break
         kind = rng.random()
         a, b = rng.randint(2, 60), rng.randint(2, 12)
         nums = dict(a=a, b=b, c=a + b * rng.randint(2, 9), d=a + 2 * (a + b))
@@ -141,6 +155,8 @@ def chat_prompts(n: int, seed: int = 0) -> list[str]:
         if text not in seen:
             seen.add(text)
             out.append(text)
+    if len(out) < n:
+        raise ValueError(f"chat_prompts: only {len(out)} distinct prompts, {n} asked for")
     return out
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import load_checkpoint
-from models.config import VOCAB_SUBSET_IDS
+from models.config import VOCAB_SUBSET_IDS, LlamaConfig
 
 
 class SubsetHead(nn.Module):
@@ -38,9 +38,9 @@ def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     """``transformers.LlamaForCausalLM`` for any of our checkpoints, subset or not."""
     import transformers
 
-    cfg, sd = load_checkpoint(model_dir, dtype=dtype)
-    if cfg.vocab_subset is None:
+    if LlamaConfig.from_dir(model_dir).vocab_subset is None:
         return transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    cfg, sd = load_checkpoint(model_dir, dtype=dtype)
     hf_cfg = cfg.to_hf_dict()
     hf_cfg.pop("vocab_subset_size")
     hf_cfg["tie_word_embeddings"] = False
@@ -55,7 +55,13 @@ def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     rows = torch.full((cfg.vocab_size,), cfg.vocab_subset, dtype=torch.int64)
     rows[ids] = torch.arange(len(ids))
     sd["model.embed_tokens.weight"] = emb[rows].contiguous()
-    model.load_state_dict(sd, strict=False, assign=True)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise ValueError(f"{model_dir}: tensors do not fit transformers' LlamaForCausalLM "
+                         f"(missing {missing}, unexpected {unexpected})")
     model.lm_head = SubsetHead(head.clone(), ids, cfg.vocab_size)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # off the meta device
-    return model.to(dtype).eval()
+    rotary = type(model.model.rotary_emb)(config=config)  # fp32 inv_freq, off the meta device
+    model.model.rotary_emb = None
+    model = model.to(dtype)
+    model.model.rotary_emb = rotary
+    return model.eval()

@@ -186,10 +186,25 @@ class Transformer(nn.Module):
             self.output.weight = nn.Parameter(w.data[: self.config.vocab_subset],
                                               requires_grad=False)
 
+    def _apply(self, fn, recurse=True):
+        # .to()/.half() convert each parameter on its own: re-tie a subset head afterwards
+        out = super()._apply(fn, recurse)
+        if self.config.vocab_subset is not None:
+            self._tie_output()
+        return out
+
     def set_vocab_subset(self, ids: torch.Tensor) -> None:
         """Install the subset's ascending token ids ``[S]`` (see ``LlamaConfig.vocab_subset``)."""
         cfg = self.config
-        ids = ids.to(torch.int64)
+        if cfg.vocab_subset is None:
+            raise ValueError("set_vocab_subset: the config has no vocab_subset")
+        ids = ids.to(torch.int64).flatten()
+        if ids.numel() != cfg.vocab_subset:
+            raise ValueError(f"vocab subset: {ids.numel()} ids for vocab_subset={cfg.vocab_subset}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size or
+                            (ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()))):
+            raise ValueError(
+                f"vocab subset: ids must be strictly ascending in [0, {cfg.vocab_size})")
         rows = torch.full((cfg.vocab_size,), cfg.vocab_subset, dtype=torch.int64)
         rows[ids.cpu()] = torch.arange(ids.numel())
         dev = self.tok_embeddings.weight.device
@@ -246,8 +261,13 @@ class Transformer(nn.Module):
             emb = torch.cat((freqs, freqs), dim=-1)
             dtype = self.tok_embeddings.weight.dtype
             cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-            x = self.tok_embeddings(tokens if self.vocab_rows is None
-                                    else self.vocab_rows[tokens])
+            if self.config.vocab_subset is None:
+                x = self.tok_embeddings(tokens)
+            elif self.vocab_rows is None:
+                raise RuntimeError("a vocab-subset model needs set_vocab_subset() before use")
+            else:  # an embedding lookup checks the ids' range without a host sync
+                rows = F.embedding(tokens, self.vocab_rows[:, None]).squeeze(-1)
+                x = self.tok_embeddings(rows)
             for i, layer in enumerate(self.layers):
                 k_cache, v_cache = cache.layer(i)
                 x = layer(x, cos, sin, k_cache, v_cache, start, bits)

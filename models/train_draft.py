@@ -35,6 +35,7 @@ from torch import nn
 
 from models.checkpoint import load_checkpoint, save_state_dict
 from models.config import VOCAB_SUBSET_IDS, LlamaConfig
+from models.draft_prompts import resembles_benchmark
 from models.llama import rope_inv_freq
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -44,14 +45,23 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # ---------------------------------------------------------------------------------- data
 
 
-def load_rows(data_dir: Path) -> list[dict]:
-    """Every generated answer of every shard, in shard order."""
+def load_rows(data_dir: Path, tokenizer=None) -> list[dict]:
+    """Every generated answer of every shard, in shard order, without prompts that resemble a
+    benchmark question (``draft_prompts.resembles_benchmark``; shards written before the data
+    generator filtered them carry no text, so their prompt is decoded with ``tokenizer``)."""
     rows: list[dict] = []
     for path in sorted(data_dir.glob("shard-*.pt")):
-        rows += torch.load(path, weights_only=False)["rows"]
+        rows += torch.load(path, weights_only=True)["rows"]
     if not rows:
         raise FileNotFoundError(f"{data_dir}: no shard-*.pt files (run models.draft_data first)")
-    return [r for r in rows if len(r["tokens"]) > 0]
+    keep = []
+    for r in rows:
+        text = r.get("text")
+        if text is None and tokenizer is not None:
+            text = tokenizer.decode(r["prompt"])
+        if len(r["tokens"]) > 0 and not (text and resembles_benchmark(text)):
+            keep.append(r)
+    return keep
 
 
 def choose_subset(rows: list[dict], size: int, always: list[int]) -> torch.Tensor:
@@ -74,7 +84,9 @@ class Batcher:
                  max_tokens: int, max_prompt: int) -> None:
         self.items = []
         for r in rows:
-            prompt = r["prompt"][-max_prompt:]
+            prompt = r["prompt"][-max_prompt:] if max_prompt > 0 else []
+            if not prompt:  # the first generated token needs a position to be predicted at
+                continue
             seq = prompt + r["tokens"]
             n = len(r["tokens"])
             # position p of the input predicts seq[p + 1]; generated token j sits at
@@ -100,7 +112,7 @@ class Batcher:
     def collate(self, idx: list[int]):
         width = max(len(self.items[i][0]) for i in idx)
         x = torch.full((len(idx), width), 0, dtype=torch.int64)
-        b_pos, t_pos, tgt_rows, tgt_p = [], [], [], []
+        b_pos, t_pos, tgt_rows, tgt_p, in_subset = [], [], [], [], []
         for b, i in enumerate(idx):
             seq, start, n, r = self.items[i]
             x[b, : len(seq)] = seq
@@ -111,8 +123,9 @@ class Batcher:
             p = p / p.sum(-1, keepdim=True).clamp_min(1e-9)
             tgt_rows.append(rows.clamp_max(self.subset - 1))
             tgt_p.append(p)
+            in_subset.append(rows[:, 0] < self.subset)
         return (self.vocab_rows[x], torch.cat(b_pos), torch.cat(t_pos), torch.cat(tgt_rows),
-                torch.cat(tgt_p))
+                torch.cat(tgt_p), torch.cat(in_subset))
 
 
 # ---------------------------------------------------------------------------------- model
@@ -226,12 +239,13 @@ HF_NAMES = {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight",
 
 
 def soft_ce(model: TrainDraft, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean soft cross-entropy over generated positions, and greedy agreement flags."""
-    x, b_pos, t_pos, tgt_rows, tgt_p = batch
+    """Mean soft cross-entropy over generated positions, and greedy agreement flags (a target
+    token outside the subset is never agreed with)."""
+    x, b_pos, t_pos, tgt_rows, tgt_p, in_subset = batch
     h = model.hidden(x)[b_pos, t_pos]
     logp = torch.log_softmax(model.logits(h).float(), -1)
     loss = -(tgt_p * logp.gather(1, tgt_rows)).sum(-1).mean()
-    agree = logp.argmax(-1) == tgt_rows[:, 0]
+    agree = (logp.argmax(-1) == tgt_rows[:, 0]) & in_subset
     return loss, agree
 
 
@@ -273,7 +287,8 @@ def main(argv=None) -> None:
                     "evaluations (each also exports the draft so far)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-minutes", type=float, default=None,
-                    help="time budget: the schedule decays over it and training stops at it")
+                    help="time budget: replaces --epochs; the schedule decays over it and "
+                    "training stops at it")
     args = ap.parse_args(argv)
 
     from models.defaults import default_target_dir
@@ -282,7 +297,12 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     target_dir = Path(args.target or default_target_dir())
     tcfg, tsd = load_checkpoint(target_dir)
-    rows = load_rows(Path(args.data))
+    tokenizer = None
+    if (target_dir / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
+    rows = load_rows(Path(args.data), tokenizer)
     rng = random.Random(args.seed)
     rng.shuffle(rows)
     held, train = rows[: args.held_out], rows[args.held_out :]
@@ -296,6 +316,8 @@ def main(argv=None) -> None:
             else list(range(args.layers)))
     if len(init) != args.layers:
         raise SystemExit(f"--init-layers names {len(init)} layers, --layers is {args.layers}")
+    if not all(0 <= i < tcfg.n_layers for i in init):
+        raise SystemExit(f"--init-layers: the target has layers 0..{tcfg.n_layers - 1}")
     model = TrainDraft.from_target(cfg, tsd, ids, init)
     del tsd
     train_b = Batcher(train, vocab_rows, cfg.vocab_subset, args.batch_tokens, args.max_prompt)
@@ -365,12 +387,20 @@ def main(argv=None) -> None:
 
 def export(model: TrainDraft, ids: torch.Tensor, cfg: LlamaConfig, target_dir: Path, out: Path,
            meta: dict) -> None:
-    """Write the draft (fp16 safetensors, config, the target's tokenizer, training.json)."""
-    save_state_dict(out, model.hf_state(ids), cfg)
+    """Write the draft (fp16 safetensors, config, the target's tokenizer, training.json) into a
+    temporary directory, then swap it for ``out``: readers never see a half-written draft."""
+    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_state_dict(tmp, model.hf_state(ids), cfg)
     for name in TOKENIZER_FILES:
         if (target_dir / name).is_file():
-            shutil.copy(target_dir / name, out / name)
-    (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+            shutil.copy(target_dir / name, tmp / name)
+    (tmp / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ overlap. Fallback: numpy's OpenBLAS. Every other device or dtype uses ``F.linear
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ def uses_numpy() -> bool:
 
 
 _threads = 1
+_local = threading.local()
 
 
 def set_threads(n: int) -> int:
@@ -49,6 +51,17 @@ def set_threads(n: int) -> int:
     global _threads
     old, _threads = _threads, max(1, int(n))
     return old
+
+
+def set_thread_threads(n: int | None) -> None:
+    """Override :func:`set_threads` for matmuls called from the current thread (a stage
+    worker); ``None`` removes the override."""
+    _local.n = None if n is None else max(1, int(n))
+
+
+def current_threads() -> int:
+    """Threads a matmul called from this thread uses."""
+    return getattr(_local, "n", None) or _threads
 
 
 def _skinny():
@@ -71,7 +84,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if _USE_NUMPY and x.dtype == torch.float32 and w.dtype == torch.float32 and \
             not x.is_cuda and not w.requires_grad and x.device.type == "cpu":
         if _SKINNY is not None:
-            return _SKINNY.skinny_linear(x, w, _threads)
+            return _SKINNY.skinny_linear(x, w, current_threads())
         wn = w.numpy()
         xn = x.detach().numpy()
         if xn.shape[0] == 1:  # GEMV: OpenBLAS' sgemv on the row-major weight

@@ -275,7 +275,7 @@ class FastPipeline:
             if max_new_tokens == 0:
                 chunks: Iterator[list[int]] = iter(())
             elif mode == "pipespec" and len(stages) > 1:
-                chunks = self._pipespec_chunks(seqrs, ids, limit)
+                chunks = self._pipespec_chunks(seqrs, ids, limit, blas.stage_threads)
             else:
                 for s in seqrs:
                     s.start(ids)
@@ -322,8 +322,8 @@ class FastPipeline:
             finish_reason=reason,
         )
 
-    def _pipespec_chunks(self, seqrs: list[Sequencer], ids: list[int], limit: int
-                         ) -> Iterator[list[int]]:
+    def _pipespec_chunks(self, seqrs: list[Sequencer], ids: list[int], limit: int,
+                         matmul_threads: list[int | None]) -> Iterator[list[int]]:
         stop = threading.Event()
         out: queue.SimpleQueue = queue.SimpleQueue()
         k = len(seqrs)
@@ -331,7 +331,7 @@ class FastPipeline:
         inline = is_model_free(seqrs[0].stage)
         workers = [
             StageWorker(s, i, k, self.windows[i], self.max_leads[i], stop, out,
-                        self.threads[i] or torch.get_num_threads())
+                        self.threads[i] or torch.get_num_threads(), matmul_threads[i])
             for i, s in enumerate(seqrs)
         ]
         workers[-1].limit = limit
@@ -457,6 +457,19 @@ class _CpuThreads:
         concurrent = mode == "pipespec" and heavy > 1
         self.n = 1 if concurrent else _free_cores()
         self.blas = blas_threads(self.n) if self.active else blas_threads(None)
+        # per PipeSpec worker (skinny GEMM only): matmul threads (None: self.n);
+        # PIPESPEC_STAGE_THREADS="1,1,2" sets them by stage index
+        self.stage_threads: list[int | None] = [None] * len(stages)
+        env = os.environ.get("PIPESPEC_STAGE_THREADS")
+        if env and self.active and concurrent:
+            try:
+                given = [int(x) for x in env.split(",")]
+            except ValueError:
+                given = []
+            if len(given) != len(stages) or min(given) < 1:
+                raise ValueError(f"PIPESPEC_STAGE_THREADS={env!r}: expected {len(stages)} "
+                                 "comma-separated integers >= 1, one per stage")
+            self.stage_threads = list(given)
         self.torch_threads = int(os.environ.get("PIPESPEC_TORCH_THREADS", "1"))
         self.saved = torch.get_num_threads()
 

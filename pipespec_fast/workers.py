@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipespec_fast.linear import set_thread_threads
 from pipespec_fast.sequencer import Sequencer, usable_drafts
 
 
@@ -144,8 +145,10 @@ class StageWorker:
         stop: threading.Event,
         out: queue.SimpleQueue,
         threads: int | None = None,
+        matmul_threads: int | None = None,
     ) -> None:
         self.s = seqr
+        self.matmul_threads = matmul_threads
         self.i = index
         self.last = index == n_stages - 1
         self.window = window
@@ -176,6 +179,7 @@ class StageWorker:
         try:
             if self.threads is not None:
                 torch.set_num_threads(self.threads)
+            set_thread_threads(self.matmul_threads)
             with self.s.on_stream():  # CUDA: this stage's own stream, overlapping the others
                 if isinstance(self.below, InlineDrafter):
                     try:

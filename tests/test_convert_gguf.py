@@ -430,7 +430,7 @@ def test_default_target_dir_converts_once_and_survives_races(monkeypatch, tmp_pa
     target = defaults.default_target_dir(progress=False)
     assert target.parent == tmp_path / "cache" / "models" and defaults.is_complete(target)
     assert defaults.default_target_dir() == target and len(calls) == 1
-    assert defaults.default_model_dirs() == [target]
+    assert defaults.default_model_dirs() == [defaults.DRAFT_DIR, target]
 
     # Another process publishes first: ours loses the rename and reuses the winner's.
     import shutil

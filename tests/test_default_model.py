@@ -60,15 +60,27 @@ def default_pipe():
 def test_default_hierarchy_streams_the_targets_greedy_text(default_pipe, chat_ids):
     from pipespec_fast import FastPipeline
 
-    assert [s.name for s in default_pipe.stages][0] == "ngram"
+    names = [s.name for s in default_pipe.stages]
+    assert names == ["ngram", "SmolLM2-135M-draft", default_pipe.stages[-1].name]
+    assert default_pipe.stages[1].model.config.vocab_subset == 12288
     pieces = list(default_pipe.stream(chat_ids, 48))
     res = default_pipe.last_result
     assert "".join(pieces) == res.text and len(pieces) > 1
     alone = FastPipeline([default_pipe.stages[-1]], tokenizer=default_pipe.tokenizer)
     assert res.token_ids == alone.generate(chat_ids, 48).token_ids
-    assert res.stage_stats[-1].verify_steps > 0
+    target = res.stage_stats[-1]
+    assert target.verify_steps > 0
+    # the distilled draft's tokens are checked by the target and mostly accepted on code
+    assert target.proposed > 0 and target.accepted / target.proposed > 0.4
     pred = default_pipe.predict()
     assert pred.pipespec_tokens_per_s > 0 and pred.ar_tokens_per_s > 0
+
+
+def test_default_hierarchy_samples_in_both_speculative_modes(default_pipe, chat_ids):
+    for mode in ("pipespec", "sync"):
+        res = default_pipe.generate(chat_ids, 32, temperature=0.7, seed=3, mode=mode,
+                                    ignore_eos=True)
+        assert len(res.token_ids) == 32 and res.stage_stats[-1].accepted > 0
 
 
 def test_stop_string_ends_generation_and_is_not_returned(default_pipe, chat_ids):

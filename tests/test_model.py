@@ -173,3 +173,42 @@ def test_vocab_subset_model_equals_full_model_on_its_subset(tie):
     assert ls.shape == (30, 64)
     assert torch.isneginf(ls[:, other]).all()
     torch.testing.assert_close(ls[:, ids], lf[:, ids], rtol=1e-5, atol=1e-5)
+
+
+def _subset_model(tie=True):
+    from dataclasses import replace
+
+    from tiny import build, random_hf_state, tiny_config
+
+    from models.config import VOCAB_SUBSET_IDS
+
+    cfg = replace(tiny_config(vocab=64, tie=tie), vocab_subset=8)
+    sd = random_hf_state(cfg, seed=2)
+    sd[VOCAB_SUBSET_IDS] = torch.arange(0, 64, 8)
+    return build(cfg, sd), cfg, sd
+
+
+def test_vocab_subset_head_stays_tied_after_dtype_moves():
+    m, _, _ = _subset_model(tie=True)
+    assert m.output.weight.data_ptr() == m.tok_embeddings.weight.data_ptr()
+    m = m.to(torch.float64)
+    assert m.output.weight.dtype == torch.float64
+    assert m.output.weight.data_ptr() == m.tok_embeddings.weight.data_ptr()
+    assert m.vocab_rows.dtype == torch.int64  # buffers of ids keep their type
+
+
+def test_vocab_subset_errors():
+    from models.llama import Transformer
+
+    m, cfg, _ = _subset_model()
+    with pytest.raises(IndexError):
+        m(torch.tensor([3, -1]), m.new_cache(8))
+    with pytest.raises(IndexError):
+        m(torch.tensor([64]), m.new_cache(8))
+    with pytest.raises(ValueError, match="8 ids|ids for"):
+        m.set_vocab_subset(torch.arange(7))
+    with pytest.raises(ValueError, match="ascending"):
+        m.set_vocab_subset(torch.tensor([0, 8, 16, 24, 32, 40, 56, 48]))
+    bare = Transformer(cfg)
+    with pytest.raises(RuntimeError, match="set_vocab_subset"):
+        bare(torch.tensor([1]), bare.new_cache(8))

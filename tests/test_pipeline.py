@@ -400,33 +400,59 @@ def test_vocab_subset_draft_stays_lossless_under_greedy(mode):
     assert 0 < s1.accepted < s1.proposed  # the subset draft's tokens were checked
 
 
-@pytest.mark.parametrize("mode", ["pipespec", "sync"])
-def test_vocab_subset_draft_keeps_the_sampling_distribution(mode):
+@pytest.mark.parametrize("mode,top_k,ngram", [
+    ("pipespec", None, False), ("sync", None, False),
+    ("pipespec", 5, False),  # top-k wider than the draft's support: -inf rows stay -inf
+    ("pipespec", None, True),  # the default shape: n-gram -> subset draft -> target
+])
+def test_vocab_subset_draft_keeps_the_sampling_distribution(mode, top_k, ngram):
     """Tokens outside the draft's subset come only from the residual: still exact."""
     from tiny import subset_draft
 
+    from pipespec_fast.ngram import NGramStage
+
     models = family(2, noise=0.6, seed=31, vocab=6)
     target = LlamaStage(models[1], name="t", max_len=64)
-    prompt = [1, 5, 2, 3, 0, 4]
-    joint = exact_joint(target, prompt, 1.0, None, None)
+    prompt = [1, 5, 2, 3, 0, 4, 1, 5, 2]
+    joint = exact_joint(target, prompt, 1.0, top_k, None)
     first = joint.view(6, 6).sum(1)
     missing = first.argsort(descending=True)[[0, 3]].tolist()  # the favourite and one more
     assert first[missing].sum() > 0.2  # the target often picks tokens the draft lacks
     ids = [t for t in range(6) if t not in missing]
     stages = [LlamaStage(subset_draft(models[0], ids), name="sub", max_len=64), target]
+    if ngram:
+        stages.insert(0, NGramStage(6, max_len=64, min_confident_match=1))
     pipe = FastPipeline(stages, mode=mode)
     n, V = 2000, 6
     counts = torch.zeros(V * V)
     accepted = 0
     for seed in range(n):
-        res = pipe.generate(prompt, 2, temperature=1.0, seed=seed, ignore_eos=True)
+        res = pipe.generate(prompt, 2, temperature=1.0, top_k=top_k, seed=seed,
+                            ignore_eos=True)
         a, b = res.token_ids
         counts[a * V + b] += 1
         accepted += res.stage_stats[-1].accepted
     assert accepted > 0
     exp = joint.flatten().double() * n
+    assert counts[exp == 0].sum() == 0
     keep = exp >= 5
     obs = torch.cat([counts[keep].double(), counts[~keep].sum().reshape(1)])
     ex = torch.cat([exp[keep], exp[~keep].sum().reshape(1)])
     p = chisquare(obs.numpy(), ex.numpy() * obs.sum().item() / ex.sum().item()).pvalue
     assert p > 1e-3, p
+
+
+def test_stage_threads_setting_is_validated_and_only_used_by_pipespec(monkeypatch):
+    stages = stages_for(3, seed=5)
+    ref = target_greedy(stages[-1], PROMPT, 24)
+    pipe = FastPipeline(stages)
+    monkeypatch.setenv("PIPESPEC_STAGE_THREADS", "1,1,2")
+    assert pipe.generate(PROMPT, 24, ignore_eos=True).token_ids == ref
+    for mode in ("ar", "sync"):  # not concurrent: the setting does not apply
+        assert pipe.generate(PROMPT, 24, ignore_eos=True, mode=mode).token_ids == ref
+    for bad in ("1,2", "1,x,2", "1,0,1"):
+        monkeypatch.setenv("PIPESPEC_STAGE_THREADS", bad)
+        with pytest.raises(ValueError, match="PIPESPEC_STAGE_THREADS"):
+            pipe.generate(PROMPT, 4)
+    monkeypatch.delenv("PIPESPEC_STAGE_THREADS")
+    assert pipe.generate(PROMPT, 24, ignore_eos=True).token_ids == ref

@@ -111,3 +111,24 @@ def test_prompts_are_deterministic_and_shaped_like_the_benchmarks():
     chat = chat_prompts(200, seed=1)
     assert chat == chat_prompts(200, seed=1) and len(set(chat)) == 200
     assert chat != chat_prompts(200, seed=2)
+
+
+def test_missing_default_draft_names_the_recipe(tmp_path, monkeypatch):
+    from models import defaults
+
+    monkeypatch.setattr(defaults, "DRAFT_DIR", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="models.train_draft"):
+        defaults.default_model_dirs()
+
+
+def test_shipped_default_draft_is_a_small_subset_model():
+    """The committed draft: within the 40 MB budget, loads, and says how it was trained."""
+    from models import defaults
+
+    d = defaults.default_draft_dir()
+    size = sum(p.stat().st_size for p in d.glob("*.safetensors"))
+    assert size <= 40 * 10**6, size
+    cfg, sd = load_checkpoint(d)
+    assert cfg.vocab_subset and cfg.n_layers <= 4 and cfg.vocab_size == 49152
+    meta = json.loads((d / "training.json").read_text())
+    assert set(meta["held_out_greedy_agreement"]) == {"chat", "code"}

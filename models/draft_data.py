@@ -21,9 +21,10 @@ import torch
 from models.draft_prompts import chat_prompts, code_prompts, resembles_benchmark
 
 
-def build_prompts(n_code: int, n_chat: int, seed: int) -> list[tuple[str, str]]:
+def build_prompts(n_code: int, n_chat: int, seed: int, code_seed: int = 0,
+                  code_offset: int = 0) -> list[tuple[str, str]]:
     """``(kind, text)`` pairs, code and chat interleaved deterministically."""
-    items = [("code", t) for t in code_prompts(n_code, seed)]
+    items = [("code", t) for t in code_prompts(n_code, code_seed, offset=code_offset)]
     items += [("chat", t) for t in chat_prompts(n_chat, seed)]
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(items), generator=g).tolist()
@@ -76,7 +77,13 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="chat prompts, order and sampling")
+    ap.add_argument("--code-offset", type=int, default=0,
+                    help="skip this many stdlib functions (a second data set: --code-offset "
+                    "2000 --seed 1)")
+    ap.add_argument("--exclude-previous", default=None, metavar="CODE,CHAT,SEED",
+                    help="leave out the prompts of a data set made with these --code, --chat "
+                    "and --seed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = ap.parse_args(argv)
@@ -90,7 +97,11 @@ def main(argv=None) -> None:
     tok = transformers.AutoTokenizer.from_pretrained(target)
     model = transformers.LlamaForCausalLM.from_pretrained(
         target, dtype=getattr(torch, args.dtype)).eval()
-    items = build_prompts(args.code, args.chat, args.seed)
+    items = build_prompts(args.code, args.chat, args.seed, code_offset=args.code_offset)
+    if args.exclude_previous:  # a second data set: leave out the first one's prompts
+        n_code, n_chat, seed = (int(x) for x in args.exclude_previous.split(","))
+        seen = {t for _, t in build_prompts(n_code, n_chat, seed)}
+        items = [it for it in items if it[1] not in seen]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     n_shards = (len(items) + args.batch - 1) // args.batch

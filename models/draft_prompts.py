@@ -173,8 +173,10 @@ def _function_stub(src: str, node: ast.FunctionDef) -> str | None:
     return "\n".join(line[indent:] for line in head.splitlines()) + "\n"
 
 
-def code_prompts(n: int, seed: int = 0, root: str | Path | None = None) -> list[str]:
-    """``n`` "Complete this Python function:" prompts cut from the stdlib under ``root``."""
+def code_prompts(n: int, seed: int = 0, root: str | Path | None = None,
+                 offset: int = 0) -> list[str]:
+    """``n`` "Complete this Python function:" prompts cut from the stdlib under ``root``
+    (functions ``offset`` to ``offset + n`` of a seeded shuffle)."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
     stubs: list[str] = []
     for path in sorted(root.rglob("*.py")):
@@ -193,4 +195,4 @@ def code_prompts(n: int, seed: int = 0, root: str | Path | None = None) -> list[
                     stubs.append(stub)
     stubs = sorted(set(stubs))
     random.Random(seed).shuffle(stubs)
-    return [CODE_PREFIX + s for s in stubs[:n]]
+    return [CODE_PREFIX + s for s in stubs[offset : offset + n]]

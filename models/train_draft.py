@@ -271,7 +271,10 @@ def evaluate(model: TrainDraft, data: Batcher, rows: list[dict]) -> dict[str, fl
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", required=True, nargs="+",
+                    help="data dirs of models.draft_data (held-out answers: from the last)")
+    ap.add_argument("--init-from", default=None,
+                    help="continue training this draft dir (keeps its shape and subset)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--target", default=None, help="target model dir (default: SmolLM2)")
     ap.add_argument("--layers", type=int, default=3)
@@ -302,24 +305,33 @@ def main(argv=None) -> None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
-    rows = load_rows(Path(args.data), tokenizer)
+    # held-out answers come from the last data set (earlier ones may have trained --init-from)
+    sets = [load_rows(Path(d), tokenizer) for d in args.data]
     rng = random.Random(args.seed)
-    rng.shuffle(rows)
-    held, train = rows[: args.held_out], rows[args.held_out :]
-    ids = choose_subset(train, args.subset, always=tcfg.eos_token_ids
-                        + ([tcfg.bos_token_id] if tcfg.bos_token_id is not None else []))
-    cfg = LlamaConfig(**{**tcfg.__dict__, "n_layers": args.layers, "vocab_subset": len(ids),
-                         "tie_word_embeddings": True})
+    rng.shuffle(sets[-1])
+    held, train = sets[-1][: args.held_out], sets[-1][args.held_out :]
+    for rows in sets[:-1]:
+        train = rows + train
+    if args.init_from:  # continue from a draft: its shape and vocabulary subset
+        cfg, dsd = load_checkpoint(args.init_from)
+        ids = dsd[VOCAB_SUBSET_IDS]
+        model = TrainDraft.from_hf_state(cfg, dsd)
+    else:
+        ids = choose_subset(train, args.subset, always=tcfg.eos_token_ids
+                            + ([tcfg.bos_token_id] if tcfg.bos_token_id is not None else []))
+        cfg = LlamaConfig(**{**tcfg.__dict__, "n_layers": args.layers,
+                             "vocab_subset": len(ids), "tie_word_embeddings": True})
+        init = ([int(s) for s in args.init_layers.split(",")] if args.init_layers
+                else list(range(args.layers)))
+        if len(init) != args.layers:
+            raise SystemExit(f"--init-layers names {len(init)} layers, --layers is "
+                             f"{args.layers}")
+        if not all(0 <= i < tcfg.n_layers for i in init):
+            raise SystemExit(f"--init-layers: the target has layers 0..{tcfg.n_layers - 1}")
+        model = TrainDraft.from_target(cfg, tsd, ids, init)
+    del tsd
     vocab_rows = torch.full((cfg.vocab_size,), cfg.vocab_subset, dtype=torch.int64)
     vocab_rows[ids] = torch.arange(len(ids))
-    init = ([int(s) for s in args.init_layers.split(",")] if args.init_layers
-            else list(range(args.layers)))
-    if len(init) != args.layers:
-        raise SystemExit(f"--init-layers names {len(init)} layers, --layers is {args.layers}")
-    if not all(0 <= i < tcfg.n_layers for i in init):
-        raise SystemExit(f"--init-layers: the target has layers 0..{tcfg.n_layers - 1}")
-    model = TrainDraft.from_target(cfg, tsd, ids, init)
-    del tsd
     train_b = Batcher(train, vocab_rows, cfg.vocab_subset, args.batch_tokens, args.max_prompt)
     held_b = Batcher(held, vocab_rows, cfg.vocab_subset, args.batch_tokens, args.max_prompt)
     gen_tokens = sum(len(r["tokens"]) for r in train)
@@ -341,9 +353,11 @@ def main(argv=None) -> None:
     done = False
 
     def state(agreement: dict) -> dict:
-        return {"target": target_dir.name, "data": str(args.data), "answers": len(train),
+        return {"target": target_dir.name, "data": [str(d) for d in args.data],
+                "init_from": args.init_from, "answers": len(train),
                 "generated_tokens": gen_tokens, "subset_coverage_held_out": coverage,
-                "settings": {k: v for k, v in vars(args).items() if k not in ("data", "out")},
+                "settings": {k: v for k, v in vars(args).items()
+                             if k not in ("data", "out", "init_from")},
                 "steps": step, "minutes": (time.perf_counter() - t0) / 60,
                 "held_out_greedy_agreement_before": before,
                 "held_out_greedy_agreement": agreement, "history": history,

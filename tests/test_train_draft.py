@@ -132,3 +132,19 @@ def test_shipped_default_draft_is_a_small_subset_model():
     assert cfg.vocab_subset and cfg.n_layers <= 4 and cfg.vocab_size == 49152
     meta = json.loads((d / "training.json").read_text())
     assert set(meta["held_out_greedy_agreement"]) == {"chat", "code"}
+
+
+def test_training_continues_from_a_draft_on_several_data_sets(tiny_setup):
+    root, target = tiny_setup
+    (root / "data2").mkdir(exist_ok=True)
+    torch.save({"rows": target_rows(target, 40, 12, 8, seed=1)}, root / "data2" / "shard-0000.pt")
+    main(["--data", str(root / "data"), str(root / "data2"), "--out", str(root / "draft2"),
+          "--target", str(root / "target"), "--init-from", str(root / "draft"), "--epochs", "1",
+          "--held-out", "8", "--batch-tokens", "400", "--threads", "1"])
+    first, _ = load_checkpoint(root / "draft")
+    cfg, sd = load_checkpoint(root / "draft2")
+    assert cfg == first  # shape and subset come from the draft continued
+    assert sd["model.vocab_subset_ids"].tolist() == \
+        load_checkpoint(root / "draft")[1]["model.vocab_subset_ids"].tolist()
+    meta = json.loads((root / "draft2" / "training.json").read_text())
+    assert meta["init_from"] == str(root / "draft") and meta["answers"] == 240 + 32

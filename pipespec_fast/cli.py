@@ -18,7 +18,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.models:
         pipe = FastPipeline.from_pretrained(args.models, ngram=args.ngram, **kw)
     else:
-        pipe = FastPipeline.from_default(**kw)
+        pipe = FastPipeline.from_default(draft=not args.no_draft, **kw)
     with pipe:
         tok = pipe.tokenizer
         prompt: str | list[int] = args.prompt
@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the embedded default hierarchy)")
     g.add_argument("--ngram", action="store_true",
                    help="with --models: put an n-gram prompt-lookup drafter below them")
+    g.add_argument("--no-draft", action="store_true",
+                   help="default hierarchy without the distilled draft: n-gram -> target")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int)

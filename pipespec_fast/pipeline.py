@@ -147,13 +147,15 @@ class FastPipeline:
         return cls(stages, tokenizer=tok, **kwargs)
 
     @classmethod
-    def from_default(cls, **kwargs) -> FastPipeline:
+    def from_default(cls, draft: bool = True, **kwargs) -> FastPipeline:
         """The embedded default hierarchy: an n-gram drafter below the models listed by
-        ``pipespec-fast models`` (target last)."""
+        ``pipespec-fast models`` (the distilled draft, then the target). ``draft=False``
+        leaves the draft out: ``[n-gram -> target]``, faster on a 2-core CPU (README)."""
         from models.defaults import default_model_dirs
 
         kwargs.setdefault("ngram", True)
-        return cls.from_pretrained([str(p) for p in default_model_dirs()], **kwargs)
+        dirs = default_model_dirs()
+        return cls.from_pretrained([str(p) for p in (dirs if draft else dirs[-1:])], **kwargs)
 
     # ------------------------------------------------------------------ public API
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from models.checkpoint import load_checkpoint
 from models.config import VOCAB_SUBSET_IDS, LlamaConfig
+from models.llama import vocab_subset_rows
 
 
 class SubsetHead(nn.Module):
@@ -52,9 +53,7 @@ def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     head = sd.pop("lm_head.weight", None)
     if head is None:
         head = emb[: cfg.vocab_subset]
-    rows = torch.full((cfg.vocab_size,), cfg.vocab_subset, dtype=torch.int64)
-    rows[ids] = torch.arange(len(ids))
-    sd["model.embed_tokens.weight"] = emb[rows].contiguous()
+    sd["model.embed_tokens.weight"] = emb[vocab_subset_rows(ids, cfg.vocab_size)].contiguous()
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise ValueError(f"{model_dir}: tensors do not fit transformers' LlamaForCausalLM "

@@ -21,7 +21,7 @@ from pipespec_fast import ops, reference
 from pipespec_fast.kv_cache import KVCache
 from pipespec_fast.linear import Linear
 
-__all__ = ["LlamaConfig", "Transformer", "rope_inv_freq"]
+__all__ = ["LlamaConfig", "Transformer", "rope_inv_freq", "vocab_subset_rows"]
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -42,6 +42,14 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(medium, smoothed, scaled)
+
+
+def vocab_subset_rows(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``[vocab_size]`` int64: each token's embedding row in a vocabulary-subset model (its
+    index in ``ids``, or ``len(ids)``, the shared row, for tokens outside the subset)."""
+    rows = torch.full((vocab_size,), ids.numel(), dtype=torch.int64)
+    rows[ids] = torch.arange(ids.numel())
+    return rows
 
 
 class RMSNorm(nn.Module):
@@ -205,8 +213,7 @@ class Transformer(nn.Module):
                             (ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()))):
             raise ValueError(
                 f"vocab subset: ids must be strictly ascending in [0, {cfg.vocab_size})")
-        rows = torch.full((cfg.vocab_size,), cfg.vocab_subset, dtype=torch.int64)
-        rows[ids.cpu()] = torch.arange(ids.numel())
+        rows = vocab_subset_rows(ids.cpu(), cfg.vocab_size)
         dev = self.tok_embeddings.weight.device
         self.vocab_ids, self.vocab_rows = ids.to(dev), rows.to(dev)
 

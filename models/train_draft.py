@@ -36,7 +36,7 @@ from torch import nn
 from models.checkpoint import load_checkpoint, save_state_dict
 from models.config import VOCAB_SUBSET_IDS, LlamaConfig
 from models.draft_prompts import resembles_benchmark
-from models.llama import rope_inv_freq
+from models.llama import rope_inv_freq, vocab_subset_rows
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
@@ -192,18 +192,17 @@ class TrainDraft(nn.Module):
     @classmethod
     def from_target(cls, cfg: LlamaConfig, target: dict[str, torch.Tensor],
                     ids: torch.Tensor, init_layers: list[int]) -> TrainDraft:
-        m = cls(cfg)
+        """The subset rows of the target's embedding (plus their mean over the other tokens as
+        the shared row), its final norm, and copies of its layers ``init_layers``."""
         emb = target["model.embed_tokens.weight"]
         other = torch.ones(emb.shape[0], dtype=torch.bool)
         other[ids] = False
-        with torch.no_grad():
-            m.embed.weight.copy_(torch.cat([emb[ids], emb[other].mean(0, keepdim=True)]))
-            m.norm.weight.copy_(target["model.norm.weight"])
-            for blk, src in zip(m.blocks, init_layers, strict=True):
-                p = f"model.layers.{src}."
-                for name, hf in HF_NAMES.items():
-                    getattr(blk, name).weight.copy_(target[p + hf])
-        return m
+        sd = {"model.embed_tokens.weight": torch.cat([emb[ids], emb[other].mean(0, keepdim=True)]),
+              "model.norm.weight": target["model.norm.weight"]}
+        for i, src in enumerate(init_layers):
+            for hf in HF_NAMES.values():
+                sd[f"model.layers.{i}.{hf}"] = target[f"model.layers.{src}.{hf}"]
+        return cls.from_hf_state(cfg, sd)
 
     @classmethod
     def from_hf_state(cls, cfg: LlamaConfig, sd: dict[str, torch.Tensor]) -> TrainDraft:
@@ -330,8 +329,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"--init-layers: the target has layers 0..{tcfg.n_layers - 1}")
         model = TrainDraft.from_target(cfg, tsd, ids, init)
     del tsd
-    vocab_rows = torch.full((cfg.vocab_size,), cfg.vocab_subset, dtype=torch.int64)
-    vocab_rows[ids] = torch.arange(len(ids))
+    vocab_rows = vocab_subset_rows(ids, cfg.vocab_size)
     train_b = Batcher(train, vocab_rows, cfg.vocab_subset, args.batch_tokens, args.max_prompt)
     held_b = Batcher(held, vocab_rows, cfg.vocab_subset, args.batch_tokens, args.max_prompt)
     gen_tokens = sum(len(r["tokens"]) for r in train)

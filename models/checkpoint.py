@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -222,6 +223,59 @@ def load_state_dict(
     if ids is not None:
         _check_subset_ids(ids, config, plan[VOCAB_SUBSET_IDS].file)
     return tensors
+
+
+PACKED_FILE = "packed.safetensors"
+
+
+def load_packed(model_dir: str | Path, config: LlamaConfig) -> dict[str, Any]:
+    """The weights of ``model_dir`` that the CPU engine can keep in their storage format.
+
+    Two sources: :data:`PACKED_FILE` (ggml blocks written by ``models.convert_gguf``: uint8
+    ``[rows, row_bytes]`` per HF name, kinds in the ``kinds`` metadata), and every 2-D weight
+    the checkpoint itself stores as fp16 (packed as ``F16``). Returns HF name ->
+    :class:`pipespec_fast.quant.PackedWeight` (``{}`` if none); a malformed packed file raises
+    :class:`CheckpointError` naming the tensor. The caller checks the values against the fp32
+    weights (:meth:`models.llama.Transformer.attach_packed`).
+    """
+    from pipespec_fast.quant import KIND_NAMES, PackedWeight, row_bytes
+
+    model_dir = Path(model_dir)
+    expected = config.expected_shapes()
+    out: dict[str, Any] = {}
+    path = model_dir / PACKED_FILE
+    if path.is_file():
+        with _open(path) as f:
+            try:
+                kinds = json.loads((f.metadata() or {}).get("kinds", "{}"))
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{path}: invalid 'kinds' metadata ({e})") from e
+            for name in f.keys():
+                shape = expected.get(name)
+                kind = kinds.get(name)
+                if shape is None or len(shape) != 2:
+                    raise CheckpointError(f"{path}: tensor {name} is not a weight matrix of "
+                                          "this model")
+                if kind not in KIND_NAMES:
+                    raise CheckpointError(f"{path}: tensor {name} has no valid kind in the "
+                                          f"metadata (got {kind!r}; expected {KIND_NAMES})")
+                t = f.get_tensor(name)
+                try:
+                    want = (shape[0], row_bytes(kind, shape[1]))
+                except ValueError as e:
+                    raise CheckpointError(f"{path}: tensor {name}: {e}") from e
+                if t.dtype != torch.uint8 or tuple(t.shape) != want:
+                    raise CheckpointError(
+                        f"{path}: tensor {name} is {t.dtype} {list(t.shape)}; expected uint8 "
+                        f"{list(want)} ({KIND_NAMES[kind]} rows of {shape[1]} values)")
+                out[name] = PackedWeight(t, kind, shape[1])
+    infos = scan_checkpoint(model_dir)
+    fp16 = {n: info for n, info in infos.items()
+            if info.dtype == "F16" and len(info.shape) == 2 and n not in out
+            and n in expected and info.shape[1] % 16 == 0}
+    for name, t in _materialize(fp16, torch.float16, "cpu").items():
+        out[name] = PackedWeight.from_half(t)
+    return out
 
 
 def _check_subset_ids(ids: torch.Tensor, config: LlamaConfig, file: Path) -> None:

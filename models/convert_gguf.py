@@ -4,9 +4,12 @@ The output holds ``config.json``, ``generation_config.json``, ``model.safetensor
 and the tokenizer files, so that both :func:`models.checkpoint.load_state_dict` and
 ``transformers`` (``LlamaForCausalLM`` / ``AutoTokenizer.from_pretrained(out_dir)``) read it
 offline. Quantised blocks (Q4_0, Q4_1, Q8_0) and F16/BF16/F32 are dequantised here with numpy;
-llama.cpp's row permutation of ``attn_q`` / ``attn_k`` is undone. The output is written to a
-temporary sibling directory and renamed into place at the end, so an interrupted conversion
-never leaves a half-written ``out_dir``.
+llama.cpp's row permutation of ``attn_q`` / ``attn_k`` is undone. The quantised and fp16
+matrices are also kept as stored, in ``packed.safetensors`` (:data:`PACKED_FILE`; uint8
+``[rows, row_bytes]`` per HF tensor name, kinds in the metadata), which the CPU engine uses
+instead of the fp32 copies (``pipespec_fast.quant``: same values, fewer bytes). The output is
+written to a temporary sibling directory and renamed into place at the end, so an interrupted
+conversion never leaves a half-written ``out_dir``.
 
 CLI: ``python -m models.convert_gguf MODEL.gguf OUT_DIR [--overwrite] [--no-tokenizer]``.
 """
@@ -30,7 +33,8 @@ import numpy as np
 
 from models.config import LlamaConfig
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: also writes PACKED_FILE
+PACKED_FILE = "packed.safetensors"
 COMPLETE_MARKER = ".pipespec-complete"
 
 # ggml type id -> (name, elements per block, bytes per block). Layouts (ggml-common.h):
@@ -330,6 +334,40 @@ def _write_safetensors(
         os.fsync(f.fileno())
 
 
+# ggml types the packed-weight kernel runs (pipespec_fast.quant kinds), for 2-D weights.
+_PACKED_KINDS = {F16: 1, Q4_1: 2, Q8_0: 3}
+
+
+def _packed_tensor(reader: Any, t: Any, config: LlamaConfig) -> np.ndarray:
+    """One GGUF matrix as stored (uint8 ``[rows, row_bytes]``), q/k rows un-permuted."""
+    raw = np.asarray(reader.data[t.data_offset : t.data_offset + t.n_bytes], dtype=np.uint8)
+    rows = int(t.shape[-1])
+    w = raw.reshape(rows, -1)
+    if t.name.endswith(".attn_q.weight"):
+        w = unpermute_qk(w, config.n_heads)
+    elif t.name.endswith(".attn_k.weight"):
+        w = unpermute_qk(w, config.n_kv_heads)
+    return np.ascontiguousarray(w)
+
+
+def _write_packed(path: Path, reader: Any, plan: dict[str, Any], config: LlamaConfig) -> int:
+    """Write :data:`PACKED_FILE` for the packable matrices of ``plan``; returns how many."""
+    from safetensors.numpy import save_file
+
+    tensors: dict[str, np.ndarray] = {}
+    kinds: dict[str, int] = {}
+    for name, t in plan.items():
+        kind = _PACKED_KINDS.get(int(t.tensor_type))
+        shape = tuple(int(s) for s in reversed(t.shape))
+        if kind is None or len(shape) != 2 or shape[1] % 32:
+            continue
+        tensors[name] = _packed_tensor(reader, t, config)
+        kinds[name] = kind
+    if tensors:
+        save_file(tensors, str(path), metadata={"kinds": json.dumps(kinds, sort_keys=True)})
+    return len(tensors)
+
+
 def _save_tokenizer(gguf_path: Path, out_dir: Path, max_length: int) -> None:
     """Let transformers build the tokenizer from the GGUF metadata and save it in HF form."""
     from transformers import AutoTokenizer
@@ -438,6 +476,7 @@ def convert_gguf(
                 lambda i: _hf_tensor(reader, plan[order[i]], config),
                 bar.update,
             )
+        _write_packed(tmp / PACKED_FILE, reader, plan, config)
         if tokenizer:
             _save_tokenizer(gguf_path, tmp, config.max_position_embeddings)
         st = gguf_path.stat()

@@ -10,6 +10,7 @@ is five matmuls.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from models.config import VOCAB_SUBSET_IDS, LlamaConfig
 from pipespec_fast import ops, reference
 from pipespec_fast.kv_cache import KVCache
-from pipespec_fast.linear import Linear
+from pipespec_fast.linear import Linear, current_threads
 
 __all__ = ["LlamaConfig", "Transformer", "rope_inv_freq", "vocab_subset_rows"]
 
@@ -135,6 +136,8 @@ class Transformer(nn.Module):
         self.register_buffer("vocab_rows", None, persistent=False)
         self.register_buffer("vocab_ids", None, persistent=False)
         self._chain_bits: dict[int, torch.Tensor] = {}
+        self.use_fused = True  # CPU fp32: run the layers through pipespec_fast.cpu_decoder
+        self._plan = None
 
     # ------------------------------------------------------------------ construction
 
@@ -144,9 +147,16 @@ class Transformer(nn.Module):
         model_dir: str | Path,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        packed: bool | None = None,
     ) -> Transformer:
-        """Load a Hugging Face-layout safetensors checkpoint (single file or sharded)."""
-        from models.checkpoint import load_state_dict
+        """Load a Hugging Face-layout safetensors checkpoint (single file or sharded).
+
+        ``packed`` (default: on unless ``PIPESPEC_PACKED=0``): for an fp32 model on CPU where
+        the packed-weight kernel runs, keep the matrices the checkpoint stores compactly (fp16
+        tensors, a converted GGUF's blocks) in that form as well (:meth:`attach_packed`).
+        """
+        from models.checkpoint import load_packed, load_state_dict
+        from pipespec_fast import quant
 
         cfg = LlamaConfig.from_dir(model_dir)
         hf = load_state_dict(model_dir, cfg, dtype=dtype, device="cpu")
@@ -154,7 +164,71 @@ class Transformer(nn.Module):
             model = cls(cfg)
         model.load_hf_state_dict(hf)
         model.inv_freq = rope_inv_freq(cfg)
-        return model.to(device=device).eval()
+        model = model.to(device=device).eval()
+        if packed is None:
+            packed = os.environ.get("PIPESPEC_PACKED", "1") != "0"
+        if packed and dtype == torch.float32 and torch.device(device).type == "cpu" and \
+                quant.available():
+            model.attach_packed(load_packed(model_dir, cfg), source=str(model_dir))
+        return model
+
+    def attach_packed(self, packed: dict, source: str = "checkpoint") -> int:
+        """Give the matmuls packed copies of their weights (HF name -> ``PackedWeight``).
+
+        Fused matrices (QKV, gate/up) get one when all their parts are packed alike; the tied
+        head uses the embedding's (its subset rows). Each attached matrix is checked against
+        the fp32 weight on its first and last rows (``ValueError`` naming the tensor: a packed
+        file that does not belong to these weights). Returns the number of matmuls attached.
+        """
+        from pipespec_fast.quant import PackedWeight
+
+        def join(names: list[str]) -> PackedWeight | None:
+            parts = [packed.get(n) for n in names]
+            if any(p is None for p in parts) or len({(p.kind, p.k) for p in parts}) != 1:
+                return None
+            if len(parts) == 1:
+                return parts[0]
+            return PackedWeight(torch.cat([p.data for p in parts]), parts[0].kind, parts[0].k)
+
+        plan: list[tuple[Linear, list[str], PackedWeight | None]] = []
+        for i, layer in enumerate(self.layers):
+            a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+            for mod, names in (
+                (layer.attention.wqkv, [a + "q_proj.weight", a + "k_proj.weight",
+                                        a + "v_proj.weight"]),
+                (layer.attention.wo, [a + "o_proj.weight"]),
+                (layer.feed_forward.w13, [m + "gate_proj.weight", m + "up_proj.weight"]),
+                (layer.feed_forward.w2, [m + "down_proj.weight"]),
+            ):
+                plan.append((mod, names, join(names)))
+        head = "model.embed_tokens.weight" if self.config.tie_word_embeddings else \
+            "lm_head.weight"
+        pw = join([head])
+        if pw is not None and self.config.vocab_subset is not None and \
+                self.config.tie_word_embeddings:
+            pw = pw.rows(slice(0, self.config.vocab_subset))
+        plan.append((self.output, [head], pw))
+        count = 0
+        for mod, names, pw in plan:
+            if pw is None:
+                continue
+            w = mod.weight
+            if pw.shape != tuple(w.shape):
+                raise ValueError(f"{source}: packed {'+'.join(names)} has shape {pw.shape}, "
+                                 f"the model's weight {tuple(w.shape)}")
+            ends = [0, w.shape[0] - 1]
+            if not torch.equal(pw.rows(ends).dequantize(), w.detach()[ends].float().cpu()):
+                raise ValueError(f"{source}: packed {'+'.join(names)} does not hold the "
+                                 "checkpoint's weights (values differ)")
+            mod.packed = pw
+            count += 1
+        self._plan = None
+        return count
+
+    def packed_bytes(self) -> int:
+        """Bytes held by packed weight copies (0 when none are attached)."""
+        return sum(m.packed.nbytes() for m in self.modules()
+                   if isinstance(m, Linear) and m.packed is not None)
 
     def load_hf_state_dict(self, hf: dict[str, torch.Tensor]) -> None:
         """Take HF-named tensors (already validated), fusing QKV and gate/up."""
@@ -179,6 +253,7 @@ class Transformer(nn.Module):
             sd[f"layers.{i}.attention_norm.weight"] = hf[p + "input_layernorm.weight"]
             sd[f"layers.{i}.ffn_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
         self.load_state_dict(sd, strict=False, assign=True)
+        self._plan = None
         self._tie_output()
         if self.config.vocab_subset is not None:
             self.set_vocab_subset(hf[VOCAB_SUBSET_IDS])
@@ -197,8 +272,14 @@ class Transformer(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to()/.half() convert each parameter on its own: re-tie a subset head afterwards
         out = super()._apply(fn, recurse)
+        self._plan = None
         if self.config.vocab_subset is not None:
             self._tie_output()
+        w = self.tok_embeddings.weight
+        if w.dtype != torch.float32 or w.device.type != "cpu":  # packed copies are CPU fp32
+            for m in self.modules():
+                if isinstance(m, Linear):
+                    m.packed = None
         return out
 
     def set_vocab_subset(self, ids: torch.Tensor) -> None:
@@ -216,6 +297,22 @@ class Transformer(nn.Module):
         rows = vocab_subset_rows(ids.cpu(), cfg.vocab_size)
         dev = self.tok_embeddings.weight.device
         self.vocab_ids, self.vocab_rows = ids.to(dev), rows.to(dev)
+
+    def _decoder_plan(self, x: torch.Tensor, cache: KVCache):
+        """The fused CPU layer stack (:mod:`pipespec_fast.cpu_decoder`) when it applies: fp32
+        weights, activations and cache on CPU, and ``use_fused`` (default on)."""
+        if not self.use_fused or x.dtype != torch.float32 or x.device.type != "cpu" or \
+                cache.k.dtype != torch.float32 or cache.k.device.type != "cpu" or \
+                self.tok_embeddings.weight.dtype != torch.float32:
+            return None
+        if self._plan is None:
+            from pipespec_fast import cpu_decoder
+
+            if not cpu_decoder.available():
+                self.use_fused = False
+                return None
+            self._plan = cpu_decoder.DecoderPlan(self)
+        return self._plan
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         """A KV cache for this model (default: the config's context length)."""
@@ -275,9 +372,14 @@ class Transformer(nn.Module):
             else:  # an embedding lookup checks the ids' range without a host sync
                 rows = F.embedding(tokens, self.vocab_rows[:, None]).squeeze(-1)
                 x = self.tok_embeddings(rows)
-            for i, layer in enumerate(self.layers):
-                k_cache, v_cache = cache.layer(i)
-                x = layer(x, cos, sin, k_cache, v_cache, start, bits)
+            plan = self._decoder_plan(x, cache)
+            if plan is not None:  # every layer in one C call (CPU fp32)
+                x = x.contiguous()
+                plan.run(x, cos, sin, bits, cache.k, cache.v, start, current_threads())
+            else:
+                for i, layer in enumerate(self.layers):
+                    k_cache, v_cache = cache.layer(i)
+                    x = layer(x, cos, sin, k_cache, v_cache, start, bits)
             if last_n is not None:
                 x = x[n - last_n :]
             logits = self.output(self.norm(x)).float()

@@ -39,6 +39,9 @@ import numpy as np
 import torch
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "skinny_gemm.c"
+# Compiled into the same library: the weight-compressed GEMM (``quant_gemm``) and the fused
+# decoder layer (``cpu_decoder``), which call the skinny GEMM directly.
+SOURCES = (SOURCE, SOURCE.parent / "quant_gemm.c", SOURCE.parent / "cpu_decoder.c")
 CFLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off")
 ABI_VERSION = 2
 DISABLE_ENV = "PIPESPEC_SKINNY"
@@ -87,7 +90,8 @@ def _build(cc: str) -> Path:
         [cc, "--version"], capture_output=True, text=True, timeout=60, check=True
     ).stdout
     key = hashlib.sha256(
-        b"\0".join([SOURCE.read_bytes(), " ".join(CFLAGS).encode(), version.encode()])
+        b"\0".join([*(p.read_bytes() for p in SOURCES), " ".join(CFLAGS).encode(),
+                  version.encode()])
     ).hexdigest()[:16]
     out = build_dir() / f"skinny_gemm-{key}.so"
     if out.is_file():
@@ -97,7 +101,8 @@ def _build(cc: str) -> Path:
     os.close(fd)
     try:
         proc = subprocess.run(
-            [cc, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300
+            [cc, *CFLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True,
+            timeout=300,
         )
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -122,6 +127,19 @@ def _open(path: Path) -> ctypes.CDLL:
     fn = lib.skinny_gemm_f32
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
+    lib.quant_gemm_supported.restype = ctypes.c_int
+    lib.quant_gemm_supported.argtypes = []
+    lib.quant_gemm_f32.restype = ctypes.c_int
+    lib.quant_gemm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6
+    lib.decoder_supported.restype = ctypes.c_int
+    lib.decoder_supported.argtypes = []
+    lib.decoder_abi_version.restype = ctypes.c_int
+    lib.decoder_abi_version.argtypes = []
+    lib.decoder_layers_f32.restype = ctypes.c_int
+    lib.decoder_layers_f32.argtypes = (
+        [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 6 +
+        [ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2 +
+        [ctypes.c_longlong] + [ctypes.c_int] * 3)
     if lib.skinny_gemm_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{path}: ABI version mismatch")
     if not lib.skinny_gemm_supported():

@@ -94,14 +94,26 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(torch.nn.Module):
-    """A bias-free linear layer that calls :func:`linear` (weights ``[out, in]``)."""
+    """A bias-free linear layer that calls :func:`linear` (weights ``[out, in]``).
+
+    ``packed`` (optional, a :class:`~pipespec_fast.quant.PackedWeight` holding the same values
+    in their storage format) is used instead for fp32 inputs on CPU while the weight itself is
+    fp32 on CPU: fewer bytes per token, the same weights.
+    """
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(torch.empty(out_features, in_features),
                                          requires_grad=False)
+        self.packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.packed
+        if p is not None and x.dtype == torch.float32 and x.device.type == "cpu" and \
+                self.weight.dtype == torch.float32 and self.weight.device.type == "cpu":
+            from pipespec_fast.quant import packed_linear
+
+            return packed_linear(x, p, current_threads())
         return linear(x, self.weight)
 
 

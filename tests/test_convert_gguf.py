@@ -197,8 +197,12 @@ def write_tiny_gguf(
     drop: str | None = None,
     rope_freqs: np.ndarray | None = None,
     linear_scaling: float | None = None,
+    quantize_all: bool = False,
 ) -> dict[str, np.ndarray]:
-    """A small random llama GGUF as llama.cpp lays it out; returns the HF weights it encodes."""
+    """A small random llama GGUF as llama.cpp lays it out; returns the HF weights it encodes.
+
+    Mixed types by default; ``quantize_all``: every matrix Q4_1 but the embedding (Q8_0), as in
+    the real SmolLM2 file."""
     config = LlamaConfig(**TINY, tie_word_embeddings=tied)
     rng = np.random.default_rng(1)
     w = gguf.GGUFWriter(str(path), arch)
@@ -232,6 +236,14 @@ def write_tiny_gguf(
             q = gguf.quants.quantize(stored, QT.Q8_0)
             w.add_tensor(g, q, raw_dtype=QT.Q8_0)
             x = gguf.quants.dequantize(q, QT.Q8_0)
+        elif quantize_all and len(shape) == 2:
+            q = gguf.quants.quantize(stored, QT.Q4_1)
+            w.add_tensor(g, q, raw_dtype=QT.Q4_1)
+            x = gguf.quants.dequantize(q, QT.Q4_1)
+            if ".attn_q." in g:
+                x = unpermute_qk(x, config.n_heads)
+            elif ".attn_k." in g:
+                x = unpermute_qk(x, config.n_kv_heads)
         elif g.endswith("ffn_up.weight"):  # Q4_1
             q = gguf.quants.quantize(stored, QT.Q4_1)
             w.add_tensor(g, q, raw_dtype=QT.Q4_1)

@@ -1,0 +1,98 @@
+"""All decoder layers of a CPU fp32 LLaMA forward in one C call (``csrc/cpu_decoder.c``).
+
+For a 135M model, Python and per-op dispatch cost about as much as the arithmetic of a decode
+step; this path runs RMSNorm, the matmuls (fp32 skinny GEMM or packed weights), RoPE, the KV
+append, verification attention (chains and trees, by ancestor bitmask), SiLU and the residuals
+of every layer in one call that releases the GIL. Same contract and results (to float rounding)
+as ``models.llama.Block`` with ``pipespec_fast.reference.verify_attention``, which remain the
+reference; it is batch invariant (a verified token gets, bit for bit, the hidden state decoding
+it alone gives). ``PIPESPEC_FUSED=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from pipespec_fast import cpu_gemm
+
+__all__ = ["DecoderPlan", "available"]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("attn_norm", ctypes.c_void_p),
+        ("ffn_norm", ctypes.c_void_p),
+        ("w", ctypes.c_void_p * 4),
+        ("kind", ctypes.c_int32 * 4),
+    ]
+
+
+_ERRORS = {-1: "out of memory", -2: "unknown packed weight kind", -3: "unsupported shape"}
+
+
+def available() -> bool:
+    """Whether the fused path can run here (C library built, avx2/fma; not disabled)."""
+    if os.environ.get("PIPESPEC_FUSED", "1") == "0":
+        return False
+    lib = cpu_gemm._load()
+    return lib is not None and bool(lib.decoder_supported())
+
+
+class DecoderPlan:
+    """The layer table of one model for :func:`decoder_layers_f32` (weights pointed to, not
+    copied; rebuild it when the model's weights change)."""
+
+    def __init__(self, model) -> None:
+        cfg = model.config
+        self.n_layers = cfg.n_layers
+        self.dims = (cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.intermediate_size)
+        self.eps = float(cfg.rms_norm_eps)
+        self._keep: list[torch.Tensor] = []  # everything the table points into
+        table = (_Layer * cfg.n_layers)()
+        for i, layer in enumerate(model.layers):
+            row = table[i]
+            row.attn_norm = self._ptr(layer.attention_norm.weight)
+            row.ffn_norm = self._ptr(layer.ffn_norm.weight)
+            mats = (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13,
+                    layer.feed_forward.w2)
+            for j, mod in enumerate(mats):
+                if mod.packed is not None:
+                    row.w[j], row.kind[j] = self._ptr(mod.packed.data), mod.packed.kind
+                else:
+                    row.w[j], row.kind[j] = self._ptr(mod.weight), 0
+        self.table = table
+
+    def _ptr(self, t: torch.Tensor) -> int:
+        t = t.detach()
+        if t.device.type != "cpu" or not t.is_contiguous() or \
+                t.dtype not in (torch.float32, torch.uint8):
+            raise ValueError("DecoderPlan: weights must be contiguous fp32 (or packed) on CPU")
+        self._keep.append(t)
+        return t.data_ptr()
+
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bits: torch.Tensor,
+            k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, threads: int) -> None:
+        """Every layer on ``x: [n, dim]`` (contiguous fp32, **in place**); ``cos, sin:
+        [n, head_dim]``; ``bits: [n, words]`` int32; caches ``[n_layers, kv_heads, max_len,
+        head_dim]`` fp32 contiguous, slots ``[start, start + n)`` written."""
+        n = x.shape[0]
+        dim, n_heads, n_kv, hd, inter = self.dims
+        for t in (x, cos, sin, bits, k_cache, v_cache):
+            if not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError("DecoderPlan.run: tensors must be contiguous and on CPU")
+        if x.dtype != torch.float32 or bits.dtype != torch.int32 or \
+                k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
+            raise TypeError("DecoderPlan.run: fp32 activations and caches, int32 bits")
+        if tuple(x.shape) != (n, dim) or tuple(cos.shape) != (n, hd) or bits.shape[0] != n:
+            raise ValueError("DecoderPlan.run: shape mismatch")
+        max_len = k_cache.shape[2]
+        rc = cpu_gemm._lib.decoder_layers_f32(
+            ctypes.addressof(self.table), self.n_layers, x.data_ptr(), n, dim, n_heads, n_kv,
+            hd, inter, self.eps, cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
+            bits.data_ptr(), bits.shape[1], k_cache.data_ptr(), v_cache.data_ptr(),
+            k_cache.stride(0), max_len, start, max(1, int(threads)))
+        if rc != 0:
+            raise RuntimeError(f"decoder_layers_f32 failed: {_ERRORS.get(rc, rc)}")

@@ -1,0 +1,325 @@
+/*
+ * The decoder layers of a LLaMA on CPU in one call: for a block of n new tokens (a chain or a
+ * tree given by its ancestor bitmask) and every layer, RMSNorm -> QKV -> RoPE -> KV-cache append
+ * -> verification attention -> O -> residual -> RMSNorm -> gate/up -> SiLU * up -> down ->
+ * residual. Same contract as models/llama.py's Block.forward with
+ * pipespec_fast.reference.verify_attention (which stays the reference); it exists because
+ * Python and op dispatch cost more than the arithmetic when decoding a 135M model.
+ *
+ * Matmuls go to skinny_gemm_f32 (fp32 weights) or quant_gemm_f32 (packed weights), both batch
+ * invariant. Everything else is computed per row (norms, RoPE, SiLU) or per (token, head) pair
+ * (attention: keys in slot order, dot products in a fixed 8-lane order, a two-pass softmax)
+ * with the same operations whatever n, the position of the row in the block, the thread count
+ * or the split of the work, so the layer stack is batch invariant too: verifying a block gives
+ * each token bit for bit the hidden state that decoding it alone gives.
+ *
+ * Built with the GEMMs into one library; called through ctypes (the GIL is released).
+ */
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+void skinny_gemm_f32(const float *x, const float *w, float *y, int n, int k, int m, int ldx,
+                     int nthreads);
+int quant_gemm_f32(const float *x, const uint8_t *w, float *y, int n, int k, int m, int ldx,
+                   int kind, int nthreads);
+
+#define DECODER_ABI_VERSION 1
+
+int decoder_abi_version(void) { return DECODER_ABI_VERSION; }
+
+/* One layer's parameters. Matrices in order wqkv [qkv, dim], wo [dim, q], w13 [2 inter, dim],
+ * w2 [dim, inter]; kind 0 = fp32 row-major, else a pipespec_fast.quant kind (packed rows). */
+typedef struct {
+    const float *attn_norm, *ffn_norm;
+    const void *w[4];
+    int32_t kind[4];
+} dec_layer_t;
+
+#if defined(__x86_64__) && defined(__GNUC__)
+
+#include <immintrin.h>
+
+#define INLINE static inline __attribute__((always_inline))
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+INLINE float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    t = _mm_add_ss(t, _mm_shuffle_ps(t, t, _MM_SHUFFLE(1, 1, 1, 1)));
+    return _mm_cvtss_f32(t);
+}
+
+/* sum_j a[j] * b[j] in a fixed order: 8 lanes over blocks of 8, the canonical reduction, then
+ * the tail in order. */
+INLINE float dot(const float *a, const float *b, int d) {
+    __m256 acc = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= d; j += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
+    float s = hsum8(acc);
+    for (; j < d; ++j) s += a[j] * b[j];
+    return s;
+}
+
+/* y[j] += a * x[j] (one fma per element). */
+INLINE void axpy(float *restrict y, float a, const float *restrict x, int d) {
+    const __m256 av = _mm256_set1_ps(a);
+    int j = 0;
+    for (; j + 8 <= d; j += 8)
+        _mm256_storeu_ps(y + j, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+    for (; j < d; ++j) y[j] = fmaf(a, x[j], y[j]);
+}
+
+static void rmsnorm(float *restrict out, const float *restrict x, const float *restrict w,
+                    int dim, float eps) {
+    const float r = 1.0f / sqrtf(dot(x, x, dim) / (float)dim + eps);
+    for (int j = 0; j < dim; ++j) out[j] = w[j] * (x[j] * r);
+}
+
+/* HF half-split RoPE of one head vector in place: v * cos + rotate_half(v) * sin. */
+static void rope(float *restrict v, const float *restrict c, const float *restrict s, int hd) {
+    const int half = hd / 2;
+    float tmp[512];
+    memcpy(tmp, v, (size_t)hd * sizeof(float));
+    for (int j = 0; j < half; ++j) v[j] = tmp[j] * c[j] + (-tmp[j + half]) * s[j];
+    for (int j = half; j < hd; ++j) v[j] = tmp[j] * c[j] + tmp[j - half] * s[j];
+}
+
+/* Four dot products q . k[slot[t]] (t = 0..3), each in exactly dot()'s order. */
+INLINE void dot4(const float *q, const float *k0, const float *k1, const float *k2,
+                 const float *k3, int d, float *out) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int j = 0;
+    for (; j + 8 <= d; j += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + j);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + j), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + j), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + j), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + j), a3);
+    }
+    float s0 = hsum8(a0), s1 = hsum8(a1), s2 = hsum8(a2), s3 = hsum8(a3);
+    for (; j < d; ++j) {
+        s0 += q[j] * k0[j];
+        s1 += q[j] * k1[j];
+        s2 += q[j] * k2[j];
+        s3 += q[j] * k3[j];
+    }
+    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+}
+
+/* exp(x) for 8 lanes (x <= 0 here): Cody-Waite reduction x = k ln2 + r, a degree-6 polynomial
+ * for e^r on |r| <= ln2 / 2 (about 1 ulp), times 2^k; 0 below -87. Per lane, so the same for a
+ * score whatever its neighbours. */
+INLINE __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    const __m256 kf = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(kf, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(kf, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(kf),
+                                                         _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* out[0..hd) = sum_t p[t] * v[slot[t]] / sum, the slots in order; HD8 = hd / 8 when the
+ * accumulators fit in registers (a constant at the call site), else 0 (memory). */
+INLINE void weighted_sum(const int HD8, const float *restrict vc, const int *restrict slots,
+                         const float *restrict p, int cnt, int hd, float inv,
+                         float *restrict out) {
+    if (HD8) {
+        __m256 acc[16];
+        for (int c = 0; c < HD8; ++c) acc[c] = _mm256_setzero_ps();
+        for (int t = 0; t < cnt; ++t) {
+            const __m256 pv = _mm256_set1_ps(p[t]);
+            const float *v = vc + (size_t)slots[t] * hd;
+            for (int c = 0; c < HD8; ++c)
+                acc[c] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * c), acc[c]);
+        }
+        const __m256 iv = _mm256_set1_ps(inv);
+        for (int c = 0; c < HD8; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], iv));
+        return;
+    }
+    memset(out, 0, (size_t)hd * sizeof(float));
+    for (int t = 0; t < cnt; ++t) axpy(out, p[t], vc + (size_t)slots[t] * hd, hd);
+    for (int d = 0; d < hd; ++d) out[d] *= inv;
+}
+
+/* One query (token i, head h) against its keys: every prefix slot, then the new slots of its
+ * ancestors-or-self, in slot order. scratch: 2 * (start + n) floats + as many ints. */
+static void attend(const float *restrict q, const float *restrict kc, const float *restrict vc,
+                   int start, int n, const int32_t *restrict bits, int hd, float scale,
+                   float *restrict scratch, float *restrict out) {
+    const int ctx = start + n;
+    float *sc = scratch, *p = scratch + ctx;
+    int *slots = (int *)(scratch + 2 * (size_t)ctx);
+    int cnt = 0;
+    for (int s = 0; s < start; ++s) slots[cnt++] = s;
+    for (int j = 0; j < n; ++j)
+        if ((bits[j >> 5] >> (j & 31)) & 1) slots[cnt++] = start + j;
+    int t = 0;
+    for (; t + 4 <= cnt; t += 4)
+        dot4(q, kc + (size_t)slots[t] * hd, kc + (size_t)slots[t + 1] * hd,
+             kc + (size_t)slots[t + 2] * hd, kc + (size_t)slots[t + 3] * hd, hd, sc + t);
+    for (; t < cnt; ++t) sc[t] = dot(q, kc + (size_t)slots[t] * hd, hd);
+    float mx = -INFINITY;
+    for (t = 0; t < cnt; ++t) {
+        sc[t] *= scale;
+        mx = sc[t] > mx ? sc[t] : mx;
+    }
+    const __m256 mv = _mm256_set1_ps(mx);
+    for (t = 0; t + 8 <= cnt; t += 8)
+        _mm256_storeu_ps(p + t, exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + t), mv)));
+    if (t < cnt) { /* the tail through the same 8-lane function */
+        float tmp[8] = {0};
+        for (int u = t; u < cnt; ++u) tmp[u - t] = sc[u] - mx;
+        float e[8];
+        _mm256_storeu_ps(e, exp8(_mm256_loadu_ps(tmp)));
+        for (int u = t; u < cnt; ++u) p[u] = e[u - t];
+    }
+    float sum = 0.0f;
+    for (t = 0; t < cnt; ++t) sum += p[t];
+    const float inv = 1.0f / sum;
+    if (hd == 64)
+        weighted_sum(8, vc, slots, p, cnt, hd, inv, out);
+    else if (hd == 128)
+        weighted_sum(16, vc, slots, p, cnt, hd, inv, out);
+    else
+        weighted_sum(0, vc, slots, p, cnt, hd, inv, out);
+}
+
+#pragma GCC pop_options
+
+static void gemm(const float *x, int n, int k, const void *w, int kind, int m, float *y, int nt,
+                 int *err) {
+    if (kind == 0)
+        skinny_gemm_f32(x, (const float *)w, y, n, k, m, k, nt);
+    else if (quant_gemm_f32(x, (const uint8_t *)w, y, n, k, m, k, kind, nt) != 0)
+        *err = -2;
+}
+
+/* Run n tokens through n_layers layers, in place on x [n, dim].
+ *
+ * cosv, sinv: [n, hd] RoPE tables of the tokens' positions. bits: [n, words] ancestor-or-self
+ * masks of the block. k_cache, v_cache: the stage's caches, layer l / kv head g / slot s at
+ * offset l * layer_stride + (g * max_len + s) * hd; slots [start, start + n) are overwritten.
+ * Returns 0, -1 if out of memory, -2 for an unknown weight kind, -3 for a bad shape. */
+int decoder_layers_f32(const dec_layer_t *layers, int n_layers, float *x, int n, int dim,
+                       int n_heads, int n_kv, int hd, int inter, float eps, const float *cosv,
+                       const float *sinv, const int32_t *bits, int words, float *k_cache,
+                       float *v_cache, long long layer_stride, int max_len, int start,
+                       int nthreads) {
+    if (n <= 0) return 0;
+    if (hd > 512 || hd % 2 || n_kv <= 0 || n_heads % n_kv || start + n > max_len ||
+        words < (n + 31) / 32)
+        return -3;
+    const int nt = nthreads < 1 ? 1 : nthreads;
+    const int qo = n_heads * hd, kvo = n_kv * hd, qkvw = qo + 2 * kvo, group = n_heads / n_kv;
+    const float scale = (float)(1.0 / sqrt((double)hd));
+    const int ctx = start + n;
+    float *h = malloc(sizeof(float) * (size_t)n * dim);
+    float *qkv = malloc(sizeof(float) * (size_t)n * qkvw);
+    float *att = malloc(sizeof(float) * (size_t)n * qo);
+    float *gu = malloc(sizeof(float) * (size_t)n * 2 * inter);
+    float *act = malloc(sizeof(float) * (size_t)n * inter);
+    float *o = malloc(sizeof(float) * (size_t)n * dim);
+    float *scores = malloc(sizeof(float) * (size_t)nt * 3 * ctx); /* attend()'s scratch */
+    int err = 0;
+    if (!h || !qkv || !att || !gu || !act || !o || !scores) {
+        err = -1;
+        goto done;
+    }
+    /* Parallelise the per-row and per-(token, head) work only when it is worth a fork. */
+    const int rows_par = n >= 16 && nt > 1;
+    const int att_par = nt > 1 && (long long)n * n_heads * ctx >= 16384;
+    for (int l = 0; l < n_layers && !err; ++l) {
+        const dec_layer_t *L = &layers[l];
+        float *kl = k_cache + (size_t)l * layer_stride, *vl = v_cache + (size_t)l * layer_stride;
+#pragma omp parallel for num_threads(nt) if (rows_par) schedule(static)
+        for (int i = 0; i < n; ++i)
+            rmsnorm(h + (size_t)i * dim, x + (size_t)i * dim, L->attn_norm, dim, eps);
+        gemm(h, n, dim, L->w[0], L->kind[0], qkvw, qkv, nt, &err);
+#pragma omp parallel for num_threads(nt) if (rows_par) schedule(static)
+        for (int i = 0; i < n; ++i) {
+            float *r = qkv + (size_t)i * qkvw;
+            const float *c = cosv + (size_t)i * hd, *s = sinv + (size_t)i * hd;
+            for (int hh = 0; hh < n_heads + n_kv; ++hh) rope(r + (size_t)hh * hd, c, s, hd);
+            for (int g = 0; g < n_kv; ++g) {
+                const size_t slot = ((size_t)g * max_len + (size_t)(start + i)) * hd;
+                memcpy(kl + slot, r + qo + (size_t)g * hd, sizeof(float) * hd);
+                memcpy(vl + slot, r + qo + kvo + (size_t)g * hd, sizeof(float) * hd);
+            }
+        }
+#pragma omp parallel for num_threads(nt) if (att_par) schedule(static)
+        for (int p = 0; p < n * n_heads; ++p) {
+            const int i = p / n_heads, hh = p % n_heads, g = hh / group;
+#ifdef _OPENMP
+            float *sc = scores + (size_t)omp_get_thread_num() * 3 * ctx;
+#else
+            float *sc = scores;
+#endif
+            attend(qkv + (size_t)i * qkvw + (size_t)hh * hd, kl + (size_t)g * max_len * hd,
+                   vl + (size_t)g * max_len * hd, start, n, bits + (size_t)i * words, hd, scale,
+                   sc, att + (size_t)i * qo + (size_t)hh * hd);
+        }
+        gemm(att, n, qo, L->w[1], L->kind[1], dim, o, nt, &err);
+        for (size_t j = 0; j < (size_t)n * dim; ++j) x[j] += o[j];
+#pragma omp parallel for num_threads(nt) if (rows_par) schedule(static)
+        for (int i = 0; i < n; ++i)
+            rmsnorm(h + (size_t)i * dim, x + (size_t)i * dim, L->ffn_norm, dim, eps);
+        gemm(h, n, dim, L->w[2], L->kind[2], 2 * inter, gu, nt, &err);
+#pragma omp parallel for num_threads(nt) if (rows_par) schedule(static)
+        for (int i = 0; i < n; ++i) {
+            const float *g = gu + (size_t)i * 2 * inter, *u = g + inter;
+            float *a = act + (size_t)i * inter;
+            for (int j = 0; j < inter; ++j) a[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+        }
+        gemm(act, n, inter, L->w[3], L->kind[3], dim, o, nt, &err);
+        for (size_t j = 0; j < (size_t)n * dim; ++j) x[j] += o[j];
+    }
+done:
+    free(h);
+    free(qkv);
+    free(att);
+    free(gu);
+    free(act);
+    free(o);
+    free(scores);
+    return err;
+}
+
+int decoder_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+#else
+
+int decoder_supported(void) { return 0; }
+int decoder_layers_f32(const dec_layer_t *layers, int n_layers, float *x, int n, int dim,
+                       int n_heads, int n_kv, int hd, int inter, float eps, const float *cosv,
+                       const float *sinv, const int32_t *bits, int words, float *k_cache,
+                       float *v_cache, long long layer_stride, int max_len, int start,
+                       int nthreads) {
+    return -3;
+}
+
+#endif

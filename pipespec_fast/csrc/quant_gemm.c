@@ -1,0 +1,239 @@
+/*
+ * Weight-compressed fp32 GEMM for CPU decoding: y[n, m] = x[n, k] @ dequant(w)[m, k]^T, with x and
+ * y fp32 and the weight kept in its storage format, dequantised in registers:
+ *
+ *   kind 1  F16   w[o] = k halves (2 bytes each); exact conversion to fp32
+ *   kind 2  Q4_1  per 32 values: fp16 d, fp16 m, 16 bytes of nibbles (value j < 16 in the low
+ *                 nibble of byte j, value j + 16 in its high nibble); w = fl(fl(q * d) + m)
+ *   kind 3  Q8_0  per 32 values: fp16 d, 32 int8; w = fl(q * d)
+ *
+ * The dequantised values are bit-identical to ggml's (and to this project's converter's numpy
+ * dequantisation: a multiply, then an add, each rounded to fp32; no FMA), so the product uses
+ * exactly the fp32 weights of the converted checkpoint while reading 2x (F16), 6.4x (Q4_1) or
+ * 3.8x (Q8_0) fewer bytes. Decoding on a CPU is bound by those bytes.
+ *
+ * Batch invariance: y[i, o] is always computed by the same sequence of operations, whatever n,
+ * i, the kernel shape, the thread count or the work split:
+ *
+ *   acc[0..15] = 0
+ *   for each chunk c of 16 consecutive k (c = 0, 1, ...): acc[j] = fma(x[i, 16c + j], w[o, 16c + j], acc[j])
+ *   a[j] = acc[j] + acc[j + 8]; s[j] = a[j] + a[j + 4]       (j = 0..7, then 0..3)
+ *   y[i, o] = (s[0] + s[2]) + (s[1] + s[3])
+ *
+ * so row i of a batched call equals the 1-row call on x[i] bit for bit (greedy speculative
+ * decoding reproduces the target's own greedy tokens). Built with -ffp-contract=off, no
+ * -ffast-math. Needs AVX-512F, FMA and F16C (checked by quant_gemm_supported); k must be a
+ * multiple of 32 for Q4_1/Q8_0 and of 16 for F16 (the Python side checks).
+ */
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+enum { KIND_F16 = 1, KIND_Q4_1 = 2, KIND_Q8_0 = 3 };
+
+/* Bytes per stored weight row of k values. */
+long long quant_row_bytes(int kind, int k) {
+    switch (kind) {
+    case KIND_F16: return 2LL * k;
+    case KIND_Q4_1: return (long long)(k / 32) * 20;
+    case KIND_Q8_0: return (long long)(k / 32) * 34;
+    default: return -1;
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+
+#include <immintrin.h>
+
+int quant_gemm_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+}
+
+#define INLINE static inline __attribute__((always_inline))
+#define QTILE 4  /* weight rows per tile (threads split tiles) */
+#define QGROUP 8 /* rows of x per kernel call */
+#define PF_ROWS 8 /* software prefetch distance in weight rows (measured: 8 > 4, 16, 32) */
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma,f16c")
+
+INLINE float reduce16(__m512 v) {
+    const __m256 lo = _mm512_castps512_ps256(v);
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    const __m256 a = _mm256_add_ps(lo, hi);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));                    /* s0+s2, s1+s3 */
+    t = _mm_add_ss(t, _mm_shuffle_ps(t, t, _MM_SHUFFLE(1, 1, 1, 1))); /* (s0+s2)+(s1+s3) */
+    return _mm_cvtss_f32(t);
+}
+
+INLINE float half_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* One 32-value block as two 16-lane vectors (values 0..15 and 16..31). */
+INLINE void deq_q4_1(const uint8_t *blk, __m512 *w0, __m512 *w1) {
+    const __m512 d = _mm512_set1_ps(half_at(blk));
+    const __m512 m = _mm512_set1_ps(half_at(blk + 2));
+    const __m128i v = _mm_loadu_si128((const __m128i *)(blk + 4));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(v, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+    *w0 = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), d), m);
+    *w1 = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), d), m);
+}
+
+INLINE void deq_q8_0(const uint8_t *blk, __m512 *w0, __m512 *w1) {
+    const __m512 d = _mm512_set1_ps(half_at(blk));
+    const __m128i a = _mm_loadu_si128((const __m128i *)(blk + 2));
+    const __m128i b = _mm_loadu_si128((const __m128i *)(blk + 18));
+    *w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)), d);
+    *w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), d);
+}
+
+/* R rows of x against C weight rows over all k. KIND, R and C are constants at every call site
+ * (the switch below), so the loops unroll and the accumulators live in registers. */
+INLINE void qkern(const int KIND, const int R, const int C, const float *restrict x, size_t ldx,
+                  const uint8_t *restrict w, size_t ldw, float *restrict y, size_t ldy, int k) {
+    __m512 acc[QGROUP][QTILE];
+    const size_t pf = PF_ROWS * ldw; /* prefetch distance: the rows two tiles ahead */
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+    if (KIND == KIND_F16) {
+        for (int q = 0; q < k / 16; ++q) {
+            __m512 wv[QTILE];
+            for (int c = 0; c < C; ++c)
+                _mm_prefetch((const char *)(w + c * ldw + (size_t)q * 32) + pf, _MM_HINT_T0);
+            for (int c = 0; c < C; ++c)
+                wv[c] = _mm512_cvtph_ps(
+                    _mm256_loadu_si256((const __m256i *)(w + c * ldw + (size_t)q * 32)));
+            for (int r = 0; r < R; ++r) {
+                const __m512 xv = _mm512_loadu_ps(x + r * ldx + (size_t)q * 16);
+                for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+            }
+        }
+    } else {
+        const size_t bb = KIND == KIND_Q4_1 ? 20 : 34;
+        for (int b = 0; b < k / 32; ++b) {
+            __m512 w0[QTILE], w1[QTILE];
+            for (int c = 0; c < C; ++c)
+                _mm_prefetch((const char *)(w + c * ldw + (size_t)b * bb) + pf, _MM_HINT_T0);
+            for (int c = 0; c < C; ++c) {
+                if (KIND == KIND_Q4_1)
+                    deq_q4_1(w + c * ldw + (size_t)b * bb, &w0[c], &w1[c]);
+                else
+                    deq_q8_0(w + c * ldw + (size_t)b * bb, &w0[c], &w1[c]);
+            }
+            for (int r = 0; r < R; ++r) {
+                const __m512 x0 = _mm512_loadu_ps(x + r * ldx + (size_t)b * 32);
+                const __m512 x1 = _mm512_loadu_ps(x + r * ldx + (size_t)b * 32 + 16);
+                for (int c = 0; c < C; ++c) {
+                    acc[r][c] = _mm512_fmadd_ps(x0, w0[c], acc[r][c]);
+                    acc[r][c] = _mm512_fmadd_ps(x1, w1[c], acc[r][c]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) y[r * ldy + c] = reduce16(acc[r][c]);
+}
+
+#define QK(KIND_, R_, C_)                                                                     \
+    case (R_) * 8 + (C_): qkern(KIND_, R_, C_, x, ldx, w, ldw, y, ldy, k); return
+
+#define QK_ROWS(KIND_, C_)                                                                    \
+    QK(KIND_, 1, C_); QK(KIND_, 2, C_); QK(KIND_, 3, C_); QK(KIND_, 4, C_);                  \
+    QK(KIND_, 5, C_); QK(KIND_, 6, C_); QK(KIND_, 7, C_); QK(KIND_, 8, C_)
+
+/* C <= 4 weight rows for r <= 4 x rows, C <= 2 for r <= 8: at most 16 accumulators. */
+#define QK_KIND(NAME, KIND_)                                                                  \
+    static void NAME(int r, int c, const float *x, size_t ldx, const uint8_t *w, size_t ldw,  \
+                     float *y, size_t ldy, int k) {                                           \
+        switch (r * 8 + c) {                                                                  \
+            QK_ROWS(KIND_, 1);                                                                \
+            QK_ROWS(KIND_, 2);                                                                \
+            QK(KIND_, 1, 4); QK(KIND_, 2, 4); QK(KIND_, 3, 4); QK(KIND_, 4, 4);              \
+        default: return;                                                                      \
+        }                                                                                     \
+    }
+
+QK_KIND(kernel_f16, KIND_F16)
+QK_KIND(kernel_q4_1, KIND_Q4_1)
+QK_KIND(kernel_q8_0, KIND_Q8_0)
+
+#pragma GCC pop_options
+
+typedef void (*qkernel_fn)(int, int, const float *, size_t, const uint8_t *, size_t, float *,
+                           size_t, int);
+
+static void q_range(qkernel_fn fn, const float *x, size_t ldx, const uint8_t *w, size_t ldw,
+                    float *y, int n, int k, int m, int o_begin, int o_end) {
+    for (int o = o_begin; o < o_end; o += QTILE) {
+        const int ct = o_end - o < QTILE ? o_end - o : QTILE;
+        for (int r0 = 0; r0 < n; r0 += QGROUP) {
+            const int r = n - r0 < QGROUP ? n - r0 : QGROUP;
+            const int cmax = r <= 4 ? 4 : 2;
+            for (int c0 = 0; c0 < ct; c0 += cmax) {
+                const int c = ct - c0 < cmax ? ct - c0 : cmax;
+                fn(r, c == 3 ? 2 : c, x + (size_t)r0 * ldx, ldx, w + (size_t)(o + c0) * ldw, ldw,
+                   y + (size_t)r0 * m + o + c0, (size_t)m, k);
+                if (c == 3) /* no 3-column kernel: 2 + 1 */
+                    fn(r, 1, x + (size_t)r0 * ldx, ldx, w + (size_t)(o + c0 + 2) * ldw, ldw,
+                       y + (size_t)r0 * m + o + c0 + 2, (size_t)m, k);
+            }
+        }
+    }
+}
+
+/* y[n, m] = x[n, k] (row stride ldx) @ dequant(w)^T; returns 0, or -1 for a bad kind or k. */
+int quant_gemm_f32(const float *x, const uint8_t *w, float *y, int n, int k, int m, int ldx,
+                   int kind, int nthreads) {
+    qkernel_fn fn;
+    switch (kind) {
+    case KIND_F16: fn = kernel_f16; if (k % 16) return -1; break;
+    case KIND_Q4_1: fn = kernel_q4_1; if (k % 32) return -1; break;
+    case KIND_Q8_0: fn = kernel_q8_0; if (k % 32) return -1; break;
+    default: return -1;
+    }
+    if (n <= 0 || m <= 0) return 0;
+    const size_t ldw = (size_t)quant_row_bytes(kind, k);
+    const int tiles = (m + QTILE - 1) / QTILE;
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if (nt > tiles) nt = tiles;
+#ifdef _OPENMP
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        {
+            const int t = omp_get_thread_num(), T = omp_get_num_threads();
+            const int tb = (int)((long long)tiles * t / T);
+            const int te = (int)((long long)tiles * (t + 1) / T);
+            const int ob = tb * QTILE, oe = te * QTILE < m ? te * QTILE : m;
+            if (ob < oe) q_range(fn, x, (size_t)ldx, w, ldw, y, n, k, m, ob, oe);
+        }
+    } else
+#endif
+    {
+        q_range(fn, x, (size_t)ldx, w, ldw, y, n, k, m, 0, m);
+    }
+    return 0;
+}
+
+#else
+
+int quant_gemm_supported(void) { return 0; }
+int quant_gemm_f32(const float *x, const uint8_t *w, float *y, int n, int k, int m, int ldx,
+                   int kind, int nthreads) {
+    (void)x; (void)w; (void)y; (void)n; (void)k; (void)m; (void)ldx; (void)kind; (void)nthreads;
+    return -1;
+}
+
+#endif

@@ -1,0 +1,209 @@
+"""The fused CPU layer stack (``pipespec_fast.cpu_decoder``) against the torch layers, its batch
+invariance, and models that run on packed weights (fp16 checkpoints, converted GGUF blocks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from models.checkpoint import PACKED_FILE, CheckpointError, load_packed, save_state_dict
+from models.config import LlamaConfig
+from models.llama import Transformer
+from pipespec_fast import cpu_decoder, quant
+from tests.tiny import build, random_hf_state, tiny_config
+
+needs_fused = pytest.mark.skipif(not cpu_decoder.available(),
+                                 reason="fused CPU decoder needs gcc and an AVX2/FMA CPU")
+needs_packed = pytest.mark.skipif(
+    not quant.available(), reason="packed-weight kernel needs gcc and an AVX-512F/FMA/F16C CPU")
+
+# (dim, n_heads, n_kv): head_dim 8 (generic value sum), 20 (dot-product tail), 64 and 128
+# (register accumulators); GQA groups 1, 2, 3 and 4.
+SHAPES = [(32, 4, 2), (40, 2, 1), (128, 2, 2), (256, 2, 1), (96, 12, 3)]
+
+
+def pair(dim: int, n_heads: int, n_kv: int, seed: int = 0, **kw):
+    """The same weights twice: the torch layers (reference) and the fused path."""
+    cfg = tiny_config(vocab=80, dim=dim, n_heads=n_heads, n_kv_heads=n_kv, n_layers=3, **kw)
+    sd = random_hf_state(cfg, seed, std=0.2)
+    ref, fused = build(cfg, sd), build(cfg, sd)
+    ref.use_fused = False
+    return ref, fused
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 2e-4) -> bool:
+    return (a - b).abs().max().item() <= tol * (1 + b.abs().max().item())
+
+
+@needs_fused
+@pytest.mark.parametrize("dim,n_heads,n_kv", SHAPES)
+def test_fused_matches_torch_layers_chain(dim, n_heads, n_kv) -> None:
+    ref, fused = pair(dim, n_heads, n_kv)
+    ids = torch.randint(0, 80, (23,), generator=torch.Generator().manual_seed(1))
+    cr, cf = ref.new_cache(64), fused.new_cache(64)
+    assert close(fused(ids[:17], cf), ref(ids[:17], cr))  # prefill
+    for i in range(17, 23, 2):  # then blocks of 2 and single tokens
+        assert close(fused(ids[i : i + 2], cf), ref(ids[i : i + 2], cr))
+    assert cf.length == cr.length == 23
+    assert close(cf.k[:, :, :23], cr.k[:, :, :23]) and close(cf.v[:, :, :23], cr.v[:, :, :23])
+
+
+@needs_fused
+@pytest.mark.parametrize("dim,n_heads,n_kv", SHAPES[:3])
+def test_fused_matches_torch_layers_tree(dim, n_heads, n_kv) -> None:
+    ref, fused = pair(dim, n_heads, n_kv, seed=3)
+    prompt = torch.randint(0, 80, (9,), generator=torch.Generator().manual_seed(2))
+    cr, cf = ref.new_cache(64), fused.new_cache(64)
+    ref(prompt, cr), fused(prompt, cf)
+    parents = torch.tensor([-1, 0, 0, 1, 1, 2, 3, -1, 7])  # two roots, branching
+    nodes = torch.randint(0, 80, (9,), generator=torch.Generator().manual_seed(4))
+    assert close(fused(nodes, cf, parents=parents), ref(nodes, cr, parents=parents))
+
+
+@needs_fused
+def test_fused_matches_transformers_llama3() -> None:
+    from tests.test_model import LLAMA3, hf_pair
+
+    hm, ours = hf_pair(6, 2, True, LLAMA3)
+    assert ours.use_fused
+    ids = torch.randint(0, 101, (30,), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = hm(ids[None]).logits[0]
+    assert (ours(ids, ours.new_cache(64)) - want).abs().max().item() <= 1e-4
+
+
+@needs_fused
+@pytest.mark.parametrize("dim,n_heads,n_kv", [(32, 4, 2), (128, 2, 1)])
+def test_fused_is_batch_invariant(dim, n_heads, n_kv) -> None:
+    """A verified block gives each token, bit for bit, the logits and cache entries of
+    decoding it alone (what makes greedy speculative decoding reproduce AR exactly)."""
+    _, m = pair(dim, n_heads, n_kv, seed=7)
+    ids = torch.randint(0, 80, (20,), generator=torch.Generator().manual_seed(8))
+    c = m.new_cache(64)
+    m(ids[:12], c)
+    block = m(ids[12:], c)
+    k_block = c.k[:, :, 12:20].clone()
+    c.rollback(12)
+    singles = torch.cat([m(ids[i : i + 1], c) for i in range(12, 20)])
+    assert torch.equal(block, singles)
+    assert torch.equal(c.k[:, :, 12:20], k_block)
+
+
+@needs_fused
+def test_fused_switch_off(monkeypatch) -> None:
+    monkeypatch.setenv("PIPESPEC_FUSED", "0")
+    assert not cpu_decoder.available()
+    ref, m = pair(32, 4, 2)
+    ids = torch.arange(10)
+    out = m(ids, m.new_cache(32))
+    assert m._plan is None and not m.use_fused
+    assert torch.equal(out, ref(ids, ref.new_cache(32)))
+
+
+@needs_fused
+def test_decoder_plan_argument_errors() -> None:
+    _, m = pair(32, 4, 2)
+    c = m.new_cache(16)
+    plan = cpu_decoder.DecoderPlan(m)
+    x = torch.zeros(2, 32)
+    cs = torch.zeros(2, 8)
+    bits = torch.zeros(2, 1, dtype=torch.int32)
+    with pytest.raises(TypeError, match="fp32"):
+        plan.run(x.double(), cs, cs, bits, c.k, c.v, 0, 1)
+    with pytest.raises(ValueError, match="shape"):
+        plan.run(x, torch.zeros(3, 8), cs, bits, c.k, c.v, 0, 1)
+    with pytest.raises(RuntimeError, match="unsupported shape"):
+        plan.run(x, cs, cs, bits, c.k, c.v, 15, 1)  # past max_len
+
+
+# ------------------------------------------------------------------ packed-weight models
+
+
+def save_fp16_checkpoint(path: Path, tie: bool = False) -> tuple[LlamaConfig, dict]:
+    cfg = tiny_config(vocab=96, dim=64, n_heads=4, n_kv_heads=2, n_layers=2, tie=tie)
+    sd = {k: v.half() for k, v in random_hf_state(cfg, 11, std=0.2).items()}
+    save_state_dict(path, sd, cfg)
+    return cfg, sd
+
+
+@needs_packed
+@pytest.mark.parametrize("tie", [False, True])
+def test_fp16_checkpoint_runs_packed(tmp_path: Path, tie: bool) -> None:
+    save_fp16_checkpoint(tmp_path, tie)
+    dense = Transformer.from_pretrained(tmp_path, packed=False)
+    m = Transformer.from_pretrained(tmp_path)
+    assert dense.packed_bytes() == 0
+    # every matmul packed: 4 per layer and the head; fp16 = half the fp32 bytes
+    assert m.packed_bytes() == sum(2 * w.numel() for name, w in m.named_parameters()
+                                   if name.endswith(("wqkv.weight", "wo.weight", "w13.weight",
+                                                     "w2.weight"))) + 2 * m.output.weight.numel()
+    ids = torch.randint(0, 96, (15,), generator=torch.Generator().manual_seed(0))
+    assert close(m(ids, m.new_cache(32)), dense(ids, dense.new_cache(32)))
+    c = m.new_cache(32)
+    m(ids[:10], c)
+    block = m(ids[10:], c)
+    c.rollback(10)
+    assert torch.equal(block, torch.cat([m(ids[i : i + 1], c) for i in range(10, 15)]))
+
+
+@needs_packed
+def test_packed_copies_dropped_off_cpu_fp32(tmp_path: Path) -> None:
+    save_fp16_checkpoint(tmp_path)
+    m = Transformer.from_pretrained(tmp_path)
+    assert m.packed_bytes() > 0
+    m = m.to(torch.bfloat16)
+    assert m.packed_bytes() == 0
+    out = m(torch.arange(5), m.new_cache(8))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_packed_file_errors_name_the_tensor(tmp_path: Path) -> None:
+    cfg, sd = save_fp16_checkpoint(tmp_path)
+    name = "model.layers.0.mlp.down_proj.weight"  # [64, 128]
+    good = quant.quantize(sd[name].float(), quant.Q8_0)
+    save_file({name: good[:, :-1].contiguous()}, str(tmp_path / PACKED_FILE),
+              metadata={"kinds": json.dumps({name: quant.Q8_0})})
+    with pytest.raises(CheckpointError, match=f"{name} is torch.uint8 \\[64, 135\\]"):
+        load_packed(tmp_path, cfg)
+    save_file({name: good}, str(tmp_path / PACKED_FILE), metadata={"kinds": "{}"})
+    with pytest.raises(CheckpointError, match=f"{name} has no valid kind"):
+        load_packed(tmp_path, cfg)
+    save_file({"model.norm.weight": good}, str(tmp_path / PACKED_FILE),
+              metadata={"kinds": json.dumps({"model.norm.weight": quant.Q8_0})})
+    with pytest.raises(CheckpointError, match="model.norm.weight is not a weight matrix"):
+        load_packed(tmp_path, cfg)
+
+
+@needs_packed
+def test_packed_values_must_match_the_checkpoint(tmp_path: Path) -> None:
+    cfg, sd = save_fp16_checkpoint(tmp_path)
+    name = "model.layers.1.mlp.down_proj.weight"
+    other = quant.quantize(torch.randn(64, 128), quant.Q8_0)
+    save_file({name: other}, str(tmp_path / PACKED_FILE),
+              metadata={"kinds": json.dumps({name: quant.Q8_0})})
+    with pytest.raises(ValueError, match=f"packed {name} does not hold the checkpoint's"):
+        Transformer.from_pretrained(tmp_path)
+
+
+@needs_packed
+def test_converted_gguf_runs_on_its_blocks(tmp_path: Path) -> None:
+    """Every matrix of a Q4_1 / Q8_0 GGUF stays in its blocks (fused QKV and gate/up
+    included); logits equal the fp32 weights' up to float rounding."""
+    from models.convert_gguf import convert_gguf
+    from tests.test_convert_gguf import write_tiny_gguf
+
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src, tied=True, quantize_all=True)
+    out = convert_gguf(src, tmp_path / "out", tokenizer=False, progress=False)
+    dense = Transformer.from_pretrained(out, packed=False)
+    m = Transformer.from_pretrained(out)
+    kinds = {mod.packed.kind for mod in m.modules() if getattr(mod, "packed", None) is not None}
+    assert kinds == {quant.Q4_1, quant.Q8_0}
+    n_packed = sum(getattr(mod, "packed", None) is not None for mod in m.modules())
+    assert n_packed == 4 * m.config.n_layers + 1
+    ids = torch.randint(0, m.config.vocab_size, (12,), generator=torch.Generator().manual_seed(3))
+    assert close(m(ids, m.new_cache(32)), dense(ids, dense.new_cache(32)))

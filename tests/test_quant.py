@@ -1,0 +1,109 @@
+"""Packed weights (``pipespec_fast.quant``): the C kernel against the torch reference, batch
+invariance, bit-exact dequantisation against ggml's layout, and argument errors."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from models.convert_gguf import dequantize as numpy_dequantize
+from pipespec_fast import quant
+from pipespec_fast.quant import F16, Q4_1, Q8_0, PackedWeight
+
+needs_kernel = pytest.mark.skipif(
+    not quant.available(), reason="packed-weight kernel needs gcc and an AVX-512F/FMA/F16C CPU")
+KINDS = [F16, Q4_1, Q8_0]
+GGML = {Q4_1: gguf.GGMLQuantizationType.Q4_1, Q8_0: gguf.GGMLQuantizationType.Q8_0}
+
+
+def packed(m: int, k: int, kind: int, seed: int = 0) -> PackedWeight:
+    w = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+    return PackedWeight(quant.quantize(w, kind), kind, k)
+
+
+@pytest.mark.parametrize("kind", [Q4_1, Q8_0])
+def test_reference_dequantize_matches_ggml(kind) -> None:
+    """Our blocks are ggml's: gguf's quantiser output decodes identically with ours, with the
+    converter's numpy decoder and with gguf's own."""
+    x = np.random.default_rng(0).standard_normal((6, 96)).astype(np.float32)
+    q = gguf.quants.quantize(x, GGML[kind])
+    ours = quant.dequantize(torch.from_numpy(np.ascontiguousarray(q)), kind, 96).numpy()
+    np.testing.assert_array_equal(ours, gguf.quants.dequantize(q, GGML[kind]))
+    np.testing.assert_array_equal(ours, numpy_dequantize(q, int(GGML[kind])))
+
+
+@pytest.mark.parametrize("kind", [Q4_1, Q8_0])
+def test_quantize_round_trip_is_close(kind) -> None:
+    w = torch.randn(8, 64)
+    back = quant.dequantize(quant.quantize(w, kind), kind, 64)
+    assert (back - w).abs().max() < (0.35 if kind == Q4_1 else 0.03)
+
+
+def test_f16_pack_is_exact() -> None:
+    w = torch.randn(5, 48).half()
+    pw = PackedWeight.from_half(w)
+    assert pw.shape == (5, 48) and pw.kind == F16
+    assert torch.equal(pw.dequantize(), w.float())
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("m,k", [(1, 32), (7, 64), (13, 96), (64, 160)])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 9, 17])
+def test_kernel_matches_reference(kind, m, k, n) -> None:
+    pw = packed(m, k, kind, seed=m + k)
+    x = torch.randn(n, k, generator=torch.Generator().manual_seed(n))
+    ref = x.double() @ pw.dequantize().double().T
+    for threads in (1, 2):
+        y = quant.packed_linear(x, pw, threads)
+        assert y.shape == (n, m) and y.dtype == torch.float32
+        assert (y.double() - ref).abs().max().item() <= 1e-5 * (1 + ref.abs().max().item())
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", KINDS)
+def test_kernel_is_batch_invariant(kind) -> None:
+    """Row i of any batch equals the 1-row product bit for bit, whatever n and threads."""
+    pw = packed(37, 128, kind)
+    x = torch.randn(12, 128)
+    singles = torch.cat([quant.packed_linear(x[i : i + 1], pw, 1) for i in range(12)])
+    for n in (2, 3, 5, 8, 12):
+        for threads in (1, 2):
+            assert torch.equal(quant.packed_linear(x[:n], pw, threads), singles[:n])
+
+
+@needs_kernel
+def test_kernel_reads_strided_rows() -> None:
+    pw = packed(9, 64, Q4_1)
+    big = torch.randn(4, 100)
+    x = big[:, 10:74]  # row stride 100
+    assert torch.equal(quant.packed_linear(x, pw), quant.packed_linear(x.contiguous(), pw))
+
+
+def test_fallback_without_kernel(monkeypatch) -> None:
+    monkeypatch.setattr(quant, "_supported", False)
+    pw = packed(5, 64, Q8_0)
+    x = torch.randn(3, 64)
+    assert torch.allclose(quant.packed_linear(x, pw), x @ pw.dequantize().T, atol=1e-5)
+
+
+def test_argument_errors() -> None:
+    with pytest.raises(ValueError, match="k % 32"):
+        quant.row_bytes(Q4_1, 48)
+    with pytest.raises(ValueError, match="k % 16"):
+        quant.row_bytes(F16, 40)
+    with pytest.raises(ValueError, match="unknown packed weight kind"):
+        quant.row_bytes(7, 64)
+    with pytest.raises(TypeError, match="uint8"):
+        PackedWeight(torch.zeros(2, 40), Q4_1, 64)
+    with pytest.raises(ValueError, match="rows of 41 bytes, expected 40"):
+        PackedWeight(torch.zeros(2, 41, dtype=torch.uint8), Q4_1, 64)
+    with pytest.raises(TypeError, match="fp16"):
+        PackedWeight.from_half(torch.zeros(2, 32))
+    pw = packed(3, 64, Q4_1)
+    with pytest.raises(ValueError, match="shapes"):
+        quant.packed_linear(torch.zeros(2, 32), pw)
+    with pytest.raises(TypeError, match="float32"):
+        quant.packed_linear(torch.zeros(2, 64, dtype=torch.float64), pw)

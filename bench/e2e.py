@@ -114,8 +114,9 @@ class OursSystem:
         self.memory_mb = 0.0
         for st in stages:
             model, cache = getattr(st, "model", None), getattr(st, "cache", None)
-            if model is not None:
+            if model is not None:  # fp32 weights and any packed copies (both are held)
                 self.memory_mb += _param_mb(model)
+                self.memory_mb += getattr(model, "packed_bytes", lambda: 0)() / 2**20
             if cache is not None:
                 self.memory_mb += (cache.k.numel() * cache.k.element_size() * 2) / 2**20
 
@@ -129,7 +130,13 @@ class OursSystem:
         if self.mode == "pipespec" and len(res.stage_stats) > 1:
             try:
                 pred = self.pipe.predict(res)
-                out["predicted_tokens_per_s"] = pred.pipespec_tokens_per_s
+                # the model is about the steady state: add the target's measured prefill
+                prefill = sum(b - a for a, b, kind in res.stage_stats[-1].timeline
+                              if kind == "prefill")
+                out["predicted_steady_tokens_per_s"] = pred.pipespec_tokens_per_s
+                out["prefill_s"] = prefill
+                out["predicted_tokens_per_s"] = pred.end_to_end_tokens_per_s(
+                    st["new_tokens"], prefill)
             except ValueError as e:
                 out["predicted_error"] = str(e)
         return out

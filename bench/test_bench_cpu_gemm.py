@@ -1,8 +1,12 @@
-"""CPU fp32 matmuls of one SmolLM2-135M forward: skinny GEMM vs numpy/OpenBLAS vs torch.
+"""CPU fp32 matmuls of one SmolLM2-135M forward: skinny GEMM vs packed weights vs numpy/OpenBLAS
+vs torch.
 
 One "pass" is the 121 products ``y = x @ W.T`` of a forward over ``n`` rows: 30 layers of
 (960, 576) qkv, (576, 576) o, (3072, 576) gate+up, (576, 1536) down, plus the (49152, 576) head
 (random fp32 weights of those shapes, 537 MB, so every pass streams them from DRAM).
+``packed``: the same products on the weights quantised as the default GGUF stores them (Q4_1
+layers, Q8_0 head; 96 MB), through ``pipespec_fast.quant`` (fp32 arithmetic on the dequantised
+values).
 
 Script mode (interleaved variants, several repetitions, medians; prints a Markdown table)::
 
@@ -38,7 +42,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipespec_fast import cpu_gemm  # noqa: E402
+from pipespec_fast import cpu_gemm, quant  # noqa: E402
 
 LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 N_LAYERS = 30
@@ -69,9 +73,30 @@ def threads_for(kind: str, threads: int):
         torch.set_num_threads(before)
 
 
+_PACKED: dict[int, list] = {}
+
+
+def packed_weights(ws: list[torch.Tensor]) -> list:
+    """``ws`` as the default GGUF stores them: Q4_1 layers, Q8_0 head (cached)."""
+    if id(ws) not in _PACKED:
+        _PACKED[id(ws)] = [
+            quant.PackedWeight(quant.quantize(w, quant.Q8_0 if w.shape == HEAD_SHAPE
+                                              else quant.Q4_1), quant.Q8_0 if
+                               w.shape == HEAD_SHAPE else quant.Q4_1, w.shape[1])
+            for w in ws]
+    return _PACKED[id(ws)]
+
+
 def make_pass(kind: str, threads: int, ws: list[torch.Tensor], xs: dict[int, torch.Tensor]):
     """A zero-argument callable running the 121 products once."""
-    if kind in ("skinny", "skinny-avx2"):
+    if kind == "packed":
+        pairs = [(xs[w.k], w) for w in packed_weights(ws)]
+
+        def run():
+            for x, w in pairs:
+                quant.packed_linear(x, w, threads)
+
+    elif kind in ("skinny", "skinny-avx2"):
         pairs = [(xs[w.shape[1]], w) for w in ws]
 
         def run():
@@ -112,6 +137,8 @@ def variants(n: int) -> list[tuple[str, int]]:
         if cpu_gemm.set_isa("avx512") == "avx512":  # also show the AVX2-only path
             out += [("skinny-avx2", 1), ("skinny-avx2", 2)]
         cpu_gemm.set_isa("auto")
+    if quant.available():
+        out += [("packed", 1), ("packed", 2)]
     out += [("numpy", 1), ("numpy", 2)]
     if n == 1:
         out += [("numpy-gemv", 1), ("numpy-gemv", 2)]
@@ -154,6 +181,8 @@ def measure(ws, ns=NS, reps: int = 7, gap: float = 0.05, log=print) -> dict:
 
 
 COLUMNS = [
+    ("packed", 1),
+    ("packed", 2),
     ("skinny", 1),
     ("skinny", 2),
     ("skinny-avx2", 1),
@@ -213,11 +242,13 @@ def weights():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("kind", ["skinny", "numpy", "torch"])
+@pytest.mark.parametrize("kind", ["packed", "skinny", "numpy", "torch"])
 @pytest.mark.parametrize("n", NS)
 def test_smollm2_pass(benchmark, weights, kind, threads, n):
     if kind == "skinny" and not cpu_gemm.available():
         pytest.skip(f"skinny GEMM unavailable: {cpu_gemm.unavailable_reason()}")
+    if kind == "packed" and not quant.available():
+        pytest.skip("packed-weight kernel unavailable (needs gcc and AVX-512F/FMA/F16C)")
     if kind == "numpy" and n == 1:
         kind = "numpy-gemv"  # what linear.py does for one row
     benchmark.group = f"SmolLM2-135M matmuls (121), n={n}"

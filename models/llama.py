@@ -253,7 +253,6 @@ class Transformer(nn.Module):
             sd[f"layers.{i}.attention_norm.weight"] = hf[p + "input_layernorm.weight"]
             sd[f"layers.{i}.ffn_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
         self.load_state_dict(sd, strict=False, assign=True)
-        self._plan = None
         self._tie_output()
         if self.config.vocab_subset is not None:
             self.set_vocab_subset(hf[VOCAB_SUBSET_IDS])
@@ -269,6 +268,18 @@ class Transformer(nn.Module):
             self.output.weight = nn.Parameter(w.data[: self.config.vocab_subset],
                                               requires_grad=False)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; new weights also drop the packed copies and the fused
+        path's table, which point at the old ones."""
+        self._drop_fast_path()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _drop_fast_path(self) -> None:
+        self._plan = None
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.packed = None
+
     def _apply(self, fn, recurse=True):
         # .to()/.half() convert each parameter on its own: re-tie a subset head afterwards
         out = super()._apply(fn, recurse)
@@ -277,9 +288,7 @@ class Transformer(nn.Module):
             self._tie_output()
         w = self.tok_embeddings.weight
         if w.dtype != torch.float32 or w.device.type != "cpu":  # packed copies are CPU fp32
-            for m in self.modules():
-                if isinstance(m, Linear):
-                    m.packed = None
+            self._drop_fast_path()
         return out
 
     def set_vocab_subset(self, ids: torch.Tensor) -> None:

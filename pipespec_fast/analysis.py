@@ -475,6 +475,14 @@ class Prediction:
     on_starve: str
     notes: tuple[str, ...] = field(default=())
 
+    def end_to_end_tokens_per_s(self, tokens: int, prefill_s: float) -> float:
+        """Throughput of one whole generation: the prompt's prefill (measured: the model is
+        about the steady state after it) plus ``tokens`` at the predicted PipeSpec rate."""
+        tokens, prefill_s = _real(tokens, "tokens"), _real(prefill_s, "prefill_s")
+        if tokens <= 0 or prefill_s < 0:
+            raise ValueError(f"tokens must be > 0 and prefill_s >= 0, got {tokens}, {prefill_s}")
+        return tokens / (prefill_s + tokens / self.pipespec_tokens_per_s)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["stages"] = [asdict(s) for s in self.stages]

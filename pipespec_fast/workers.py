@@ -17,6 +17,7 @@ output wrong. Only the last stage's verified tokens reach the output queue.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -146,8 +147,10 @@ class StageWorker:
         out: queue.SimpleQueue,
         threads: int | None = None,
         matmul_threads: int | None = None,
+        idle: bool = False,
     ) -> None:
         self.s = seqr
+        self.idle = idle  # run this worker's thread at idle priority (SCHED_IDLE, Linux)
         self.matmul_threads = matmul_threads
         self.i = index
         self.last = index == n_stages - 1
@@ -180,6 +183,8 @@ class StageWorker:
             if self.threads is not None:
                 torch.set_num_threads(self.threads)
             set_thread_threads(self.matmul_threads)
+            if self.idle and hasattr(os, "SCHED_IDLE"):  # this thread only (a Linux task)
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
             with self.s.on_stream():  # CUDA: this stage's own stream, overlapping the others
                 if isinstance(self.below, InlineDrafter):
                     try:

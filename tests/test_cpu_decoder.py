@@ -207,3 +207,19 @@ def test_converted_gguf_runs_on_its_blocks(tmp_path: Path) -> None:
     assert n_packed == 4 * m.config.n_layers + 1
     ids = torch.randint(0, m.config.vocab_size, (12,), generator=torch.Generator().manual_seed(3))
     assert close(m(ids, m.new_cache(32)), dense(ids, dense.new_cache(32)))
+
+
+@needs_packed
+def test_new_weights_drop_packed_copies_and_layer_table(tmp_path: Path) -> None:
+    save_fp16_checkpoint(tmp_path)
+    m = Transformer.from_pretrained(tmp_path)
+    ids = torch.arange(6)
+    m(ids, m.new_cache(8))  # builds the fused path's table over the loaded weights
+    assert m.packed_bytes() > 0 and m._plan is not None
+    sd = {k: v * 0.5 for k, v in m.state_dict().items()}
+    m.load_state_dict(sd)
+    assert m.packed_bytes() == 0 and m._plan is None
+    fresh = Transformer(m.config)
+    fresh.load_state_dict(sd)
+    fresh.eval()
+    assert torch.equal(m(ids, m.new_cache(8)), fresh(ids, fresh.new_cache(8)))

@@ -248,8 +248,8 @@ int decoder_layers_f32(const dec_layer_t *layers, int n_layers, float *x, int n,
         goto done;
     }
     /* Parallelise the per-row and per-(token, head) work only when it is worth a fork. */
-    const int rows_par = n >= 16 && nt > 1;
-    const int att_par = nt > 1 && (long long)n * n_heads * ctx >= 16384;
+    const int rows_par = nt > 1 && (long long)n * inter >= 65536;
+    const int att_par = nt > 1 && (long long)n * n_heads * ctx * hd >= (1 << 19);
     for (int l = 0; l < n_layers && !err; ++l) {
         const dec_layer_t *L = &layers[l];
         float *kl = k_cache + (size_t)l * layer_stride, *vl = v_cache + (size_t)l * layer_stride;

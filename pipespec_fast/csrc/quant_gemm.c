@@ -57,6 +57,7 @@ int quant_gemm_supported(void) {
 }
 
 #define INLINE static inline __attribute__((always_inline))
+#define MIN_THREAD_WORK 65536 /* weights per OpenMP thread, at least */
 #define QTILE 4  /* weight rows per tile (threads split tiles) */
 #define QGROUP 8 /* rows of x per kernel call */
 #define PF_ROWS 8 /* software prefetch distance in weight rows (measured: 8 > 4, 16, 32) */
@@ -209,6 +210,10 @@ int quant_gemm_f32(const float *x, const uint8_t *w, float *y, int n, int k, int
     const int tiles = (m + QTILE - 1) / QTILE;
     int nt = nthreads < 1 ? 1 : nthreads;
     if (nt > tiles) nt = tiles;
+    /* a fork/join costs about as much as streaming MIN_THREAD_WORK weights: small matrices
+     * (tiny test models) stay on the calling thread. Results do not depend on nt. */
+    const long long per = (long long)m * k / MIN_THREAD_WORK;
+    if (nt > per) nt = per < 1 ? 1 : (int)per;
 #ifdef _OPENMP
     if (nt > 1) {
 #pragma omp parallel num_threads(nt)

@@ -85,6 +85,7 @@ int skinny_gemm_get_isa(void) {
 #define ROW_GROUP 256 /* large n: rows of x per pass over a thread's weight rows */
 
 #define INLINE static inline __attribute__((always_inline))
+#define MIN_THREAD_WORK 65536 /* weights per OpenMP thread, at least */
 
 /* mask_src[8 - rem .. 15 - rem] = rem lanes of -1 then zeros */
 static const int32_t mask_src[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
@@ -407,6 +408,10 @@ void skinny_gemm_f32(const float *x, const float *w, float *y, int n, int k, int
     const int tiles = (m + TILE_M - 1) / TILE_M;
     int nt = nthreads < 1 ? 1 : nthreads;
     if (nt > tiles) nt = tiles;
+    /* a fork/join costs about as much as streaming MIN_THREAD_WORK weights: small matrices
+     * (tiny test models) stay on the calling thread. Results do not depend on nt. */
+    const long long per = (long long)m * k / MIN_THREAD_WORK;
+    if (nt > per) nt = per < 1 ? 1 : (int)per;
 #ifdef _OPENMP
     if (nt > 1) {
         /* Static split (contiguous tiles per thread: the prefetch stream continues across

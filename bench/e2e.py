@@ -13,6 +13,9 @@ Systems (``--systems``, comma separated):
   ours_pipespec_ngram FastPipeline mode="pipespec" over [n-gram -> target]
   ours_pipespec2 FastPipeline mode="pipespec" over [draft -> target]
   ours_pipespec FastPipeline mode="pipespec" over the whole hierarchy (3 stages by default)
+  ours_pipespec_split  the same with one core per model stage (PIPESPEC_IDLE_DRAFTERS=0 and
+               one matmul thread per stage) instead of the default policy on 2 cores (the
+               target keeps both cores, the draft runs at idle priority)
 Writes ``bench/results/e2e-<task>-<temp>.json`` and prints a Markdown table.
 """
 
@@ -107,8 +110,11 @@ def _param_mb(model) -> float:
 
 
 class OursSystem:
-    def __init__(self, pipe, mode: str) -> None:
+    def __init__(self, pipe, mode: str, env: dict[str, str] | None = None) -> None:
         self.pipe, self.mode = pipe, mode
+        self.env = dict(env or {})
+        if self.env.get("PIPESPEC_IDLE_DRAFTERS") == "0":  # one matmul thread per stage
+            self.env["PIPESPEC_STAGE_THREADS"] = ",".join("1" for _ in pipe.stages)
         # weights plus preallocated KV caches of the stages this system runs (AR: the target)
         stages = pipe.stages[-1:] if mode == "ar" else pipe.stages
         self.memory_mb = 0.0
@@ -121,8 +127,19 @@ class OursSystem:
                 self.memory_mb += (cache.k.numel() * cache.k.element_size() * 2) / 2**20
 
     def run(self, ids, max_new, temperature, seed) -> dict:
-        res = self.pipe.generate(ids, max_new, temperature=temperature, seed=seed,
-                                 ignore_eos=True, mode=self.mode)
+        import os
+
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            res = self.pipe.generate(ids, max_new, temperature=temperature, seed=seed,
+                                     ignore_eos=True, mode=self.mode)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         st = res.stats
         out = {"tokens": st["new_tokens"], "seconds": st["seconds"],
                "tokens_per_s": st["tokens_per_s"], "ids": res.token_ids,
@@ -149,7 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--systems", default="hf_ar,hf_pld,hf_assisted,ours_ar,ours_sync,ours_sync2,"
-                    "ours_pipespec_ngram,ours_pipespec2,ours_pipespec")
+                    "ours_pipespec_ngram,ours_pipespec2,ours_pipespec,ours_pipespec_split")
     ap.add_argument("--models", nargs="+", help="stage dirs (default: the default hierarchy)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
@@ -179,7 +196,7 @@ def main(argv=None) -> int:
                 print(f"{name}: the hierarchy lacks the stages it needs, skipped",
                       file=sys.stderr)
                 continue
-            systems[name] = OursSystem(sub, _MODES[name])
+            systems[name] = OursSystem(sub, _MODES[name], _ENV.get(name))
     prompts = [pipe.chat_prompt(p) for p in load_prompts(args.task, args.prompts)]
     # warm up every system once
     for s in systems.values():
@@ -266,7 +283,9 @@ def _default_target() -> str:
 
 _MODES = {"ours_ar": "ar", "ours_sync": "sync", "ours_sync2": "sync",
           "ours_pipespec_ngram": "pipespec", "ours_pipespec2": "pipespec",
-          "ours_pipespec": "pipespec"}
+          "ours_pipespec": "pipespec", "ours_pipespec_split": "pipespec"}
+# thread-policy overrides a system runs under (environment, set for its runs only)
+_ENV = {"ours_pipespec_split": {"PIPESPEC_IDLE_DRAFTERS": "0"}}
 
 
 def _sub_pipeline(pipe, name: str):

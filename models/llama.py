@@ -307,9 +307,17 @@ class Transformer(nn.Module):
         dev = self.tok_embeddings.weight.device
         self.vocab_ids, self.vocab_rows = ids.to(dev), rows.to(dev)
 
-    def _decoder_plan(self, x: torch.Tensor, cache: KVCache):
+    PACKED_MAX_BLOCK = 64
+    """Blocks of more tokens (a prompt's prefill) run on the fp32 weights even when packed
+    copies exist: the product is then compute-bound and the packed kernel's in-register
+    dequantisation costs more than the bytes it saves (measured: 160 tokens 194 ms vs 248 ms on
+    2 threads). Verification blocks are smaller (``FastPipeline`` windows are at most 48), so
+    every generated token sees the packed path, decoded or verified alike."""
+
+    def _decoder_plan(self, x: torch.Tensor, cache: KVCache, dense: bool = False):
         """The fused CPU layer stack (:mod:`pipespec_fast.cpu_decoder`) when it applies: fp32
-        weights, activations and cache on CPU, and ``use_fused`` (default on)."""
+        weights, activations and cache on CPU, and ``use_fused`` (default on). ``dense``: the
+        table on the fp32 weights."""
         if not self.use_fused or x.dtype != torch.float32 or x.device.type != "cpu" or \
                 cache.k.dtype != torch.float32 or cache.k.device.type != "cpu" or \
                 self.tok_embeddings.weight.dtype != torch.float32:
@@ -320,8 +328,9 @@ class Transformer(nn.Module):
             if not cpu_decoder.available():
                 self.use_fused = False
                 return None
-            self._plan = cpu_decoder.DecoderPlan(self)
-        return self._plan
+            self._plan = (cpu_decoder.DecoderPlan(self),
+                          cpu_decoder.DecoderPlan(self, use_packed=False))
+        return self._plan[1 if dense else 0]
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         """A KV cache for this model (default: the config's context length)."""
@@ -381,7 +390,7 @@ class Transformer(nn.Module):
             else:  # an embedding lookup checks the ids' range without a host sync
                 rows = F.embedding(tokens, self.vocab_rows[:, None]).squeeze(-1)
                 x = self.tok_embeddings(rows)
-            plan = self._decoder_plan(x, cache)
+            plan = self._decoder_plan(x, cache, dense=n > self.PACKED_MAX_BLOCK)
             if plan is not None:  # every layer in one C call (CPU fp32)
                 x = x.contiguous()
                 plan.run(x, cos, sin, bits, cache.k, cache.v, start, current_threads())

@@ -27,7 +27,8 @@ def _propose(levels: list[Sequencer], level: int, gamma: list[int], limit: int) 
     proposes (recursively), so every level's tokens follow its own model's distribution.
     """
     me = levels[level]
-    want = max(1, min(levels[level + 1].window(gamma[level + 1]), limit - len(me.seq)))
+    cost = (me.draft_cost_s or 0.0) if level == 0 else 0.0
+    want = max(1, min(levels[level + 1].window(gamma[level + 1], cost), limit - len(me.seq)))
     if level == 0:
         return me.draft(want)
     below = levels[level - 1]
@@ -43,6 +44,12 @@ def _propose(levels: list[Sequencer], level: int, gamma: list[int], limit: int) 
     return added
 
 
+def _draft_cost(levels: list[Sequencer]) -> float:
+    """Seconds the levels below the target spend per draft token they deliver (chained: the
+    drafter's cost only; the verifying levels in between are not counted)."""
+    return (levels[0].draft_cost_s or 0.0) if len(levels) == 1 else 0.0
+
+
 def synchronous(levels: list[Sequencer], gamma: list[int], limit: int) -> Iterator[list[int]]:
     """Synchronous speculative decoding: the stage below drafts ``gamma[-1]`` tokens (itself
     speculatively when it has a stage below), the target verifies them in one forward, the
@@ -52,7 +59,7 @@ def synchronous(levels: list[Sequencer], gamma: list[int], limit: int) -> Iterat
     while len(target.seq) < limit:
         start = len(target.seq)
         _propose(levels, len(levels) - 2, gamma, limit)
-        end = start + min(target.window(gamma[-1]), limit - start)
+        end = start + min(target.window(gamma[-1], _draft_cost(levels[:-1])), limit - start)
         drafts = usable_drafts(below.seq[start:end], below.confident[start:end])
         rows = None if target.params.greedy else below.probs[start : start + len(drafts)]
         target.verify(drafts, rows)

@@ -43,9 +43,10 @@ def available() -> bool:
 
 class DecoderPlan:
     """The layer table of one model for :func:`decoder_layers_f32` (weights pointed to, not
-    copied; rebuild it when the model's weights change)."""
+    copied; rebuild it when the model's weights change). ``use_packed=False``: the fp32
+    weights even where packed copies exist."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, use_packed: bool = True) -> None:
         cfg = model.config
         self.n_layers = cfg.n_layers
         self.dims = (cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.intermediate_size)
@@ -59,7 +60,7 @@ class DecoderPlan:
             mats = (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13,
                     layer.feed_forward.w2)
             for j, mod in enumerate(mats):
-                if mod.packed is not None:
+                if use_packed and mod.packed is not None:
                     row.w[j], row.kind[j] = self._ptr(mod.packed.data), mod.packed.kind
                 else:
                     row.w[j], row.kind[j] = self._ptr(mod.weight), 0

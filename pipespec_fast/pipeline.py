@@ -30,6 +30,9 @@ class StageError(RuntimeError):
         self.stage = stage
 
 
+MAX_WINDOW = 48  # verification blocks stay below models.llama.Transformer.PACKED_MAX_BLOCK
+
+
 @dataclass
 class GenerationResult:
     token_ids: list[int]
@@ -84,8 +87,9 @@ class FastPipeline:
         k = len(stages)
         self.windows = list(windows) if windows is not None else [0] + [6] * (k - 1)
         self.max_leads = list(max_leads) if max_leads is not None else [8] * (k - 1) + [0]
-        if len(self.windows) != k or any(w < 1 for w in self.windows[1:]):
-            raise ValueError(f"windows: expected {k} entries >= 1 (entry 0 unused)")
+        if len(self.windows) != k or any(not 1 <= w <= MAX_WINDOW for w in self.windows[1:]):
+            raise ValueError(f"windows: expected {k} entries in [1, {MAX_WINDOW}] (entry 0 "
+                             "unused)")
         if len(self.max_leads) != k or any(m < 1 for m in self.max_leads[:-1]):
             raise ValueError(f"max_leads: expected {k} entries >= 1 (last unused)")
         self.threads = list(threads) if threads is not None else [None] * k

@@ -115,6 +115,8 @@ class Sequencer:
         self.adaptive = True
         self._acc = 0.0  # decayed counts of accepted drafts / rejections (adaptive window)
         self._rej = 0.0
+        self._verify_lat: dict[int, tuple[float, float]] = {}  # n -> (decayed mean s, weight)
+        self.draft_cost_s: float | None = None  # decayed mean time of drafting one token
         self.t0 = time.perf_counter() if t0 is None else t0
         self._device = stage.device
         self._cuda = self._device.type == "cuda"
@@ -193,6 +195,16 @@ class Sequencer:
         st.timeline.append((t - self.t0, now - self.t0, kind))
         st.forward_latency.setdefault(n, []).append(now - t)
 
+    VERIFY_MAX_N = 64  # block sizes above this (a prompt fed with drafts) are not verify steps
+
+    def _note_verify_latency(self, n: int, seconds: float) -> None:
+        """Decayed mean latency and weight per verify block size (for :meth:`window`)."""
+        if n > self.VERIFY_MAX_N:
+            return
+        mean, w = self._verify_lat.get(n, (seconds, 0.0))
+        w = 0.9 * w + 1.0
+        self._verify_lat[n] = (mean + (seconds - mean) / w, w)
+
     def _next_offset(self) -> int:
         self.rng_offset += 1
         return self.rng_offset
@@ -201,6 +213,7 @@ class Sequencer:
         """Generate ``n`` tokens autoregressively with this stage's own model; returns n."""
         for _ in range(n):
             feed = self.seq[self.stage.cache_len :]
+            t = time.perf_counter()
             logits = self._forward(feed, last_n=1, kind="draft")
             if self.params.greedy:
                 tok = int(logits[0].argmax())
@@ -211,21 +224,61 @@ class Sequencer:
                 self.probs.append(p[0])
             self.seq.append(tok)
             self.confident.append(self._stage_is_confident())
+            dt = time.perf_counter() - t
+            self.draft_cost_s = dt if self.draft_cost_s is None else \
+                0.8 * self.draft_cost_s + 0.2 * dt
         self.stats.drafted += n
         return n
 
-    def window(self, max_n: int) -> int:
-        """Adaptive draft window: how many drafts are worth verifying in one forward, from this
-        stage's recent acceptance (decayed counts, smoothed towards 1/2): the smallest ``n``
-        with ``alpha^n <= 0.15`` (the chance that a draft that far is still accepted), within
-        ``[1, max_n]``. Verification costs little per extra row, so this mainly stops offering
-        long windows of drafts that will not be accepted."""
+    def window(self, max_n: int, draft_cost_s: float = 0.0) -> int:
+        """Adaptive draft window: how many drafts to verify in one forward.
+
+        With the stage's recent acceptance ``a`` (decayed counts, smoothed towards 1/2) and its
+        measured verification latency ``L(n) ~ c0 + c1 n`` (a line through the recent verify
+        forwards), the ``g`` in ``[1, max_n]`` that maximises the expected committed tokens per
+        second, ``(1 - a^(g+1)) / (1 - a) / (L(g + 1) + g * draft_cost_s)``
+        (``draft_cost_s``: what producing one more draft costs this stage's timeline, e.g. in
+        synchronous decoding). Until two block sizes have been timed: the smallest ``g`` with
+        ``a^g <= 0.15``. When verification costs little per extra row this offers long windows;
+        when every row costs (compute-bound CPU) it keeps windows short."""
         if not self.adaptive:
             return max_n
         a = (self._acc + 1.0) / (self._acc + self._rej + 2.0)
-        if a >= 0.999:
-            return max_n
-        return max(1, min(max_n, math.ceil(math.log(0.15) / math.log(a))))
+        line = self._latency_line()
+        if line is None:
+            if a >= 0.999:
+                return max_n
+            return max(1, min(max_n, math.ceil(math.log(0.15) / math.log(a))))
+        c0, c1 = line
+        best, best_rate = 1, -1.0
+        expected = 1.0
+        for g in range(1, max(1, max_n) + 1):
+            expected += a**g  # 1 + a + ... + a^g
+            rate = expected / (c0 + c1 * (g + 1) + g * draft_cost_s)
+            if rate > best_rate:
+                best, best_rate = g, rate
+        return best
+
+    def _latency_line(self) -> tuple[float, float] | None:
+        """``(c0, c1)`` of ``L(n) = c0 + c1 n`` through the decayed mean latency of each timed
+        verify block size (least squares, weighted by how often each size ran; ``c1 >= 0``),
+        or ``None`` before two sizes have been timed."""
+        pts = self._verify_lat
+        if len(pts) < 2:
+            return None
+        sw = swn = swt = swnn = swnt = 0.0
+        for n, (mean, w) in pts.items():
+            sw += w
+            swn += w * n
+            swt += w * mean
+            swnn += w * n * n
+            swnt += w * n * mean
+        den = sw * swnn - swn * swn
+        c1 = max(0.0, (sw * swnt - swn * swt) / den) if den > 0 else 0.0
+        c0 = (swt - c1 * swn) / sw
+        if c0 + c1 <= 0:
+            return None
+        return c0, c1
 
     def _stage_is_confident(self) -> bool:
         """Model stages always are; a stage exposing ``last_match_len`` (the n-gram drafter)
@@ -266,6 +319,7 @@ class Sequencer:
         num_i, nxt_i = self._to_host(num, nxt)  # the one host sync of a verify step
         self.stage.rollback(base + uncached + num_i)
         self._record(t, "verify", len(feed))
+        self._note_verify_latency(len(feed), time.perf_counter() - t)
         self.seq.extend(drafts[:num_i])
         self.seq.append(nxt_i)
         self.confident.extend([True] * (num_i + 1))

@@ -223,3 +223,22 @@ def test_new_weights_drop_packed_copies_and_layer_table(tmp_path: Path) -> None:
     fresh.load_state_dict(sd)
     fresh.eval()
     assert torch.equal(m(ids, m.new_cache(8)), fresh(ids, fresh.new_cache(8)))
+
+
+@needs_packed
+def test_long_blocks_run_on_the_fp32_weights(tmp_path: Path) -> None:
+    """A prefill longer than PACKED_MAX_BLOCK takes the fp32 table; shorter blocks the packed
+    one (both fused); either way the logits match the torch layers."""
+    save_fp16_checkpoint(tmp_path)
+    m = Transformer.from_pretrained(tmp_path)
+    ref = Transformer.from_pretrained(tmp_path, packed=False)
+    ref.use_fused = False
+    n = Transformer.PACKED_MAX_BLOCK + 3
+    ids = torch.randint(0, 96, (n + 2,), generator=torch.Generator().manual_seed(9))
+    cm, cr = m.new_cache(n + 4), ref.new_cache(n + 4)
+    assert close(m(ids[:n], cm), ref(ids[:n], cr))
+    assert m._plan is not None
+    packed_kinds = {row.kind[j] for row in m._plan[0].table for j in range(4)}
+    dense_kinds = {row.kind[j] for row in m._plan[1].table for j in range(4)}
+    assert packed_kinds == {quant.F16} and dense_kinds == {0}
+    assert close(m(ids[n:], cm), ref(ids[n:], cr))

@@ -250,6 +250,9 @@ def load_packed(model_dir: str | Path, config: LlamaConfig) -> dict[str, Any]:
                 kinds = json.loads((f.metadata() or {}).get("kinds", "{}"))
             except json.JSONDecodeError as e:
                 raise CheckpointError(f"{path}: invalid 'kinds' metadata ({e})") from e
+            if not isinstance(kinds, dict):
+                raise CheckpointError(f"{path}: 'kinds' metadata must map tensor names to "
+                                      f"kinds, got {type(kinds).__name__}")
             for name in f.keys():
                 shape = expected.get(name)
                 kind = kinds.get(name)

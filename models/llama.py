@@ -190,6 +190,17 @@ class Transformer(nn.Module):
                 return parts[0]
             return PackedWeight(torch.cat([p.data for p in parts]), parts[0].kind, parts[0].k)
 
+        def probe_rows(names: list[str]) -> list[int]:
+            """Rows to compare per part: first, last, a few inside (the q/k un-permutation
+            moves rows inside a head; the ends of a part are its fixed points)."""
+            rows, off = [], 0
+            for name in names:
+                r = packed[name].m
+                rows += sorted({off, off + r - 1, off + r // 2, off + min(r - 1, self.config
+                                .head_dim // 2 + 1), off + (r * 7) // 13})
+                off += r
+            return rows
+
         plan: list[tuple[Linear, list[str], PackedWeight | None]] = []
         for i, layer in enumerate(self.layers):
             a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
@@ -216,8 +227,8 @@ class Transformer(nn.Module):
             if pw.shape != tuple(w.shape):
                 raise ValueError(f"{source}: packed {'+'.join(names)} has shape {pw.shape}, "
                                  f"the model's weight {tuple(w.shape)}")
-            ends = [0, w.shape[0] - 1]
-            if not torch.equal(pw.rows(ends).dequantize(), w.detach()[ends].float().cpu()):
+            rows = [r for r in probe_rows(names) if r < w.shape[0]]
+            if not torch.equal(pw.rows(rows).dequantize(), w.detach()[rows].float().cpu()):
                 raise ValueError(f"{source}: packed {'+'.join(names)} does not hold the "
                                  "checkpoint's weights (values differ)")
             mod.packed = pw

@@ -20,28 +20,48 @@ def autoregressive(target: Sequencer, limit: int) -> Iterator[list[int]]:
         yield target.seq[start:]
 
 
-def _propose(levels: list[Sequencer], level: int, gamma: list[int], limit: int) -> int:
-    """Grow ``levels[level]`` by about ``gamma[level + 1]`` tokens; returns how many it added.
+def _propose(levels: list[Sequencer], level: int, want: int, gamma: list[int],
+             limit: int) -> int:
+    """Grow ``levels[level]`` by about ``want`` tokens; returns how many it added.
 
     Level 0 drafts autoregressively; a higher level repeatedly verifies what the level below
-    proposes (recursively), so every level's tokens follow its own model's distribution.
+    proposes (recursively, a window it chooses itself each step), so every level's tokens
+    follow its own model's distribution. A level whose window is 0 (speculation does not pay
+    now) decodes its tokens alone.
     """
     me = levels[level]
-    cost = (me.draft_cost_s or 0.0) if level == 0 else 0.0
-    want = max(1, min(levels[level + 1].window(gamma[level + 1], cost), limit - len(me.seq)))
+    want = max(1, min(want, limit - len(me.seq)))
     if level == 0:
         return me.draft(want)
-    below = levels[level - 1]
     added = 0
     while added < want:
         start = len(me.seq)
-        _propose(levels, level - 1, gamma, limit)
-        drafts = usable_drafts(below.seq[start:], below.confident[start:])
-        rows = None if me.params.greedy else below.probs[start:]
+        g = me.window(gamma[level], _draft_cost(levels[:level]))
+        drafts, rows = _drafts_from(levels, level, g, start, gamma, limit)
         me.verify(drafts, rows)
-        below.apply_sync(start, me.seq[start:])
+        _sync_down(levels, level, start)
         added += len(me.seq) - start
     return added
+
+
+def _drafts_from(levels: list[Sequencer], level: int, g: int, start: int, gamma: list[int],
+                 limit: int) -> tuple[list[int], list | None]:
+    """Up to ``g`` drafts for ``levels[level]`` at position ``start`` from the levels below
+    (none for ``g = 0``), with their rows under sampling."""
+    me, below = levels[level], levels[level - 1]
+    if g <= 0:
+        return [], (None if me.params.greedy else [])
+    _propose(levels, level - 1, g, gamma, limit)
+    end = start + g
+    drafts = usable_drafts(below.seq[start:end], below.confident[start:end])
+    rows = None if me.params.greedy else below.probs[start : start + len(drafts)]
+    return drafts, rows
+
+
+def _sync_down(levels: list[Sequencer], level: int, start: int) -> None:
+    """Roll every level below ``level`` to its sequence from ``start`` (cascading down)."""
+    for lo in range(level - 1, -1, -1):
+        levels[lo].apply_sync(start, levels[lo + 1].seq[start:])
 
 
 def _draft_cost(levels: list[Sequencer]) -> float:
@@ -51,19 +71,16 @@ def _draft_cost(levels: list[Sequencer]) -> float:
 
 
 def synchronous(levels: list[Sequencer], gamma: list[int], limit: int) -> Iterator[list[int]]:
-    """Synchronous speculative decoding: the stage below drafts ``gamma[-1]`` tokens (itself
-    speculatively when it has a stage below), the target verifies them in one forward, the
-    drafters roll back to the target's sequence, repeat."""
+    """Synchronous speculative decoding: the stage below drafts the target's window of tokens
+    (itself speculatively when it has a stage below), the target verifies them in one forward,
+    the drafters roll back to the target's sequence, repeat. A window of 0
+    (``Sequencer.window``: speculation does not pay) is one target step alone."""
     target = levels[-1]
-    below = levels[-2]
+    top = len(levels) - 1
     while len(target.seq) < limit:
         start = len(target.seq)
-        _propose(levels, len(levels) - 2, gamma, limit)
-        end = start + min(target.window(gamma[-1], _draft_cost(levels[:-1])), limit - start)
-        drafts = usable_drafts(below.seq[start:end], below.confident[start:end])
-        rows = None if target.params.greedy else below.probs[start : start + len(drafts)]
+        g = min(target.window(gamma[-1], _draft_cost(levels[:-1])), limit - start)
+        drafts, rows = _drafts_from(levels, top, g, start, gamma, limit)
         target.verify(drafts, rows)
-        below.apply_sync(start, target.seq[start:])
-        for lo in range(len(levels) - 3, -1, -1):  # cascade the rollback down
-            levels[lo].apply_sync(start, levels[lo + 1].seq[start:])
+        _sync_down(levels, top, start)
         yield target.seq[start:]

@@ -30,7 +30,10 @@ class _Layer(ctypes.Structure):
     ]
 
 
-_ERRORS = {-1: "out of memory", -2: "unknown packed weight kind", -3: "unsupported shape"}
+_ERRORS = {-1: "out of memory",
+           -2: "packed weights the kernel refuses (unknown kind, k not a multiple of its block, "
+               "or a CPU without AVX-512F/F16C)",
+           -3: "unsupported shape"}
 
 
 def available() -> bool:
@@ -47,6 +50,9 @@ class DecoderPlan:
     weights even where packed copies exist."""
 
     def __init__(self, model, use_packed: bool = True) -> None:
+        from pipespec_fast import quant
+
+        use_packed = use_packed and quant.available()  # packed kinds need AVX-512F/F16C
         cfg = model.config
         self.n_layers = cfg.n_layers
         self.dims = (cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.intermediate_size)
@@ -84,16 +90,27 @@ class DecoderPlan:
         for t in (x, cos, sin, bits, k_cache, v_cache):
             if not t.is_contiguous() or t.device.type != "cpu":
                 raise ValueError("DecoderPlan.run: tensors must be contiguous and on CPU")
-        if x.dtype != torch.float32 or bits.dtype != torch.int32 or \
-                k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
-            raise TypeError("DecoderPlan.run: fp32 activations and caches, int32 bits")
-        if tuple(x.shape) != (n, dim) or tuple(cos.shape) != (n, hd) or bits.shape[0] != n:
-            raise ValueError("DecoderPlan.run: shape mismatch")
-        max_len = k_cache.shape[2]
+        if any(t.dtype != torch.float32 for t in (x, cos, sin, k_cache, v_cache)) or \
+                bits.dtype != torch.int32:
+            raise TypeError("DecoderPlan.run: fp32 activations, tables and caches, int32 bits")
+        max_len = k_cache.shape[2] if k_cache.dim() == 4 else -1
+        cache_shape = (self.n_layers, n_kv, max_len, hd)
+        if tuple(x.shape) != (n, dim) or tuple(cos.shape) != (n, hd) or \
+                tuple(sin.shape) != (n, hd) or bits.dim() != 2 or bits.shape[0] != n or \
+                bits.shape[1] < (n + 31) // 32 or tuple(k_cache.shape) != cache_shape or \
+                tuple(v_cache.shape) != cache_shape:
+            raise ValueError(
+                f"DecoderPlan.run: shape mismatch (x {tuple(x.shape)}, cos/sin "
+                f"{tuple(cos.shape)}/{tuple(sin.shape)}, bits {tuple(bits.shape)}, caches "
+                f"{tuple(k_cache.shape)}/{tuple(v_cache.shape)}; the model needs x [n, {dim}], "
+                f"tables [n, {hd}], caches [{self.n_layers}, {n_kv}, max_len, {hd}])")
+        if not 0 <= start <= max_len - n:
+            raise ValueError(f"DecoderPlan.run: slots [{start}, {start + n}) outside the cache "
+                             f"of {max_len}")
         rc = cpu_gemm._lib.decoder_layers_f32(
             ctypes.addressof(self.table), self.n_layers, x.data_ptr(), n, dim, n_heads, n_kv,
-            hd, inter, self.eps, cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
-            bits.data_ptr(), bits.shape[1], k_cache.data_ptr(), v_cache.data_ptr(),
-            k_cache.stride(0), max_len, start, max(1, int(threads)))
+            hd, inter, self.eps, cos.data_ptr(), sin.data_ptr(), bits.data_ptr(), bits.shape[1],
+            k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), max_len, start,
+            max(1, int(threads)))
         if rc != 0:
             raise RuntimeError(f"decoder_layers_f32 failed: {_ERRORS.get(rc, rc)}")

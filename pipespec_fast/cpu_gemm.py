@@ -44,6 +44,7 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "skinny_gemm.c"
 SOURCES = (SOURCE, SOURCE.parent / "quant_gemm.c", SOURCE.parent / "cpu_decoder.c")
 CFLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off")
 ABI_VERSION = 2
+DECODER_ABI_VERSION = 1  # csrc/cpu_decoder.c
 DISABLE_ENV = "PIPESPEC_SKINNY"
 ISA_ENV = "PIPESPEC_SKINNY_ISA"  # auto (default) | avx2 | avx512; results are the same
 _ISAS = {"auto": 0, "avx2": 1, "avx512": 2}
@@ -140,6 +141,8 @@ def _open(path: Path) -> ctypes.CDLL:
         [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 6 +
         [ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2 +
         [ctypes.c_longlong] + [ctypes.c_int] * 3)
+    if lib.decoder_abi_version() != DECODER_ABI_VERSION:
+        raise RuntimeError(f"{path}: decoder ABI version mismatch")
     if lib.skinny_gemm_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{path}: ABI version mismatch")
     if not lib.skinny_gemm_supported():

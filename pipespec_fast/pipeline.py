@@ -459,6 +459,16 @@ def _runnable_elsewhere() -> int | None:
     return max(0, total - ours)
 
 
+def _cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS tells, else all)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 FREE_CORES_TTL_S = 1.0  # reuse a count this long (sampling takes ~8 ms)
 _free_cores_cache: tuple[float, int] | None = None
 
@@ -474,7 +484,7 @@ def _free_cores() -> int:
     import time
 
     global _free_cores_cache
-    cores = os.cpu_count() or 1
+    cores = _cores()
     env = os.environ.get("PIPESPEC_BLAS_THREADS")
     if env:
         return max(1, int(env))
@@ -508,10 +518,12 @@ class _CpuThreads:
     PipeSpec runs the model stages at once, so they share the cores:
 
     * more free cores than model stages: the drafters take one core each, the target the rest;
-    * otherwise (e.g. 2 cores): the target keeps every core and the drafters run at idle
-      priority (``SCHED_IDLE``), one thread each, on the cycles the target leaves (its Python
-      and single-threaded work, waits). Measured on 2 cores: verification at the target's full
-      speed is worth more than a drafter with a core of its own (which halves the target's).
+    * otherwise (e.g. 2 cores, nothing else running): the target keeps every core and the
+      drafters run at idle priority (``SCHED_IDLE``), one thread each, on the cycles the target
+      leaves (its Python and single-threaded work, waits). Measured on 2 cores: verification at
+      the target's full speed is worth more than a drafter with a core of its own (which
+      halves the target's). On a machine that other processes load, the first rule applies to
+      the free cores.
 
     ``PIPESPEC_STAGE_THREADS="1,1,2"`` (per stage) and ``PIPESPEC_IDLE_DRAFTERS=0|1`` override
     the split; ``PIPESPEC_TORCH_THREADS`` / ``PIPESPEC_BLAS_THREADS`` the totals.
@@ -535,7 +547,9 @@ class _CpuThreads:
             self.torch_threads = int(os.environ.get("PIPESPEC_TORCH_THREADS", "1"))
             self.saved = torch.get_num_threads()
             return
-        share = cores > len(heavy)
+        # idle-priority drafters only on an otherwise idle machine: beside another busy process
+        # SCHED_IDLE would get almost no CPU, and the target would wait for its drafts
+        share = cores > len(heavy) or cores < _cores()
         for i in heavy[:-1]:
             self.stage_threads[i] = 1
             self.idle_stages[i] = not share

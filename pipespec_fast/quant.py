@@ -115,7 +115,8 @@ def dequantize(data: torch.Tensor, kind: int, k: int) -> torch.Tensor:
 
 
 def quantize(w: torch.Tensor, kind: int) -> torch.Tensor:
-    """Quantise fp32 ``[m, k]`` into stored rows (ggml's reference rounding); for tests and
+    """Quantise fp32 ``[m, k]`` into stored rows of ``kind`` (min/max or absmax scaling,
+    rounding half to even: ggml's layout, not bit for bit ggml's quantiser); for tests and
     tools. ``F16`` rounds to half."""
     w = w.detach().float().cpu()
     m, k = w.shape

@@ -117,6 +117,7 @@ class Sequencer:
         self._rej = 0.0
         self._verify_lat: dict[int, tuple[float, float]] = {}  # n -> (decayed mean s, weight)
         self.draft_cost_s: float | None = None  # decayed mean time of drafting one token
+        self._alone_steps = 0  # consecutive window() == 0 answers
         self.t0 = time.perf_counter() if t0 is None else t0
         self._device = stage.device
         self._cuda = self._device.type == "cuda"
@@ -198,12 +199,21 @@ class Sequencer:
     VERIFY_MAX_N = 64  # block sizes above this (a prompt fed with drafts) are not verify steps
 
     def _note_verify_latency(self, n: int, seconds: float) -> None:
-        """Decayed mean latency and weight per verify block size (for :meth:`window`)."""
+        """Decayed mean latency and weight per verify block size (for :meth:`window`): every
+        size's weight decays at each step, so sizes not seen for a while (a slow warm-up, a
+        burst of contention) fade out of the fit."""
         if n > self.VERIFY_MAX_N:
             return
-        mean, w = self._verify_lat.get(n, (seconds, 0.0))
-        w = 0.9 * w + 1.0
-        self._verify_lat[n] = (mean + (seconds - mean) / w, w)
+        lat = self._verify_lat
+        for k in list(lat):
+            m, w = lat[k]
+            if w * 0.95 < 0.05:
+                del lat[k]
+            else:
+                lat[k] = (m, w * 0.95)
+        mean, w = lat.get(n, (seconds, 0.0))
+        w += 1.0
+        lat[n] = (mean + (seconds - mean) / min(w, 5.0), w)
 
     def _next_offset(self) -> int:
         self.rng_offset += 1
@@ -230,17 +240,22 @@ class Sequencer:
         self.stats.drafted += n
         return n
 
+    EXPLORE_EVERY = 8  # after this many steps without drafts, verify one to re-measure
+
     def window(self, max_n: int, draft_cost_s: float = 0.0) -> int:
-        """Adaptive draft window: how many drafts to verify in one forward.
+        """Adaptive draft window: how many drafts to verify in the next forward (0: none,
+        decode one token alone).
 
         With the stage's recent acceptance ``a`` (decayed counts, smoothed towards 1/2) and its
         measured verification latency ``L(n) ~ c0 + c1 n`` (a line through the recent verify
-        forwards), the ``g`` in ``[1, max_n]`` that maximises the expected committed tokens per
+        forwards), the ``g`` in ``[0, max_n]`` that maximises the expected committed tokens per
         second, ``(1 - a^(g+1)) / (1 - a) / (L(g + 1) + g * draft_cost_s)``
         (``draft_cost_s``: what producing one more draft costs this stage's timeline, e.g. in
-        synchronous decoding). Until two block sizes have been timed: the smallest ``g`` with
-        ``a^g <= 0.15``. When verification costs little per extra row this offers long windows;
-        when every row costs (compute-bound CPU) it keeps windows short."""
+        synchronous decoding). ``g = 0`` wins when a forward costs more per extra row than the
+        drafts are worth (a compute-bound CPU with a weak draft): speculation is switched off,
+        except one draft every :data:`EXPLORE_EVERY` steps to keep ``a`` and ``L`` current.
+        Until two block sizes have been timed: the smallest ``g >= 1`` with ``a^g <= 0.15``.
+        Non-adaptive stages always take ``max_n``."""
         if not self.adaptive:
             return max_n
         a = (self._acc + 1.0) / (self._acc + self._rej + 2.0)
@@ -250,13 +265,19 @@ class Sequencer:
                 return max_n
             return max(1, min(max_n, math.ceil(math.log(0.15) / math.log(a))))
         c0, c1 = line
-        best, best_rate = 1, -1.0
+        best, best_rate = 0, 1.0 / (c0 + c1)
         expected = 1.0
         for g in range(1, max(1, max_n) + 1):
             expected += a**g  # 1 + a + ... + a^g
             rate = expected / (c0 + c1 * (g + 1) + g * draft_cost_s)
             if rate > best_rate:
                 best, best_rate = g, rate
+        if best == 0:
+            self._alone_steps += 1
+            if self._alone_steps < self.EXPLORE_EVERY:
+                return 0
+            best = 1
+        self._alone_steps = 0
         return best
 
     def _latency_line(self) -> tuple[float, float] | None:

@@ -184,7 +184,10 @@ class StageWorker:
                 torch.set_num_threads(self.threads)
             set_thread_threads(self.matmul_threads)
             if self.idle and hasattr(os, "SCHED_IDLE"):  # this thread only (a Linux task)
-                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+                try:
+                    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+                except OSError:  # refused (a sandbox): run at normal priority
+                    self.idle = False
             with self.s.on_stream():  # CUDA: this stage's own stream, overlapping the others
                 if isinstance(self.below, InlineDrafter):
                     try:
@@ -250,15 +253,14 @@ class StageWorker:
 
     # ------------------------------------------------------------------ work
 
-    def _drafts(self) -> tuple[list[int], list[torch.Tensor] | None, bool]:
-        """The usable drafts (tokens, rows) and whether the stage below has already spoken
-        for our next position (with only unusable guesses when the list is empty)."""
+    def _drafts(self, n: int) -> tuple[list[int], list[torch.Tensor] | None, bool]:
+        """Up to ``n`` usable drafts (tokens, rows) and whether the stage below has already
+        spoken for our next position (with only unusable guesses when the list is empty)."""
         seq, m = self.s.seq, self.mirror
         if m.common_prefix(seq) < len(seq):
             return [], None, False
         L = len(seq)
         spoke = len(m.tokens) > L
-        n = self.s.window(self.window)
         if self.limit is not None:
             n = min(n, self.limit - L)
         toks = usable_drafts(m.tokens[L : L + max(n, 0)], m.confident[L : L + max(n, 0)])
@@ -275,11 +277,14 @@ class StageWorker:
             self._drain(block=False)
             lead_ok = self.last or len(s.seq) - self.upper_len < self.max_lead
             if self.i > 0 and lead_ok:
+                n = s.window(self.window)  # 0: speculation does not pay now, decode alone
                 if isinstance(self.below, InlineDrafter):
-                    self.below.fill(self.s.window(self.window))
-                drafts, rows, spoke = self._drafts()
-                # the target goes on alone when the stage below only offers guesses
-                alone = self.last and not drafts and spoke and len(s.seq) < (self.limit or 0)
+                    self.below.fill(n)
+                drafts, rows, spoke = self._drafts(n)
+                # the target goes on alone when the stage below only offers guesses, or when
+                # its window is 0 (a middle stage then drafts on its own, below)
+                alone = self.last and not drafts and (spoke or n == 0) and \
+                    len(s.seq) < (self.limit or 0)
                 if drafts or alone:
                     start = len(s.seq)
                     s.verify(drafts, rows)

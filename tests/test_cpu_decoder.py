@@ -242,3 +242,98 @@ def test_long_blocks_run_on_the_fp32_weights(tmp_path: Path) -> None:
     dense_kinds = {row.kind[j] for row in m._plan[1].table for j in range(4)}
     assert packed_kinds == {quant.F16} and dense_kinds == {0}
     assert close(m(ids[n:], cm), ref(ids[n:], cr))
+
+
+@needs_fused
+def test_fused_threaded_paths_match_one_thread() -> None:
+    """Big enough blocks for the row- and attention-parallel loops (2 threads) give the same
+    bits as one thread, and match the torch layers."""
+    from pipespec_fast import linear
+
+    ref, m = pair(128, 2, 1, seed=12)  # head_dim 64, inter 256
+    ids = torch.randint(0, 80, (300,), generator=torch.Generator().manual_seed(13))
+    outs = []
+    old = linear.set_threads(1)
+    try:
+        for threads in (1, 2):
+            linear.set_threads(threads)
+            c = m.new_cache(320)
+            outs.append((m(ids[:260], c), m(ids[260:], c), c.k[:, :, :300].clone()))
+    finally:
+        linear.set_threads(old)
+    for a, b in zip(outs[0], outs[1], strict=True):
+        assert torch.equal(a, b)
+    cr = ref.new_cache(320)
+    assert close(outs[0][0], ref(ids[:260], cr)) and close(outs[0][1], ref(ids[260:], cr))
+
+
+@needs_fused
+def test_tree_block_then_path_equals_decoding_the_path() -> None:
+    """Verify a tree, keep an accepted path (kv_compact), go on decoding: the logits equal
+    decoding the path token by token from the start, bit for bit."""
+    _, m = pair(64, 4, 2, seed=14)
+    prompt = torch.randint(0, 80, (7,), generator=torch.Generator().manual_seed(15))
+    parents = torch.tensor([-1, 0, 0, 1, 2, 3])
+    nodes = torch.tensor([11, 12, 13, 14, 15, 16])
+    path = torch.tensor([0, 1, 3, 5])  # 11 -> 12 -> 14 -> 16
+    c = m.new_cache(32)
+    m(prompt, c)
+    tree = m(nodes, c, parents=parents)
+    c.keep_path(7, path, 4)
+    after = m(torch.tensor([17]), c)
+    c2 = m.new_cache(32)
+    m(prompt, c2)
+    step = torch.cat([m(nodes[i : i + 1], c2) for i in path.tolist()])
+    assert torch.equal(tree[path], step)
+    assert torch.equal(after, m(torch.tensor([17]), c2))
+
+
+@needs_fused
+def test_decoder_plan_refuses_a_foreign_cache() -> None:
+    _, m = pair(32, 4, 2)
+    other, _ = pair(64, 4, 2)
+    with pytest.raises(ValueError, match="caches"):
+        m(torch.arange(3), other.new_cache(16))
+    c = m.new_cache(16)
+    plan = cpu_decoder.DecoderPlan(m)
+    x, cs = torch.zeros(2, 32), torch.zeros(2, 8)
+    bits = torch.zeros(2, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="cos/sin"):
+        plan.run(x, cs, torch.zeros(3, 8), bits, c.k, c.v, 0, 1)
+    with pytest.raises(ValueError, match="outside the cache"):
+        plan.run(x, cs, cs, bits, c.k, c.v, -1, 1)
+
+
+def test_packed_kinds_metadata_must_be_a_mapping(tmp_path: Path) -> None:
+    cfg, sd = save_fp16_checkpoint(tmp_path)
+    name = "model.layers.0.mlp.down_proj.weight"
+    save_file({name: quant.quantize(sd[name].float(), quant.Q8_0)},
+              str(tmp_path / PACKED_FILE), metadata={"kinds": "[3]"})
+    with pytest.raises(CheckpointError, match="'kinds' metadata must map"):
+        load_packed(tmp_path, cfg)
+
+
+@needs_packed
+def test_packed_rows_left_in_llamacpp_order_are_refused(tmp_path: Path) -> None:
+    """The load check probes rows inside a head: a q projection whose rows were not
+    un-permuted (first and last rows are fixed points of the permutation) is caught."""
+    from models.convert_gguf import convert_gguf
+    from tests.test_convert_gguf import llamacpp_permute, write_tiny_gguf
+
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src, quantize_all=True)
+    out = convert_gguf(src, tmp_path / "out", tokenizer=False, progress=False)
+    cfg = LlamaConfig.from_dir(out)
+    from safetensors import safe_open
+
+    with safe_open(str(out / PACKED_FILE), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    name = "model.layers.1.self_attn.q_proj.weight"
+    rows = tensors[name].numpy()
+    permuted = torch.from_numpy(llamacpp_permute(rows, cfg.n_heads).copy())
+    assert permuted[0].equal(tensors[name][0]) and permuted[-1].equal(tensors[name][-1])
+    tensors[name] = permuted
+    save_file(tensors, str(out / PACKED_FILE), metadata=meta)
+    with pytest.raises(ValueError, match=f"packed {name}\\+"):
+        Transformer.from_pretrained(out)

@@ -64,10 +64,11 @@ def test_kernel_matches_reference(kind, m, k, n) -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("kind", KINDS)
-def test_kernel_is_batch_invariant(kind) -> None:
+@pytest.mark.parametrize("m,k", [(37, 128), (520, 256)])  # the second splits over 2 threads
+def test_kernel_is_batch_invariant(kind, m, k) -> None:
     """Row i of any batch equals the 1-row product bit for bit, whatever n and threads."""
-    pw = packed(37, 128, kind)
-    x = torch.randn(12, 128)
+    pw = packed(m, k, kind)
+    x = torch.randn(12, k)
     singles = torch.cat([quant.packed_linear(x[i : i + 1], pw, 1) for i in range(12)])
     for n in (2, 3, 5, 8, 12):
         for threads in (1, 2):

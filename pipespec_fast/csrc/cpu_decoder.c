@@ -257,6 +257,7 @@ int decoder_layers_f32(const dec_layer_t *layers, int n_layers, float *x, int n,
         for (int i = 0; i < n; ++i)
             rmsnorm(h + (size_t)i * dim, x + (size_t)i * dim, L->attn_norm, dim, eps);
         gemm(h, n, dim, L->w[0], L->kind[0], qkvw, qkv, nt, &err);
+        if (err) break; /* nothing past a failed product: the buffers hold no result */
 #pragma omp parallel for num_threads(nt) if (rows_par) schedule(static)
         for (int i = 0; i < n; ++i) {
             float *r = qkv + (size_t)i * qkvw;
@@ -281,11 +282,13 @@ int decoder_layers_f32(const dec_layer_t *layers, int n_layers, float *x, int n,
                    sc, att + (size_t)i * qo + (size_t)hh * hd);
         }
         gemm(att, n, qo, L->w[1], L->kind[1], dim, o, nt, &err);
+        if (err) break;
         for (size_t j = 0; j < (size_t)n * dim; ++j) x[j] += o[j];
 #pragma omp parallel for num_threads(nt) if (rows_par) schedule(static)
         for (int i = 0; i < n; ++i)
             rmsnorm(h + (size_t)i * dim, x + (size_t)i * dim, L->ffn_norm, dim, eps);
         gemm(h, n, dim, L->w[2], L->kind[2], 2 * inter, gu, nt, &err);
+        if (err) break;
 #pragma omp parallel for num_threads(nt) if (rows_par) schedule(static)
         for (int i = 0; i < n; ++i) {
             const float *g = gu + (size_t)i * 2 * inter, *u = g + inter;
@@ -293,6 +296,7 @@ int decoder_layers_f32(const dec_layer_t *layers, int n_layers, float *x, int n,
             for (int j = 0; j < inter; ++j) a[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
         }
         gemm(act, n, inter, L->w[3], L->kind[3], dim, o, nt, &err);
+        if (err) break;
         for (size_t j = 0; j < (size_t)n * dim; ++j) x[j] += o[j];
     }
 done:

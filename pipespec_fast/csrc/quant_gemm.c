@@ -7,8 +7,9 @@
  *                 nibble of byte j, value j + 16 in its high nibble); w = fl(fl(q * d) + m)
  *   kind 3  Q8_0  per 32 values: fp16 d, 32 int8; w = fl(q * d)
  *
- * The dequantised values are bit-identical to ggml's (and to this project's converter's numpy
- * dequantisation: a multiply, then an add, each rounded to fp32; no FMA), so the product uses
+ * The dequantised values are bit-identical to ggml's reference dequantisation
+ * (dequantize_row_q4_1 / _q8_0), gguf-py's and this project's converter's numpy one (a multiply,
+ * then an add, each rounded to fp32; no FMA), so the product uses
  * exactly the fp32 weights of the converted checkpoint while reading 2x (F16), 6.4x (Q4_1) or
  * 3.8x (Q8_0) fewer bytes. Decoding on a CPU is bound by those bytes.
  *
@@ -195,9 +196,13 @@ static void q_range(qkernel_fn fn, const float *x, size_t ldx, const uint8_t *w,
     }
 }
 
-/* y[n, m] = x[n, k] (row stride ldx) @ dequant(w)^T; returns 0, or -1 for a bad kind or k. */
+/* y[n, m] = x[n, k] (row stride ldx) @ dequant(w)^T; returns 0, or -1 for a bad kind or k or
+ * a CPU without AVX-512F/FMA/F16C. */
 int quant_gemm_f32(const float *x, const uint8_t *w, float *y, int n, int k, int m, int ldx,
                    int kind, int nthreads) {
+    static int supported = -1; /* the CPU check, once (a benign race: same value) */
+    if (supported < 0) supported = quant_gemm_supported();
+    if (!supported) return -1;
     qkernel_fn fn;
     switch (kind) {
     case KIND_F16: fn = kernel_f16; if (k % 16) return -1; break;

@@ -254,12 +254,16 @@ class Sequencer:
         synchronous decoding). ``g = 0`` wins when a forward costs more per extra row than the
         drafts are worth (a compute-bound CPU with a weak draft): speculation is switched off,
         except one draft every :data:`EXPLORE_EVERY` steps to keep ``a`` and ``L`` current.
-        Until two block sizes have been timed: the smallest ``g >= 1`` with ``a^g <= 0.15``.
-        Non-adaptive stages always take ``max_n``."""
+        Until two block sizes have been timed, and always for seeded sampling (whose draws must
+        not depend on timings): the smallest ``g >= 1`` with ``a^g <= 0.15``. Non-adaptive
+        stages always take ``max_n``."""
         if not self.adaptive:
             return max_n
         a = (self._acc + 1.0) / (self._acc + self._rej + 2.0)
-        line = self._latency_line()
+        # seeded sampling stays reproducible: its windows (and so its random draws) must not
+        # depend on timings
+        timed = self.params.greedy or self.params.seed is None
+        line = self._latency_line() if timed else None
         if line is None:
             if a >= 0.999:
                 return max_n

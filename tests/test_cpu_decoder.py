@@ -116,7 +116,7 @@ def test_decoder_plan_argument_errors() -> None:
         plan.run(x.double(), cs, cs, bits, c.k, c.v, 0, 1)
     with pytest.raises(ValueError, match="shape"):
         plan.run(x, torch.zeros(3, 8), cs, bits, c.k, c.v, 0, 1)
-    with pytest.raises(RuntimeError, match="unsupported shape"):
+    with pytest.raises(ValueError, match="outside the cache"):
         plan.run(x, cs, cs, bits, c.k, c.v, 15, 1)  # past max_len
 
 

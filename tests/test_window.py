@@ -77,14 +77,25 @@ def test_window_zero_steps_keep_greedy_output_identical(monkeypatch, mode, k) ->
     models = family(k, noise=0.05, seed=4)
     stages = [LlamaStage(m, name=f"s{i}", max_len=256) for i, m in enumerate(models)]
     ref = FastPipeline(stages[-1:]).generate(PROMPT, 40, ignore_eos=True).token_ids
-    pattern = itertools.cycle([0, 2, 0, 0, 1, 3, 0])
+    patterns: dict[int, itertools.cycle] = {}
 
-    def window(self, max_n, draft_cost_s=0.0):
+    def window(self, max_n, draft_cost_s=0.0):  # per stage: alone, verify, alone, ...
+        pattern = patterns.setdefault(self.index, itertools.cycle([0, 2, 0, 3, 1, 0, 3]))
         return min(max_n, next(pattern))
 
     monkeypatch.setattr(Sequencer, "window", window)
     pipe = FastPipeline(stages)
     res = pipe.generate(PROMPT, 40, ignore_eos=True, mode=mode)
     assert res.token_ids == ref
-    st = res.stage_stats[-1]
-    assert st.verify_steps > 0 and 0 < st.proposed  # both kinds of step happened
+    # both kinds of step happened (which stage verified what depends on thread timing)
+    assert res.stage_stats[-1].verify_steps > 0
+    assert sum(st.proposed for st in res.stage_stats[1:]) > 0
+
+
+def test_seeded_sampling_windows_ignore_timings() -> None:
+    """Seeded sampling must reproduce its draws: the window then follows acceptance only."""
+    (m,) = family(1, seed=0)
+    s = Sequencer(LlamaStage(m, max_len=64), SamplingParams(temperature=1.0, seed=3), index=1)
+    s._acc, s._rej = 1.0, 8.0
+    s._verify_lat = {2: (0.007, 1.0), 4: (0.010, 1.0)}  # would switch speculation off
+    assert s.window(6) == 2  # a = 2/11: the smallest g with a^g <= 0.15

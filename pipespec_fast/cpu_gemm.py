@@ -3,8 +3,9 @@
 Speculative verification runs the target on ``n`` (2..16) tokens at once; OpenBLAS' sgemm packs
 the weights and takes ~3x the time of a 1-row GEMV, although the work is bandwidth-bound. The C
 kernel in ``csrc/skinny_gemm.c`` streams every weight row from memory once per call, for all
-rows of ``x`` (AVX2 + FMA; an AVX-512 path for n >= 3 where the CPU has it; OpenMP threads over
-output columns). Any ``n`` is correct; past ~16 it is still faster than OpenBLAS here.
+rows of ``x`` (AVX2 + FMA; an AVX-512 path for n >= 3 where the CPU has it; the threads of one
+process-wide pool, ``csrc/thread_pool.c``, split the output columns). Any ``n`` is correct; past
+~16 it is still faster than OpenBLAS here.
 
 It is also *batch invariant*: ``y[i, o]`` is computed by the same sequence of float operations
 whatever ``n``, ``i``, the thread count, the work split or the ISA path (the order depends on
@@ -41,8 +42,10 @@ import torch
 SOURCE = Path(__file__).resolve().parent / "csrc" / "skinny_gemm.c"
 # Compiled into the same library: the weight-compressed GEMM (``quant_gemm``) and the fused
 # decoder layer (``cpu_decoder``), which call the skinny GEMM directly.
-SOURCES = (SOURCE, SOURCE.parent / "quant_gemm.c", SOURCE.parent / "cpu_decoder.c")
-CFLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off")
+SOURCES = (SOURCE, SOURCE.parent / "quant_gemm.c", SOURCE.parent / "cpu_decoder.c",
+           SOURCE.parent / "thread_pool.c")
+HEADERS = (SOURCE.parent / "thread_pool.h",)
+CFLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off")
 ABI_VERSION = 2
 DECODER_ABI_VERSION = 1  # csrc/cpu_decoder.c
 DISABLE_ENV = "PIPESPEC_SKINNY"
@@ -91,7 +94,7 @@ def _build(cc: str) -> Path:
         [cc, "--version"], capture_output=True, text=True, timeout=60, check=True
     ).stdout
     key = hashlib.sha256(
-        b"\0".join([*(p.read_bytes() for p in SOURCES), " ".join(CFLAGS).encode(),
+        b"\0".join([*(p.read_bytes() for p in SOURCES + HEADERS), " ".join(CFLAGS).encode(),
                   version.encode()])
     ).hexdigest()[:16]
     out = build_dir() / f"skinny_gemm-{key}.so"
@@ -221,7 +224,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, threads: int = 1) -> torch.T
     """``x: [n, k]``, ``w: [m, k]`` (fp32, CPU) -> ``x @ w.T`` as a new ``[n, m]`` tensor.
 
     Batch invariant (see the module docstring) and reads ``w`` once for all ``n`` rows; tuned for
-    ``n <= 16`` but correct for any ``n``. ``threads`` OpenMP threads split the output columns
+    ``n <= 16`` but correct for any ``n``. ``threads`` pool threads split the output columns
     (the result does not depend on it). Falls back to numpy when :func:`available` is ``False``.
     """
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:

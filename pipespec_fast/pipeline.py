@@ -371,6 +371,8 @@ class FastPipeline:
         if not workers:
             return
         self._stop_event.set()
+        for w in workers:  # wake a worker blocked on its inbox now, not at its next poll
+            w.inbox.put(None)
         for w in workers:
             w.thread.join(timeout=ERROR_WAIT_S + 30)
 
@@ -511,9 +513,10 @@ class _CpuThreads:
     """Thread policy for one generation on CPU, restored afterwards.
 
     Matmuls and the fused layer stack run in our C kernels (``linear.py``, ``cpu_decoder.py``)
-    with OpenMP threads; torch's own ops are tiny, and its OpenMP workers spinning beside ours
-    cost far more than they give (measured: one model pass 9 ms vs 700 ms), so torch runs on
-    the calling thread. AR and synchronous decoding use one matmul thread per free core.
+    on the threads of their own pool (``csrc/thread_pool.c``); torch's own ops are tiny, and
+    its OpenMP workers spinning beside ours cost far more than they give (measured: one model
+    pass 9 ms vs 700 ms), so torch runs on the calling thread. AR and synchronous decoding use
+    one matmul thread per free core.
 
     PipeSpec runs the model stages at once, so they share the cores:
 

@@ -8,8 +8,11 @@ library cannot be built or loaded.
 from __future__ import annotations
 
 import ctypes
+import os
+import signal
 import sys
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -26,7 +29,7 @@ EPS32 = float(np.finfo(np.float32).eps)
 @pytest.fixture(autouse=True, scope="module")
 def one_blas_thread():
     """Single-threaded numpy references: OpenBLAS threads spinning between calls would fight
-    the kernel's OpenMP threads for the cores (slow, not wrong)."""
+    the kernel's pool threads for the cores (slow, not wrong)."""
     with threadpool_limits(limits=1, user_api="blas"):
         yield
 
@@ -284,3 +287,28 @@ def test_isa_env_selects_the_path(fresh, monkeypatch, lib):
     monkeypatch.setenv(cpu_gemm.ISA_ENV, "avx2")
     assert cpu_gemm.isa() == "avx2"
     _fallback_still_computes()
+
+
+def test_forked_child_runs_parallel_calls(lib):
+    """A forked child inherits none of the pool's worker threads (only the forking thread
+    survives a fork): its multi-threaded calls must still finish, with the same result."""
+    x, w = rand(3, 576, seed=3), rand(960, 576, seed=4)
+    expect = cpu_gemm.skinny_linear(x, w, 2)  # the pool's workers now exist in this process
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        ok = False
+        try:
+            ok = all(torch.equal(cpu_gemm.skinny_linear(x, w, 2), expect) for _ in range(5))
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("a forked child hung in a parallel call")
+        time.sleep(0.05)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

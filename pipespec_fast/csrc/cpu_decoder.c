@@ -22,9 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "thread_pool.h"
 
 void skinny_gemm_f32(const float *x, const float *w, float *y, int n, int k, int m, int ldx,
                      int nthreads);
@@ -216,6 +214,65 @@ static void gemm(const float *x, int n, int k, const void *w, int kind, int m, f
         *err = -2;
 }
 
+/* What the per-row and per-(token, head) steps of one layer read and write. */
+typedef struct {
+    const dec_layer_t *L;
+    float *x, *h, *qkv, *att, *gu, *act, *scores, *kl, *vl;
+    const float *cosv, *sinv;
+    const int32_t *bits;
+    int words, n, dim, n_heads, n_kv, hd, inter, qo, kvo, qkvw, group, start, max_len, ctx;
+    float eps, scale;
+    int step; /* which of the STEP_* below a pool job runs */
+} layer_job_t;
+
+enum { STEP_ATTN_NORM, STEP_ROPE_KV, STEP_ATTEND, STEP_FFN_NORM, STEP_SWIGLU };
+
+/* Part t of T of the current step: a contiguous range of rows (or of (token, head) pairs). */
+static void layer_part(void *arg, int t, int T) {
+    const layer_job_t *c = arg;
+    const int count = c->step == STEP_ATTEND ? c->n * c->n_heads : c->n;
+    const int b = (int)((long long)count * t / T), e = (int)((long long)count * (t + 1) / T);
+    for (int i = b; i < e; ++i) {
+        switch (c->step) {
+        case STEP_ATTN_NORM:
+        case STEP_FFN_NORM:
+            rmsnorm(c->h + (size_t)i * c->dim, c->x + (size_t)i * c->dim,
+                    c->step == STEP_ATTN_NORM ? c->L->attn_norm : c->L->ffn_norm, c->dim, c->eps);
+            break;
+        case STEP_ROPE_KV: {
+            float *r = c->qkv + (size_t)i * c->qkvw;
+            const float *cs = c->cosv + (size_t)i * c->hd, *sn = c->sinv + (size_t)i * c->hd;
+            for (int hh = 0; hh < c->n_heads + c->n_kv; ++hh) rope(r + (size_t)hh * c->hd, cs, sn, c->hd);
+            for (int g = 0; g < c->n_kv; ++g) {
+                const size_t slot = ((size_t)g * c->max_len + (size_t)(c->start + i)) * c->hd;
+                memcpy(c->kl + slot, r + c->qo + (size_t)g * c->hd, sizeof(float) * c->hd);
+                memcpy(c->vl + slot, r + c->qo + c->kvo + (size_t)g * c->hd, sizeof(float) * c->hd);
+            }
+            break;
+        }
+        case STEP_ATTEND: {
+            const int tok = i / c->n_heads, hh = i % c->n_heads, g = hh / c->group;
+            attend(c->qkv + (size_t)tok * c->qkvw + (size_t)hh * c->hd,
+                   c->kl + (size_t)g * c->max_len * c->hd, c->vl + (size_t)g * c->max_len * c->hd,
+                   c->start, c->n, c->bits + (size_t)tok * c->words, c->hd, c->scale,
+                   c->scores + (size_t)t * 3 * c->ctx, c->att + (size_t)tok * c->qo + (size_t)hh * c->hd);
+            break;
+        }
+        case STEP_SWIGLU: {
+            const float *g = c->gu + (size_t)i * 2 * c->inter, *u = g + c->inter;
+            float *a = c->act + (size_t)i * c->inter;
+            for (int j = 0; j < c->inter; ++j) a[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+            break;
+        }
+        }
+    }
+}
+
+static void run_step(layer_job_t *c, int step, int parts) {
+    c->step = step;
+    pool_run(layer_part, c, parts);
+}
+
 /* Run n tokens through n_layers layers, in place on x [n, dim].
  *
  * cosv, sinv: [n, hd] RoPE tables of the tokens' positions. bits: [n, words] ancestor-or-self
@@ -232,81 +289,56 @@ int decoder_layers_f32(const dec_layer_t *layers, int n_layers, float *x, int n,
         words < (n + 31) / 32)
         return -3;
     const int nt = nthreads < 1 ? 1 : nthreads;
-    const int qo = n_heads * hd, kvo = n_kv * hd, qkvw = qo + 2 * kvo, group = n_heads / n_kv;
-    const float scale = (float)(1.0 / sqrt((double)hd));
+    const int qo = n_heads * hd, kvo = n_kv * hd, qkvw = qo + 2 * kvo;
     const int ctx = start + n;
-    float *h = malloc(sizeof(float) * (size_t)n * dim);
-    float *qkv = malloc(sizeof(float) * (size_t)n * qkvw);
-    float *att = malloc(sizeof(float) * (size_t)n * qo);
-    float *gu = malloc(sizeof(float) * (size_t)n * 2 * inter);
-    float *act = malloc(sizeof(float) * (size_t)n * inter);
+    layer_job_t c = {.x = x, .cosv = cosv, .sinv = sinv, .bits = bits, .words = words, .n = n,
+                     .dim = dim, .n_heads = n_heads, .n_kv = n_kv, .hd = hd, .inter = inter,
+                     .qo = qo, .kvo = kvo, .qkvw = qkvw, .group = n_heads / n_kv,
+                     .start = start, .max_len = max_len, .ctx = ctx, .eps = eps,
+                     .scale = (float)(1.0 / sqrt((double)hd))};
+    c.h = malloc(sizeof(float) * (size_t)n * dim);
+    c.qkv = malloc(sizeof(float) * (size_t)n * qkvw);
+    c.att = malloc(sizeof(float) * (size_t)n * qo);
+    c.gu = malloc(sizeof(float) * (size_t)n * 2 * inter);
+    c.act = malloc(sizeof(float) * (size_t)n * inter);
     float *o = malloc(sizeof(float) * (size_t)n * dim);
-    float *scores = malloc(sizeof(float) * (size_t)nt * 3 * ctx); /* attend()'s scratch */
+    c.scores = malloc(sizeof(float) * (size_t)nt * 3 * ctx); /* attend()'s scratch, per part */
     int err = 0;
-    if (!h || !qkv || !att || !gu || !act || !o || !scores) {
+    if (!c.h || !c.qkv || !c.att || !c.gu || !c.act || !o || !c.scores) {
         err = -1;
         goto done;
     }
-    /* Parallelise the per-row and per-(token, head) work only when it is worth a fork. */
-    const int rows_par = nt > 1 && (long long)n * inter >= 65536;
-    const int att_par = nt > 1 && (long long)n * n_heads * ctx * hd >= (1 << 19);
+    /* Split the per-row and per-(token, head) work only when it is worth a hand-off. */
+    const int rows = nt > 1 && (long long)n * inter >= 65536 ? nt : 1;
+    const int heads = nt > 1 && (long long)n * n_heads * ctx * hd >= (1 << 19) ? nt : 1;
     for (int l = 0; l < n_layers && !err; ++l) {
-        const dec_layer_t *L = &layers[l];
-        float *kl = k_cache + (size_t)l * layer_stride, *vl = v_cache + (size_t)l * layer_stride;
-#pragma omp parallel for num_threads(nt) if (rows_par) schedule(static)
-        for (int i = 0; i < n; ++i)
-            rmsnorm(h + (size_t)i * dim, x + (size_t)i * dim, L->attn_norm, dim, eps);
-        gemm(h, n, dim, L->w[0], L->kind[0], qkvw, qkv, nt, &err);
+        c.L = &layers[l];
+        c.kl = k_cache + (size_t)l * layer_stride;
+        c.vl = v_cache + (size_t)l * layer_stride;
+        run_step(&c, STEP_ATTN_NORM, rows);
+        gemm(c.h, n, dim, c.L->w[0], c.L->kind[0], qkvw, c.qkv, nt, &err);
         if (err) break; /* nothing past a failed product: the buffers hold no result */
-#pragma omp parallel for num_threads(nt) if (rows_par) schedule(static)
-        for (int i = 0; i < n; ++i) {
-            float *r = qkv + (size_t)i * qkvw;
-            const float *c = cosv + (size_t)i * hd, *s = sinv + (size_t)i * hd;
-            for (int hh = 0; hh < n_heads + n_kv; ++hh) rope(r + (size_t)hh * hd, c, s, hd);
-            for (int g = 0; g < n_kv; ++g) {
-                const size_t slot = ((size_t)g * max_len + (size_t)(start + i)) * hd;
-                memcpy(kl + slot, r + qo + (size_t)g * hd, sizeof(float) * hd);
-                memcpy(vl + slot, r + qo + kvo + (size_t)g * hd, sizeof(float) * hd);
-            }
-        }
-#pragma omp parallel for num_threads(nt) if (att_par) schedule(static)
-        for (int p = 0; p < n * n_heads; ++p) {
-            const int i = p / n_heads, hh = p % n_heads, g = hh / group;
-#ifdef _OPENMP
-            float *sc = scores + (size_t)omp_get_thread_num() * 3 * ctx;
-#else
-            float *sc = scores;
-#endif
-            attend(qkv + (size_t)i * qkvw + (size_t)hh * hd, kl + (size_t)g * max_len * hd,
-                   vl + (size_t)g * max_len * hd, start, n, bits + (size_t)i * words, hd, scale,
-                   sc, att + (size_t)i * qo + (size_t)hh * hd);
-        }
-        gemm(att, n, qo, L->w[1], L->kind[1], dim, o, nt, &err);
+        run_step(&c, STEP_ROPE_KV, rows);
+        run_step(&c, STEP_ATTEND, heads);
+        gemm(c.att, n, qo, c.L->w[1], c.L->kind[1], dim, o, nt, &err);
         if (err) break;
         for (size_t j = 0; j < (size_t)n * dim; ++j) x[j] += o[j];
-#pragma omp parallel for num_threads(nt) if (rows_par) schedule(static)
-        for (int i = 0; i < n; ++i)
-            rmsnorm(h + (size_t)i * dim, x + (size_t)i * dim, L->ffn_norm, dim, eps);
-        gemm(h, n, dim, L->w[2], L->kind[2], 2 * inter, gu, nt, &err);
+        run_step(&c, STEP_FFN_NORM, rows);
+        gemm(c.h, n, dim, c.L->w[2], c.L->kind[2], 2 * inter, c.gu, nt, &err);
         if (err) break;
-#pragma omp parallel for num_threads(nt) if (rows_par) schedule(static)
-        for (int i = 0; i < n; ++i) {
-            const float *g = gu + (size_t)i * 2 * inter, *u = g + inter;
-            float *a = act + (size_t)i * inter;
-            for (int j = 0; j < inter; ++j) a[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
-        }
-        gemm(act, n, inter, L->w[3], L->kind[3], dim, o, nt, &err);
+        run_step(&c, STEP_SWIGLU, rows);
+        gemm(c.act, n, inter, c.L->w[3], c.L->kind[3], dim, o, nt, &err);
         if (err) break;
         for (size_t j = 0; j < (size_t)n * dim; ++j) x[j] += o[j];
     }
 done:
-    free(h);
-    free(qkv);
-    free(att);
-    free(gu);
-    free(act);
+    free(c.h);
+    free(c.qkv);
+    free(c.att);
+    free(c.gu);
+    free(c.act);
     free(o);
-    free(scores);
+    free(c.scores);
     return err;
 }
 

@@ -31,9 +31,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "thread_pool.h"
 
 enum { KIND_F16 = 1, KIND_Q4_1 = 2, KIND_Q8_0 = 3 };
 
@@ -58,7 +56,7 @@ int quant_gemm_supported(void) {
 }
 
 #define INLINE static inline __attribute__((always_inline))
-#define MIN_THREAD_WORK 65536 /* weights per OpenMP thread, at least */
+#define MIN_THREAD_WORK 65536 /* weights per thread, at least */
 #define QTILE 4  /* weight rows per tile (threads split tiles) */
 #define QGROUP 8 /* rows of x per kernel call */
 #define PF_ROWS 8 /* software prefetch distance in weight rows (measured: 8 > 4, 16, 32) */
@@ -82,16 +80,18 @@ INLINE float half_at(const uint8_t *p) {
     return _cvtsh_ss(h);
 }
 
-/* One 32-value block as two 16-lane vectors (values 0..15 and 16..31). */
+/* One 32-value block as two 16-lane vectors (values 0..15 and 16..31). The block has only 16
+ * distinct values, fl(fl(q * d) + m) for q = 0..15: they are computed once into one register
+ * (the same two roundings as the reference) and each value is looked up by its nibble
+ * (vpermps reads the low 4 bits of each lane, so the low nibble needs no mask). */
 INLINE void deq_q4_1(const uint8_t *blk, __m512 *w0, __m512 *w1) {
-    const __m512 d = _mm512_set1_ps(half_at(blk));
-    const __m512 m = _mm512_set1_ps(half_at(blk + 2));
-    const __m128i v = _mm_loadu_si128((const __m128i *)(blk + 4));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(v, mask);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-    *w0 = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), d), m);
-    *w1 = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), d), m);
+    const __m512 iota = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f,
+                                       11.f, 12.f, 13.f, 14.f, 15.f);
+    const __m512 table = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(half_at(blk))),
+                                       _mm512_set1_ps(half_at(blk + 2)));
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 4)));
+    *w0 = _mm512_permutexvar_ps(q, table);
+    *w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
 }
 
 INLINE void deq_q8_0(const uint8_t *blk, __m512 *w0, __m512 *w1) {
@@ -196,6 +196,24 @@ static void q_range(qkernel_fn fn, const float *x, size_t ldx, const uint8_t *w,
     }
 }
 
+struct qjob {
+    qkernel_fn fn;
+    const float *x;
+    const uint8_t *w;
+    float *y;
+    size_t ldx, ldw;
+    int n, k, m, tiles;
+};
+
+/* Part t of T: a contiguous range of weight tiles (the prefetch stream runs across tiles). */
+static void q_part(void *arg, int t, int T) {
+    const struct qjob *j = arg;
+    const int tb = (int)((long long)j->tiles * t / T);
+    const int te = (int)((long long)j->tiles * (t + 1) / T);
+    const int ob = tb * QTILE, oe = te * QTILE < j->m ? te * QTILE : j->m;
+    if (ob < oe) q_range(j->fn, j->x, j->ldx, j->w, j->ldw, j->y, j->n, j->k, j->m, ob, oe);
+}
+
 /* y[n, m] = x[n, k] (row stride ldx) @ dequant(w)^T; returns 0, or -1 for a bad kind or k or
  * a CPU without AVX-512F/FMA/F16C. */
 int quant_gemm_f32(const float *x, const uint8_t *w, float *y, int n, int k, int m, int ldx,
@@ -211,29 +229,15 @@ int quant_gemm_f32(const float *x, const uint8_t *w, float *y, int n, int k, int
     default: return -1;
     }
     if (n <= 0 || m <= 0) return 0;
-    const size_t ldw = (size_t)quant_row_bytes(kind, k);
-    const int tiles = (m + QTILE - 1) / QTILE;
+    const struct qjob j = {fn, x, w, y, (size_t)ldx, (size_t)quant_row_bytes(kind, k), n, k, m,
+                           (m + QTILE - 1) / QTILE};
     int nt = nthreads < 1 ? 1 : nthreads;
-    if (nt > tiles) nt = tiles;
+    if (nt > j.tiles) nt = j.tiles;
     /* a fork/join costs about as much as streaming MIN_THREAD_WORK weights: small matrices
      * (tiny test models) stay on the calling thread. Results do not depend on nt. */
     const long long per = (long long)m * k / MIN_THREAD_WORK;
     if (nt > per) nt = per < 1 ? 1 : (int)per;
-#ifdef _OPENMP
-    if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-        {
-            const int t = omp_get_thread_num(), T = omp_get_num_threads();
-            const int tb = (int)((long long)tiles * t / T);
-            const int te = (int)((long long)tiles * (t + 1) / T);
-            const int ob = tb * QTILE, oe = te * QTILE < m ? te * QTILE : m;
-            if (ob < oe) q_range(fn, x, (size_t)ldx, w, ldw, y, n, k, m, ob, oe);
-        }
-    } else
-#endif
-    {
-        q_range(fn, x, (size_t)ldx, w, ldw, y, n, k, m, 0, m);
-    }
+    pool_run(q_part, (void *)&j, nt);
     return 0;
 }
 

@@ -34,9 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "thread_pool.h"
 
 #define SKINNY_ABI_VERSION 2
 
@@ -85,7 +83,7 @@ int skinny_gemm_get_isa(void) {
 #define ROW_GROUP 256 /* large n: rows of x per pass over a thread's weight rows */
 
 #define INLINE static inline __attribute__((always_inline))
-#define MIN_THREAD_WORK 65536 /* weights per OpenMP thread, at least */
+#define MIN_THREAD_WORK 65536 /* weights per thread, at least */
 
 /* mask_src[8 - rem .. 15 - rem] = rem lanes of -1 then zeros */
 static const int32_t mask_src[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
@@ -98,6 +96,7 @@ typedef struct {
     const float *w;  /* [m, k] */
     float *y;        /* [n, m] */
     int n, k, m, isa;
+    int tiles; /* TILE_M-row tiles of w, split among the threads */
 } job_t;
 
 #pragma GCC push_options
@@ -378,6 +377,15 @@ static void run_range(const job_t *j, int o_begin, int o_end) {
     }
 }
 
+/* Part t of T: a contiguous range of weight tiles. */
+static void skinny_part(void *arg, int t, int T) {
+    const job_t *j = arg;
+    const int tb = (int)((long long)j->tiles * t / T);
+    const int te = (int)((long long)j->tiles * (t + 1) / T);
+    const int ob = tb * TILE_M, oe = te * TILE_M < j->m ? te * TILE_M : j->m;
+    if (ob < oe) run_range(j, ob, oe);
+}
+
 void skinny_gemm_f32(const float *x, const float *w, float *y, int n, int k, int m, int ldx,
                      int nthreads) {
     if (n <= 0 || m <= 0) return;
@@ -385,7 +393,7 @@ void skinny_gemm_f32(const float *x, const float *w, float *y, int n, int k, int
         memset(y, 0, (size_t)n * (size_t)m * sizeof(float));
         return;
     }
-    job_t j = {x, (size_t)ldx, NULL, 0, w, y, n, k, m, skinny_gemm_get_isa()};
+    job_t j = {x, (size_t)ldx, NULL, 0, w, y, n, k, m, skinny_gemm_get_isa(), 0};
     float *xp = NULL;
     if (j.isa == 2 && n < 3) j.isa = 1; /* memory-bound anyway, and no pair to waste */
     if (j.isa == 2) {
@@ -412,23 +420,10 @@ void skinny_gemm_f32(const float *x, const float *w, float *y, int n, int k, int
      * (tiny test models) stay on the calling thread. Results do not depend on nt. */
     const long long per = (long long)m * k / MIN_THREAD_WORK;
     if (nt > per) nt = per < 1 ? 1 : (int)per;
-#ifdef _OPENMP
-    if (nt > 1) {
-        /* Static split (contiguous tiles per thread: the prefetch stream continues across
-         * tiles). Measured better than dynamic chunks, even with another process on a core. */
-#pragma omp parallel num_threads(nt)
-        {
-            const int t = omp_get_thread_num(), T = omp_get_num_threads();
-            const int tb = (int)((long long)tiles * t / T);
-            const int te = (int)((long long)tiles * (t + 1) / T);
-            const int ob = tb * TILE_M, oe = te * TILE_M < m ? te * TILE_M : m;
-            if (ob < oe) run_range(&j, ob, oe);
-        }
-    } else
-#endif
-    {
-        run_range(&j, 0, m);
-    }
+    /* Static split (contiguous tiles per thread: the prefetch stream continues across tiles).
+     * Measured better than dynamic chunks, even with another process on a core. */
+    j.tiles = tiles;
+    pool_run(skinny_part, &j, nt);
     free(xp);
 }
 

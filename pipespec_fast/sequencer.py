@@ -118,6 +118,7 @@ class Sequencer:
         self._verify_lat: dict[int, tuple[float, float]] = {}  # n -> (decayed mean s, weight)
         self.draft_cost_s: float | None = None  # decayed mean time of drafting one token
         self._alone_steps = 0  # consecutive window() == 0 answers
+        self._explore_every = self.EXPLORE_EVERY  # doubles while explorations keep failing
         self.t0 = time.perf_counter() if t0 is None else t0
         self._device = stage.device
         self._cuda = self._device.type == "cuda"
@@ -240,7 +241,8 @@ class Sequencer:
         self.stats.drafted += n
         return n
 
-    EXPLORE_EVERY = 8  # after this many steps without drafts, verify one to re-measure
+    EXPLORE_EVERY = 8  # after this many steps without drafts, verify one to re-measure ...
+    EXPLORE_MAX = 64  # ... and twice as many after each exploration that changed nothing
 
     def window(self, max_n: int, draft_cost_s: float = 0.0) -> int:
         """Adaptive draft window: how many drafts to verify in the next forward (0: none,
@@ -253,9 +255,12 @@ class Sequencer:
         (``draft_cost_s``: what producing one more draft costs this stage's timeline, e.g. in
         synchronous decoding). ``g = 0`` wins when a forward costs more per extra row than the
         drafts are worth (a compute-bound CPU with a weak draft): speculation is switched off,
-        except one draft every :data:`EXPLORE_EVERY` steps to keep ``a`` and ``L`` current.
-        Until two block sizes have been timed, and always for seeded sampling (whose draws must
-        not depend on timings): the smallest ``g >= 1`` with ``a^g <= 0.15``. Non-adaptive
+        except one draft after :data:`EXPLORE_EVERY` steps to keep ``a`` and ``L`` current (the
+        interval doubles, up to :data:`EXPLORE_MAX`, while speculation keeps not paying: an
+        exploration costs a wait for a draft in PipeSpec).
+        Until two block sizes have been timed (one step alone first times ``L(1)`` when only
+        verify sizes were), and always for seeded sampling (whose draws must not depend on
+        timings): the smallest ``g >= 1`` with ``a^g <= 0.15``. Non-adaptive
         stages always take ``max_n``."""
         if not self.adaptive:
             return max_n
@@ -265,6 +270,8 @@ class Sequencer:
         timed = self.params.greedy or self.params.seed is None
         line = self._latency_line() if timed else None
         if line is None:
+            if timed and self._verify_lat and 1 not in self._verify_lat:
+                return 0  # one step alone times L(1): with the verify size seen, a line
             if a >= 0.999:
                 return max_n
             return max(1, min(max_n, math.ceil(math.log(0.15) / math.log(a))))
@@ -278,9 +285,12 @@ class Sequencer:
                 best, best_rate = g, rate
         if best == 0:
             self._alone_steps += 1
-            if self._alone_steps < self.EXPLORE_EVERY:
+            if self._alone_steps < self._explore_every:
                 return 0
+            self._explore_every = min(self.EXPLORE_MAX, 2 * self._explore_every)
             best = 1
+        else:
+            self._explore_every = self.EXPLORE_EVERY
         self._alone_steps = 0
         return best
 

@@ -167,6 +167,10 @@ class StageWorker:
         self._last_sync: tuple[int, int] | None = None
         self.limit: int | None = None  # the target stops verifying once it holds this many
         self.thread: threading.Thread | None = None
+        # what a draft costs this verifier: its wait for drafts, per draft verified (decayed);
+        # the adaptive window weighs it like synchronous decoding weighs drafting time
+        self.wait_per_draft_s = 0.0
+        self._waited_s = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -218,6 +222,7 @@ class StageWorker:
                                                [True] * n))
         elif isinstance(msg, Chunk):
             self.mirror.apply(msg)
+        # None: a wake-up (the pipeline is stopping; the loop checks the stop event)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -277,7 +282,8 @@ class StageWorker:
             self._drain(block=False)
             lead_ok = self.last or len(s.seq) - self.upper_len < self.max_lead
             if self.i > 0 and lead_ok:
-                n = s.window(self.window)  # 0: speculation does not pay now, decode alone
+                # 0: speculation does not pay now (drafts cost more waiting than they give)
+                n = s.window(self.window, self.wait_per_draft_s)
                 if isinstance(self.below, InlineDrafter):
                     self.below.fill(n)
                 drafts, rows, spoke = self._drafts(n)
@@ -286,6 +292,10 @@ class StageWorker:
                 alone = self.last and not drafts and (spoke or n == 0) and \
                     len(s.seq) < (self.limit or 0)
                 if drafts or alone:
+                    if drafts:
+                        cost = self._waited_s / len(drafts)
+                        self.wait_per_draft_s = 0.8 * self.wait_per_draft_s + 0.2 * cost
+                    self._waited_s = 0.0
                     start = len(s.seq)
                     s.verify(drafts, rows)
                     self._send_up(start)
@@ -305,4 +315,7 @@ class StageWorker:
                 self._sync_down()  # a diverged stage below must learn it, even when we wait
             t = time.perf_counter()
             self._drain(block=True)
-            s.stats.idle_s += time.perf_counter() - t
+            dt = time.perf_counter() - t
+            s.stats.idle_s += dt
+            if self.i > 0 and lead_ok:  # waiting for drafts (not for the stage above)
+                self._waited_s += dt

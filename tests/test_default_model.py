@@ -68,10 +68,17 @@ def test_default_hierarchy_streams_the_targets_greedy_text(default_pipe, chat_id
     assert "".join(pieces) == res.text and len(pieces) > 1
     alone = FastPipeline([default_pipe.stages[-1]], tokenizer=default_pipe.tokenizer)
     assert res.token_ids == alone.generate(chat_ids, 48).token_ids
-    target = res.stage_stats[-1]
-    assert target.verify_steps > 0
-    # the distilled draft's tokens are checked by the target and often accepted (an untrained
-    # 3-layer draft gets about 3% of them right)
+    assert res.stage_stats[-1].verify_steps > 0
+    # with fixed windows (the adaptive ones may switch speculation off where it does not pay,
+    # as on a 2-core CPU), the distilled draft's tokens are checked by the target and often
+    # accepted (an untrained 3-layer draft gets about 3% of them right)
+    default_pipe.adaptive_windows = False
+    try:
+        fixed = default_pipe.generate(chat_ids, 48)
+    finally:
+        default_pipe.adaptive_windows = True
+    assert fixed.token_ids == res.token_ids
+    target = fixed.stage_stats[-1]
     assert target.proposed > 0 and target.accepted / target.proposed > 0.15
     pred = default_pipe.predict()
     assert pred.pipespec_tokens_per_s > 0 and pred.ar_tokens_per_s > 0

@@ -48,9 +48,25 @@ def test_window_stays_short_when_every_row_costs() -> None:
 def test_window_zero_when_speculation_does_not_pay_then_explores() -> None:
     # L(n) = 4 ms + 1.5 ms n, a = 0.2: one token alone (5.5 ms) beats any window
     s = sequencer(acc=1.0, rej=8.0, lat={2: 0.007, 4: 0.010})
-    got = [s.window(6) for _ in range(2 * Sequencer.EXPLORE_EVERY)]
     k = Sequencer.EXPLORE_EVERY
-    assert got == ([0] * (k - 1) + [1]) * 2
+    got = [s.window(6) for _ in range(k + 2 * k + 4 * k)]
+    # one draft after k steps alone, then after 2k, 4k while it keeps not paying
+    assert got == [0] * (k - 1) + [1] + [0] * (2 * k - 1) + [1] + [0] * (4 * k - 1) + [1]
+    # once speculation pays again, the exploration interval starts over
+    s._verify_lat = {2: (0.0052, 1.0), 4: (0.0054, 1.0)}
+    s._acc, s._rej = 8.0, 2.0
+    assert s.window(6) > 0
+    s._verify_lat = {2: (0.007, 1.0), 4: (0.010, 1.0)}
+    s._acc, s._rej = 1.0, 8.0
+    assert [s.window(6) for _ in range(k)] == [0] * (k - 1) + [1]
+
+
+def test_window_times_a_step_alone_when_only_one_verify_size_is_known() -> None:
+    # a verifier that has only ever verified 2 rows has no line: one step alone gives L(1)
+    s = sequencer(acc=1.0, rej=8.0, lat={2: 0.007})
+    assert s.window(6) == 0
+    s._note_verify_latency(1, 0.0055)
+    assert s.window(6) == 0  # the line through L(1) and L(2): speculation does not pay
 
 
 def test_non_adaptive_window_is_the_maximum() -> None:

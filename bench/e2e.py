@@ -144,6 +144,12 @@ class OursSystem:
         out = {"tokens": st["new_tokens"], "seconds": st["seconds"],
                "tokens_per_s": st["tokens_per_s"], "ids": res.token_ids,
                "stages": st["stages"]}
+        # where each stage spends the run: forwards by kind, waiting for messages, the rest
+        out["time_s"] = [_time_split(s) for s in res.stage_stats]
+        if len(self.pipe.stages) > 1:  # does the target verify a model's drafts (or n-grams)?
+            from pipespec_fast.workers import is_model_free
+
+            out["model_drafts"] = not is_model_free(self.pipe.stages[-2])
         if self.mode == "pipespec" and len(res.stage_stats) > 1:
             try:
                 pred = self.pipe.predict(res)
@@ -157,6 +163,16 @@ class OursSystem:
             except ValueError as e:
                 out["predicted_error"] = str(e)
         return out
+
+
+def _time_split(stats) -> dict[str, float]:
+    """Seconds a stage spent in forwards by kind (prefill, draft, verify: a verify includes
+    its acceptance step) and waiting for a message (idle)."""
+    out = {"prefill": 0.0, "draft": 0.0, "verify": 0.0}
+    for a, b, kind in stats.timeline:
+        out[kind] = out.get(kind, 0.0) + (b - a)
+    out["wait"] = stats.idle_s
+    return out
 
 
 def main(argv=None) -> int:
@@ -198,6 +214,7 @@ def main(argv=None) -> int:
                 continue
             systems[name] = OursSystem(sub, _MODES[name], _ENV.get(name))
     prompts = [pipe.chat_prompt(p) for p in load_prompts(args.task, args.prompts)]
+    latency = probe_latency(pipe)
     # warm up every system once
     for s in systems.values():
         s.run(prompts[0][:32], 4, args.temperature, 0)
@@ -214,8 +231,9 @@ def main(argv=None) -> int:
             r["memory_mb"] = s.memory_mb
             rows[name].append(r)
             print(f"prompt {i}: {name:14s} {r['tokens_per_s']:6.1f} tok/s", file=sys.stderr)
-    summary = summarize(rows)
-    meta = {"task": args.task, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+    summary = summarize(rows, latency, pipe.windows[-1])
+    meta = {"latency_ms": latency, "task": args.task, "prompts": len(prompts),
+            "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature, "stages": [s.name for s in pipe.stages],
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "peak_rss_mb": peak_rss_mb(), "command": " ".join(sys.argv)}
@@ -229,7 +247,49 @@ def main(argv=None) -> int:
     return 0
 
 
-def summarize(rows: dict) -> dict:
+def probe_latency(pipe, ctx: int = 160, ns=(1, 2, 3, 4, 5, 7), reps: int = 15) -> dict:
+    """Milliseconds per forward of the target (``n`` new tokens after a ``ctx``-token prefix)
+    and of the smallest model (one token), alone on the machine with every core: the clean
+    ``L(n)`` the speculation ceiling is computed from."""
+    import os
+
+    from model_forward import time_forward
+
+    from pipespec_fast import linear
+    from pipespec_fast.workers import is_model_free
+
+    models = [s for s in pipe.stages if not is_model_free(s)]
+    torch.set_num_threads(1)
+    old = linear.set_threads(len(os.sched_getaffinity(0)))
+    prompt = torch.randint(0, 1000, (ctx,), generator=torch.Generator().manual_seed(0))
+    out = {}
+    try:
+        for role, st, sizes in (("target", models[-1], ns), ("draft", models[0], (1,))):
+            if role == "draft" and len(models) < 2:
+                break
+            m = st.model
+            cache = m.new_cache(ctx + max(sizes) + 1)
+            m(prompt, cache, last_n=1)
+            out[role] = {n: time_forward(m, cache, n, reps) for n in sizes}
+    finally:
+        linear.set_threads(old)
+    return out
+
+
+def ceiling(latency: dict, alpha: float, max_gamma: int, model_drafts: bool = True) -> dict:
+    """The speculation ceiling (``analysis.speculation_ceiling``) for a target whose drafts are
+    accepted with per-token probability ``alpha``: target line fitted to the probe; a draft
+    costs the small model's probed step, or nothing for a model-free (n-gram) drafter."""
+    from pipespec_fast.analysis import LatencyModel, speculation_ceiling
+
+    tgt = latency["target"]
+    line = LatencyModel.fit(list(tgt), [v / 1e3 for v in tgt.values()])
+    draft_s = latency.get("draft", {}).get(1, 0.0) / 1e3 if model_drafts else 0.0
+    c = speculation_ceiling(line, alpha, draft_s, max_gamma)
+    return {**c.to_dict(), "target_ms": [line.a * 1e3, line.b * 1e3], "draft_ms": draft_s * 1e3}
+
+
+def summarize(rows: dict, latency: dict | None = None, max_gamma: int = 6) -> dict:
     base = statistics.median(r["tokens_per_s"] for r in rows["hf_ar"]) if "hf_ar" in rows \
         else None
     out = {}
@@ -246,6 +306,17 @@ def summarize(rows: dict) -> dict:
             # where each stage spends its time: busy (forwards, acceptance) share of the run
             d["busy_fraction"] = [statistics.mean(r["stages"][i]["busy_s"] / r["seconds"]
                                                   for r in rs) for i in range(k)]
+            alpha = statistics.mean(r["stages"][-1]["alpha"] for r in rs)
+            if latency and alpha > 0:
+                d["ceiling"] = ceiling(latency, alpha, max_gamma, rs[0].get("model_drafts", True))
+        if "time_s" in rs[0]:  # share of the wall time per stage and kind; rest: "other"
+            d["stage_names"] = [st["name"] for st in rs[0]["stages"]]
+            d["time_share"] = []
+            for i in range(len(rs[0]["time_s"])):
+                share = {k: statistics.mean(r["time_s"][i][k] / r["seconds"] for r in rs)
+                         for k in rs[0]["time_s"][i]}
+                share["other"] = max(0.0, 1.0 - sum(share.values()))
+                d["time_share"].append(share)
         preds = [r["predicted_tokens_per_s"] for r in rs if "predicted_tokens_per_s" in r]
         if preds:
             d["predicted_tokens_per_s"] = statistics.median(preds)
@@ -272,6 +343,33 @@ def table(summary: dict, meta: dict) -> str:
         busy = ", ".join(f"{b:.0%}" for b in d.get("busy_fraction", [])) or "-"
         lines.append(f"| {name} | {d['median_tokens_per_s']:.1f} | {sp} | {acc} | {mal} | "
                      f"{pred} | {same} | {mem} | {busy} |")
+    kinds = ("prefill", "draft", "verify", "wait", "other")
+    lines += ["", "where each stage spends the run (share of wall time; verify includes "
+              "acceptance; other: Python, messages, drafting of a model-free stage)", "",
+              "| system | stage | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+    for name, d in summary.items():
+        for i, share in enumerate(d.get("time_share", [])):
+            stage = d.get("stage_names", [str(i)] * (i + 1))[i]
+            lines.append(f"| {name} | {stage} | " + " | ".join(
+                f"{share.get(k, 0.0):.0%}" for k in kinds) + " |")
+    ceil = {name: d for name, d in summary.items() if "ceiling" in d}
+    if ceil:
+        lat = meta.get("latency_ms", {})
+        tgt = ", ".join(f"{n}: {v:.2f}" for n, v in lat.get("target", {}).items())
+        lines += ["", f"speculation ceiling: target ms per forward of n tokens {{{tgt}}}, draft "
+                  f"{lat.get('draft', {}).get(1, 0.0):.2f} ms per token; alpha = the target's "
+                  "per-token acceptance in that system", "",
+                  "| system | alpha | AR tokens/s | best sync (window) | free, ready drafts "
+                  "(window) | bound vs best sync | measured vs ours_sync |",
+                  "|---|---|---|---|---|---|---|"]
+        sync = summary.get("ours_sync", {}).get("median_tokens_per_s")
+        for name, d in ceil.items():
+            c = d["ceiling"]
+            vs = f"{d['median_tokens_per_s'] / sync:.2f}x" if sync else "-"
+            lines.append(f"| {name} | {c['alpha']:.2f} | {c['ar_tokens_per_s']:.1f} | "
+                         f"{c['sync_tokens_per_s']:.1f} ({c['sync_gamma']}) | "
+                         f"{c['free_draft_tokens_per_s']:.1f} ({c['free_draft_gamma']}) | "
+                         f"{c['free_draft_vs_sync']:.2f}x | {vs} |")
     return "\n".join(lines)
 
 

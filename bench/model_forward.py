@@ -21,7 +21,9 @@ import time
 import torch
 
 
-def _time(model, cache, n: int, reps: int) -> float:
+def time_forward(model, cache, n: int, reps: int) -> float:
+    """Median milliseconds of one forward of ``n`` new tokens after the cache's prefix (the
+    cache is rolled back after each, so every repetition sees the same prefix)."""
     x = torch.full((n,), 5, dtype=torch.int64)
     start = cache.length
     out = []
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
         for name, m in models.items():
             cache = m.new_cache(args.ctx + max(ns) + 1)
             m(prompt, cache, last_n=1)
-            cells = [f"{_time(m, cache, n, args.reps):.2f}" for n in ns]
+            cells = [f"{time_forward(m, cache, n, args.reps):.2f}" for n in ns]
             print(f"| {name} | {threads} | " + " | ".join(cells) + " |")
     return 0
 

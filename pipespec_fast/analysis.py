@@ -43,6 +43,8 @@ __all__ = [
     "expected_tokens_per_step",
     "predict_from_stats",
     "predict_pipeline",
+    "SpeculationCeiling",
+    "speculation_ceiling",
     "sync_sd_speedup",
     "verify_probability",
 ]
@@ -690,6 +692,66 @@ def predict_pipeline(
 
 
 _OPTION_KEYS = ("policy", "step_model", "on_starve")
+
+
+@dataclass(frozen=True)
+class SpeculationCeiling:
+    """The best a verifier can do with drafts of per-token acceptance ``alpha`` (target
+    tokens/s), from its measured latency ``L(n)``: what no schedule of the same drafts beats."""
+
+    alpha: float
+    ar_tokens_per_s: float  # 1 / L(1)
+    sync_tokens_per_s: float  # max over g of A(alpha, g) / (L(g+1) + g * draft_s), g = 0 is AR
+    sync_gamma: int
+    free_draft_tokens_per_s: float  # max over g of A(alpha, g) / L(g+1): drafts free and ready
+    free_draft_gamma: int
+
+    @property
+    def free_draft_vs_sync(self) -> float:
+        """Upper bound of any pipelined schedule's speedup over the best synchronous one."""
+        return self.free_draft_tokens_per_s / self.sync_tokens_per_s
+
+    @property
+    def free_draft_vs_ar(self) -> float:
+        return self.free_draft_tokens_per_s / self.ar_tokens_per_s
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["free_draft_vs_sync"] = self.free_draft_vs_sync
+        d["free_draft_vs_ar"] = self.free_draft_vs_ar
+        return d
+
+
+def speculation_ceiling(
+    target: LatencyModel, alpha: float, draft_s: float, max_gamma: int = 16
+) -> SpeculationCeiling:
+    """Upper bounds on speculative decoding for one target (see ``docs/ANALYSIS.md``).
+
+    A verification of ``g`` drafts costs ``L(g+1)`` and commits ``A(alpha, g)`` tokens on
+    average. Synchronous decoding also pays ``g * draft_s`` to draft them first; its best
+    window (``g = 0``: decode alone) gives ``sync_tokens_per_s``. A pipeline can at most hide
+    the drafting entirely: ``A / L(g+1)`` at its best ``g`` bounds every PipeSpec schedule
+    whose drafts come from the same stage below (it keeps the target busy verifying, never
+    waiting, with drafts that cost it nothing). Where ``L(n)`` grows with ``n`` (a verify
+    bound by arithmetic, not by reading weights), this bound is close to AR whatever the
+    pipeline does.
+    """
+    a = _check_alpha(alpha)
+    d = _real(draft_s, "draft_s")
+    if d < 0.0:
+        raise ValueError(f"draft_s must be >= 0, got {draft_s!r}")
+    gmax = _check_int_gamma(max_gamma, "max_gamma")
+    l1 = target.latency_s(1)
+    best_sync, best_free = (1.0 / l1, 0), (1.0 / l1, 0)
+    for g in range(1, gmax + 1):
+        lv = target.latency_s(g + 1)
+        tokens = expected_accepted(a, g)
+        if tokens / (lv + g * d) > best_sync[0]:
+            best_sync = (tokens / (lv + g * d), g)
+        if tokens / lv > best_free[0]:
+            best_free = (tokens / lv, g)
+    return SpeculationCeiling(a, 1.0 / l1, best_sync[0], best_sync[1], best_free[0],
+                              best_free[1])
 
 
 def predict_from_stats(stats: Mapping[str, Any], **kwargs: Any) -> Prediction:

@@ -17,6 +17,7 @@ from pipespec_fast.analysis import (
     expected_tokens_per_step,
     predict_from_stats,
     predict_pipeline,
+    speculation_ceiling,
     sync_sd_speedup,
     verify_probability,
 )
@@ -502,3 +503,48 @@ def test_predict_from_stats_errors_name_the_field():
         predict_from_stats({})
     p = predict_from_stats({"stages": [{"latency": 0.001}, good]})
     assert [s.name for s in p.stages] == ["stage0", "t"]
+
+
+# ---------------------------------------------------------------------------------------------
+# speculation ceiling
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ceiling_compute_bound_target_hand_computed():
+    # L(n) = 3.3 + 1.3 n ms (a verify bound by arithmetic), alpha 0.45, a 0.5 ms draft step
+    c = speculation_ceiling(LatencyModel.linear(3.3e-3, 1.3e-3), 0.45, 0.5e-3, max_gamma=6)
+    assert c.ar_tokens_per_s == pytest.approx(1 / 4.6e-3)
+    # g = 1: 1.45 tokens per 5.9 ms verify (+ 0.5 ms drafting for sync); g = 2 is worse:
+    # 1.6525 / 7.2 ms and 1.6525 / 8.2 ms
+    assert (c.free_draft_gamma, c.sync_gamma) == (1, 1)
+    assert c.free_draft_tokens_per_s == pytest.approx(1.45 / 5.9e-3)
+    assert c.sync_tokens_per_s == pytest.approx(1.45 / 6.4e-3)
+    assert c.free_draft_vs_sync == pytest.approx(6.4 / 5.9)
+    assert c.free_draft_vs_ar == pytest.approx(1.45 * 4.6 / 5.9)
+    d = c.to_dict()
+    assert d["free_draft_vs_sync"] == pytest.approx(6.4 / 5.9) and d["sync_gamma"] == 1
+
+
+def test_ceiling_memory_bound_target_uses_the_whole_window():
+    # a verify that costs what a decode step costs: every extra draft is worth verifying
+    c = speculation_ceiling(LatencyModel.constant(5e-3), 0.8, 0.0, max_gamma=6)
+    assert c.free_draft_gamma == c.sync_gamma == 6
+    assert c.free_draft_tokens_per_s == pytest.approx((1 - 0.8**7) / 0.2 / 5e-3)
+    assert c.sync_tokens_per_s == pytest.approx(c.free_draft_tokens_per_s)
+
+
+def test_ceiling_useless_drafts_mean_decoding_alone():
+    c = speculation_ceiling(LatencyModel.linear(3e-3, 1e-3), 0.0, 1e-3)
+    assert (c.sync_gamma, c.free_draft_gamma) == (0, 0)
+    assert c.sync_tokens_per_s == c.free_draft_tokens_per_s == pytest.approx(1 / 4e-3)
+    assert c.free_draft_vs_sync == 1.0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"draft_s": -1e-3}, "draft_s"), ({"max_gamma": 0}, "max_gamma"),
+    ({"max_gamma": 2.5}, "max_gamma"), ({"alpha": 1.5}, "alpha"),
+])
+def test_ceiling_rejects_bad_arguments(kwargs, match):
+    args = {"target": LatencyModel.constant(1e-3), "alpha": 0.5, "draft_s": 0.0, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        speculation_ceiling(**args)

@@ -344,11 +344,13 @@ def table(summary: dict, meta: dict) -> str:
         lines.append(f"| {name} | {d['median_tokens_per_s']:.1f} | {sp} | {acc} | {mal} | "
                      f"{pred} | {same} | {mem} | {busy} |")
     kinds = ("prefill", "draft", "verify", "wait", "other")
-    lines += ["", "where each stage spends the run (share of wall time; verify includes "
-              "acceptance; other: Python, messages, drafting of a model-free stage)", "",
+    lines += ["", "where each model stage spends the run (share of wall time; verify includes "
+              "acceptance; other: Python and messages, and in sync the other stages' turns)", "",
               "| system | stage | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
     for name, d in summary.items():
         for i, share in enumerate(d.get("time_share", [])):
+            if sum(share.values()) - share["other"] < 0.01:  # a model-free (n-gram) stage
+                continue
             stage = d.get("stage_names", [str(i)] * (i + 1))[i]
             lines.append(f"| {name} | {stage} | " + " | ".join(
                 f"{share.get(k, 0.0):.0%}" for k in kinds) + " |")

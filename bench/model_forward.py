@@ -21,18 +21,18 @@ import time
 import torch
 
 
-def time_forward(model, cache, n: int, reps: int) -> float:
+def time_forward(model, cache, n: int, reps: int, warmup: int = 3) -> float:
     """Median milliseconds of one forward of ``n`` new tokens after the cache's prefix (the
     cache is rolled back after each, so every repetition sees the same prefix)."""
     x = torch.full((n,), 5, dtype=torch.int64)
     start = cache.length
     out = []
-    for i in range(reps + 3):
+    for i in range(reps + warmup):
         t = time.perf_counter()
         model(x, cache)
         dt = time.perf_counter() - t
         cache.rollback(start)
-        if i >= 3:
+        if i >= warmup:
             out.append(dt)
     return statistics.median(out) * 1e3
 

@@ -1,0 +1,92 @@
+"""The README's benchmark tables from ``bench/e2e.py``'s JSON results (all tasks in one table).
+
+    .venv/bin/python bench/readme_tables.py [--results bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ORDER = ("humaneval-t0", "humaneval-t0.7", "mtbench-t0", "mtbench-t0.7")
+
+
+def _pct(xs) -> str:
+    return ", ".join(f"{x:.0%}" for x in xs) if xs else "-"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args(argv)
+    runs = []
+    for key in ORDER:
+        path = Path(args.results) / f"e2e-{key}.json"
+        if path.is_file():
+            runs.append(json.loads(path.read_text()))
+    if not runs:
+        raise SystemExit(f"no e2e-*.json under {args.results}: run ./scripts/bench.sh first")
+
+    print("| task | T | system | tokens/s | vs hf_ar | vs ours_sync | acceptance | mean accepted "
+          "length | predicted tokens/s | greedy = AR | MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        m, summ = r["meta"], r["summary"]
+        sync = summ.get("ours_sync", {}).get("median_tokens_per_s")
+        for name, d in summ.items():
+            tps = d["median_tokens_per_s"]
+            sp = f"{d['speedup_vs_hf_ar']:.2f}x" if d.get("speedup_vs_hf_ar") else "-"
+            vs = f"{tps / sync:.2f}x" if sync and name.startswith("ours_") else "-"
+            mal = f"{d['mean_accepted_length']:.2f}" if "mean_accepted_length" in d else "-"
+            pred = d.get("predicted_tokens_per_s")
+            pred = f"{pred:.1f} ({pred / tps - 1:+.0%})" if pred else "-"
+            same = {True: "yes", False: "NO"}.get(d.get("identical_greedy_output"), "-")
+            print(f"| {m['task']} | {m['temperature']:g} | {name} | {tps:.1f} | {sp} | {vs} | "
+                  f"{_pct(d.get('acceptance'))} | {mal} | {pred} | {same} | "
+                  f"{d.get('memory_mb', 0):.0f} |")
+
+    print("\nSpeculation ceiling (greedy): the target's L(n) probed alone, the target's alpha "
+          "in each system\n")
+    print("| task | target ms, n = 1, 2, 3, 4, 5, 7 | draft ms | system | alpha | best sync "
+          "tokens/s (window) | free, ready drafts (window) | bound vs best sync | measured "
+          "vs ours_sync |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        m, summ = r["meta"], r["summary"]
+        if m["temperature"] != 0 or "latency_ms" not in m:
+            continue
+        lat = m["latency_ms"]
+        tgt = ", ".join(f"{v:.1f}" for v in lat["target"].values())
+        sync = summ.get("ours_sync", {}).get("median_tokens_per_s")
+        for name in ("ours_sync", "ours_pipespec_ngram", "ours_pipespec2", "ours_pipespec"):
+            c = summ.get(name, {}).get("ceiling")
+            if not c:
+                continue
+            vs = f"{summ[name]['median_tokens_per_s'] / sync:.2f}x" if sync else "-"
+            print(f"| {m['task']} | {tgt} | {lat.get('draft', {}).get('1', 0):.2f} | {name} | "
+                  f"{c['alpha']:.2f} | {c['sync_tokens_per_s']:.0f} ({c['sync_gamma']}) | "
+                  f"{c['free_draft_tokens_per_s']:.0f} ({c['free_draft_gamma']}) | "
+                  f"{c['free_draft_vs_sync']:.2f}x | {vs} |")
+
+    kinds = ("prefill", "draft", "verify", "wait", "other")
+    print("\nWhere each model stage spends a greedy run (share of wall time)\n")
+    print("| task | system | stage | " + " | ".join(kinds) + " |")
+    print("|---|---|---|" + "---|" * len(kinds))
+    for r in runs:
+        m, summ = r["meta"], r["summary"]
+        if m["temperature"] != 0:
+            continue
+        for name, d in summ.items():
+            for i, share in enumerate(d.get("time_share", [])):
+                if d.get("model_free", [False] * (i + 1))[i]:
+                    continue
+                stage = "target" if i == len(d["time_share"]) - 1 else "draft"
+                print(f"| {m['task']} | {name} | {stage} | "
+                      + " | ".join(f"{share.get(k, 0.0):.0%}" for k in kinds) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -85,6 +85,11 @@ class NGramStage:
         self.proposals = 0
         self.matched = 0
 
+    def clone(self) -> NGramStage:
+        """A drafter with the same settings and an empty history."""
+        return NGramStage(self.vocab_size, self.max_len, self.max_ngram, self.min_ngram,
+                          self.name, self._device, self.min_confident_match)
+
     # ------------------------------------------------------------------ Stage protocol
 
     @property

@@ -56,6 +56,10 @@ class FastPipeline:
         max_leads: per stage i < k-1, how many tokens it may run ahead of the stage above.
         threads: per stage, torch intra-op threads of its worker (``None``: leave as is).
         eos_token_ids: tokens that end generation (default: the tokenizer's / target config's).
+        skip_level_drafts: PipeSpec with a model-free lowest stage below two or more model
+            stages: the target also runs a copy of that drafter on its own sequence and
+            verifies its (free) proposals whenever the model stage below has nothing usable
+            ready or is not worth waiting for. Lossless either way: every draft is verified.
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class FastPipeline:
         threads: Sequence[int | None] | None = None,
         eos_token_ids: Sequence[int] | None = None,
         adaptive_windows: bool = True,
+        skip_level_drafts: bool = True,
     ) -> None:
         if not stages:
             raise ValueError("stages: at least one stage (the target) is required")
@@ -94,6 +99,7 @@ class FastPipeline:
             raise ValueError(f"max_leads: expected {k} entries >= 1 (last unused)")
         self.threads = list(threads) if threads is not None else [None] * k
         self.adaptive_windows = adaptive_windows
+        self.skip_level_drafts = skip_level_drafts
         if eos_token_ids is None:
             eos = []
             if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -351,6 +357,13 @@ class FastPipeline:
             drafter = InlineDrafter(seqrs[0])
             drafter.upper, workers[1].below = workers[1], drafter
             workers = workers[1:]
+            clone = getattr(seqrs[0].stage, "clone", None)
+            if self.skip_level_drafts and len(workers) > 1 and clone is not None:
+                low = seqrs[0]
+                skip = Sequencer(clone(), low.params, low.index, low.t0)
+                skip.adaptive = low.adaptive
+                sk = InlineDrafter(skip, own_mirror=True)
+                sk.upper, workers[-1].skip = workers[-1], sk
         self._active = workers
         self._stop_event = stop
         for w in workers:

@@ -264,6 +264,26 @@ class Sequencer:
         stages always take ``max_n``."""
         if not self.adaptive:
             return max_n
+        best = self.plan_window(max_n, draft_cost_s)
+        if best is None:
+            return 0  # one step alone times L(1): with the verify size seen, a line
+        if best == 0:
+            self._alone_steps += 1
+            if self._alone_steps < self._explore_every:
+                return 0
+            self._explore_every = min(self.EXPLORE_MAX, 2 * self._explore_every)
+            best = 1
+        else:
+            self._explore_every = self.EXPLORE_EVERY
+        self._alone_steps = 0
+        return best
+
+    def plan_window(self, max_n: int, draft_cost_s: float = 0.0) -> int | None:
+        """The rule of :meth:`window` without its exploration state (no side effects): the
+        best ``g`` for drafts costing ``draft_cost_s`` each, or ``None`` when one step alone
+        should first time ``L(1)``."""
+        if not self.adaptive:
+            return max_n
         a = (self._acc + 1.0) / (self._acc + self._rej + 2.0)
         # seeded sampling stays reproducible: its windows (and so its random draws) must not
         # depend on timings
@@ -271,7 +291,7 @@ class Sequencer:
         line = self._latency_line() if timed else None
         if line is None:
             if timed and self._verify_lat and 1 not in self._verify_lat:
-                return 0  # one step alone times L(1): with the verify size seen, a line
+                return None
             if a >= 0.999:
                 return max_n
             return max(1, min(max_n, math.ceil(math.log(0.15) / math.log(a))))
@@ -283,15 +303,6 @@ class Sequencer:
             rate = expected / (c0 + c1 * (g + 1) + g * draft_cost_s)
             if rate > best_rate:
                 best, best_rate = g, rate
-        if best == 0:
-            self._alone_steps += 1
-            if self._alone_steps < self._explore_every:
-                return 0
-            self._explore_every = min(self.EXPLORE_MAX, 2 * self._explore_every)
-            best = 1
-        else:
-            self._explore_every = self.EXPLORE_EVERY
-        self._alone_steps = 0
         return best
 
     def _latency_line(self) -> tuple[float, float] | None:

@@ -86,10 +86,26 @@ class InlineDrafter:
     its Syncs are applied at once (``put``); the mirror above stays an exact copy of it.
     """
 
-    def __init__(self, seqr: Sequencer) -> None:
+    def __init__(self, seqr: Sequencer, own_mirror: bool = False) -> None:
         self.s = seqr
         self.inbox = self  # the stage above sends its Syncs here
         self.upper: StageWorker | None = None
+        # the upper stage's copy of this drafter's sequence: its main mirror, or (a second,
+        # skip-level drafter) one of its own, made at start
+        self.own_mirror = own_mirror
+        self._mirror: Mirror | None = None
+
+    @property
+    def mirror(self) -> Mirror:
+        return self._mirror if self.own_mirror else self.upper.mirror
+
+    def start(self, prompt: list[int]) -> None:
+        if self.own_mirror:
+            self._mirror = Mirror(prompt)
+        try:
+            self.s.start(prompt)
+        except Exception as e:
+            raise self._named(e)  # noqa: B904
 
     def _named(self, e: BaseException) -> BaseException:
         e.pipespec_stage = f"{self.s.index} ({self.s.stage.name})"
@@ -102,7 +118,7 @@ class InlineDrafter:
             raise self._named(e)  # noqa: B904 (re-raised as is, with the stage named)
         if changed is not None:
             n = len(self.s.seq) - changed
-            self.upper.mirror.apply(Chunk(changed, self.s.seq[changed:], [None] * n, [True] * n))
+            self.mirror.apply(Chunk(changed, self.s.seq[changed:], [None] * n, [True] * n))
 
     def fill(self, want: int) -> None:
         """Draft until this stage is ``want`` tokens ahead of the stage above (when in sync)."""
@@ -112,14 +128,14 @@ class InlineDrafter:
             raise self._named(e)  # noqa: B904
 
     def _fill(self, want: int) -> None:
-        s, up = self.s, self.upper
-        if len(s.seq) < len(up.s.seq) or up.mirror.common_prefix(up.s.seq) < len(up.s.seq):
+        s, up, mirror = self.s, self.upper, self.mirror
+        if len(s.seq) < len(up.s.seq) or mirror.common_prefix(up.s.seq) < len(up.s.seq):
             return
         lead = len(s.seq) - len(up.s.seq)
         if lead < want:
             start = len(s.seq)
             s.draft(want - lead)
-            up.mirror.apply(Chunk(start, s.seq[start:], s.probs[start:], s.confident[start:]))
+            mirror.apply(Chunk(start, s.seq[start:], s.probs[start:], s.confident[start:]))
 
 
 @dataclass
@@ -171,6 +187,11 @@ class StageWorker:
         # the adaptive window weighs it like synchronous decoding weighs drafting time
         self.wait_per_draft_s = 0.0
         self._waited_s = 0.0
+        # the target of a 3+-level hierarchy over a model-free lowest stage: a second n-gram
+        # drafter on its own sequence, whose free proposals it verifies when the model stage
+        # below has nothing usable ready or is not worth waiting for
+        self.skip: InlineDrafter | None = None
+        self._last_skip_sync: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -194,10 +215,9 @@ class StageWorker:
                     self.idle = False
             with self.s.on_stream():  # CUDA: this stage's own stream, overlapping the others
                 if isinstance(self.below, InlineDrafter):
-                    try:
-                        self.below.s.start(prompt)
-                    except Exception as e:
-                        raise self.below._named(e)  # noqa: B904
+                    self.below.start(prompt)
+                if self.skip is not None:
+                    self.skip.start(prompt)
                 self.s.start(prompt)
                 self._loop()
         except BaseException as e:  # surfaced to the caller by the output queue
@@ -248,6 +268,23 @@ class StageWorker:
         self._last_sync = key
         self.below.inbox.put(Sync(c, seq[c:]))
 
+    def _skip_drafts(self) -> tuple[list[int], list[torch.Tensor] | None]:
+        """Drafts from the skip-level n-gram drafter: free, so the window is the one for
+        drafts that cost nothing."""
+        s, sk = self.s, self.skip
+        g = s.plan_window(self.window, 0.0)
+        if not g:
+            return [], None
+        seq = s.seq
+        c = sk.mirror.common_prefix(seq)
+        key = (c, len(seq))
+        if not (key == self._last_skip_sync and c == len(seq)):
+            self._last_skip_sync = key
+            sk.put(Sync(c, seq[c:]))
+        sk.fill(g)
+        drafts, rows, _ = self._drafts(g, sk.mirror)
+        return drafts, rows
+
     def _send_up(self, start: int) -> None:
         seq = self.s.seq
         if self.above is not None:
@@ -258,10 +295,12 @@ class StageWorker:
 
     # ------------------------------------------------------------------ work
 
-    def _drafts(self, n: int) -> tuple[list[int], list[torch.Tensor] | None, bool]:
+    def _drafts(self, n: int, mirror: Mirror | None = None
+                ) -> tuple[list[int], list[torch.Tensor] | None, bool]:
         """Up to ``n`` usable drafts (tokens, rows) and whether the stage below has already
-        spoken for our next position (with only unusable guesses when the list is empty)."""
-        seq, m = self.s.seq, self.mirror
+        spoken for our next position (with only unusable guesses when the list is empty);
+        ``mirror``: another drafter's copy than the stage below's."""
+        seq, m = self.s.seq, mirror or self.mirror
         if m.common_prefix(seq) < len(seq):
             return [], None, False
         L = len(seq)
@@ -287,12 +326,15 @@ class StageWorker:
                 if isinstance(self.below, InlineDrafter):
                     self.below.fill(n)
                 drafts, rows, spoke = self._drafts(n)
+                skip = not drafts and self.skip is not None
+                if skip:
+                    drafts, rows = self._skip_drafts()
                 # the target goes on alone when the stage below only offers guesses, or when
                 # its window is 0 (a middle stage then drafts on its own, below)
                 alone = self.last and not drafts and (spoke or n == 0) and \
                     len(s.seq) < (self.limit or 0)
                 if drafts or alone:
-                    if drafts:
+                    if drafts and not skip:
                         cost = self._waited_s / len(drafts)
                         self.wait_per_draft_s = 0.8 * self.wait_per_draft_s + 0.2 * cost
                     self._waited_s = 0.0

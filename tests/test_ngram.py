@@ -13,6 +13,7 @@ from tiny import family
 from pipespec_fast import FastPipeline, LlamaStage, Stage
 from pipespec_fast.ngram import NGramStage
 from pipespec_fast.reference import probs_from_logits
+from pipespec_fast.sequencer import Sequencer
 
 
 def ref_propose(h, p, max_n=4, min_n=1):
@@ -243,11 +244,64 @@ def test_sampling_with_ngram_drafter_matches_target_distribution():
         counts[a * V + b] += 1
         accepted += res.stage_stats[-1].accepted
     assert accepted > 0  # one-hot drafts were really accepted, not all resampled
-    exp = joint.flatten() * n
+    assert chi_square_p(counts, joint.flatten() * n) > 1e-3
+
+
+def chi_square_p(counts: torch.Tensor, exp: torch.Tensor) -> float:
+    """Chi-square p-value of observed ``counts`` against expected counts ``exp`` (rare cells
+    pooled so every expected count is >= 5)."""
     order = torch.argsort(exp)
     obs_s, exp_s = counts[order], exp[order]
-    rare = exp_s.cumsum(0) < 10  # pool rare cells so every expected count is >= 5
+    rare = exp_s.cumsum(0) < 10
     obs = torch.cat([obs_s[~rare], obs_s[rare].sum().reshape(1)]) if rare.any() else obs_s
     ex = torch.cat([exp_s[~rare], exp_s[rare].sum().reshape(1)]) if rare.any() else exp_s
-    p = chisquare(obs.numpy(), ex.numpy() * obs.sum().item() / ex.sum().item()).pvalue
-    assert p > 1e-3, p
+    return chisquare(obs.numpy(), ex.numpy() * obs.sum().item() / ex.sum().item()).pvalue
+
+
+def _target_ignores_model_drafts(monkeypatch, target_index: int) -> None:
+    """The target's window for the model stage below is 0 (as when waiting for it does not
+    pay): whatever it verifies comes from its skip-level n-gram drafter."""
+    window = Sequencer.window
+
+    def patched(self, max_n, draft_cost_s=0.0):
+        return 0 if self.index == target_index else window(self, max_n, draft_cost_s)
+
+    monkeypatch.setattr(Sequencer, "window", patched)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_target_verifies_skip_level_ngram_drafts(monkeypatch, skip):
+    draft_m, target_m = family(2, noise=0.05)
+    draft = LlamaStage(draft_m, name="draft", max_len=256)
+    target = LlamaStage(target_m, name="target", max_len=256)
+    ref = greedy([target], REPETITIVE, 100).token_ids
+    _target_ignores_model_drafts(monkeypatch, 2)
+    pipe = FastPipeline([NGramStage(target.vocab_size), draft, target], adaptive_windows=False,
+                        skip_level_drafts=skip)
+    res = pipe.generate(REPETITIVE, 100, ignore_eos=True)
+    assert res.token_ids == ref
+    tgt = res.stage_stats[-1]
+    if skip:  # n-gram proposals reached the target directly, and were checked
+        assert tgt.proposed > 0 and tgt.accepted > 0
+    else:  # without them, a target that does not take the model's drafts decodes alone
+        assert tgt.proposed == 0
+
+
+def test_sampling_with_skip_level_ngram_drafts_matches_target_distribution(monkeypatch):
+    draft_m, target_m = family(2, seed=3, vocab=6, noise=0.3)
+    draft = LlamaStage(draft_m, name="draft", max_len=256)
+    target = LlamaStage(target_m, name="target", max_len=256)
+    prompt = [1, 5, 2, 3, 1, 5, 2]
+    joint = exact_joint(target, prompt, 1.0)
+    _target_ignores_model_drafts(monkeypatch, 2)
+    pipe = FastPipeline([NGramStage(6), draft, target], adaptive_windows=False)
+    V, n = 6, 1500
+    counts = torch.zeros(V * V, dtype=torch.float64)
+    accepted = 0
+    for seed in range(n):
+        res = pipe.generate(prompt, 2, temperature=1.0, seed=seed, ignore_eos=True)
+        a, b = res.token_ids
+        counts[a * V + b] += 1
+        accepted += res.stage_stats[-1].accepted
+    assert accepted > 0  # the n-gram's one-hot drafts were really accepted by the target
+    assert chi_square_p(counts, joint.flatten() * n) > 1e-3

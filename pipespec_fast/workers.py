@@ -192,6 +192,9 @@ class StageWorker:
         # below has nothing usable ready or is not worth waiting for
         self.skip: InlineDrafter | None = None
         self._last_skip_sync: tuple[int, int] | None = None
+        # set by the stage above: does it take our drafts now? (its window for them is 0
+        # while they do not pay; we then only follow its syncs and leave it the cores)
+        self.wanted = True
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -260,13 +263,19 @@ class StageWorker:
         """Tell the stage below our sequence from the first place its copy may differ."""
         if self.below is None:
             return
+        self._last_sync = self._send_sync(self.below.inbox, self.mirror, self._last_sync)
+
+    def _send_sync(self, inbox, mirror: Mirror, last: tuple[int, int] | None
+                   ) -> tuple[int, int] | None:
+        """Put a Sync of our sequence from the first place ``mirror`` differs, unless it would
+        repeat ``last`` (the previous one sent there) with nothing new; returns the new last."""
         seq = self.s.seq
-        c = self.mirror.common_prefix(seq)
+        c = mirror.common_prefix(seq)
         key = (c, len(seq))
-        if key == self._last_sync and c == len(seq):
-            return
-        self._last_sync = key
-        self.below.inbox.put(Sync(c, seq[c:]))
+        if key == last and c == len(seq):
+            return last
+        inbox.put(Sync(c, seq[c:]))
+        return key
 
     def _skip_drafts(self) -> tuple[list[int], list[torch.Tensor] | None]:
         """Drafts from the skip-level n-gram drafter: free, so the window is the one for
@@ -275,12 +284,7 @@ class StageWorker:
         g = s.plan_window(self.window, 0.0)
         if not g:
             return [], None
-        seq = s.seq
-        c = sk.mirror.common_prefix(seq)
-        key = (c, len(seq))
-        if not (key == self._last_skip_sync and c == len(seq)):
-            self._last_skip_sync = key
-            sk.put(Sync(c, seq[c:]))
+        self._last_skip_sync = self._send_sync(sk.inbox, sk.mirror, self._last_skip_sync)
         sk.fill(g)
         drafts, rows, _ = self._drafts(g, sk.mirror)
         return drafts, rows
@@ -319,10 +323,16 @@ class StageWorker:
         s = self.s
         while not self.stop.is_set():
             self._drain(block=False)
-            lead_ok = self.last or len(s.seq) - self.upper_len < self.max_lead
+            lead_ok = self.last or (self.wanted and
+                                    len(s.seq) - self.upper_len < self.max_lead)
             if self.i > 0 and lead_ok:
                 # 0: speculation does not pay now (drafts cost more waiting than they give)
                 n = s.window(self.window, self.wait_per_draft_s)
+                below = self.below
+                if isinstance(below, StageWorker) and below.wanted != (n > 0):
+                    below.wanted = n > 0  # pause or resume the model stage below
+                    if n > 0:
+                        below.inbox.put(None)  # resume now, not at its next poll
                 if isinstance(self.below, InlineDrafter):
                     self.below.fill(n)
                 drafts, rows, spoke = self._drafts(n)

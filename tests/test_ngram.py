@@ -285,6 +285,10 @@ def test_target_verifies_skip_level_ngram_drafts(monkeypatch, skip):
         assert tgt.proposed > 0 and tgt.accepted > 0
     else:  # without them, a target that does not take the model's drafts decodes alone
         assert tgt.proposed == 0
+    # the model stage below, whose drafts the target does not take, is paused: it follows the
+    # target's syncs but neither drafts nor verifies past its first steps (not ~100 tokens)
+    mid = res.stage_stats[1]
+    assert mid.drafted + mid.verify_steps <= 2 * pipe.max_leads[1], mid
 
 
 def test_sampling_with_skip_level_ngram_drafts_matches_target_distribution(monkeypatch):

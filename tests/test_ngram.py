@@ -235,7 +235,14 @@ def test_sampling_with_ngram_drafter_matches_target_distribution():
     prompt = [1, 5, 2, 3, 1, 5, 2]  # the drafter proposes 3, then continues the match
     joint = exact_joint(target, prompt, 1.0)
     pipe = FastPipeline([NGramStage(6), target], mode="pipespec")
-    V, n = 6, 2000
+    counts, accepted = sample_first_two(pipe, prompt, 6, 2000)
+    assert accepted > 0  # one-hot drafts were really accepted, not all resampled
+    assert chi_square_p(counts, joint.flatten() * 2000) > 1e-3
+
+
+def sample_first_two(pipe, prompt, V: int, n: int) -> tuple[torch.Tensor, int]:
+    """Counts of the first two sampled tokens (flattened ``a * V + b``) over ``n`` seeded
+    generations at temperature 1, and the drafts the target accepted in all of them."""
     counts = torch.zeros(V * V, dtype=torch.float64)
     accepted = 0
     for seed in range(n):
@@ -243,8 +250,7 @@ def test_sampling_with_ngram_drafter_matches_target_distribution():
         a, b = res.token_ids
         counts[a * V + b] += 1
         accepted += res.stage_stats[-1].accepted
-    assert accepted > 0  # one-hot drafts were really accepted, not all resampled
-    assert chi_square_p(counts, joint.flatten() * n) > 1e-3
+    return counts, accepted
 
 
 def chi_square_p(counts: torch.Tensor, exp: torch.Tensor) -> float:
@@ -299,13 +305,6 @@ def test_sampling_with_skip_level_ngram_drafts_matches_target_distribution(monke
     joint = exact_joint(target, prompt, 1.0)
     _target_ignores_model_drafts(monkeypatch, 2)
     pipe = FastPipeline([NGramStage(6), draft, target], adaptive_windows=False)
-    V, n = 6, 1500
-    counts = torch.zeros(V * V, dtype=torch.float64)
-    accepted = 0
-    for seed in range(n):
-        res = pipe.generate(prompt, 2, temperature=1.0, seed=seed, ignore_eos=True)
-        a, b = res.token_ids
-        counts[a * V + b] += 1
-        accepted += res.stage_stats[-1].accepted
+    counts, accepted = sample_first_two(pipe, prompt, 6, 1500)
     assert accepted > 0  # the n-gram's one-hot drafts were really accepted by the target
-    assert chi_square_p(counts, joint.flatten() * n) > 1e-3
+    assert chi_square_p(counts, joint.flatten() * 1500) > 1e-3

@@ -231,7 +231,8 @@ enum { STEP_ATTN_NORM, STEP_ROPE_KV, STEP_ATTEND, STEP_FFN_NORM, STEP_SWIGLU };
 static void layer_part(void *arg, int t, int T) {
     const layer_job_t *c = arg;
     const int count = c->step == STEP_ATTEND ? c->n * c->n_heads : c->n;
-    const int b = (int)((long long)count * t / T), e = (int)((long long)count * (t + 1) / T);
+    int b, e;
+    pool_part(count, t, T, &b, &e);
     for (int i = b; i < e; ++i) {
         switch (c->step) {
         case STEP_ATTN_NORM:
@@ -242,11 +243,12 @@ static void layer_part(void *arg, int t, int T) {
         case STEP_ROPE_KV: {
             float *r = c->qkv + (size_t)i * c->qkvw;
             const float *cs = c->cosv + (size_t)i * c->hd, *sn = c->sinv + (size_t)i * c->hd;
-            for (int hh = 0; hh < c->n_heads + c->n_kv; ++hh) rope(r + (size_t)hh * c->hd, cs, sn, c->hd);
+            const size_t hd = (size_t)c->hd;
+            for (int hh = 0; hh < c->n_heads + c->n_kv; ++hh) rope(r + hh * hd, cs, sn, c->hd);
             for (int g = 0; g < c->n_kv; ++g) {
-                const size_t slot = ((size_t)g * c->max_len + (size_t)(c->start + i)) * c->hd;
-                memcpy(c->kl + slot, r + c->qo + (size_t)g * c->hd, sizeof(float) * c->hd);
-                memcpy(c->vl + slot, r + c->qo + c->kvo + (size_t)g * c->hd, sizeof(float) * c->hd);
+                const size_t slot = ((size_t)g * c->max_len + (size_t)(c->start + i)) * hd;
+                memcpy(c->kl + slot, r + c->qo + g * hd, sizeof(float) * hd);
+                memcpy(c->vl + slot, r + c->qo + c->kvo + g * hd, sizeof(float) * hd);
             }
             break;
         }
@@ -255,7 +257,8 @@ static void layer_part(void *arg, int t, int T) {
             attend(c->qkv + (size_t)tok * c->qkvw + (size_t)hh * c->hd,
                    c->kl + (size_t)g * c->max_len * c->hd, c->vl + (size_t)g * c->max_len * c->hd,
                    c->start, c->n, c->bits + (size_t)tok * c->words, c->hd, c->scale,
-                   c->scores + (size_t)t * 3 * c->ctx, c->att + (size_t)tok * c->qo + (size_t)hh * c->hd);
+                   c->scores + (size_t)t * 3 * c->ctx,
+                   c->att + (size_t)tok * c->qo + (size_t)hh * c->hd);
             break;
         }
         case STEP_SWIGLU: {

@@ -208,8 +208,8 @@ struct qjob {
 /* Part t of T: a contiguous range of weight tiles (the prefetch stream runs across tiles). */
 static void q_part(void *arg, int t, int T) {
     const struct qjob *j = arg;
-    const int tb = (int)((long long)j->tiles * t / T);
-    const int te = (int)((long long)j->tiles * (t + 1) / T);
+    int tb, te;
+    pool_part(j->tiles, t, T, &tb, &te);
     const int ob = tb * QTILE, oe = te * QTILE < j->m ? te * QTILE : j->m;
     if (ob < oe) q_range(j->fn, j->x, j->ldx, j->w, j->ldw, j->y, j->n, j->k, j->m, ob, oe);
 }

@@ -380,8 +380,8 @@ static void run_range(const job_t *j, int o_begin, int o_end) {
 /* Part t of T: a contiguous range of weight tiles. */
 static void skinny_part(void *arg, int t, int T) {
     const job_t *j = arg;
-    const int tb = (int)((long long)j->tiles * t / T);
-    const int te = (int)((long long)j->tiles * (t + 1) / T);
+    int tb, te;
+    pool_part(j->tiles, t, T, &tb, &te);
     const int ob = tb * TILE_M, oe = te * TILE_M < j->m ? te * TILE_M : j->m;
     if (ob < oe) run_range(j, ob, oe);
 }

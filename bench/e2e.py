@@ -354,35 +354,14 @@ def table(summary: dict, meta: dict) -> str:
         busy = ", ".join(f"{b:.0%}" for b in d.get("busy_fraction", [])) or "-"
         lines.append(f"| {name} | {d['median_tokens_per_s']:.1f} | {sp} | {acc} | {mal} | "
                      f"{pred} | {same} | {mem} | {busy} |")
-    kinds = ("prefill", "draft", "verify", "wait", "other")
+    from readme_tables import ceiling_table, time_table
+
+    runs = [{"meta": meta, "summary": summary}]
     lines += ["", "where each model stage spends the run (share of wall time; verify includes "
               "acceptance; other: Python and messages, and in sync the other stages' turns)", "",
-              "| system | stage | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
-    for name, d in summary.items():
-        for i, share in enumerate(d.get("time_share", [])):
-            if d["model_free"][i]:  # the n-gram stage runs inside the worker above it
-                continue
-            stage = d.get("stage_names", [str(i)] * (i + 1))[i]
-            lines.append(f"| {name} | {stage} | " + " | ".join(
-                f"{share.get(k, 0.0):.0%}" for k in kinds) + " |")
-    ceil = {name: d for name, d in summary.items() if "ceiling" in d}
-    if ceil:
-        lat = meta.get("latency_ms", {})
-        tgt = ", ".join(f"{n}: {v:.2f}" for n, v in lat.get("target", {}).items())
-        lines += ["", f"speculation ceiling: target ms per forward of n tokens {{{tgt}}}, draft "
-                  f"{lat.get('draft', {}).get(1, 0.0):.2f} ms per token; alpha = the target's "
-                  "per-token acceptance in that system", "",
-                  "| system | alpha | AR tokens/s | best sync (window) | free, ready drafts "
-                  "(window) | bound vs best sync | measured vs ours_sync |",
-                  "|---|---|---|---|---|---|---|"]
-        sync = summary.get("ours_sync", {}).get("median_tokens_per_s")
-        for name, d in ceil.items():
-            c = d["ceiling"]
-            vs = f"{d['median_tokens_per_s'] / sync:.2f}x" if sync else "-"
-            lines.append(f"| {name} | {c['alpha']:.2f} | {c['ar_tokens_per_s']:.1f} | "
-                         f"{c['sync_tokens_per_s']:.1f} ({c['sync_gamma']}) | "
-                         f"{c['free_draft_tokens_per_s']:.1f} ({c['free_draft_gamma']}) | "
-                         f"{c['free_draft_vs_sync']:.2f}x | {vs} |")
+              *time_table(runs, greedy_only=False), "",
+              "speculation ceiling (analysis.speculation_ceiling; alpha = the target's per-token "
+              "acceptance in that system)", "", *ceiling_table(runs, greedy_only=False)]
     return "\n".join(lines)
 
 

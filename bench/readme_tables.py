@@ -17,6 +17,54 @@ def _pct(xs) -> str:
     return ", ".join(f"{x:.0%}" for x in xs) if xs else "-"
 
 
+KINDS = ("prefill", "draft", "verify", "wait", "other")
+
+
+def ceiling_table(runs: list[dict], greedy_only: bool = True) -> list[str]:
+    """Markdown rows: the speculation ceiling per task and system (``summary[name]['ceiling']``,
+    from ``bench/e2e.py``), beside the measured ratio to our sync."""
+    lines = ["| task | T | target ms, n = 1, 2, 3, 4, 5, 7 | draft ms | system | alpha | best "
+             "sync tokens/s (window) | free, ready drafts (window) | bound vs best sync | "
+             "measured vs ours_sync |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        m, summ = r["meta"], r["summary"]
+        if (greedy_only and m["temperature"] != 0) or "latency_ms" not in m:
+            continue
+        lat = m["latency_ms"]
+        tgt = ", ".join(f"{v:.1f}" for v in lat["target"].values())
+        draft = next(iter(lat.get("draft", {}).values()), 0.0)
+        sync = summ.get("ours_sync", {}).get("median_tokens_per_s")
+        for name, d in summ.items():
+            c = d.get("ceiling")
+            if not c:
+                continue
+            vs = f"{d['median_tokens_per_s'] / sync:.2f}x" if sync else "-"
+            lines.append(f"| {m['task']} | {m['temperature']:g} | {tgt} | {draft:.2f} | {name} | "
+                         f"{c['alpha']:.2f} | {c['sync_tokens_per_s']:.0f} ({c['sync_gamma']}) "
+                         f"| {c['free_draft_tokens_per_s']:.0f} ({c['free_draft_gamma']}) | "
+                         f"{c['free_draft_vs_sync']:.2f}x | {vs} |")
+    return lines
+
+
+def time_table(runs: list[dict], greedy_only: bool = True) -> list[str]:
+    """Markdown rows: each model stage's share of the wall time by kind (``time_share``)."""
+    lines = ["| task | T | system | stage | " + " | ".join(KINDS) + " |",
+             "|---|---|---|---|" + "---|" * len(KINDS)]
+    for r in runs:
+        m, summ = r["meta"], r["summary"]
+        if greedy_only and m["temperature"] != 0:
+            continue
+        for name, d in summ.items():
+            shares = d.get("time_share", [])
+            for i, share in enumerate(shares):
+                if d.get("model_free", [False] * len(shares))[i]:
+                    continue  # the n-gram stage runs inside the worker above it
+                stage = "target" if i == len(shares) - 1 else "draft"
+                lines.append(f"| {m['task']} | {m['temperature']:g} | {name} | {stage} | "
+                             + " | ".join(f"{share.get(k, 0.0):.0%}" for k in KINDS) + " |")
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
@@ -49,42 +97,9 @@ def main(argv=None) -> int:
 
     print("\nSpeculation ceiling (greedy): the target's L(n) probed alone, the target's alpha "
           "in each system\n")
-    print("| task | target ms, n = 1, 2, 3, 4, 5, 7 | draft ms | system | alpha | best sync "
-          "tokens/s (window) | free, ready drafts (window) | bound vs best sync | measured "
-          "vs ours_sync |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in runs:
-        m, summ = r["meta"], r["summary"]
-        if m["temperature"] != 0 or "latency_ms" not in m:
-            continue
-        lat = m["latency_ms"]
-        tgt = ", ".join(f"{v:.1f}" for v in lat["target"].values())
-        sync = summ.get("ours_sync", {}).get("median_tokens_per_s")
-        for name in ("ours_sync", "ours_pipespec_ngram", "ours_pipespec2", "ours_pipespec"):
-            c = summ.get(name, {}).get("ceiling")
-            if not c:
-                continue
-            vs = f"{summ[name]['median_tokens_per_s'] / sync:.2f}x" if sync else "-"
-            print(f"| {m['task']} | {tgt} | {lat.get('draft', {}).get('1', 0):.2f} | {name} | "
-                  f"{c['alpha']:.2f} | {c['sync_tokens_per_s']:.0f} ({c['sync_gamma']}) | "
-                  f"{c['free_draft_tokens_per_s']:.0f} ({c['free_draft_gamma']}) | "
-                  f"{c['free_draft_vs_sync']:.2f}x | {vs} |")
-
-    kinds = ("prefill", "draft", "verify", "wait", "other")
+    print("\n".join(ceiling_table(runs)))
     print("\nWhere each model stage spends a greedy run (share of wall time)\n")
-    print("| task | system | stage | " + " | ".join(kinds) + " |")
-    print("|---|---|---|" + "---|" * len(kinds))
-    for r in runs:
-        m, summ = r["meta"], r["summary"]
-        if m["temperature"] != 0:
-            continue
-        for name, d in summ.items():
-            for i, share in enumerate(d.get("time_share", [])):
-                if d.get("model_free", [False] * (i + 1))[i]:
-                    continue
-                stage = "target" if i == len(d["time_share"]) - 1 else "draft"
-                print(f"| {m['task']} | {name} | {stage} | "
-                      + " | ".join(f"{share.get(k, 0.0):.0%}" for k in kinds) + " |")
+    print("\n".join(time_table(runs)))
     return 0
 
 

@@ -78,7 +78,7 @@ class HFSystem:
         if kind == "hf_pld":
             self.extra["prompt_lookup_num_tokens"] = 10
         if kind == "hf_assisted":
-            from models.hf_subset import load_hf_model
+            from tools.hf_subset import load_hf_model
 
             self.extra["assistant_model"] = load_hf_model(draft_dir)
             self.memory_mb += _param_mb(self.extra["assistant_model"])
@@ -129,7 +129,7 @@ class OursSystem:
     def run(self, ids, max_new, temperature, seed) -> dict:
         import os
 
-        from pipespec_fast.workers import is_model_free
+        from pipespec_fast.stages import is_model_free
 
         saved = {k: os.environ.get(k) for k in self.env}
         os.environ.update(self.env)
@@ -257,8 +257,8 @@ def probe_latency(pipe, ctx: int = 160, ns=(1, 2, 3, 4, 5, 7), reps: int = 25) -
 
     from model_forward import time_forward
 
-    from pipespec_fast import linear
-    from pipespec_fast.workers import is_model_free
+    from pipespec_fast.cpu import linear
+    from pipespec_fast.stages import is_model_free
 
     models = [s for s in pipe.stages if not is_model_free(s)]
     torch.set_num_threads(1)
@@ -366,7 +366,7 @@ def table(summary: dict, meta: dict) -> str:
 
 
 def _default_target() -> str:
-    from models.defaults import default_model_dirs
+    from pipespec_fast.models.defaults import default_model_dirs
 
     return str(default_model_dirs()[-1])
 
@@ -382,7 +382,7 @@ def _sub_pipeline(pipe, name: str):
     """The pipeline a system runs: the whole hierarchy, or two of its stages (sharing the
     loaded stages; runs are sequential, so they never use a stage at the same time)."""
     from pipespec_fast import FastPipeline
-    from pipespec_fast.workers import is_model_free
+    from pipespec_fast.stages import is_model_free
 
     if name not in _MODES:
         raise SystemExit(f"unknown system {name!r}: choose from hf_*, {', '.join(_MODES)}")

@@ -2,7 +2,7 @@
 
 Paths, all fp32 arithmetic and token-identical under greedy decoding:
   torch   the torch layers (``Block`` + the reference attention), fp32 weights, skinny GEMM
-  fused   every layer in one C call (``pipespec_fast.cpu_decoder``), fp32 weights
+  fused   every layer in one C call (``pipespec_fast.cpu.decoder``), fp32 weights
   packed  the fused layers on the weights as stored (Q4_1 / Q8_0 blocks, fp16 for the draft)
 
 For each path: milliseconds per forward of ``n`` new tokens after a ``--ctx``-token prefix
@@ -45,9 +45,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ns", default="1,2,4,8")
     args = ap.parse_args(argv)
 
-    from models.defaults import default_draft_dir, default_target_dir
-    from models.llama import Transformer
-    from pipespec_fast import linear
+    from pipespec_fast.models.defaults import default_draft_dir, default_target_dir
+    from pipespec_fast.models.llama import Transformer
+    from pipespec_fast.cpu import linear
 
     torch.set_num_threads(1)
     path = default_target_dir() if args.model == "target" else default_draft_dir()

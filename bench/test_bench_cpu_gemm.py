@@ -5,7 +5,7 @@ One "pass" is the 121 products ``y = x @ W.T`` of a forward over ``n`` rows: 30 
 (960, 576) qkv, (576, 576) o, (3072, 576) gate+up, (576, 1536) down, plus the (49152, 576) head
 (random fp32 weights of those shapes, 537 MB, so every pass streams them from DRAM).
 ``packed``: the same products on the weights quantised as the default GGUF stores them (Q4_1
-layers, Q8_0 head; 96 MB), through ``pipespec_fast.quant`` (fp32 arithmetic on the dequantised
+layers, Q8_0 head; 96 MB), through ``pipespec_fast.cpu.quant`` (fp32 arithmetic on the dequantised
 values).
 
 Script mode (interleaved variants, several repetitions, medians; prints a Markdown table)::
@@ -42,7 +42,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipespec_fast import cpu_gemm, quant  # noqa: E402
+from pipespec_fast.cpu import gemm as cpu_gemm, quant  # noqa: E402
 
 LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 N_LAYERS = 30

@@ -190,7 +190,7 @@ NOMINAL_PEAK = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, SXM
 @pytest.mark.parametrize("n", [1, 4, 8, 16, 64])
 @pytest.mark.parametrize("impl", ["triton", "sdpa_mask_gqa", "flash_attn_chain"])
 def test_cuda_verify_attention(benchmark, impl, n, prefix):
-    from csrc_triton.verify_attention import verify_attention as triton_verify_attention
+    from pipespec_fast.kernels.verify_attention import verify_attention as triton_verify_attention
 
     benchmark.group = f"cuda verify_attention bf16 n={n} prefix={prefix}"
     q, k_new, v_new, k_cache, v_cache, pre, bits = attention_problem(
@@ -226,7 +226,7 @@ def test_cuda_verify_attention(benchmark, impl, n, prefix):
 
 @NEEDS_CUDA
 def test_cuda_kv_compact_triton(benchmark):
-    from csrc_triton.kv_rollback import kv_compact as triton_kv_compact
+    from pipespec_fast.kernels.kv_rollback import kv_compact as triton_kv_compact
 
     benchmark.group = "kv_compact 30 layers, path of 4"
     k, v, src, dst = kv_problem("cuda", torch.bfloat16)
@@ -238,7 +238,7 @@ def test_cuda_kv_compact_triton(benchmark):
 @NEEDS_CUDA
 @pytest.mark.parametrize("shape", ["chain", "tree"])
 def test_cuda_greedy_accept_triton(benchmark, shape):
-    from csrc_triton.acceptance import greedy_accept
+    from pipespec_fast.kernels.acceptance import greedy_accept
 
     benchmark.group = "greedy_accept n=16"
     toks, parents, _, _, target_ids = accept_problem(16, shape == "tree", "cuda")
@@ -248,7 +248,7 @@ def test_cuda_greedy_accept_triton(benchmark, shape):
 @NEEDS_CUDA
 @pytest.mark.parametrize("shape", ["chain", "tree"])
 def test_cuda_stochastic_accept_triton(benchmark, shape):
-    from csrc_triton.acceptance import stochastic_accept
+    from pipespec_fast.kernels.acceptance import stochastic_accept
 
     benchmark.group = f"stochastic_accept n=16 V={VOCAB}"
     toks, parents, dp, tp, _ = accept_problem(16, shape == "tree", "cuda")

@@ -1,7 +1,7 @@
 """Two stage-like workers on CPU: one after the other, as two threads, as two processes.
 
 Each worker runs passes of one-token projections over its own SmolLM2-135M-sized set of fp32
-weights (121 matrices, 537 MB) through the engine's CPU matmul (``pipespec_fast.linear``), one
+weights (121 matrices, 537 MB) through the engine's CPU matmul (``pipespec_fast.cpu.linear``), one
 thread each, as two model stages of a pipeline do. Prints the wall time of each arrangement.
 
     .venv/bin/python bench/threads_vs_processes.py [--passes 20] [--small]
@@ -34,7 +34,7 @@ def weights(scale: int):
 def work(scale: int, passes: int, ready=None, go=None) -> float:
     import torch
 
-    from pipespec_fast import linear
+    from pipespec_fast.cpu import linear
 
     torch.set_num_threads(1)
     linear.set_threads(1)

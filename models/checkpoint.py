@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models.config import VOCAB_SUBSET_IDS, LlamaConfig
+from pipespec_fast.models.config import VOCAB_SUBSET_IDS, LlamaConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -234,11 +234,11 @@ def load_packed(model_dir: str | Path, config: LlamaConfig) -> dict[str, Any]:
     Two sources: :data:`PACKED_FILE` (ggml blocks written by ``models.convert_gguf``: uint8
     ``[rows, row_bytes]`` per HF name, kinds in the ``kinds`` metadata), and every 2-D weight
     the checkpoint itself stores as fp16 (packed as ``F16``). Returns HF name ->
-    :class:`pipespec_fast.quant.PackedWeight` (``{}`` if none); a malformed packed file raises
+    :class:`pipespec_fast.cpu.quant.PackedWeight` (``{}`` if none); a malformed packed file raises
     :class:`CheckpointError` naming the tensor. The caller checks the values against the fp32
     weights (:meth:`models.llama.Transformer.attach_packed`).
     """
-    from pipespec_fast.quant import KIND_NAMES, PackedWeight, row_bytes
+    from pipespec_fast.cpu.quant import KIND_NAMES, PackedWeight, row_bytes
 
     model_dir = Path(model_dir)
     expected = config.expected_shapes()

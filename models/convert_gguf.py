@@ -7,11 +7,11 @@ offline. Quantised blocks (Q4_0, Q4_1, Q8_0) and F16/BF16/F32 are dequantised he
 llama.cpp's row permutation of ``attn_q`` / ``attn_k`` is undone. The quantised and fp16
 matrices are also kept as stored, in ``packed.safetensors`` (:data:`PACKED_FILE`; uint8
 ``[rows, row_bytes]`` per HF tensor name, kinds in the metadata), which the CPU engine uses
-instead of the fp32 copies (``pipespec_fast.quant``: same values, fewer bytes). The output is
+instead of the fp32 copies (``pipespec_fast.cpu.quant``: same values, fewer bytes). The output is
 written to a temporary sibling directory and renamed into place at the end, so an interrupted
 conversion never leaves a half-written ``out_dir``.
 
-CLI: ``python -m models.convert_gguf MODEL.gguf OUT_DIR [--overwrite] [--no-tokenizer]``.
+CLI: ``python -m pipespec_fast.models.convert_gguf MODEL.gguf OUT_DIR [--overwrite] [--no-tokenizer]``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from models.config import LlamaConfig
+from pipespec_fast.models.config import LlamaConfig
 
 CONVERTER_VERSION = 2  # 2: also writes PACKED_FILE
 PACKED_FILE = "packed.safetensors"
@@ -334,7 +334,7 @@ def _write_safetensors(
         os.fsync(f.fileno())
 
 
-# ggml types the packed-weight kernel runs (pipespec_fast.quant kinds), for 2-D weights.
+# ggml types the packed-weight kernel runs (pipespec_fast.cpu.quant kinds), for 2-D weights.
 _PACKED_KINDS = {F16: 1, Q4_1: 2, Q8_0: 3}
 
 

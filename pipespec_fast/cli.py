@@ -46,7 +46,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from models.defaults import default_model_dirs
+    from pipespec_fast.models.defaults import default_model_dirs
 
     for d in default_model_dirs():
         print(d)
@@ -54,7 +54,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from models.convert_gguf import convert_gguf
+    from pipespec_fast.models.convert_gguf import convert_gguf
 
     out = convert_gguf(args.gguf, args.out, overwrite=args.overwrite)
     print(out)

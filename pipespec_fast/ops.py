@@ -125,7 +125,7 @@ def verify_attention(
         if len(_VALID_ATTENTION_SIGS) < 4096:
             _VALID_ATTENTION_SIGS.add(sig)
     if backend_for(q) == "triton":
-        from csrc_triton.verify_attention import verify_attention as kernel
+        from pipespec_fast.kernels.verify_attention import verify_attention as kernel
 
         return _run_triton(kernel, q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale)
     return reference.verify_attention(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits,
@@ -161,7 +161,7 @@ def kv_compact(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor,
         _check(ok, "src", f"must be strictly increasing with dst_start + i <= src[i] < max_len "
                f"{k_cache.shape[2]}, got {s.tolist()}")
     if backend_for(k_cache) == "triton":
-        from csrc_triton.kv_rollback import kv_compact as kernel
+        from pipespec_fast.kernels.kv_rollback import kv_compact as kernel
 
         _run_triton(kernel, k_cache, v_cache, src, dst_start)
         return
@@ -215,7 +215,7 @@ def greedy_accept(draft_tokens: torch.Tensor, parents: torch.Tensor, target_ids:
     for name, t in (("parents", parents), ("target_ids", target_ids)):
         _check(t.device == draft_tokens.device, name, "on a different device than draft_tokens")
     if backend_for(draft_tokens) == "triton":
-        from csrc_triton.acceptance import greedy_accept as kernel
+        from pipespec_fast.kernels.acceptance import greedy_accept as kernel
 
         return _run_triton(kernel, draft_tokens, parents, target_ids)
     return reference.greedy_accept(draft_tokens, parents, target_ids)
@@ -241,7 +241,7 @@ def stochastic_accept(draft_tokens: torch.Tensor, parents: torch.Tensor,
         _check(t.dtype == torch.float32, name, f"must be float32, got {t.dtype}")
         _check(t.device == draft_tokens.device, name, "on a different device than draft_tokens")
     if backend_for(draft_tokens) == "triton":
-        from csrc_triton.acceptance import stochastic_accept as kernel
+        from pipespec_fast.kernels.acceptance import stochastic_accept as kernel
 
         return _run_triton(kernel, draft_tokens, parents, draft_probs, target_probs, seed, offset)
     return reference.stochastic_accept(draft_tokens, parents, draft_probs, target_probs, seed,

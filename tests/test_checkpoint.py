@@ -1,4 +1,4 @@
-"""models.checkpoint: HF safetensors loading/saving and its validation errors."""
+"""pipespec_fast.models.checkpoint: HF safetensors loading/saving and its validation errors."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import models.checkpoint as ckpt
-from models.checkpoint import (
+import pipespec_fast.models.checkpoint as ckpt
+from pipespec_fast.models.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_state_dict,
     save_state_dict,
 )
-from models.config import LlamaConfig
+from pipespec_fast.models.config import LlamaConfig
 
 
 def tiny_config(**kw) -> LlamaConfig:

@@ -1,4 +1,4 @@
-"""models.convert_gguf and models.defaults: GGUF -> HF conversion of llama models.
+"""pipespec_fast.models.convert_gguf and models.defaults: GGUF -> HF conversion of llama models.
 
 Oracles: ``gguf.quants.dequantize`` for the block formats and transformers' own GGUF loader
 (model and tokenizer) for the converted default model.
@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-import models.convert_gguf as cg
-import models.defaults as defaults
-from models.checkpoint import load_state_dict, scan_checkpoint
-from models.config import LlamaConfig
-from models.convert_gguf import (
+import pipespec_fast.models.convert_gguf as cg
+import pipespec_fast.models.defaults as defaults
+from pipespec_fast.models.checkpoint import load_state_dict, scan_checkpoint
+from pipespec_fast.models.config import LlamaConfig
+from pipespec_fast.models.convert_gguf import (
     GGUFConversionError,
     convert_gguf,
     dequantize,

@@ -1,4 +1,4 @@
-"""The fused CPU layer stack (``pipespec_fast.cpu_decoder``) against the torch layers, its batch
+"""The fused CPU layer stack (``pipespec_fast.cpu.decoder``) against the torch layers, its batch
 invariance, and models that run on packed weights (fp16 checkpoints, converted GGUF blocks)."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models.checkpoint import PACKED_FILE, CheckpointError, load_packed, save_state_dict
-from models.config import LlamaConfig
-from models.llama import Transformer
-from pipespec_fast import cpu_decoder, quant
+from pipespec_fast.models.checkpoint import PACKED_FILE, CheckpointError, load_packed, save_state_dict
+from pipespec_fast.models.config import LlamaConfig
+from pipespec_fast.models.llama import Transformer
+from pipespec_fast.cpu import decoder as cpu_decoder, quant
 from tests.tiny import build, random_hf_state, tiny_config
 
 needs_fused = pytest.mark.skipif(not cpu_decoder.available(),
@@ -193,7 +193,7 @@ def test_packed_values_must_match_the_checkpoint(tmp_path: Path) -> None:
 def test_converted_gguf_runs_on_its_blocks(tmp_path: Path) -> None:
     """Every matrix of a Q4_1 / Q8_0 GGUF stays in its blocks (fused QKV and gate/up
     included); logits equal the fp32 weights' up to float rounding."""
-    from models.convert_gguf import convert_gguf
+    from pipespec_fast.models.convert_gguf import convert_gguf
     from tests.test_convert_gguf import write_tiny_gguf
 
     src = tmp_path / "tiny.gguf"
@@ -248,7 +248,7 @@ def test_long_blocks_run_on_the_fp32_weights(tmp_path: Path) -> None:
 def test_fused_threaded_paths_match_one_thread() -> None:
     """Big enough blocks for the row- and attention-parallel loops (2 threads) give the same
     bits as one thread, and match the torch layers."""
-    from pipespec_fast import linear
+    from pipespec_fast.cpu import linear
 
     ref, m = pair(128, 2, 1, seed=12)  # head_dim 64, inter 256
     ids = torch.randint(0, 80, (300,), generator=torch.Generator().manual_seed(13))
@@ -317,7 +317,7 @@ def test_packed_kinds_metadata_must_be_a_mapping(tmp_path: Path) -> None:
 def test_packed_rows_left_in_llamacpp_order_are_refused(tmp_path: Path) -> None:
     """The load check probes rows inside a head: a q projection whose rows were not
     un-permuted (first and last rows are fixed points of the permutation) is caught."""
-    from models.convert_gguf import convert_gguf
+    from pipespec_fast.models.convert_gguf import convert_gguf
     from tests.test_convert_gguf import llamacpp_permute, write_tiny_gguf
 
     src = tmp_path / "tiny.gguf"

@@ -1,4 +1,4 @@
-"""The batch-invariant skinny CPU GEMM (``pipespec_fast.cpu_gemm``, ``csrc/skinny_gemm.c``).
+"""The batch-invariant skinny CPU GEMM (``pipespec_fast.cpu.gemm``, ``csrc/skinny_gemm.c``).
 
 Accuracy against a float64 reference, bit-exact batch invariance (over n, row position, thread
 count and ISA path), GIL release through ctypes, concurrent use, and the numpy fallback when the
@@ -20,7 +20,7 @@ import pytest
 import torch
 from threadpoolctl import threadpool_limits
 
-from pipespec_fast import cpu_gemm
+from pipespec_fast.cpu import gemm as cpu_gemm
 
 K_VALUES = (1, 7, 8, 13, 64, 576, 1536)
 EPS32 = float(np.finfo(np.float32).eps)

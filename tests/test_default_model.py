@@ -8,7 +8,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def target_dir():
-    from models.defaults import default_target_dir
+    from pipespec_fast.models.defaults import default_target_dir
 
     return default_target_dir()
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st  # noqa: E402
 from scipy.stats import chisquare  # noqa: E402
 from triton_compile import run_compile_script  # noqa: E402
 
-from csrc_triton import acceptance as tk  # noqa: E402
+from pipespec_fast.kernels import acceptance as tk  # noqa: E402
 from pipespec_fast import ops, reference  # noqa: E402
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -504,7 +504,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from csrc_triton import acceptance as A
+        from pipespec_fast.kernels import acceptance as A
         def sig(k, consts, floats=()):
             s = {}
             for a in k.arg_names:

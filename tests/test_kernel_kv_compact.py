@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from triton_compile import run_compile_script  # noqa: E402
 
-from csrc_triton.kv_rollback import kv_compact as triton_kv_compact  # noqa: E402
+from pipespec_fast.kernels.kv_rollback import kv_compact as triton_kv_compact  # noqa: E402
 from pipespec_fast import ops, reference  # noqa: E402
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -153,7 +153,7 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from csrc_triton.kv_rollback import _kv_compact_kernel as k
+        from pipespec_fast.kernels.kv_rollback import _kv_compact_kernel as k
         for dt, hd in (("fp16", 64), ("bf16", 128), ("fp32", 24)):
             consts = dict(HEAD_DIM=hd, BLOCK_D=triton.next_power_of_2(hd))
             s = {}

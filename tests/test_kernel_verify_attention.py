@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from triton_compile import run_compile_script  # noqa: E402
 
-from csrc_triton.verify_attention import verify_attention as triton_verify_attention  # noqa: E402
+from pipespec_fast.kernels.verify_attention import verify_attention as triton_verify_attention  # noqa: E402
 from pipespec_fast import ops, reference  # noqa: E402
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -291,7 +291,7 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from csrc_triton.verify_attention import _verify_attention_kernel as k
+        from pipespec_fast.kernels.verify_attention import _verify_attention_kernel as k
         for dt, hd, group in (("fp32", 64, 3), ("fp16", 128, 1), ("bf16", 24, 8)):
             consts = dict(GROUP=group, HEAD_DIM=hd, BLOCK_D=triton.next_power_of_2(hd),
                           BLOCK_R=32, BLOCK_N=32, DOT_PREC="ieee" if dt == "fp32" else "tf32")

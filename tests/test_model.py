@@ -7,8 +7,8 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from models.config import LlamaConfig
-from models.llama import Transformer
+from pipespec_fast.models.config import LlamaConfig
+from pipespec_fast.models.llama import Transformer
 from pipespec_fast import reference
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -150,7 +150,7 @@ def test_vocab_subset_model_equals_full_model_on_its_subset(tie):
 
     from tiny import build, random_hf_state, tiny_config
 
-    from models.config import VOCAB_SUBSET_IDS
+    from pipespec_fast.models.config import VOCAB_SUBSET_IDS
 
     cfg = tiny_config(vocab=64, tie=tie)
     sd = random_hf_state(cfg, seed=5)
@@ -180,7 +180,7 @@ def _subset_model(tie=True):
 
     from tiny import build, random_hf_state, tiny_config
 
-    from models.config import VOCAB_SUBSET_IDS
+    from pipespec_fast.models.config import VOCAB_SUBSET_IDS
 
     cfg = replace(tiny_config(vocab=64, tie=tie), vocab_subset=8)
     sd = random_hf_state(cfg, seed=2)
@@ -198,7 +198,7 @@ def test_vocab_subset_head_stays_tied_after_dtype_moves():
 
 
 def test_vocab_subset_errors():
-    from models.llama import Transformer
+    from pipespec_fast.models.llama import Transformer
 
     m, cfg, _ = _subset_model()
     with pytest.raises(IndexError):

@@ -316,7 +316,7 @@ def test_cuda_streams_pipeline_greedy_and_sampling(mode):
 
 
 def test_failure_in_an_inline_ngram_drafter_names_it():
-    from pipespec_fast.ngram import NGramStage
+    from pipespec_fast.stages.ngram import NGramStage
 
     target = stages_for(1, seed=2)[0]
     ng = NGramStage(target.vocab_size, max_len=256)
@@ -336,7 +336,7 @@ def _write_tiny_checkpoint(path, model, words):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from models.checkpoint import save_state_dict
+    from pipespec_fast.models.checkpoint import save_state_dict
 
     save_state_dict(path, hf_state_of(model), model.config)
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
@@ -420,7 +420,7 @@ def test_vocab_subset_draft_keeps_the_sampling_distribution(mode, top_k, ngram):
     """Tokens outside the draft's subset come only from the residual: still exact."""
     from tiny import subset_draft
 
-    from pipespec_fast.ngram import NGramStage
+    from pipespec_fast.stages.ngram import NGramStage
 
     models = family(2, noise=0.6, seed=31, vocab=6)
     target = LlamaStage(models[1], name="t", max_len=64)

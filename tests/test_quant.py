@@ -1,4 +1,4 @@
-"""Packed weights (``pipespec_fast.quant``): the C kernel against the torch reference, batch
+"""Packed weights (``pipespec_fast.cpu.quant``): the C kernel against the torch reference, batch
 invariance, bit-exact dequantisation against ggml's layout, and argument errors."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.convert_gguf import dequantize as numpy_dequantize
-from pipespec_fast import quant
-from pipespec_fast.quant import F16, Q4_1, Q8_0, PackedWeight
+from pipespec_fast.models.convert_gguf import dequantize as numpy_dequantize
+from pipespec_fast.cpu import quant
+from pipespec_fast.cpu.quant import F16, Q4_1, Q8_0, PackedWeight
 
 needs_kernel = pytest.mark.skipif(
     not quant.available(), reason="packed-weight kernel needs gcc and an AVX-512F/FMA/F16C CPU")

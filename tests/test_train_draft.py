@@ -10,14 +10,14 @@ import pytest
 import torch
 from tiny import build, random_hf_state, tiny_config
 
-from models.checkpoint import load_checkpoint, save_state_dict
-from models.draft_prompts import CODE_PREFIX, chat_prompts, code_prompts
-from models.llama import Transformer
-from models.train_draft import TrainDraft, choose_subset, main
+from pipespec_fast.models.checkpoint import load_checkpoint, save_state_dict
+from tools.draft_prompts import CODE_PREFIX, chat_prompts, code_prompts
+from pipespec_fast.models.llama import Transformer
+from tools.train_draft import TrainDraft, choose_subset, main
 
 
 def target_rows(model: Transformer, n: int, gen: int, k: int, seed: int) -> list[dict]:
-    """What ``models.draft_data`` stores: the target's greedy answers and top-k log-probs."""
+    """What ``tools.draft_data`` stores: the target's greedy answers and top-k log-probs."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     for i in range(n):
@@ -74,7 +74,7 @@ def test_exported_draft_loads_with_the_trained_logits(tiny_setup):
     torch.testing.assert_close(got[:, ids], want, rtol=1e-4, atol=1e-4)
     assert torch.isneginf(got[:, rows == 32]).all()
 
-    from models.hf_subset import load_hf_model
+    from tools.hf_subset import load_hf_model
 
     hf = load_hf_model(root / "draft")
     with torch.no_grad():
@@ -114,16 +114,16 @@ def test_prompts_are_deterministic_and_shaped_like_the_benchmarks():
 
 
 def test_missing_default_draft_names_the_recipe(tmp_path, monkeypatch):
-    from models import defaults
+    from pipespec_fast.models import defaults
 
     monkeypatch.setattr(defaults, "DRAFT_DIR", tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="models.train_draft"):
+    with pytest.raises(FileNotFoundError, match="tools.train_draft"):
         defaults.default_model_dirs()
 
 
 def test_shipped_default_draft_is_a_small_subset_model():
     """The committed draft: within the 40 MB budget, loads, and says how it was trained."""
-    from models import defaults
+    from pipespec_fast.models import defaults
 
     d = defaults.default_draft_dir()
     size = sum(p.stat().st_size for p in d.glob("*.safetensors"))

@@ -9,8 +9,8 @@ import pytest
 from tiny import family
 
 from pipespec_fast import FastPipeline
-from pipespec_fast.sequencer import SamplingParams, Sequencer
-from pipespec_fast.stage import LlamaStage
+from pipespec_fast.decoding.sequence import SamplingParams, Sequencer
+from pipespec_fast.stages import LlamaStage
 
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
 

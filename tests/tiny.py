@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from models.config import LlamaConfig
-from models.llama import Transformer
+from pipespec_fast.models.config import LlamaConfig
+from pipespec_fast.models.llama import Transformer
 
 
 def tiny_config(vocab: int = 64, dim: int = 32, n_layers: int = 2, n_heads: int = 4,
@@ -74,7 +74,7 @@ def subset_draft(model: Transformer, ids: list[int] | torch.Tensor,
     embedding of every token outside the subset."""
     from dataclasses import replace
 
-    from models.config import VOCAB_SUBSET_IDS
+    from pipespec_fast.models.config import VOCAB_SUBSET_IDS
 
     ids = torch.as_tensor(ids, dtype=torch.int64)
     sd = hf_state_of(model)

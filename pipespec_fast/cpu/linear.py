@@ -67,7 +67,7 @@ def current_threads() -> int:
 def _skinny():
     if os.environ.get("PIPESPEC_CPU_LINEAR", "skinny") != "skinny":
         return None
-    from pipespec_fast import cpu_gemm
+    from pipespec_fast.cpu import gemm as cpu_gemm
 
     return cpu_gemm if cpu_gemm.available() else None
 
@@ -96,7 +96,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 class Linear(torch.nn.Module):
     """A bias-free linear layer that calls :func:`linear` (weights ``[out, in]``).
 
-    ``packed`` (optional, a :class:`~pipespec_fast.quant.PackedWeight` holding the same values
+    ``packed`` (optional, a :class:`~pipespec_fast.cpu.quant.PackedWeight` holding the same values
     in their storage format) is used instead for fp32 inputs on CPU while the weight itself is
     fp32 on CPU: fewer bytes per token, the same weights.
     """
@@ -111,7 +111,7 @@ class Linear(torch.nn.Module):
         p = self.packed
         if p is not None and x.dtype == torch.float32 and x.device.type == "cpu" and \
                 self.weight.dtype == torch.float32 and self.weight.device.type == "cpu":
-            from pipespec_fast.quant import packed_linear
+            from pipespec_fast.cpu.quant import packed_linear
 
             return packed_linear(x, p, current_threads())
         return linear(x, self.weight)

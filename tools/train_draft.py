@@ -1,7 +1,7 @@
 """Distil a small LLaMA draft from the target on the target's own generations.
 
-    .venv/bin/python -m models.draft_data --out DATA            # the target answers prompts
-    .venv/bin/python -m models.train_draft --data DATA --out DIR [--layers 3 --subset 12288]
+    .venv/bin/python -m tools.draft_data --out DATA            # the target answers prompts
+    .venv/bin/python -m tools.train_draft --data DATA --out DIR [--layers 3 --subset 12288]
 
 The draft keeps the target's width, heads and MLP size and starts from the target: its layers
 are copies of target layers (``--init-layers``), its embedding the target's rows. It embeds and
@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.checkpoint import load_checkpoint, save_state_dict
-from models.config import VOCAB_SUBSET_IDS, LlamaConfig
-from models.draft_prompts import resembles_benchmark
-from models.llama import rope_inv_freq, vocab_subset_rows
+from pipespec_fast.models.checkpoint import load_checkpoint, save_state_dict
+from pipespec_fast.models.config import VOCAB_SUBSET_IDS, LlamaConfig
+from tools.draft_prompts import resembles_benchmark
+from pipespec_fast.models.llama import rope_inv_freq, vocab_subset_rows
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
@@ -53,7 +53,7 @@ def load_rows(data_dir: Path, tokenizer=None) -> list[dict]:
     for path in sorted(data_dir.glob("shard-*.pt")):
         rows += torch.load(path, weights_only=True)["rows"]
     if not rows:
-        raise FileNotFoundError(f"{data_dir}: no shard-*.pt files (run models.draft_data first)")
+        raise FileNotFoundError(f"{data_dir}: no shard-*.pt files (run tools.draft_data first)")
     keep = []
     for r in rows:
         text = r.get("text")
@@ -271,7 +271,7 @@ def evaluate(model: TrainDraft, data: Batcher, rows: list[dict]) -> dict[str, fl
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, nargs="+",
-                    help="data dirs of models.draft_data (held-out answers: from the last)")
+                    help="data dirs of tools.draft_data (held-out answers: from the last)")
     ap.add_argument("--init-from", default=None,
                     help="continue training this draft dir (keeps its shape and subset)")
     ap.add_argument("--out", required=True)
@@ -293,7 +293,7 @@ def main(argv=None) -> None:
                     "training stops at it")
     args = ap.parse_args(argv)
 
-    from models.defaults import default_target_dir
+    from pipespec_fast.models.defaults import default_target_dir
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

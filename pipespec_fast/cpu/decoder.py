@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from pipespec_fast import cpu_gemm
+from pipespec_fast.cpu import gemm as cpu_gemm
 
 __all__ = ["DecoderPlan", "available"]
 
@@ -50,7 +50,7 @@ class DecoderPlan:
     weights even where packed copies exist."""
 
     def __init__(self, model, use_packed: bool = True) -> None:
-        from pipespec_fast import quant
+        from pipespec_fast.cpu import quant
 
         use_packed = use_packed and quant.available()  # packed kinds need AVX-512F/F16C
         cfg = model.config

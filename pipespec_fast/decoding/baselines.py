@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from pipespec_fast.sequencer import Sequencer, usable_drafts
+from pipespec_fast.decoding.sequence import Sequencer, usable_drafts
 
 
 def autoregressive(target: Sequencer, limit: int) -> Iterator[list[int]]:

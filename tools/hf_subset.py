@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.checkpoint import load_checkpoint
-from models.config import VOCAB_SUBSET_IDS, LlamaConfig
-from models.llama import vocab_subset_rows
+from pipespec_fast.models.checkpoint import load_checkpoint
+from pipespec_fast.models.config import VOCAB_SUBSET_IDS, LlamaConfig
+from pipespec_fast.models.llama import vocab_subset_rows
 
 
 class SubsetHead(nn.Module):

@@ -152,7 +152,7 @@ def available() -> bool:
     F16C on this CPU)."""
     global _supported
     if _supported is None:
-        from pipespec_fast import cpu_gemm
+        from pipespec_fast.cpu import gemm as cpu_gemm
 
         lib = cpu_gemm._load()
         _supported = bool(lib is not None and lib.quant_gemm_supported())
@@ -171,7 +171,7 @@ def packed_linear(x: torch.Tensor, w: PackedWeight, threads: int = 1) -> torch.T
         raise TypeError("packed_linear: x must be a float32 CPU tensor")
     if not available():
         return x @ w.dequantize().T
-    from pipespec_fast import cpu_gemm
+    from pipespec_fast.cpu import gemm as cpu_gemm
 
     if x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < w.k):
         x = x.contiguous()

@@ -1,8 +1,8 @@
 """Distillation data for the draft: the target's own generations, with its top-k log-probs.
 
-    .venv/bin/python -m models.draft_data --out DIR [--code 1500 --chat 1500 --max-new 128]
+    .venv/bin/python -m tools.draft_data --out DIR [--code 1500 --chat 1500 --max-new 128]
 
-Prompts come from :mod:`models.draft_prompts` (stdlib functions and template instructions, never
+Prompts come from :mod:`tools.draft_prompts` (stdlib functions and template instructions, never
 benchmark questions), wrapped in the target's chat template. The target (transformers, batched,
 left-padded) answers each prompt greedily or by sampling at temperature 0.7 (one shard in three);
 for every generated position the shard keeps the token and the target's top-``k`` log-probs over
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from models.draft_prompts import chat_prompts, code_prompts, resembles_benchmark
+from tools.draft_prompts import chat_prompts, code_prompts, resembles_benchmark
 
 
 def build_prompts(n_code: int, n_chat: int, seed: int, code_seed: int = 0,
@@ -90,7 +90,7 @@ def main(argv=None) -> None:
 
     import transformers
 
-    from models.defaults import default_target_dir
+    from pipespec_fast.models.defaults import default_target_dir
 
     torch.set_num_threads(args.threads)
     target = args.target or str(default_target_dir())

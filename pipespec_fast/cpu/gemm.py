@@ -180,7 +180,7 @@ def _load() -> ctypes.CDLL | None:
         except Exception as e:  # any failure means "fall back", never crash
             _error = f"{type(e).__name__}: {e}"
             warnings.warn(
-                f"pipespec_fast.cpu_gemm: skinny GEMM kernel unavailable, using numpy ({_error})",
+                f"pipespec_fast.cpu.gemm: skinny GEMM kernel unavailable, using numpy ({_error})",
                 RuntimeWarning,
                 stacklevel=3,
             )

@@ -1,6 +1,6 @@
 """``NGramStage``: a model-free drafter (prompt lookup / n-gram) for the lowest pipeline stage.
 
-It implements the :class:`~pipespec_fast.stage.Stage` protocol with the token history as its
+It implements the :class:`~pipespec_fast.stages.Stage` protocol with the token history as its
 "cache": ``forward(tokens)`` appends tokens, ``rollback(length)`` truncates, and
 ``cache_len == len(history)``.
 

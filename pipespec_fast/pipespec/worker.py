@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pipespec_fast.linear import set_thread_threads
-from pipespec_fast.sequencer import Sequencer, usable_drafts
+from pipespec_fast.cpu.linear import set_thread_threads
+from pipespec_fast.decoding.sequence import Sequencer, usable_drafts
+from pipespec_fast.stages import is_model_free
 
 
 @dataclass
@@ -71,11 +72,6 @@ class Mirror:
             a += 1
         self.agree = a
         return a
-
-
-def is_model_free(stage) -> bool:
-    """A stage whose proposals cost next to nothing (declares ``model_free = True``)."""
-    return bool(getattr(stage, "model_free", False))
 
 
 class InlineDrafter:

@@ -1,0 +1,54 @@
+"""``LlamaStage``: our LLaMA model with a preallocated KV cache as a pipeline stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipespec_fast.kv_cache import KVCache
+
+
+class LlamaStage:
+    """Our LLaMA (``models.llama.Transformer``) with a preallocated :class:`KVCache`."""
+
+    def __init__(self, model, name: str = "llama", max_len: int | None = None) -> None:
+        self.model = model
+        self.name = name
+        self.vocab_size = model.config.vocab_size
+        self.cache: KVCache = model.new_cache(max_len)
+        self.max_len = self.cache.max_len
+        self.model_dir: Path | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        max_len: int | None = None,
+        name: str | None = None,
+    ) -> LlamaStage:
+        from pipespec_fast.models.llama import Transformer
+
+        model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device)
+        stage = cls(model, name=name or Path(model_dir).name, max_len=max_len)
+        stage.model_dir = Path(model_dir)
+        return stage
+
+    @property
+    def cache_len(self) -> int:
+        return self.cache.length
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache.k.device
+
+    def forward(self, tokens, parents=None, last_n=None):
+        return self.model(tokens, self.cache, parents=parents, last_n=last_n)
+
+    def rollback(self, length: int) -> None:
+        self.cache.rollback(length)
+
+    def keep_path(self, start, path, num, chain=False):
+        self.cache.keep_path(start, path, num, chain)

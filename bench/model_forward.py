@@ -45,9 +45,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ns", default="1,2,4,8")
     args = ap.parse_args(argv)
 
+    from pipespec_fast.cpu import linear
     from pipespec_fast.models.defaults import default_draft_dir, default_target_dir
     from pipespec_fast.models.llama import Transformer
-    from pipespec_fast.cpu import linear
 
     torch.set_num_threads(1)
     path = default_target_dir() if args.model == "target" else default_draft_dir()

@@ -42,7 +42,8 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipespec_fast.cpu import gemm as cpu_gemm, quant  # noqa: E402
+from pipespec_fast.cpu import gemm as cpu_gemm  # noqa: E402
+from pipespec_fast.cpu import quant
 
 LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 N_LAYERS = 30

@@ -11,7 +11,9 @@ instead of the fp32 copies (``pipespec_fast.cpu.quant``: same values, fewer byte
 written to a temporary sibling directory and renamed into place at the end, so an interrupted
 conversion never leaves a half-written ``out_dir``.
 
-CLI: ``python -m pipespec_fast.models.convert_gguf MODEL.gguf OUT_DIR [--overwrite] [--no-tokenizer]``.
+CLI: ``pipespec-fast convert MODEL.gguf OUT_DIR`` (or ``python -m
+pipespec_fast.models.convert_gguf``),
+with ``--overwrite`` and ``--no-tokenizer``).
 """
 
 from __future__ import annotations

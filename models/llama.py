@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipespec_fast.models.config import VOCAB_SUBSET_IDS, LlamaConfig
 from pipespec_fast import ops, reference
-from pipespec_fast.kv_cache import KVCache
 from pipespec_fast.cpu.linear import Linear, current_threads
+from pipespec_fast.kv_cache import KVCache
+from pipespec_fast.models.config import VOCAB_SUBSET_IDS, LlamaConfig
 
 __all__ = ["LlamaConfig", "Transformer", "rope_inv_freq", "vocab_subset_rows"]
 
@@ -155,8 +155,8 @@ class Transformer(nn.Module):
         the packed-weight kernel runs, keep the matrices the checkpoint stores compactly (fp16
         tensors, a converted GGUF's blocks) in that form as well (:meth:`attach_packed`).
         """
-        from pipespec_fast.models.checkpoint import load_packed, load_state_dict
         from pipespec_fast.cpu import quant
+        from pipespec_fast.models.checkpoint import load_packed, load_state_dict
 
         cfg = LlamaConfig.from_dir(model_dir)
         hf = load_state_dict(model_dir, cfg, dtype=dtype, device="cpu")

@@ -1,9 +1,8 @@
 """pipespec-fast: hierarchical pipelined speculative decoding (PipeSpec) with Triton kernels."""
 
-from pipespec_fast.stages import NGramStage
 from pipespec_fast.api import FastPipeline, GenerationResult, StageError
 from pipespec_fast.decoding.sequence import SamplingParams
-from pipespec_fast.stages import HFStage, LlamaStage, Stage
+from pipespec_fast.stages import HFStage, LlamaStage, NGramStage, Stage
 
 __all__ = [
     "FastPipeline",

@@ -4,7 +4,6 @@ speculative decoding or plain autoregressive decoding of the target."""
 from __future__ import annotations
 
 import queue
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -15,9 +14,8 @@ import torch
 
 from pipespec_fast.decoding import baselines
 from pipespec_fast.decoding.sequence import SamplingParams, Sequencer, StageStats
-from pipespec_fast.stages import LlamaStage, Stage
 from pipespec_fast.pipespec.worker import Emit, InlineDrafter, StageWorker
-from pipespec_fast.stages import is_model_free
+from pipespec_fast.stages import LlamaStage, Stage, is_model_free
 from pipespec_fast.text import Detokenizer
 from pipespec_fast.threads import CpuThreads
 

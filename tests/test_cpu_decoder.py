@@ -10,10 +10,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipespec_fast.models.checkpoint import PACKED_FILE, CheckpointError, load_packed, save_state_dict
+from pipespec_fast.cpu import decoder as cpu_decoder
+from pipespec_fast.cpu import quant
+from pipespec_fast.models.checkpoint import (
+    PACKED_FILE,
+    CheckpointError,
+    load_packed,
+    save_state_dict,
+)
 from pipespec_fast.models.config import LlamaConfig
 from pipespec_fast.models.llama import Transformer
-from pipespec_fast.cpu import decoder as cpu_decoder, quant
 from tests.tiny import build, random_hf_state, tiny_config
 
 needs_fused = pytest.mark.skipif(not cpu_decoder.available(),

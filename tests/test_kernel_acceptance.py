@@ -21,8 +21,8 @@ from hypothesis import strategies as st  # noqa: E402
 from scipy.stats import chisquare  # noqa: E402
 from triton_compile import run_compile_script  # noqa: E402
 
-from pipespec_fast.kernels import acceptance as tk  # noqa: E402
 from pipespec_fast import ops, reference  # noqa: E402
+from pipespec_fast.kernels import acceptance as tk  # noqa: E402
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 M32 = 0xFFFFFFFF

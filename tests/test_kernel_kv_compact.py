@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from triton_compile import run_compile_script  # noqa: E402
 
-from pipespec_fast.kernels.kv_rollback import kv_compact as triton_kv_compact  # noqa: E402
 from pipespec_fast import ops, reference  # noqa: E402
+from pipespec_fast.kernels.kv_rollback import kv_compact as triton_kv_compact  # noqa: E402
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

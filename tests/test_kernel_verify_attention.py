@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from triton_compile import run_compile_script  # noqa: E402
 
-from pipespec_fast.kernels.verify_attention import verify_attention as triton_verify_attention  # noqa: E402
 from pipespec_fast import ops, reference  # noqa: E402
+from pipespec_fast.kernels.verify_attention import verify_attention as triton_verify_attention  # noqa: E402
 
 HEAD_DIMS = (16, 32, 64, 128)
 GQA_RATIOS = (1, 3, 4, 8)

@@ -7,9 +7,9 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+from pipespec_fast import reference
 from pipespec_fast.models.config import LlamaConfig
 from pipespec_fast.models.llama import Transformer
-from pipespec_fast import reference
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}

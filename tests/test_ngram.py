@@ -11,9 +11,9 @@ from scipy.stats import chisquare
 from tiny import family
 
 from pipespec_fast import FastPipeline, LlamaStage, Stage
-from pipespec_fast.stages.ngram import NGramStage
-from pipespec_fast.reference import probs_from_logits
 from pipespec_fast.decoding.sequence import Sequencer
+from pipespec_fast.reference import probs_from_logits
+from pipespec_fast.stages.ngram import NGramStage
 
 
 def ref_propose(h, p, max_n=4, min_n=1):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipespec_fast.models.convert_gguf import dequantize as numpy_dequantize
 from pipespec_fast.cpu import quant
 from pipespec_fast.cpu.quant import F16, Q4_1, Q8_0, PackedWeight
+from pipespec_fast.models.convert_gguf import dequantize as numpy_dequantize
 
 needs_kernel = pytest.mark.skipif(
     not quant.available(), reason="packed-weight kernel needs gcc and an AVX-512F/FMA/F16C CPU")

@@ -11,8 +11,8 @@ import torch
 from tiny import build, random_hf_state, tiny_config
 
 from pipespec_fast.models.checkpoint import load_checkpoint, save_state_dict
-from tools.draft_prompts import CODE_PREFIX, chat_prompts, code_prompts
 from pipespec_fast.models.llama import Transformer
+from tools.draft_prompts import CODE_PREFIX, chat_prompts, code_prompts
 from tools.train_draft import TrainDraft, choose_subset, main
 
 

@@ -35,8 +35,8 @@ from torch import nn
 
 from pipespec_fast.models.checkpoint import load_checkpoint, save_state_dict
 from pipespec_fast.models.config import VOCAB_SUBSET_IDS, LlamaConfig
-from tools.draft_prompts import resembles_benchmark
 from pipespec_fast.models.llama import rope_inv_freq, vocab_subset_rows
+from tools.draft_prompts import resembles_benchmark
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")

@@ -19,7 +19,6 @@ from typing import Protocol, runtime_checkable
 import torch
 
 
-
 @runtime_checkable
 class Stage(Protocol):
     name: str

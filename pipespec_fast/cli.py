@@ -1,13 +1,80 @@
-"""``pipespec-fast generate | models | convert``."""
+"""``pipespec-fast generate | models | convert``.
+
+Errors are one line on stderr: exit code 2 for a mistake in the arguments or the files they
+name (checked before any model is loaded where possible), 1 for a failure while running, 130
+on Ctrl-C. ``--debug`` adds the traceback."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
+from pathlib import Path
+
+from pipespec_fast import validate
+
+EXIT_USAGE, EXIT_RUNTIME, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class UsageError(ValueError):
+    """A command-line argument (or a file it names) is wrong."""
+
+
+def _as_flag(e: ValueError) -> UsageError:
+    """The validation layer names API arguments (``max_new_tokens``); say the flag instead."""
+    msg = re.sub(r"^([a-z_]+)\b", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
+    return UsageError(msg)
+
+
+def _check_model_dir(path: str) -> None:
+    p = Path(path)
+    try:
+        if not p.exists():
+            raise UsageError(f"--models: {path}: no such folder")
+        if not p.is_dir():
+            raise UsageError(f"--models: {path}: not a folder")
+        if not (p / "config.json").is_file():
+            raise UsageError(f"--models: {path}: no config.json in this folder")
+    except OSError as e:  # a symlink loop, a permission error
+        raise UsageError(f"--models: {path}: {e.strerror or e}") from None
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device: {device!r} is not a device (cpu, cuda, cuda:1, ...)") \
+            from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: {device!r}: only cpu and cuda are supported")
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked without a model, before the (seconds-long) load."""
+    try:
+        validate.generation(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                            args.seed, mode_=args.mode)
+        validate.max_len(args.max_len)
+    except ValueError as e:
+        raise _as_flag(e) from None
+    if not args.prompt:
+        raise UsageError("--prompt must not be empty")
+    if args.ngram and not args.models:
+        raise UsageError("--ngram goes with --models (the default hierarchy has one already)")
+    if args.no_draft and args.models:
+        raise UsageError("--no-draft applies to the default hierarchy, not to --models")
+    for m in args.models or []:
+        _check_model_dir(m)
+    _check_device(args.device)
 
 
 def _generate(args: argparse.Namespace) -> int:
+    _check_generate_args(args)
     import torch
 
     from pipespec_fast import FastPipeline
@@ -56,6 +123,9 @@ def _models(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from pipespec_fast.models.convert_gguf import convert_gguf
 
+    if not Path(args.gguf).is_file():
+        raise UsageError(f"{args.gguf}: no such GGUF file")
+
     out = convert_gguf(args.gguf, args.out, overwrite=args.overwrite)
     print(out)
     return 0
@@ -64,6 +134,7 @@ def _convert(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipespec-fast",
                                 description="Hierarchical pipelined speculative decoding")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error")
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate text, printing it as it is verified")
     g.add_argument("--prompt", required=True)
@@ -95,13 +166,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_usage(e: BaseException) -> bool:
+    """A mistake in what the user gave (arguments, files), not a failure while running."""
+    # UsageError, the loaders' CheckpointError and every validation error are ValueErrors; a
+    # failure inside a running stage arrives as StageError (a RuntimeError)
+    return isinstance(e, ValueError | FileNotFoundError | NotADirectoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # argparse itself exits 2 on a malformed command
     try:
         return args.func(args)
-    except ValueError as e:
-        print(f"pipespec-fast: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("\npipespec-fast: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (| head): nothing more to say
+        sys.stderr.close()
+        return EXIT_RUNTIME
+    except Exception as e:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if _is_usage(e):
+            print(f"pipespec-fast: error: {text}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"pipespec-fast: error: {type(e).__name__}: {text}", file=sys.stderr)
+        return EXIT_RUNTIME
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""The command line: one-line errors, exit code 2 for usage mistakes (found before any model
+loads), 1 for failures while running, 130 on Ctrl-C, tracebacks only with --debug."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pipespec_fast import FastPipeline, cli
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the CLI gets as far as loading a model."""
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(FastPipeline, "from_default", classmethod(refuse))
+    monkeypatch.setattr(FastPipeline, "from_pretrained", classmethod(refuse))
+
+
+def _one_line_error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("pipespec-fast: error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--max-new-tokens", "-5"], "--max-new-tokens"),
+    (["--temperature", "inf"], "--temperature"),
+    (["--temperature", "nan"], "--temperature"),
+    (["--temperature", "1e-45"], "--temperature"),
+    (["--top-p", "3"], "--top-p"),
+    (["--top-k", "0"], "--top-k"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**40)], "--seed"),
+    (["--max-len", "-5"], "--max-len"),
+    (["--device", "tpu:0"], "--device"),
+    (["--ngram"], "--ngram"),
+])
+def test_bad_arguments_exit_2_before_any_model_loads(args, needle, capsys, no_model_load):
+    assert cli.main(["generate", "--prompt", "hi", *args]) == cli.EXIT_USAGE
+    _one_line_error(capsys, needle)
+
+
+def test_cuda_device_without_cuda_is_a_usage_error(monkeypatch, capsys, no_model_load):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["generate", "--prompt", "hi", "--device", "cuda"]) == cli.EXIT_USAGE
+    _one_line_error(capsys, "--device", "CUDA is not available")
+
+
+def test_model_folder_problems_are_named(tmp_path, capsys, no_model_load):
+    missing = tmp_path / "nope"
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    for path, what in [(missing, "no such folder"), (a_file, "not a folder"),
+                       (empty, "no config.json"), (loop, str(loop))]:
+        assert cli.main(["generate", "--models", str(path), "--prompt", "hi"]) == cli.EXIT_USAGE
+        _one_line_error(capsys, str(path), what)
+
+
+def test_convert_of_a_missing_file_is_a_usage_error(tmp_path, capsys):
+    assert cli.main(["convert", str(tmp_path / "x.gguf"), str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, "x.gguf")
+
+
+def _failing_generate(args):
+    raise RuntimeError("stage 1 (draft) failed: boom\nsecond line")
+
+
+def test_runtime_failure_exits_1_with_one_line_and_debug_shows_the_traceback(monkeypatch,
+                                                                            capsys):
+    monkeypatch.setattr(cli, "_generate", _failing_generate)
+    assert cli.main(["generate", "--prompt", "hi"]) == cli.EXIT_RUNTIME
+    _one_line_error(capsys, "RuntimeError", "boom")
+    assert cli.main(["--debug", "generate", "--prompt", "hi"]) == cli.EXIT_RUNTIME
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "_failing_generate" in err
+
+
+def test_ctrl_c_exits_130_quietly(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_generate", interrupted)
+    assert cli.main(["generate", "--prompt", "hi"]) == cli.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err

@@ -231,12 +231,12 @@ PACKED_FILE = "packed.safetensors"
 def load_packed(model_dir: str | Path, config: LlamaConfig) -> dict[str, Any]:
     """The weights of ``model_dir`` that the CPU engine can keep in their storage format.
 
-    Two sources: :data:`PACKED_FILE` (ggml blocks written by ``models.convert_gguf``: uint8
+    Two sources: :data:`PACKED_FILE` (ggml blocks written by ``convert_gguf``: uint8
     ``[rows, row_bytes]`` per HF name, kinds in the ``kinds`` metadata), and every 2-D weight
     the checkpoint itself stores as fp16 (packed as ``F16``). Returns HF name ->
     :class:`pipespec_fast.cpu.quant.PackedWeight` (``{}`` if none); a malformed packed file raises
     :class:`CheckpointError` naming the tensor. The caller checks the values against the fp32
-    weights (:meth:`models.llama.Transformer.attach_packed`).
+    weights (:func:`pipespec_fast.models.packed.attach_packed`).
     """
     from pipespec_fast.cpu.quant import KIND_NAMES, PackedWeight, row_bytes
 

@@ -1,7 +1,7 @@
 """Convert a llama-architecture GGUF file into a Hugging Face layout model directory.
 
 The output holds ``config.json``, ``generation_config.json``, ``model.safetensors`` (float32)
-and the tokenizer files, so that both :func:`models.checkpoint.load_state_dict` and
+and the tokenizer files, so that both :func:`.checkpoint.load_state_dict` and
 ``transformers`` (``LlamaForCausalLM`` / ``AutoTokenizer.from_pretrained(out_dir)``) read it
 offline. Quantised blocks (Q4_0, Q4_1, Q8_0) and F16/BF16/F32 are dequantised here with numpy;
 llama.cpp's row permutation of ``attn_q`` / ``attn_k`` is undone. The quantised and fp16
@@ -12,8 +12,7 @@ written to a temporary sibling directory and renamed into place at the end, so a
 conversion never leaves a half-written ``out_dir``.
 
 CLI: ``pipespec-fast convert MODEL.gguf OUT_DIR`` (or ``python -m
-pipespec_fast.models.convert_gguf``),
-with ``--overwrite`` and ``--no-tokenizer``).
+pipespec_fast.models.convert_gguf``), with ``--overwrite`` and ``--no-tokenizer``.
 """
 
 from __future__ import annotations

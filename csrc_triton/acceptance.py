@@ -78,6 +78,12 @@ def _row_sum(base, V, BLOCK_V: tl.constexpr):
     return tl.sum(acc, 0)
 
 
+# A single sequential program (grid (1,)): the sweep over the drafts carries seven scalars
+# (path, current node, count, residual row, where the residual lives, its mass, mass valid) that
+# change inside data-dependent branches; a jit helper cannot assign its caller's variables, so
+# each piece would take and return all seven. The extra token's draw then reads the residual
+# the sweep left. The wrapped signature is 18 of the lines.
+# long: one sequential Triton program whose sweep state is rebound in data-dependent branches
 @triton.jit
 def _stochastic_kernel(
     tok_ptr,

@@ -54,6 +54,11 @@ def _online_block(acc, m_i, l_i, q, k, v, qk_mask, qk_scale, DOT_PREC: tl.conste
     return acc, m_new, l_i
 
 
+# 38 of its lines are the signature: a base pointer and its strides per tensor, so any layout
+# runs without a copy. The body is three marked passes (KV append, cached prefix, new tokens)
+# over one query tile and one online-softmax state held in registers; their shared step is
+# _online_block. Helpers for the passes would each take that state and a dozen pointers/strides.
+# long: one Triton program (one launch); signature of strides plus three passes over one state
 @triton.jit
 def _verify_attention_kernel(
     q_ptr,
@@ -220,37 +225,28 @@ def verify_attention(
         return out
     if scale is None:
         scale = head_dim**-0.5
-    rows = n * group
+    block_r, block_d, block_n = _tile_sizes(n * group, head_dim, block_r, block_n)
+    grid = (triton.cdiv(n * group, block_r), kv_heads)
+    _verify_attention_kernel[grid](
+        q, k_new, v_new, k_cache, v_cache, anc_bits, out,
+        n, int(cache_len), float(scale) * _LOG2E,
+        *q.stride(), *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(),
+        *anc_bits.stride(), *out.stride(),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=block_n,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+    )
+    return out
+
+
+def _tile_sizes(rows: int, head_dim: int, block_r: int | None, block_n: int | None,
+                ) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_D, BLOCK_N)``: query rows per program (up to 64, as few as the block
+    needs), the head dim padded to a power of two, and keys per step (32 for head dims over 64,
+    which keeps the ``[BLOCK_R, BLOCK_D]`` accumulator and the K/V tiles in registers)."""
     if block_r is None:
         block_r = max(16, min(64, triton.next_power_of_2(rows)))
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_n is None:
         block_n = 64 if block_d <= 64 else 32
-    grid = (triton.cdiv(rows, block_r), kv_heads)
-    _verify_attention_kernel[grid](
-        q,
-        k_new,
-        v_new,
-        k_cache,
-        v_cache,
-        anc_bits,
-        out,
-        n,
-        int(cache_len),
-        float(scale) * _LOG2E,
-        *q.stride(),
-        *k_new.stride(),
-        *v_new.stride(),
-        *k_cache.stride(),
-        *v_cache.stride(),
-        *anc_bits.stride(),
-        *out.stride(),
-        GROUP=group,
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        BLOCK_R=block_r,
-        BLOCK_N=block_n,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
-    )
-    return out
+    return block_r, block_d, block_n

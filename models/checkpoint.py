@@ -21,14 +21,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipespec_fast.models.config import VOCAB_SUBSET_IDS, LlamaConfig
+from pipespec_fast.models import hf_names
+from pipespec_fast.models.config import VOCAB_SUBSET_IDS, LlamaConfig, subset_ids_problem
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 
-# Buffers some exporters store that a LLaMA forward recomputes; accepted and dropped.
-_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _INT_DTYPES = {"I64", "I32"}  # only model.vocab_subset_ids
 _SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -145,7 +144,8 @@ def validate_checkpoint(
     for name, info in tensors.items():
         if name in expected:
             keep[name] = info
-        elif _IGNORED.fullmatch(name) or (config.tie_word_embeddings and name == "lm_head.weight"):
+        elif hf_names.ROTARY_BUFFER.fullmatch(name) or (
+                config.tie_word_embeddings and name == hf_names.HEAD):
             continue
         else:
             unexpected.append(f"{name} (in {info.file.name})")
@@ -231,12 +231,12 @@ PACKED_FILE = "packed.safetensors"
 def load_packed(model_dir: str | Path, config: LlamaConfig) -> dict[str, Any]:
     """The weights of ``model_dir`` that the CPU engine can keep in their storage format.
 
-    Two sources: :data:`PACKED_FILE` (ggml blocks written by ``models.convert_gguf``: uint8
+    Two sources: :data:`PACKED_FILE` (ggml blocks written by ``convert_gguf``: uint8
     ``[rows, row_bytes]`` per HF name, kinds in the ``kinds`` metadata), and every 2-D weight
     the checkpoint itself stores as fp16 (packed as ``F16``). Returns HF name ->
     :class:`pipespec_fast.cpu.quant.PackedWeight` (``{}`` if none); a malformed packed file raises
     :class:`CheckpointError` naming the tensor. The caller checks the values against the fp32
-    weights (:meth:`models.llama.Transformer.attach_packed`).
+    weights (:func:`pipespec_fast.models.packed.attach_packed`).
     """
     from pipespec_fast.cpu.quant import KIND_NAMES, PackedWeight, row_bytes
 
@@ -283,13 +283,9 @@ def load_packed(model_dir: str | Path, config: LlamaConfig) -> dict[str, Any]:
 
 def _check_subset_ids(ids: torch.Tensor, config: LlamaConfig, file: Path) -> None:
     """The subset's ids must be strictly ascending token ids of the vocabulary."""
-    bad = ""
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size):
-        bad = f"ids outside [0, vocab_size={config.vocab_size})"
-    elif ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
-        bad = "ids not strictly ascending"
-    if bad:
-        raise CheckpointError(f"{file}: tensor {VOCAB_SUBSET_IDS}: {bad}")
+    problem = subset_ids_problem(ids, config)
+    if problem:
+        raise CheckpointError(f"{file}: tensor {VOCAB_SUBSET_IDS}: {problem}")
 
 
 def load_checkpoint(
@@ -340,18 +336,28 @@ def save_state_dict(
     """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    items: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        items[name] = t.detach().to("cpu").contiguous()
-    embed, head = tensors.get("model.embed_tokens.weight"), tensors.get("lm_head.weight")
+    items = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    embed, head = tensors.get(hf_names.EMBED), tensors.get(hf_names.HEAD)
     if (
         config.tie_word_embeddings
         and embed is not None
         and head is not None
         and head.untyped_storage().data_ptr() == embed.untyped_storage().data_ptr()
     ):
-        del items["lm_head.weight"]
+        del items[hf_names.HEAD]
+    _remove_checkpoint_files(model_dir)
+    total = sum(_nbytes(t) for t in items.values())
+    if shard_size_bytes is None or total <= shard_size_bytes:
+        _atomic_save(items, model_dir / SINGLE_FILE, {"format": "pt"})
+        written = [model_dir / SINGLE_FILE]
+    else:
+        written = _save_shards(model_dir, items, shard_size_bytes)
+    _atomic_write_text(model_dir / CONFIG_FILE, json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    return written + [model_dir / CONFIG_FILE]
 
+
+def _remove_checkpoint_files(model_dir: Path) -> None:
+    """Delete the weights of an earlier save (single file, index, shards), nothing else."""
     for old in [
         model_dir / SINGLE_FILE,
         model_dir / INDEX_FILE,
@@ -360,33 +366,30 @@ def save_state_dict(
         if old.name in (SINGLE_FILE, INDEX_FILE) or _SHARD_RE.fullmatch(old.name):
             old.unlink(missing_ok=True)
 
-    metadata = {"format": "pt"}
-    total = sum(_nbytes(t) for t in items.values())
+
+def _save_shards(model_dir: Path, items: dict[str, torch.Tensor], shard_size_bytes: int,
+                 ) -> list[Path]:
+    """Write ``items`` in order into shards of at most ``shard_size_bytes`` (a larger tensor
+    gets a shard of its own) and the index that maps each tensor to its shard."""
+    if shard_size_bytes <= 0:
+        raise ValueError(f"shard_size_bytes must be positive, got {shard_size_bytes}")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in items.items():
+        if shards[-1] and size + _nbytes(t) > shard_size_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += _nbytes(t)
+    n = len(shards)
     written: list[Path] = []
-    if shard_size_bytes is None or total <= shard_size_bytes:
-        _atomic_save(items, model_dir / SINGLE_FILE, metadata)
-        written.append(model_dir / SINGLE_FILE)
-    else:
-        if shard_size_bytes <= 0:
-            raise ValueError(f"shard_size_bytes must be positive, got {shard_size_bytes}")
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for name, t in items.items():
-            if shards[-1] and size + _nbytes(t) > shard_size_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = t
-            size += _nbytes(t)
-        n = len(shards)
-        weight_map: dict[str, str] = {}
-        for i, shard in enumerate(shards, 1):
-            fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-            _atomic_save(shard, model_dir / fname, metadata)
-            written.append(model_dir / fname)
-            weight_map.update({name: fname for name in shard})
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic_write_text(model_dir / INDEX_FILE, json.dumps(index, indent=2) + "\n")
-        written.append(model_dir / INDEX_FILE)
-    _atomic_write_text(model_dir / CONFIG_FILE, json.dumps(config.to_hf_dict(), indent=2) + "\n")
-    written.append(model_dir / CONFIG_FILE)
-    return written
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+        _atomic_save(shard, model_dir / fname, {"format": "pt"})
+        written.append(model_dir / fname)
+        weight_map.update({name: fname for name in shard})
+    total = sum(_nbytes(t) for t in items.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    _atomic_write_text(model_dir / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+    return written + [model_dir / INDEX_FILE]

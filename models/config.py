@@ -7,8 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipespec_fast.models import hf_names
+from pipespec_fast.models.hf_names import VOCAB_SUBSET_IDS
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "VOCAB_SUBSET_IDS", "LlamaConfig", "subset_ids_problem"]
+
 SUPPORTED_MODEL_TYPES = ("llama",)
-VOCAB_SUBSET_IDS = "model.vocab_subset_ids"
 
 
 @dataclass
@@ -63,15 +67,7 @@ class LlamaConfig:
         dim = d["hidden_size"]
         eos = d.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        scaling = d.get("rope_scaling") or d.get("rope_parameters")
-        if scaling is not None and scaling.get("rope_type", scaling.get("type")) in (
-            "default",
-            None,
-        ):
-            scaling = None
-        theta = d.get("rope_theta")
-        if theta is None:  # transformers >= 5 nests it under rope_parameters
-            theta = (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        theta, scaling = _rope_from_hf(d)
         return cls(
             vocab_size=d["vocab_size"],
             dim=dim,
@@ -80,7 +76,7 @@ class LlamaConfig:
             n_kv_heads=d.get("num_key_value_heads") or n_heads,
             head_dim=d.get("head_dim") or dim // n_heads,
             intermediate_size=d["intermediate_size"],
-            rope_theta=float(theta),
+            rope_theta=theta,
             rope_scaling=scaling,
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
@@ -149,23 +145,46 @@ class LlamaConfig:
 
         With a vocabulary subset, ``model.vocab_subset_ids`` (integer) lists its token ids."""
         shapes: dict[str, tuple[int, ...]] = {
-            "model.embed_tokens.weight": (self.embedding_rows, self.dim),
-            "model.norm.weight": (self.dim,),
+            hf_names.EMBED: (self.embedding_rows, self.dim),
+            hf_names.FINAL_NORM: (self.dim,),
         }
         if self.vocab_subset is not None:
             shapes[VOCAB_SUBSET_IDS] = (self.vocab_subset,)
         if not self.tie_word_embeddings:
-            shapes["lm_head.weight"] = (self.head_rows, self.dim)
+            shapes[hf_names.HEAD] = (self.head_rows, self.dim)
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        dim, inter = self.dim, self.intermediate_size
+        per_layer = {  # in the order of hf_names.LAYER_TENSORS
+            hf_names.ATTN_NORM: (dim,), hf_names.FFN_NORM: (dim,),
+            hf_names.Q: (q_out, dim), hf_names.K: (kv_out, dim), hf_names.V: (kv_out, dim),
+            hf_names.O: (dim, q_out), hf_names.GATE: (inter, dim), hf_names.UP: (inter, dim),
+            hf_names.DOWN: (dim, inter),
+        }
         for i in range(self.n_layers):
-            p = f"model.layers.{i}."
-            shapes[p + "input_layernorm.weight"] = (self.dim,)
-            shapes[p + "post_attention_layernorm.weight"] = (self.dim,)
-            shapes[p + "self_attn.q_proj.weight"] = (q_out, self.dim)
-            shapes[p + "self_attn.k_proj.weight"] = (kv_out, self.dim)
-            shapes[p + "self_attn.v_proj.weight"] = (kv_out, self.dim)
-            shapes[p + "self_attn.o_proj.weight"] = (self.dim, q_out)
-            shapes[p + "mlp.gate_proj.weight"] = (self.intermediate_size, self.dim)
-            shapes[p + "mlp.up_proj.weight"] = (self.intermediate_size, self.dim)
-            shapes[p + "mlp.down_proj.weight"] = (self.dim, self.intermediate_size)
+            shapes.update((hf_names.layer(i, name), shape) for name, shape in per_layer.items())
         return shapes
+
+
+def _rope_from_hf(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """``(rope_theta, rope_scaling)`` of an HF config dict: transformers >= 5 nests both under
+    ``rope_parameters``; a scaling of type ``default`` (or none) is no scaling."""
+    scaling = d.get("rope_scaling") or d.get("rope_parameters")
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) in ("default", None):
+        scaling = None
+    theta = d.get("rope_theta")
+    if theta is None:
+        theta = (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    return float(theta), scaling
+
+
+def subset_ids_problem(ids, config: LlamaConfig) -> str:
+    """What is wrong with ``ids`` (a 1-D integer tensor) as ``config``'s vocabulary subset:
+    their number, range or order (``""``: nothing). The model and the checkpoint loader each
+    raise it in their own error type."""
+    if ids.numel() != config.vocab_subset:
+        return f"{ids.numel()} ids for vocab_subset={config.vocab_subset}"
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size):
+        return f"ids outside [0, vocab_size={config.vocab_size})"
+    if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
+        return "ids not strictly ascending"
+    return ""

@@ -1,7 +1,7 @@
 """Convert a llama-architecture GGUF file into a Hugging Face layout model directory.
 
 The output holds ``config.json``, ``generation_config.json``, ``model.safetensors`` (float32)
-and the tokenizer files, so that both :func:`models.checkpoint.load_state_dict` and
+and the tokenizer files, so that both :func:`.checkpoint.load_state_dict` and
 ``transformers`` (``LlamaForCausalLM`` / ``AutoTokenizer.from_pretrained(out_dir)``) read it
 offline. Quantised blocks (Q4_0, Q4_1, Q8_0) and F16/BF16/F32 are dequantised here with numpy;
 llama.cpp's row permutation of ``attn_q`` / ``attn_k`` is undone. The quantised and fp16
@@ -12,13 +12,13 @@ written to a temporary sibling directory and renamed into place at the end, so a
 conversion never leaves a half-written ``out_dir``.
 
 CLI: ``pipespec-fast convert MODEL.gguf OUT_DIR`` (or ``python -m
-pipespec_fast.models.convert_gguf``),
-with ``--overwrite`` and ``--no-tokenizer``).
+pipespec_fast.models.convert_gguf``), with ``--overwrite`` and ``--no-tokenizer``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -33,10 +33,11 @@ from typing import Any
 
 import numpy as np
 
+from pipespec_fast.models import hf_names
+from pipespec_fast.models.checkpoint import CONFIG_FILE, PACKED_FILE, SINGLE_FILE
 from pipespec_fast.models.config import LlamaConfig
 
 CONVERTER_VERSION = 2  # 2: also writes PACKED_FILE
-PACKED_FILE = "packed.safetensors"
 COMPLETE_MARKER = ".pipespec-complete"
 
 # ggml type id -> (name, elements per block, bytes per block). Layouts (ggml-common.h):
@@ -131,21 +132,22 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# llama.cpp's tensor names -> the HF ones (per layer: ``blk.{i}.NAME.weight`` -> a suffix).
 _GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
+    "token_embd.weight": hf_names.EMBED,
+    "output_norm.weight": hf_names.FINAL_NORM,
+    "output.weight": hf_names.HEAD,
 }
 _LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    "attn_norm": hf_names.ATTN_NORM,
+    "ffn_norm": hf_names.FFN_NORM,
+    "attn_q": hf_names.Q,
+    "attn_k": hf_names.K,
+    "attn_v": hf_names.V,
+    "attn_output": hf_names.O,
+    "ffn_gate": hf_names.GATE,
+    "ffn_up": hf_names.UP,
+    "ffn_down": hf_names.DOWN,
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 # Tensors that carry no weights of the HF layout (rope_freqs feeds rope_scaling instead).
@@ -158,7 +160,7 @@ def hf_name(gguf_name: str) -> str:
         return _GLOBAL_NAMES[gguf_name]
     m = _LAYER_RE.fullmatch(gguf_name)
     if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{int(m.group(1))}.{_LAYER_NAMES[m.group(2)]}.weight"
+        return hf_names.layer(int(m.group(1)), _LAYER_NAMES[m.group(2)])
     raise GGUFConversionError(f"GGUF tensor {gguf_name} has no Hugging Face llama equivalent")
 
 
@@ -229,13 +231,7 @@ def config_from_gguf(reader: Any) -> tuple[LlamaConfig, dict[str, Any]]:
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise GGUFConversionError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
-
-    def get(key: str, default: Any = None, required: bool = False) -> Any:
-        v = meta.get(f"llama.{key}", default)
-        if v is None and required:
-            raise GGUFConversionError(f"GGUF metadata llama.{key} is missing")
-        return v
-
+    get = functools.partial(_llama_key, meta)
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise GGUFConversionError("GGUF has no token_embd.weight tensor")
@@ -248,30 +244,12 @@ def config_from_gguf(reader: Any) -> tuple[LlamaConfig, dict[str, Any]]:
         raise GGUFConversionError(f"partial rotary ({rot} of {head_dim} dims) is not supported")
     theta = float(get("rope.freq_base", 10000.0))
     ctx = int(get("context_length", 2048))
-
-    scaling: dict[str, Any] | None = None
-    kind = get("rope.scaling.type")
-    factor = get("rope.scaling.factor", get("rope.scale_linear"))
-    orig = get("rope.scaling.original_context_length")
-    if "rope_freqs.weight" in tensors:
-        t = tensors["rope_freqs.weight"]
-        freqs = dequantize(np.asarray(t.data), int(t.tensor_type)).reshape(-1).astype(np.float64)
-        scaling = _infer_llama3(freqs, head_dim, theta, orig)
-    elif kind not in (None, "none") or (kind is None and factor not in (None, 1.0)):
-        scaling = {"rope_type": kind or "linear", "factor": float(factor or 1.0)}
-        if orig:
-            scaling["original_max_position_embeddings"] = int(orig)
-
+    scaling = _rope_scaling(get, tensors, head_dim, theta)
     bos = meta.get("tokenizer.ggml.bos_token_id")
-    eos_ids: list[int] = []
-    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
-        v = meta.get(f"tokenizer.ggml.{key}")
-        if v is not None and int(v) not in eos_ids:
-            eos_ids.append(int(v))
-    vocab = int(tensors["token_embd.weight"].shape[-1])  # ggml shape is (dim, vocab)
+    eos_ids = _eos_ids(meta)
     try:
         config = LlamaConfig(
-            vocab_size=vocab,
+            vocab_size=int(tensors["token_embd.weight"].shape[-1]),  # ggml shape: (dim, vocab)
             dim=dim,
             n_layers=int(get("block_count", required=True)),
             n_heads=n_heads,
@@ -288,11 +266,47 @@ def config_from_gguf(reader: Any) -> tuple[LlamaConfig, dict[str, Any]]:
         )
     except ValueError as e:
         raise GGUFConversionError(f"unsupported GGUF model: {e}") from e
-    extra: dict[str, Any] = {}
     pad = meta.get("tokenizer.ggml.padding_token_id")
-    if pad is not None:
-        extra["pad_token_id"] = int(pad)
-    return config, extra
+    return config, ({} if pad is None else {"pad_token_id": int(pad)})
+
+
+def _llama_key(meta: dict[str, Any], key: str, default: Any = None,
+               required: bool = False) -> Any:
+    """Metadata ``llama.<key>`` (``GGUFConversionError`` when ``required`` and missing)."""
+    v = meta.get(f"llama.{key}", default)
+    if v is None and required:
+        raise GGUFConversionError(f"GGUF metadata llama.{key} is missing")
+    return v
+
+
+def _rope_scaling(get: Callable[..., Any], tensors: dict[str, Any], head_dim: int,
+                  theta: float) -> dict[str, Any] | None:
+    """The HF ``rope_scaling``: llama3's, recovered from a ``rope_freqs`` tensor, or the kind
+    and factor the metadata names (``None``: no scaling)."""
+    kind = get("rope.scaling.type")
+    factor = get("rope.scaling.factor", get("rope.scale_linear"))
+    orig = get("rope.scaling.original_context_length")
+    if "rope_freqs.weight" in tensors:
+        t = tensors["rope_freqs.weight"]
+        freqs = dequantize(np.asarray(t.data), int(t.tensor_type)).reshape(-1).astype(np.float64)
+        return _infer_llama3(freqs, head_dim, theta, orig)
+    named = kind not in (None, "none") or (kind is None and factor not in (None, 1.0))
+    if not named:
+        return None
+    scaling: dict[str, Any] = {"rope_type": kind or "linear", "factor": float(factor or 1.0)}
+    if orig:
+        scaling["original_max_position_embeddings"] = int(orig)
+    return scaling
+
+
+def _eos_ids(meta: dict[str, Any]) -> list[int]:
+    """End-of-sequence ids: eos, then end-of-turn and end-of-message, without repeats."""
+    ids: list[int] = []
+    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        v = meta.get(f"tokenizer.ggml.{key}")
+        if v is not None and int(v) not in ids:
+            ids.append(int(v))
+    return ids
 
 
 def _hf_tensor(reader: Any, t: Any, config: LlamaConfig) -> np.ndarray:
@@ -300,11 +314,15 @@ def _hf_tensor(reader: Any, t: Any, config: LlamaConfig) -> np.ndarray:
     raw = reader.data[t.data_offset : t.data_offset + t.n_bytes]
     shape = tuple(int(s) for s in reversed(t.shape))  # ggml lists the fastest axis first
     w = dequantize(raw.reshape(shape[0] if len(shape) > 1 else 1, -1), int(t.tensor_type))
-    w = w.reshape(shape)
-    if t.name.endswith(".attn_q.weight"):
-        w = unpermute_qk(w, config.n_heads)
-    elif t.name.endswith(".attn_k.weight"):
-        w = unpermute_qk(w, config.n_kv_heads)
+    return _unpermute_rows(t.name, w.reshape(shape), config)
+
+
+def _unpermute_rows(gguf_name: str, w: np.ndarray, config: LlamaConfig) -> np.ndarray:
+    """``w`` (rows first) with llama.cpp's rotary row order undone if it is a q or k matrix."""
+    if gguf_name.endswith(".attn_q.weight"):
+        return unpermute_qk(w, config.n_heads)
+    if gguf_name.endswith(".attn_k.weight"):
+        return unpermute_qk(w, config.n_kv_heads)
     return w
 
 
@@ -344,12 +362,7 @@ def _packed_tensor(reader: Any, t: Any, config: LlamaConfig) -> np.ndarray:
     """One GGUF matrix as stored (uint8 ``[rows, row_bytes]``), q/k rows un-permuted."""
     raw = np.asarray(reader.data[t.data_offset : t.data_offset + t.n_bytes], dtype=np.uint8)
     rows = int(t.shape[-1])
-    w = raw.reshape(rows, -1)
-    if t.name.endswith(".attn_q.weight"):
-        w = unpermute_qk(w, config.n_heads)
-    elif t.name.endswith(".attn_k.weight"):
-        w = unpermute_qk(w, config.n_kv_heads)
-    return np.ascontiguousarray(w)
+    return np.ascontiguousarray(_unpermute_rows(t.name, raw.reshape(rows, -1), config))
 
 
 def _write_packed(path: Path, reader: Any, plan: dict[str, Any], config: LlamaConfig) -> int:
@@ -409,29 +422,57 @@ def convert_gguf(
     only once the new conversion is complete), :class:`GGUFConversionError` for an unsupported
     file. The finished directory holds a ``.pipespec-complete`` marker (JSON).
     """
-    from gguf import GGUFReader
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"{gguf_path}: GGUF file not found")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
-    try:
-        reader = GGUFReader(gguf_path)
-    except Exception as e:
-        raise GGUFConversionError(f"{gguf_path}: not a readable GGUF file ({e})") from e
-    if reader.byte_order != "I" or sys.byteorder != "little":
-        raise GGUFConversionError(f"{gguf_path}: only little-endian GGUF files are supported")
+    reader = _open_gguf(gguf_path)
     config, extra = config_from_gguf(reader)
     if tokenizer and "tokenizer.ggml.model" not in reader.fields:
         raise GGUFConversionError(
             f"{gguf_path}: no tokenizer metadata (tokenizer.ggml.*); "
             "convert with tokenizer=False (--no-tokenizer) to skip the tokenizer"
         )
+    plan = _plan_tensors(reader, config, gguf_path)  # every tensor checked before any write
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
+        _write_configs(tmp, config, extra)
+        _write_weights(tmp, reader, plan, config, gguf_path.name, progress)
+        if tokenizer:
+            _save_tokenizer(gguf_path, tmp, config.max_position_embeddings)
+        _write_json(tmp / COMPLETE_MARKER, {
+            "converter_version": CONVERTER_VERSION,
+            "source": str(gguf_path.resolve()),
+            "source_size": gguf_path.stat().st_size,
+            "seconds": round(time.perf_counter() - t0, 2),
+        })
+        _publish(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
 
-    # Plan every tensor (name, shape, type) before writing anything.
+
+def _open_gguf(gguf_path: Path) -> Any:
+    """A ``GGUFReader`` over the (little-endian) file."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(gguf_path)
+    except Exception as e:
+        raise GGUFConversionError(f"{gguf_path}: not a readable GGUF file ({e})") from e
+    if reader.byte_order != "I" or sys.byteorder != "little":
+        raise GGUFConversionError(f"{gguf_path}: only little-endian GGUF files are supported")
+    return reader
+
+
+def _plan_tensors(reader: Any, config: LlamaConfig, gguf_path: Path) -> dict[str, Any]:
+    """HF name -> GGUF tensor for every tensor of the file (in file order), each checked for
+    a known name, a supported type and the shape ``config`` expects; none may be missing."""
     expected = config.expected_shapes()
     plan: dict[str, Any] = {}
     for t in reader.tensors:
@@ -451,51 +492,38 @@ def convert_gguf(
     missing = [n for n in expected if n not in plan]
     if missing:
         raise GGUFConversionError(f"{gguf_path}: missing tensors {', '.join(missing[:8])}")
+    return plan
+
+
+def _write_configs(out: Path, config: LlamaConfig, extra: dict[str, Any]) -> None:
+    """``config.json`` and ``generation_config.json`` (special token ids) into ``out``."""
+    _write_json(out / CONFIG_FILE, config.to_hf_dict() | extra)
+    gen: dict[str, Any] = {"_from_model_config": False}
+    if config.bos_token_id is not None:
+        gen["bos_token_id"] = config.bos_token_id
+    if config.eos_token_ids:
+        eos = config.eos_token_ids
+        gen["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    if "pad_token_id" in extra:
+        gen["pad_token_id"] = extra["pad_token_id"]
+    _write_json(out / "generation_config.json", gen)
+
+
+def _write_weights(out: Path, reader: Any, plan: dict[str, Any], config: LlamaConfig,
+                   label: str, progress: bool) -> None:
+    """The fp32 checkpoint (tensors in the config's order) and the packed copies into ``out``."""
+    from tqdm import tqdm
+
+    expected = config.expected_shapes()
     order = [n for n in expected if n in plan]
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
-        hf_config = config.to_hf_dict() | extra
-        _write_json(tmp / "config.json", hf_config)
-        gen: dict[str, Any] = {"_from_model_config": False}
-        if config.bos_token_id is not None:
-            gen["bos_token_id"] = config.bos_token_id
-        if config.eos_token_ids:
-            eos = config.eos_token_ids
-            gen["eos_token_id"] = eos[0] if len(eos) == 1 else eos
-        if "pad_token_id" in extra:
-            gen["pad_token_id"] = extra["pad_token_id"]
-        _write_json(tmp / "generation_config.json", gen)
-
-        with tqdm(
-            total=len(order), desc=gguf_path.name, unit="tensor", disable=not progress
-        ) as bar:
-            _write_safetensors(
-                tmp / "model.safetensors",
-                [(n, expected[n]) for n in order],
-                lambda i: _hf_tensor(reader, plan[order[i]], config),
-                bar.update,
-            )
-        _write_packed(tmp / PACKED_FILE, reader, plan, config)
-        if tokenizer:
-            _save_tokenizer(gguf_path, tmp, config.max_position_embeddings)
-        st = gguf_path.stat()
-        _write_json(
-            tmp / COMPLETE_MARKER,
-            {
-                "converter_version": CONVERTER_VERSION,
-                "source": str(gguf_path.resolve()),
-                "source_size": st.st_size,
-                "seconds": round(time.perf_counter() - t0, 2),
-            },
+    with tqdm(total=len(order), desc=label, unit="tensor", disable=not progress) as bar:
+        _write_safetensors(
+            out / SINGLE_FILE,
+            [(n, expected[n]) for n in order],
+            lambda i: _hf_tensor(reader, plan[order[i]], config),
+            bar.update,
         )
-        _publish(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    _write_packed(out / PACKED_FILE, reader, plan, config)
 
 
 def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:

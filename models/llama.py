@@ -20,9 +20,22 @@ from torch import nn
 from pipespec_fast import ops, reference
 from pipespec_fast.cpu.linear import Linear, current_threads
 from pipespec_fast.kv_cache import KVCache
-from pipespec_fast.models.config import VOCAB_SUBSET_IDS, LlamaConfig
+from pipespec_fast.models import hf_names
+from pipespec_fast.models import packed as packed_weights
+from pipespec_fast.models.config import VOCAB_SUBSET_IDS, LlamaConfig, subset_ids_problem
 
-__all__ = ["LlamaConfig", "Transformer", "rope_inv_freq", "vocab_subset_rows"]
+__all__ = ["LAYER_PARAMS", "LlamaConfig", "Transformer", "rope_inv_freq", "vocab_subset_rows"]
+
+# Each parameter of a ``Block`` (by submodule) and the HF tensors it holds, stacked by rows:
+# q/k/v are one matmul, gate/up another, so a layer is five matmuls.
+LAYER_PARAMS: dict[str, tuple[str, ...]] = {
+    "attention.wqkv": (hf_names.Q, hf_names.K, hf_names.V),
+    "attention.wo": (hf_names.O,),
+    "feed_forward.w13": (hf_names.GATE, hf_names.UP),
+    "feed_forward.w2": (hf_names.DOWN,),
+    "attention_norm": (hf_names.ATTN_NORM,),
+    "ffn_norm": (hf_names.FFN_NORM,),
+}
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -43,6 +56,41 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """``(cos, sin)``, each ``[n, head_dim]`` in ``dtype``, for positions ``pos: [n]``
+    (``inv_freq: [head_dim // 2]`` fp32; angles computed in fp32, as transformers does)."""
+    freqs = pos.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def block_layout(n: int, start: int, parents: torch.Tensor | None, device,
+                 chain_bits: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ancestor bits ``[n, ceil(n / 32)]`` int32 and positions ``[n]`` of a block of ``n`` new
+    tokens after ``start`` cached ones: a chain, or the tree of ``parents: [n]``. A chain's
+    bits depend on ``n`` alone and are kept in ``chain_bits`` (one dict per model)."""
+    if parents is None:
+        bits = chain_bits.get(n)
+        if bits is None or bits.device != device:
+            bits = reference.ancestor_bits(reference.chain_parents(n, device))
+            chain_bits[n] = bits
+        return bits, torch.arange(start, start + n, device=device)
+    return reference.ancestor_bits(parents), start + reference.tree_depths(parents)
+
+
+def fuse_hf_state(hf: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Our parameter names for HF-named tensors (:data:`LAYER_PARAMS`; fused ones are
+    concatenated, the others passed through as they are). No head when it is tied."""
+    sd = {"tok_embeddings.weight": hf[hf_names.EMBED], "norm.weight": hf[hf_names.FINAL_NORM]}
+    if not cfg.tie_word_embeddings:
+        sd["output.weight"] = hf[hf_names.HEAD]
+    for i in range(cfg.n_layers):
+        for path, parts in LAYER_PARAMS.items():
+            ts = [hf[hf_names.layer(i, name)] for name in parts]
+            sd[f"layers.{i}.{path}.weight"] = ts[0] if len(ts) == 1 else torch.cat(ts)
+    return sd
 
 
 def vocab_subset_rows(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -119,8 +167,48 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+class VocabSubset(nn.Module):
+    """A draft's reduced vocabulary (``LlamaConfig.vocab_subset``) at the model's two ends:
+    token ids in -> embedding rows, head rows out -> full-vocabulary logits. It holds no
+    weights, only two id tables, filled from the checkpoint's ids by :meth:`install`."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        # token id -> embedding row (``S`` for tokens outside the subset), ``[vocab_size]``
+        self.register_buffer("rows", None, persistent=False)
+        self.register_buffer("ids", None, persistent=False)  # head row -> token id, ``[S]``
+
+    def install(self, ids: torch.Tensor, device: torch.device) -> None:
+        """Take the subset's ascending token ids ``[S]`` (``ValueError`` if they are not)."""
+        ids = ids.to(torch.int64).flatten()
+        problem = subset_ids_problem(ids, self.config)
+        if problem:
+            raise ValueError(f"vocab subset: {problem}")
+        rows = vocab_subset_rows(ids.cpu(), self.config.vocab_size)
+        self.ids, self.rows = ids.to(device), rows.to(device)
+
+    def embedding_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[n]`` embedding rows of ``tokens: [n]``; an out-of-vocabulary id raises
+        ``IndexError`` (an embedding lookup checks the range without a host sync)."""
+        if self.rows is None:
+            raise RuntimeError("a vocab-subset model needs set_vocab_subset() before use")
+        return F.embedding(tokens, self.rows[:, None]).squeeze(-1)
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[n, vocab_size]`` logits from the head's ``[n, S]``: ``-inf`` outside the subset."""
+        full = logits.new_full((logits.shape[0], self.config.vocab_size), -math.inf)
+        full[:, self.ids] = logits
+        return full
+
+
 class Transformer(nn.Module):
-    """LLaMA decoder. Batch 1; the batch of a verify step is its block of new tokens."""
+    """LLaMA decoder. Batch 1; the batch of a verify step is its block of new tokens. On CPU
+    fp32, every layer runs in one C call (``use_fused``) with matmuls on packed weight copies
+    where the checkpoint has them (:mod:`pipespec_fast.models.packed`); the torch layers are
+    the reference both are tested against."""
+
+    PACKED_MAX_BLOCK = packed_weights.PACKED_MAX_BLOCK  # longer blocks run on the fp32 weights
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -129,26 +217,18 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
         self.output = Linear(cfg.dim, cfg.head_rows)
+        self.vocab = None if cfg.vocab_subset is None else VocabSubset(cfg)
         self._tie_output()
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        # With a vocabulary subset: token id -> embedding row (``S`` for tokens outside the
-        # subset) and head row -> token id.
-        self.register_buffer("vocab_rows", None, persistent=False)
-        self.register_buffer("vocab_ids", None, persistent=False)
         self._chain_bits: dict[int, torch.Tensor] = {}
         self.use_fused = True  # CPU fp32: run the layers through pipespec_fast.cpu.decoder
-        self._plan = None
+        self._plan = None  # the fused path's (packed, fp32) layer tables, built on first use
 
     # ------------------------------------------------------------------ construction
-
     @classmethod
-    def from_pretrained(
-        cls,
-        model_dir: str | Path,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        packed: bool | None = None,
-    ) -> Transformer:
+    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu", packed: bool | None = None,
+                        ) -> Transformer:
         """Load a Hugging Face-layout safetensors checkpoint (single file or sharded).
 
         ``packed`` (default: on unless ``PIPESPEC_PACKED=0``): for an fp32 model on CPU where
@@ -172,124 +252,50 @@ class Transformer(nn.Module):
             model.attach_packed(load_packed(model_dir, cfg), source=str(model_dir))
         return model
 
-    def attach_packed(self, packed: dict, source: str = "checkpoint") -> int:
-        """Give the matmuls packed copies of their weights (HF name -> ``PackedWeight``).
-
-        Fused matrices (QKV, gate/up) get one when all their parts are packed alike; the tied
-        head uses the embedding's (its subset rows). Each attached matrix is checked against
-        the fp32 weight on its first and last rows (``ValueError`` naming the tensor: a packed
-        file that does not belong to these weights). Returns the number of matmuls attached.
-        """
-        from pipespec_fast.cpu.quant import PackedWeight
-
-        def join(names: list[str]) -> PackedWeight | None:
-            parts = [packed.get(n) for n in names]
-            if any(p is None for p in parts) or len({(p.kind, p.k) for p in parts}) != 1:
-                return None
-            if len(parts) == 1:
-                return parts[0]
-            return PackedWeight(torch.cat([p.data for p in parts]), parts[0].kind, parts[0].k)
-
-        def probe_rows(names: list[str]) -> list[int]:
-            """Rows to compare per part: first, last, a few inside (the q/k un-permutation
-            moves rows inside a head; the ends of a part are its fixed points)."""
-            rows, off = [], 0
-            for name in names:
-                r = packed[name].m
-                rows += sorted({off, off + r - 1, off + r // 2, off + min(r - 1, self.config
-                                .head_dim // 2 + 1), off + (r * 7) // 13})
-                off += r
-            return rows
-
-        plan: list[tuple[Linear, list[str], PackedWeight | None]] = []
-        for i, layer in enumerate(self.layers):
-            a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-            for mod, names in (
-                (layer.attention.wqkv, [a + "q_proj.weight", a + "k_proj.weight",
-                                        a + "v_proj.weight"]),
-                (layer.attention.wo, [a + "o_proj.weight"]),
-                (layer.feed_forward.w13, [m + "gate_proj.weight", m + "up_proj.weight"]),
-                (layer.feed_forward.w2, [m + "down_proj.weight"]),
-            ):
-                plan.append((mod, names, join(names)))
-        head = "model.embed_tokens.weight" if self.config.tie_word_embeddings else \
-            "lm_head.weight"
-        pw = join([head])
-        if pw is not None and self.config.vocab_subset is not None and \
-                self.config.tie_word_embeddings:
-            pw = pw.rows(slice(0, self.config.vocab_subset))
-        plan.append((self.output, [head], pw))
-        count = 0
-        for mod, names, pw in plan:
-            if pw is None:
-                continue
-            w = mod.weight
-            if pw.shape != tuple(w.shape):
-                raise ValueError(f"{source}: packed {'+'.join(names)} has shape {pw.shape}, "
-                                 f"the model's weight {tuple(w.shape)}")
-            rows = [r for r in probe_rows(names) if r < w.shape[0]]
-            if not torch.equal(pw.rows(rows).dequantize(), w.detach()[rows].float().cpu()):
-                raise ValueError(f"{source}: packed {'+'.join(names)} does not hold the "
-                                 "checkpoint's weights (values differ)")
-            mod.packed = pw
-            count += 1
-        self._plan = None
-        return count
-
-    def packed_bytes(self) -> int:
-        """Bytes held by packed weight copies (0 when none are attached)."""
-        return sum(m.packed.nbytes() for m in self.modules()
-                   if isinstance(m, Linear) and m.packed is not None)
-
     def load_hf_state_dict(self, hf: dict[str, torch.Tensor]) -> None:
         """Take HF-named tensors (already validated), fusing QKV and gate/up."""
-        sd: dict[str, torch.Tensor] = {
-            "tok_embeddings.weight": hf["model.embed_tokens.weight"],
-            "norm.weight": hf["model.norm.weight"],
-        }
-        if not self.config.tie_word_embeddings:
-            sd["output.weight"] = hf["lm_head.weight"]
-        for i in range(self.config.n_layers):
-            p = f"model.layers.{i}."
-            a = p + "self_attn."
-            sd[f"layers.{i}.attention.wqkv.weight"] = torch.cat(
-                [hf[a + "q_proj.weight"], hf[a + "k_proj.weight"], hf[a + "v_proj.weight"]]
-            )
-            sd[f"layers.{i}.attention.wo.weight"] = hf[a + "o_proj.weight"]
-            m = p + "mlp."
-            sd[f"layers.{i}.feed_forward.w13.weight"] = torch.cat(
-                [hf[m + "gate_proj.weight"], hf[m + "up_proj.weight"]]
-            )
-            sd[f"layers.{i}.feed_forward.w2.weight"] = hf[m + "down_proj.weight"]
-            sd[f"layers.{i}.attention_norm.weight"] = hf[p + "input_layernorm.weight"]
-            sd[f"layers.{i}.ffn_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
-        self.load_state_dict(sd, strict=False, assign=True)
+        self.load_state_dict(fuse_hf_state(hf, self.config), strict=False, assign=True)
         self._tie_output()
         if self.config.vocab_subset is not None:
             self.set_vocab_subset(hf[VOCAB_SUBSET_IDS])
         self.requires_grad_(False)  # inference only: lets CPU matmuls view weights as numpy
 
+    def set_vocab_subset(self, ids: torch.Tensor) -> None:
+        """Install the subset's ascending token ids ``[S]`` (see ``LlamaConfig.vocab_subset``)."""
+        if self.vocab is None:
+            raise ValueError("set_vocab_subset: the config has no vocab_subset")
+        self.vocab.install(ids, self.tok_embeddings.weight.device)
+
+    def attach_packed(self, weights: dict, source: str = "checkpoint") -> int:
+        """Give the matmuls packed copies of their weights (HF name -> ``PackedWeight``, checked
+        against the fp32 ones: :func:`~pipespec_fast.models.packed.attach_packed`); a count."""
+        return packed_weights.attach_packed(self, weights, source)
+
+    def packed_bytes(self) -> int:
+        """Bytes held by packed weight copies (0 when none are attached)."""
+        return packed_weights.packed_bytes(self)
+
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        """A KV cache for this model (default: the config's context length)."""
+        cfg, w = self.config, self.tok_embeddings.weight
+        return KVCache(cfg.n_layers, cfg.n_kv_heads, max_len or cfg.max_position_embeddings,
+                       cfg.head_dim, w.dtype, w.device)
+
+    # ------------------------------------------------------------------ keeping weights in step
     def _tie_output(self) -> None:
-        if not self.config.tie_word_embeddings:
-            return
-        w = self.tok_embeddings.weight
-        if self.config.vocab_subset is None:
+        """A tied head shares the embedding; a subset model's, the subset's rows (a view: the
+        shared last row is input-only)."""
+        cfg, w = self.config, self.tok_embeddings.weight
+        if cfg.tie_word_embeddings and cfg.vocab_subset is None:
             self.output.weight = w
-        else:  # the head shares the subset's rows (a view; the shared last row is input-only)
-            self.output.weight = nn.Parameter(w.data[: self.config.vocab_subset],
-                                              requires_grad=False)
+        elif cfg.tie_word_embeddings:
+            self.output.weight = nn.Parameter(w.data[: cfg.vocab_subset], requires_grad=False)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``; new weights also drop the packed copies and the fused
         path's table, which point at the old ones."""
-        self._drop_fast_path()
+        packed_weights.drop_fast_path(self)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-    def _drop_fast_path(self) -> None:
-        self._plan = None
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.packed = None
 
     def _apply(self, fn, recurse=True):
         # .to()/.half() convert each parameter on its own: re-tie a subset head afterwards
@@ -299,79 +305,13 @@ class Transformer(nn.Module):
             self._tie_output()
         w = self.tok_embeddings.weight
         if w.dtype != torch.float32 or w.device.type != "cpu":  # packed copies are CPU fp32
-            self._drop_fast_path()
+            packed_weights.drop_fast_path(self)
         return out
 
-    def set_vocab_subset(self, ids: torch.Tensor) -> None:
-        """Install the subset's ascending token ids ``[S]`` (see ``LlamaConfig.vocab_subset``)."""
-        cfg = self.config
-        if cfg.vocab_subset is None:
-            raise ValueError("set_vocab_subset: the config has no vocab_subset")
-        ids = ids.to(torch.int64).flatten()
-        if ids.numel() != cfg.vocab_subset:
-            raise ValueError(f"vocab subset: {ids.numel()} ids for vocab_subset={cfg.vocab_subset}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size or
-                            (ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()))):
-            raise ValueError(
-                f"vocab subset: ids must be strictly ascending in [0, {cfg.vocab_size})")
-        rows = vocab_subset_rows(ids.cpu(), cfg.vocab_size)
-        dev = self.tok_embeddings.weight.device
-        self.vocab_ids, self.vocab_rows = ids.to(dev), rows.to(dev)
-
-    PACKED_MAX_BLOCK = 64
-    """Blocks of more tokens (a prompt's prefill) run on the fp32 weights even when packed
-    copies exist: the product is then compute-bound and the packed kernel's in-register
-    dequantisation costs more than the bytes it saves (measured: 160 tokens 194 ms vs 248 ms on
-    2 threads). Verification blocks are smaller (``FastPipeline`` windows are at most 48), so
-    every generated token sees the packed path, decoded or verified alike."""
-
-    def _decoder_plan(self, x: torch.Tensor, cache: KVCache, dense: bool = False):
-        """The fused CPU layer stack (:mod:`pipespec_fast.cpu.decoder`) when it applies: fp32
-        weights, activations and cache on CPU, and ``use_fused`` (default on). ``dense``: the
-        table on the fp32 weights."""
-        if not self.use_fused or x.dtype != torch.float32 or x.device.type != "cpu" or \
-                cache.k.dtype != torch.float32 or cache.k.device.type != "cpu" or \
-                self.tok_embeddings.weight.dtype != torch.float32:
-            return None
-        if self._plan is None:
-            from pipespec_fast.cpu import decoder as cpu_decoder
-
-            if not cpu_decoder.available():
-                self.use_fused = False
-                return None
-            self._plan = (cpu_decoder.DecoderPlan(self),
-                          cpu_decoder.DecoderPlan(self, use_packed=False))
-        return self._plan[1 if dense else 0]
-
-    def new_cache(self, max_len: int | None = None) -> KVCache:
-        """A KV cache for this model (default: the config's context length)."""
-        cfg = self.config
-        max_len = max_len or cfg.max_position_embeddings
-        w = self.tok_embeddings.weight
-        return KVCache(cfg.n_layers, cfg.n_kv_heads, max_len, cfg.head_dim, w.dtype, w.device)
-
     # ------------------------------------------------------------------ forward
-
-    def _bits_and_positions(self, n: int, start: int, parents: torch.Tensor | None, device):
-        if parents is None:
-            bits = self._chain_bits.get(n)
-            if bits is None or bits.device != device:
-                bits = reference.ancestor_bits(reference.chain_parents(n, device))
-                self._chain_bits[n] = bits
-            pos = torch.arange(start, start + n, device=device)
-        else:
-            bits = reference.ancestor_bits(parents)
-            pos = start + reference.tree_depths(parents)
-        return bits, pos
-
     @torch.inference_mode()
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        cache: KVCache,
-        parents: torch.Tensor | None = None,
-        last_n: int | None = None,
-    ) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache, parents: torch.Tensor | None = None,
+                last_n: int | None = None) -> torch.Tensor:
         """Run ``n`` new tokens through the model, appending their K/V to ``cache``.
 
         Args:
@@ -381,42 +321,34 @@ class Transformer(nn.Module):
             parents: ``[n]`` tree parents (``reference`` module doc); ``None`` for a chain.
             last_n: compute logits only for the last ``last_n`` tokens (default: all).
 
-        Returns:
-            ``[last_n, vocab_size]`` fp32 logits.
+        Returns ``[last_n, vocab_size]`` fp32 logits.
         """
         if tokens.dim() != 1:
             raise ValueError(f"tokens: expected a 1-D tensor of ids, got {tuple(tokens.shape)}")
         n = tokens.shape[0]
         start = cache.reserve(n)
         try:
-            bits, pos = self._bits_and_positions(n, start, parents, tokens.device)
-            freqs = pos.float()[:, None] * self.inv_freq[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            dtype = self.tok_embeddings.weight.dtype
-            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-            if self.config.vocab_subset is None:
-                x = self.tok_embeddings(tokens)
-            elif self.vocab_rows is None:
-                raise RuntimeError("a vocab-subset model needs set_vocab_subset() before use")
-            else:  # an embedding lookup checks the ids' range without a host sync
-                rows = F.embedding(tokens, self.vocab_rows[:, None]).squeeze(-1)
-                x = self.tok_embeddings(rows)
-            plan = self._decoder_plan(x, cache, dense=n > self.PACKED_MAX_BLOCK)
-            if plan is not None:  # every layer in one C call (CPU fp32)
-                x = x.contiguous()
-                plan.run(x, cos, sin, bits, cache.k, cache.v, start, current_threads())
-            else:
-                for i, layer in enumerate(self.layers):
-                    k_cache, v_cache = cache.layer(i)
-                    x = layer(x, cos, sin, k_cache, v_cache, start, bits)
+            bits, pos = block_layout(n, start, parents, tokens.device, self._chain_bits)
+            cos, sin = rope_tables(pos, self.inv_freq, self.tok_embeddings.weight.dtype)
+            rows = tokens if self.vocab is None else self.vocab.embedding_rows(tokens)
+            x = self._layers(self.tok_embeddings(rows), cos, sin, bits, cache, start)
             if last_n is not None:
                 x = x[n - last_n :]
             logits = self.output(self.norm(x)).float()
-            if self.vocab_ids is not None:  # back to the full vocabulary, -inf elsewhere
-                full = logits.new_full((logits.shape[0], self.config.vocab_size), -math.inf)
-                full[:, self.vocab_ids] = logits
-                logits = full
-            return logits
+            return logits if self.vocab is None else self.vocab.full_logits(logits)
         except BaseException:
             cache.length = start
             raise
+
+    def _layers(self, x, cos, sin, bits, cache: KVCache, start: int) -> torch.Tensor:
+        """Every decoder layer over ``x: [n, dim]``: one C call where the fused path applies
+        (CPU fp32), else the torch layers."""
+        plan = packed_weights.fused_plan(self, x, cache, x.shape[0])
+        if plan is not None:
+            x = x.contiguous()
+            plan.run(x, cos, sin, bits, cache.k, cache.v, start, current_threads())
+            return x
+        for i, layer in enumerate(self.layers):
+            k_cache, v_cache = cache.layer(i)
+            x = layer(x, cos, sin, k_cache, v_cache, start, bits)
+        return x

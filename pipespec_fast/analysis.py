@@ -357,31 +357,32 @@ class LatencyModel:
             raise ValueError(f"n_tokens must be >= 1, got {n_tokens!r}")
         if not self.points:
             return self.a + self.b * n
-        pts = self.points
-        if n <= pts[0][0]:
-            return pts[0][1]
-        if n >= pts[-1][0]:
-            return self._extrapolate(n)
-        lo, hi = 0, len(pts) - 1
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if pts[mid][0] <= n:
-                lo = mid
-            else:
-                hi = mid
-        (n0, s0), (n1, s1) = pts[lo], pts[hi]
-        return s0 + (s1 - s0) * (n - n0) / (n1 - n0)
+        return _interpolate(self.points, n)
 
-    def _extrapolate(self, n: float) -> float:
-        pts = self.points
+    __call__ = latency_s
+
+
+def _interpolate(pts: tuple[tuple[float, float], ...], n: float) -> float:
+    """A table's latency at ``n``: the first value below the table, linear between points, the
+    last segment's slope (clamped at >= 0) above it."""
+    if n <= pts[0][0]:
+        return pts[0][1]
+    if n >= pts[-1][0]:
         n1, s1 = pts[-1]
         if len(pts) == 1:
             return s1
         n0, s0 = pts[-2]
         slope = max(0.0, (s1 - s0) / (n1 - n0))
         return s1 + slope * (n - n1)
-
-    __call__ = latency_s
+    lo, hi = 0, len(pts) - 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if pts[mid][0] <= n:
+            lo = mid
+        else:
+            hi = mid
+    (n0, s0), (n1, s1) = pts[lo], pts[hi]
+    return s0 + (s1 - s0) * (n - n0) / (n1 - n0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -585,6 +586,35 @@ def predict_pipeline(
     the stage just below the target drafts ``gamma_{k-1}`` tokens autoregressively, then the
     target verifies them: ``A / (gamma * L_{k-2}(1) + L_{k-1}(gamma + 1))``.
     """
+    stages = _checked_pipeline(stages, policy, step_model, on_starve)
+    preds = [_drafter_prediction(stages[0])]
+    alpha_e2e = 1.0
+    for st in stages[1:]:
+        preds.append(_verifier_prediction(st, preds[-1].tokens_per_s, policy, step_model,
+                                          on_starve))
+        alpha_e2e *= preds[-1].alpha
+    rate, tp = preds[-1].tokens_per_s, preds[-1]
+    ar, sync = _baselines(stages[-2], stages[-1], tp)
+    return Prediction(
+        stages=tuple(preds),
+        pipespec_tokens_per_s=rate,
+        ar_tokens_per_s=ar,
+        sync_sd_tokens_per_s=sync,
+        pipespec_speedup=rate / ar,
+        sync_sd_speedup=sync / ar,
+        pipespec_vs_sync_sd=rate / sync,
+        alpha_end_to_end=alpha_e2e,
+        bottleneck=_bottleneck(preds),
+        policy=policy,
+        step_model=step_model,
+        on_starve=on_starve,
+        notes=_notes(tp, rate, ar),
+    )
+
+
+def _checked_pipeline(stages: Sequence[StageProfile], policy: str, step_model: str,
+                      on_starve: str) -> list[StageProfile]:
+    """The stages as a list, after checking the options and that every verifier has an alpha."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if step_model not in STEP_MODELS:
@@ -599,70 +629,79 @@ def predict_pipeline(
             raise TypeError(f"stages[{i}] must be a StageProfile, got {type(st).__name__}")
         if i >= 1 and st.alpha is None:
             raise ValueError(f"stages[{i}].alpha is required (acceptance vs stage {i - 1})")
+    return stages
 
-    notes: list[str] = []
-    d0 = stages[0]
+
+def _drafter_prediction(d0: StageProfile) -> StagePrediction:
+    """Stage 0 decodes alone, one token per step: ``R_0 = 1 / L_0(1)``."""
     l0 = d0.latency_s(1)
     rate = 1.0 / l0
-    preds = [
-        StagePrediction(
-            name=d0.name,
-            alpha=d0.alpha,
-            gamma=d0.gamma,
-            rho=0.0,
-            expected_accepted=1.0,
-            expected_tokens_per_step=1.0,
-            step_time_s=l0,
-            capacity_tokens_per_s=rate,
-            tokens_per_s=rate,
-            verify_steps_per_s=0.0,
-            draft_demand_per_s=0.0,
-            draft_supply_per_s=0.0,
-            starved=False,
-        )
-    ]
-    alpha_e2e = 1.0
-    for st in stages[1:]:
-        a = float(st.alpha)  # validated above
-        g = st.gamma
-        alpha_e2e *= a
-        lv = st.latency_s(g + 1)
-        if policy == "paper":
-            l1 = st.latency_s(1) if step_model == "mixed" else lv
-            res = _paper_stage(a, g, l1, lv, rate, on_starve)
-        else:
-            res = _wait_stage(a, g, lv, rate)
-        rho, en, t, cap, out, v, demand, starved = res
-        preds.append(
-            StagePrediction(
-                name=st.name,
-                alpha=a,
-                gamma=g,
-                rho=rho,
-                expected_accepted=expected_accepted(a, g),
-                expected_tokens_per_step=en,
-                step_time_s=t,
-                capacity_tokens_per_s=cap,
-                tokens_per_s=out,
-                verify_steps_per_s=v,
-                draft_demand_per_s=demand,
-                draft_supply_per_s=rate,
-                starved=starved,
-            )
-        )
-        rate = out
+    return StagePrediction(
+        name=d0.name,
+        alpha=d0.alpha,
+        gamma=d0.gamma,
+        rho=0.0,
+        expected_accepted=1.0,
+        expected_tokens_per_step=1.0,
+        step_time_s=l0,
+        capacity_tokens_per_s=rate,
+        tokens_per_s=rate,
+        verify_steps_per_s=0.0,
+        draft_demand_per_s=0.0,
+        draft_supply_per_s=0.0,
+        starved=False,
+    )
 
-    target, below = stages[-1], stages[-2]
-    tp = preds[-1]
+
+def _verifier_prediction(st: StageProfile, supply: float, policy: str, step_model: str,
+                         on_starve: str) -> StagePrediction:
+    """A stage ``i >= 1`` fed ``supply`` drafts/s by the stage below (``predict_pipeline``)."""
+    a = float(st.alpha)  # validated by _checked_pipeline
+    g = st.gamma
+    lv = st.latency_s(g + 1)
+    if policy == "paper":
+        l1 = st.latency_s(1) if step_model == "mixed" else lv
+        res = _paper_stage(a, g, l1, lv, supply, on_starve)
+    else:
+        res = _wait_stage(a, g, lv, supply)
+    rho, en, t, cap, out, v, demand, starved = res
+    return StagePrediction(
+        name=st.name,
+        alpha=a,
+        gamma=g,
+        rho=rho,
+        expected_accepted=expected_accepted(a, g),
+        expected_tokens_per_step=en,
+        step_time_s=t,
+        capacity_tokens_per_s=cap,
+        tokens_per_s=out,
+        verify_steps_per_s=v,
+        draft_demand_per_s=demand,
+        draft_supply_per_s=supply,
+        starved=starved,
+    )
+
+
+def _baselines(below: StageProfile, target: StageProfile, tp: StagePrediction,
+               ) -> tuple[float, float]:
+    """Target-only AR tokens/s, and synchronous SD's: the stage just below drafts the target's
+    window autoregressively, then the target verifies it."""
     ar = 1.0 / target.latency_s(1)
     t_sync = tp.gamma * below.latency_s(1) + target.latency_s(tp.gamma + 1)
-    sync = tp.expected_accepted / t_sync
+    return ar, tp.expected_accepted / t_sync
 
-    bottleneck = tp.name
+
+def _bottleneck(preds: list[StagePrediction]) -> str:
+    """The highest stage that is not starved: its own compute limits the target's rate."""
     for p in reversed(preds):
-        bottleneck = p.name
         if not p.starved:
-            break
+            return p.name
+    return preds[0].name
+
+
+def _notes(tp: StagePrediction, rate: float, ar: float) -> tuple[str, ...]:
+    """Warnings worth printing beside a prediction: a starved target, PipeSpec below AR."""
+    notes: list[str] = []
     if tp.starved:
         notes.append(
             f"target is starved: the stages below deliver {tp.draft_supply_per_s:.1f} drafts/s, "
@@ -673,22 +712,7 @@ def predict_pipeline(
             "PipeSpec predicted slower than AR: verification cost grows faster with the window "
             "than accepted tokens (A < L(gamma+1)/L(1)) or the target is starved"
         )
-
-    return Prediction(
-        stages=tuple(preds),
-        pipespec_tokens_per_s=rate,
-        ar_tokens_per_s=ar,
-        sync_sd_tokens_per_s=sync,
-        pipespec_speedup=rate / ar,
-        sync_sd_speedup=sync / ar,
-        pipespec_vs_sync_sd=rate / sync,
-        alpha_end_to_end=alpha_e2e,
-        bottleneck=bottleneck,
-        policy=policy,
-        step_model=step_model,
-        on_starve=on_starve,
-        notes=tuple(notes),
-    )
+    return tuple(notes)
 
 
 _OPTION_KEYS = ("policy", "step_model", "on_starve")

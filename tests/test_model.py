@@ -194,7 +194,7 @@ def test_vocab_subset_head_stays_tied_after_dtype_moves():
     m = m.to(torch.float64)
     assert m.output.weight.dtype == torch.float64
     assert m.output.weight.data_ptr() == m.tok_embeddings.weight.data_ptr()
-    assert m.vocab_rows.dtype == torch.int64  # buffers of ids keep their type
+    assert m.vocab.rows.dtype == torch.int64  # buffers of ids keep their type
 
 
 def test_vocab_subset_errors():

@@ -14,6 +14,7 @@ from pipespec_fast import FastPipeline, LlamaStage, Stage
 from pipespec_fast.decoding.sequence import Sequencer
 from pipespec_fast.reference import probs_from_logits
 from pipespec_fast.stages.ngram import NGramStage
+from pipespec_fast.stages.ngram_index import SuffixIndex
 
 
 def ref_propose(h, p, max_n=4, min_n=1):
@@ -51,10 +52,37 @@ def assert_matches_reference(st, max_n, min_n):
     fresh = NGramStage(st.vocab_size, max_len=st.max_len, max_ngram=max_n, min_ngram=min_n)
     if h:
         fed(fresh, h, last_n=1)
-    assert st._index == fresh._index and st._bigram == fresh._bigram
+    assert st.index.ends == fresh.index.ends and st.index.followers == fresh.index.followers
 
 
 # ----------------------------------------------------------------------------- lookup
+
+
+def test_suffix_index_positions_lookup_and_truncation():
+    idx = SuffixIndex(1, 3)
+    for t in [1, 2, 3, 1, 2]:
+        idx.append(t)
+    assert idx.ends[1][(1, 2)] == [1, 4] and idx.ends[2][(3, 1, 2)] == [4]
+    assert idx.followers == {1: {2: 2}, 2: {3: 1}, 3: {1: 1}}
+    assert idx.propose_at(4) == (3, 2)  # "1 2" ended at 1 before; "3 1 2" is new
+    assert idx.propose_at(2) == (3, 0)  # nothing before position 2 matches: its own token
+    idx.truncate(3)
+    fresh = SuffixIndex(1, 3)
+    for t in [1, 2, 3]:
+        fresh.append(t)
+    assert (idx.tokens, idx.ends, idx.followers) == (fresh.tokens, fresh.ends, fresh.followers)
+    with pytest.raises(ValueError, match="outside the history"):
+        idx.propose_at(3)
+
+
+def test_suffix_index_bigram_fallback_counts_only_the_prefix():
+    idx = SuffixIndex(2, 3)  # no unigrams: a repeated token alone is no match
+    for t in [5, 6, 5, 7, 5, 6, 8, 5]:
+        idx.append(t)
+    assert idx.propose_at(7) == (6, 0)  # 5 was followed by 6 twice, by 7 once
+    assert idx.propose_at(2) == (6, 0)  # within [5, 6, 5] only 5 -> 6 counts
+    assert idx.propose_at(4) == (6, 0)  # 5 -> 6 once, 5 -> 7 once: the smaller id wins
+    assert len(idx) == 8
 
 
 @pytest.mark.parametrize(
@@ -157,7 +185,7 @@ def test_stage_contract_and_errors():
     assert st.history == [1, 2, 3]
     st.rollback(3)
     st.rollback(0)
-    assert st.history == [] and st._index == [{}, {}, {}, {}] and st._bigram == {}
+    assert st.history == [] and st.index.ends == [{}, {}, {}, {}] and st.index.followers == {}
     with pytest.raises(ValueError):
         NGramStage(10, max_ngram=1, min_ngram=2)
     with pytest.raises(ValueError):

@@ -66,7 +66,7 @@ def test_exported_draft_loads_with_the_trained_logits(tiny_setup):
     ours = Transformer.from_pretrained(root / "draft")
     trained = TrainDraft.from_hf_state(cfg, sd)
     ids = sd["model.vocab_subset_ids"]
-    rows = ours.vocab_rows
+    rows = ours.vocab.rows
     toks = torch.randint(0, 48, (20,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = trained.logits(trained.hidden(rows[toks][None]))[0]

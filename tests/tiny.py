@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from pipespec_fast.models import hf_names
 from pipespec_fast.models.config import LlamaConfig
-from pipespec_fast.models.llama import Transformer
+from pipespec_fast.models.llama import LAYER_PARAMS, Transformer
 
 
 def tiny_config(vocab: int = 64, dim: int = 32, n_layers: int = 2, n_heads: int = 4,
@@ -49,21 +50,16 @@ def family(k: int, noise: float = 0.35, seed: int = 0, **cfg_kw) -> list[Transfo
 
 
 def hf_state_of(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our model's weights under Hugging Face names (untied head), un-fusing QKV and gate/up."""
-    m = model
-    sd = {"model.embed_tokens.weight": m.tok_embeddings.weight,
-          "model.norm.weight": m.norm.weight, "lm_head.weight": m.output.weight}
+    """Our model's weights under Hugging Face names (untied head), un-fusing QKV and gate/up
+    (``LAYER_PARAMS``: each fused matrix is its parts stacked by rows)."""
+    m, shapes = model, model.config.expected_shapes()
+    sd = {hf_names.EMBED: m.tok_embeddings.weight, hf_names.FINAL_NORM: m.norm.weight,
+          hf_names.HEAD: m.output.weight}
     for i, layer in enumerate(m.layers):
-        a = layer.attention
-        q, k, v = a.wqkv.weight.split([a.q_out, a.kv_out, a.kv_out])
-        g, u = layer.feed_forward.w13.weight.chunk(2)
-        p = f"model.layers.{i}."
-        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                   p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": a.wo.weight,
-                   p + "mlp.gate_proj.weight": g, p + "mlp.up_proj.weight": u,
-                   p + "mlp.down_proj.weight": layer.feed_forward.w2.weight,
-                   p + "input_layernorm.weight": layer.attention_norm.weight,
-                   p + "post_attention_layernorm.weight": layer.ffn_norm.weight})
+        for path, parts in LAYER_PARAMS.items():
+            names = [hf_names.layer(i, p) for p in parts]
+            w = layer.get_submodule(path).weight
+            sd.update(zip(names, w.split([shapes[n][0] for n in names]), strict=True))
     return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
 
@@ -78,12 +74,12 @@ def subset_draft(model: Transformer, ids: list[int] | torch.Tensor,
 
     ids = torch.as_tensor(ids, dtype=torch.int64)
     sd = hf_state_of(model)
-    emb = sd["model.embed_tokens.weight"]
+    emb = sd[hf_names.EMBED]
     other = torch.ones(emb.shape[0], dtype=torch.bool)
     other[ids] = False
     shared = emb[other].mean(0) if shared_row is None else shared_row
-    sd["model.embed_tokens.weight"] = torch.cat([emb[ids], shared[None]])
-    sd["lm_head.weight"] = sd["lm_head.weight"][ids]
+    sd[hf_names.EMBED] = torch.cat([emb[ids], shared[None]])
+    sd[hf_names.HEAD] = sd[hf_names.HEAD][ids]
     sd[VOCAB_SUBSET_IDS] = ids
     cfg = replace(model.config, vocab_subset=len(ids), tie_word_embeddings=False)
     m = Transformer(cfg)

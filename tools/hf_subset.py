@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipespec_fast.models import hf_names
 from pipespec_fast.models.checkpoint import load_checkpoint
 from pipespec_fast.models.config import VOCAB_SUBSET_IDS, LlamaConfig
 from pipespec_fast.models.llama import vocab_subset_rows
@@ -49,13 +50,13 @@ def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
     ids = sd.pop(VOCAB_SUBSET_IDS)
-    emb = sd["model.embed_tokens.weight"]
-    head = sd.pop("lm_head.weight", None)
+    emb = sd[hf_names.EMBED]
+    head = sd.pop(hf_names.HEAD, None)
     if head is None:
         head = emb[: cfg.vocab_subset]
-    sd["model.embed_tokens.weight"] = emb[vocab_subset_rows(ids, cfg.vocab_size)].contiguous()
+    sd[hf_names.EMBED] = emb[vocab_subset_rows(ids, cfg.vocab_size)].contiguous()
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    if unexpected or set(missing) - {"lm_head.weight"}:
+    if unexpected or set(missing) - {hf_names.HEAD}:
         raise ValueError(f"{model_dir}: tensors do not fit transformers' LlamaForCausalLM "
                          f"(missing {missing}, unexpected {unexpected})")
     model.lm_head = SubsetHead(head.clone(), ids, cfg.vocab_size)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipespec_fast.models import hf_names
 from pipespec_fast.models.checkpoint import load_checkpoint, save_state_dict
 from pipespec_fast.models.config import VOCAB_SUBSET_IDS, LlamaConfig
 from pipespec_fast.models.llama import rope_inv_freq, vocab_subset_rows
@@ -194,14 +195,14 @@ class TrainDraft(nn.Module):
                     ids: torch.Tensor, init_layers: list[int]) -> TrainDraft:
         """The subset rows of the target's embedding (plus their mean over the other tokens as
         the shared row), its final norm, and copies of its layers ``init_layers``."""
-        emb = target["model.embed_tokens.weight"]
+        emb = target[hf_names.EMBED]
         other = torch.ones(emb.shape[0], dtype=torch.bool)
         other[ids] = False
-        sd = {"model.embed_tokens.weight": torch.cat([emb[ids], emb[other].mean(0, keepdim=True)]),
-              "model.norm.weight": target["model.norm.weight"]}
+        sd = {hf_names.EMBED: torch.cat([emb[ids], emb[other].mean(0, keepdim=True)]),
+              hf_names.FINAL_NORM: target[hf_names.FINAL_NORM]}
         for i, src in enumerate(init_layers):
             for hf in HF_NAMES.values():
-                sd[f"model.layers.{i}.{hf}"] = target[f"model.layers.{src}.{hf}"]
+                sd[hf_names.layer(i, hf)] = target[hf_names.layer(src, hf)]
         return cls.from_hf_state(cfg, sd)
 
     @classmethod
@@ -209,29 +210,28 @@ class TrainDraft(nn.Module):
         """The inverse of :meth:`hf_state` (for checks and for resuming)."""
         m = cls(cfg)
         with torch.no_grad():
-            m.embed.weight.copy_(sd["model.embed_tokens.weight"])
-            m.norm.weight.copy_(sd["model.norm.weight"])
+            m.embed.weight.copy_(sd[hf_names.EMBED])
+            m.norm.weight.copy_(sd[hf_names.FINAL_NORM])
             for i, blk in enumerate(m.blocks):
                 for name, hf in HF_NAMES.items():
-                    getattr(blk, name).weight.copy_(sd[f"model.layers.{i}.{hf}"])
+                    getattr(blk, name).weight.copy_(sd[hf_names.layer(i, hf)])
         return m
 
     def hf_state(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """HF-layout tensors (fp16) of this draft, ``model.vocab_subset_ids`` included."""
-        sd = {"model.embed_tokens.weight": self.embed.weight, "model.norm.weight": self.norm.weight,
+        sd = {hf_names.EMBED: self.embed.weight, hf_names.FINAL_NORM: self.norm.weight,
               VOCAB_SUBSET_IDS: ids}
         for i, blk in enumerate(self.blocks):
             for name, hf in HF_NAMES.items():
-                sd[f"model.layers.{i}.{hf}"] = getattr(blk, name).weight
+                sd[hf_names.layer(i, hf)] = getattr(blk, name).weight
         return {k: v.detach().to(torch.float16) if v.is_floating_point() else v.detach()
                 for k, v in sd.items()}
 
 
-HF_NAMES = {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight",
-            "v": "self_attn.v_proj.weight", "o": "self_attn.o_proj.weight",
-            "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight",
-            "down": "mlp.down_proj.weight", "norm1": "input_layernorm.weight",
-            "norm2": "post_attention_layernorm.weight"}
+# TrainBlock's modules and the HF per-layer tensors they hold (unfused, as transformers has them)
+HF_NAMES = {"q": hf_names.Q, "k": hf_names.K, "v": hf_names.V, "o": hf_names.O,
+            "gate": hf_names.GATE, "up": hf_names.UP, "down": hf_names.DOWN,
+            "norm1": hf_names.ATTN_NORM, "norm2": hf_names.FFN_NORM}
 
 
 # ---------------------------------------------------------------------------------- loop

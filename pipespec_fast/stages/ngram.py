@@ -14,19 +14,18 @@ A logits row is ``0.0`` at the proposal and ``-inf`` elsewhere: greedy takes it 
 sampling, ``probs_from_logits`` gives a one-hot ``q`` at any temperature / top-k / top-p, with
 which speculative sampling stays lossless (the verifier accepts with probability ``p(x)``).
 
-Cost: an index ``n -> {n-gram tuple: ascending end positions}`` updated on every append
-(``O(max_ngram)`` dict operations per token) and popped from the back on rollback (stale
-positions are always the largest), so a lookup is ``O(max_ngram)`` dict probes plus a bisect,
-independent of the history's length. Bigram counts ``prev -> {next: count}`` are maintained
-the same way.
+The history and its lookup index are a :class:`~pipespec_fast.stages.ngram_index.SuffixIndex`
+(``O(max_ngram)`` per appended token and per lookup, whatever the history's length); this class
+adapts it to the Stage protocol.
 """
 
 from __future__ import annotations
 
 import operator
-from bisect import bisect_left
 
 import torch
+
+from pipespec_fast.stages.ngram_index import SuffixIndex
 
 NEG_INF = float("-inf")
 
@@ -74,12 +73,7 @@ class NGramStage:
         self.min_confident_match = min_confident_match
         self.model_free = True  # proposals cost microseconds: run inline, fill leads at once
         self._device = torch.device(device)
-        self.history: list[int] = []
-        # _index[n - min_ngram]: n-gram tuple -> ascending positions where it ends
-        self._index: list[dict[tuple[int, ...], list[int]]] = [
-            {} for _ in range(min_ngram, max_ngram + 1)
-        ]
-        self._bigram: dict[int, dict[int, int]] = {}
+        self.index = SuffixIndex(min_ngram, max_ngram)  # the history and its n-gram lookup
         self.last_match_len = 0
         self.last_proposals: list[int] = []
         self.proposals = 0
@@ -93,8 +87,13 @@ class NGramStage:
     # ------------------------------------------------------------------ Stage protocol
 
     @property
+    def history(self) -> list[int]:
+        """The tokens appended and not rolled back (the drafter's "cache")."""
+        return self.index.tokens
+
+    @property
     def cache_len(self) -> int:
-        return len(self.history)
+        return len(self.index.tokens)
 
     @property
     def device(self) -> torch.device:
@@ -116,17 +115,16 @@ class NGramStage:
             raise ValueError(f"last_n must be in [0, {n}] for {n} tokens, got {last_n!r}")
         if n and (min(toks) < 0 or max(toks) >= self.vocab_size):
             raise ValueError(f"tokens: ids outside the vocab [0, {self.vocab_size})")
-        if len(self.history) + n > self.max_len:
-            raise ValueError(
-                f"history overflow: {len(self.history)} + {n} > max_len {self.max_len}"
-            )
+        index = self.index
+        if len(index) + n > self.max_len:
+            raise ValueError(f"history overflow: {len(index)} + {n} > max_len {self.max_len}")
         for t in toks:
-            self._append(t)
-        end = len(self.history)
+            index.append(t)
+        end = len(index)
         props: list[int] = []
         match = 0
         for p in range(end - rows, end):
-            tok, match = self.propose_at(p)
+            tok, match = index.propose_at(p)
             props.append(tok)
             self.matched += match > 0
         self.proposals += rows
@@ -142,36 +140,10 @@ class NGramStage:
 
     def rollback(self, length: int) -> None:
         """Forget the history at and after ``length``."""
-        h = self.history
         length = operator.index(length)
-        if not 0 <= length <= len(h):
-            raise ValueError(f"rollback length {length!r} outside [0, {len(h)}]")
-        if length == 0:
-            h.clear()
-            for d in self._index:
-                d.clear()
-            self._bigram.clear()
-            return
-        lo = self.min_ngram
-        for e in range(len(h) - 1, length - 1, -1):
-            for n, d in enumerate(self._index, lo):
-                if n > e + 1:
-                    break
-                key = tuple(h[e - n + 1 : e + 1])
-                lst = d[key]
-                lst.pop()  # e is the largest position stored: positions ascend
-                if not lst:
-                    del d[key]
-            if e:
-                f = self._bigram[h[e - 1]]
-                c = f[h[e]] - 1
-                if c:
-                    f[h[e]] = c
-                else:
-                    del f[h[e]]
-                    if not f:
-                        del self._bigram[h[e - 1]]
-        del h[length:]
+        if not 0 <= length <= len(self.index):
+            raise ValueError(f"rollback length {length!r} outside [0, {len(self.index)}]")
+        self.index.truncate(length)
 
     def keep_path(self, start: int, path, num: int, chain: bool = False) -> None:
         """Chains only: keep ``num`` tokens from ``start`` (= ``rollback(start + num)``)."""
@@ -179,58 +151,6 @@ class NGramStage:
             raise NotImplementedError("NGramStage keeps chains only (chain=True)")
         self.rollback(start + num)
 
-    # ------------------------------------------------------------------ lookup
-
-    def _append(self, t: int) -> None:
-        h = self.history
-        h.append(t)
-        e = len(h) - 1
-        for n, d in enumerate(self._index, self.min_ngram):
-            if n > e + 1:
-                break
-            key = tuple(h[e - n + 1 :])
-            lst = d.get(key)
-            if lst is None:
-                d[key] = [e]
-            else:
-                lst.append(e)
-        if e:
-            f = self._bigram.get(h[e - 1])
-            if f is None:
-                self._bigram[h[e - 1]] = {t: 1}
-            else:
-                f[t] = f.get(t, 0) + 1
-
     def propose_at(self, p: int) -> tuple[int, int]:
         """``(token, match_len)`` to follow ``history[: p + 1]`` (``match_len`` 0: fallback)."""
-        h = self.history
-        if not 0 <= p < len(h):
-            raise ValueError(f"position {p} outside the history [0, {len(h)})")
-        last = len(h) - 1
-        lo = self.min_ngram
-        for n in range(min(self.max_ngram, p + 1), lo - 1, -1):
-            lst = self._index[n - lo].get(tuple(h[p - n + 1 : p + 1]))
-            if lst is None:
-                continue
-            if p == last:  # the common case: p itself is the largest position stored
-                if len(lst) > 1:
-                    return h[lst[-2] + 1], n
-                continue
-            i = bisect_left(lst, p)
-            if i:
-                return h[lst[i - 1] + 1], n
-        return self._fallback(p), 0
-
-    def _fallback(self, p: int) -> int:
-        h = self.history
-        t = h[p]
-        f = self._bigram.get(t)
-        if f and p < len(h) - 1:  # discount pairs after position p
-            f = dict(f)
-            for i in range(p, len(h) - 1):
-                if h[i] == t:
-                    f[h[i + 1]] -= 1
-            f = {k: v for k, v in f.items() if v}
-        if not f:
-            return t
-        return min(f.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+        return self.index.propose_at(p)

@@ -388,7 +388,9 @@ def _save_tokenizer(gguf_path: Path, out_dir: Path, max_length: int) -> None:
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        # never run code from the folder (an auto_map in a tokenizer_config.json beside it)
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                            trust_remote_code=False)
     except Exception as e:
         raise GGUFConversionError(
             f"{gguf_path}: cannot build a tokenizer from the GGUF metadata ({e}); "
@@ -428,6 +430,8 @@ def convert_gguf(
         raise FileNotFoundError(f"{gguf_path}: GGUF file not found")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+    if out_dir.exists():
+        check_replaceable(out_dir)
     reader = _open_gguf(gguf_path)
     config, extra = config_from_gguf(reader)
     if tokenizer and "tokenizer.ggml.model" not in reader.fields:
@@ -437,9 +441,10 @@ def convert_gguf(
         )
     plan = _plan_tensors(reader, config, gguf_path)  # every tensor checked before any write
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    remove_abandoned_tmp(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out_dir) + f"{os.getpid()}-",
+                                dir=out_dir.parent))
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
         _write_configs(tmp, config, extra)
         _write_weights(tmp, reader, plan, config, gguf_path.name, progress)
         if tokenizer:
@@ -450,11 +455,63 @@ def convert_gguf(
             "source_size": gguf_path.stat().st_size,
             "seconds": round(time.perf_counter() - t0, 2),
         })
+        _ordinary_modes(tmp)
         _publish(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+# What a conversion writes: ``overwrite`` replaces a folder holding only such files, never a
+# folder of other things that happens to sit at the path given.
+CONVERSION_FILES = ("*.safetensors", "*.json", "*.jinja", "tokenizer.model", COMPLETE_MARKER)
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace ``out_dir`` unless it is a folder of model files (a conversion)."""
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise FileExistsError(f"{out_dir} exists and is not a folder: not replacing it")
+    for f in out_dir.iterdir():
+        if f.is_dir() or not any(f.match(g) for g in CONVERSION_FILES):
+            raise FileExistsError(
+                f"{out_dir} holds {f.name!r}, which a conversion does not write: not replacing "
+                "it (remove the folder yourself, or choose another output folder)")
+
+
+def _tmp_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.tmp-"
+
+
+def remove_abandoned_tmp(out_dir: Path) -> None:
+    """Remove temporary folders that conversions to ``out_dir`` left when they were killed:
+    each is named after the converting process, and is removed once that process is gone
+    (a conversion of the default target leaves ~600 MB)."""
+    prefix = _tmp_prefix(out_dir)
+    for p in out_dir.parent.glob(prefix + "*"):
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _ordinary_modes(folder: Path) -> None:
+    """The published folder and its files get the modes of ordinary new files (umask applied):
+    mkdtemp makes the folder private, and some writers create their files 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 def _open_gguf(gguf_path: Path) -> Any:

@@ -387,23 +387,79 @@ def test_interrupted_conversion_leaves_nothing(tmp_path: Path, monkeypatch) -> N
 def test_existing_output_kept_unless_overwrite(tmp_path: Path, monkeypatch) -> None:
     src = tmp_path / "tiny.gguf"
     write_tiny_gguf(src)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    out = convert_gguf(src, tmp_path / "out", tokenizer=False, progress=False)
+    (out / "config.json").write_text((out / "config.json").read_text() + " ")  # "older"
+    old_config = (out / "config.json").read_text()
     with pytest.raises(FileExistsError):
         convert_gguf(src, out, tokenizer=False, progress=False)
-    assert (out / "keep.txt").read_text() == "mine"
+    assert (out / "config.json").read_text() == old_config
 
     # A failing overwrite leaves the old directory untouched.
     monkeypatch.setattr(cg, "_hf_tensor", lambda *a: (_ for _ in ()).throw(OSError("disk")))
     with pytest.raises(OSError, match="disk"):
         convert_gguf(src, out, overwrite=True, tokenizer=False, progress=False)
-    assert (out / "keep.txt").read_text() == "mine"
+    assert (out / "config.json").read_text() == old_config
     monkeypatch.undo()
 
     convert_gguf(src, out, overwrite=True, tokenizer=False, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "config.json").read_text() != old_config
+    assert (out / "model.safetensors").is_file()
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "subfolder"])
+def test_overwrite_never_replaces_a_folder_of_other_things(tmp_path: Path, extra) -> None:
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    if extra == "subfolder":
+        (out / extra).mkdir()
+    else:
+        (out / extra).write_text("mine")
+    with pytest.raises(FileExistsError, match=extra):
+        convert_gguf(src, out, overwrite=True, tokenizer=False, progress=False)
+    assert (out / extra).exists() and (out / "config.json").read_text() == "{}"
+
+
+def test_published_files_have_ordinary_modes(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src)
+    umask = os.umask(0o022)
+    try:
+        out = convert_gguf(src, tmp_path / "out", tokenizer=False, progress=False)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_a_killed_conversions_temp_folder_is_removed_by_the_next(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    abandoned = tmp_path / f".out.tmp-{dead}-abc123"
+    abandoned.mkdir()
+    (abandoned / "model.safetensors").write_bytes(b"0" * 1000)
+    alive = tmp_path / f".out.tmp-{os_getpid()}-def456"  # a conversion still running here
+    alive.mkdir()
+    convert_gguf(src, tmp_path / "out", tokenizer=False, progress=False)
+    assert not abandoned.exists() and alive.exists()
+
+
+def os_getpid() -> int:
+    import os
+
+    return os.getpid()
 
 
 # ----------------------------------------------------------------------------- defaults

@@ -103,8 +103,9 @@ INLINE void deq_q8_0(const uint8_t *blk, __m512 *w0, __m512 *w1) {
 
 /* R rows of x against C weight rows over all k. KIND, R and C are constants at every call site
  * (the switch below), so the loops unroll and the accumulators live in registers. */
-INLINE void quant_block(const int KIND, const int R, const int C, const float *restrict x, size_t ldx,
-                  const uint8_t *restrict w, size_t ldw, float *restrict y, size_t ldy, int k) {
+INLINE void quant_block(const int KIND, const int R, const int C, const float *restrict x,
+                        size_t ldx, const uint8_t *restrict w, size_t ldw, float *restrict y,
+                        size_t ldy, int k) {
     __m512 acc[QGROUP][QTILE];
     const size_t pf = PF_ROWS * ldw; /* prefetch distance: the rows two tiles ahead */
     for (int r = 0; r < R; ++r)
@@ -173,11 +174,11 @@ QK_KIND(quant_kernel_q8_0, QUANT_Q8_0)
 
 #pragma GCC pop_options
 
-typedef void (*quant_kernel_fn)(int, int, const float *, size_t, const uint8_t *, size_t, float *,
-                           size_t, int);
+typedef void (*quant_kernel_fn)(int, int, const float *, size_t, const uint8_t *, size_t,
+                                float *, size_t, int);
 
-static void quant_range(quant_kernel_fn fn, const float *x, size_t ldx, const uint8_t *w, size_t ldw,
-                    float *y, int n, int k, int m, int o_begin, int o_end) {
+static void quant_range(quant_kernel_fn fn, const float *x, size_t ldx, const uint8_t *w,
+                        size_t ldw, float *y, int n, int k, int m, int o_begin, int o_end) {
     for (int o = o_begin; o < o_end; o += QTILE) {
         const int ct = o_end - o < QTILE ? o_end - o : QTILE;
         for (int r0 = 0; r0 < n; r0 += QGROUP) {

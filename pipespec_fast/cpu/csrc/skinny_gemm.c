@@ -130,8 +130,8 @@ INLINE __m128 reduce4(__m256 a, __m256 b, __m256 c, __m256 d) {
  * call site (the switch in avx2_kernel), so the loops unroll and acc lives in registers.
  */
 INLINE void avx2_block(const int R, const int C, const float *restrict x, size_t ldx,
-                    const float *restrict w, size_t ldw, float *restrict y, size_t ldy, int k,
-                    const char *pf, int pf_lines) {
+                       const float *restrict w, size_t ldw, float *restrict y, size_t ldy, int k,
+                       const char *pf, int pf_lines) {
     const int nblk = k / 8, rem = k % 8;
     __m256 acc[MAX_R][MAX_C];
     for (int r = 0; r < R; ++r)
@@ -195,16 +195,18 @@ static int avx2_cols(int r) {
     return 3;
 }
 
-#define AVX2_CASE(R_, C_)                                                                       \
+#define AVX2_CASE(R_, C_)                                                                     \
     case (R_) * 16 + (C_):                                                                    \
-        avx2_block(R_, C_, x, ldx, w, ldw, y, ldy, k, pf, pf_lines);                            \
+        avx2_block(R_, C_, x, ldx, w, ldw, y, ldy, k, pf, pf_lines);                          \
         break;
 
 static void avx2_kernel(int r, int c, const float *x, size_t ldx, const float *w, size_t ldw,
-                      float *y, size_t ldy, int k, const char *pf, int pf_lines) {
+                        float *y, size_t ldy, int k, const char *pf, int pf_lines) {
     switch (r * 16 + c) {
-        AVX2_CASE(1, 1) AVX2_CASE(1, 2) AVX2_CASE(1, 3) AVX2_CASE(2, 1) AVX2_CASE(2, 2) AVX2_CASE(2, 3)
-        AVX2_CASE(3, 1) AVX2_CASE(3, 2) AVX2_CASE(3, 3) AVX2_CASE(4, 1) AVX2_CASE(4, 2) AVX2_CASE(4, 3)
+        AVX2_CASE(1, 1) AVX2_CASE(1, 2) AVX2_CASE(1, 3)
+        AVX2_CASE(2, 1) AVX2_CASE(2, 2) AVX2_CASE(2, 3)
+        AVX2_CASE(3, 1) AVX2_CASE(3, 2) AVX2_CASE(3, 3)
+        AVX2_CASE(4, 1) AVX2_CASE(4, 2) AVX2_CASE(4, 3)
         default: break;
     }
 }
@@ -228,8 +230,8 @@ INLINE __m256 hi256(__m512 v) {
  * exactly the AVX2 accumulation of element (2p, o) ((2p+1, o)). `rows`: valid rows (2P or 2P-1).
  */
 INLINE void avx512_block(const int P, const int C, const float *restrict xp, size_t ldxp,
-                    const float *restrict w, size_t ldw, float *restrict y, size_t ldy, int k,
-                    int rows, const char *pf, int pf_lines) {
+                         const float *restrict w, size_t ldw, float *restrict y, size_t ldy,
+                         int k, int rows, const char *pf, int pf_lines) {
     const int nblk = k / 8, rem = k % 8;
     __m512 acc[MAX_P][MAX_C2];
     for (int p = 0; p < P; ++p)
@@ -290,19 +292,24 @@ INLINE void avx512_block(const int P, const int C, const float *restrict xp, siz
  * best from DRAM. */
 static int avx512_cols(int p) { return p == 4 ? 6 : 3; }
 
-#define AVX512_CASE(P_, C_)                                                                       \
+#define AVX512_CASE(P_, C_)                                                                   \
     case (P_) * 16 + (C_):                                                                    \
-        avx512_block(P_, C_, xp, ldxp, w, ldw, y, ldy, k, rows, pf, pf_lines);                    \
+        avx512_block(P_, C_, xp, ldxp, w, ldw, y, ldy, k, rows, pf, pf_lines);                \
         break;
 
-static void avx512_kernel(int p, int c, const float *xp, size_t ldxp, const float *w, size_t ldw,
-                      float *y, size_t ldy, int k, int rows, const char *pf, int pf_lines) {
+static void avx512_kernel(int p, int c, const float *xp, size_t ldxp, const float *w,
+                          size_t ldw, float *y, size_t ldy, int k, int rows, const char *pf,
+                          int pf_lines) {
     switch (p * 16 + c) {
-        AVX512_CASE(1, 1) AVX512_CASE(1, 2) AVX512_CASE(1, 3) AVX512_CASE(2, 1) AVX512_CASE(2, 2) AVX512_CASE(2, 3)
+        AVX512_CASE(1, 1) AVX512_CASE(1, 2) AVX512_CASE(1, 3)
+        AVX512_CASE(2, 1) AVX512_CASE(2, 2) AVX512_CASE(2, 3)
         AVX512_CASE(3, 1) AVX512_CASE(3, 2) AVX512_CASE(3, 3)
-        AVX512_CASE(4, 1) AVX512_CASE(4, 2) AVX512_CASE(4, 3) AVX512_CASE(4, 4) AVX512_CASE(4, 5) AVX512_CASE(4, 6)
-        AVX512_CASE(5, 1) AVX512_CASE(5, 2) AVX512_CASE(5, 3) AVX512_CASE(6, 1) AVX512_CASE(6, 2) AVX512_CASE(6, 3)
-        AVX512_CASE(7, 1) AVX512_CASE(7, 2) AVX512_CASE(7, 3) AVX512_CASE(8, 1) AVX512_CASE(8, 2) AVX512_CASE(8, 3)
+        AVX512_CASE(4, 1) AVX512_CASE(4, 2) AVX512_CASE(4, 3)
+        AVX512_CASE(4, 4) AVX512_CASE(4, 5) AVX512_CASE(4, 6)
+        AVX512_CASE(5, 1) AVX512_CASE(5, 2) AVX512_CASE(5, 3)
+        AVX512_CASE(6, 1) AVX512_CASE(6, 2) AVX512_CASE(6, 3)
+        AVX512_CASE(7, 1) AVX512_CASE(7, 2) AVX512_CASE(7, 3)
+        AVX512_CASE(8, 1) AVX512_CASE(8, 2) AVX512_CASE(8, 3)
         default: break;
     }
 }

@@ -13,9 +13,9 @@ Systems (``--systems``, comma separated):
   ours_pipespec_ngram FastPipeline mode="pipespec" over [n-gram -> target]
   ours_pipespec2 FastPipeline mode="pipespec" over [draft -> target]
   ours_pipespec FastPipeline mode="pipespec" over the whole hierarchy (3 stages by default)
-  ours_pipespec_split  the same with one core per model stage (PIPESPEC_IDLE_DRAFTERS=0 and
-               one matmul thread per stage) instead of the default policy on 2 cores (the
-               target keeps both cores, the draft runs at idle priority)
+  ours_pipespec_split  the same with one core per model stage (no idle-priority drafters, one
+               matmul thread per stage: its own ``config=``) instead of the default policy on
+               2 cores (the target keeps both cores, the draft runs at idle priority)
 Writes ``bench/results/e2e-<task>-<temp>.json`` and prints a Markdown table.
 """
 
@@ -110,11 +110,8 @@ def _param_mb(model) -> float:
 
 
 class OursSystem:
-    def __init__(self, pipe, mode: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, pipe, mode: str) -> None:
         self.pipe, self.mode = pipe, mode
-        self.env = dict(env or {})
-        if self.env.get("PIPESPEC_IDLE_DRAFTERS") == "0":  # one matmul thread per stage
-            self.env["PIPESPEC_STAGE_THREADS"] = ",".join("1" for _ in pipe.stages)
         # weights plus preallocated KV caches of the stages this system runs (AR: the target)
         stages = pipe.stages[-1:] if mode == "ar" else pipe.stages
         self.memory_mb = 0.0
@@ -127,21 +124,10 @@ class OursSystem:
                 self.memory_mb += (cache.k.numel() * cache.k.element_size() * 2) / 2**20
 
     def run(self, ids, max_new, temperature, seed) -> dict:
-        import os
-
         from pipespec_fast.stages import is_model_free
 
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
-            res = self.pipe.generate(ids, max_new, temperature=temperature, seed=seed,
-                                     ignore_eos=True, mode=self.mode)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        res = self.pipe.generate(ids, max_new, temperature=temperature, seed=seed,
+                                 ignore_eos=True, mode=self.mode)
         st = res.stats
         out = {"tokens": st["new_tokens"], "seconds": st["seconds"],
                "tokens_per_s": st["tokens_per_s"], "ids": res.token_ids,
@@ -214,7 +200,7 @@ def main(argv=None) -> int:
                 print(f"{name}: the hierarchy lacks the stages it needs, skipped",
                       file=sys.stderr)
                 continue
-            systems[name] = OursSystem(sub, _MODES[name], _ENV.get(name))
+            systems[name] = OursSystem(sub, _MODES[name])
     prompts = [pipe.chat_prompt(p) for p in load_prompts(args.task, args.prompts)]
     latency = probe_latency(pipe)
     # warm up every system once
@@ -374,13 +360,22 @@ def _default_target() -> str:
 _MODES = {"ours_ar": "ar", "ours_sync": "sync", "ours_sync2": "sync",
           "ours_pipespec_ngram": "pipespec", "ours_pipespec2": "pipespec",
           "ours_pipespec": "pipespec", "ours_pipespec_split": "pipespec"}
-# thread-policy overrides a system runs under (environment, set for its runs only)
-_ENV = {"ours_pipespec_split": {"PIPESPEC_IDLE_DRAFTERS": "0"}}
+
+
+def _system_config(name: str, n_stages: int):
+    """The configuration a system's pipeline runs under (``None``: the process's). The split
+    system gives every stage one matmul thread and runs no drafter at idle priority."""
+    from pipespec_fast import config
+
+    if name != "ours_pipespec_split":
+        return None
+    return config.current().replace(idle_drafters=False, stage_threads=(1,) * n_stages)
 
 
 def _sub_pipeline(pipe, name: str):
     """The pipeline a system runs: the whole hierarchy, or two of its stages (sharing the
-    loaded stages; runs are sequential, so they never use a stage at the same time)."""
+    loaded stages; runs are sequential, so they never use a stage at the same time), under
+    the system's own configuration."""
     from pipespec_fast import FastPipeline
     from pipespec_fast.stages import is_model_free
 
@@ -396,9 +391,10 @@ def _sub_pipeline(pipe, name: str):
         if not is_model_free(stages[0]):
             return None
         stages = [stages[0], stages[-1]]
-    if stages is pipe.stages:
+    cfg = _system_config(name, len(stages))
+    if stages is pipe.stages and cfg is None:
         return pipe
-    return FastPipeline(list(stages), tokenizer=pipe.tokenizer)
+    return FastPipeline(list(stages), tokenizer=pipe.tokenizer, config=cfg)
 
 
 def _draft_dir(pipe) -> str | None:

@@ -4,14 +4,14 @@ interleaved so that machine noise hits every variant alike.
     .venv/bin/python bench/sweep.py --task humaneval --prompts 4 --max-new-tokens 96
 
 Each variant is ``name=mode[;windows=a,b,c][;leads=a,b,c][;threads=a,b,c]`` over the default
-hierarchy (``threads`` sets ``PIPESPEC_STAGE_THREADS``: matmul threads per PipeSpec worker).
+hierarchy (``threads``: matmul threads per PipeSpec worker, the variant pipeline's
+``RuntimeConfig.stage_threads``).
 Prints median tokens/s per variant, relative to the first.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -28,19 +28,21 @@ DEFAULT_VARIANTS = [
 ]
 
 
-def parse(spec: str) -> tuple[str, str, dict, str | None]:
+def parse(spec: str) -> tuple[str, str, dict]:
+    """``name=mode;key=a,b,c...`` -> (name, mode, FastPipeline keyword arguments)."""
+    from pipespec_fast import config
+
     name, rest = spec.split("=", 1)
     parts = rest.split(";")
     kw: dict = {}
-    threads = None
     for p in parts[1:]:
         key, val = p.split("=", 1)
+        values = [int(x) for x in val.split(",")]
         if key == "threads":
-            threads = val
+            kw["config"] = config.current().replace(stage_threads=tuple(values))
         else:
-            kw[{"windows": "windows", "leads": "max_leads"}[key]] = [int(x) for x in
-                                                                    val.split(",")]
-    return name, parts[0], kw, threads
+            kw[{"windows": "windows", "leads": "max_leads"}[key]] = values
+    return name, parts[0], kw
 
 
 def main(argv=None) -> int:
@@ -57,21 +59,15 @@ def main(argv=None) -> int:
     base = FastPipeline.from_default()
     variants = []
     for spec in args.variants:
-        name, mode, kw, threads = parse(spec)
-        variants.append((name, mode, FastPipeline(base.stages, tokenizer=base.tokenizer, **kw),
-                         threads))
+        name, mode, kw = parse(spec)
+        variants.append((name, mode, FastPipeline(base.stages, tokenizer=base.tokenizer, **kw)))
     prompts = [base.chat_prompt(p) for p in load_prompts(args.task, args.prompts)]
     speeds: dict[str, list[float]] = {v[0]: [] for v in variants}
-    for _, mode, pipe, _ in variants:  # warm-up
+    for _, mode, pipe in variants:  # warm-up
         pipe.generate(prompts[0][:32], 4, mode=mode)
     for i, ids in enumerate(prompts):
-        for name, mode, pipe, threads in variants:
-            if threads:
-                os.environ["PIPESPEC_STAGE_THREADS"] = threads
-            try:
-                res = pipe.generate(ids, args.max_new_tokens, mode=mode, ignore_eos=True)
-            finally:
-                os.environ.pop("PIPESPEC_STAGE_THREADS", None)
+        for name, mode, pipe in variants:
+            res = pipe.generate(ids, args.max_new_tokens, mode=mode, ignore_eos=True)
             speeds[name].append(res.stats["tokens_per_s"])
             print(f"prompt {i}: {name:16s} {speeds[name][-1]:6.1f} tok/s", file=sys.stderr)
     first = statistics.median(speeds[variants[0][0]])

@@ -43,7 +43,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipespec_fast.cpu import gemm as cpu_gemm  # noqa: E402
-from pipespec_fast.cpu import quant
+from pipespec_fast.cpu import library, quant  # noqa: E402
 
 LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 N_LAYERS = 30
@@ -219,7 +219,7 @@ def main(argv=None) -> None:
         print(f"warning: load average {load0[0]:.2f} before start: timings may be noisy")
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"skinny: {cpu_gemm.isa() or 'unavailable (' + str(cpu_gemm.unavailable_reason()) + ')'}"
+        f"skinny: {cpu_gemm.isa() or 'unavailable (' + str(library.unavailable_reason()) + ')'}"
         f", torch {torch.__version__}, numpy {np.__version__}"
     )
     ws = make_weights()
@@ -247,7 +247,7 @@ def weights():
 @pytest.mark.parametrize("n", NS)
 def test_smollm2_pass(benchmark, weights, kind, threads, n):
     if kind == "skinny" and not cpu_gemm.available():
-        pytest.skip(f"skinny GEMM unavailable: {cpu_gemm.unavailable_reason()}")
+        pytest.skip(f"skinny GEMM unavailable: {library.unavailable_reason()}")
     if kind == "packed" and not quant.available():
         pytest.skip("packed-weight kernel unavailable (needs gcc and AVX-512F/FMA/F16C)")
     if kind == "numpy" and n == 1:

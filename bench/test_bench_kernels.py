@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/pytest bench/test_bench_kernels.py --benchmark-only``
 (add ``--benchmark-columns=min,median,mean,rounds`` for a compact table; CPU cases run with
-``PIPESPEC_BENCH_THREADS`` torch threads, default 1).
+``PIPESPEC_TORCH_THREADS`` torch threads, default 1: ``RuntimeConfig.torch_threads``).
 
 Problem sizes follow SmolLM2-135M: 9 query heads, 3 kv heads, head_dim 64, 30 layers.
 CPU cases time the torch references (the CPU production path) against the obvious
@@ -12,13 +12,11 @@ Triton kernels (skipped with "needs CUDA" when no device is present).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipespec_fast import reference
+from pipespec_fast import config, reference
 
 N_HEADS, KV_HEADS, HEAD_DIM, N_LAYERS = 9, 3, 64, 30
 GROUP = N_HEADS // KV_HEADS
@@ -29,10 +27,10 @@ NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.fixture(autouse=True)
 def cpu_threads():
-    """CPU timings use ``PIPESPEC_BENCH_THREADS`` intra-op threads (default 1): reproducible
+    """CPU timings use ``PIPESPEC_TORCH_THREADS`` intra-op threads (default 1): reproducible
     on a shared machine, and the same for every implementation compared."""
     before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("PIPESPEC_BENCH_THREADS", "1")))
+    torch.set_num_threads(config.current().torch_threads)
     yield
     torch.set_num_threads(before)
 

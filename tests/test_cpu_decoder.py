@@ -100,8 +100,8 @@ def test_fused_is_batch_invariant(dim, n_heads, n_kv) -> None:
 
 
 @needs_fused
-def test_fused_switch_off(monkeypatch) -> None:
-    monkeypatch.setenv("PIPESPEC_FUSED", "0")
+def test_fused_switch_off(configure) -> None:
+    configure(fused=False)
     assert not cpu_decoder.available()
     ref, m = pair(32, 4, 2)
     ids = torch.arange(10)

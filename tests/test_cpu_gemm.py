@@ -1,8 +1,8 @@
 """The batch-invariant skinny CPU GEMM (``pipespec_fast.cpu.gemm``, ``csrc/skinny_gemm.c``).
 
 Accuracy against a float64 reference, bit-exact batch invariance (over n, row position, thread
-count and ISA path), GIL release through ctypes, concurrent use, and the numpy fallback when the
-library cannot be built or loaded.
+count and ISA path), GIL release through ctypes and concurrent use. Building, loading and the
+fallbacks when the library is unavailable: ``tests/test_cpu_library.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from pipespec_fast.cpu import gemm as cpu_gemm
+from pipespec_fast.cpu import library
 
 K_VALUES = (1, 7, 8, 13, 64, 576, 1536)
 EPS32 = float(np.finfo(np.float32).eps)
@@ -37,8 +37,8 @@ def one_blas_thread():
 @pytest.fixture(scope="module")
 def lib():
     if not cpu_gemm.available():
-        pytest.skip(f"skinny GEMM unavailable: {cpu_gemm.unavailable_reason()}")
-    return cpu_gemm._load()
+        pytest.skip(f"skinny GEMM unavailable: {library.unavailable_reason()}")
+    return library.load()
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def test_ctypes_call_releases_the_gil(lib):
     keep, args = _raw_call_args()
     assert _ran_while_calling(lib.skinny_gemm_f32, args, max_calls=5000)
     # Control: the same function through PyDLL (GIL held) is detected as blocking.
-    held = ctypes.PyDLL(str(cpu_gemm._path)).skinny_gemm_f32
+    held = ctypes.PyDLL(str(library.path())).skinny_gemm_f32
     held.argtypes, held.restype = lib.skinny_gemm_f32.argtypes, None
     keep, args = _raw_call_args(n=2, k=64, m=64)
     assert not _ran_while_calling(held, args, max_calls=200)
@@ -214,79 +214,6 @@ def test_concurrent_calls_are_correct(lib):
         t.join()
     for i, ys in enumerate(out):
         assert len(ys) == 20 and all(torch.equal(y, expect[i]) for y in ys)
-
-
-@pytest.fixture
-def fresh(monkeypatch, tmp_path):
-    """An unloaded module state with a private build cache."""
-    monkeypatch.setattr(cpu_gemm, "_lib", None)
-    monkeypatch.setattr(cpu_gemm, "_path", None)
-    monkeypatch.setattr(cpu_gemm, "_error", None)
-    monkeypatch.setenv(cpu_gemm.CACHE_ENV, str(tmp_path))
-    monkeypatch.delenv(cpu_gemm.DISABLE_ENV, raising=False)
-    return tmp_path
-
-
-def _fallback_still_computes():
-    x, w = rand(3, 40, seed=11), rand(9, 40, seed=12)
-    for n in (1, 3):
-        check_close(cpu_gemm.skinny_linear(x[:n], w, 2), x[:n], w)
-
-
-def test_fallback_without_compiler(fresh, monkeypatch):
-    monkeypatch.setattr(cpu_gemm, "_compiler", lambda: None)
-    with pytest.warns(RuntimeWarning, match="unavailable"):
-        assert not cpu_gemm.available()
-    assert "gcc not found" in cpu_gemm.unavailable_reason()
-    assert cpu_gemm.isa() is None
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # warned once, not on every call
-        _fallback_still_computes()
-
-
-def test_fallback_when_compilation_fails(fresh, monkeypatch):
-    cc = fresh / "fake-cc"  # answers --version, fails to compile
-    cc.write_text(
-        '#!/bin/sh\n[ "$1" = --version ] && { echo fake-cc 1.0; exit 0; }\n'
-        'echo "error: boom" >&2; exit 1\n'
-    )
-    cc.chmod(0o755)
-    monkeypatch.setenv("PIPESPEC_CC", str(cc))
-    with pytest.warns(RuntimeWarning, match="boom"):
-        assert not cpu_gemm.available()
-    assert list((fresh / "build").iterdir()) == []  # no partial library left behind
-    _fallback_still_computes()
-
-
-def test_fallback_without_avx2(fresh, monkeypatch):
-    monkeypatch.setattr(cpu_gemm, "_cpu_has_avx2_fma", lambda: False)
-    with pytest.warns(RuntimeWarning, match="avx2"):
-        assert not cpu_gemm.available()
-    _fallback_still_computes()
-
-
-def test_disabled_by_env(fresh, monkeypatch):
-    monkeypatch.setenv(cpu_gemm.DISABLE_ENV, "0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert not cpu_gemm.available()
-    _fallback_still_computes()
-
-
-def test_builds_into_cache_once(fresh, lib):
-    assert cpu_gemm.available(), cpu_gemm.unavailable_reason()
-    built = list((fresh / "build").glob("skinny_gemm-*.so"))
-    assert len(built) == 1 and cpu_gemm._path == built[0]
-    stamp = built[0].stat().st_mtime_ns
-    assert cpu_gemm._build(cpu_gemm._compiler()) == built[0]  # cached: not rebuilt
-    assert built[0].stat().st_mtime_ns == stamp
-    _fallback_still_computes()
-
-
-def test_isa_env_selects_the_path(fresh, monkeypatch, lib):
-    monkeypatch.setenv(cpu_gemm.ISA_ENV, "avx2")
-    assert cpu_gemm.isa() == "avx2"
-    _fallback_still_computes()
 
 
 def test_forked_child_runs_parallel_calls(lib):

@@ -85,18 +85,18 @@ def test_ops_validation_propagates_value_error():
         torch.ops.pipespec.verify_attention(q, k_new, v_new, k_cache, v_cache, 13, bits)
 
 
-def test_ops_with_triton_backend(monkeypatch):
+def test_ops_with_triton_backend(configure):
     """The custom ops reach the Triton kernels (interpreter on CPU) when forced."""
-    monkeypatch.setenv("PIPESPEC_BACKEND", "triton")
+    configure(backend="triton")
     q, k_new, v_new, k_cache, v_cache, prefix, bits = attention_args()
     kc_t, vc_t = k_cache.clone(), v_cache.clone()
     out = torch.ops.pipespec.verify_attention(q, k_new, v_new, kc_t, vc_t, prefix, bits)
-    monkeypatch.setenv("PIPESPEC_BACKEND", "reference")
+    configure(backend="reference")
     want = torch.ops.pipespec.verify_attention(
         q, k_new, v_new, k_cache.clone(), v_cache.clone(), prefix, bits
     )
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-    monkeypatch.setenv("PIPESPEC_BACKEND", "triton")
+    configure(backend="triton")
     toks, parents, dp, tp = accept_args()
     got = torch.ops.pipespec.stochastic_accept(toks, parents, dp, tp, 3, 1)
     want = reference.stochastic_accept(toks, parents, dp, tp, 3, 1)

@@ -403,8 +403,8 @@ def test_triton_kernel_statistics_and_draws_match_batched_reference():
 # ----------------------------------------------------------------------------- ops
 
 
-def test_ops_dispatches_to_triton_when_forced(monkeypatch):
-    monkeypatch.setenv("PIPESPEC_BACKEND", "triton")
+def test_ops_dispatches_to_triton_when_forced(configure):
+    configure(backend="triton")
     parents = torch.tensor(TREE)
     toks = torch.tensor([3, 1, 2, 0, 4, 4, 1, 2])
     target = torch.tensor([1, 0, 4, 5, 5, 5, 5, 5, 5])

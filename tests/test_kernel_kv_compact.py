@@ -105,8 +105,8 @@ def test_chain_prefix_in_place_is_a_no_op():
     assert torch.equal(kt, k) and torch.equal(vt, v)
 
 
-def test_ops_dispatches_to_triton_when_forced(monkeypatch):
-    monkeypatch.setenv("PIPESPEC_BACKEND", "triton")
+def test_ops_dispatches_to_triton_when_forced(configure):
+    configure(backend="triton")
     k, v = make_cache(2, 2, 12, 16, torch.float16, 4)
     src = torch.tensor([5, 6, 8, 11])
     want_k, want_v = oracle(k, v, src, 4)

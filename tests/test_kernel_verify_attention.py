@@ -218,8 +218,8 @@ def test_triton_odd_head_dim_and_scale():
     torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=0)
 
 
-def test_ops_dispatches_to_triton_when_forced(monkeypatch):
-    monkeypatch.setenv("PIPESPEC_BACKEND", "triton")
+def test_ops_dispatches_to_triton_when_forced(configure):
+    configure(backend="triton")
     problem = make_problem(6, 2, 4, 32, 10, 20, torch.float32, 4)
     q, k_new, v_new, k_cache, v_cache, prefix, parents = problem
     kc, vc = k_cache.clone(), v_cache.clone()

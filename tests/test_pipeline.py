@@ -9,7 +9,7 @@ import torch
 from scipy.stats import chisquare
 from tiny import family, hf_state_of
 
-from pipespec_fast import FastPipeline, HFStage, LlamaStage, StageError
+from pipespec_fast import FastPipeline, HFStage, LlamaStage, StageError, config
 from pipespec_fast.reference import probs_from_logits
 
 PROMPT = [1, 5, 7, 9, 3, 11]
@@ -282,15 +282,15 @@ def test_eos_from_the_target_ends_output():
 
 
 @pytest.mark.parametrize("mode", ["pipespec", "sync"])
-def test_triton_backend_under_the_interpreter_gives_the_same_greedy_tokens(mode, monkeypatch):
+def test_triton_backend_under_the_interpreter_gives_the_same_greedy_tokens(mode, configure):
     """Every op of the engine through the Triton kernels (run by Triton's interpreter on CPU):
     the same greedy tokens as the reference backend, and as the target alone."""
     pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    configure(triton_interpret=True)  # conftest set TRITON_INTERPRET=1 before Triton loaded
     stages = stages_for(3, seed=13, n_layers=1)
-    monkeypatch.setenv("PIPESPEC_BACKEND", "reference")
+    configure(backend="reference")
     ref = target_greedy(stages[-1], PROMPT, 12)
-    monkeypatch.setenv("PIPESPEC_BACKEND", "triton")
+    configure(backend="triton")
     from pipespec_fast import ops
 
     assert ops.backend_for(torch.zeros(1)) == "triton"
@@ -453,17 +453,21 @@ def test_vocab_subset_draft_keeps_the_sampling_distribution(mode, top_k, ngram):
     assert p > 1e-3, p
 
 
-def test_stage_threads_setting_is_validated_and_only_used_by_pipespec(monkeypatch):
+def test_stage_threads_setting_is_validated_and_only_used_by_pipespec():
     stages = stages_for(3, seed=5)
     ref = target_greedy(stages[-1], PROMPT, 24)
-    pipe = FastPipeline(stages)
-    monkeypatch.setenv("PIPESPEC_STAGE_THREADS", "1,1,2")
+    pipe = FastPipeline(stages, config=config.from_env({"PIPESPEC_STAGE_THREADS": "1,1,2"}))
     assert pipe.generate(PROMPT, 24, ignore_eos=True).token_ids == ref
     for mode in ("ar", "sync"):  # not concurrent: the setting does not apply
         assert pipe.generate(PROMPT, 24, ignore_eos=True, mode=mode).token_ids == ref
-    for bad in ("1,2", "1,x,2", "1,0,1"):
-        monkeypatch.setenv("PIPESPEC_STAGE_THREADS", bad)
+    for bad in ("1,x,2", "1,0,1"):
         with pytest.raises(ValueError, match="PIPESPEC_STAGE_THREADS"):
-            pipe.generate(PROMPT, 4)
-    monkeypatch.delenv("PIPESPEC_STAGE_THREADS")
-    assert pipe.generate(PROMPT, 24, ignore_eos=True).token_ids == ref
+            config.from_env({"PIPESPEC_STAGE_THREADS": bad})
+    with pytest.raises(ValueError, match="PIPESPEC_STAGE_THREADS"):
+        config.RuntimeConfig(stage_threads=(1, 0, 1))
+    wrong = FastPipeline(stages, config=config.from_env({"PIPESPEC_STAGE_THREADS": "1,2"}))
+    with pytest.raises(ValueError, match="PIPESPEC_STAGE_THREADS"):
+        wrong.generate(PROMPT, 4)
+    with pytest.raises(ValueError, match="config"):
+        FastPipeline(stages, config={"stage_threads": (1, 1, 2)})
+    assert FastPipeline(stages).generate(PROMPT, 24, ignore_eos=True).token_ids == ref

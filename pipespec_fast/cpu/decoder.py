@@ -6,30 +6,22 @@ append, verification attention (chains and trees, by ancestor bitmask), SiLU and
 of every layer in one call that releases the GIL. Same contract and results (to float rounding)
 as ``models.llama.Block`` with ``pipespec_fast.reference.verify_attention``, which remain the
 reference; it is batch invariant (a verified token gets, bit for bit, the hidden state decoding
-it alone gives). ``PIPESPEC_FUSED=0`` turns it off.
+it alone gives). ``PIPESPEC_FUSED=0`` (``RuntimeConfig.fused``) turns it off. The call's
+signature and the layer table's struct are declared in :mod:`pipespec_fast.cpu.library`.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 
-from pipespec_fast.cpu import gemm as cpu_gemm
+from pipespec_fast import config
+from pipespec_fast.cpu import library
 
 __all__ = ["DecoderPlan", "available"]
 
-
-class _Layer(ctypes.Structure):
-    _fields_ = [
-        ("attn_norm", ctypes.c_void_p),
-        ("ffn_norm", ctypes.c_void_p),
-        ("w", ctypes.c_void_p * 4),
-        ("kind", ctypes.c_int32 * 4),
-    ]
-
-
+# DECODER_* return codes of csrc/cpu_decoder.h
 _ERRORS = {-1: "out of memory",
            -2: "packed weights the kernel refuses (unknown kind, k not a multiple of its block, "
                "or a CPU without AVX-512F/F16C)",
@@ -38,9 +30,9 @@ _ERRORS = {-1: "out of memory",
 
 def available() -> bool:
     """Whether the fused path can run here (C library built, avx2/fma; not disabled)."""
-    if os.environ.get("PIPESPEC_FUSED", "1") == "0":
+    if not config.current().fused:
         return False
-    lib = cpu_gemm._load()
+    lib = library.load()
     return lib is not None and bool(lib.decoder_supported())
 
 
@@ -58,7 +50,7 @@ class DecoderPlan:
         self.dims = (cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.intermediate_size)
         self.eps = float(cfg.rms_norm_eps)
         self._keep: list[torch.Tensor] = []  # everything the table points into
-        table = (_Layer * cfg.n_layers)()
+        table = (library.DecoderLayer * cfg.n_layers)()
         for i, layer in enumerate(model.layers):
             row = table[i]
             row.attn_norm = self._ptr(layer.attention_norm.weight)
@@ -107,7 +99,7 @@ class DecoderPlan:
         if not 0 <= start <= max_len - n:
             raise ValueError(f"DecoderPlan.run: slots [{start}, {start + n}) outside the cache "
                              f"of {max_len}")
-        rc = cpu_gemm._lib.decoder_layers_f32(
+        rc = library.load().decoder_layers_f32(
             ctypes.addressof(self.table), self.n_layers, x.data_ptr(), n, dim, n_heads, n_kv,
             hd, inter, self.eps, cos.data_ptr(), sin.data_ptr(), bits.data_ptr(), bits.shape[1],
             k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), max_len, start,

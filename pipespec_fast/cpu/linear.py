@@ -1,21 +1,28 @@
 """``y = x @ w.T`` for the model's projections, fastest per device.
 
 On CPU, fp32 decoding is memory-bound small-batch matmuls. torch's BLAS path reaches about
-20 GB/s on this project's machines; ``cpu_gemm``'s skinny kernel streams every weight once for
+20 GB/s on this project's machines; ``gemm.py``'s skinny kernel streams every weight once for
 all rows of a block (about 40 GB/s), batch-invariantly, and releases the GIL so stage threads
 overlap. Fallback: numpy's OpenBLAS. Every other device or dtype uses ``F.linear``.
+
+The route is chosen once, at import, from the process configuration
+(``PIPESPEC_CPU_LINEAR=skinny|numpy|torch``, ``RuntimeConfig.cpu_linear``).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-_USE_NUMPY = os.environ.get("PIPESPEC_CPU_LINEAR", "skinny") in ("skinny", "numpy")
+from pipespec_fast import config
+
+# CPU fp32 matmuls bypass torch: our skinny GEMM ("skinny", numpy's BLAS where the C library is
+# unavailable) or numpy's BLAS ("numpy"); "torch" keeps F.linear
+_CPU_LINEAR = config.current().cpu_linear
+_OWN_CPU_MATMULS = _CPU_LINEAR != "torch"
 
 
 def blas_threads(n: int | None):
@@ -28,17 +35,18 @@ def blas_threads(n: int | None):
     """
     from contextlib import nullcontext
 
-    if n is None or not _USE_NUMPY:
+    if n is None or not _OWN_CPU_MATMULS:
         return nullcontext()
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=n, user_api="blas")
 
 
-def uses_numpy() -> bool:
-    """Whether CPU fp32 matmuls bypass torch: ``PIPESPEC_CPU_LINEAR=skinny`` (default) or
-    ``numpy``; ``torch`` keeps ``F.linear``."""
-    return _USE_NUMPY
+def own_cpu_matmuls() -> bool:
+    """Whether CPU fp32 matmuls bypass torch (our C kernel or numpy's BLAS, sized by the thread
+    policy): ``PIPESPEC_CPU_LINEAR=skinny`` (default) or ``numpy``; ``torch`` keeps
+    ``F.linear``."""
+    return _OWN_CPU_MATMULS
 
 
 _threads = 1
@@ -64,27 +72,28 @@ def current_threads() -> int:
     return getattr(_local, "n", None) or _threads
 
 
-def _skinny():
-    if os.environ.get("PIPESPEC_CPU_LINEAR", "skinny") != "skinny":
+def _skinny_gemm():
+    """The skinny GEMM module when it serves the matmuls, else ``None`` (numpy or torch)."""
+    if _CPU_LINEAR != "skinny":
         return None
-    from pipespec_fast.cpu import gemm as cpu_gemm
+    from pipespec_fast.cpu import gemm
 
-    return cpu_gemm if cpu_gemm.available() else None
+    return gemm if gemm.available() else None
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x: [n, in]``, ``w: [out, in]`` (no grad) -> ``[n, out]`` in ``x.dtype``.
 
-    On CPU in fp32 every block goes to the batch-invariant skinny GEMM (``cpu_gemm``, a small
+    On CPU in fp32 every block goes to the batch-invariant skinny GEMM (``gemm.py``, a small
     AVX2/AVX-512 C kernel built on first use): it reads each weight once for all rows, so
     verifying 8 tokens costs about what decoding one does, and row ``i`` of the result is
     bit-identical whatever the number of rows — the projections of a verified token equal
     those of one-token decoding. Without a compiler or AVX2 it falls back to numpy's OpenBLAS.
     """
-    if _USE_NUMPY and x.dtype == torch.float32 and w.dtype == torch.float32 and \
+    if _OWN_CPU_MATMULS and x.dtype == torch.float32 and w.dtype == torch.float32 and \
             not x.is_cuda and not w.requires_grad and x.device.type == "cpu":
-        if _SKINNY is not None:
-            return _SKINNY.skinny_linear(x, w, current_threads())
+        if _SKINNY_GEMM is not None:
+            return _SKINNY_GEMM.skinny_linear(x, w, current_threads())
         wn = w.numpy()
         xn = x.detach().numpy()
         if xn.shape[0] == 1:  # GEMV: OpenBLAS' sgemv on the row-major weight
@@ -117,4 +126,4 @@ class Linear(torch.nn.Module):
         return linear(x, self.weight)
 
 
-_SKINNY = _skinny()
+_SKINNY_GEMM = _skinny_gemm()

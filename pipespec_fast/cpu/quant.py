@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-F16, Q4_1, Q8_0 = 1, 2, 3
+F16, Q4_1, Q8_0 = 1, 2, 3  # QUANT_* in csrc/quant_gemm.h
 KIND_NAMES = {F16: "F16", Q4_1: "Q4_1", Q8_0: "Q8_0"}
 KINDS = {v: k for k, v in KIND_NAMES.items()}
 _BLOCK_BYTES = {Q4_1: 20, Q8_0: 34}
@@ -152,9 +152,9 @@ def available() -> bool:
     F16C on this CPU)."""
     global _supported
     if _supported is None:
-        from pipespec_fast.cpu import gemm as cpu_gemm
+        from pipespec_fast.cpu import library
 
-        lib = cpu_gemm._load()
+        lib = library.load()
         _supported = bool(lib is not None and lib.quant_gemm_supported())
     return _supported
 
@@ -171,7 +171,7 @@ def packed_linear(x: torch.Tensor, w: PackedWeight, threads: int = 1) -> torch.T
         raise TypeError("packed_linear: x must be a float32 CPU tensor")
     if not available():
         return x @ w.dequantize().T
-    from pipespec_fast.cpu import gemm as cpu_gemm
+    from pipespec_fast.cpu import library
 
     if x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < w.k):
         x = x.contiguous()
@@ -179,7 +179,7 @@ def packed_linear(x: torch.Tensor, w: PackedWeight, threads: int = 1) -> torch.T
     y = torch.empty((n, w.m), dtype=torch.float32)
     if n and w.m:
         ldx = x.stride(0) if n > 1 else w.k
-        rc = cpu_gemm._lib.quant_gemm_f32(
+        rc = library.load().quant_gemm_f32(
             ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(w.data.data_ptr()),
             ctypes.c_void_p(y.data_ptr()), n, w.k, w.m, ldx, w.kind, max(1, int(threads)))
         if rc != 0:

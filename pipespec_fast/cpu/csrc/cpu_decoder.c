@@ -22,24 +22,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_decoder.h"
+#include "quant_gemm.h"
+#include "skinny_gemm.h"
 #include "thread_pool.h"
 
-void skinny_gemm_f32(const float *x, const float *w, float *y, int n, int k, int m, int ldx,
-                     int nthreads);
-int quant_gemm_f32(const float *x, const uint8_t *w, float *y, int n, int k, int m, int ldx,
-                   int kind, int nthreads);
-
-#define DECODER_ABI_VERSION 1
-
 int decoder_abi_version(void) { return DECODER_ABI_VERSION; }
-
-/* One layer's parameters. Matrices in order wqkv [qkv, dim], wo [dim, q], w13 [2 inter, dim],
- * w2 [dim, inter]; kind 0 = fp32 row-major, else a pipespec_fast.quant kind (packed rows). */
-typedef struct {
-    const float *attn_norm, *ffn_norm;
-    const void *w[4];
-    int32_t kind[4];
-} dec_layer_t;
 
 #if defined(__x86_64__) && defined(__GNUC__)
 
@@ -206,17 +194,18 @@ static void attend(const float *restrict q, const float *restrict kc, const floa
 
 #pragma GCC pop_options
 
-static void gemm(const float *x, int n, int k, const void *w, int kind, int m, float *y, int nt,
-                 int *err) {
-    if (kind == 0)
+/* y[n, m] = x[n, k] @ w^T by the GEMM for the weight's storage (decoder_layer_t.kind). */
+static void layer_matmul(const float *x, int n, int k, const void *w, int kind, int m, float *y,
+                         int nt, int *err) {
+    if (kind == DECODER_WEIGHT_FP32)
         skinny_gemm_f32(x, (const float *)w, y, n, k, m, k, nt);
     else if (quant_gemm_f32(x, (const uint8_t *)w, y, n, k, m, k, kind, nt) != 0)
-        *err = -2;
+        *err = DECODER_BAD_WEIGHTS;
 }
 
 /* What the per-row and per-(token, head) steps of one layer read and write. */
 typedef struct {
-    const dec_layer_t *L;
+    const decoder_layer_t *L;
     float *x, *h, *qkv, *att, *gu, *act, *scores, *kl, *vl;
     const float *cosv, *sinv;
     const int32_t *bits;
@@ -276,21 +265,16 @@ static void run_step(layer_job_t *c, int step, int parts) {
     pool_run(layer_part, c, parts);
 }
 
-/* Run n tokens through n_layers layers, in place on x [n, dim].
- *
- * cosv, sinv: [n, hd] RoPE tables of the tokens' positions. bits: [n, words] ancestor-or-self
- * masks of the block. k_cache, v_cache: the stage's caches, layer l / kv head g / slot s at
- * offset l * layer_stride + (g * max_len + s) * hd; slots [start, start + n) are overwritten.
- * Returns 0, -1 if out of memory, -2 for an unknown weight kind, -3 for a bad shape. */
-int decoder_layers_f32(const dec_layer_t *layers, int n_layers, float *x, int n, int dim,
+/* See cpu_decoder.h. Returns a DECODER_* code. */
+int decoder_layers_f32(const decoder_layer_t *layers, int n_layers, float *x, int n, int dim,
                        int n_heads, int n_kv, int hd, int inter, float eps, const float *cosv,
                        const float *sinv, const int32_t *bits, int words, float *k_cache,
                        float *v_cache, long long layer_stride, int max_len, int start,
                        int nthreads) {
-    if (n <= 0) return 0;
+    if (n <= 0) return DECODER_OK;
     if (hd > 512 || hd % 2 || n_kv <= 0 || n_heads % n_kv || start + n > max_len ||
         words < (n + 31) / 32)
-        return -3;
+        return DECODER_BAD_SHAPE;
     const int nt = nthreads < 1 ? 1 : nthreads;
     const int qo = n_heads * hd, kvo = n_kv * hd, qkvw = qo + 2 * kvo;
     const int ctx = start + n;
@@ -306,9 +290,9 @@ int decoder_layers_f32(const dec_layer_t *layers, int n_layers, float *x, int n,
     c.act = malloc(sizeof(float) * (size_t)n * inter);
     float *o = malloc(sizeof(float) * (size_t)n * dim);
     c.scores = malloc(sizeof(float) * (size_t)nt * 3 * ctx); /* attend()'s scratch, per part */
-    int err = 0;
+    int err = DECODER_OK;
     if (!c.h || !c.qkv || !c.att || !c.gu || !c.act || !o || !c.scores) {
-        err = -1;
+        err = DECODER_OUT_OF_MEMORY;
         goto done;
     }
     /* Split the per-row and per-(token, head) work only when it is worth a hand-off. */
@@ -319,18 +303,18 @@ int decoder_layers_f32(const dec_layer_t *layers, int n_layers, float *x, int n,
         c.kl = k_cache + (size_t)l * layer_stride;
         c.vl = v_cache + (size_t)l * layer_stride;
         run_step(&c, STEP_ATTN_NORM, rows);
-        gemm(c.h, n, dim, c.L->w[0], c.L->kind[0], qkvw, c.qkv, nt, &err);
+        layer_matmul(c.h, n, dim, c.L->w[0], c.L->kind[0], qkvw, c.qkv, nt, &err);
         if (err) break; /* nothing past a failed product: the buffers hold no result */
         run_step(&c, STEP_ROPE_KV, rows);
         run_step(&c, STEP_ATTEND, heads);
-        gemm(c.att, n, qo, c.L->w[1], c.L->kind[1], dim, o, nt, &err);
+        layer_matmul(c.att, n, qo, c.L->w[1], c.L->kind[1], dim, o, nt, &err);
         if (err) break;
         for (size_t j = 0; j < (size_t)n * dim; ++j) x[j] += o[j];
         run_step(&c, STEP_FFN_NORM, rows);
-        gemm(c.h, n, dim, c.L->w[2], c.L->kind[2], 2 * inter, c.gu, nt, &err);
+        layer_matmul(c.h, n, dim, c.L->w[2], c.L->kind[2], 2 * inter, c.gu, nt, &err);
         if (err) break;
         run_step(&c, STEP_SWIGLU, rows);
-        gemm(c.act, n, inter, c.L->w[3], c.L->kind[3], dim, o, nt, &err);
+        layer_matmul(c.act, n, inter, c.L->w[3], c.L->kind[3], dim, o, nt, &err);
         if (err) break;
         for (size_t j = 0; j < (size_t)n * dim; ++j) x[j] += o[j];
     }
@@ -353,12 +337,12 @@ int decoder_supported(void) {
 #else
 
 int decoder_supported(void) { return 0; }
-int decoder_layers_f32(const dec_layer_t *layers, int n_layers, float *x, int n, int dim,
+int decoder_layers_f32(const decoder_layer_t *layers, int n_layers, float *x, int n, int dim,
                        int n_heads, int n_kv, int hd, int inter, float eps, const float *cosv,
                        const float *sinv, const int32_t *bits, int words, float *k_cache,
                        float *v_cache, long long layer_stride, int max_len, int start,
                        int nthreads) {
-    return -3;
+    return DECODER_BAD_SHAPE;
 }
 
 #endif

@@ -31,16 +31,15 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "quant_gemm.h"
 #include "thread_pool.h"
-
-enum { KIND_F16 = 1, KIND_Q4_1 = 2, KIND_Q8_0 = 3 };
 
 /* Bytes per stored weight row of k values. */
 long long quant_row_bytes(int kind, int k) {
     switch (kind) {
-    case KIND_F16: return 2LL * k;
-    case KIND_Q4_1: return (long long)(k / 32) * 20;
-    case KIND_Q8_0: return (long long)(k / 32) * 34;
+    case QUANT_F16: return 2LL * k;
+    case QUANT_Q4_1: return (long long)(k / 32) * 20;
+    case QUANT_Q8_0: return (long long)(k / 32) * 34;
     default: return -1;
     }
 }
@@ -104,13 +103,14 @@ INLINE void deq_q8_0(const uint8_t *blk, __m512 *w0, __m512 *w1) {
 
 /* R rows of x against C weight rows over all k. KIND, R and C are constants at every call site
  * (the switch below), so the loops unroll and the accumulators live in registers. */
-INLINE void qkern(const int KIND, const int R, const int C, const float *restrict x, size_t ldx,
-                  const uint8_t *restrict w, size_t ldw, float *restrict y, size_t ldy, int k) {
+INLINE void quant_block(const int KIND, const int R, const int C, const float *restrict x,
+                        size_t ldx, const uint8_t *restrict w, size_t ldw, float *restrict y,
+                        size_t ldy, int k) {
     __m512 acc[QGROUP][QTILE];
     const size_t pf = PF_ROWS * ldw; /* prefetch distance: the rows two tiles ahead */
     for (int r = 0; r < R; ++r)
         for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-    if (KIND == KIND_F16) {
+    if (KIND == QUANT_F16) {
         for (int q = 0; q < k / 16; ++q) {
             __m512 wv[QTILE];
             for (int c = 0; c < C; ++c)
@@ -124,13 +124,13 @@ INLINE void qkern(const int KIND, const int R, const int C, const float *restric
             }
         }
     } else {
-        const size_t bb = KIND == KIND_Q4_1 ? 20 : 34;
+        const size_t bb = KIND == QUANT_Q4_1 ? 20 : 34;
         for (int b = 0; b < k / 32; ++b) {
             __m512 w0[QTILE], w1[QTILE];
             for (int c = 0; c < C; ++c)
                 _mm_prefetch((const char *)(w + c * ldw + (size_t)b * bb) + pf, _MM_HINT_T0);
             for (int c = 0; c < C; ++c) {
-                if (KIND == KIND_Q4_1)
+                if (KIND == QUANT_Q4_1)
                     deq_q4_1(w + c * ldw + (size_t)b * bb, &w0[c], &w1[c]);
                 else
                     deq_q8_0(w + c * ldw + (size_t)b * bb, &w0[c], &w1[c]);
@@ -150,7 +150,7 @@ INLINE void qkern(const int KIND, const int R, const int C, const float *restric
 }
 
 #define QK(KIND_, R_, C_)                                                                     \
-    case (R_) * 8 + (C_): qkern(KIND_, R_, C_, x, ldx, w, ldw, y, ldy, k); return
+    case (R_) * 8 + (C_): quant_block(KIND_, R_, C_, x, ldx, w, ldw, y, ldy, k); return
 
 #define QK_ROWS(KIND_, C_)                                                                    \
     QK(KIND_, 1, C_); QK(KIND_, 2, C_); QK(KIND_, 3, C_); QK(KIND_, 4, C_);                  \
@@ -168,17 +168,17 @@ INLINE void qkern(const int KIND, const int R, const int C, const float *restric
         }                                                                                     \
     }
 
-QK_KIND(kernel_f16, KIND_F16)
-QK_KIND(kernel_q4_1, KIND_Q4_1)
-QK_KIND(kernel_q8_0, KIND_Q8_0)
+QK_KIND(quant_kernel_f16, QUANT_F16)
+QK_KIND(quant_kernel_q4_1, QUANT_Q4_1)
+QK_KIND(quant_kernel_q8_0, QUANT_Q8_0)
 
 #pragma GCC pop_options
 
-typedef void (*qkernel_fn)(int, int, const float *, size_t, const uint8_t *, size_t, float *,
-                           size_t, int);
+typedef void (*quant_kernel_fn)(int, int, const float *, size_t, const uint8_t *, size_t,
+                                float *, size_t, int);
 
-static void q_range(qkernel_fn fn, const float *x, size_t ldx, const uint8_t *w, size_t ldw,
-                    float *y, int n, int k, int m, int o_begin, int o_end) {
+static void quant_range(quant_kernel_fn fn, const float *x, size_t ldx, const uint8_t *w,
+                        size_t ldw, float *y, int n, int k, int m, int o_begin, int o_end) {
     for (int o = o_begin; o < o_end; o += QTILE) {
         const int ct = o_end - o < QTILE ? o_end - o : QTILE;
         for (int r0 = 0; r0 < n; r0 += QGROUP) {
@@ -196,22 +196,22 @@ static void q_range(qkernel_fn fn, const float *x, size_t ldx, const uint8_t *w,
     }
 }
 
-struct qjob {
-    qkernel_fn fn;
+typedef struct {
+    quant_kernel_fn fn;
     const float *x;
     const uint8_t *w;
     float *y;
     size_t ldx, ldw;
     int n, k, m, tiles;
-};
+} quant_job_t;
 
 /* Part t of T: a contiguous range of weight tiles (the prefetch stream runs across tiles). */
-static void q_part(void *arg, int t, int T) {
-    const struct qjob *j = arg;
+static void quant_part(void *arg, int t, int T) {
+    const quant_job_t *j = arg;
     int tb, te;
     pool_part(j->tiles, t, T, &tb, &te);
     const int ob = tb * QTILE, oe = te * QTILE < j->m ? te * QTILE : j->m;
-    if (ob < oe) q_range(j->fn, j->x, j->ldx, j->w, j->ldw, j->y, j->n, j->k, j->m, ob, oe);
+    if (ob < oe) quant_range(j->fn, j->x, j->ldx, j->w, j->ldw, j->y, j->n, j->k, j->m, ob, oe);
 }
 
 /* y[n, m] = x[n, k] (row stride ldx) @ dequant(w)^T; returns 0, or -1 for a bad kind or k or
@@ -221,15 +221,15 @@ int quant_gemm_f32(const float *x, const uint8_t *w, float *y, int n, int k, int
     static int supported = -1; /* the CPU check, once (a benign race: same value) */
     if (supported < 0) supported = quant_gemm_supported();
     if (!supported) return -1;
-    qkernel_fn fn;
+    quant_kernel_fn fn;
     switch (kind) {
-    case KIND_F16: fn = kernel_f16; if (k % 16) return -1; break;
-    case KIND_Q4_1: fn = kernel_q4_1; if (k % 32) return -1; break;
-    case KIND_Q8_0: fn = kernel_q8_0; if (k % 32) return -1; break;
+    case QUANT_F16: fn = quant_kernel_f16; if (k % 16) return -1; break;
+    case QUANT_Q4_1: fn = quant_kernel_q4_1; if (k % 32) return -1; break;
+    case QUANT_Q8_0: fn = quant_kernel_q8_0; if (k % 32) return -1; break;
     default: return -1;
     }
     if (n <= 0 || m <= 0) return 0;
-    const struct qjob j = {fn, x, w, y, (size_t)ldx, (size_t)quant_row_bytes(kind, k), n, k, m,
+    const quant_job_t j = {fn, x, w, y, (size_t)ldx, (size_t)quant_row_bytes(kind, k), n, k, m,
                            (m + QTILE - 1) / QTILE};
     int nt = nthreads < 1 ? 1 : nthreads;
     if (nt > j.tiles) nt = j.tiles;
@@ -237,7 +237,7 @@ int quant_gemm_f32(const float *x, const uint8_t *w, float *y, int n, int k, int
      * (tiny test models) stay on the calling thread. Results do not depend on nt. */
     const long long per = (long long)m * k / MIN_THREAD_WORK;
     if (nt > per) nt = per < 1 ? 1 : (int)per;
-    pool_run(q_part, (void *)&j, nt);
+    pool_run(quant_part, (void *)&j, nt);
     return 0;
 }
 

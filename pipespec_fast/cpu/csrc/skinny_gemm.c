@@ -34,18 +34,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "skinny_gemm.h"
 #include "thread_pool.h"
 
-#define SKINNY_ABI_VERSION 2
-
-int skinny_gemm_abi_version(void) { return SKINNY_ABI_VERSION; }
+int skinny_gemm_abi_version(void) { return SKINNY_GEMM_ABI_VERSION; }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 
 #include <immintrin.h>
 
-/* ISA paths: 1 = AVX2 + FMA; 2 = AVX-512F for n >= 3 (AVX2 below). Bit-identical results. */
-static int g_isa = 0; /* 0: not chosen yet */
+/* The SKINNY_ISA_* path in use (skinny_gemm.h); SKINNY_ISA_BEST: not chosen yet. */
+static int isa_in_use = SKINNY_ISA_BEST;
 
 /* Plain x86-64 code (no AVX): safe to call on any x86-64 CPU. */
 int skinny_gemm_supported(void) {
@@ -56,20 +55,19 @@ int skinny_gemm_supported(void) {
 static int best_isa(void) {
     __builtin_cpu_init();
     if (!skinny_gemm_supported()) return 0;
-    return __builtin_cpu_supports("avx512f") ? 2 : 1;
+    return __builtin_cpu_supports("avx512f") ? SKINNY_ISA_AVX512 : SKINNY_ISA_AVX2;
 }
 
-/* Choose the ISA path: 0 = best available, 1 = AVX2, 2 = AVX-512 (if available, else AVX2).
- * Returns the path now in effect (0 if the CPU lacks avx2/fma). Results do not depend on it. */
+/* Results do not depend on the path (see skinny_gemm.h). */
 int skinny_gemm_set_isa(int isa) {
     const int best = best_isa();
-    g_isa = (isa <= 0 || isa > best) ? best : isa;
-    return g_isa;
+    isa_in_use = (isa <= SKINNY_ISA_BEST || isa > best) ? best : isa;
+    return isa_in_use;
 }
 
 int skinny_gemm_get_isa(void) {
-    if (g_isa == 0) g_isa = best_isa();
-    return g_isa;
+    if (isa_in_use == SKINNY_ISA_BEST) isa_in_use = best_isa();
+    return isa_in_use;
 }
 
 #define TILE_M 6 /* weight rows per tile (a multiple of every kernel width below); measured: 6 >
@@ -97,7 +95,7 @@ typedef struct {
     float *y;        /* [n, m] */
     int n, k, m, isa;
     int tiles; /* TILE_M-row tiles of w, split among the threads */
-} job_t;
+} skinny_job_t;
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -129,11 +127,11 @@ INLINE __m128 reduce4(__m256 a, __m256 b, __m256 c, __m256 d) {
 
 /*
  * AVX2: R rows of x against C rows of w over all k. R and C are compile-time constants at every
- * call site (the switch in kernel256), so the loops unroll and acc lives in registers.
+ * call site (the switch in avx2_kernel), so the loops unroll and acc lives in registers.
  */
-INLINE void kern256(const int R, const int C, const float *restrict x, size_t ldx,
-                    const float *restrict w, size_t ldw, float *restrict y, size_t ldy, int k,
-                    const char *pf, int pf_lines) {
+INLINE void avx2_block(const int R, const int C, const float *restrict x, size_t ldx,
+                       const float *restrict w, size_t ldw, float *restrict y, size_t ldy, int k,
+                       const char *pf, int pf_lines) {
     const int nblk = k / 8, rem = k % 8;
     __m256 acc[MAX_R][MAX_C];
     for (int r = 0; r < R; ++r)
@@ -192,21 +190,23 @@ INLINE void kern256(const int R, const int C, const float *restrict x, size_t ld
 /* AVX2 weight rows per kernel: 3 for R = 1..4 rows of x (3 to 12 accumulation chains; R * 3
  * accumulators plus the operands fit in 16 ymm registers). Few weight rows at once stream best
  * from DRAM, and small n is memory-bound. */
-static int cols256(int r) {
+static int avx2_cols(int r) {
     (void)r;
     return 3;
 }
 
-#define CASE256(R_, C_)                                                                       \
+#define AVX2_CASE(R_, C_)                                                                     \
     case (R_) * 16 + (C_):                                                                    \
-        kern256(R_, C_, x, ldx, w, ldw, y, ldy, k, pf, pf_lines);                            \
+        avx2_block(R_, C_, x, ldx, w, ldw, y, ldy, k, pf, pf_lines);                          \
         break;
 
-static void kernel256(int r, int c, const float *x, size_t ldx, const float *w, size_t ldw,
-                      float *y, size_t ldy, int k, const char *pf, int pf_lines) {
+static void avx2_kernel(int r, int c, const float *x, size_t ldx, const float *w, size_t ldw,
+                        float *y, size_t ldy, int k, const char *pf, int pf_lines) {
     switch (r * 16 + c) {
-        CASE256(1, 1) CASE256(1, 2) CASE256(1, 3) CASE256(2, 1) CASE256(2, 2) CASE256(2, 3)
-        CASE256(3, 1) CASE256(3, 2) CASE256(3, 3) CASE256(4, 1) CASE256(4, 2) CASE256(4, 3)
+        AVX2_CASE(1, 1) AVX2_CASE(1, 2) AVX2_CASE(1, 3)
+        AVX2_CASE(2, 1) AVX2_CASE(2, 2) AVX2_CASE(2, 3)
+        AVX2_CASE(3, 1) AVX2_CASE(3, 2) AVX2_CASE(3, 3)
+        AVX2_CASE(4, 1) AVX2_CASE(4, 2) AVX2_CASE(4, 3)
         default: break;
     }
 }
@@ -229,9 +229,9 @@ INLINE __m256 hi256(__m512 v) {
  * C rows of w (each block broadcast to both halves). Lane j of the low (high) half follows
  * exactly the AVX2 accumulation of element (2p, o) ((2p+1, o)). `rows`: valid rows (2P or 2P-1).
  */
-INLINE void kern512(const int P, const int C, const float *restrict xp, size_t ldxp,
-                    const float *restrict w, size_t ldw, float *restrict y, size_t ldy, int k,
-                    int rows, const char *pf, int pf_lines) {
+INLINE void avx512_block(const int P, const int C, const float *restrict xp, size_t ldxp,
+                         const float *restrict w, size_t ldw, float *restrict y, size_t ldy,
+                         int k, int rows, const char *pf, int pf_lines) {
     const int nblk = k / 8, rem = k % 8;
     __m512 acc[MAX_P][MAX_C2];
     for (int p = 0; p < P; ++p)
@@ -290,21 +290,26 @@ INLINE void kern512(const int P, const int C, const float *restrict xp, size_t l
 /* AVX-512 weight rows per kernel for P row pairs: P * C <= 24 accumulators plus the operands fit
  * in 32 zmm registers; 4 pairs x 6 is the fastest compute shape, 3 weight rows at a time stream
  * best from DRAM. */
-static int cols512(int p) { return p == 4 ? 6 : 3; }
+static int avx512_cols(int p) { return p == 4 ? 6 : 3; }
 
-#define CASE512(P_, C_)                                                                       \
+#define AVX512_CASE(P_, C_)                                                                   \
     case (P_) * 16 + (C_):                                                                    \
-        kern512(P_, C_, xp, ldxp, w, ldw, y, ldy, k, rows, pf, pf_lines);                    \
+        avx512_block(P_, C_, xp, ldxp, w, ldw, y, ldy, k, rows, pf, pf_lines);                \
         break;
 
-static void kernel512(int p, int c, const float *xp, size_t ldxp, const float *w, size_t ldw,
-                      float *y, size_t ldy, int k, int rows, const char *pf, int pf_lines) {
+static void avx512_kernel(int p, int c, const float *xp, size_t ldxp, const float *w,
+                          size_t ldw, float *y, size_t ldy, int k, int rows, const char *pf,
+                          int pf_lines) {
     switch (p * 16 + c) {
-        CASE512(1, 1) CASE512(1, 2) CASE512(1, 3) CASE512(2, 1) CASE512(2, 2) CASE512(2, 3)
-        CASE512(3, 1) CASE512(3, 2) CASE512(3, 3)
-        CASE512(4, 1) CASE512(4, 2) CASE512(4, 3) CASE512(4, 4) CASE512(4, 5) CASE512(4, 6)
-        CASE512(5, 1) CASE512(5, 2) CASE512(5, 3) CASE512(6, 1) CASE512(6, 2) CASE512(6, 3)
-        CASE512(7, 1) CASE512(7, 2) CASE512(7, 3) CASE512(8, 1) CASE512(8, 2) CASE512(8, 3)
+        AVX512_CASE(1, 1) AVX512_CASE(1, 2) AVX512_CASE(1, 3)
+        AVX512_CASE(2, 1) AVX512_CASE(2, 2) AVX512_CASE(2, 3)
+        AVX512_CASE(3, 1) AVX512_CASE(3, 2) AVX512_CASE(3, 3)
+        AVX512_CASE(4, 1) AVX512_CASE(4, 2) AVX512_CASE(4, 3)
+        AVX512_CASE(4, 4) AVX512_CASE(4, 5) AVX512_CASE(4, 6)
+        AVX512_CASE(5, 1) AVX512_CASE(5, 2) AVX512_CASE(5, 3)
+        AVX512_CASE(6, 1) AVX512_CASE(6, 2) AVX512_CASE(6, 3)
+        AVX512_CASE(7, 1) AVX512_CASE(7, 2) AVX512_CASE(7, 3)
+        AVX512_CASE(8, 1) AVX512_CASE(8, 2) AVX512_CASE(8, 3)
         default: break;
     }
 }
@@ -325,9 +330,9 @@ static int split_blocks(int units, int nb, int *starts, int *sizes) {
 }
 
 /* Weight rows [o_begin, o_end) against all n rows of x. */
-static void run_range(const job_t *j, int o_begin, int o_end) {
+static void run_range(const skinny_job_t *j, int o_begin, int o_end) {
     const size_t ldw = (size_t)j->k, ldy = (size_t)j->m;
-    const int wide = j->isa == 2; /* row pairs */
+    const int wide = j->isa == SKINNY_ISA_AVX512; /* row pairs */
     int starts[ROW_GROUP], sizes[ROW_GROUP];
     for (int g0 = 0; g0 < j->n; g0 += ROW_GROUP) { /* large n only: x in groups of rows */
         const int gn = j->n - g0 < ROW_GROUP ? j->n - g0 : ROW_GROUP;
@@ -339,7 +344,7 @@ static void run_range(const job_t *j, int o_begin, int o_end) {
         split_blocks(wide ? pairs : gn, nb, starts, sizes);
         int ncalls = 0; /* kernel calls per full tile, to spread the prefetches over */
         for (int b = 0; b < nb; ++b) {
-            const int cm = wide ? cols512(sizes[b]) : cols256(sizes[b]);
+            const int cm = wide ? avx512_cols(sizes[b]) : avx2_cols(sizes[b]);
             ncalls += (TILE_M + cm - 1) / cm;
         }
         for (int o = o_begin; o < o_end; o += TILE_M) {
@@ -353,7 +358,7 @@ static void run_range(const job_t *j, int o_begin, int o_end) {
             const char *pf = (const char *)(j->w + (size_t)pf_row * ldw);
             int call = 0;
             for (int b = 0; b < nb; ++b) {
-                const int cm = wide ? cols512(sizes[b]) : cols256(sizes[b]);
+                const int cm = wide ? avx512_cols(sizes[b]) : avx2_cols(sizes[b]);
                 for (int c0 = 0; c0 < ct; c0 += cm, ++call) {
                     const int cc = ct - c0 < cm ? ct - c0 : cm;
                     const long long l0 = lines * call / ncalls, l1 = lines * (call + 1) / ncalls;
@@ -362,12 +367,12 @@ static void run_range(const job_t *j, int o_begin, int o_end) {
                     if (wide) {
                         const int r0 = g0 + 2 * starts[b];
                         const int rows = j->n - r0 < 2 * sizes[b] ? j->n - r0 : 2 * sizes[b];
-                        kernel512(sizes[b], cc, j->xp + (size_t)(r0 / 2) * j->ldxp, j->ldxp,
+                        avx512_kernel(sizes[b], cc, j->xp + (size_t)(r0 / 2) * j->ldxp, j->ldxp,
                                   wt + (size_t)c0 * ldw, ldw, j->y + (size_t)r0 * ldy + o + c0,
                                   ldy, j->k, rows, pfc, pf_lines);
                     } else {
                         const int r0 = g0 + starts[b];
-                        kernel256(sizes[b], cc, j->x + (size_t)r0 * j->ldx, j->ldx,
+                        avx2_kernel(sizes[b], cc, j->x + (size_t)r0 * j->ldx, j->ldx,
                                   wt + (size_t)c0 * ldw, ldw, j->y + (size_t)r0 * ldy + o + c0,
                                   ldy, j->k, pfc, pf_lines);
                     }
@@ -379,7 +384,7 @@ static void run_range(const job_t *j, int o_begin, int o_end) {
 
 /* Part t of T: a contiguous range of weight tiles. */
 static void skinny_part(void *arg, int t, int T) {
-    const job_t *j = arg;
+    const skinny_job_t *j = arg;
     int tb, te;
     pool_part(j->tiles, t, T, &tb, &te);
     const int ob = tb * TILE_M, oe = te * TILE_M < j->m ? te * TILE_M : j->m;
@@ -393,15 +398,16 @@ void skinny_gemm_f32(const float *x, const float *w, float *y, int n, int k, int
         memset(y, 0, (size_t)n * (size_t)m * sizeof(float));
         return;
     }
-    job_t j = {x, (size_t)ldx, NULL, 0, w, y, n, k, m, skinny_gemm_get_isa(), 0};
+    skinny_job_t j = {x, (size_t)ldx, NULL, 0, w, y, n, k, m, skinny_gemm_get_isa(), 0};
     float *xp = NULL;
-    if (j.isa == 2 && n < 3) j.isa = 1; /* memory-bound anyway, and no pair to waste */
-    if (j.isa == 2) {
+    if (j.isa == SKINNY_ISA_AVX512 && n < 3)
+        j.isa = SKINNY_ISA_AVX2; /* memory-bound anyway, and no pair to waste */
+    if (j.isa == SKINNY_ISA_AVX512) {
         const size_t nbt = ((size_t)k + 7) / 8, pairs = ((size_t)n + 1) / 2;
         j.ldxp = 16 * nbt;
         xp = aligned_alloc(64, pairs * j.ldxp * sizeof(float));
         if (xp == NULL) {
-            j.isa = 1;
+            j.isa = SKINNY_ISA_AVX2;
         } else {
             memset(xp, 0, pairs * j.ldxp * sizeof(float));
             for (size_t i = 0; i < (size_t)n; ++i)

@@ -19,10 +19,12 @@ import torch.nn.functional as F
 
 from pipespec_fast import config
 
-# CPU fp32 matmuls bypass torch: our skinny GEMM ("skinny", numpy's BLAS where the C library is
-# unavailable) or numpy's BLAS ("numpy"); "torch" keeps F.linear
-_CPU_LINEAR = config.current().cpu_linear
-_OWN_CPU_MATMULS = _CPU_LINEAR != "torch"
+
+def _cpu_linear() -> str:
+    """How CPU fp32 matmuls run: our skinny GEMM ("skinny", numpy's BLAS where the C library is
+    unavailable), numpy's BLAS ("numpy"), or torch's F.linear ("torch"). Read from the process
+    configuration when needed, not at import: importing the engine never fails on a setting."""
+    return config.current().cpu_linear
 
 
 def blas_threads(n: int | None):
@@ -35,7 +37,7 @@ def blas_threads(n: int | None):
     """
     from contextlib import nullcontext
 
-    if n is None or not _OWN_CPU_MATMULS:
+    if n is None or not own_cpu_matmuls():
         return nullcontext()
     from threadpoolctl import threadpool_limits
 
@@ -46,7 +48,7 @@ def own_cpu_matmuls() -> bool:
     """Whether CPU fp32 matmuls bypass torch (our C kernel or numpy's BLAS, sized by the thread
     policy): ``PIPESPEC_CPU_LINEAR=skinny`` (default) or ``numpy``; ``torch`` keeps
     ``F.linear``."""
-    return _OWN_CPU_MATMULS
+    return _cpu_linear() != "torch"
 
 
 _threads = 1
@@ -73,8 +75,9 @@ def current_threads() -> int:
 
 
 def _skinny_gemm():
-    """The skinny GEMM module when it serves the matmuls, else ``None`` (numpy or torch)."""
-    if _CPU_LINEAR != "skinny":
+    """The skinny GEMM module when it serves the matmuls, else ``None`` (numpy or torch).
+    Looked up per call (the library's own load is cached), so nothing is built at import."""
+    if _cpu_linear() != "skinny":
         return None
     from pipespec_fast.cpu import gemm
 
@@ -90,10 +93,11 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     bit-identical whatever the number of rows — the projections of a verified token equal
     those of one-token decoding. Without a compiler or AVX2 it falls back to numpy's OpenBLAS.
     """
-    if _OWN_CPU_MATMULS and x.dtype == torch.float32 and w.dtype == torch.float32 and \
-            not x.is_cuda and not w.requires_grad and x.device.type == "cpu":
-        if _SKINNY_GEMM is not None:
-            return _SKINNY_GEMM.skinny_linear(x, w, current_threads())
+    if x.dtype == torch.float32 and w.dtype == torch.float32 and not x.is_cuda and \
+            not w.requires_grad and x.device.type == "cpu" and own_cpu_matmuls():
+        gemm = _skinny_gemm()
+        if gemm is not None:
+            return gemm.skinny_linear(x, w, current_threads())
         wn = w.numpy()
         xn = x.detach().numpy()
         if xn.shape[0] == 1:  # GEMV: OpenBLAS' sgemv on the row-major weight
@@ -126,4 +130,3 @@ class Linear(torch.nn.Module):
         return linear(x, self.weight)
 
 
-_SKINNY_GEMM = _skinny_gemm()

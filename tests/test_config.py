@@ -193,3 +193,18 @@ def test_configuration_doc_lists_every_variable():
     assert table == config.VARIABLES
     for old, new in config.RENAMED.items():
         assert f"`{old}`" in doc and f"`{new}`" in doc
+
+
+def test_import_never_fails_on_a_setting_and_the_first_use_names_it(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PIPESPEC_CPU_THREADS="abc")
+    code = ("import pipespec_fast\n"
+            "from pipespec_fast import config\n"
+            "try:\n    config.current()\nexcept ValueError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "PIPESPEC_CPU_THREADS='abc'" in proc.stdout

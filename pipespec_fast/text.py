@@ -1,5 +1,5 @@
-"""Detokenisation for the caller: text pieces as tokens are verified, stop strings, and the
-token ids kept when a stop string cuts the text."""
+"""What the caller receives: text pieces as tokens are verified (incremental detokenisation,
+stop strings, the token ids kept when a stop string cuts the text) and where output ends."""
 
 from __future__ import annotations
 
@@ -57,3 +57,42 @@ class Detokenizer:
             if len(self._decode(ids[:n])) >= (self._cut or 0):
                 return ids[:n]
         return ids
+
+
+class Output:
+    """The caller's side of one generation: the new token ids, cut at the first end-of-sequence
+    token, at ``max_new_tokens`` or at a stop string (``reason``: ``"eos"``, ``"length"``,
+    ``"stop"``), and the text pieces to stream."""
+
+    def __init__(self, detok: Detokenizer, max_new_tokens: int, eos_ids: set[int]) -> None:
+        self.detok = detok
+        self.max_new_tokens = max_new_tokens
+        self.eos_ids = eos_ids
+        self.ids: list[int] = []
+        self.reason = "length"
+
+    def feed(self, tokens: list[int]) -> str:
+        """Take newly verified tokens; returns the text piece they complete ("" if none)."""
+        ids = self.ids
+        for tok in tokens:
+            ids.append(tok)
+            if tok in self.eos_ids:
+                self.reason = "eos"
+                break
+            if len(ids) >= self.max_new_tokens:
+                break
+        piece, hit = self.detok.feed(ids)
+        if hit:
+            self.reason = "stop"
+        return piece
+
+    @property
+    def done(self) -> bool:
+        return self.reason != "length" or len(self.ids) >= self.max_new_tokens
+
+    def finish(self) -> str:
+        """The text not yet returned; cuts ``ids`` to those a stop string keeps."""
+        tail = self.detok.flush(self.ids)
+        if self.reason == "stop":
+            self.ids = self.detok.kept_ids(self.ids)
+        return tail

@@ -1,5 +1,5 @@
-"""The adaptive, cost-aware verification window (``Sequencer.window``) and the pipelines' use of
-a window of 0 (speculation switched off while it does not pay)."""
+"""The adaptive, cost-aware verification window (``Sequencer.window``: ``WindowPolicy``) and the
+pipelines' use of a window of 0 (speculation switched off while it does not pay)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 from tiny import family
 
 from pipespec_fast import FastPipeline
-from pipespec_fast.decoding.sequence import SamplingParams, Sequencer
+from pipespec_fast.decoding.sampling import SamplingParams
+from pipespec_fast.decoding.sequence import Sequencer
+from pipespec_fast.decoding.window import WindowPolicy
 from pipespec_fast.stages import LlamaStage
 
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
@@ -18,8 +20,7 @@ PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
 def sequencer(acc: float, rej: float, lat: dict[int, float]) -> Sequencer:
     (m,) = family(1, seed=0)
     s = Sequencer(LlamaStage(m, max_len=64), SamplingParams(), index=1)
-    s._acc, s._rej = acc, rej
-    s._verify_lat = {n: (t, 1.0) for n, t in lat.items()}
+    s.policy.set_state(acc, rej, {n: (t, 1.0) for n, t in lat.items()})
     return s
 
 
@@ -48,16 +49,14 @@ def test_window_stays_short_when_every_row_costs() -> None:
 def test_window_zero_when_speculation_does_not_pay_then_explores() -> None:
     # L(n) = 4 ms + 1.5 ms n, a = 0.2: one token alone (5.5 ms) beats any window
     s = sequencer(acc=1.0, rej=8.0, lat={2: 0.007, 4: 0.010})
-    k = Sequencer.EXPLORE_EVERY
+    k = WindowPolicy.EXPLORE_EVERY
     got = [s.window(6) for _ in range(k + 2 * k + 4 * k)]
     # one draft after k steps alone, then after 2k, 4k while it keeps not paying
     assert got == [0] * (k - 1) + [1] + [0] * (2 * k - 1) + [1] + [0] * (4 * k - 1) + [1]
     # once speculation pays again, the exploration interval starts over
-    s._verify_lat = {2: (0.0052, 1.0), 4: (0.0054, 1.0)}
-    s._acc, s._rej = 8.0, 2.0
+    s.policy.set_state(8.0, 2.0, {2: (0.0052, 1.0), 4: (0.0054, 1.0)})
     assert s.window(6) > 0
-    s._verify_lat = {2: (0.007, 1.0), 4: (0.010, 1.0)}
-    s._acc, s._rej = 1.0, 8.0
+    s.policy.set_state(1.0, 8.0, {2: (0.007, 1.0), 4: (0.010, 1.0)})
     assert [s.window(6) for _ in range(k)] == [0] * (k - 1) + [1]
 
 
@@ -65,24 +64,25 @@ def test_window_times_a_step_alone_when_only_one_verify_size_is_known() -> None:
     # a verifier that has only ever verified 2 rows has no line: one step alone gives L(1)
     s = sequencer(acc=1.0, rej=8.0, lat={2: 0.007})
     assert s.window(6) == 0
-    s._note_verify_latency(1, 0.0055)
+    s.policy.note_latency(1, 0.0055)
     assert s.window(6) == 0  # the line through L(1) and L(2): speculation does not pay
 
 
 def test_non_adaptive_window_is_the_maximum() -> None:
     s = sequencer(acc=1.0, rej=8.0, lat={2: 0.007, 4: 0.010})
-    s.adaptive = False
+    s.policy.adaptive = False
     assert s.window(5) == 5
 
 
 def test_latency_line_fades_sizes_not_seen_for_a_while() -> None:
     s = sequencer(acc=0.0, rej=0.0, lat={})
-    s._note_verify_latency(9, 0.5)  # one slow outlier
+    s.policy.note_latency(9, 0.5)  # one slow outlier
     for _ in range(80):
-        s._note_verify_latency(2, 0.006)
-        s._note_verify_latency(3, 0.007)
-    assert set(s._verify_lat) == {2, 3}
-    c0, c1 = s._latency_line()
+        s.policy.note_latency(2, 0.006)
+        s.policy.note_latency(3, 0.007)
+    assert set(s.policy.latency) == {2, 3}
+    line = s.policy.line()
+    c0, c1 = line.a, line.b
     assert c0 == pytest.approx(0.004) and c1 == pytest.approx(0.001)
 
 
@@ -112,6 +112,6 @@ def test_seeded_sampling_windows_ignore_timings() -> None:
     """Seeded sampling must reproduce its draws: the window then follows acceptance only."""
     (m,) = family(1, seed=0)
     s = Sequencer(LlamaStage(m, max_len=64), SamplingParams(temperature=1.0, seed=3), index=1)
-    s._acc, s._rej = 1.0, 8.0
-    s._verify_lat = {2: (0.007, 1.0), 4: (0.010, 1.0)}  # would switch speculation off
+    # latencies that would switch speculation off
+    s.policy.set_state(1.0, 8.0, {2: (0.007, 1.0), 4: (0.010, 1.0)})
     assert s.window(6) == 2  # a = 2/11: the smallest g with a^g <= 0.15

@@ -28,6 +28,8 @@ from bisect import bisect_left
 
 import torch
 
+from pipespec_fast.stages.base import StageCapabilities
+
 NEG_INF = float("-inf")
 
 
@@ -44,6 +46,10 @@ class NGramStage:
     row's proposal (``0`` for a fallback) and ``last_proposals`` the proposed token per
     returned row; ``proposals`` / ``matched`` count rows proposed / proposed by a real match.
     """
+
+    # proposals cost microseconds (run inline, fill leads at once); fallbacks are guesses
+    # (last_match_len < min_confident_match); clone() gives the skip-level copy; chains only
+    capabilities = StageCapabilities(model_free=True, confidence=True, clone=True)
 
     def __init__(
         self,

@@ -4,6 +4,8 @@ pipelines' use of a window of 0 (speculation switched off while it does not pay)
 from __future__ import annotations
 
 import itertools
+import math
+import random
 
 import pytest
 from tiny import family
@@ -115,3 +117,101 @@ def test_seeded_sampling_windows_ignore_timings() -> None:
     # latencies that would switch speculation off
     s.policy.set_state(1.0, 8.0, {2: (0.007, 1.0), 4: (0.010, 1.0)})
     assert s.window(6) == 2  # a = 2/11: the smallest g with a^g <= 0.15
+
+
+class OldRule:
+    """The window rule as ``Sequencer`` implemented it before it moved onto
+    ``pipespec_fast.analysis`` (its own weighted line fit and truncated geometric sum), kept
+    here verbatim as the reference the policy must agree with."""
+
+    def __init__(self, timed: bool) -> None:
+        self.timed, self.acc, self.rej, self.lat = timed, 0.0, 0.0, {}
+        self.alone, self.every = 0, 8
+
+    def note(self, n_feed: int, seconds: float, drafts: int, accepted: int) -> None:
+        if n_feed <= 64:
+            for k in list(self.lat):
+                m, w = self.lat[k]
+                if w * 0.95 < 0.05:
+                    del self.lat[k]
+                else:
+                    self.lat[k] = (m, w * 0.95)
+            mean, w = self.lat.get(n_feed, (seconds, 0.0))
+            w += 1.0
+            self.lat[n_feed] = (mean + (seconds - mean) / min(w, 5.0), w)
+        if drafts:
+            self.acc = 0.9 * self.acc + accepted
+            self.rej = 0.9 * self.rej + float(accepted < drafts)
+
+    def line(self):
+        if len(self.lat) < 2:
+            return None
+        sw = swn = swt = swnn = swnt = 0.0
+        for n, (mean, w) in self.lat.items():
+            sw, swn, swt = sw + w, swn + w * n, swt + w * mean
+            swnn, swnt = swnn + w * n * n, swnt + w * n * mean
+        den = sw * swnn - swn * swn
+        c1 = max(0.0, (sw * swnt - swn * swt) / den) if den > 0 else 0.0
+        c0 = (swt - c1 * swn) / sw
+        return None if c0 + c1 <= 0 else (c0, c1)
+
+    def plan(self, max_n: int, cost: float):
+        a = (self.acc + 1.0) / (self.acc + self.rej + 2.0)
+        line = self.line() if self.timed else None
+        if line is None:
+            if self.timed and self.lat and 1 not in self.lat:
+                return None
+            if a >= 0.999:
+                return max_n
+            return max(1, min(max_n, math.ceil(math.log(0.15) / math.log(a))))
+        c0, c1 = line
+        best, best_rate, expected = 0, 1.0 / (c0 + c1), 1.0
+        for g in range(1, max(1, max_n) + 1):
+            expected += a**g
+            rate = expected / (c0 + c1 * (g + 1) + g * cost)
+            if rate > best_rate:
+                best, best_rate = g, rate
+        return best
+
+    def window(self, max_n: int, cost: float) -> int:
+        best = self.plan(max_n, cost)
+        if best is None:
+            return 0
+        if best == 0:
+            self.alone += 1
+            if self.alone < self.every:
+                return 0
+            self.every, best = min(64, 2 * self.every), 1
+        else:
+            self.every = 8
+        self.alone = 0
+        return best
+
+
+@pytest.mark.parametrize("c0,c1,alpha,cost,max_n,timed", [
+    (4e-3, 1.2e-3, 0.5, 0.0, 8, True),  # every row costs: short windows
+    (4e-3, 1.5e-3, 0.2, 0.0, 6, True),  # speculation does not pay: 0, then explorations
+    (10e-3, 0.05e-3, 0.85, 0.0, 12, True),  # rows nearly free (memory-bound): long windows
+    (5e-3, 0.8e-3, 0.7, 2e-3, 8, True),  # drafting costs (synchronous decoding)
+    (3e-3, 0.3e-3, 0.6, 0.4e-3, 48, True),  # the widest window allowed
+    (4e-3, 1.5e-3, 0.4, 0.0, 6, False),  # seeded sampling: acceptance only
+])
+def test_policy_decides_as_the_old_rule_on_recorded_steps(c0, c1, alpha, cost, max_n, timed):
+    """Latencies with noise and Bernoulli acceptances, fed step by step to the policy and to
+    the rule it replaced: the same window at every step (and the same free-draft plan)."""
+    rng = random.Random(7)
+    policy, old = WindowPolicy(timed=timed), OldRule(timed)
+    uncached = 1
+    got = []
+    for _ in range(400):
+        g = policy.choose(max_n, cost)
+        assert g == old.window(max_n, cost)
+        assert policy.plan(max_n, 0.0) == old.plan(max_n, 0.0)
+        accepted = next((j for j in range(g) if rng.random() > alpha), g)
+        n_feed = uncached + g
+        seconds = (c0 + c1 * n_feed) * (1 + 0.05 * (rng.random() - 0.5))
+        policy.note_latency(n_feed, seconds)
+        policy.note_verify(g, accepted)
+        old.note(n_feed, seconds, g, accepted)
+        got.append(g)
+    assert len(set(got)) > 1  # the decisions really varied along the trace

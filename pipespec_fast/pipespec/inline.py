@@ -9,7 +9,7 @@ exact copy of its sequence.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from pipespec_fast.decoding.sequence import Sequencer
 from pipespec_fast.decoding.span import TokenSpan
@@ -17,6 +17,7 @@ from pipespec_fast.pipespec.messages import Chunk, Sync
 from pipespec_fast.pipespec.mirror import Mirror
 
 
+@runtime_checkable
 class InlineDrafter(Protocol):
     """What a verifier asks of a drafter it runs inline.
 

@@ -252,11 +252,13 @@ def _check_points(ns: Sequence[float], seconds: Sequence[float]) -> list[tuple[f
 
 
 def _check_weights(weights: Sequence[float], m: int) -> list[float]:
-    w = [_real(x, f"weights[{j}]") for j, x in enumerate(weights)]
+    w = list(weights)
     if len(w) != m:
         raise ValueError(f"weights: expected {m} entries (one per point), got {len(w)}")
-    if any(x <= 0.0 for x in w):
-        raise ValueError(f"weights must be positive, got {list(weights)!r}")
+    if not all(type(x) is float and 0.0 < x < math.inf for x in w):  # the engine's, fast
+        w = [_real(x, f"weights[{j}]") for j, x in enumerate(w)]
+        if any(x <= 0.0 for x in w):
+            raise ValueError(f"weights must be positive, got {list(weights)!r}")
     return w
 
 

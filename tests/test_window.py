@@ -215,3 +215,44 @@ def test_policy_decides_as_the_old_rule_on_recorded_steps(c0, c1, alpha, cost, m
         old.note(n_feed, seconds, g, accepted)
         got.append(g)
     assert len(set(got)) > 1  # the decisions really varied along the trace
+
+
+# ------------------------------------------------------- the closed forms the window is built on
+
+
+def test_weighted_fit_equals_the_fit_of_repeated_points():
+    from pipespec_fast.analysis import LatencyModel
+
+    ns, s = [1, 2, 4], [0.0051, 0.0058, 0.0079]
+    w = LatencyModel.fit(ns, s, [2.0, 1.0, 3.0])
+    r = LatencyModel.fit([1, 1, 2, 4, 4, 4], [s[0], s[0], s[1], s[2], s[2], s[2]])
+    assert w.a == pytest.approx(r.a, rel=1e-12) and w.b == pytest.approx(r.b, rel=1e-12)
+    assert LatencyModel.fit(ns, s, [1.0, 1.0, 1.0]) == LatencyModel.fit(ns, s)
+    for bad, err in [([1.0, 0.0, 1.0], "positive"), ([1.0, 1.0], "expected 3 entries"),
+                     ([1.0, float("inf"), 1.0], "finite")]:
+        with pytest.raises(ValueError, match=err):
+            LatencyModel.fit(ns, s, bad)
+
+
+def test_one_acceptance_estimate():
+    from pipespec_fast.analysis import acceptance_estimate, estimate_alpha
+    from pipespec_fast.decoding.stats import StageStats
+
+    assert acceptance_estimate(6, 2) == 0.75 and acceptance_estimate(0, 0) == 0.0
+    assert acceptance_estimate(8.0, 2.0, prior=1.0) == 0.75  # Laplace: (8 + 1) / (10 + 2)
+    assert estimate_alpha([2, 4, 0], 4) == acceptance_estimate(6, 2)  # 2 rejected steps
+    st = StageStats("t", accepted=6, rejected=2)
+    assert st.alpha == 0.75 and StageStats("t").alpha == 0.0
+    p = WindowPolicy(timed=True)
+    p.set_state(8.0, 2.0, {})
+    assert p.acceptance == 0.75
+
+
+def test_best_window_is_the_speculation_ceilings_sync_window():
+    from pipespec_fast.analysis import LatencyModel, best_window, speculation_ceiling
+
+    line = LatencyModel.linear(4e-3, 1.2e-3)
+    for alpha, cost, want in [(0.5, 0.0, 1), (0.73, 0.0, 3), (0.73, 2e-3, 1), (0.2, 0.0, 0)]:
+        g, rate = best_window(line, alpha, cost, 8)
+        c = speculation_ceiling(line, alpha, cost, 8)
+        assert g == want == c.sync_gamma and rate == c.sync_tokens_per_s

@@ -48,6 +48,7 @@ class WindowPolicy:
         # block size n -> (decayed mean latency in s, decayed weight)
         self.latency: dict[int, tuple[float, float]] = {}
         self._line: LatencyModel | None = None
+        self._line_stale = False  # a latency was noted since the line was fitted
         self._alone_steps = 0  # consecutive choose() == 0 answers
         self._explore_every = self.EXPLORE_EVERY  # doubles while explorations keep failing
         # the last plan() answer and its arguments, valid until the next measurement
@@ -90,9 +91,7 @@ class WindowPolicy:
         self._changed()
 
     def _changed(self) -> None:
-        pts = self.latency
-        self._line = LatencyModel.fit(list(pts), [m for m, _ in pts.values()],
-                                      [w for _, w in pts.values()]) if len(pts) >= 2 else None
+        self._line_stale = True  # fitted when a decision needs it (never for fixed windows)
         self._fresh = False  # the cached plan is stale
 
     @property
@@ -101,8 +100,14 @@ class WindowPolicy:
         return acceptance_estimate(self.accepted, self.rejections, prior=1.0)
 
     def line(self) -> LatencyModel | None:
-        """``L(n) = a + b n`` through the recent verify latencies; ``None`` before two block
-        sizes have been timed."""
+        """``L(n) = a + b n`` through the recent verify latencies (``LatencyModel.fit``
+        weighted by each block size's decayed count); ``None`` before two sizes were timed."""
+        if self._line_stale:
+            pts = self.latency
+            self._line = LatencyModel.fit(list(pts), [m for m, _ in pts.values()],
+                                          [w for _, w in pts.values()]) \
+                if len(pts) >= 2 else None
+            self._line_stale = False
         return self._line
 
     # ------------------------------------------------------------------ decisions
@@ -144,7 +149,7 @@ class WindowPolicy:
 
     def _evaluate(self, max_n: int, draft_cost_s: float) -> int | None:
         a = self.acceptance
-        line = self._line if self.timed else None
+        line = self.line() if self.timed else None
         if line is None:
             if self.timed and self.latency and 1 not in self.latency:
                 return None

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 
 class Detokenizer:
-    """Incremental detokenisation with stop strings; holds back incomplete UTF-8."""
+    """Incremental detokenisation with stop strings; holds back incomplete UTF-8.
+
+    Each call decodes all ids so far (a tokenizer's pieces do not concatenate: spaces and
+    multi-byte characters depend on the neighbouring tokens) and returns what is new. Text is
+    held back while it ends in an incomplete character (decoded as U+FFFD) or in a prefix of
+    a stop string, so the caller never sees text it would have to take back.
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer (``None``: no text at all).
+        stop: stop strings; the text ends before the first one found.
+        incremental: ``False`` decodes once, at :meth:`flush` (no one reads the pieces).
+    """
 
     def __init__(self, tokenizer, stop: list[str] | None, incremental: bool = True) -> None:
         self.tok = tokenizer
@@ -18,6 +29,8 @@ class Detokenizer:
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def feed(self, ids: list[int]) -> tuple[str, bool]:
+        """``ids``: every new token so far. Returns the new text piece ("" when held back) and
+        whether a stop string was found (the text then ends before it)."""
         if self.tok is None or not self.incremental:
             return "", False
         full = self._decode(ids)
@@ -44,6 +57,8 @@ class Detokenizer:
         return piece, False
 
     def flush(self, ids: list[int]) -> str:
+        """At the end: the text not returned yet, held-back text included ("" after a
+        stop)."""
         if self.tok is None or self._cut is not None:
             return ""
         full = self._decode(ids)

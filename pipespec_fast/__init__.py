@@ -1,8 +1,8 @@
 """pipespec-fast: hierarchical pipelined speculative decoding (PipeSpec) with Triton kernels."""
 
 from pipespec_fast.api import FastPipeline, GenerationResult, StageError
-from pipespec_fast.decoding.sequence import SamplingParams
-from pipespec_fast.stages import HFStage, LlamaStage, NGramStage, Stage
+from pipespec_fast.decoding.sampling import SamplingParams
+from pipespec_fast.stages import HFStage, LlamaStage, NGramStage, Stage, StageCapabilities
 
 __all__ = [
     "FastPipeline",
@@ -12,6 +12,7 @@ __all__ = [
     "NGramStage",
     "SamplingParams",
     "Stage",
+    "StageCapabilities",
     "StageError",
 ]
 __version__ = "0.1.0"

@@ -37,7 +37,9 @@ __all__ = [
     "Prediction",
     "StagePrediction",
     "StageProfile",
+    "acceptance_estimate",
     "alpha_from_mean_accepted",
+    "best_window",
     "estimate_alpha",
     "expected_accepted",
     "expected_tokens_per_step",
@@ -112,8 +114,11 @@ def expected_accepted(alpha: float, gamma: float) -> float:
     emits. ``1`` at ``alpha = 0``, ``gamma + 1`` at ``alpha = 1``. ``gamma`` may be fractional
     (smooth interpolation of the closed form, e.g. for a measured mean window).
     """
-    a = _check_alpha(alpha)
-    g = _check_gamma(gamma)
+    return _accepted(_check_alpha(alpha), _check_gamma(gamma))
+
+
+def _accepted(a: float, g: float) -> float:
+    """:func:`expected_accepted` without argument checks (a hot loop's)."""
     if a == 1.0:
         return g + 1.0
     return _one_minus_pow(a, g + 1.0) / (1.0 - a)
@@ -203,7 +208,23 @@ def estimate_alpha(accepted_counts: Sequence[int], gamma: int) -> float:
         raise ValueError("accepted_counts must not be empty")
     if failures == 0:
         return 1.0
-    return total / (total + failures)
+    return acceptance_estimate(total, failures)
+
+
+def acceptance_estimate(accepted: float, rejections: float, prior: float = 0.0) -> float:
+    """Per-token ``alpha`` from ``accepted`` drafts and the number of verification steps that
+    ended in a ``rejections`` (the one estimate of the codebase: :func:`estimate_alpha`, the
+    engine's ``StageStats.alpha`` and its adaptive window all use it).
+
+    Under i.i.d. acceptance a step is its accepted drafts then one failure, or is censored when
+    every draft was accepted, so the maximum-likelihood estimate is
+    ``accepted / (accepted + rejections)``. ``prior`` adds that many pseudo-acceptances and
+    pseudo-rejections (``1``: Laplace's rule, ``1/2`` before anything was seen), which keeps a
+    decaying estimate away from 0 and 1 after a few steps. ``0`` when nothing was seen.
+    Not validated (it runs once per verification step in the engine): counts are ``>= 0``.
+    """
+    seen = accepted + rejections + 2 * prior
+    return (accepted + prior) / seen if seen else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,6 +249,17 @@ def _check_points(ns: Sequence[float], seconds: Sequence[float]) -> list[tuple[f
             raise ValueError(f"seconds[{j}] must be positive (latency), got {s!r}")
         pts.append((nv, sv))
     return pts
+
+
+def _check_weights(weights: Sequence[float], m: int) -> list[float]:
+    w = list(weights)
+    if len(w) != m:
+        raise ValueError(f"weights: expected {m} entries (one per point), got {len(w)}")
+    if not all(type(x) is float and 0.0 < x < math.inf for x in w):  # the engine's, fast
+        w = [_real(x, f"weights[{j}]") for j, x in enumerate(w)]
+        if any(x <= 0.0 for x in w):
+            raise ValueError(f"weights must be positive, got {list(weights)!r}")
+    return w
 
 
 @dataclass(frozen=True)
@@ -274,19 +306,24 @@ class LatencyModel:
         return cls(a=s, b=0.0)
 
     @classmethod
-    def fit(cls, ns: Sequence[float], seconds: Sequence[float]) -> LatencyModel:
+    def fit(cls, ns: Sequence[float], seconds: Sequence[float],
+            weights: Sequence[float] | None = None) -> LatencyModel:
         """Least-squares fit of ``a + b * n`` to measured ``(n, seconds)`` pairs.
 
         Constrained to ``a >= 0`` and ``b >= 0`` (a latency cannot shrink with more tokens or
         be negative): when the unconstrained optimum violates one, the optimum on that
-        boundary is returned. A single distinct ``n`` gives a constant model.
+        boundary is returned. A single distinct ``n`` gives a constant model. ``weights``
+        (positive, one per pair; default all 1) weigh each pair's squared error: the engine's
+        adaptive window passes each block size's decayed mean latency with its decayed count.
         """
         pts = _check_points(ns, seconds)
-        m = len(pts)
-        n_mean = math.fsum(n for n, _ in pts) / m
-        s_mean = math.fsum(s for _, s in pts) / m
-        sxx = math.fsum((n - n_mean) ** 2 for n, _ in pts)
-        sxy = math.fsum((n - n_mean) * (s - s_mean) for n, s in pts)
+        ws = [1.0] * len(pts) if weights is None else _check_weights(weights, len(pts))
+        wns = [(w, n, s) for w, (n, s) in zip(ws, pts, strict=True)]
+        sw = math.fsum(ws)
+        n_mean = math.fsum(w * n for w, n, _ in wns) / sw
+        s_mean = math.fsum(w * s for w, _, s in wns) / sw
+        sxx = math.fsum(w * (n - n_mean) ** 2 for w, n, _ in wns)
+        sxy = math.fsum(w * (n - n_mean) * (s - s_mean) for w, n, s in wns)
         if sxx == 0.0:
             return cls(a=s_mean, b=0.0)
         b = sxy / sxx
@@ -295,7 +332,7 @@ class LatencyModel:
             a, b = s_mean, 0.0
         elif a < 0.0:  # boundary a = 0: regression through the origin
             a = 0.0
-            b = math.fsum(n * s for n, s in pts) / math.fsum(n * n for n, _ in pts)
+            b = math.fsum(w * n * s for w, n, s in wns) / math.fsum(w * n * n for w, n, _ in wns)
         return cls(a=a, b=b)
 
     @classmethod
@@ -765,17 +802,28 @@ def speculation_ceiling(
     if d < 0.0:
         raise ValueError(f"draft_s must be >= 0, got {draft_s!r}")
     gmax = _check_int_gamma(max_gamma, "max_gamma")
-    l1 = target.latency_s(1)
-    best_sync, best_free = (1.0 / l1, 0), (1.0 / l1, 0)
-    for g in range(1, gmax + 1):
-        lv = target.latency_s(g + 1)
-        tokens = expected_accepted(a, g)
-        if tokens / (lv + g * d) > best_sync[0]:
-            best_sync = (tokens / (lv + g * d), g)
-        if tokens / lv > best_free[0]:
-            best_free = (tokens / lv, g)
-    return SpeculationCeiling(a, 1.0 / l1, best_sync[0], best_sync[1], best_free[0],
-                              best_free[1])
+    sync_g, sync_rate = best_window(target, a, d, gmax)
+    free_g, free_rate = best_window(target, a, 0.0, gmax)
+    return SpeculationCeiling(a, 1.0 / target.latency_s(1), sync_rate, sync_g, free_rate,
+                              free_g)
+
+
+def best_window(target: LatencyModel, alpha: float, draft_s: float, max_gamma: int
+                ) -> tuple[int, float]:
+    """``(g, tokens/s)``: the window ``g`` in ``[0, max_gamma]`` that maximises a verifier's
+    expected committed tokens per second, ``A(alpha, g) / (L(g+1) + g * draft_s)``, and that
+    rate (``g = 0``: decode one token alone, ``1 / L(1)``; ties go to the smaller ``g``).
+
+    :func:`speculation_ceiling` reports it; the engine's adaptive window
+    (``pipespec_fast.decoding.window``) picks its window with it on every verification step,
+    so the arguments are not validated here (``0 <= alpha <= 1``, ``draft_s >= 0``).
+    """
+    best, best_rate = 0, 1.0 / target.latency_s(1)
+    for g in range(1, max_gamma + 1):
+        rate = _accepted(alpha, g) / (target.latency_s(g + 1) + g * draft_s)
+        if rate > best_rate:
+            best, best_rate = g, rate
+    return best, best_rate
 
 
 def predict_from_stats(stats: Mapping[str, Any], **kwargs: Any) -> Prediction:

@@ -1,9 +1,10 @@
 """``FastPipeline``: k stages (smallest first, target last) decoding as PipeSpec, synchronous
-speculative decoding or plain autoregressive decoding of the target."""
+speculative decoding or plain autoregressive decoding of the target: the public API and its
+argument checks. A generation's machinery lives in ``decoding/`` (every mode's per-stage state,
+the two modes that run on the caller's thread) and ``pipespec/`` (the threaded pipeline)."""
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -14,24 +15,18 @@ import torch
 
 from pipespec_fast.config import RuntimeConfig
 from pipespec_fast.decoding import baselines
-from pipespec_fast.decoding.sequence import SamplingParams, Sequencer, StageStats
-from pipespec_fast.pipespec.worker import Emit, InlineDrafter, StageWorker
-from pipespec_fast.stages import LlamaStage, Stage, is_model_free
-from pipespec_fast.text import Detokenizer
+from pipespec_fast.decoding.sampling import SamplingParams
+from pipespec_fast.decoding.sequence import Sequencer
+from pipespec_fast.decoding.stats import StageStats, analysis_input
+from pipespec_fast.pipespec.run import PipeSpecRun, StageError
+from pipespec_fast.pipespec.topology import PipeSpecSettings
+from pipespec_fast.stages import Stage, check_stage
+from pipespec_fast.text import Detokenizer, Output
 from pipespec_fast.threads import CpuThreads
 
+__all__ = ["FastPipeline", "GenerationResult", "StageError"]
+
 MODES = ("pipespec", "sync", "ar")
-ERROR_WAIT_S = 2.0
-
-
-class StageError(RuntimeError):
-    """A stage failed during generation; ``stage`` names it, ``__cause__`` is the original."""
-
-    def __init__(self, stage: str, exc: BaseException) -> None:
-        super().__init__(f"PipeSpec stage {stage} failed: {type(exc).__name__}: {exc}")
-        self.stage = stage
-
-
 MAX_WINDOW = 48  # verification blocks stay below models.llama.Transformer.PACKED_MAX_BLOCK
 
 
@@ -44,6 +39,9 @@ class GenerationResult:
     finish_reason: str = "length"
 
 
+# long: the whole public API in one class a user reads (constructors, generate / stream /
+# chat_prompt / predict / close, one generation at a time); the machinery is in decoding/ and
+# pipespec/, the request checks below it
 class FastPipeline:
     """Hierarchical pipelined speculative decoding over ``stages`` (target last).
 
@@ -57,7 +55,7 @@ class FastPipeline:
             worth verifying (``Sequencer.window``); ``False`` always offers the full window.
         max_leads: per stage i < k-1, how many tokens it may run ahead of the stage above.
         threads: per stage, torch intra-op threads of its worker (``None``: leave as is).
-        eos_token_ids: tokens that end generation (default: the tokenizer's / target config's).
+        eos_token_ids: tokens that end generation (default: the tokenizer's / target's).
         skip_level_drafts: PipeSpec with a model-free lowest stage below two or more model
             stages: the target also runs a copy of that drafter on its own sequence and
             verifies its (free) proposals whenever the model stage below has nothing usable
@@ -83,18 +81,7 @@ class FastPipeline:
         if config is not None and not isinstance(config, RuntimeConfig):
             raise ValueError(f"config: expected a RuntimeConfig, got {type(config).__name__}")
         self.config = config
-        if not stages:
-            raise ValueError("stages: at least one stage (the target) is required")
-        for st in stages:
-            if not isinstance(st, Stage):
-                raise ValueError(f"stages: {st!r} does not implement the Stage protocol")
-        target = stages[-1]
-        for st in stages[:-1]:
-            if st.vocab_size != target.vocab_size:
-                raise ValueError(
-                    f"vocab mismatch: stage {st.name!r} has vocab_size {st.vocab_size}, "
-                    f"target {target.name!r} has {target.vocab_size}"
-                )
+        _check_stages(stages)
         self.stages = list(stages)
         self.tokenizer = tokenizer
         self.mode = _check_mode(mode)
@@ -110,60 +97,24 @@ class FastPipeline:
         self.adaptive_windows = adaptive_windows
         self.skip_level_drafts = skip_level_drafts
         if eos_token_ids is None:
-            eos = []
-            if tokenizer is not None and tokenizer.eos_token_id is not None:
-                eos.append(tokenizer.eos_token_id)
-            cfg = getattr(getattr(target, "model", None), "config", None)
-            eos += [e for e in getattr(cfg, "eos_token_ids", []) if e not in eos]
-            eos_token_ids = eos
+            eos_token_ids = _default_eos(tokenizer, stages[-1])
         self.eos_token_ids = set(eos_token_ids)
         self._closed = False
         self._busy = threading.Lock()
-        self._active: list[StageWorker] = []
+        self._active: PipeSpecRun | None = None
         self.last_result: GenerationResult | None = None
 
-    # ------------------------------------------------------------------ construction
-
     @classmethod
-    def from_pretrained(
-        cls,
-        paths: Sequence[str | Path],
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        devices: Sequence[str | torch.device] | None = None,
-        max_len: int = 2048,
-        ngram: bool = False,
-        **kwargs,
-    ) -> FastPipeline:
+    def from_pretrained(cls, paths: Sequence[str | Path], device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32,
+                        devices: Sequence[str | torch.device] | None = None,
+                        max_len: int = 2048, ngram: bool = False, **kwargs) -> FastPipeline:
         """Load LLaMA checkpoints (HF layout), smallest first; the last path is the target.
+        All must share one tokenizer; ``ngram=True`` adds an n-gram drafter as stage 0
+        (:func:`pipespec_fast.loading.load_stages`). ``kwargs`` go to the constructor."""
+        from pipespec_fast.loading import load_stages
 
-        Every stage must share the target's tokenizer: a different vocabulary is refused with
-        a ``ValueError`` that names both stages. ``ngram=True`` puts a model-free prompt-lookup
-        drafter (:class:`~pipespec_fast.stages.ngram.NGramStage`) below the models as stage 0.
-        """
-        if not paths:
-            raise ValueError("paths: at least one model directory is required")
-        devices = list(devices) if devices is not None else [device] * len(paths)
-        if len(devices) != len(paths):
-            raise ValueError(f"devices: {len(devices)} given for {len(paths)} stages")
-        tokenizers = [_load_tokenizer(p) for p in paths]
-        names = [Path(p).name for p in paths]
-        tok = tokenizers[-1]
-        for name, t in zip(names[:-1], tokenizers[:-1], strict=True):
-            if (t is None) != (tok is None) or (t is not None and t.get_vocab() != tok.get_vocab()):
-                raise ValueError(
-                    f"tokenizer vocab mismatch between stage {name!r} and target {names[-1]!r}: "
-                    "all stages must share one tokenizer"
-                )
-        stages = [
-            LlamaStage.from_pretrained(p, dtype=dtype, device=d, max_len=max_len, name=n)
-            for p, d, n in zip(paths, devices, names, strict=True)
-        ]
-        if ngram:
-            from pipespec_fast.stages.ngram import NGramStage
-
-            t = stages[-1]
-            stages.insert(0, NGramStage(t.vocab_size, max_len=t.max_len, device=t.device))
+        stages, tok = load_stages(paths, device, dtype, devices, max_len, ngram)
         return cls(stages, tokenizer=tok, **kwargs)
 
     @classmethod
@@ -199,7 +150,7 @@ class FastPipeline:
         if self.tokenizer is None:
             raise ValueError("chat_prompt: needs a tokenizer")
         if not getattr(self.tokenizer, "chat_template", None):
-            return self._encode(text)
+            return _encode(self, text)
         ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                  add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -211,7 +162,7 @@ class FastPipeline:
         result = result or self.last_result
         if result is None:
             raise ValueError("predict: run generate() first (it measures latencies and alpha)")
-        return predict_from_stats(_analysis_input(result.stage_stats, self.windows))
+        return predict_from_stats(analysis_input(result.stage_stats, self.windows))
 
     def close(self) -> None:
         """Stop any running workers; idempotent."""
@@ -225,21 +176,6 @@ class FastPipeline:
         self.close()
 
     # ------------------------------------------------------------------ internals
-
-    def _encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("prompt: text needs a tokenizer; pass token ids instead")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        else:
-            ids = [int(t) for t in prompt]
-            V = self.stages[-1].vocab_size
-            bad = [t for t in ids if not 0 <= t < V]
-            if bad:
-                raise ValueError(f"prompt: token ids {bad[:5]} outside the vocab [0, {V})")
-        if not ids:
-            raise ValueError("prompt: must not be empty")
-        return ids
 
     def _run(self, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
              ignore_eos=False, stop=None, mode=None, _incremental=True) -> Iterator[str]:
@@ -258,145 +194,42 @@ class FastPipeline:
 
     def _run_locked(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos,
                     stop, mode, incremental) -> Iterator[str]:
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        params = SamplingParams(temperature, top_k, top_p, seed)
-        mode = _check_mode(mode or self.mode)
-        if stop is not None:
-            stop = [stop] if isinstance(stop, str) else list(stop)
-            if not all(isinstance(s, str) and s for s in stop):
-                raise ValueError("stop: must be a non-empty string or a list of them")
-            if self.tokenizer is None:
-                raise ValueError("stop: stop strings need a tokenizer")
-        ids = self._encode(prompt)
-        room = min(st.max_len for st in self.stages)
-        slack = sum(self.windows[1:]) + sum(self.max_leads[:-1]) + 2 * len(self.stages)
-        if len(ids) >= room:
-            raise ValueError(f"prompt: {len(ids)} tokens do not fit the context of {room}")
-        if len(ids) + max_new_tokens + slack > room:
-            raise ValueError(
-                f"max_new_tokens: prompt ({len(ids)}) + {max_new_tokens} new tokens (+{slack} "
-                f"speculation slack) exceed the context of {room} tokens"
-            )
+        params, mode, stop, ids = _check_request(self, prompt, max_new_tokens, temperature,
+                                                 top_k, top_p, seed, stop, mode)
         stages = self.stages if mode != "ar" else self.stages[-1:]
         t0 = time.perf_counter()
-        seqrs = [Sequencer(st, params, i, t0) for i, st in enumerate(stages)]
-        for s in seqrs:
-            s.adaptive = self.adaptive_windows
-        limit = len(ids) + max_new_tokens
-        new: list[int] = []
-        reason = "length"
+        seqrs = [Sequencer(st, params, i, t0, adaptive=self.adaptive_windows)
+                 for i, st in enumerate(stages)]
         # text is decoded as it comes only when someone reads it (stream) or stop strings
         # need it; generate() decodes once at the end (decoding is O(text) per call and would
         # take the GIL from the stage workers)
-        decoder = Detokenizer(self.tokenizer, stop, incremental or bool(stop))
+        out = Output(Detokenizer(self.tokenizer, stop, incremental or bool(stop)),
+                     max_new_tokens, set() if ignore_eos else self.eos_token_ids)
         self.last_result = None
         cpu_threads = CpuThreads(stages, mode, self.config)
         cpu_threads.__enter__()
         try:
-            if max_new_tokens == 0:
-                chunks: Iterator[list[int]] = iter(())
-            elif mode == "pipespec" and len(stages) > 1:
-                chunks = self._pipespec_chunks(seqrs, ids, limit, cpu_threads.stage_threads,
-                                               cpu_threads.idle_stages)
-            else:
-                for s in seqrs:
-                    s.start(ids)
-                if len(seqrs) == 1:
-                    chunks = baselines.autoregressive(seqrs[0], limit)
-                else:
-                    chunks = baselines.synchronous(seqrs, self.windows, limit)
+            chunks, self._active = _verified_chunks(self, mode, seqrs, ids,
+                                                    len(ids) + max_new_tokens, cpu_threads)
             for chunk in chunks:
-                for tok in chunk:
-                    new.append(tok)
-                    if tok in self.eos_token_ids and not ignore_eos:
-                        reason = "eos"
-                        break
-                    if len(new) >= max_new_tokens:
-                        break
-                piece, hit = decoder.feed(new)
-                yield piece  # "" too: one step per verified chunk (stream() drops empties)
-                if hit:
-                    reason = "stop"
-                if reason != "length" or len(new) >= max_new_tokens:
+                # "" too: one step per verified chunk (stream() drops the empty pieces)
+                yield out.feed(chunk)
+                if out.done:
                     break
         finally:
             self._stop_workers()
             cpu_threads.__exit__(None, None, None)
         elapsed = time.perf_counter() - t0
-        tail = decoder.flush(new)
+        tail = out.finish()
         if tail:
             yield tail
-        if reason == "stop":
-            new = decoder.kept_ids(new)
-        text = decoder.text if self.tokenizer is not None else None
-        st = [s.stats for s in seqrs]
-        self.last_result = GenerationResult(
-            token_ids=new,
-            text=text,
-            stats={
-                "mode": mode,
-                "new_tokens": len(new),
-                "seconds": elapsed,
-                "tokens_per_s": len(new) / elapsed if elapsed > 0 else 0.0,
-                "stages": [s.as_dict() for s in st],
-            },
-            stage_stats=st,
-            finish_reason=reason,
-        )
-
-    def _pipespec_chunks(self, seqrs: list[Sequencer], ids: list[int], limit: int,
-                         matmul_threads: list[int | None],
-                         idle: list[bool] | None = None) -> Iterator[list[int]]:
-        stop = threading.Event()
-        out: queue.SimpleQueue = queue.SimpleQueue()
-        k = len(seqrs)
-        # a model-free lowest stage runs inside the worker above it (nothing to overlap)
-        inline = is_model_free(seqrs[0].stage)
-        workers = [
-            StageWorker(s, i, k, self.windows[i], self.max_leads[i], stop, out,
-                        self.threads[i] or torch.get_num_threads(), matmul_threads[i],
-                        idle=bool(idle and idle[i]))
-            for i, s in enumerate(seqrs)
-        ]
-        workers[-1].limit = limit
-        for lo, hi in zip(workers, workers[1:], strict=False):
-            lo.above, hi.below = hi, lo
-        if inline:
-            drafter = InlineDrafter(seqrs[0])
-            drafter.upper, workers[1].below = workers[1], drafter
-            workers = workers[1:]
-            clone = getattr(seqrs[0].stage, "clone", None)
-            if self.skip_level_drafts and len(workers) > 1 and clone is not None:
-                low = seqrs[0]
-                skip = Sequencer(clone(), low.params, low.index, low.t0)
-                skip.adaptive = low.adaptive
-                sk = InlineDrafter(skip, own_mirror=True)
-                sk.upper, workers[-1].skip = workers[-1], sk
-        self._active = workers
-        self._stop_event = stop
-        for w in workers:
-            w.start(ids)
-        while True:
-            try:
-                msg: Emit = out.get(timeout=0.5)
-            except queue.Empty:
-                if not any(w.thread.is_alive() for w in workers):
-                    raise RuntimeError("all PipeSpec workers exited without output") from None
-                continue
-            if msg.error is not None:
-                raise StageError(msg.stage, msg.error) from msg.error
-            yield msg.tokens
+        self.last_result = _result(out, mode, elapsed, [s.stats for s in seqrs],
+                                   self.tokenizer is not None)
 
     def _stop_workers(self) -> None:
-        workers, self._active = self._active, []
-        if not workers:
-            return
-        self._stop_event.set()
-        for w in workers:  # wake a worker blocked on its inbox now, not at its next poll
-            w.inbox.put(None)
-        for w in workers:
-            w.thread.join(timeout=ERROR_WAIT_S + 30)
+        run, self._active = self._active, None
+        if run is not None:
+            run.close()
 
 
 def _check_mode(mode: str) -> str:
@@ -405,24 +238,106 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
-def _load_tokenizer(path: str | Path):
-    p = Path(path)
-    if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer.model",
-                                          "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
+def _check_stages(stages: Sequence[Stage]) -> None:
+    """Every stage implements the protocol (``check_stage``) and has the target's vocab."""
+    if not stages:
+        raise ValueError("stages: at least one stage (the target) is required")
+    for i, st in enumerate(stages):
+        check_stage(st, i)
+    target = stages[-1]
+    for st in stages[:-1]:
+        if st.vocab_size != target.vocab_size:
+            raise ValueError(
+                f"vocab mismatch: stage {st.name!r} has vocab_size {st.vocab_size}, "
+                f"target {target.name!r} has {target.vocab_size}"
+            )
 
-    return AutoTokenizer.from_pretrained(str(p))
+
+def _default_eos(tokenizer, target: Stage) -> list[int]:
+    """The tokenizer's eos id, then the target's declared ones."""
+    eos = []
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos.append(tokenizer.eos_token_id)
+    return eos + [e for e in target.capabilities.eos_token_ids if e not in eos]
 
 
-def _analysis_input(stats: list[StageStats], windows: list[int]) -> dict:
-    stages = []
-    for i, s in enumerate(stats):
-        ns = sorted(s.forward_latency)
-        lat = {"n": ns, "s": [sorted(s.forward_latency[n])[len(s.forward_latency[n]) // 2]
-                              for n in ns]}
-        d = {"name": s.name, "latency": lat}
-        if i:
-            d.update(alpha=s.alpha, gamma=windows[i])
-        stages.append(d)
-    return {"stages": stages}
+def _encode(pipe: FastPipeline, prompt: str | list[int]) -> list[int]:
+    """A prompt as token ids: text through the tokenizer, ids checked against the vocab."""
+    if isinstance(prompt, str):
+        if pipe.tokenizer is None:
+            raise ValueError("prompt: text needs a tokenizer; pass token ids instead")
+        ids = pipe.tokenizer.encode(prompt, add_special_tokens=False)
+    else:
+        ids = [int(t) for t in prompt]
+        V = pipe.stages[-1].vocab_size
+        bad = [t for t in ids if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"prompt: token ids {bad[:5]} outside the vocab [0, {V})")
+    if not ids:
+        raise ValueError("prompt: must not be empty")
+    return ids
+
+
+def _check_request(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_k, top_p, seed,
+                   stop, mode) -> tuple[SamplingParams, str, list[str] | None, list[int]]:
+    """One request's arguments checked against ``pipe`` (a ``ValueError`` names the argument):
+    ``(sampling parameters, mode, stop strings, prompt ids)``."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    params = SamplingParams(temperature, top_k, top_p, seed)
+    mode = _check_mode(mode or pipe.mode)
+    if stop is not None:
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError("stop: must be a non-empty string or a list of them")
+        if pipe.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer")
+    ids = _encode(pipe, prompt)
+    room = min(st.max_len for st in pipe.stages)
+    slack = sum(pipe.windows[1:]) + sum(pipe.max_leads[:-1]) + 2 * len(pipe.stages)
+    if len(ids) >= room:
+        raise ValueError(f"prompt: {len(ids)} tokens do not fit the context of {room}")
+    if len(ids) + max_new_tokens + slack > room:
+        raise ValueError(
+            f"max_new_tokens: prompt ({len(ids)}) + {max_new_tokens} new tokens (+{slack} "
+            f"speculation slack) exceed the context of {room} tokens"
+        )
+    return params, mode, stop, ids
+
+
+def _verified_chunks(pipe: FastPipeline, mode: str, seqrs: list[Sequencer], ids: list[int],
+                     limit: int, cpu_threads: CpuThreads
+                     ) -> tuple[Iterator[list[int]], PipeSpecRun | None]:
+    """The mode's lists of newly verified target tokens until the target holds ``limit``
+    tokens, and the PipeSpec run producing them, if any (it goes on until closed)."""
+    if limit == len(ids):
+        return iter(()), None
+    if mode == "pipespec" and len(seqrs) > 1:
+        settings = PipeSpecSettings(pipe.windows, pipe.max_leads, pipe.threads,
+                                    pipe.skip_level_drafts)
+        run = PipeSpecRun(seqrs, settings, limit, cpu_threads.stage_threads,
+                          cpu_threads.idle_stages)
+        return run.tokens(ids), run
+    for s in seqrs:
+        s.start(ids)
+    if len(seqrs) == 1:
+        return baselines.autoregressive(seqrs[0], limit), None
+    return baselines.synchronous(seqrs, pipe.windows, limit), None
+
+
+def _result(out: Output, mode: str, elapsed: float, stats: list[StageStats],
+            has_text: bool) -> GenerationResult:
+    n = len(out.ids)
+    return GenerationResult(
+        token_ids=out.ids,
+        text=out.detok.text if has_text else None,
+        stats={
+            "mode": mode,
+            "new_tokens": n,
+            "seconds": elapsed,
+            "tokens_per_s": n / elapsed if elapsed > 0 else 0.0,
+            "stages": [s.as_dict() for s in stats],
+        },
+        stage_stats=stats,
+        finish_reason=out.reason,
+    )

@@ -205,6 +205,7 @@ class Exploding:
 
     cache_len = property(lambda self: self.inner.cache_len)
     device = property(lambda self: self.inner.device)
+    capabilities = property(lambda self: self.inner.capabilities)
 
     def forward(self, tokens, parents=None, last_n=None):
         self.calls += 1

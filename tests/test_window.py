@@ -1,15 +1,19 @@
-"""The adaptive, cost-aware verification window (``Sequencer.window``) and the pipelines' use of
-a window of 0 (speculation switched off while it does not pay)."""
+"""The adaptive, cost-aware verification window (``Sequencer.window``: ``WindowPolicy``) and the
+pipelines' use of a window of 0 (speculation switched off while it does not pay)."""
 
 from __future__ import annotations
 
 import itertools
+import math
+import random
 
 import pytest
 from tiny import family
 
 from pipespec_fast import FastPipeline
-from pipespec_fast.decoding.sequence import SamplingParams, Sequencer
+from pipespec_fast.decoding.sampling import SamplingParams
+from pipespec_fast.decoding.sequence import Sequencer
+from pipespec_fast.decoding.window import WindowPolicy
 from pipespec_fast.stages import LlamaStage
 
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
@@ -18,8 +22,7 @@ PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
 def sequencer(acc: float, rej: float, lat: dict[int, float]) -> Sequencer:
     (m,) = family(1, seed=0)
     s = Sequencer(LlamaStage(m, max_len=64), SamplingParams(), index=1)
-    s._acc, s._rej = acc, rej
-    s._verify_lat = {n: (t, 1.0) for n, t in lat.items()}
+    s.policy.set_state(acc, rej, {n: (t, 1.0) for n, t in lat.items()})
     return s
 
 
@@ -48,16 +51,14 @@ def test_window_stays_short_when_every_row_costs() -> None:
 def test_window_zero_when_speculation_does_not_pay_then_explores() -> None:
     # L(n) = 4 ms + 1.5 ms n, a = 0.2: one token alone (5.5 ms) beats any window
     s = sequencer(acc=1.0, rej=8.0, lat={2: 0.007, 4: 0.010})
-    k = Sequencer.EXPLORE_EVERY
+    k = WindowPolicy.EXPLORE_EVERY
     got = [s.window(6) for _ in range(k + 2 * k + 4 * k)]
     # one draft after k steps alone, then after 2k, 4k while it keeps not paying
     assert got == [0] * (k - 1) + [1] + [0] * (2 * k - 1) + [1] + [0] * (4 * k - 1) + [1]
     # once speculation pays again, the exploration interval starts over
-    s._verify_lat = {2: (0.0052, 1.0), 4: (0.0054, 1.0)}
-    s._acc, s._rej = 8.0, 2.0
+    s.policy.set_state(8.0, 2.0, {2: (0.0052, 1.0), 4: (0.0054, 1.0)})
     assert s.window(6) > 0
-    s._verify_lat = {2: (0.007, 1.0), 4: (0.010, 1.0)}
-    s._acc, s._rej = 1.0, 8.0
+    s.policy.set_state(1.0, 8.0, {2: (0.007, 1.0), 4: (0.010, 1.0)})
     assert [s.window(6) for _ in range(k)] == [0] * (k - 1) + [1]
 
 
@@ -65,24 +66,25 @@ def test_window_times_a_step_alone_when_only_one_verify_size_is_known() -> None:
     # a verifier that has only ever verified 2 rows has no line: one step alone gives L(1)
     s = sequencer(acc=1.0, rej=8.0, lat={2: 0.007})
     assert s.window(6) == 0
-    s._note_verify_latency(1, 0.0055)
+    s.policy.note_latency(1, 0.0055)
     assert s.window(6) == 0  # the line through L(1) and L(2): speculation does not pay
 
 
 def test_non_adaptive_window_is_the_maximum() -> None:
     s = sequencer(acc=1.0, rej=8.0, lat={2: 0.007, 4: 0.010})
-    s.adaptive = False
+    s.policy.adaptive = False
     assert s.window(5) == 5
 
 
 def test_latency_line_fades_sizes_not_seen_for_a_while() -> None:
     s = sequencer(acc=0.0, rej=0.0, lat={})
-    s._note_verify_latency(9, 0.5)  # one slow outlier
+    s.policy.note_latency(9, 0.5)  # one slow outlier
     for _ in range(80):
-        s._note_verify_latency(2, 0.006)
-        s._note_verify_latency(3, 0.007)
-    assert set(s._verify_lat) == {2, 3}
-    c0, c1 = s._latency_line()
+        s.policy.note_latency(2, 0.006)
+        s.policy.note_latency(3, 0.007)
+    assert set(s.policy.latency) == {2, 3}
+    line = s.policy.line()
+    c0, c1 = line.a, line.b
     assert c0 == pytest.approx(0.004) and c1 == pytest.approx(0.001)
 
 
@@ -112,6 +114,145 @@ def test_seeded_sampling_windows_ignore_timings() -> None:
     """Seeded sampling must reproduce its draws: the window then follows acceptance only."""
     (m,) = family(1, seed=0)
     s = Sequencer(LlamaStage(m, max_len=64), SamplingParams(temperature=1.0, seed=3), index=1)
-    s._acc, s._rej = 1.0, 8.0
-    s._verify_lat = {2: (0.007, 1.0), 4: (0.010, 1.0)}  # would switch speculation off
+    # latencies that would switch speculation off
+    s.policy.set_state(1.0, 8.0, {2: (0.007, 1.0), 4: (0.010, 1.0)})
     assert s.window(6) == 2  # a = 2/11: the smallest g with a^g <= 0.15
+
+
+class OldRule:
+    """The window rule as ``Sequencer`` implemented it before it moved onto
+    ``pipespec_fast.analysis`` (its own weighted line fit and truncated geometric sum), kept
+    here verbatim as the reference the policy must agree with."""
+
+    def __init__(self, timed: bool) -> None:
+        self.timed, self.acc, self.rej, self.lat = timed, 0.0, 0.0, {}
+        self.alone, self.every = 0, 8
+
+    def note(self, n_feed: int, seconds: float, drafts: int, accepted: int) -> None:
+        if n_feed <= 64:
+            for k in list(self.lat):
+                m, w = self.lat[k]
+                if w * 0.95 < 0.05:
+                    del self.lat[k]
+                else:
+                    self.lat[k] = (m, w * 0.95)
+            mean, w = self.lat.get(n_feed, (seconds, 0.0))
+            w += 1.0
+            self.lat[n_feed] = (mean + (seconds - mean) / min(w, 5.0), w)
+        if drafts:
+            self.acc = 0.9 * self.acc + accepted
+            self.rej = 0.9 * self.rej + float(accepted < drafts)
+
+    def line(self):
+        if len(self.lat) < 2:
+            return None
+        sw = swn = swt = swnn = swnt = 0.0
+        for n, (mean, w) in self.lat.items():
+            sw, swn, swt = sw + w, swn + w * n, swt + w * mean
+            swnn, swnt = swnn + w * n * n, swnt + w * n * mean
+        den = sw * swnn - swn * swn
+        c1 = max(0.0, (sw * swnt - swn * swt) / den) if den > 0 else 0.0
+        c0 = (swt - c1 * swn) / sw
+        return None if c0 + c1 <= 0 else (c0, c1)
+
+    def plan(self, max_n: int, cost: float):
+        a = (self.acc + 1.0) / (self.acc + self.rej + 2.0)
+        line = self.line() if self.timed else None
+        if line is None:
+            if self.timed and self.lat and 1 not in self.lat:
+                return None
+            if a >= 0.999:
+                return max_n
+            return max(1, min(max_n, math.ceil(math.log(0.15) / math.log(a))))
+        c0, c1 = line
+        best, best_rate, expected = 0, 1.0 / (c0 + c1), 1.0
+        for g in range(1, max(1, max_n) + 1):
+            expected += a**g
+            rate = expected / (c0 + c1 * (g + 1) + g * cost)
+            if rate > best_rate:
+                best, best_rate = g, rate
+        return best
+
+    def window(self, max_n: int, cost: float) -> int:
+        best = self.plan(max_n, cost)
+        if best is None:
+            return 0
+        if best == 0:
+            self.alone += 1
+            if self.alone < self.every:
+                return 0
+            self.every, best = min(64, 2 * self.every), 1
+        else:
+            self.every = 8
+        self.alone = 0
+        return best
+
+
+@pytest.mark.parametrize("c0,c1,alpha,cost,max_n,timed", [
+    (4e-3, 1.2e-3, 0.5, 0.0, 8, True),  # every row costs: short windows
+    (4e-3, 1.5e-3, 0.2, 0.0, 6, True),  # speculation does not pay: 0, then explorations
+    (10e-3, 0.05e-3, 0.85, 0.0, 12, True),  # rows nearly free (memory-bound): long windows
+    (5e-3, 0.8e-3, 0.7, 2e-3, 8, True),  # drafting costs (synchronous decoding)
+    (3e-3, 0.3e-3, 0.6, 0.4e-3, 48, True),  # the widest window allowed
+    (4e-3, 1.5e-3, 0.4, 0.0, 6, False),  # seeded sampling: acceptance only
+])
+def test_policy_decides_as_the_old_rule_on_recorded_steps(c0, c1, alpha, cost, max_n, timed):
+    """Latencies with noise and Bernoulli acceptances, fed step by step to the policy and to
+    the rule it replaced: the same window at every step (and the same free-draft plan)."""
+    rng = random.Random(7)
+    policy, old = WindowPolicy(timed=timed), OldRule(timed)
+    uncached = 1
+    got = []
+    for _ in range(400):
+        g = policy.choose(max_n, cost)
+        assert g == old.window(max_n, cost)
+        assert policy.plan(max_n, 0.0) == old.plan(max_n, 0.0)
+        accepted = next((j for j in range(g) if rng.random() > alpha), g)
+        n_feed = uncached + g
+        seconds = (c0 + c1 * n_feed) * (1 + 0.05 * (rng.random() - 0.5))
+        policy.note_latency(n_feed, seconds)
+        policy.note_verify(g, accepted)
+        old.note(n_feed, seconds, g, accepted)
+        got.append(g)
+    assert len(set(got)) > 1  # the decisions really varied along the trace
+
+
+# ------------------------------------------------------- the closed forms the window is built on
+
+
+def test_weighted_fit_equals_the_fit_of_repeated_points():
+    from pipespec_fast.analysis import LatencyModel
+
+    ns, s = [1, 2, 4], [0.0051, 0.0058, 0.0079]
+    w = LatencyModel.fit(ns, s, [2.0, 1.0, 3.0])
+    r = LatencyModel.fit([1, 1, 2, 4, 4, 4], [s[0], s[0], s[1], s[2], s[2], s[2]])
+    assert w.a == pytest.approx(r.a, rel=1e-12) and w.b == pytest.approx(r.b, rel=1e-12)
+    assert LatencyModel.fit(ns, s, [1.0, 1.0, 1.0]) == LatencyModel.fit(ns, s)
+    for bad, err in [([1.0, 0.0, 1.0], "positive"), ([1.0, 1.0], "expected 3 entries"),
+                     ([1.0, float("inf"), 1.0], "finite")]:
+        with pytest.raises(ValueError, match=err):
+            LatencyModel.fit(ns, s, bad)
+
+
+def test_one_acceptance_estimate():
+    from pipespec_fast.analysis import acceptance_estimate, estimate_alpha
+    from pipespec_fast.decoding.stats import StageStats
+
+    assert acceptance_estimate(6, 2) == 0.75 and acceptance_estimate(0, 0) == 0.0
+    assert acceptance_estimate(8.0, 2.0, prior=1.0) == 0.75  # Laplace: (8 + 1) / (10 + 2)
+    assert estimate_alpha([2, 4, 0], 4) == acceptance_estimate(6, 2)  # 2 rejected steps
+    st = StageStats("t", accepted=6, rejected=2)
+    assert st.alpha == 0.75 and StageStats("t").alpha == 0.0
+    p = WindowPolicy(timed=True)
+    p.set_state(8.0, 2.0, {})
+    assert p.acceptance == 0.75
+
+
+def test_best_window_is_the_speculation_ceilings_sync_window():
+    from pipespec_fast.analysis import LatencyModel, best_window, speculation_ceiling
+
+    line = LatencyModel.linear(4e-3, 1.2e-3)
+    for alpha, cost, want in [(0.5, 0.0, 1), (0.73, 0.0, 3), (0.73, 2e-3, 1), (0.2, 0.0, 0)]:
+        g, rate = best_window(line, alpha, cost, 8)
+        c = speculation_ceiling(line, alpha, cost, 8)
+        assert g == want == c.sync_gamma and rate == c.sync_tokens_per_s

@@ -63,7 +63,7 @@ def set_threads(n: int) -> int:
     return old
 
 
-def set_thread_threads(n: int | None) -> None:
+def set_threads_for_this_thread(n: int | None) -> None:
     """Override :func:`set_threads` for matmuls called from the current thread (a stage
     worker); ``None`` removes the override."""
     _local.n = None if n is None else max(1, int(n))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from pipespec_fast.decoding.sequence import Sequencer, usable_drafts
+from pipespec_fast.decoding.sequence import Sequencer
 
 
 def autoregressive(target: Sequencer, limit: int) -> Iterator[list[int]]:
@@ -52,10 +52,7 @@ def _drafts_from(levels: list[Sequencer], level: int, g: int, start: int, gamma:
     if g <= 0:
         return [], (None if me.params.greedy else [])
     _propose(levels, level - 1, g, gamma, limit)
-    end = start + g
-    drafts = usable_drafts(below.seq[start:end], below.confident[start:end])
-    rows = None if me.params.greedy else below.probs[start : start + len(drafts)]
-    return drafts, rows
+    return below.span.usable(start, g, with_rows=not me.params.greedy)
 
 
 def _sync_down(levels: list[Sequencer], level: int, start: int) -> None:

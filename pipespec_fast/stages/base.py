@@ -1,4 +1,4 @@
-"""The ``Stage`` protocol (what a model must offer to sit in a pipeline) and its implementations.
+"""The ``Stage`` protocol: what a model must offer to sit in a pipeline.
 
 A stage owns a model and its KV cache. Its contract, for a block of ``n`` new tokens:
 
@@ -7,16 +7,48 @@ A stage owns a model and its KV cache. Its contract, for a block of ``n`` new to
   ``cache_len + i``) and returns fp32 logits ``[last_n or n, vocab_size]``;
 * ``rollback(length)`` forgets cached tokens at and after ``length``;
 * ``keep_path(start, path, num, chain)`` keeps tree nodes ``path[:num]`` contiguously from slot
-  ``start`` (see :meth:`KVCache.keep_path`).
+  ``start`` (see :meth:`KVCache.keep_path`);
+* ``capabilities``: a :class:`StageCapabilities` declaring everything else the engine may ask
+  of the stage. A plain model stage declares ``StageCapabilities()``.
 
-Other runtimes plug in by implementing this protocol (see :class:`HFStage`).
+Other runtimes plug in by implementing this protocol (see :class:`~pipespec_fast.stages.HFStage`
+for a ``transformers`` model); :func:`check_stage` is what ``FastPipeline`` checks at
+construction.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+
+
+@dataclass(frozen=True)
+class StageCapabilities:
+    """What a stage declares beyond the core protocol; the engine reads nothing else.
+
+    Attributes:
+        model_free: proposals cost next to nothing (no model: the n-gram drafter). The stage
+            gets no thread and no cores: the worker above runs it inline and it fills its
+            whole lead at once instead of drafting one token per step.
+        confidence: the stage marks weak proposals. After each ``forward`` it exposes
+            ``last_match_len`` and ``min_confident_match``; the last row's proposal is a guess,
+            never sent for verification, when ``last_match_len < min_confident_match``.
+        clone: ``clone()`` returns a fresh stage with the same settings and an empty cache
+            (the target of a deeper hierarchy then runs a second copy of a model-free lowest
+            stage on its own sequence: skip-level drafts).
+        trees: ``forward`` accepts ``parents`` and ``keep_path(..., chain=False)`` keeps tree
+            paths. The engine verifies chains today; a caller verifying trees checks this.
+        eos_token_ids: the model's end-of-sequence ids: the target's are the default of
+            ``FastPipeline(eos_token_ids=...)`` (with the tokenizer's).
+    """
+
+    model_free: bool = False
+    confidence: bool = False
+    clone: bool = False
+    trees: bool = False
+    eos_token_ids: tuple[int, ...] = ()
 
 
 @runtime_checkable
@@ -24,6 +56,7 @@ class Stage(Protocol):
     name: str
     vocab_size: int
     max_len: int
+    capabilities: StageCapabilities
 
     @property
     def cache_len(self) -> int: ...
@@ -40,6 +73,28 @@ class Stage(Protocol):
     def keep_path(self, start: int, path: torch.Tensor, num: int, chain: bool = False) -> None: ...
 
 
-def is_model_free(stage) -> bool:
-    """A stage whose proposals cost next to nothing (declares ``model_free = True``)."""
-    return bool(getattr(stage, "model_free", False))
+_MEMBERS = ("name", "vocab_size", "max_len", "capabilities", "cache_len", "device", "forward",
+            "rollback", "keep_path")
+# what each capability obliges the stage to offer as well
+_NEEDS = {"confidence": ("last_match_len", "min_confident_match"), "clone": ("clone",)}
+
+
+def check_stage(stage: object, index: int) -> None:
+    """Raise a one-line ``ValueError`` naming ``stages[index]`` and what it lacks: a member of
+    the protocol, a ``StageCapabilities``, or what a declared capability needs."""
+    missing = [m for m in _MEMBERS if not hasattr(stage, m)]
+    caps = getattr(stage, "capabilities", None)
+    if caps is not None and not isinstance(caps, StageCapabilities):
+        missing.append(f"capabilities as a StageCapabilities (got {type(caps).__name__})")
+    elif caps is not None:
+        missing += [f"{m} (declares {cap}=True)" for cap, members in _NEEDS.items()
+                    if getattr(caps, cap) for m in members if not hasattr(stage, m)]
+    if missing:
+        name = getattr(stage, "name", None) or type(stage).__name__
+        raise ValueError(f"stages[{index}] {name!r} does not implement the Stage protocol "
+                         f"(pipespec_fast.stages.Stage): missing {', '.join(missing)}")
+
+
+def is_model_free(stage: Stage) -> bool:
+    """A stage whose proposals cost next to nothing (``capabilities.model_free``)."""
+    return stage.capabilities.model_free

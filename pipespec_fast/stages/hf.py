@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from pipespec_fast.stages.base import StageCapabilities
+
 
 class HFStage:
     """Adapter for a ``transformers`` causal LM (e.g. ``LlamaForCausalLM``) as a stage.
@@ -11,6 +13,10 @@ class HFStage:
     Chains only (rollback through the cache's ``crop``); trees would need the model's own 4-D
     masks and are refused with ``NotImplementedError``.
     """
+
+    # chains only; no eos ids declared (transformers configs spell them differently): the
+    # pipeline's come from its tokenizer or its ``eos_token_ids`` argument
+    capabilities = StageCapabilities()
 
     def __init__(self, model, name: str = "hf", max_len: int | None = None) -> None:
         from transformers import DynamicCache

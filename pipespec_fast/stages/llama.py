@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from pipespec_fast.kv_cache import KVCache
+from pipespec_fast.stages.base import StageCapabilities
 
 
 class LlamaStage:
@@ -35,6 +36,12 @@ class LlamaStage:
         stage = cls(model, name=name or Path(model_dir).name, max_len=max_len)
         stage.model_dir = Path(model_dir)
         return stage
+
+    @property
+    def capabilities(self) -> StageCapabilities:
+        """Trees (verification attention by ancestor mask, ``KVCache.keep_path``); the eos ids
+        of the model's config, read when a pipeline is built."""
+        return StageCapabilities(trees=True, eos_token_ids=tuple(self.model.config.eos_token_ids))
 
     @property
     def cache_len(self) -> int:

@@ -25,6 +25,7 @@ import operator
 
 import torch
 
+from pipespec_fast.stages.base import StageCapabilities
 from pipespec_fast.stages.ngram_index import SuffixIndex
 
 NEG_INF = float("-inf")
@@ -43,6 +44,10 @@ class NGramStage:
     row's proposal (``0`` for a fallback) and ``last_proposals`` the proposed token per
     returned row; ``proposals`` / ``matched`` count rows proposed / proposed by a real match.
     """
+
+    # proposals cost microseconds (run inline, fill leads at once); fallbacks are guesses
+    # (last_match_len < min_confident_match); clone() gives the skip-level copy; chains only
+    capabilities = StageCapabilities(model_free=True, confidence=True, clone=True)
 
     def __init__(
         self,
@@ -71,7 +76,6 @@ class NGramStage:
         self.min_ngram = min_ngram
         # proposals from a match shorter than this are guesses, never sent for verification
         self.min_confident_match = min_confident_match
-        self.model_free = True  # proposals cost microseconds: run inline, fill leads at once
         self._device = torch.device(device)
         self.index = SuffixIndex(min_ngram, max_ngram)  # the history and its n-gram lookup
         self.last_match_len = 0

@@ -1,0 +1,46 @@
+"""``StageDevice``: where a stage's work is queued and how a verify step's result reaches the
+host: one CUDA stream per stage, so stages on one GPU overlap, and one wait per step, for that
+stream alone. On CPU every part is a no-op or a plain conversion."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class StageDevice:
+    """A stage's device: its own stream (CUDA), and a pinned buffer and an event for the two
+    ints a verify step sends to the host."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.stream = torch.cuda.Stream(device)
+            self._pinned = torch.empty(2, dtype=torch.int64, pin_memory=True)
+            self._event = torch.cuda.Event()
+
+    def context(self):
+        """Context in which the stage's work is queued (its stream; no-op on CPU)."""
+        return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+
+    def to_host(self, num: torch.Tensor, nxt: torch.Tensor) -> tuple[int, int]:
+        """The one host synchronisation of a verify step: two 0-d ints."""
+        if not self.cuda:
+            return int(num), int(nxt)
+        self._pinned.copy_(torch.stack([num, nxt]), non_blocking=True)
+        self._event.record(self.stream)
+        self._event.synchronize()  # waits for this stage's stream only
+        a, b = self._pinned.tolist()
+        return a, b
+
+    def rows_here(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        """``[n, V]``: the ``[V]`` rows drafts were drawn from at the stage below, stacked on
+        this device. Rows made on the lower stage's stream are marked as used on ours; rows
+        from another device are copied without blocking."""
+        if self.cuda:
+            for r in rows:
+                if r.device == self.device:
+                    r.record_stream(self.stream)
+        return torch.stack([r.to(self.device, non_blocking=True) for r in rows])

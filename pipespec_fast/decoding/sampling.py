@@ -1,0 +1,86 @@
+"""How a stage turns logits into tokens: the generation's ``SamplingParams`` (greedy or
+sampled) and each stage's ``StageSampler`` (its random stream, its draws, its acceptance op)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipespec_fast import ops, reference
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling parameters, validated on construction (``ValueError`` names the argument).
+
+    ``temperature == 0`` is greedy decoding; otherwise tokens are drawn from the
+    temperature / top-k / top-p distribution with counter-based randomness from ``seed``
+    (``None``: a fresh seed per generation), so a seeded generation is reproducible.
+    """
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        ops.validate_sampling(self.temperature, self.top_k, self.top_p)
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` ``[n, V]`` -> ``[n, V]`` probabilities of the distribution sampled."""
+        return ops.probs_from_logits(logits, self.temperature, self.top_k, self.top_p)
+
+
+def _seed_for(seed: int | None, index: int) -> int:
+    base = seed if seed is not None else int(torch.randint(0, 2**31, ()))
+    return (base * 1000003 + index * 7919) & 0x7FFFFFFF
+
+
+class StageSampler:
+    """One stage's token choices: its own draws and its acceptance of the drafts below.
+
+    Each stage has its own counter-based random stream (a seed from the generation's seed and
+    the stage's index, an offset advanced per draw or acceptance step), so a draft is drawn
+    with fresh randomness once the prefix it extends is fixed, and a seeded generation
+    repeats its draws exactly.
+    """
+
+    def __init__(self, params: SamplingParams, index: int) -> None:
+        self.params = params
+        self.seed = _seed_for(params.seed, index)
+        self.rng_offset = 0
+
+    def _next_offset(self) -> int:
+        self.rng_offset += 1
+        return self.rng_offset
+
+    def draw(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """The next token from ``logits`` ``[1, V]``, and the ``[V]`` row it was drawn from
+        (``None`` when greedy: the argmax)."""
+        if self.params.greedy:
+            return int(logits[0].argmax()), None
+        p = self.params.probs(logits)
+        return int(ops.sample_from_probs(p, self.seed, self._next_offset())[0]), p[0]
+
+    def accept(self, drafts: torch.Tensor, logits: torch.Tensor, q: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The acceptance op on a chain of ``drafts`` ``[n]`` given the verifier's ``logits``
+        ``[n + 1, V]``; ``q`` ``[n, V]`` (sampling, ``n > 0``): the rows the drafts were drawn
+        from. Returns device tensors ``(num_accepted, next_token)`` and the verifier's
+        ``[n + 1, V]`` probabilities (``None`` when greedy)."""
+        n = drafts.shape[0]
+        parents = reference.chain_parents(n, drafts.device)
+        if self.params.greedy:
+            _, num, nxt = ops.greedy_accept(drafts, parents, logits.argmax(-1))
+            return num, nxt, None
+        p = self.params.probs(logits)
+        _, num, nxt = ops.stochastic_accept(drafts, parents, q if n else p[:0], p, self.seed,
+                                            self._next_offset())
+        return num, nxt, p

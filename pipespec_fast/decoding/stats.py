@@ -1,0 +1,83 @@
+"""``StageStats``: what one stage did during a generation, and its translation into the
+analytical model's input (``FastPipeline.predict``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipespec_fast.analysis import acceptance_estimate
+
+
+@dataclass
+class StageStats:
+    """What one stage did during a generation (all counts in tokens unless named otherwise)."""
+
+    name: str
+    drafted: int = 0  # tokens this stage generated with its own model (not by verifying)
+    proposed: int = 0  # draft tokens from the stage below that this stage verified
+    accepted: int = 0  # of those, accepted
+    rejected: int = 0  # verification steps that ended in a rejection
+    rollbacks: int = 0  # times a sync from above truncated this stage's sequence
+    forwards: int = 0  # model forward calls
+    verify_steps: int = 0  # forward calls that verified drafts
+    busy_s: float = 0.0
+    idle_s: float = 0.0
+    timeline: list[tuple[float, float, str]] = field(default_factory=list)
+    forward_latency: dict[int, list[float]] = field(default_factory=dict)
+
+    def record_forward(self, kind: str, n: int, start: float, end: float, t0: float) -> None:
+        """A forward of ``n`` tokens (``kind``: prefill, draft, verify) ran from ``start`` to
+        ``end`` (``perf_counter`` seconds; ``t0``: the generation's start)."""
+        self.forwards += 1
+        self.busy_s += end - start
+        self.timeline.append((start - t0, end - t0, kind))
+        self.forward_latency.setdefault(n, []).append(end - start)
+
+    def record_verify(self, drafts: int, accepted: int) -> None:
+        """A verification of ``drafts`` drafts accepted ``accepted`` of them."""
+        self.verify_steps += 1
+        self.proposed += drafts
+        self.accepted += accepted
+        self.rejected += int(accepted < drafts)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Fraction of proposed draft tokens accepted (alpha of the stage below vs this one)."""
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def alpha(self) -> float:
+        """Per-token acceptance estimate (``analysis.acceptance_estimate``, maximum likelihood
+        under i.i.d. acceptance): accepted / (accepted + verification steps that ended in a
+        rejection). Unlike ``acceptance_rate`` it is not biased low by drafts after a
+        rejection, which are never tested."""
+        return acceptance_estimate(self.accepted, self.rejected)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens committed per verification step (accepted drafts + the verifier's token)."""
+        return (self.accepted + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in (
+            "name", "drafted", "proposed", "accepted", "rejected", "rollbacks", "forwards",
+            "verify_steps", "busy_s", "idle_s")}
+        d["acceptance_rate"] = self.acceptance_rate
+        d["alpha"] = self.alpha
+        d["mean_accepted_length"] = self.mean_accepted_length
+        return d
+
+
+def analysis_input(stats: list[StageStats], windows: list[int]) -> dict:
+    """``analysis.predict_from_stats``'s input from a generation's measured stages: per stage
+    the median latency of each forward size, and for a verifier its ``alpha`` and window."""
+    stages = []
+    for i, s in enumerate(stats):
+        ns = sorted(s.forward_latency)
+        lat = {"n": ns, "s": [sorted(s.forward_latency[n])[len(s.forward_latency[n]) // 2]
+                              for n in ns]}
+        d = {"name": s.name, "latency": lat}
+        if i:
+            d.update(alpha=s.alpha, gamma=windows[i])
+        stages.append(d)
+    return {"stages": stages}

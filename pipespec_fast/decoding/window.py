@@ -1,0 +1,160 @@
+"""The adaptive verification window: how many drafts a stage verifies in its next forward.
+
+The rule is the analytical model's (``pipespec_fast.analysis``), fed with what the stage has
+measured: its per-token acceptance ``a`` (``analysis.acceptance_estimate`` over decayed
+counts), its verify latency ``L(n)`` (``analysis.LatencyModel.fit`` through the decayed mean
+latency of each block size, weighted by how often it ran) and what one draft costs it ``d``;
+the window is ``analysis.best_window``: the ``g`` that maximises
+``A(a, g) / (L(g + 1) + g * d)`` committed tokens per second.
+
+``g = 0`` means "decode one token alone": speculation is off while it does not pay (a
+compute-bound verifier, a draft that keeps it waiting), with one exploratory draft after 8,
+16, 32, 64 steps alone to keep ``a``, ``L`` and ``d`` current. Until two block sizes have been
+timed, and always for seeded sampling (whose draws must not depend on timings), the rule is
+acceptance only: the smallest ``g`` with ``a^g <= 0.15``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pipespec_fast.analysis import LatencyModel, acceptance_estimate, best_window
+
+
+class WindowPolicy:
+    """One stage's window rule and the measurements it decides from.
+
+    Args:
+        timed: the rule may use latencies (greedy, or unseeded sampling); ``False`` keeps
+            windows, and so a seeded generation's random draws, independent of timings.
+        adaptive: ``False`` always answers the largest window allowed.
+
+    The rule is re-evaluated only after a new measurement (``note_*``): between two
+    verifications a worker may ask for its window once per message it receives.
+    """
+
+    EXPLORE_EVERY = 8  # after this many steps without drafts, verify one to re-measure ...
+    EXPLORE_MAX = 64  # ... and twice as many after each exploration that changed nothing
+    VERIFY_MAX_N = 64  # block sizes above this (a prompt fed with drafts) are not verify steps
+    DECAY_COUNTS = 0.9  # per verification, of the acceptance counts
+    DECAY_LATENCY = 0.95  # per verification, of each block size's weight in the fit
+    BEFORE_TIMINGS_TAIL = 0.15  # acceptance-only rule: smallest g with a^g <= this
+
+    def __init__(self, timed: bool, adaptive: bool = True) -> None:
+        self.timed = timed
+        self.adaptive = adaptive
+        self.accepted = 0.0  # decayed count of accepted drafts
+        self.rejections = 0.0  # decayed count of verifications that ended in a rejection
+        # block size n -> (decayed mean latency in s, decayed weight)
+        self.latency: dict[int, tuple[float, float]] = {}
+        self._line: LatencyModel | None = None
+        self._line_stale = False  # a latency was noted since the line was fitted
+        self._alone_steps = 0  # consecutive choose() == 0 answers
+        self._explore_every = self.EXPLORE_EVERY  # doubles while explorations keep failing
+        # the last plan() answer and its arguments, valid until the next measurement
+        self._plan: int | None = None
+        self._plan_n, self._plan_cost, self._fresh = 0, 0.0, False
+        self._changed()
+
+    def set_state(self, accepted: float, rejections: float,
+                  latency: dict[int, tuple[float, float]]) -> None:
+        """Start from recorded measurements (counts, ``n -> (mean s, weight)``)."""
+        self.accepted, self.rejections, self.latency = accepted, rejections, dict(latency)
+        self._changed()
+
+    # ------------------------------------------------------------------ measurements
+
+    def note_verify(self, drafts: int, accepted: int) -> None:
+        """A verification of ``drafts`` drafts accepted ``accepted`` of them."""
+        if drafts:
+            self.accepted = self.DECAY_COUNTS * self.accepted + accepted
+            self.rejections = self.DECAY_COUNTS * self.rejections + float(accepted < drafts)
+            self._fresh = False
+
+    def note_latency(self, n: int, seconds: float) -> None:
+        """A verify forward over ``n`` tokens took ``seconds``. Every size's weight decays at
+        each step, so sizes not seen for a while (a slow warm-up, a burst of contention) fade
+        out of the fit."""
+        if n > self.VERIFY_MAX_N:
+            return
+        seconds = max(seconds, 1e-9)  # a clock that did not move: the fit needs times > 0
+        lat = self.latency
+        for k in list(lat):
+            m, w = lat[k]
+            if w * self.DECAY_LATENCY < 0.05:
+                del lat[k]
+            else:
+                lat[k] = (m, w * self.DECAY_LATENCY)
+        mean, w = lat.get(n, (seconds, 0.0))
+        w += 1.0
+        lat[n] = (mean + (seconds - mean) / min(w, 5.0), w)
+        self._changed()
+
+    def _changed(self) -> None:
+        self._line_stale = True  # fitted when a decision needs it (never for fixed windows)
+        self._fresh = False  # the cached plan is stale
+
+    @property
+    def acceptance(self) -> float:
+        """The recent per-token acceptance ``a``, smoothed towards 1/2 (Laplace's rule)."""
+        return acceptance_estimate(self.accepted, self.rejections, prior=1.0)
+
+    def line(self) -> LatencyModel | None:
+        """``L(n) = a + b n`` through the recent verify latencies (``LatencyModel.fit``
+        weighted by each block size's decayed count); ``None`` before two sizes were timed."""
+        if self._line_stale:
+            pts = self.latency
+            self._line = LatencyModel.fit(list(pts), [m for m, _ in pts.values()],
+                                          [w for _, w in pts.values()]) \
+                if len(pts) >= 2 else None
+            self._line_stale = False
+        return self._line
+
+    # ------------------------------------------------------------------ decisions
+
+    def choose(self, max_n: int, draft_cost_s: float = 0.0) -> int:
+        """The window for the next forward (``0``: decode one token alone), with the
+        exploration: after :data:`EXPLORE_EVERY` answers of 0 in a row, one draft (the
+        interval doubles, up to :data:`EXPLORE_MAX`, while speculation keeps not paying: an
+        exploration costs a wait for a draft in PipeSpec). ``draft_cost_s``: what producing
+        one more draft costs this stage's timeline (the drafter's step in synchronous
+        decoding, the measured wait per draft in PipeSpec)."""
+        if not self.adaptive:
+            return max_n
+        best = self.plan(max_n, draft_cost_s)
+        if best is None:
+            return 0  # one step alone times L(1): with the verify size seen, a line
+        if best == 0:
+            self._alone_steps += 1
+            if self._alone_steps < self._explore_every:
+                return 0
+            self._explore_every = min(self.EXPLORE_MAX, 2 * self._explore_every)
+            best = 1
+        else:
+            self._explore_every = self.EXPLORE_EVERY
+        self._alone_steps = 0
+        return best
+
+    def plan(self, max_n: int, draft_cost_s: float = 0.0) -> int | None:
+        """The rule of :meth:`choose` without its exploration state (no side effects): the
+        best ``g`` for drafts costing ``draft_cost_s`` each, or ``None`` when one step alone
+        should first time ``L(1)``."""
+        if not self.adaptive:
+            return max_n
+        if self._fresh and max_n == self._plan_n and draft_cost_s == self._plan_cost:
+            return self._plan
+        self._plan = self._evaluate(max_n, draft_cost_s)
+        self._plan_n, self._plan_cost, self._fresh = max_n, draft_cost_s, True
+        return self._plan
+
+    def _evaluate(self, max_n: int, draft_cost_s: float) -> int | None:
+        a = self.acceptance
+        line = self.line() if self.timed else None
+        if line is None:
+            if self.timed and self.latency and 1 not in self.latency:
+                return None
+            if a >= 0.999:
+                return max_n
+            g = math.ceil(math.log(self.BEFORE_TIMINGS_TAIL) / math.log(a))
+            return max(1, min(max_n, g))
+        return best_window(line, a, draft_cost_s, max(1, max_n))[0]

@@ -1,0 +1,196 @@
+"""The three roles of a PipeSpec stage worker (PipeSpec's "lookahead 0" work policy).
+
+* :class:`DrafterWorker` (the lowest model stage): drafts one token at a time while it is
+  fewer than ``max_lead`` tokens ahead of the stage above.
+* :class:`MiddleWorker`: verifies whatever the stage below offers and, when nothing is offered,
+  extends its sequence with its own model, within its own lead.
+* :class:`TargetWorker`: verifies what is offered (or what its skip-level drafter proposes),
+  waits when the stage below has not spoken yet for its next position, decodes one token alone
+  when the stage below has spoken only guesses or is not worth waiting for, and sends every
+  verified token to the caller.
+
+A verifying stage sizes each verification with its adaptive window
+(``Sequencer.window``; the cost of a draft is its own measured wait for drafts), pauses the
+model stage below while that window is 0, and tells the stage below its sequence (a Sync) after
+every step and before it waits, so a diverged stage below always learns it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from pipespec_fast.pipespec.inline import InlineDrafter
+from pipespec_fast.pipespec.messages import PAUSE, RESUME, Emit, Sync
+from pipespec_fast.pipespec.mirror import Mirror
+from pipespec_fast.pipespec.worker import StageWorker
+
+SyncKey = tuple[int, int] | None  # (first position sent, our length) of the last Sync sent
+
+
+class DrafterWorker(StageWorker):
+    """The lowest model stage: drafts within its lead."""
+
+    def step(self) -> bool:
+        if not self._lead_ok():
+            return False
+        self._draft()
+        return True
+
+
+class _Verifier(StageWorker):
+    """What a middle stage and the target share: drafts from the stage below (a worker, or a
+    drafter run inline), the window, pausing the stage below, and syncing it.
+
+    ``window``: the most drafts verified in one forward.
+    """
+
+    def __init__(self, *args, window: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.window = window
+        self.below: StageWorker | None = None  # a model stage in its own thread, or ...
+        self.inline: InlineDrafter | None = None  # ... a drafter run here (topology)
+        self._below_wanted = True  # what we last told the stage below
+        self._last_sync: SyncKey = None
+        # what a draft costs us: our wait for drafts, per draft verified (decayed); the
+        # adaptive window weighs it like synchronous decoding weighs drafting time
+        self.wait_per_draft_s = 0.0
+        self._waited_s = 0.0
+        self._waiting_for_drafts = False  # set by step(): a wait now is a wait for drafts
+
+    def _begin(self, prompt: list[int]) -> None:
+        if self.inline is not None:  # its mirror is ours: it keeps it an exact copy
+            self.inline.start(prompt)
+            self.mirror = self.inline.mirror
+        else:
+            self.mirror = Mirror(prompt)
+        self._begin_helpers(prompt)
+        self.s.start(prompt)
+
+    def _begin_helpers(self, prompt: list[int]) -> None:
+        pass
+
+    def _wait(self) -> None:
+        self._sync_down()  # a diverged stage below must learn it, even when we wait
+        t = time.perf_counter()
+        self._drain(block=True)
+        dt = time.perf_counter() - t
+        self.s.stats.idle_s += dt
+        if self._waiting_for_drafts:  # (not for the stage above)
+            self._waited_s += dt
+
+    def _window(self) -> int:
+        """Our window for the drafts below now (0: speculation does not pay now, drafts cost
+        more waiting than they give); pauses or resumes a model stage below to match, and
+        lets an inline drafter fill it."""
+        n = self.s.window(self.window, self.wait_per_draft_s)
+        wanted = n > 0
+        if self.below is not None and wanted != self._below_wanted:
+            self._below_wanted = wanted
+            self.below.inbox.put(RESUME if wanted else PAUSE)  # a resume wakes it at once
+        if self.inline is not None:
+            self.inline.fill(self.s.seq, n)
+        return n
+
+    def _offered(self, n: int, mirror: Mirror | None = None
+                 ) -> tuple[list[int], list[torch.Tensor] | None, bool]:
+        """Up to ``n`` usable drafts from ``mirror`` (default: the stage below's), see
+        :meth:`Mirror.offer`."""
+        return (mirror or self.mirror).offer(self.s.seq, n, not self.s.params.greedy)
+
+    def _verify(self, drafts: list[int], rows: list[torch.Tensor] | None,
+                from_below: bool) -> None:
+        """Verify ``drafts`` (none: decode one token alone), publish, sync the stage below."""
+        if drafts and from_below:
+            cost = self._waited_s / len(drafts)
+            self.wait_per_draft_s = 0.8 * self.wait_per_draft_s + 0.2 * cost
+        self._waited_s = 0.0
+        start = len(self.s.seq)
+        self.s.verify(drafts, rows)
+        self._publish(start)
+        self._sync_down()
+
+    def _sync_down(self) -> None:
+        """Tell the stage below our sequence from the first place its copy may differ."""
+        deliver = self.below.inbox.put if self.below is not None else self.inline.sync
+        self._last_sync = self._send_sync(deliver, self.mirror, self._last_sync)
+
+    def _send_sync(self, deliver: Callable[[Sync], None], mirror: Mirror, last: SyncKey
+                   ) -> SyncKey:
+        """Deliver a Sync of our sequence from the first place ``mirror`` differs, unless it
+        would repeat ``last`` (the previous one sent there) with nothing new; returns the new
+        last."""
+        seq = self.s.seq
+        c = mirror.common_prefix(seq)
+        key = (c, len(seq))
+        if key == last and c == len(seq):
+            return last
+        deliver(Sync(c, seq[c:]))
+        return key
+
+
+class MiddleWorker(_Verifier):
+    """A stage between the drafter and the target: verifies what is offered, else drafts."""
+
+    def step(self) -> bool:
+        self._waiting_for_drafts = lead_ok = self._lead_ok()
+        if not lead_ok:
+            return False
+        drafts, rows, _ = self._offered(self._window())
+        if drafts:
+            self._verify(drafts, rows, from_below=True)
+        else:
+            self._draft()
+            self._sync_down()
+        return True
+
+
+class TargetWorker(_Verifier):
+    """The last stage: verifies until it holds ``limit`` tokens; its tokens go to the caller.
+
+    ``skip`` (set by the topology): a second copy of a model-free lowest stage, run inline on
+    the target's own sequence, whose free proposals it verifies when the model stage below has
+    nothing usable ready or is not worth waiting for.
+    """
+
+    def __init__(self, *args, limit: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.limit = limit
+        self.skip: InlineDrafter | None = None
+        self._last_skip_sync: SyncKey = None
+        self._waiting_for_drafts = True
+
+    def _begin_helpers(self, prompt: list[int]) -> None:
+        if self.skip is not None:
+            self.skip.start(prompt)
+
+    def step(self) -> bool:
+        s = self.s
+        n = self._window()
+        room = self.limit - len(s.seq)
+        drafts, rows, spoke = self._offered(min(n, room))
+        skip = not drafts and self.skip is not None
+        if skip:
+            drafts, rows = self._skip_drafts(room)
+        # go on alone when the stage below only offers guesses, or when our window is 0
+        if drafts or ((spoke or n == 0) and room > 0):
+            self._verify(drafts, rows, from_below=not skip)
+            return True
+        return False
+
+    def _skip_drafts(self, room: int) -> tuple[list[int], list[torch.Tensor] | None]:
+        """Drafts from the skip-level drafter: free, so the window is the one for drafts that
+        cost nothing (``WindowPolicy.plan``, no exploration state)."""
+        s, sk = self.s, self.skip
+        g = s.policy.plan(self.window, 0.0)
+        if not g:
+            return [], None
+        self._last_skip_sync = self._send_sync(sk.sync, sk.mirror, self._last_skip_sync)
+        sk.fill(s.seq, g)
+        drafts, rows, _ = self._offered(min(g, room), sk.mirror)
+        return drafts, rows
+
+    def _publish(self, start: int) -> None:
+        self.out.put(Emit(self.s.seq[start:]))

@@ -1,0 +1,70 @@
+"""Who feeds whom in a PipeSpec run: one worker per model stage in a chain, the role of each,
+a model-free lowest stage run inline by the stage above it, and skip-level drafts.
+
+Stage i-1's Chunks go to stage i's inbox and stage i's Syncs to stage i-1's; the lowest model
+stage drafts, the stages between verify-or-draft, the last one is the target
+(``pipespec_fast.pipespec.roles``).
+
+A model-free lowest stage (the n-gram drafter) gets no thread: the stage above runs it inline
+(``pipespec_fast.pipespec.inline``), since there is nothing to overlap. In a hierarchy of two
+or more model stages over it (the default ``[n-gram -> draft -> target]``), the target also
+runs a second copy of it (``clone()``) on its own sequence: skip-level drafts, verified when
+the model stage below has nothing usable ready or is not worth waiting for.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from pipespec_fast.decoding.sequence import Sequencer
+from pipespec_fast.pipespec.inline import InlineStage
+from pipespec_fast.pipespec.roles import DrafterWorker, MiddleWorker, TargetWorker
+from pipespec_fast.pipespec.worker import StageWorker
+from pipespec_fast.stages import is_model_free
+
+
+@dataclass(frozen=True)
+class PipeSpecSettings:
+    """The pipeline's settings a PipeSpec run needs (``FastPipeline``'s, per stage)."""
+
+    windows: list[int]  # most drafts stage i > 0 verifies in one forward
+    max_leads: list[int]  # how far stage i < k-1 may run ahead of the stage above
+    threads: list[int | None]  # torch threads of each stage's worker (None: the current)
+    skip_level_drafts: bool = True
+
+
+def build(seqrs: list[Sequencer], settings: PipeSpecSettings, limit: int,
+          matmul_threads: list[int | None], idle: list[bool] | None,
+          stop: threading.Event, out: queue.SimpleQueue) -> list[StageWorker]:
+    """The workers to run for ``seqrs`` (one per stage, target last), wired together; the
+    target stops once it holds ``limit`` tokens. ``matmul_threads`` / ``idle``: per stage,
+    our kernels' threads and idle priority (``threads.CpuThreads``)."""
+    k = len(seqrs)
+
+    def worker(i: int) -> StageWorker:
+        args = (seqrs[i], i, settings.max_leads[i], stop, out)
+        kw = {"threads": settings.threads[i] or torch.get_num_threads(),
+              "matmul_threads": matmul_threads[i], "idle": bool(idle and idle[i])}
+        if i == k - 1:
+            return TargetWorker(*args, window=settings.windows[i], limit=limit, **kw)
+        if i > 0:
+            return MiddleWorker(*args, window=settings.windows[i], **kw)
+        return DrafterWorker(*args, **kw)
+
+    lowest = seqrs[0]
+    inline = is_model_free(lowest.stage)
+    workers = [worker(i) for i in range(1 if inline else 0, k)]
+    for lo, hi in zip(workers, workers[1:], strict=False):
+        lo.above, hi.below = hi, lo
+    if inline:
+        workers[0].inline = InlineStage(lowest)
+        caps = lowest.stage.capabilities
+        if settings.skip_level_drafts and len(workers) > 1 and caps.clone:
+            copy = Sequencer(lowest.stage.clone(), lowest.params, lowest.index, lowest.t0,
+                             adaptive=lowest.policy.adaptive)
+            workers[-1].skip = InlineStage(copy)
+    return workers

@@ -1,0 +1,102 @@
+"""The ``Stage`` protocol's declared capabilities: what each stage declares, the one-line
+error a stage missing something gets at construction, and pausing the stage below as a
+message."""
+
+import pytest
+from tiny import family
+
+from pipespec_fast import FastPipeline, HFStage, LlamaStage, NGramStage, StageCapabilities
+from pipespec_fast.pipespec.messages import PAUSE, RESUME
+from pipespec_fast.stages import check_stage, is_model_free
+
+PLAIN = StageCapabilities()
+
+
+class Bare:
+    """A stage of another runtime: the core protocol, with ``capabilities`` to fill in."""
+
+    name, vocab_size, max_len, cache_len, device = "bare", 64, 128, 0, "cpu"
+
+    def __init__(self, capabilities=PLAIN):
+        if capabilities is not None:
+            self.capabilities = capabilities
+
+    def forward(self, tokens, parents=None, last_n=None): ...
+
+    def rollback(self, length): ...
+
+    def keep_path(self, start, path, num, chain=False): ...
+
+
+def test_each_stage_declares_what_the_engine_reads():
+    (m,) = family(1)
+    m.config.eos_token_ids = [7, 9]
+    llama = LlamaStage(m, max_len=64)
+    assert llama.capabilities == StageCapabilities(trees=True, eos_token_ids=(7, 9))
+    assert NGramStage(64).capabilities == StageCapabilities(model_free=True, confidence=True,
+                                                            clone=True)
+    assert HFStage.capabilities == StageCapabilities()
+    assert is_model_free(NGramStage(64)) and not is_model_free(llama)
+    for st in (llama, NGramStage(64), Bare()):
+        check_stage(st, 0)  # complete: no error
+
+
+@pytest.mark.parametrize("stage,missing", [
+    (Bare(None), "missing capabilities"),
+    (Bare({"model_free": True}), "missing capabilities as a StageCapabilities (got dict)"),
+    (Bare(StageCapabilities(clone=True)), "missing clone (declares clone=True)"),
+    (Bare(StageCapabilities(confidence=True)),
+     "missing last_match_len (declares confidence=True), min_confident_match (declares "
+     "confidence=True)"),
+])
+def test_a_stage_missing_something_is_refused_naming_it(stage, missing):
+    msg = ("stages[1] 'bare' does not implement the Stage protocol (pipespec_fast.stages.Stage)"
+           f": {missing}")
+    with pytest.raises(ValueError) as ei:
+        check_stage(stage, 1)
+    assert str(ei.value) == msg
+    (m,) = family(1)
+    with pytest.raises(ValueError) as ei:  # at construction, before any generation
+        FastPipeline([LlamaStage(m, max_len=128), stage])
+    assert str(ei.value) == msg
+
+
+def test_a_stage_without_forward_or_name():
+    class NoForward:
+        vocab_size, max_len, cache_len, device = 64, 128, 0, "cpu"
+        capabilities = StageCapabilities()
+
+        def rollback(self, length): ...
+
+        def keep_path(self, *a): ...
+
+    with pytest.raises(ValueError, match=r"^stages\[0\] 'NoForward' .*: missing name, forward$"):
+        check_stage(NoForward(), 0)
+
+
+def test_target_eos_ids_are_the_default_after_the_tokenizer():
+    (m,) = family(1)
+    m.config.eos_token_ids = [7, 9]
+    assert FastPipeline([LlamaStage(m, max_len=128)]).eos_token_ids == {7, 9}
+    assert FastPipeline([LlamaStage(m, max_len=128)], eos_token_ids=[3]).eos_token_ids == {3}
+
+
+def test_pausing_the_stage_below_is_a_message_sent_when_the_window_changes():
+    from test_inline import build
+
+    _, (low, mid, tgt) = build([LlamaStage(m, max_len=128) for m in family(3)])
+    windows = iter([0, 0, 3, 2, 0])
+    tgt.s.window = lambda max_n, cost: next(windows)
+    sent = []
+    for _ in range(5):
+        tgt._window()
+        while not mid.inbox.empty():
+            sent.append(mid.inbox.get_nowait())
+    assert sent == [PAUSE, RESUME, PAUSE]  # one message per change, none per step
+    assert low.inbox.empty()
+    mid.inbox.put(PAUSE)
+    mid._drain(block=False)
+    assert not mid.wanted and not mid._lead_ok() and not mid.step()  # it waits
+    mid.inbox.put(RESUME)
+    mid._drain(block=False)
+    assert mid.wanted and mid._lead_ok()

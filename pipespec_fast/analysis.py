@@ -61,13 +61,17 @@ STARVE_POLICIES = ("fill", "idle")
 # --------------------------------------------------------------------------------------------
 
 
-def _real(x: Any, name: str) -> float:
-    """``x`` as a finite float, or raise (TypeError for non-numbers, ValueError otherwise)."""
+def _real(x: Any, name: str, index: int | None = None) -> float:
+    """``x`` as a finite float, or raise (TypeError for non-numbers, ValueError otherwise).
+    ``index``: ``x`` is ``name[index]`` (formatted only for the error: this runs in the
+    window decision of every verify step)."""
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+        where = name if index is None else f"{name}[{index}]"
+        raise TypeError(f"{where} must be a real number, got {type(x).__name__}")
     v = float(x)
     if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {x!r}")
+        where = name if index is None else f"{name}[{index}]"
+        raise ValueError(f"{where} must be finite, got {x!r}")
     return v
 
 
@@ -198,7 +202,7 @@ def estimate_alpha(accepted_counts: Sequence[int], gamma: int) -> float:
     failures = 0
     n = 0
     for j, c in enumerate(accepted_counts):
-        cv = _real(c, f"accepted_counts[{j}]")
+        cv = _real(c, "accepted_counts", j)
         if not cv.is_integer() or not 0 <= cv <= g:
             raise ValueError(f"accepted_counts[{j}] must be an integer in [0, {g}], got {c!r}")
         total += int(cv)
@@ -241,8 +245,8 @@ def _check_points(ns: Sequence[float], seconds: Sequence[float]) -> list[tuple[f
         raise ValueError("ns must not be empty")
     pts = []
     for j, (n, s) in enumerate(zip(ns, seconds, strict=True)):
-        nv = _real(n, f"ns[{j}]")
-        sv = _real(s, f"seconds[{j}]")
+        nv = _real(n, "ns", j)
+        sv = _real(s, "seconds", j)
         if nv < 1.0:
             raise ValueError(f"ns[{j}] must be >= 1 (tokens per forward), got {n!r}")
         if sv <= 0.0:
@@ -256,7 +260,7 @@ def _check_weights(weights: Sequence[float], m: int) -> list[float]:
     if len(w) != m:
         raise ValueError(f"weights: expected {m} entries (one per point), got {len(w)}")
     if not all(type(x) is float and 0.0 < x < math.inf for x in w):  # the engine's, fast
-        w = [_real(x, f"weights[{j}]") for j, x in enumerate(w)]
+        w = [_real(x, "weights", j) for j, x in enumerate(w)]
         if any(x <= 0.0 for x in w):
             raise ValueError(f"weights must be positive, got {list(weights)!r}")
     return w

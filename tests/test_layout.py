@@ -2,7 +2,8 @@
 environment variable read in one module, small classes and functions.
 
 A class over CLASS_MAX lines or a function over FUNC_MAX lines needs its reason written on a
-``# long: ...`` comment line directly above it (above its decorators, if any)."""
+``# long: ...`` comment directly above it (above its decorators, if any; the reason may
+go on over further comment lines)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,14 @@ def _sources() -> list[Path]:
 
 
 def _has_reason(lines: list[str], node: ast.AST) -> bool:
-    first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-    above = lines[first - 2].strip() if first >= 2 else ""
-    return bool(re.match(r"#\s*long:\s*\S", above))
+    """A comment block directly above the definition (or its decorators) that starts with
+    ``# long: <reason>``."""
+    i = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])]) - 2
+    while i >= 0 and lines[i].strip().startswith("#"):
+        if re.match(r"#\s*long:\s*\S", lines[i].strip()):
+            return True
+        i -= 1
+    return False
 
 
 def test_no_oversized_class_or_function_without_a_reason():

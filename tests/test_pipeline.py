@@ -385,7 +385,7 @@ def test_cli_runs_a_three_stage_pipeline(tmp_path, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert "[pipespec: small -> mid -> big] 10 tokens" in last and "tokens/s" in last
     assert main(["generate", "--models", dirs[0], "--prompt", "w1", "--top-p", "3"]) == 2
-    assert "top_p" in capsys.readouterr().err
+    assert "--top-p" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ vocabulary-subset drafts

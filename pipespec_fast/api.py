@@ -13,20 +13,25 @@ from pathlib import Path
 
 import torch
 
+from pipespec_fast import validate
 from pipespec_fast.config import RuntimeConfig
 from pipespec_fast.decoding import baselines
 from pipespec_fast.decoding.sampling import SamplingParams
 from pipespec_fast.decoding.sequence import Sequencer
 from pipespec_fast.decoding.stats import StageStats, analysis_input
-from pipespec_fast.pipespec.run import PipeSpecRun, StageError
+from pipespec_fast.errors import GenerationTimeout, PipelineClosedError, StageError
+from pipespec_fast.pipespec.run import PipeSpecRun
 from pipespec_fast.pipespec.topology import PipeSpecSettings
 from pipespec_fast.stages import Stage, check_stage
+from pipespec_fast.stages import check_order as check_stage_order
 from pipespec_fast.text import Detokenizer, Output
 from pipespec_fast.threads import CpuThreads
 
-__all__ = ["FastPipeline", "GenerationResult", "StageError"]
+__all__ = ["FastPipeline", "GenerationResult", "GenerationTimeout", "PipelineClosedError",
+           "StageError"]
 
-MODES = ("pipespec", "sync", "ar")
+MODES = validate.MODES
+HUNG_JOIN_S = 2.0  # after a timeout, how long stopped workers get to finish their step
 MAX_WINDOW = 48  # verification blocks stay below models.llama.Transformer.PACKED_MAX_BLOCK
 
 
@@ -63,6 +68,8 @@ class FastPipeline:
         config: the per-pipeline knobs (CPU threads, ``docs/CONFIGURATION.md``); default
             (``None``): the process configuration, ``pipespec_fast.config.current()``, at each
             generation.
+        check_order: refuse model stages whose declared parameter count decreases towards
+            the target (stages given in the wrong order); ``False`` allows it.
     """
 
     def __init__(
@@ -77,11 +84,14 @@ class FastPipeline:
         adaptive_windows: bool = True,
         skip_level_drafts: bool = True,
         config: RuntimeConfig | None = None,
+        check_order: bool = True,
     ) -> None:
         if config is not None and not isinstance(config, RuntimeConfig):
             raise ValueError(f"config: expected a RuntimeConfig, got {type(config).__name__}")
         self.config = config
         _check_stages(stages)
+        if check_order:
+            check_stage_order(list(stages))
         self.stages = list(stages)
         self.tokenizer = tokenizer
         self.mode = _check_mode(mode)
@@ -132,7 +142,13 @@ class FastPipeline:
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 128, **kwargs
                  ) -> GenerationResult:
-        """Generate and return the result (``token_ids`` are the new tokens only)."""
+        """Generate and return the result (``token_ids`` are the new tokens only).
+
+        Keyword arguments: ``temperature`` (0: greedy), ``top_k``, ``top_p``, ``seed``,
+        ``stop`` (a string or a list), ``ignore_eos``, ``mode`` (``"pipespec"``, ``"sync"``,
+        ``"ar"``), ``timeout_s`` (raise :class:`GenerationTimeout` past it). Each is checked
+        before any work, with a ``ValueError`` naming it. A stage producing non-finite logits
+        or failing raises :class:`StageError` naming it."""
         for _ in self._run(prompt, max_new_tokens, _incremental=False, **kwargs):
             pass
         return self.last_result
@@ -165,9 +181,10 @@ class FastPipeline:
         return predict_from_stats(analysis_input(result.stage_stats, self.windows))
 
     def close(self) -> None:
-        """Stop any running workers; idempotent."""
-        self._stop_workers()
+        """Stop any running workers; idempotent. A generation running meanwhile (in another
+        thread) raises :class:`PipelineClosedError`."""
         self._closed = True
+        self._stop_workers()
 
     def __enter__(self) -> FastPipeline:
         return self
@@ -178,9 +195,10 @@ class FastPipeline:
     # ------------------------------------------------------------------ internals
 
     def _run(self, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
-             ignore_eos=False, stop=None, mode=None, _incremental=True) -> Iterator[str]:
+             ignore_eos=False, stop=None, mode=None, timeout_s=None, _incremental=True
+             ) -> Iterator[str]:
         if self._closed:
-            raise RuntimeError("this FastPipeline is closed")
+            raise PipelineClosedError("this FastPipeline is closed")
         # one generation at a time: stages own their KV caches (checked once per call, not
         # on the hot path)
         if not self._busy.acquire(blocking=False):
@@ -188,14 +206,15 @@ class FastPipeline:
                                "time per pipeline; finish or close the other stream first)")
         try:
             yield from self._run_locked(prompt, max_new_tokens, temperature, top_k, top_p,
-                                        seed, ignore_eos, stop, mode, _incremental)
+                                        seed, ignore_eos, stop, mode, timeout_s, _incremental)
         finally:
             self._busy.release()
 
     def _run_locked(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos,
-                    stop, mode, incremental) -> Iterator[str]:
+                    stop, mode, timeout_s, incremental) -> Iterator[str]:
         params, mode, stop, ids = _check_request(self, prompt, max_new_tokens, temperature,
-                                                 top_k, top_p, seed, stop, mode)
+                                                 top_k, top_p, seed, stop, mode, timeout_s)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         stages = self.stages if mode != "ar" else self.stages[-1:]
         t0 = time.perf_counter()
         seqrs = [Sequencer(st, params, i, t0, adaptive=self.adaptive_windows)
@@ -210,12 +229,17 @@ class FastPipeline:
         cpu_threads.__enter__()
         try:
             chunks, self._active = _verified_chunks(self, mode, seqrs, ids,
-                                                    len(ids) + max_new_tokens, cpu_threads)
+                                                    len(ids) + max_new_tokens, cpu_threads,
+                                                    deadline)
             for chunk in chunks:
                 # "" too: one step per verified chunk (stream() drops the empty pieces)
                 yield out.feed(chunk)
                 if out.done:
                     break
+                _check_running(self, deadline)
+        except GenerationTimeout:
+            self._abandon_workers()
+            raise
         finally:
             self._stop_workers()
             cpu_threads.__exit__(None, None, None)
@@ -231,11 +255,16 @@ class FastPipeline:
         if run is not None:
             run.close()
 
+    def _abandon_workers(self) -> None:
+        """After a timeout: stop the workers, give them a moment, and close this pipeline if
+        one is still stuck (its stage's cache is in use: no further generation is safe)."""
+        run, self._active = self._active, None
+        if run is not None and run.close(join_s=HUNG_JOIN_S):
+            self._closed = True
+
 
 def _check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return mode
+    return validate.mode(mode)
 
 
 def _check_stages(stages: Sequence[Stage]) -> None:
@@ -263,35 +292,30 @@ def _default_eos(tokenizer, target: Stage) -> list[int]:
 
 def _encode(pipe: FastPipeline, prompt: str | list[int]) -> list[int]:
     """A prompt as token ids: text through the tokenizer, ids checked against the vocab."""
+    prompt = validate.prompt(prompt)
     if isinstance(prompt, str):
         if pipe.tokenizer is None:
             raise ValueError("prompt: text needs a tokenizer; pass token ids instead")
         ids = pipe.tokenizer.encode(prompt, add_special_tokens=False)
-    else:
-        ids = [int(t) for t in prompt]
-        V = pipe.stages[-1].vocab_size
-        bad = [t for t in ids if not 0 <= t < V]
-        if bad:
-            raise ValueError(f"prompt: token ids {bad[:5]} outside the vocab [0, {V})")
-    if not ids:
-        raise ValueError("prompt: must not be empty")
-    return ids
+        if not ids:
+            raise ValueError("prompt: the text encodes to no tokens")
+        return ids
+    validate.token_ids_in_vocab(prompt, pipe.stages[-1].vocab_size)
+    return prompt
 
 
 def _check_request(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_k, top_p, seed,
-                   stop, mode) -> tuple[SamplingParams, str, list[str] | None, list[int]]:
+                   stop, mode, timeout_s) -> tuple[SamplingParams, str, list[str] | None,
+                                                   list[int]]:
     """One request's arguments checked against ``pipe`` (a ``ValueError`` names the argument):
     ``(sampling parameters, mode, stop strings, prompt ids)``."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    validate.generation(max_new_tokens, temperature, top_k, top_p, seed, stop,
+                        mode if mode is not None else pipe.mode, timeout_s)
     params = SamplingParams(temperature, top_k, top_p, seed)
-    mode = _check_mode(mode or pipe.mode)
-    if stop is not None:
-        stop = [stop] if isinstance(stop, str) else list(stop)
-        if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError("stop: must be a non-empty string or a list of them")
-        if pipe.tokenizer is None:
-            raise ValueError("stop: stop strings need a tokenizer")
+    mode = mode or pipe.mode
+    stop = validate.stop(stop)
+    if stop is not None and pipe.tokenizer is None:
+        raise ValueError("stop: stop strings need a tokenizer")
     ids = _encode(pipe, prompt)
     room = min(st.max_len for st in pipe.stages)
     slack = sum(pipe.windows[1:]) + sum(pipe.max_leads[:-1]) + 2 * len(pipe.stages)
@@ -305,8 +329,18 @@ def _check_request(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_
     return params, mode, stop, ids
 
 
+def _check_running(pipe: FastPipeline, deadline: float | None) -> None:
+    """Between two verified chunks: the pipeline was not closed meanwhile (from another
+    thread), and the deadline has not passed (``sync``/``ar`` run on the caller's thread, so
+    a step in progress finishes first; PipeSpec's output loop also waits with the deadline)."""
+    if pipe._closed:
+        raise PipelineClosedError("the pipeline was closed during this generation")
+    if deadline is not None and time.monotonic() > deadline:
+        raise GenerationTimeout("the generation ran past its timeout_s")
+
+
 def _verified_chunks(pipe: FastPipeline, mode: str, seqrs: list[Sequencer], ids: list[int],
-                     limit: int, cpu_threads: CpuThreads
+                     limit: int, cpu_threads: CpuThreads, deadline: float | None = None
                      ) -> tuple[Iterator[list[int]], PipeSpecRun | None]:
     """The mode's lists of newly verified target tokens until the target holds ``limit``
     tokens, and the PipeSpec run producing them, if any (it goes on until closed)."""
@@ -317,7 +351,7 @@ def _verified_chunks(pipe: FastPipeline, mode: str, seqrs: list[Sequencer], ids:
                                     pipe.skip_level_drafts)
         run = PipeSpecRun(seqrs, settings, limit, cpu_threads.stage_threads,
                           cpu_threads.idle_stages)
-        return run.tokens(ids), run
+        return run.tokens(ids, deadline), run
     for s in seqrs:
         s.start(ids)
     if len(seqrs) == 1:

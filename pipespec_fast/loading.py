@@ -46,12 +46,40 @@ def load_stages(paths: Sequence[str | Path], device: str | torch.device = "cpu",
     return stages, tok
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
 def load_tokenizer(path: str | Path):
-    """The ``transformers`` tokenizer saved in ``path``, or ``None`` if there is none."""
+    """The ``transformers`` tokenizer saved in ``path``, or ``None`` if there is none.
+
+    Code shipped in the folder is never run (``trust_remote_code=False``: transformers would
+    otherwise ask on stdin whether to run an ``auto_map``'s module). Any failure is one
+    ``ValueError`` line naming the folder and the first line of the cause."""
     p = Path(path)
-    if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer.model",
-                                          "tokenizer_config.json")):
+    if not any((p / f).exists() for f in TOKENIZER_FILES):
         return None
+    _refuse_remote_code(p)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(p))
+    try:
+        return AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
+    except Exception as e:  # transformers raises many kinds, several lines each
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{p}: cannot load the tokenizer ({type(e).__name__}: {first})") \
+            from None
+
+
+def _refuse_remote_code(p: Path) -> None:
+    """A tokenizer config naming code to import (``auto_map``) is refused up front."""
+    import json
+
+    cfg = p / "tokenizer_config.json"
+    if not cfg.is_file():
+        return
+    try:
+        d = json.loads(cfg.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{cfg}: not valid JSON ({e})") from None
+    if isinstance(d, dict) and d.get("auto_map"):
+        raise ValueError(f"{cfg}: asks to run code from the model folder (auto_map); "
+                         "pipespec-fast never runs code from a model folder")

@@ -67,11 +67,16 @@ class Detokenizer:
         return piece
 
     def kept_ids(self, ids: list[int]) -> list[int]:
-        """The shortest prefix of ``ids`` whose text reaches the stop cut."""
-        for n in range(len(ids) + 1):
-            if len(self._decode(ids[:n])) >= (self._cut or 0):
-                return ids[:n]
-        return ids
+        """The longest prefix of ``ids`` whose text lies wholly before the stop cut: a token
+        whose text the cut splits (or follows) is not returned. The returned text may then go
+        on past their text, up to the cut, with part of that token's text."""
+        cut = self._cut or 0
+        kept = 0
+        for n in range(1, len(ids) + 1):
+            if len(self._decode(ids[:n])) > cut:
+                break
+            kept = n
+        return ids[:kept]
 
 
 class Output:

@@ -94,7 +94,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     target = args.target or str(default_target_dir())
-    tok = transformers.AutoTokenizer.from_pretrained(target)
+    tok = transformers.AutoTokenizer.from_pretrained(target, trust_remote_code=False)
     model = transformers.LlamaForCausalLM.from_pretrained(
         target, dtype=getattr(torch, args.dtype)).eval()
     items = build_prompts(args.code, args.chat, args.seed, code_offset=args.code_offset)

@@ -303,7 +303,7 @@ def main(argv=None) -> None:
     if (target_dir / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(target_dir), trust_remote_code=False)
     # held-out answers come from the last data set (earlier ones may have trained --init-from)
     sets = [load_rows(Path(d), tokenizer) for d in args.data]
     rng = random.Random(args.seed)

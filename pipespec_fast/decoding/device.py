@@ -18,22 +18,24 @@ class StageDevice:
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.stream = torch.cuda.Stream(device)
-            self._pinned = torch.empty(2, dtype=torch.int64, pin_memory=True)
+            self._pinned = torch.empty(3, dtype=torch.int64, pin_memory=True)
             self._event = torch.cuda.Event()
 
     def context(self):
         """Context in which the stage's work is queued (its stream; no-op on CPU)."""
         return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
 
-    def to_host(self, num: torch.Tensor, nxt: torch.Tensor) -> tuple[int, int]:
-        """The one host synchronisation of a verify step: two 0-d ints."""
+    def to_host(self, num: torch.Tensor, nxt: torch.Tensor, finite: torch.Tensor
+                ) -> tuple[int, int, bool]:
+        """The one host synchronisation of a verify step: two 0-d ints and a 0-d bool."""
         if not self.cuda:
-            return int(num), int(nxt)
-        self._pinned.copy_(torch.stack([num, nxt]), non_blocking=True)
+            return int(num), int(nxt), bool(finite)
+        self._pinned.copy_(torch.stack([num.long(), nxt.long(), finite.long()]),
+                           non_blocking=True)
         self._event.record(self.stream)
         self._event.synchronize()  # waits for this stage's stream only
-        a, b = self._pinned.tolist()
-        return a, b
+        a, b, ok = self._pinned.tolist()
+        return a, b, bool(ok)
 
     def rows_here(self, rows: list[torch.Tensor]) -> torch.Tensor:
         """``[n, V]``: the ``[V]`` rows drafts were drawn from at the stage below, stacked on

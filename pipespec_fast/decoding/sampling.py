@@ -3,11 +3,16 @@ sampled) and each stage's ``StageSampler`` (its random stream, its draws, its ac
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from pipespec_fast import ops, reference
+from pipespec_fast import ops, reference, validate
+from pipespec_fast.errors import NonFiniteLogitsError
+
+NON_FINITE = ("non-finite logits (NaN or +inf, or a row without a finite value): no token can "
+              "be chosen")
 
 
 @dataclass(frozen=True)
@@ -25,9 +30,10 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        ops.validate_sampling(self.temperature, self.top_k, self.top_p)
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+        validate.temperature(self.temperature)
+        validate.top_k(self.top_k)
+        validate.top_p(self.top_p)
+        validate.seed(self.seed)
 
     @property
     def greedy(self) -> bool:
@@ -65,22 +71,32 @@ class StageSampler:
         """The next token from ``logits`` ``[1, V]``, and the ``[V]`` row it was drawn from
         (``None`` when greedy: the argmax)."""
         if self.params.greedy:
-            return int(logits[0].argmax()), None
+            best, tok = logits[0].max(0)  # one pass: the argmax and the value that checks it
+            tok = int(tok)
+            if not math.isfinite(float(best)):
+                raise NonFiniteLogitsError(NON_FINITE)
+            return tok, None
+        if not bool(torch.isfinite(logits.amax(-1)).all()):
+            raise NonFiniteLogitsError(NON_FINITE)
         p = self.params.probs(logits)
         return int(ops.sample_from_probs(p, self.seed, self._next_offset())[0]), p[0]
 
     def accept(self, drafts: torch.Tensor, logits: torch.Tensor, q: torch.Tensor | None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The acceptance op on a chain of ``drafts`` ``[n]`` given the verifier's ``logits``
         ``[n + 1, V]``; ``q`` ``[n, V]`` (sampling, ``n > 0``): the rows the drafts were drawn
-        from. Returns device tensors ``(num_accepted, next_token)`` and the verifier's
-        ``[n + 1, V]`` probabilities (``None`` when greedy)."""
+        from. Returns device tensors ``(num_accepted, next_token, finite)`` (``finite``: 0-d
+        bool, every row has a finite maximum: read with the step's one host sync, and the
+        step's outcome is refused when it is false) and the verifier's ``[n + 1, V]``
+        probabilities (``None`` when greedy)."""
         n = drafts.shape[0]
         parents = reference.chain_parents(n, drafts.device)
         if self.params.greedy:
-            _, num, nxt = ops.greedy_accept(drafts, parents, logits.argmax(-1))
-            return num, nxt, None
+            best, target_ids = logits.max(-1)  # one pass, as argmax alone would take
+            _, num, nxt = ops.greedy_accept(drafts, parents, target_ids)
+            return num, nxt, torch.isfinite(best).all(), None
+        finite = torch.isfinite(logits.amax(-1)).all()
         p = self.params.probs(logits)
         _, num, nxt = ops.stochastic_accept(drafts, parents, q if n else p[:0], p, self.seed,
                                             self._next_offset())
-        return num, nxt, p
+        return num, nxt, finite, p

@@ -18,10 +18,11 @@ import time
 import torch
 
 from pipespec_fast.decoding.device import StageDevice
-from pipespec_fast.decoding.sampling import SamplingParams, StageSampler
+from pipespec_fast.decoding.sampling import NON_FINITE, SamplingParams, StageSampler
 from pipespec_fast.decoding.span import TokenSpan
 from pipespec_fast.decoding.stats import StageStats
 from pipespec_fast.decoding.window import WindowPolicy
+from pipespec_fast.errors import NonFiniteLogitsError, StageError
 
 
 class Sequencer:
@@ -95,6 +96,11 @@ class Sequencer:
         self.span.extend_known(tokens[d - start :])
         return d
 
+    @property
+    def label(self) -> str:
+        """How errors name this stage: its index and name, ``1 (draft)``."""
+        return f"{self.index} ({self.stage.name})"
+
     def window(self, max_n: int, draft_cost_s: float = 0.0) -> int:
         """How many drafts to verify in the next forward (0: decode one token alone):
         :meth:`WindowPolicy.choose` on this stage's measurements."""
@@ -115,7 +121,10 @@ class Sequencer:
         for _ in range(n):
             t = time.perf_counter()
             logits = self._forward(span.tokens[self.stage.cache_len :], last_n=1, kind="draft")
-            tok, row = self.sampler.draw(logits)
+            try:
+                tok, row = self.sampler.draw(logits)
+            except NonFiniteLogitsError as e:
+                raise StageError(self.label, e) from e
             span.append(tok, row, self._proposal_confident())
             dt = time.perf_counter() - t
             self.draft_cost_s = dt if self.draft_cost_s is None else \
@@ -145,8 +154,11 @@ class Sequencer:
         ids = torch.tensor(feed, dtype=torch.int64, device=self.dev.device)
         logits = self.stage.forward(ids, last_n=n + 1)  # [n + 1, V]
         q = self.dev.rows_here(draft_probs) if n and not self.params.greedy else None
-        num, nxt, p = self.sampler.accept(ids[uncached:], logits, q)
-        num_i, nxt_i = self.dev.to_host(num, nxt)  # the one host sync of a verify step
+        num, nxt, finite, p = self.sampler.accept(ids[uncached:], logits, q)
+        num_i, nxt_i, ok = self.dev.to_host(num, nxt, finite)  # the step's one host sync
+        if not ok:
+            e = NonFiniteLogitsError(NON_FINITE)
+            raise StageError(self.label, e) from e
         self.stage.rollback(base + uncached + num_i)
         now = time.perf_counter()
         self.stats.record_forward("verify", len(feed), t, now, self.t0)

@@ -5,23 +5,17 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 from pipespec_fast.decoding.sequence import Sequencer
+from pipespec_fast.errors import GenerationTimeout, PipelineClosedError, StageError
 from pipespec_fast.pipespec import topology
 from pipespec_fast.pipespec.messages import WAKE, Emit
 from pipespec_fast.pipespec.topology import PipeSpecSettings
 
 ERROR_WAIT_S = 2.0
 OUT_POLL_S = 0.5  # how often a caller waiting for tokens checks that some worker still runs
-
-
-class StageError(RuntimeError):
-    """A stage failed during generation; ``stage`` names it, ``__cause__`` is the original."""
-
-    def __init__(self, stage: str, exc: BaseException) -> None:
-        super().__init__(f"PipeSpec stage {stage} failed: {type(exc).__name__}: {exc}")
-        self.stage = stage
 
 
 class PipeSpecRun:
@@ -37,31 +31,50 @@ class PipeSpecRun:
                  matmul_threads: list[int | None], idle: list[bool] | None = None) -> None:
         self._stop = threading.Event()
         self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self.closed = False  # close() was called (by the caller, or from another thread)
         self.workers = topology.build(seqrs, settings, limit, matmul_threads, idle,
                                       self._stop, self._out)
 
-    def tokens(self, prompt: list[int]) -> Iterator[list[int]]:
-        """Start the workers on ``prompt``; yield each list of newly verified target tokens."""
-        for w in self.workers:
+    def tokens(self, prompt: list[int], deadline: float | None = None
+               ) -> Iterator[list[int]]:
+        """Start the workers on ``prompt``; yield each list of newly verified target tokens.
+        ``deadline`` (``time.monotonic()``): raise :class:`GenerationTimeout` once past it."""
+        workers = self.workers
+        for w in workers:
             w.start(prompt)
         while True:
+            wait = OUT_POLL_S
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise GenerationTimeout("the generation ran past its timeout_s")
             try:
-                msg: Emit = self._out.get(timeout=OUT_POLL_S)
+                msg: Emit = self._out.get(timeout=wait)
             except queue.Empty:
-                if not any(w.thread.is_alive() for w in self.workers):
+                if self.closed:
+                    raise PipelineClosedError("the pipeline was closed during this "
+                                              "generation") from None
+                if not any(w.thread.is_alive() for w in workers):
                     raise RuntimeError("all PipeSpec workers exited without output") from None
                 continue
             if msg.error is not None:
+                if isinstance(msg.error, StageError):
+                    raise msg.error
                 raise StageError(msg.stage, msg.error) from msg.error
             yield msg.tokens
 
-    def close(self) -> None:
+    def close(self, join_s: float = ERROR_WAIT_S + 30) -> list[str]:
+        """Stop every worker and wait up to ``join_s`` for each; returns the names of those
+        still running then (a stage stuck inside its forward cannot be interrupted)."""
+        self.closed = True
         workers, self.workers = self.workers, []
         if not workers:
-            return
+            return []
         self._stop.set()
         for w in workers:  # wake a worker blocked on its inbox now, not at its next poll
             w.inbox.put(WAKE)
+        end = time.monotonic() + join_s
         for w in workers:
             if w.thread is not None:
-                w.thread.join(timeout=ERROR_WAIT_S + 30)
+                w.thread.join(timeout=max(0.0, end - time.monotonic()))
+        return [w.thread.name for w in workers if w.thread is not None and w.thread.is_alive()]

@@ -42,6 +42,9 @@ class StageCapabilities:
             paths. The engine verifies chains today; a caller verifying trees checks this.
         eos_token_ids: the model's end-of-sequence ids: the target's are the default of
             ``FastPipeline(eos_token_ids=...)`` (with the tokenizer's).
+        num_params: the model's parameter count (``None``: not declared). A pipeline checks
+            that model stages do not shrink towards the target: a hierarchy given in the wrong
+            order would silently decode with a draft as the target.
     """
 
     model_free: bool = False
@@ -49,6 +52,7 @@ class StageCapabilities:
     clone: bool = False
     trees: bool = False
     eos_token_ids: tuple[int, ...] = ()
+    num_params: int | None = None
 
 
 @runtime_checkable
@@ -93,6 +97,19 @@ def check_stage(stage: object, index: int) -> None:
         name = getattr(stage, "name", None) or type(stage).__name__
         raise ValueError(f"stages[{index}] {name!r} does not implement the Stage protocol "
                          f"(pipespec_fast.stages.Stage): missing {', '.join(missing)}")
+
+
+def check_order(stages: list[Stage]) -> None:
+    """Model stages smallest first: a declared parameter count must not decrease towards the
+    target (``FastPipeline(check_order=False)`` skips this for unusual hierarchies)."""
+    sized = [(i, st) for i, st in enumerate(stages)
+             if not st.capabilities.model_free and st.capabilities.num_params is not None]
+    for (i, lo), (j, hi) in zip(sized, sized[1:], strict=False):
+        if lo.capabilities.num_params > hi.capabilities.num_params:
+            raise ValueError(
+                f"stages: stage {i} {lo.name!r} ({lo.capabilities.num_params:,} parameters) is "
+                f"larger than stage {j} {hi.name!r} ({hi.capabilities.num_params:,}): stages go "
+                "smallest first, target last (check_order=False to allow it)")
 
 
 def is_model_free(stage: Stage) -> bool:

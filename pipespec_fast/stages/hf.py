@@ -14,13 +14,13 @@ class HFStage:
     masks and are refused with ``NotImplementedError``.
     """
 
-    # chains only; no eos ids declared (transformers configs spell them differently): the
-    # pipeline's come from its tokenizer or its ``eos_token_ids`` argument
-    capabilities = StageCapabilities()
-
     def __init__(self, model, name: str = "hf", max_len: int | None = None) -> None:
         from transformers import DynamicCache
 
+        # chains only; no eos ids declared (transformers configs spell them differently): the
+        # pipeline's come from its tokenizer or its ``eos_token_ids`` argument
+        self.capabilities = StageCapabilities(
+            num_params=sum(p.numel() for p in model.parameters()))
         self.model = model.eval()
         self.name = name
         self.vocab_size = model.config.vocab_size

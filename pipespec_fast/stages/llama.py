@@ -41,7 +41,8 @@ class LlamaStage:
     def capabilities(self) -> StageCapabilities:
         """Trees (verification attention by ancestor mask, ``KVCache.keep_path``); the eos ids
         of the model's config, read when a pipeline is built."""
-        return StageCapabilities(trees=True, eos_token_ids=tuple(self.model.config.eos_token_ids))
+        return StageCapabilities(trees=True, eos_token_ids=tuple(self.model.config.eos_token_ids),
+                                 num_params=sum(p.numel() for p in self.model.parameters()))
 
     @property
     def cache_len(self) -> int:

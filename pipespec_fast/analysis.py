@@ -255,6 +255,27 @@ def _check_points(ns: Sequence[float], seconds: Sequence[float]) -> list[tuple[f
     return pts
 
 
+def weighted_line(ns: Sequence[float], seconds: Sequence[float], weights: Sequence[float]
+                  ) -> tuple[float, float]:
+    """``(a, b)`` of the weighted least-squares line ``a + b n`` with ``b >= 0`` (a negative
+    slope gives the weighted mean as a constant); ``a`` may come out negative. The one fit of
+    the codebase: :meth:`LatencyModel.fit` adds the ``a >= 0`` boundary to it, and the
+    engine's adaptive window calls it directly on every verification step, so nothing is
+    checked here (``weights`` positive, at least one point)."""
+    sw = math.fsum(weights)
+    n_mean = math.fsum(w * n for w, n in zip(weights, ns, strict=True)) / sw
+    s_mean = math.fsum(w * s for w, s in zip(weights, seconds, strict=True)) / sw
+    sxx = math.fsum(w * (n - n_mean) ** 2 for w, n in zip(weights, ns, strict=True))
+    if sxx == 0.0:
+        return s_mean, 0.0
+    sxy = math.fsum(w * (n - n_mean) * (s - s_mean)
+                    for w, n, s in zip(weights, ns, seconds, strict=True))
+    b = sxy / sxx
+    if b < 0.0:  # boundary b = 0: best constant
+        return s_mean, 0.0
+    return s_mean - b * n_mean, b
+
+
 def _check_weights(weights: Sequence[float], m: int) -> list[float]:
     w = list(weights)
     if len(w) != m:
@@ -322,19 +343,9 @@ class LatencyModel:
         """
         pts = _check_points(ns, seconds)
         ws = [1.0] * len(pts) if weights is None else _check_weights(weights, len(pts))
-        wns = [(w, n, s) for w, (n, s) in zip(ws, pts, strict=True)]
-        sw = math.fsum(ws)
-        n_mean = math.fsum(w * n for w, n, _ in wns) / sw
-        s_mean = math.fsum(w * s for w, _, s in wns) / sw
-        sxx = math.fsum(w * (n - n_mean) ** 2 for w, n, _ in wns)
-        sxy = math.fsum(w * (n - n_mean) * (s - s_mean) for w, n, s in wns)
-        if sxx == 0.0:
-            return cls(a=s_mean, b=0.0)
-        b = sxy / sxx
-        a = s_mean - b * n_mean
-        if b < 0.0:  # boundary b = 0: best constant
-            a, b = s_mean, 0.0
-        elif a < 0.0:  # boundary a = 0: regression through the origin
+        a, b = weighted_line([n for n, _ in pts], [s for _, s in pts], ws)
+        if a < 0.0:  # boundary a = 0: regression through the origin
+            wns = [(w, n, s) for w, (n, s) in zip(ws, pts, strict=True)]
             a = 0.0
             b = math.fsum(w * n * s for w, n, s in wns) / math.fsum(w * n * n for w, n, _ in wns)
         return cls(a=a, b=b)
@@ -822,9 +833,27 @@ def best_window(target: LatencyModel, alpha: float, draft_s: float, max_gamma: i
     (``pipespec_fast.decoding.window``) picks its window with it on every verification step,
     so the arguments are not validated here (``0 <= alpha <= 1``, ``draft_s >= 0``).
     """
+    if not target.points:
+        return best_window_linear(target.a, target.b, alpha, draft_s, max_gamma)
     best, best_rate = 0, 1.0 / target.latency_s(1)
     for g in range(1, max_gamma + 1):
         rate = _accepted(alpha, g) / (target.latency_s(g + 1) + g * draft_s)
+        if rate > best_rate:
+            best, best_rate = g, rate
+    return best, best_rate
+
+
+def best_window_linear(a: float, b: float, alpha: float, draft_s: float, max_gamma: int
+                       ) -> tuple[int, float]:
+    """:func:`best_window` for ``L(n) = a + b n`` (``a + b > 0``), with ``A(alpha, g)`` summed
+    as it grows: what the engine's window evaluates per verification step, in a few
+    microseconds."""
+    best, best_rate = 0, 1.0 / (a + b)
+    expected, power = 1.0, 1.0
+    for g in range(1, max_gamma + 1):
+        power *= alpha
+        expected += power  # 1 + alpha + ... + alpha^g
+        rate = expected / (a + b * (g + 1) + g * draft_s)
         if rate > best_rate:
             best, best_rate = g, rate
     return best, best_rate

@@ -32,10 +32,19 @@ def test_each_stage_declares_what_the_engine_reads():
     (m,) = family(1)
     m.config.eos_token_ids = [7, 9]
     llama = LlamaStage(m, max_len=64)
-    assert llama.capabilities == StageCapabilities(trees=True, eos_token_ids=(7, 9))
+    n_params = sum(p.numel() for p in m.parameters())
+    assert llama.capabilities == StageCapabilities(trees=True, eos_token_ids=(7, 9),
+                                                   num_params=n_params)
     assert NGramStage(64).capabilities == StageCapabilities(model_free=True, confidence=True,
                                                             clone=True)
-    assert HFStage.capabilities == StageCapabilities()
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers import LlamaForCausalLM
+
+    hf_model = LlamaForCausalLM(HFLlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1))
+    assert HFStage(hf_model).capabilities == StageCapabilities(
+        num_params=sum(p.numel() for p in hf_model.parameters()))  # chains, no eos ids
     assert is_model_free(NGramStage(64)) and not is_model_free(llama)
     for st in (llama, NGramStage(64), Bare()):
         check_stage(st, 0)  # complete: no error

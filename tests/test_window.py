@@ -84,7 +84,7 @@ def test_latency_line_fades_sizes_not_seen_for_a_while() -> None:
         s.policy.note_latency(3, 0.007)
     assert set(s.policy.latency) == {2, 3}
     line = s.policy.line()
-    c0, c1 = line.a, line.b
+    c0, c1 = line
     assert c0 == pytest.approx(0.004) and c1 == pytest.approx(0.001)
 
 

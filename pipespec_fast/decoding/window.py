@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-from pipespec_fast.analysis import LatencyModel, acceptance_estimate, best_window
+from pipespec_fast.analysis import acceptance_estimate, best_window_linear, weighted_line
 
 
 class WindowPolicy:
@@ -47,13 +47,13 @@ class WindowPolicy:
         self.rejections = 0.0  # decayed count of verifications that ended in a rejection
         # block size n -> (decayed mean latency in s, decayed weight)
         self.latency: dict[int, tuple[float, float]] = {}
-        self._line: LatencyModel | None = None
+        self._line: tuple[float, float] | None = None
         self._line_stale = False  # a latency was noted since the line was fitted
         self._alone_steps = 0  # consecutive choose() == 0 answers
         self._explore_every = self.EXPLORE_EVERY  # doubles while explorations keep failing
-        # the last plan() answer and its arguments, valid until the next measurement
-        self._plan: int | None = None
-        self._plan_n, self._plan_cost, self._fresh = 0, 0.0, False
+        # plan() answers by (max_n, draft cost), valid until the next measurement (a target
+        # with skip-level drafts asks for two costs per step: one entry would thrash)
+        self._plans: dict[tuple[int, float], int | None] = {}
         self._changed()
 
     def set_state(self, accepted: float, rejections: float,
@@ -69,7 +69,7 @@ class WindowPolicy:
         if drafts:
             self.accepted = self.DECAY_COUNTS * self.accepted + accepted
             self.rejections = self.DECAY_COUNTS * self.rejections + float(accepted < drafts)
-            self._fresh = False
+            self._plans.clear()
 
     def note_latency(self, n: int, seconds: float) -> None:
         """A verify forward over ``n`` tokens took ``seconds``. Every size's weight decays at
@@ -92,22 +92,26 @@ class WindowPolicy:
 
     def _changed(self) -> None:
         self._line_stale = True  # fitted when a decision needs it (never for fixed windows)
-        self._fresh = False  # the cached plan is stale
+        self._plans.clear()
 
     @property
     def acceptance(self) -> float:
         """The recent per-token acceptance ``a``, smoothed towards 1/2 (Laplace's rule)."""
         return acceptance_estimate(self.accepted, self.rejections, prior=1.0)
 
-    def line(self) -> LatencyModel | None:
-        """``L(n) = a + b n`` through the recent verify latencies (``LatencyModel.fit``
-        weighted by each block size's decayed count); ``None`` before two sizes were timed."""
+    def line(self) -> tuple[float, float] | None:
+        """``(a, b)`` of ``L(n) = a + b n`` through the recent verify latencies
+        (``analysis.weighted_line``, each block size's decayed mean weighted by its decayed
+        count); ``None`` before two sizes were timed, or when the line is not positive at
+        ``n = 1`` (noise: the acceptance-only rule decides then)."""
         if self._line_stale:
             pts = self.latency
-            self._line = LatencyModel.fit(list(pts), [m for m, _ in pts.values()],
-                                          [w for _, w in pts.values()]) \
-                if len(pts) >= 2 else None
-            self._line_stale = False
+            line = None
+            if len(pts) >= 2:
+                a, b = weighted_line(list(pts), [m for m, _ in pts.values()],
+                                     [w for _, w in pts.values()])
+                line = (a, b) if a + b > 0 else None
+            self._line, self._line_stale = line, False
         return self._line
 
     # ------------------------------------------------------------------ decisions
@@ -136,16 +140,18 @@ class WindowPolicy:
         return best
 
     def plan(self, max_n: int, draft_cost_s: float = 0.0) -> int | None:
-        """The rule of :meth:`choose` without its exploration state (no side effects): the
-        best ``g`` for drafts costing ``draft_cost_s`` each, or ``None`` when one step alone
-        should first time ``L(1)``."""
+        """The rule of :meth:`choose` without its exploration state (answers are cached until
+        the next measurement): the best ``g`` for drafts costing ``draft_cost_s`` each, or
+        ``None`` when one step alone should first time ``L(1)``."""
         if not self.adaptive:
             return max_n
-        if self._fresh and max_n == self._plan_n and draft_cost_s == self._plan_cost:
-            return self._plan
-        self._plan = self._evaluate(max_n, draft_cost_s)
-        self._plan_n, self._plan_cost, self._fresh = max_n, draft_cost_s, True
-        return self._plan
+        key = (max_n, draft_cost_s)
+        plans = self._plans
+        if key not in plans:
+            if len(plans) > 8:  # costs that change every step (a decaying wait): keep it small
+                plans.clear()
+            plans[key] = self._evaluate(max_n, draft_cost_s)
+        return plans[key]
 
     def _evaluate(self, max_n: int, draft_cost_s: float) -> int | None:
         a = self.acceptance
@@ -157,4 +163,4 @@ class WindowPolicy:
                 return max_n
             g = math.ceil(math.log(self.BEFORE_TIMINGS_TAIL) / math.log(a))
             return max(1, min(max_n, g))
-        return best_window(line, a, draft_cost_s, max(1, max_n))[0]
+        return best_window_linear(line[0], line[1], a, draft_cost_s, max(1, max_n))[0]

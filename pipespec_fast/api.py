@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from pipespec_fast import config as runtime_config
 from pipespec_fast import validate
 from pipespec_fast.config import RuntimeConfig
 from pipespec_fast.decoding import baselines
@@ -86,8 +87,7 @@ class FastPipeline:
         config: RuntimeConfig | None = None,
         check_order: bool = True,
     ) -> None:
-        if config is not None and not isinstance(config, RuntimeConfig):
-            raise ValueError(f"config: expected a RuntimeConfig, got {type(config).__name__}")
+        _check_config(config)
         self.config = config
         _check_stages(stages)
         if check_order:
@@ -265,6 +265,21 @@ class FastPipeline:
 
 def _check_mode(mode: str) -> str:
     return validate.mode(mode)
+
+
+def _check_config(config: RuntimeConfig | None) -> None:
+    """A pipeline's ``config=`` sets its own knobs (threads); a process-wide knob differing
+    from the process configuration would be silently ignored, so it is refused."""
+    if config is None:
+        return
+    if not isinstance(config, RuntimeConfig):
+        raise ValueError(f"config: expected a RuntimeConfig, got {type(config).__name__}")
+    current = runtime_config.current().process_fields()
+    differ = [k for k, v in config.process_fields().items() if current[k] != v]
+    if differ:
+        raise ValueError(f"config: {', '.join(differ)} are process-wide (they choose code paths "
+                         "every pipeline shares); set them with pipespec_fast.config.use(...) "
+                         "or their PIPESPEC_* variables, not per pipeline")
 
 
 def _check_stages(stages: Sequence[Stage]) -> None:

@@ -11,8 +11,8 @@ Two scopes (``docs/CONFIGURATION.md`` has the table):
 * **process-wide** knobs choose code paths shared by every pipeline (kernel backend, the C
   library, its compiler and cache, packed weights, the fused layer stack). Code reads them from
   :func:`current`, the process configuration: ``from_env()`` on first use, then cached.
-  :func:`use` replaces it for a block (tests, benchmarks). A path chosen at import (the CPU
-  matmul route in ``cpu/linear.py``) or a library already loaded keeps its choice.
+  :func:`use` replaces it for a block (tests, benchmarks). Code paths read it when they run
+  (the CPU matmul route per matmul); a C library already loaded keeps its build settings.
 * **per-pipeline** knobs (threads) are passed down: ``FastPipeline(..., config=cfg)`` hands its
   configuration (default: the process configuration at each generation) to the thread policy.
 
@@ -78,9 +78,18 @@ class RuntimeConfig:
                 raise ValueError(f"{f.name} ({f.metadata['env']}): expected {expected}, "
                                  f"got {value!r}")
 
+    def process_fields(self) -> dict[str, object]:
+        """The process-wide knobs and their values (what a pipeline's ``config=`` cannot
+        change: they choose code paths shared by every pipeline)."""
+        return {name: getattr(self, name) for name in PROCESS_FIELDS}
+
     def replace(self, **changes) -> RuntimeConfig:
         """A copy with some fields changed (validated like the original)."""
         return dataclasses.replace(self, **changes)
+
+
+PROCESS_FIELDS = ("backend", "triton_interpret", "c_kernels", "skinny_isa", "cc", "cache_dir",
+                  "packed", "fused", "cpu_linear")
 
 
 def _is_int(v) -> bool:

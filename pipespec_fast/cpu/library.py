@@ -70,7 +70,7 @@ class DecoderLayer(ctypes.Structure):
     ]
 
 
-_PTR3, _INT = [c_void_p] * 3, [c_int]
+_THREE_POINTERS, _ONE_INT = [c_void_p] * 3, [c_int]
 # every function Python calls: name -> (restype, argtypes), as declared in csrc/*.h
 SIGNATURES: dict[str, tuple] = {
     "skinny_gemm_abi_version": (c_int, []),
@@ -78,16 +78,17 @@ SIGNATURES: dict[str, tuple] = {
     "skinny_gemm_set_isa": (c_int, [c_int]),
     "skinny_gemm_get_isa": (c_int, []),
     # x, w, y, n, k, m, ldx, nthreads
-    "skinny_gemm_f32": (None, _PTR3 + _INT * 5),
+    "skinny_gemm_f32": (None, _THREE_POINTERS + _ONE_INT * 5),
     "quant_gemm_supported": (c_int, []),
     # x, w, y, n, k, m, ldx, kind, nthreads
-    "quant_gemm_f32": (c_int, _PTR3 + _INT * 6),
+    "quant_gemm_f32": (c_int, _THREE_POINTERS + _ONE_INT * 6),
     "decoder_abi_version": (c_int, []),
     "decoder_supported": (c_int, []),
     # layers, n_layers, x, n, dim, n_heads, n_kv, hd, inter, eps, cosv, sinv, bits, words,
     # k_cache, v_cache, layer_stride, max_len, start, nthreads
-    "decoder_layers_f32": (c_int, [c_void_p, c_int, c_void_p] + _INT * 6 + [c_float] + _PTR3 +
-                           _INT + [c_void_p] * 2 + [c_longlong] + _INT * 3),
+    "decoder_layers_f32": (c_int, [c_void_p, c_int, c_void_p] + _ONE_INT * 6 + [c_float]
+                           + _THREE_POINTERS + _ONE_INT + [c_void_p] * 2 + [c_longlong]
+                           + _ONE_INT * 3),
 }
 
 _lock = threading.Lock()

@@ -362,7 +362,7 @@ def _verified_chunks(pipe: FastPipeline, mode: str, seqrs: list[Sequencer], ids:
     if limit == len(ids):
         return iter(()), None
     if mode == "pipespec" and len(seqrs) > 1:
-        settings = PipeSpecSettings(pipe.windows, pipe.max_leads, pipe.threads,
+        settings = PipeSpecSettings(tuple(pipe.windows), tuple(pipe.max_leads), tuple(pipe.threads),
                                     pipe.skip_level_drafts)
         run = PipeSpecRun(seqrs, settings, limit, cpu_threads.stage_threads,
                           cpu_threads.idle_stages)

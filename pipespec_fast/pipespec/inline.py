@@ -50,7 +50,7 @@ class InlineStage:
         self.mirror = Mirror([])
 
     def _named(self, e: BaseException) -> BaseException:
-        e.pipespec_stage = f"{self.s.index} ({self.s.stage.name})"
+        e.pipespec_stage = self.s.label
         return e
 
     def start(self, prompt: list[int]) -> None:

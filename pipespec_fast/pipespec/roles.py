@@ -17,7 +17,6 @@ every step and before it waits, so a diverged stage below always learns it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -72,14 +71,12 @@ class _Verifier(StageWorker):
     def _begin_helpers(self, prompt: list[int]) -> None:
         pass
 
-    def _wait(self) -> None:
+    def _wait(self) -> float:
         self._sync_down()  # a diverged stage below must learn it, even when we wait
-        t = time.perf_counter()
-        self._drain(block=True)
-        dt = time.perf_counter() - t
-        self.s.stats.idle_s += dt
+        dt = super()._wait()
         if self._waiting_for_drafts:  # (not for the stage above)
             self._waited_s += dt
+        return dt
 
     def _window(self) -> int:
         """Our window for the drafts below now (0: speculation does not pay now, drafts cost

@@ -31,9 +31,9 @@ from pipespec_fast.stages import is_model_free
 class PipeSpecSettings:
     """The pipeline's settings a PipeSpec run needs (``FastPipeline``'s, per stage)."""
 
-    windows: list[int]  # most drafts stage i > 0 verifies in one forward
-    max_leads: list[int]  # how far stage i < k-1 may run ahead of the stage above
-    threads: list[int | None]  # torch threads of each stage's worker (None: the current)
+    windows: tuple[int, ...]  # most drafts stage i > 0 verifies in one forward
+    max_leads: tuple[int, ...]  # how far stage i < k-1 may run ahead of the stage above
+    threads: tuple[int | None, ...]  # torch threads of each stage's worker (None: the current)
     skip_level_drafts: bool = True
 
 

@@ -81,9 +81,9 @@ class StageWorker:
                 self._begin(prompt)
                 self._loop()
         except BaseException as e:  # surfaced to the caller by the output queue
-            e.add_note(f"in PipeSpec stage {self.i} ({self.s.stage.name}):\n"
+            e.add_note(f"in PipeSpec stage {self.s.label}:\n"
                        + "".join(traceback.format_tb(e.__traceback__)))
-            stage = getattr(e, "pipespec_stage", f"{self.i} ({self.s.stage.name})")
+            stage = getattr(e, "pipespec_stage", self.s.label)
             self.out.put(Emit([], error=e, stage=stage))
             self.stop.set()
 
@@ -110,11 +110,13 @@ class StageWorker:
     def step(self) -> bool:
         raise NotImplementedError
 
-    def _wait(self) -> None:
-        """Block until a message arrives (or the poll interval passes)."""
+    def _wait(self) -> float:
+        """Block until a message arrives (or the poll interval passes); returns the wait."""
         t = time.perf_counter()
         self._drain(block=True)
-        self.s.stats.idle_s += time.perf_counter() - t
+        dt = time.perf_counter() - t
+        self.s.stats.idle_s += dt
+        return dt
 
     # ------------------------------------------------------------------ messages
 

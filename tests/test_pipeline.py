@@ -457,7 +457,7 @@ def test_vocab_subset_draft_keeps_the_sampling_distribution(mode, top_k, ngram):
 def test_stage_threads_setting_is_validated_and_only_used_by_pipespec():
     stages = stages_for(3, seed=5)
     ref = target_greedy(stages[-1], PROMPT, 24)
-    pipe = FastPipeline(stages, config=config.from_env({"PIPESPEC_STAGE_THREADS": "1,1,2"}))
+    pipe = FastPipeline(stages, config=config.current().replace(stage_threads=(1, 1, 2)))
     assert pipe.generate(PROMPT, 24, ignore_eos=True).token_ids == ref
     for mode in ("ar", "sync"):  # not concurrent: the setting does not apply
         assert pipe.generate(PROMPT, 24, ignore_eos=True, mode=mode).token_ids == ref
@@ -466,7 +466,7 @@ def test_stage_threads_setting_is_validated_and_only_used_by_pipespec():
             config.from_env({"PIPESPEC_STAGE_THREADS": bad})
     with pytest.raises(ValueError, match="PIPESPEC_STAGE_THREADS"):
         config.RuntimeConfig(stage_threads=(1, 0, 1))
-    wrong = FastPipeline(stages, config=config.from_env({"PIPESPEC_STAGE_THREADS": "1,2"}))
+    wrong = FastPipeline(stages, config=config.current().replace(stage_threads=(1, 2)))
     with pytest.raises(ValueError, match="PIPESPEC_STAGE_THREADS"):
         wrong.generate(PROMPT, 4)
     with pytest.raises(ValueError, match="config"):

@@ -30,10 +30,15 @@ class StageDevice:
         """The one host synchronisation of a verify step: two 0-d ints and a 0-d bool."""
         if not self.cuda:
             return int(num), int(nxt), bool(finite)
+        # The copy is queued on the *current* stream (the stage's own inside ``context()``, as
+        # in a PipeSpec worker; the caller's in sync/ar modes), so the event that says it is
+        # done must be recorded on that same stream: recorded on another one, it could fire
+        # before the copy and the host would read stale values.
+        stream = torch.cuda.current_stream(self.device)
         self._pinned.copy_(torch.stack([num.long(), nxt.long(), finite.long()]),
                            non_blocking=True)
-        self._event.record(self.stream)
-        self._event.synchronize()  # waits for this stage's stream only
+        self._event.record(stream)
+        self._event.synchronize()  # waits for that stream only
         a, b, ok = self._pinned.tolist()
         return a, b, bool(ok)
 
@@ -42,7 +47,8 @@ class StageDevice:
         this device. Rows made on the lower stage's stream are marked as used on ours; rows
         from another device are copied without blocking."""
         if self.cuda:
+            stream = torch.cuda.current_stream(self.device)  # where this step's work runs
             for r in rows:
                 if r.device == self.device:
-                    r.record_stream(self.stream)
+                    r.record_stream(stream)
         return torch.stack([r.to(self.device, non_blocking=True) for r in rows])

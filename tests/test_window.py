@@ -119,6 +119,27 @@ def test_seeded_sampling_windows_ignore_timings() -> None:
     assert s.window(6) == 2  # a = 2/11: the smallest g with a^g <= 0.15
 
 
+def test_seeded_pipespec_windows_adapt_to_timings() -> None:
+    """A seeded PipeSpec run depends on thread timing anyway: its windows use the latencies,
+    so speculation can switch off when it does not pay (seeded ar/sync stay timing-free)."""
+    (m,) = family(1, seed=0)
+    params = SamplingParams(temperature=1.0, seed=3)
+    s = Sequencer(LlamaStage(m, max_len=64), params, index=1, reproducible=False)
+    s.policy.set_state(1.0, 8.0, {2: (0.007, 1.0), 4: (0.010, 1.0)})
+    assert s.window(6) == 0  # L(n) = 4 ms + 1.5 ms n and a = 2/11: decode alone pays more
+
+
+def test_seeded_ar_and_sync_stay_reproducible_beside_timed_pipespec() -> None:
+    models = family(2, noise=0.05, seed=4)
+    stages = [LlamaStage(x, name=f"s{i}", max_len=256) for i, x in enumerate(models)]
+    pipe = FastPipeline(stages)
+    for mode in ("ar", "sync"):
+        a = pipe.generate(PROMPT, 24, temperature=0.8, seed=5, ignore_eos=True, mode=mode)
+        pipe.generate(PROMPT, 24, temperature=0.8, seed=9, ignore_eos=True, mode="pipespec")
+        b = pipe.generate(PROMPT, 24, temperature=0.8, seed=5, ignore_eos=True, mode=mode)
+        assert a.token_ids == b.token_ids
+
+
 class OldRule:
     """The window rule as ``Sequencer`` implemented it before it moved onto
     ``pipespec_fast.analysis`` (its own weighted line fit and truncated geometric sum), kept

@@ -35,20 +35,23 @@ class Sequencer:
         t0: the generation's start (``perf_counter``), origin of the stats' timeline.
         adaptive: choose each window by the stage's measurements
             (:class:`~pipespec_fast.decoding.window.WindowPolicy`); ``False``: the largest.
+        reproducible: the mode promises that a seed repeats the draws (ar, sync): seeded
+            sampling then keeps timing-free windows. ``False`` (PipeSpec) lets them adapt.
     """
 
     def __init__(self, stage, params: SamplingParams, index: int, t0: float | None = None,
-                 adaptive: bool = True) -> None:
+                 adaptive: bool = True, reproducible: bool = True) -> None:
         self.stage = stage
         self.params = params
         self.index = index
         self.span = TokenSpan()
         self.stats = StageStats(stage.name)
         self.sampler = StageSampler(params, index)
-        # seeded sampling stays reproducible: its windows (and so its random draws) must not
-        # depend on timings
-        self.policy = WindowPolicy(timed=params.greedy or params.seed is None,
-                                   adaptive=adaptive)
+        # seeded sampling in a reproducible mode (ar, sync) stays reproducible: its windows,
+        # and so its random draws, must not depend on timings. PipeSpec's seeded output already
+        # depends on thread timing (which drafts arrive when), so it adapts like the rest.
+        self.policy = WindowPolicy(
+            timed=params.greedy or params.seed is None or not reproducible, adaptive=adaptive)
         self.draft_cost_s: float | None = None  # decayed mean time of drafting one token
         self._marks_guesses = stage.capabilities.confidence
         self.t0 = time.perf_counter() if t0 is None else t0

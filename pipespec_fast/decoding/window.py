@@ -10,7 +10,8 @@ the window is ``analysis.best_window``: the ``g`` that maximises
 ``g = 0`` means "decode one token alone": speculation is off while it does not pay (a
 compute-bound verifier, a draft that keeps it waiting), with one exploratory draft after 8,
 16, 32, 64 steps alone to keep ``a``, ``L`` and ``d`` current. Until two block sizes have been
-timed, and always for seeded sampling (whose draws must not depend on timings), the rule is
+timed, and always for seeded sampling in a reproducible mode (ar, sync: their draws must not
+depend on timings), the rule is
 acceptance only: the smallest ``g`` with ``a^g <= 0.15``.
 """
 
@@ -25,8 +26,9 @@ class WindowPolicy:
     """One stage's window rule and the measurements it decides from.
 
     Args:
-        timed: the rule may use latencies (greedy, or unseeded sampling); ``False`` keeps
-            windows, and so a seeded generation's random draws, independent of timings.
+        timed: the rule may use latencies (greedy, unseeded sampling, or any PipeSpec run);
+            ``False`` keeps windows, and so a seeded ar/sync generation's draws, independent of
+            timings.
         adaptive: ``False`` always answers the largest window allowed.
 
     The rule is re-evaluated only after a new measurement (``note_*``): between two

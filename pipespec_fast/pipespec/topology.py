@@ -65,6 +65,6 @@ def build(seqrs: list[Sequencer], settings: PipeSpecSettings, limit: int,
         caps = lowest.stage.capabilities
         if settings.skip_level_drafts and len(workers) > 1 and caps.clone:
             copy = Sequencer(lowest.stage.clone(), lowest.params, lowest.index, lowest.t0,
-                             adaptive=lowest.policy.adaptive)
+                             adaptive=lowest.policy.adaptive, reproducible=False)
             workers[-1].skip = InlineStage(copy)
     return workers

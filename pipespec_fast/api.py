@@ -218,7 +218,8 @@ class FastPipeline:
         stages = self.stages if mode != "ar" else self.stages[-1:]
         t0 = time.perf_counter()
         seqrs = [Sequencer(st, params, i, t0, adaptive=self.adaptive_windows,
-                           reproducible=mode != "pipespec") for i, st in enumerate(stages)]
+                           reproducible=mode != "pipespec", keep_rows=i < len(stages) - 1)
+                 for i, st in enumerate(stages)]
         # text is decoded as it comes only when someone reads it (stream) or stop strings
         # need it; generate() decodes once at the end (decoding is O(text) per call and would
         # take the GIL from the stage workers)

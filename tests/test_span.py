@@ -148,3 +148,47 @@ def test_offer_drafts_past_our_sequence_only_when_the_mirror_agrees():
     assert m.offer([1, 2, 3, 9], 8, with_rows=True) == ([], None, False)
     m.apply(Chunk(3, drafted([9, 7])))
     assert m.offer([1, 2, 3, 9], 8, with_rows=False) == ([7], None, True)
+
+
+def test_forget_rows_drops_rows_before_a_position_and_survives_truncation():
+    s = drafted([5, 6, 7, 8])
+    s.forget_rows(2)
+    assert [r is None for r in s.rows] == [True, True, False, False]
+    s.forget_rows(1)  # never un-forgets, never moves back
+    assert s.rows_from == 2
+    s.truncate(1)
+    s.append(9, row(9), True)
+    assert s.rows_from == 1 and s.rows[1] is not None
+    s.forget_rows(10)  # past the end: every row
+    assert s.rows == [None, None]
+
+
+def test_the_mirror_forgets_rows_of_positions_we_hold():
+    m = Mirror([1, 2])
+    m.apply(Chunk(2, drafted([3, 4, 5])))
+    drafts, rows, _ = m.offer([1, 2, 3], 4, with_rows=True)
+    assert drafts == [4, 5] and len(rows) == 2
+    assert m.span.rows[2] is None and m.span.rows[3] is not None
+
+
+def test_the_target_keeps_no_rows_and_a_synced_stage_drops_them():
+    from tiny import family
+
+    from pipespec_fast.decoding.sampling import SamplingParams
+    from pipespec_fast.decoding.sequence import Sequencer
+    from pipespec_fast.stages import LlamaStage
+
+    params = SamplingParams(temperature=1.0, seed=1)
+    top = Sequencer(LlamaStage(family(1)[0], max_len=64), params, 1, keep_rows=False)
+    low = Sequencer(LlamaStage(family(1, seed=2)[0], max_len=64), params, 0)
+    for s in (top, low):
+        s.start([1, 2, 3])
+        s.draft(4)
+    assert all(r is None for r in top.span.rows)
+    assert [r is not None for r in low.span.rows] == [False] * 3 + [True] * 4
+    top.verify(low.seq[3:5], low.span.rows[3:5])
+    assert all(r is None for r in top.span.rows)
+    low.apply_sync(3, top.seq[3:])  # the stage above now holds these positions
+    held = len(top.seq)
+    assert all(r is None for r in low.span.rows[:held])
+    assert all(r is not None for r in low.span.rows[held:])

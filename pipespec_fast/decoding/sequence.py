@@ -37,13 +37,17 @@ class Sequencer:
             (:class:`~pipespec_fast.decoding.window.WindowPolicy`); ``False``: the largest.
         reproducible: the mode promises that a seed repeats the draws (ar, sync): seeded
             sampling then keeps timing-free windows. ``False`` (PipeSpec) lets them adapt.
+        keep_rows: keep the row each token was drawn from until the stage above has seen it
+            (sampling); ``False`` for the target, whose tokens nobody verifies.
     """
 
     def __init__(self, stage, params: SamplingParams, index: int, t0: float | None = None,
-                 adaptive: bool = True, reproducible: bool = True) -> None:
+                 adaptive: bool = True, reproducible: bool = True, keep_rows: bool = True
+                 ) -> None:
         self.stage = stage
         self.params = params
         self.index = index
+        self.keep_rows = keep_rows
         self.span = TokenSpan()
         self.stats = StageStats(stage.name)
         self.sampler = StageSampler(params, index)
@@ -88,6 +92,7 @@ class Sequencer:
         the synced range are kept when the synced range agrees with them.
         """
         seq, end = self.span.tokens, start + len(tokens)
+        self.span.forget_rows(end)  # the stage above holds these positions: never verified again
         d = start
         while d < end and d < len(seq) and seq[d] == tokens[d - start]:
             d += 1
@@ -128,7 +133,7 @@ class Sequencer:
                 tok, row = self.sampler.draw(logits)
             except NonFiniteLogitsError as e:
                 raise StageError(self.label, e) from e
-            span.append(tok, row, self._proposal_confident())
+            span.append(tok, row if self.keep_rows else None, self._proposal_confident())
             dt = time.perf_counter() - t
             self.draft_cost_s = dt if self.draft_cost_s is None else \
                 0.8 * self.draft_cost_s + 0.2 * dt
@@ -168,7 +173,8 @@ class Sequencer:
         self.policy.note_latency(len(feed), now - t)
         committed = drafts[:num_i]
         committed.append(nxt_i)
-        self.span.extend_known(committed, None if p is None else p[: num_i + 1].unbind(0))
+        rows = p[: num_i + 1].unbind(0) if p is not None and self.keep_rows else None
+        self.span.extend_known(committed, rows)
         self.policy.note_verify(n, num_i)
         self.stats.record_verify(n, num_i)
         return num_i

@@ -44,5 +44,6 @@ class Mirror:
         L = len(seq)
         if self.common_prefix(seq) < L:
             return [], None, False
+        self.span.forget_rows(L)  # positions stage i holds: their rows are not needed again
         drafts, rows = self.span.usable(L, n, with_rows)
         return drafts, rows, len(self.span) > L

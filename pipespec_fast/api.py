@@ -205,51 +205,10 @@ class FastPipeline:
             raise RuntimeError("this FastPipeline is already generating (one generation at a "
                                "time per pipeline; finish or close the other stream first)")
         try:
-            yield from self._run_locked(prompt, max_new_tokens, temperature, top_k, top_p,
-                                        seed, ignore_eos, stop, mode, timeout_s, _incremental)
+            yield from _generation(self, prompt, max_new_tokens, temperature, top_k, top_p,
+                                   seed, ignore_eos, stop, mode, timeout_s, _incremental)
         finally:
             self._busy.release()
-
-    def _run_locked(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos,
-                    stop, mode, timeout_s, incremental) -> Iterator[str]:
-        params, mode, stop, ids = _check_request(self, prompt, max_new_tokens, temperature,
-                                                 top_k, top_p, seed, stop, mode, timeout_s)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        stages = self.stages if mode != "ar" else self.stages[-1:]
-        t0 = time.perf_counter()
-        seqrs = [Sequencer(st, params, i, t0, adaptive=self.adaptive_windows,
-                           reproducible=mode != "pipespec", keep_rows=i < len(stages) - 1)
-                 for i, st in enumerate(stages)]
-        # text is decoded as it comes only when someone reads it (stream) or stop strings
-        # need it; generate() decodes once at the end (decoding is O(text) per call and would
-        # take the GIL from the stage workers)
-        out = Output(Detokenizer(self.tokenizer, stop, incremental or bool(stop)),
-                     max_new_tokens, set() if ignore_eos else self.eos_token_ids)
-        self.last_result = None
-        cpu_threads = CpuThreads(stages, mode, self.config)
-        cpu_threads.__enter__()
-        try:
-            chunks, self._active = _verified_chunks(self, mode, seqrs, ids,
-                                                    len(ids) + max_new_tokens, cpu_threads,
-                                                    deadline)
-            for chunk in chunks:
-                # "" too: one step per verified chunk (stream() drops the empty pieces)
-                yield out.feed(chunk)
-                if out.done:
-                    break
-                _check_running(self, deadline)
-        except GenerationTimeout:
-            self._abandon_workers()
-            raise
-        finally:
-            self._stop_workers()
-            cpu_threads.__exit__(None, None, None)
-        elapsed = time.perf_counter() - t0
-        tail = out.finish()
-        if tail:
-            yield tail
-        self.last_result = _result(out, mode, elapsed, [s.stats for s in seqrs],
-                                   self.tokenizer is not None)
 
     def _stop_workers(self) -> None:
         run, self._active = self._active, None
@@ -343,6 +302,50 @@ def _check_request(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_
             f"speculation slack) exceed the context of {room} tokens"
         )
     return params, mode, stop, ids
+
+
+def _generation(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_k, top_p, seed,
+                ignore_eos, stop, mode, timeout_s, incremental) -> Iterator[str]:
+    """One generation, with ``pipe`` held: check the request, run the mode, yield text pieces
+    (one per verified chunk, possibly empty), set ``pipe.last_result``."""
+    params, mode, stop, ids = _check_request(pipe, prompt, max_new_tokens, temperature,
+                                             top_k, top_p, seed, stop, mode, timeout_s)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    stages = pipe.stages if mode != "ar" else pipe.stages[-1:]
+    t0 = time.perf_counter()
+    seqrs = [Sequencer(st, params, i, t0, adaptive=pipe.adaptive_windows,
+                       reproducible=mode != "pipespec", keep_rows=i < len(stages) - 1)
+             for i, st in enumerate(stages)]
+    # text is decoded as it comes only when someone reads it (stream) or stop strings
+    # need it; generate() decodes once at the end (decoding is O(text) per call and would
+    # take the GIL from the stage workers)
+    out = Output(Detokenizer(pipe.tokenizer, stop, incremental or bool(stop)),
+                 max_new_tokens, set() if ignore_eos else pipe.eos_token_ids)
+    pipe.last_result = None
+    cpu_threads = CpuThreads(stages, mode, pipe.config)
+    cpu_threads.__enter__()
+    try:
+        chunks, pipe._active = _verified_chunks(pipe, mode, seqrs, ids,
+                                                len(ids) + max_new_tokens, cpu_threads,
+                                                deadline)
+        for chunk in chunks:
+            # "" too: one step per verified chunk (stream() drops the empty pieces)
+            yield out.feed(chunk)
+            if out.done:
+                break
+            _check_running(pipe, deadline)
+    except GenerationTimeout:
+        pipe._abandon_workers()
+        raise
+    finally:
+        pipe._stop_workers()
+        cpu_threads.__exit__(None, None, None)
+    elapsed = time.perf_counter() - t0
+    tail = out.finish()
+    if tail:
+        yield tail
+    pipe.last_result = _result(out, mode, elapsed, [s.stats for s in seqrs],
+                               pipe.tokenizer is not None)
 
 
 def _check_running(pipe: FastPipeline, deadline: float | None) -> None:

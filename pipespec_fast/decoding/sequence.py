@@ -21,7 +21,7 @@ from pipespec_fast.decoding.device import StageDevice
 from pipespec_fast.decoding.sampling import NON_FINITE, SamplingParams, StageSampler
 from pipespec_fast.decoding.span import TokenSpan
 from pipespec_fast.decoding.stats import StageStats
-from pipespec_fast.decoding.window import WindowPolicy
+from pipespec_fast.decoding.window import policy_for
 from pipespec_fast.errors import NonFiniteLogitsError, StageError
 
 
@@ -51,11 +51,7 @@ class Sequencer:
         self.span = TokenSpan()
         self.stats = StageStats(stage.name)
         self.sampler = StageSampler(params, index)
-        # seeded sampling in a reproducible mode (ar, sync) stays reproducible: its windows,
-        # and so its random draws, must not depend on timings. PipeSpec's seeded output already
-        # depends on thread timing (which drafts arrive when), so it adapts like the rest.
-        self.policy = WindowPolicy(
-            timed=params.greedy or params.seed is None or not reproducible, adaptive=adaptive)
+        self.policy = policy_for(params, reproducible, adaptive)
         self.draft_cost_s: float | None = None  # decayed mean time of drafting one token
         self._marks_guesses = stage.capabilities.confidence
         self.t0 = time.perf_counter() if t0 is None else t0

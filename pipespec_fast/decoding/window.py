@@ -166,3 +166,12 @@ class WindowPolicy:
             g = math.ceil(math.log(self.BEFORE_TIMINGS_TAIL) / math.log(a))
             return max(1, min(max_n, g))
         return best_window_linear(line[0], line[1], a, draft_cost_s, max(1, max_n))[0]
+
+
+def policy_for(params, reproducible: bool, adaptive: bool = True) -> WindowPolicy:
+    """The policy for a generation with these ``SamplingParams``. Seeded sampling in a
+    ``reproducible`` mode (ar, sync) keeps timing-free windows, so that its random draws
+    repeat; a seeded PipeSpec run depends on thread timing anyway (which drafts arrive when),
+    so it adapts like greedy and unseeded runs."""
+    timed = params.greedy or params.seed is None or not reproducible
+    return WindowPolicy(timed=timed, adaptive=adaptive)

@@ -173,23 +173,7 @@ def _time_split(stats) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--task", default="humaneval", choices=["humaneval", "mtbench"])
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--systems", default="hf_ar,hf_pld,hf_assisted,ours_ar,ours_sync,ours_sync2,"
-                    "ours_pipespec_ngram,ours_pipespec2,ours_pipespec,ours_pipespec_split,"
-                    "llamacpp_ar,llamacpp_lookup")
-    ap.add_argument("--models", nargs="+", help="stage dirs (default: the default hierarchy)")
-    ap.add_argument("--gguf", help="the GGUF llama.cpp runs (default: the default target's)")
-    ap.add_argument("--llamacpp-bin", help="llama.cpp's binaries (default: the cached build of "
-                    "scripts/build_llamacpp.sh)")
-    ap.add_argument("--llamacpp-threads", type=int, default=2)
-    ap.add_argument("--llamacpp-draft", type=int, default=3,
-                    help="llama-lookup's longest draft (its default: 3)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    args = ap.parse_args(argv)
+    args = _parser().parse_args(argv)
 
     from pipespec_fast import FastPipeline
 
@@ -197,33 +181,7 @@ def main(argv=None) -> int:
         pipe = FastPipeline.from_pretrained(args.models)
     else:
         pipe = FastPipeline.from_default()
-    target_dir = str(getattr(pipe.stages[-1], "model_dir", None) or _default_target())
-    systems, skipped = {}, {}
-    for name in args.systems.split(","):
-        if name.startswith("llamacpp_"):
-            made = _llamacpp_system(name, args, pipe)
-            if isinstance(made, str):
-                print(f"{name}: {made}, skipped", file=sys.stderr)
-                skipped[name] = made
-            else:
-                systems[name] = made
-        elif name.startswith("hf_"):
-            if name == "hf_assisted":
-                draft = _draft_dir(pipe)
-                if draft is None:
-                    print("hf_assisted: no draft model in the hierarchy, skipped",
-                          file=sys.stderr)
-                    continue
-                systems[name] = HFSystem(target_dir, name, draft)
-            else:
-                systems[name] = HFSystem(target_dir, name)
-        else:
-            sub = _sub_pipeline(pipe, name)
-            if sub is None:
-                print(f"{name}: the hierarchy lacks the stages it needs, skipped",
-                      file=sys.stderr)
-                continue
-            systems[name] = OursSystem(sub, _MODES[name])
+    systems, skipped = make_systems(args, pipe)
     prompts = [pipe.chat_prompt(p) for p in load_prompts(args.task, args.prompts)]
     latency = probe_latency(pipe)
     # warm up every system once
@@ -251,7 +209,7 @@ def main(argv=None) -> int:
     llama = next((s for s in systems.values() if hasattr(s, "bin_dir")), None)
     if llama is not None:
         meta["llamacpp"] = {"build": str(llama.bin_dir.parent.name), "gguf": str(llama.gguf),
-                            "threads": llama.threads, "draft_max": llama.draft_max}
+                            "threads": args.llamacpp_threads, "draft_max": llama.draft_max}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"e2e-{args.task}-t{args.temperature:g}.json"
@@ -260,6 +218,55 @@ def main(argv=None) -> int:
     print(f"\nwritten: {path}")
     pipe.close()
     return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--task", default="humaneval", choices=["humaneval", "mtbench"])
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--systems", default="hf_ar,hf_pld,hf_assisted,ours_ar,ours_sync,ours_sync2,"
+                    "ours_pipespec_ngram,ours_pipespec2,ours_pipespec,ours_pipespec_split,"
+                    "llamacpp_ar,llamacpp_lookup")
+    ap.add_argument("--models", nargs="+", help="stage dirs (default: the default hierarchy)")
+    ap.add_argument("--gguf", help="the GGUF llama.cpp runs (default: the default target's)")
+    ap.add_argument("--llamacpp-bin", help="llama.cpp's binaries (default: the cached build of "
+                    "scripts/build_llamacpp.sh)")
+    ap.add_argument("--llamacpp-threads", default="2",
+                    help="llama.cpp's threads: a count, or 'auto' for the count our AR takes "
+                    "before each run (the free cores: llama.cpp's threads spin, so on a busy "
+                    "machine 2 of them can run 10x slower than 1)")
+    ap.add_argument("--llamacpp-draft", type=int, default=3,
+                    help="llama-lookup's longest draft (its default: 3)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    return ap
+
+
+def make_systems(args, pipe) -> tuple[dict, dict[str, str]]:
+    """The systems ``--systems`` names, in that order, and those skipped with the reason
+    (printed: a system is never dropped silently)."""
+    target_dir = str(getattr(pipe.stages[-1], "model_dir", None) or _default_target())
+    systems, skipped = {}, {}
+    for name in args.systems.split(","):
+        if name.startswith("llamacpp_"):
+            made = _llamacpp_system(name, args, pipe)
+        elif name == "hf_assisted":
+            draft = _draft_dir(pipe)
+            made = (HFSystem(target_dir, name, draft) if draft is not None
+                    else "no draft model in the hierarchy")
+        elif name.startswith("hf_"):
+            made = HFSystem(target_dir, name)
+        else:
+            sub = _sub_pipeline(pipe, name)
+            made = (OursSystem(sub, _MODES[name]) if sub is not None
+                    else "the hierarchy lacks the stages it needs")
+        if isinstance(made, str):
+            print(f"{name}: {made}, skipped", file=sys.stderr)
+            skipped[name] = made
+        else:
+            systems[name] = made
+    return systems, skipped
 
 
 def check_greedy(results: dict, pipe) -> None:
@@ -305,8 +312,17 @@ def _llamacpp_system(name: str, args, pipe):
         from pipespec_fast.models.defaults import default_gguf_path
 
         gguf = default_gguf_path()
-    return LlamaCppSystem(name, bin_dir, gguf, pipe.tokenizer, args.llamacpp_threads,
-                          args.llamacpp_draft)
+    if args.llamacpp_threads == "auto":
+        from pipespec_fast.threads import CpuThreads
+
+        def threads() -> int:
+            return CpuThreads(pipe.stages[-1:], "ar").plan.matmul_threads
+    elif args.llamacpp_threads.isdigit() and int(args.llamacpp_threads) > 0:
+        threads = int(args.llamacpp_threads)
+    else:
+        raise SystemExit(f"--llamacpp-threads: a positive count or auto, got "
+                         f"{args.llamacpp_threads!r}")
+    return LlamaCppSystem(name, bin_dir, gguf, pipe.tokenizer, threads, args.llamacpp_draft)
 
 
 def probe_latency(pipe, ctx: int = 160, ns=(1, 2, 3, 4, 5, 7), reps: int = 25) -> dict:
@@ -415,6 +431,8 @@ def _rates(rs: list[dict]) -> dict:
         d["prompts_equal_to_ours"] = sum(r["agreed_tokens"] == r["compared_tokens"] for r in rs)
     if "prompt_tokens_match" in rs[0]:
         d["prompt_tokens_match"] = all(r["prompt_tokens_match"] for r in rs)
+    if "threads" in rs[0]:
+        d["threads"] = sorted({r["threads"] for r in rs})
     if "peak_rss_mb" in rs[0]:
         d["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rs)
     d["runs"] = len(rs)

@@ -24,12 +24,12 @@ warm-up, as our ``seconds``); ``llama-lookup`` prints its own encode and decode 
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,18 +181,20 @@ class Finished:
 
 def run_tool(cmd: list[str], timeout_s: float = 600.0) -> Finished:
     """Run ``cmd`` with no input and its output in files (not pipes: the child never blocks on
-    a full pipe, and ``wait4`` reaps it with the resource usage of this child alone)."""
+    a full pipe). Its peak resident memory is its ``VmHWM``, read while it runs: the rusage
+    of a child that Python spawned with vfork starts from Python's own peak."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t = time.perf_counter()
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-        timer = threading.Timer(timeout_s, p.kill)
-        timer.start()
+        hwm = _PeakWatcher(p.pid)
         try:
-            _, status, usage = os.wait4(p.pid, 0)
+            p.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
         finally:
-            timer.cancel()
+            hwm.stop()
         wall = time.perf_counter() - t
-        p.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
         out.seek(0)
         err.seek(0)
         stdout = out.read().decode("utf-8", "replace")
@@ -201,7 +203,42 @@ def run_tool(cmd: list[str], timeout_s: float = 600.0) -> Finished:
         tail = " | ".join(stderr.strip().splitlines()[-3:])
         why = f"killed after {timeout_s:g} s" if wall >= timeout_s else f"exited {p.returncode}"
         raise RuntimeError(f"{Path(cmd[0]).name} {why}: {tail}")
-    return Finished(stdout, stderr, wall, usage.ru_maxrss / 1024)
+    return Finished(stdout, stderr, wall, hwm.peak_kb / 1024)
+
+
+class _PeakWatcher:
+    """Reads a process's ``VmHWM`` (its resident high-water mark) every 20 ms until stopped;
+    the last value read is its peak up to then (a run's memory peaks at load and first
+    forward, long before it ends)."""
+
+    def __init__(self, pid: int, period_s: float = 0.02) -> None:
+        self.peak_kb = 0
+        self._path = f"/proc/{pid}/status"
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(period_s,), daemon=True)
+        self._thread.start()
+
+    def _watch(self, period_s: float) -> None:
+        while True:
+            self.peak_kb = max(self.peak_kb, read_hwm_kb(self._path))
+            if self._done.wait(period_s):
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def read_hwm_kb(path: str) -> int:
+    """``VmHWM`` in kB from a ``/proc/<pid>/status`` file, 0 once the process is gone."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 class LlamaCppSystem:
@@ -209,7 +246,9 @@ class LlamaCppSystem:
     text of ``ids``; ``text`` in its result (not ``ids``) is what it generated."""
 
     def __init__(self, kind: str, bin_dir: Path, gguf: Path, tokenizer,
-                 threads: int = THREADS, draft_max: int = DRAFT_MAX) -> None:
+                 threads: int | Callable[[], int] = THREADS, draft_max: int = DRAFT_MAX) -> None:
+        """``threads``: a count, or a function asked before each run (``bench/e2e.py``'s
+        ``--llamacpp-threads auto``: the count our own AR would take then)."""
         if kind not in SYSTEMS:
             raise ValueError(f"kind must be one of {SYSTEMS}, got {kind!r}")
         self.kind, self.bin_dir, self.gguf = kind, Path(bin_dir), Path(gguf)
@@ -230,22 +269,23 @@ class LlamaCppSystem:
         return self._prompt_ids[key]
 
     def command(self, text: str, max_new: int, temperature: float, seed: int,
-                ctx: int) -> list[str]:
+                ctx: int, threads: int) -> list[str]:
         if self.kind == "llamacpp_ar":
             return completion_command(self.bin_dir, self.gguf, text, max_new, temperature,
-                                      seed, self.threads, ctx)
+                                      seed, threads, ctx)
         return lookup_command(self.bin_dir, self.gguf, text, max_new, temperature, seed,
-                              self.threads, ctx, self.draft_max)
+                              threads, ctx, self.draft_max)
 
     def run(self, ids: list[int], max_new: int, temperature: float, seed: int) -> dict:
         text = self.prompt_text(ids)
         ctx = max(CTX, len(ids) + max_new + self.draft_max + 8)
-        done = run_tool(self.command(text, max_new, temperature, seed, ctx))
+        threads = self.threads() if callable(self.threads) else self.threads
+        done = run_tool(self.command(text, max_new, temperature, seed, ctx, threads))
         if self.kind == "llamacpp_ar":
             r = parse_completion(done.stdout, done.stderr)
         else:
             r = parse_lookup(done.stdout, done.stderr, text)
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
-        r["wall_s"], r["peak_rss_mb"] = done.wall_s, done.peak_rss_mb
+        r["wall_s"], r["peak_rss_mb"], r["threads"] = done.wall_s, done.peak_rss_mb, threads
         r["prompt_tokens_match"] = self.tool_ids(ids) == list(ids)
         return r

@@ -260,3 +260,28 @@ def test_greedy_check_and_rates_table():
                                        "summary": summary}])
     assert rows[2] == ("| humaneval | 0 | llamacpp_lookup (2 threads) | 50 | 450 | 150.0 | "
                        "100.0 | 1/2 (75%) | 180 |")
+
+
+def test_llamacpp_systems_are_skipped_with_the_reason_printed(tmp_path, configure, capsys):
+    configure(cache_dir=tmp_path)  # a cache with no llama.cpp build in it
+    pipe = SimpleNamespace(stages=[SimpleNamespace(model_dir=str(tmp_path))],
+                           tokenizer=_Tok())
+    args = e2e._parser().parse_args(["--systems", "llamacpp_ar,llamacpp_lookup"])
+    systems, skipped = e2e.make_systems(args, pipe)
+    why = "llama.cpp is not built for this CPU (run ./scripts/build_llamacpp.sh)"
+    assert systems == {} and skipped == {"llamacpp_ar": why, "llamacpp_lookup": why}
+    assert capsys.readouterr().err.splitlines() == [f"llamacpp_ar: {why}, skipped",
+                                                    f"llamacpp_lookup: {why}, skipped"]
+    bins = _fake_tools(tmp_path / "bin")
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"x")
+    args = e2e._parser().parse_args(["--systems", "llamacpp_lookup", "--llamacpp-bin",
+                                     str(bins), "--gguf", str(gguf), "--llamacpp-draft", "5",
+                                     "--llamacpp-threads", "1"])
+    systems, skipped = e2e.make_systems(args, pipe)
+    look = systems["llamacpp_lookup"]
+    assert (look.kind, look.bin_dir, look.threads, look.draft_max) == (
+        "llamacpp_lookup", bins, 1, 5) and skipped == {}
+    args = e2e._parser().parse_args(["--systems", "llamacpp_ar", "--models", "a", "b",
+                                     "--llamacpp-bin", str(bins)])
+    assert "--gguf" in e2e.make_systems(args, pipe)[1]["llamacpp_ar"]

@@ -68,7 +68,8 @@ def rates_table(runs: list[dict], greedy_only: bool = True) -> list[str]:
                     same += ", other prompt tokens"
             rss = f"{d['peak_rss_mb']:.0f}" if "peak_rss_mb" in d else "-"
             if "threads" in d:
-                name += f" ({'/'.join(map(str, d['threads']))} threads)"
+                n = "/".join(map(str, d["threads"]))
+                name += f" ({n} thread{'' if n == '1' else 's'})"
             lines.append(f"| {m['task']} | {m['temperature']:g} | {name} | "
                          f"{d.get('median_prompt_tokens', 0):.0f} | "
                          f"{d['median_prefill_tokens_per_s']:.0f} | "

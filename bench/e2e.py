@@ -16,6 +16,10 @@ Systems (``--systems``, comma separated):
   ours_pipespec_split  the same with one core per model stage (no idle-priority drafters, one
                matmul thread per stage: its own ``config=``) instead of the default policy on
                2 cores (the target keeps both cores, the draft runs at idle priority)
+  llamacpp_ar  native llama.cpp (``llama-completion``) on the same GGUF and prompt, 2 threads
+  llamacpp_lookup  native llama.cpp's prompt-lookup speculative decoding (``llama-lookup``)
+               (``bench/llamacpp.py``; built by ``scripts/build_llamacpp.sh``, skipped with the
+               reason printed when that build is absent)
 Writes ``bench/results/e2e-<task>-<temp>.json`` and prints a Markdown table.
 """
 
@@ -131,9 +135,17 @@ class OursSystem:
         st = res.stats
         out = {"tokens": st["new_tokens"], "seconds": st["seconds"],
                "tokens_per_s": st["tokens_per_s"], "ids": res.token_ids,
-               "stages": st["stages"]}
+               "stages": st["stages"], "prompt_tokens": len(ids)}
         # where each stage spends the run: forwards by kind, waiting for messages, the rest
         out["time_s"] = [_time_split(s) for s in res.stage_stats]
+        # the target's prefill (every prompt token but the last, which the first decoding
+        # step takes) and the rate of the decoding after it, beside llama.cpp's
+        prefill = sum(b - a for a, b, kind in res.stage_stats[-1].timeline
+                      if kind == "prefill")
+        if prefill > 0 and len(ids) > 1:
+            out["prefill_s"] = prefill
+            out["prefill_tokens_per_s"] = (len(ids) - 1) / prefill
+            out["decode_tokens_per_s"] = st["new_tokens"] / max(st["seconds"] - prefill, 1e-9)
         ran = self.pipe.stages[-1:] if self.mode == "ar" else self.pipe.stages
         out["model_free"] = [is_model_free(s) for s in ran]
         if len(self.pipe.stages) > 1:  # does the target verify a model's drafts (or n-grams)?
@@ -142,10 +154,7 @@ class OursSystem:
             try:
                 pred = self.pipe.predict(res)
                 # the model is about the steady state: add the target's measured prefill
-                prefill = sum(b - a for a, b, kind in res.stage_stats[-1].timeline
-                              if kind == "prefill")
                 out["predicted_steady_tokens_per_s"] = pred.pipespec_tokens_per_s
-                out["prefill_s"] = prefill
                 out["predicted_tokens_per_s"] = pred.end_to_end_tokens_per_s(
                     st["new_tokens"], prefill)
             except ValueError as e:
@@ -164,16 +173,7 @@ def _time_split(stats) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--task", default="humaneval", choices=["humaneval", "mtbench"])
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--systems", default="hf_ar,hf_pld,hf_assisted,ours_ar,ours_sync,ours_sync2,"
-                    "ours_pipespec_ngram,ours_pipespec2,ours_pipespec,ours_pipespec_split")
-    ap.add_argument("--models", nargs="+", help="stage dirs (default: the default hierarchy)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    args = ap.parse_args(argv)
+    args = _parser().parse_args(argv)
 
     from pipespec_fast import FastPipeline
 
@@ -181,26 +181,7 @@ def main(argv=None) -> int:
         pipe = FastPipeline.from_pretrained(args.models)
     else:
         pipe = FastPipeline.from_default()
-    target_dir = str(getattr(pipe.stages[-1], "model_dir", None) or _default_target())
-    systems = {}
-    for name in args.systems.split(","):
-        if name.startswith("hf_"):
-            if name == "hf_assisted":
-                draft = _draft_dir(pipe)
-                if draft is None:
-                    print("hf_assisted: no draft model in the hierarchy, skipped",
-                          file=sys.stderr)
-                    continue
-                systems[name] = HFSystem(target_dir, name, draft)
-            else:
-                systems[name] = HFSystem(target_dir, name)
-        else:
-            sub = _sub_pipeline(pipe, name)
-            if sub is None:
-                print(f"{name}: the hierarchy lacks the stages it needs, skipped",
-                      file=sys.stderr)
-                continue
-            systems[name] = OursSystem(sub, _MODES[name])
+    systems, skipped = make_systems(args, pipe)
     prompts = [pipe.chat_prompt(p) for p in load_prompts(args.task, args.prompts)]
     latency = probe_latency(pipe)
     # warm up every system once
@@ -208,23 +189,27 @@ def main(argv=None) -> int:
         s.run(prompts[0][:32], 4, args.temperature, 0)
     rows = {name: [] for name in systems}
     for i, ids in enumerate(prompts):
-        refs: dict[str, list[int]] = {}
+        results = {}
         for name, s in systems.items():
-            r = s.run(ids, args.max_new_tokens, args.temperature, seed=i)
-            if args.temperature == 0.0:  # greedy: each family must match its own AR output
-                fam = name.split("_")[0]  # (hf suppresses EOS to reach the budget; we skip it)
-                refs.setdefault(fam, r["ids"])
-                r["identical_to_first"] = r["ids"] == refs[fam]
-            r.pop("ids")
+            r = results[name] = s.run(ids, args.max_new_tokens, args.temperature, seed=i)
             r["memory_mb"] = s.memory_mb
-            rows[name].append(r)
             print(f"prompt {i}: {name:14s} {r['tokens_per_s']:6.1f} tok/s", file=sys.stderr)
+        if args.temperature == 0.0:
+            check_greedy(results, pipe)
+        for name, r in results.items():
+            r.pop("ids", None)
+            r.pop("text", None)
+            rows[name].append(r)
     summary = summarize(rows, latency, pipe.windows[-1])
     meta = {"latency_ms": latency, "task": args.task, "prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature, "stages": [s.name for s in pipe.stages],
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "peak_rss_mb": peak_rss_mb(), "command": " ".join(sys.argv)}
+            "peak_rss_mb": peak_rss_mb(), "command": " ".join(sys.argv), "skipped": skipped}
+    llama = next((s for s in systems.values() if hasattr(s, "bin_dir")), None)
+    if llama is not None:
+        meta["llamacpp"] = {"build": str(llama.bin_dir.parent.name), "gguf": str(llama.gguf),
+                            "threads": args.llamacpp_threads, "draft_max": llama.draft_max}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"e2e-{args.task}-t{args.temperature:g}.json"
@@ -233,6 +218,111 @@ def main(argv=None) -> int:
     print(f"\nwritten: {path}")
     pipe.close()
     return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--task", default="humaneval", choices=["humaneval", "mtbench"])
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--systems", default="hf_ar,hf_pld,hf_assisted,ours_ar,ours_sync,ours_sync2,"
+                    "ours_pipespec_ngram,ours_pipespec2,ours_pipespec,ours_pipespec_split,"
+                    "llamacpp_ar,llamacpp_lookup")
+    ap.add_argument("--models", nargs="+", help="stage dirs (default: the default hierarchy)")
+    ap.add_argument("--gguf", help="the GGUF llama.cpp runs (default: the default target's)")
+    ap.add_argument("--llamacpp-bin", help="llama.cpp's binaries (default: the cached build of "
+                    "scripts/build_llamacpp.sh)")
+    ap.add_argument("--llamacpp-threads", default="2",
+                    help="llama.cpp's threads: a count, or 'auto' for the count our AR takes "
+                    "before each run (the free cores: llama.cpp's threads spin, so on a busy "
+                    "machine 2 of them can run 10x slower than 1)")
+    ap.add_argument("--llamacpp-draft", type=int, default=3,
+                    help="llama-lookup's longest draft (its default: 3)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    return ap
+
+
+def make_systems(args, pipe) -> tuple[dict, dict[str, str]]:
+    """The systems ``--systems`` names, in that order, and those skipped with the reason
+    (printed: a system is never dropped silently)."""
+    target_dir = str(getattr(pipe.stages[-1], "model_dir", None) or _default_target())
+    systems, skipped = {}, {}
+    for name in args.systems.split(","):
+        if name.startswith("llamacpp_"):
+            made = _llamacpp_system(name, args, pipe)
+        elif name == "hf_assisted":
+            draft = _draft_dir(pipe)
+            made = (HFSystem(target_dir, name, draft) if draft is not None
+                    else "no draft model in the hierarchy")
+        elif name.startswith("hf_"):
+            made = HFSystem(target_dir, name)
+        else:
+            sub = _sub_pipeline(pipe, name)
+            made = (OursSystem(sub, _MODES[name]) if sub is not None
+                    else "the hierarchy lacks the stages it needs")
+        if isinstance(made, str):
+            print(f"{name}: {made}, skipped", file=sys.stderr)
+            skipped[name] = made
+        else:
+            systems[name] = made
+    return systems, skipped
+
+
+def check_greedy(results: dict, pipe) -> None:
+    """Greedy outputs of one prompt: each family must reproduce its own first system's output
+    (transformers: its AR, which suppresses EOS to reach the budget; ours: our AR, which does
+    not stop at EOS; llama.cpp: its AR, which masks EOS), and llama.cpp's text is compared
+    with our tokens (``llamacpp.agreement``: its activations are int8, so it need not agree)."""
+    from llamacpp import agreement
+
+    refs: dict[str, list[int] | str] = {}
+    for name, r in results.items():
+        out = r["ids"] if "ids" in r else r["text"]
+        ref = refs.setdefault(name.split("_")[0], out)
+        # llama-lookup can make a few tokens past the budget: its text extends the AR's
+        r["identical_to_first"] = out == ref if isinstance(out, list) else out.startswith(ref)
+    ours = refs.get("ours")
+    for r in results.values():
+        if "text" in r and ours is not None:
+            agreed, compared = agreement(ours, set(pipe.eos_token_ids), r["text"],
+                                         pipe.tokenizer.decode)
+            r["agreed_tokens"], r["compared_tokens"] = agreed, compared
+
+
+def _llamacpp_system(name: str, args, pipe):
+    """A llama.cpp system, or the reason it cannot run (a one-line string)."""
+    from llamacpp import LlamaCppSystem, find_binaries
+
+    from pipespec_fast import config
+
+    if args.llamacpp_bin:
+        bin_dir = Path(args.llamacpp_bin)
+        if not (bin_dir / "llama-completion").is_file():
+            return f"no llama.cpp tools in --llamacpp-bin {bin_dir}"
+    else:
+        bin_dir = find_binaries(config.current().cache_dir)
+        if bin_dir is None:
+            return "llama.cpp is not built for this CPU (run ./scripts/build_llamacpp.sh)"
+    if args.gguf:
+        gguf = Path(args.gguf)
+    elif args.models:
+        return "--models given: name the GGUF of their target with --gguf"
+    else:
+        from pipespec_fast.models.defaults import default_gguf_path
+
+        gguf = default_gguf_path()
+    if args.llamacpp_threads == "auto":
+        from pipespec_fast.threads import CpuThreads
+
+        def threads() -> int:
+            return CpuThreads(pipe.stages[-1:], "ar").plan.matmul_threads
+    elif args.llamacpp_threads.isdigit() and int(args.llamacpp_threads) > 0:
+        threads = int(args.llamacpp_threads)
+    else:
+        raise SystemExit(f"--llamacpp-threads: a positive count or auto, got "
+                         f"{args.llamacpp_threads!r}")
+    return LlamaCppSystem(name, bin_dir, gguf, pipe.tokenizer, threads, args.llamacpp_draft)
 
 
 def probe_latency(pipe, ctx: int = 160, ns=(1, 2, 3, 4, 5, 7), reps: int = 25) -> dict:
@@ -319,8 +409,34 @@ def summarize(rows: dict, latency: dict | None = None, max_gamma: int = 6) -> di
             d["predicted_tokens_per_s"] = statistics.median(preds)
         if "identical_to_first" in rs[0]:
             d["identical_greedy_output"] = all(r["identical_to_first"] for r in rs)
+        d.update(_rates(rs))
         out[name] = d
     return out
+
+
+def _rates(rs: list[dict]) -> dict:
+    """Prefill and decode rates (medians), and for llama.cpp: its drafts' acceptance, its
+    greedy agreement with ours, whether it got our prompt tokens, its peak resident memory."""
+    d = {}
+    for key in ("prompt_tokens", "prefill_tokens_per_s", "decode_tokens_per_s"):
+        vals = [r[key] for r in rs if key in r]
+        if vals:
+            d[f"median_{key}"] = statistics.median(vals)
+    if "n_drafted" in rs[0]:
+        drafted = sum(r.get("n_drafted", 0) for r in rs)
+        d["acceptance"] = [sum(r.get("n_accept", 0) for r in rs) / drafted] if drafted else []
+    if "compared_tokens" in rs[0]:
+        compared = sum(r["compared_tokens"] for r in rs)
+        d["agreement_with_ours"] = sum(r["agreed_tokens"] for r in rs) / max(compared, 1)
+        d["prompts_equal_to_ours"] = sum(r["agreed_tokens"] == r["compared_tokens"] for r in rs)
+    if "prompt_tokens_match" in rs[0]:
+        d["prompt_tokens_match"] = all(r["prompt_tokens_match"] for r in rs)
+    if "threads" in rs[0]:
+        d["threads"] = sorted({r["threads"] for r in rs})
+    if "peak_rss_mb" in rs[0]:
+        d["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rs)
+    d["runs"] = len(rs)
+    return d
 
 
 def table(summary: dict, meta: dict) -> str:
@@ -340,10 +456,12 @@ def table(summary: dict, meta: dict) -> str:
         busy = ", ".join(f"{b:.0%}" for b in d.get("busy_fraction", [])) or "-"
         lines.append(f"| {name} | {d['median_tokens_per_s']:.1f} | {sp} | {acc} | {mal} | "
                      f"{pred} | {same} | {mem} | {busy} |")
-    from readme_tables import ceiling_table, time_table
+    from readme_tables import ceiling_table, rates_table, time_table
 
     runs = [{"meta": meta, "summary": summary}]
-    lines += ["", "where each model stage spends the run (share of wall time; verify includes "
+    lines += ["", "prefill and decode rates (medians; llama.cpp: the tools' own counters)", "",
+              *rates_table(runs, greedy_only=False), "",
+              "where each model stage spends the run (share of wall time; verify includes "
               "acceptance; other: Python and messages, and in sync the other stages' turns)", "",
               *time_table(runs, greedy_only=False), "",
               "speculation ceiling (analysis.speculation_ceiling; alpha = the target's per-token "

@@ -46,6 +46,38 @@ def ceiling_table(runs: list[dict], greedy_only: bool = True) -> list[str]:
     return lines
 
 
+def rates_table(runs: list[dict], greedy_only: bool = True) -> list[str]:
+    """Markdown rows: prefill and decode rates of the systems that report them (ours: the
+    target's prefill and the decoding after it; llama.cpp: its tools' own counters), end to
+    end tokens/s, and llama.cpp's greedy agreement with our output."""
+    lines = ["| task | T | system | prompt tokens | prefill tokens/s | decode tokens/s | end to "
+             "end tokens/s | greedy = ours: prompts (tokens) | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        m, summ = r["meta"], r["summary"]
+        if greedy_only and m["temperature"] != 0:
+            continue
+        for name, d in summ.items():
+            if "median_prefill_tokens_per_s" not in d:
+                continue
+            same = "-"
+            if "agreement_with_ours" in d:
+                same = (f"{d['prompts_equal_to_ours']}/{d['runs']} "
+                        f"({d['agreement_with_ours']:.0%})")
+                if not d.get("prompt_tokens_match", True):
+                    same += ", other prompt tokens"
+            rss = f"{d['peak_rss_mb']:.0f}" if "peak_rss_mb" in d else "-"
+            if "threads" in d:
+                n = "/".join(map(str, d["threads"]))
+                name += f" ({n} thread{'' if n == '1' else 's'})"
+            lines.append(f"| {m['task']} | {m['temperature']:g} | {name} | "
+                         f"{d.get('median_prompt_tokens', 0):.0f} | "
+                         f"{d['median_prefill_tokens_per_s']:.0f} | "
+                         f"{d['median_decode_tokens_per_s']:.1f} | "
+                         f"{d['median_tokens_per_s']:.1f} | {same} | {rss} |")
+    return lines
+
+
 def time_table(runs: list[dict], greedy_only: bool = True) -> list[str]:
     """Markdown rows: each model stage's share of the wall time by kind (``time_share``)."""
     lines = ["| task | T | system | stage | " + " | ".join(KINDS) + " |",
@@ -95,6 +127,9 @@ def main(argv=None) -> int:
                   f"{_pct(d.get('acceptance'))} | {mal} | {pred} | {same} | "
                   f"{d.get('memory_mb', 0):.0f} |")
 
+    print("\nPrefill and decode rates (greedy; llama.cpp: its tools' own counters, its greedy "
+          "output against ours up to our first end-of-text token)\n")
+    print("\n".join(rates_table(runs)))
     print("\nSpeculation ceiling (greedy): the target's L(n) probed alone, the target's alpha "
           "in each system\n")
     print("\n".join(ceiling_table(runs)))

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# End-to-end benchmark: every system, both tasks, greedy and T=0.7, then the pictures.
+# End-to-end benchmark: every system (ours, transformers, native llama.cpp), both tasks, greedy
+# and T=0.7, then the pictures.
 # Usage: ./scripts/bench.sh [PROMPTS] [MAX_NEW_TOKENS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,10 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -m pip install -q matplotlib 2>&1 | grep -vE "^WARNING: Location|is ignored" || true
 P=${1:-8}
 N=${2:-96}
+# native llama.cpp, the CPU peer (cached after the first build, ~5-10 min on 2 cores); if it
+# cannot be built, e2e.py prints why and runs every other system
+./scripts/build_llamacpp.sh >/dev/null \
+  || echo "bench.sh: llama.cpp could not be built: its systems will be skipped" >&2
 for task in humaneval mtbench; do
   for t in 0 0.7; do
     .venv/bin/python bench/e2e.py --task "$task" --temperature "$t" --prompts "$P" \

@@ -399,7 +399,17 @@ INLINE __m512i load4x128(const uint8_t *a, const uint8_t *b, const uint8_t *c,
     return _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)d), 3);
 }
 
-INLINE void prep16_q4_1(const uint8_t *const *row, __m512i gidx, int b, w16_t *o) {
+/* Dword `off` of the 16 rows, lane i = row i: the first of a 4x4 transpose of 16-byte loads
+ * (measured on Zen 4: 9.2 -> 6.7 ns per 16-row Q4_1 block at n = 1 against vpgatherdd). */
+INLINE __m512i dword0_16(const uint8_t *const *row, size_t off) {
+    __m512i A[4];
+    for (int s = 0; s < 4; ++s)
+        A[s] = load4x128(row[s] + off, row[s + 4] + off, row[s + 8] + off, row[s + 12] + off);
+    return _mm512_unpacklo_epi64(_mm512_unpacklo_epi32(A[0], A[1]),
+                                 _mm512_unpacklo_epi32(A[2], A[3]));
+}
+
+INLINE void prep16_q4_1(const uint8_t *const *row, int b, w16_t *o) {
     const size_t off = (size_t)b * 20 + 4;
     __m512i A[4]; /* 128-bit lane l of A[s]: the 16 nibble bytes of row s + 4l */
     for (int s = 0; s < 4; ++s)
@@ -413,12 +423,12 @@ INLINE void prep16_q4_1(const uint8_t *const *row, __m512i gidx, int b, w16_t *o
         o->q[u] = _mm512_and_si512(z[u], nib);
         o->q[u + 4] = _mm512_and_si512(_mm512_srli_epi32(z[u], 4), nib);
     }
-    const __m512i dm = _mm512_i32gather_epi32(gidx, (const void *)(row[0] + off - 4), 1);
+    const __m512i dm = dword0_16(row, off - 4);
     o->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
     o->m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16)));
 }
 
-INLINE void prep16_q8_0(const uint8_t *const *row, __m512i gidx, int b, w16_t *o) {
+INLINE void prep16_q8_0(const uint8_t *const *row, int b, w16_t *o) {
     const size_t off = (size_t)b * 34 + 2;
     __m512i A[8], t[8];
     for (int p = 0; p < 8; ++p) { /* halves: rows p, p + 4 (p < 4); p + 4, p + 8 (p >= 4) */
@@ -443,8 +453,7 @@ INLINE void prep16_q8_0(const uint8_t *const *row, __m512i gidx, int b, w16_t *o
         o->q[dd] = _mm512_xor_si512(_mm512_shuffle_i32x4(A[dd], A[4 + dd], 0x88), flip);
         o->q[dd + 4] = _mm512_xor_si512(_mm512_shuffle_i32x4(A[dd], A[4 + dd], 0xDD), flip);
     }
-    const __m512i dm = _mm512_i32gather_epi32(gidx, (const void *)(row[0] + off - 2), 1);
-    o->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
+    o->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dword0_16(row, off - 2)));
     o->m = _mm512_setzero_ps();
 }
 
@@ -462,17 +471,25 @@ INLINE __m512 step16(const int KIND, const w16_t *wv, const int8_t *xq, const in
     return acc;
 }
 
-INLINE void prep16(const int KIND, const uint8_t *const *row, __m512i gidx, int b, w16_t *o) {
+/* The group's 16 rows are one contiguous stretch of 16 * nb blocks, read block column by block
+ * column: 16 streams at once, more than the hardware prefetchers follow. So block b of a group
+ * prefetches stretch b of the next group's bytes (a group ahead: nb blocks of work). */
+INLINE void prefetch_next(const uint8_t *const *row, size_t bb, int b) {
+    const uint8_t *p = row[0] + 16 * (size_t)(row[1] - row[0]) + (size_t)b * 16 * bb;
+    for (size_t i = 0; i < 16 * bb; i += 64) _mm_prefetch((const char *)(p + i), _MM_HINT_T0);
+}
+
+INLINE void prep16(const int KIND, const uint8_t *const *row, int b, w16_t *o) {
+    prefetch_next(row, KIND == QUANT_Q4_1 ? 20 : 34, b);
     if (KIND == QUANT_Q4_1)
-        prep16_q4_1(row, gidx, b, o);
+        prep16_q4_1(row, b, o);
     else
-        prep16_q8_0(row, gidx, b, o);
+        prep16_q8_0(row, b, o);
 }
 
 /* The arguments every 16-column tile function takes. */
 typedef struct {
     const uint8_t *row[16]; /* the group's weight rows (a tail repeats its last row) */
-    __m512i gidx;           /* their byte offsets from row[0], for the scale gathers */
     __mmask16 mask;         /* the columns that exist */
     const int8_t *q;        /* the tile's first x row */
     const int8_xblock_t *xs;
@@ -486,7 +503,7 @@ INLINE void tile16_direct(const int KIND, const int R, const tile16_t *t) {
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int b = 0; b < t->nb; ++b) {
         w16_t wv;
-        prep16(KIND, t->row, t->gidx, b, &wv);
+        prep16(KIND, t->row, b, &wv);
         for (int r = 0; r < R; ++r)
             acc[r] = step16(KIND, &wv, t->q + (size_t)r * t->k + (size_t)b * INT8_QK,
                             t->xs + (size_t)r * t->nb + b, acc[r]);
@@ -539,9 +556,9 @@ static const chunk_fn CHUNK[2][RMAX] = {
 static void prep16_into(int kind, const tile16_t *t, int b0, int kc, w16_t *buf) {
     for (int i = 0; i < kc; ++i) {
         if (kind == QUANT_Q4_1)
-            prep16_q4_1(t->row, t->gidx, b0 + i, &buf[i]);
+            prep16(QUANT_Q4_1, t->row, b0 + i, &buf[i]);
         else
-            prep16_q8_0(t->row, t->gidx, b0 + i, &buf[i]);
+            prep16(QUANT_Q8_0, t->row, b0 + i, &buf[i]);
     }
 }
 
@@ -574,13 +591,8 @@ static void range_vnni(const int8_t *q, const int8_xblock_t *xs, int n, int k, c
         const int valid = oe - o < 16 ? oe - o : 16;
         tile16_t t = {.q = q, .xs = xs, .k = k, .nb = k / INT8_QK, .ldy = ldy, .y = y + o,
                       .mask = (__mmask16)((1u << valid) - 1)};
-        int32_t offs[16];
-        for (int i = 0; i < 16; ++i) {
-            const int ri = i < valid ? i : valid - 1; /* a tail repeats its last row */
-            t.row[i] = w + (size_t)(o + ri) * ldw;
-            offs[i] = (int32_t)((size_t)ri * ldw);
-        }
-        t.gidx = _mm512_loadu_si512(offs);
+        for (int i = 0; i < 16; ++i) /* a tail repeats its last row */
+            t.row[i] = w + (size_t)(o + (i < valid ? i : valid - 1)) * ldw;
         if (n <= RMAX)
             DIRECT[kind == QUANT_Q4_1 ? 0 : 1][n - 1](&t);
         else

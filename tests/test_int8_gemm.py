@@ -178,6 +178,16 @@ def test_batch_invariant_over_n_threads_and_split(on_path, kind, m, k) -> None:
         assert torch.equal(int8.int8_linear(x[5:16], pw, 2), singles[5:16])  # any row position
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefill_sized_blocks_are_batch_invariant(kind) -> None:
+    """A prompt-sized block (n = 70: nine row groups over chunks of 16 transposed blocks, k
+    spanning three chunks) gives each row's 1-row product, on 2 threads."""
+    pw, x = packed(200, 1536, kind, seed=5), activations(70, 1536, seed=9)
+    block = int8.int8_linear(x, pw, threads=2)
+    for i in (0, 7, 8, 33, 62, 69):
+        assert torch.equal(block[i:i + 1], int8.int8_linear(x[i:i + 1], pw, 1)), i
+
+
 def test_quantized_entry_equals_the_one_call_entry() -> None:
     pw, x = packed(70, 192, Q4_1), activations(6, 192)
     xq = int8.quantize_rows(x)

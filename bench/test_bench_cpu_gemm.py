@@ -10,8 +10,13 @@ values). ``int8``: the same packed weights through ``pipespec_fast.cpu.int8`` (a
 quantised per 32-value block, integer block dots with AVX-512 VNNI). ``packed-real`` and
 ``int8-real``: both kernels on the default target's own packed weights (``--real``; the
 converted checkpoint's ``packed.safetensors``, its fused QKV and gate/up as the model runs them).
-A second table gives each variant's multiply-adds per second against the core's peak
-(``--peak-int8``, ``--peak-fp32``: measured on this project's Zen 4, 234 and 58 GMAC/s per core).
+A second table gives each variant's multiply-adds per second against the cores' peak
+(``--peak-int8``, ``--peak-fp32``, per core). The defaults were measured on this project's VM
+(an AMD EPYC with avx512_vp2intersect, i.e. Zen 5: two 512-bit FMA pipes) with 12 independent
+chains of ``vpdpbusd`` / ``vfmadd`` zmm timed by thread CPU time: 533 and 133 GMAC/s per core
+(the same 4:1 ratio as the 234 / 58 measured by wall time while other jobs shared the cores).
+So compare them with ``--cpu-time`` figures, or expect wall time on a shared machine to reach
+only its share of them.
 
 Script mode (interleaved variants, several repetitions, medians; prints a Markdown table)::
 
@@ -55,7 +60,7 @@ LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 N_LAYERS = 30
 HEAD_SHAPE = (49152, 576)
 NS = (1, 2, 4, 8, 16)
-PEAK_GMACS = {"int8": 234.0, "fp32": 58.0}  # per core: vpdpbusd / fp32 FMA zmm (Zen 4, measured)
+PEAK_GMACS = {"int8": 533.0, "fp32": 133.0}  # per core, vpdpbusd / fp32 FMA zmm (docstring)
 
 
 def make_weights(seed: int = 0) -> list[torch.Tensor]:

@@ -1,7 +1,7 @@
 /*
  * int8-activation GEMM on packed weights: y[n, m] = x[n, k] @ W[m, k]^T with W kept as ggml's
  * Q4_1 or Q8_0 blocks (layouts in quant_gemm.c) and x quantised per 32-value block to int8, so
- * that the 32 products of a block are one exact integer dot product. On this project's Zen 4 an
+ * that the 32 products of a block are one exact integer dot product. On this project's CPU (AMD, AVX-512 with VNNI) an
  * AVX-512 VNNI vpdpbusd does 4x the multiply-adds per cycle of an fp32 FMA; the fp32 packed
  * kernel (quant_gemm.c) is bound by its FMAs once the weights are packed, so a verify step of n
  * tokens costs about n times one. Here the per-token work is a quarter of that.
@@ -400,7 +400,7 @@ INLINE __m512i load4x128(const uint8_t *a, const uint8_t *b, const uint8_t *c,
 }
 
 /* Dword `off` of the 16 rows, lane i = row i: the first of a 4x4 transpose of 16-byte loads
- * (measured on Zen 4: 9.2 -> 6.7 ns per 16-row Q4_1 block at n = 1 against vpgatherdd). */
+ * (measured on this project's CPU: 9.2 -> 6.7 ns per 16-row Q4_1 block at n = 1 against vpgatherdd). */
 INLINE __m512i dword0_16(const uint8_t *const *row, size_t off) {
     __m512i A[4];
     for (int s = 0; s < 4; ++s)

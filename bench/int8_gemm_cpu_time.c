@@ -5,7 +5,8 @@
  * independent chains of vfmadd / vpdpbusd zmm. Not built by the package; from the repository:
  *
  *   gcc -O2 -std=gnu11 -pthread -ffp-contract=off -Ipipespec_fast/cpu/csrc \
- *       -o /tmp/int8_bench bench/int8_gemm_cpu_time.c pipespec_fast/cpu/csrc/{int8_gemm,quant_gemm,thread_pool}.c
+ *       -o /tmp/int8_bench bench/int8_gemm_cpu_time.c \
+ *       pipespec_fast/cpu/csrc/{int8_gemm,quant_gemm,thread_pool}.c
  *   /tmp/int8_bench KIND M K [NS [REPS]]   # KIND 2 = Q4_1, 3 = Q8_0; NS e.g. 1,2,4,8,16
  *   /tmp/int8_bench peak
  *
@@ -73,7 +74,8 @@ int main(int argc, char **argv) {
     const int reps = argc > 5 ? atoi(argv[5]) : 30, nb = k / 32, bb = kind == QUANT_Q4_1 ? 20 : 34;
     const long long rb = quant_row_bytes(kind, k);
     uint8_t *w = malloc((size_t)rb * m);
-    float *x = malloc(sizeof(float) * NMAX * (size_t)k), *y = malloc(sizeof(float) * NMAX * (size_t)m);
+    float *x = malloc(sizeof(float) * NMAX * (size_t)k);
+    float *y = malloc(sizeof(float) * NMAX * (size_t)m);
     int8_t *q = malloc((size_t)NMAX * k);
     int8_xblock_t *xs = malloc(sizeof(int8_xblock_t) * NMAX * (size_t)nb);
     srand(1);

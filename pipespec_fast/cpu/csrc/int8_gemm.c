@@ -1,10 +1,10 @@
 /*
  * int8-activation GEMM on packed weights: y[n, m] = x[n, k] @ W[m, k]^T with W kept as ggml's
  * Q4_1 or Q8_0 blocks (layouts in quant_gemm.c) and x quantised per 32-value block to int8, so
- * that the 32 products of a block are one exact integer dot product. On this project's CPU (AMD, AVX-512 with VNNI) an
- * AVX-512 VNNI vpdpbusd does 4x the multiply-adds per cycle of an fp32 FMA; the fp32 packed
- * kernel (quant_gemm.c) is bound by its FMAs once the weights are packed, so a verify step of n
- * tokens costs about n times one. Here the per-token work is a quarter of that.
+ * that the 32 products of a block are one exact integer dot product. On this project's CPU (an
+ * AMD EPYC) an AVX-512 VNNI vpdpbusd does 4x the multiply-adds per cycle of an fp32 FMA; the
+ * fp32 packed kernel (quant_gemm.c) is bound by its FMAs once the weights are packed, so a
+ * verify step of n tokens costs about n times one. Here the per-token work is a quarter of that.
  *
  * Activation blocks (int8_quantize_rows; ggml's Q8_0/Q8_1 scheme with an fp32 scale and sum):
  *
@@ -230,7 +230,8 @@ static void quantize_block_avx2(const float *x, int8_t *q, int8_xblock_t *s) {
     m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
     float d, id;
     block_scale(_mm_cvtss_f32(m4), &d, &id);
-    const __m256 vid = _mm256_set1_ps(id), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+    const __m256 vid = _mm256_set1_ps(id), hi = _mm256_set1_ps(127.0f);
+    const __m256 lo = _mm256_set1_ps(-127.0f);
     __m256i iv[4];
     for (int i = 0; i < 4; ++i) {
         const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], vid),
@@ -264,8 +265,10 @@ INLINE void prep8(const int KIND, const uint8_t *const *row, __m256i gidx, int b
             A[s] = _mm256_inserti128_si256(
                 _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(row[s] + off + 4))),
                 _mm_loadu_si128((const __m128i *)(row[s + 4] + off + 4)), 1);
-        const __m256i t0 = _mm256_unpacklo_epi32(A[0], A[1]), t1 = _mm256_unpackhi_epi32(A[0], A[1]);
-        const __m256i t2 = _mm256_unpacklo_epi32(A[2], A[3]), t3 = _mm256_unpackhi_epi32(A[2], A[3]);
+        const __m256i t0 = _mm256_unpacklo_epi32(A[0], A[1]);
+        const __m256i t1 = _mm256_unpackhi_epi32(A[0], A[1]);
+        const __m256i t2 = _mm256_unpacklo_epi32(A[2], A[3]);
+        const __m256i t3 = _mm256_unpackhi_epi32(A[2], A[3]);
         const __m256i z[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
                               _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
         const __m256i nib = _mm256_set1_epi8(0x0F);
@@ -400,7 +403,7 @@ INLINE __m512i load4x128(const uint8_t *a, const uint8_t *b, const uint8_t *c,
 }
 
 /* Dword `off` of the 16 rows, lane i = row i: the first of a 4x4 transpose of 16-byte loads
- * (measured on this project's CPU: 9.2 -> 6.7 ns per 16-row Q4_1 block at n = 1 against vpgatherdd). */
+ * (this project's CPU: 9.2 -> 6.7 ns per 16-row Q4_1 block at n = 1 against vpgatherdd). */
 INLINE __m512i dword0_16(const uint8_t *const *row, size_t off) {
     __m512i A[4];
     for (int s = 0; s < 4; ++s)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 BACKENDS = ("auto", "triton", "reference")
 SKINNY_ISAS = ("auto", "avx2", "avx512")
+INT8_ISAS = ("auto", "avx512vnni", "avx2", "scalar")
 CPU_LINEARS = ("skinny", "numpy", "torch")
 DEFAULT_CACHE = Path("~/.cache/pipespec-fast")
 
@@ -59,6 +60,7 @@ class RuntimeConfig:
     triton_interpret: bool = field(default=False, metadata={"env": "TRITON_INTERPRET"})
     c_kernels: bool = field(default=True, metadata={"env": "PIPESPEC_C_KERNELS"})
     skinny_isa: str = field(default="auto", metadata={"env": "PIPESPEC_SKINNY_ISA"})
+    int8_isa: str = field(default="auto", metadata={"env": "PIPESPEC_INT8_ISA"})
     cc: str = field(default="gcc", metadata={"env": "PIPESPEC_CC"})
     cache_dir: Path = field(default_factory=_default_cache, metadata={"env": "PIPESPEC_CACHE"})
     packed: bool = field(default=True, metadata={"env": "PIPESPEC_PACKED"})
@@ -88,8 +90,8 @@ class RuntimeConfig:
         return dataclasses.replace(self, **changes)
 
 
-PROCESS_FIELDS = ("backend", "triton_interpret", "c_kernels", "skinny_isa", "cc", "cache_dir",
-                  "packed", "fused", "cpu_linear")
+PROCESS_FIELDS = ("backend", "triton_interpret", "c_kernels", "skinny_isa", "int8_isa", "cc",
+                  "cache_dir", "packed", "fused", "cpu_linear")
 
 
 def _is_int(v) -> bool:
@@ -105,6 +107,7 @@ _CHECKS: dict[str, Callable] = {
     "triton_interpret": lambda v: (isinstance(v, bool), "a bool"),
     "c_kernels": lambda v: (isinstance(v, bool), "a bool"),
     "skinny_isa": _choice(SKINNY_ISAS),
+    "int8_isa": _choice(INT8_ISAS),
     "cc": lambda v: (isinstance(v, str) and bool(v.strip()), "a compiler command or path"),
     "cache_dir": lambda v: (isinstance(v, Path), "a pathlib.Path"),
     "packed": lambda v: (isinstance(v, bool), "a bool"),
@@ -178,6 +181,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "triton_interpret": _triton_bool,
     "c_kernels": _bool01,
     "skinny_isa": _lower_choice(SKINNY_ISAS),
+    "int8_isa": _lower_choice(INT8_ISAS),
     "cc": _command,
     "cache_dir": lambda name, raw: Path(raw).expanduser(),
     "packed": _bool01,

@@ -25,6 +25,9 @@ PARSED = [
     ("PIPESPEC_C_KERNELS", "0", "c_kernels", False),
     ("PIPESPEC_SKINNY_ISA", "avx2", "skinny_isa", "avx2"),
     ("PIPESPEC_SKINNY_ISA", "AVX512", "skinny_isa", "avx512"),
+    ("PIPESPEC_INT8_ISA", "avx2", "int8_isa", "avx2"),
+    ("PIPESPEC_INT8_ISA", " Scalar", "int8_isa", "scalar"),
+    ("PIPESPEC_INT8_ISA", "AVX512VNNI", "int8_isa", "avx512vnni"),
     ("PIPESPEC_CC", "clang", "cc", "clang"),
     ("PIPESPEC_CACHE", "/srv/cache", "cache_dir", Path("/srv/cache")),
     ("PIPESPEC_CACHE", "~/c", "cache_dir", Path.home() / "c"),
@@ -46,6 +49,7 @@ REJECTED = [
     ("TRITON_INTERPRET", "maybe", "1/true/yes/on or 0/false/no/off"),
     ("PIPESPEC_C_KERNELS", "no", "0 or 1"),
     ("PIPESPEC_SKINNY_ISA", "sse", "one of auto, avx2, avx512"),
+    ("PIPESPEC_INT8_ISA", "avx512", "one of auto, avx512vnni, avx2, scalar"),
     ("PIPESPEC_CC", "   ", "a compiler command or path"),
     ("PIPESPEC_PACKED", "off", "0 or 1"),
     ("PIPESPEC_FUSED", "2", "0 or 1"),
@@ -69,8 +73,8 @@ def warn_again(monkeypatch):
 def test_defaults():
     cfg = from_env({})
     assert cfg == RuntimeConfig()
-    assert (cfg.backend, cfg.triton_interpret, cfg.c_kernels, cfg.skinny_isa, cfg.cc) == \
-        ("auto", False, True, "auto", "gcc")
+    assert (cfg.backend, cfg.triton_interpret, cfg.c_kernels, cfg.skinny_isa, cfg.int8_isa,
+            cfg.cc) == ("auto", False, True, "auto", "auto", "gcc")
     assert cfg.cache_dir == Path.home() / ".cache" / "pipespec-fast"
     assert (cfg.packed, cfg.fused, cfg.cpu_linear) == (True, True, "skinny")
     assert (cfg.cpu_threads, cfg.torch_threads, cfg.stage_threads, cfg.idle_drafters) == \
@@ -189,7 +193,7 @@ def test_process_config_is_read_once_and_replaceable(monkeypatch):
 
 def test_configuration_doc_lists_every_variable():
     doc = (ROOT / "docs" / "CONFIGURATION.md").read_text()
-    table = dict(re.findall(r"^\| `(\w+)` \| `([a-z_]+)` \|", doc, re.M))  # variable -> field
+    table = dict(re.findall(r"^\| `(\w+)` \| `([a-z0-9_]+)` \|", doc, re.M))  # variable -> field
     assert table == config.VARIABLES
     for old, new in config.RENAMED.items():
         assert f"`{old}`" in doc and f"`{new}`" in doc

@@ -1,11 +1,11 @@
 """The one C library of the CPU kernels: built from ``csrc/`` on first use, checked, loaded once.
 
-Every C file (``skinny_gemm.c``, ``quant_gemm.c``, ``cpu_decoder.c``, ``thread_pool.c``) is
-compiled into one shared library: the fused decoder calls both GEMMs, and every kernel shares
-one thread pool. This module is its only builder and loader and declares every ctypes
-signature (mirroring the headers in ``csrc/``); ``gemm.py``, ``quant.py`` and ``decoder.py``
-hold their kernel's Python entry and get the library from :func:`load`. It is loaded with
-:class:`ctypes.CDLL`, so calls release the GIL.
+Every C file (``skinny_gemm.c``, ``quant_gemm.c``, ``int8_gemm.c``, ``cpu_decoder.c``,
+``thread_pool.c``) is compiled into one shared library: the fused decoder calls the GEMMs, and
+every kernel shares one thread pool. This module is its only builder and loader and declares
+every ctypes signature (mirroring the headers in ``csrc/``); ``gemm.py``, ``quant.py``,
+``int8.py`` and ``decoder.py`` hold their kernel's Python entry and get the library from
+:func:`load`. It is loaded with :class:`ctypes.CDLL`, so calls release the GIL.
 
 **The build cache.** ``<cache_dir>/build/pipespec_cpu-<key>.so``, where ``key`` hashes the
 sources, headers, flags and the compiler's version (an edit or a compiler upgrade builds
@@ -46,16 +46,18 @@ from pathlib import Path
 from pipespec_fast import config
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
-SOURCES = tuple(SOURCE_DIR / f"{name}.c" for name in
-                ("skinny_gemm", "quant_gemm", "cpu_decoder", "thread_pool"))
-HEADERS = tuple(SOURCE_DIR / f"{name}.h" for name in
-                ("skinny_gemm", "quant_gemm", "cpu_decoder", "thread_pool"))
+KERNELS = ("skinny_gemm", "quant_gemm", "int8_gemm", "cpu_decoder", "thread_pool")
+SOURCES = tuple(SOURCE_DIR / f"{name}.c" for name in KERNELS)
+HEADERS = tuple(SOURCE_DIR / f"{name}.h" for name in KERNELS)
 CFLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off")
 LIBRARY_STEM = "pipespec_cpu"
 SKINNY_GEMM_ABI_VERSION = 2  # csrc/skinny_gemm.h
 DECODER_ABI_VERSION = 1  # csrc/cpu_decoder.h
+INT8_GEMM_ABI_VERSION = 1  # csrc/int8_gemm.h
 ISA_CODES = {"auto": 0, "avx2": 1, "avx512": 2}  # SKINNY_ISA_* in csrc/skinny_gemm.h
 ISA_NAMES = {1: "avx2", 2: "avx512"}
+INT8_ISA_CODES = {"auto": 0, "scalar": 1, "avx2": 2, "avx512vnni": 3}  # INT8_ISA_* (int8_gemm.h)
+INT8_ISA_NAMES = {v: k for k, v in INT8_ISA_CODES.items() if v}
 
 
 class DecoderLayer(ctypes.Structure):
@@ -82,6 +84,15 @@ SIGNATURES: dict[str, tuple] = {
     "quant_gemm_supported": (c_int, []),
     # x, w, y, n, k, m, ldx, kind, nthreads
     "quant_gemm_f32": (c_int, _THREE_POINTERS + _ONE_INT * 6),
+    "int8_gemm_abi_version": (c_int, []),
+    "int8_gemm_set_isa": (c_int, [c_int]),
+    "int8_gemm_get_isa": (c_int, []),
+    # x, n, k, ldx, q, xs (int8_xblock_t: 16 bytes per block)
+    "int8_quantize_rows": (None, [c_void_p] + _ONE_INT * 3 + [c_void_p] * 2),
+    # q, xs, w, y, n, k, m, kind, nthreads
+    "int8_gemm_q": (c_int, [c_void_p] * 4 + _ONE_INT * 5),
+    # x, w, y, n, k, m, ldx, kind, nthreads
+    "int8_gemm_f32": (c_int, _THREE_POINTERS + _ONE_INT * 6),
     "decoder_abi_version": (c_int, []),
     "decoder_supported": (c_int, []),
     # layers, n_layers, x, n, dim, n_heads, n_kv, hd, inter, eps, cosv, sinv, bits, words,
@@ -233,9 +244,12 @@ def _open(file: Path) -> ctypes.CDLL:
         raise RuntimeError(f"{file}: decoder ABI version mismatch")
     if lib.skinny_gemm_abi_version() != SKINNY_GEMM_ABI_VERSION:
         raise RuntimeError(f"{file}: ABI version mismatch")
+    if lib.int8_gemm_abi_version() != INT8_GEMM_ABI_VERSION:
+        raise RuntimeError(f"{file}: int8 GEMM ABI version mismatch")
     if not lib.skinny_gemm_supported():
         raise RuntimeError("the CPU lacks avx2/fma")
     lib.skinny_gemm_set_isa(ISA_CODES[config.current().skinny_isa])
+    lib.int8_gemm_set_isa(INT8_ISA_CODES[config.current().int8_isa])
     return lib
 
 

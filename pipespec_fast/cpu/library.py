@@ -82,6 +82,7 @@ SIGNATURES: dict[str, tuple] = {
     "quant_gemm_supported": (c_int, []),
     # x, w, y, n, k, m, ldx, kind, nthreads
     "quant_gemm_f32": (c_int, _THREE_POINTERS + _ONE_INT * 6),
+    "quant_gemm_set_long_rows": (c_int, [c_int]),
     "decoder_abi_version": (c_int, []),
     "decoder_supported": (c_int, []),
     # layers, n_layers, x, n, dim, n_heads, n_kv, hd, inter, eps, cosv, sinv, bits, words,

@@ -243,19 +243,24 @@ def load_rows(model_dir: str | Path, rows: Mapping[str, list[int]],
     in ``dtype`` (what a packed copy is checked against when the full fp32 weight is never
     loaded). Raises :class:`CheckpointError` naming a tensor that is missing or not 2-D."""
     infos = scan_checkpoint(model_dir)
-    out: dict[str, torch.Tensor] = {}
-    for name, want in rows.items():
+    by_file: dict[Path, list[str]] = {}
+    for name in rows:
         info = infos.get(name)
         if info is None or len(info.shape) != 2:
             raise CheckpointError(f"{model_dir}: no weight matrix {name} in the checkpoint")
-        with _open(info.file) as f:
-            sl = f.get_slice(name)
-            try:
-                parts = [sl[r : r + 1] for r in want]
-            except Exception as e:
-                raise CheckpointError(f"{info.file}: cannot read rows of {name} ({e})") from e
-        out[name] = torch.cat(parts).to(dtype) if parts else torch.empty(0, info.shape[1])
-    return out
+        by_file.setdefault(info.file, []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for path, names in by_file.items():
+        with _open(path) as f:
+            for name in names:
+                try:
+                    sl = f.get_slice(name)
+                    parts = [sl[r : r + 1] for r in rows[name]]
+                except Exception as e:
+                    raise CheckpointError(f"{path}: cannot read rows of {name} ({e})") from e
+                out[name] = torch.cat(parts).to(dtype) if parts else \
+                    torch.empty(0, infos[name].shape[1], dtype=dtype)
+    return {name: out[name] for name in rows}
 
 
 PACKED_FILE = "packed.safetensors"

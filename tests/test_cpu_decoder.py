@@ -405,6 +405,22 @@ def test_decoder_plan_refuses_a_foreign_cache() -> None:
         plan.run(x, cs, cs, bits, c.k, c.v, -1, 1)
 
 
+def test_load_rows_reads_rows_alone(tmp_path: Path) -> None:
+    """The rows packed copies are checked against, read without loading the tensors: equal to
+    the same rows of the full load, in fp32; a name that is no weight matrix is refused."""
+    from pipespec_fast.models.checkpoint import load_rows, load_state_dict
+
+    cfg, _ = save_fp16_checkpoint(tmp_path)
+    full = load_state_dict(tmp_path, cfg)
+    want = {"model.layers.1.mlp.up_proj.weight": [0, 5, 127], "model.embed_tokens.weight": [95]}
+    got = load_rows(tmp_path, want)
+    assert list(got) == list(want)
+    for name, rows in want.items():
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], full[name][rows])
+    with pytest.raises(CheckpointError, match="no weight matrix model.norm.weight"):
+        load_rows(tmp_path, {"model.norm.weight": [0]})
+
+
 def test_packed_kinds_metadata_must_be_a_mapping(tmp_path: Path) -> None:
     cfg, sd = save_fp16_checkpoint(tmp_path)
     name = "model.layers.0.mlp.down_proj.weight"

@@ -131,6 +131,8 @@ class Linear(torch.nn.Module):
             from pipespec_fast.cpu.quant import packed_linear
 
             return packed_linear(x, p, current_threads())
+        if w.is_meta and p is None:
+            raise RuntimeError(f"Linear {tuple(w.shape)}: no weights loaded (meta device)")
         if w.is_meta:
             raise RuntimeError(
                 f"Linear {tuple(w.shape)}: this matrix is held only in packed form (its fp32 "

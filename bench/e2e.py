@@ -105,9 +105,13 @@ class HFSystem:
 
 
 def _param_mb(model) -> float:
-    """Bytes of a model's tensors, shared storage (tied heads) counted once."""
+    """Bytes of a model's parameters and buffers as held in memory, shared storage (tied heads)
+    counted once; a matrix held only packed is a meta placeholder and counts nothing here
+    (``packed_bytes`` counts it; ``state_dict()`` would unpack it to fp32)."""
     seen: dict[int, int] = {}
-    for t in model.state_dict().values():
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_meta:
+            continue
         st = t.untyped_storage()
         seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
     return sum(seen.values()) / 2**20
@@ -121,7 +125,7 @@ class OursSystem:
         self.memory_mb = 0.0
         for st in stages:
             model, cache = getattr(st, "model", None), getattr(st, "cache", None)
-            if model is not None:  # fp32 weights and any packed copies (both are held)
+            if model is not None:  # the weights as held: fp32 ones, and the packed matrices
                 self.memory_mb += _param_mb(model)
                 self.memory_mb += getattr(model, "packed_bytes", lambda: 0)() / 2**20
             if cache is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,8 +182,12 @@ def validate_checkpoint(
 
 
 def _materialize(
-    plan: Mapping[str, TensorInfo], dtype: torch.dtype, device: str | torch.device
+    plan: Mapping[str, TensorInfo], dtype: torch.dtype, device: str | torch.device,
+    own: bool = False,
 ) -> dict[str, torch.Tensor]:
+    """Read ``plan``'s tensors as ``dtype`` on ``device``. safetensors hands out views of its
+    memory map where no conversion is needed, which keep the whole map (and every page read
+    through it) alive; ``own=True`` copies such tensors so the map closes after loading."""
     by_file: dict[Path, list[str]] = {}
     for name, info in plan.items():
         by_file.setdefault(info.file, []).append(name)
@@ -196,7 +200,8 @@ def _materialize(
                 except Exception as e:
                     raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from e
                 kind = torch.int64 if name == VOCAB_SUBSET_IDS else dtype
-                out[name] = t.to(device=device, dtype=kind)
+                moved = t.to(device=device, dtype=kind)
+                out[name] = moved.clone() if own and moved is t else moved
     # Return in config order so that iteration is deterministic whatever the sharding.
     return {name: out[name] for name in plan}
 
@@ -206,23 +211,56 @@ def load_state_dict(
     config: LlamaConfig,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    skip: Collection[str] = (),
 ) -> dict[str, torch.Tensor]:
     """Load the HF-layout safetensors weights in ``model_dir`` as ``dtype`` on ``device``.
 
     Keys are HF names (``model.layers.0.self_attn.q_proj.weight``, ...), exactly those of
     ``config.expected_shapes()``. Every header is validated before any tensor is read;
     problems raise :class:`CheckpointError` (a ``ValueError``) naming the tensor or file.
+
+    ``skip``: names that are validated but not read (weights the CPU engine keeps only in
+    packed form: :func:`pipespec_fast.models.packed.covered_names`); the tensors returned
+    then own their memory, so the checkpoint's memory map closes once loading is done
+    instead of keeping every page read through it resident.
     """
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype}")
     plan = validate_checkpoint(scan_checkpoint(model_dir), config)
     order = {n: i for i, n in enumerate(config.expected_shapes())}
-    plan = dict(sorted(plan.items(), key=lambda kv: order[kv[0]]))
-    tensors = _materialize(plan, dtype, device)
+    plan = dict(sorted(((n, info) for n, info in plan.items() if n not in skip),
+                       key=lambda kv: order[kv[0]]))
+    tensors = _materialize(plan, dtype, device, own=bool(skip))
     ids = tensors.get(VOCAB_SUBSET_IDS)
     if ids is not None:
         _check_subset_ids(ids, config, plan[VOCAB_SUBSET_IDS].file)
     return tensors
+
+
+def load_rows(model_dir: str | Path, rows: Mapping[str, list[int]],
+              dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Some rows of some 2-D tensors of the checkpoint, read alone: name -> ``[len(rows), k]``
+    in ``dtype`` (what a packed copy is checked against when the full fp32 weight is never
+    loaded). Raises :class:`CheckpointError` naming a tensor that is missing or not 2-D."""
+    infos = scan_checkpoint(model_dir)
+    by_file: dict[Path, list[str]] = {}
+    for name in rows:
+        info = infos.get(name)
+        if info is None or len(info.shape) != 2:
+            raise CheckpointError(f"{model_dir}: no weight matrix {name} in the checkpoint")
+        by_file.setdefault(info.file, []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for path, names in by_file.items():
+        with _open(path) as f:
+            for name in names:
+                try:
+                    sl = f.get_slice(name)
+                    parts = [sl[r : r + 1] for r in rows[name]]
+                except Exception as e:
+                    raise CheckpointError(f"{path}: cannot read rows of {name} ({e})") from e
+                out[name] = torch.cat(parts).to(dtype) if parts else \
+                    torch.empty(0, infos[name].shape[1], dtype=dtype)
+    return {name: out[name] for name in rows}
 
 
 PACKED_FILE = "packed.safetensors"
@@ -236,7 +274,9 @@ def load_packed(model_dir: str | Path, config: LlamaConfig) -> dict[str, Any]:
     the checkpoint itself stores as fp16 (packed as ``F16``). Returns HF name ->
     :class:`pipespec_fast.cpu.quant.PackedWeight` (``{}`` if none); a malformed packed file raises
     :class:`CheckpointError` naming the tensor. The caller checks the values against the fp32
-    weights (:func:`pipespec_fast.models.packed.attach_packed`).
+    weights (:func:`pipespec_fast.models.packed.attach_packed`). The tensors may be views of
+    the files' memory maps: ``attach_packed`` copies what it keeps (joining fused parts
+    anyway), so the maps close once the returned dict is dropped.
     """
     from pipespec_fast.cpu.quant import KIND_NAMES, PackedWeight, row_bytes
 

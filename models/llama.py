@@ -42,7 +42,10 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     """Inverse frequencies ``[head_dim // 2]`` fp32 (as transformers computes them), with llama3
     scaling when configured."""
     d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    # on CPU even inside a meta-device context (a model under construction): torch's meta
+    # arange imports its symbolic-shape machinery (sympy, ~150 MB resident for good)
+    steps = torch.arange(0, d, 2, dtype=torch.int64, device="cpu")
+    inv = 1.0 / (cfg.rope_theta ** (steps.float() / d))
     sc = cfg.rope_scaling
     if sc is None:
         return inv
@@ -82,14 +85,21 @@ def block_layout(n: int, start: int, parents: torch.Tensor | None, device,
 
 def fuse_hf_state(hf: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
     """Our parameter names for HF-named tensors (:data:`LAYER_PARAMS`; fused ones are
-    concatenated, the others passed through as they are). No head when it is tied."""
-    sd = {"tok_embeddings.weight": hf[hf_names.EMBED], "norm.weight": hf[hf_names.FINAL_NORM]}
+    concatenated, the others passed through as they are). No head when it is tied. A
+    parameter whose tensors are all absent (matrices loaded only in packed form:
+    ``packed.covered_names``) is left out; one with some parts absent raises ``KeyError``."""
+    groups = {"tok_embeddings.weight": (hf_names.EMBED,), "norm.weight": (hf_names.FINAL_NORM,)}
     if not cfg.tie_word_embeddings:
-        sd["output.weight"] = hf[hf_names.HEAD]
+        groups["output.weight"] = (hf_names.HEAD,)
     for i in range(cfg.n_layers):
         for path, parts in LAYER_PARAMS.items():
-            ts = [hf[hf_names.layer(i, name)] for name in parts]
-            sd[f"layers.{i}.{path}.weight"] = ts[0] if len(ts) == 1 else torch.cat(ts)
+            groups[f"layers.{i}.{path}.weight"] = tuple(hf_names.layer(i, p) for p in parts)
+    sd = {}
+    for key, names in groups.items():
+        if all(n not in hf for n in names):
+            continue
+        ts = [hf[n] for n in names]
+        sd[key] = ts[0] if len(ts) == 1 else torch.cat(ts)
     return sd
 
 
@@ -99,6 +109,36 @@ def vocab_subset_rows(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     rows = torch.full((vocab_size,), ids.numel(), dtype=torch.int64)
     rows[ids] = torch.arange(ids.numel())
     return rows
+
+
+class Embedding(nn.Embedding):
+    """The token embedding; ``packed`` (a :class:`~pipespec_fast.cpu.quant.PackedWeight` of the
+    same rows) may hold it instead of ``weight``, which is then a meta placeholder: a lookup
+    dequantises the rows it gathers (exactly the fp32 values; :mod:`..packed`)."""
+
+    def __init__(self, rows: int, dim: int) -> None:
+        super().__init__(rows, dim)
+        self.packed = None
+
+    def reset_parameters(self) -> None:
+        # A model is built on the meta device and then given its weights: a random init there
+        # is useless, and meta random ops import torch's Python decompositions (sympy, triton:
+        # ~150 MB resident for the rest of the process).
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.weight.is_meta and self.packed is not None:
+            flat = ids.reshape(-1).cpu()
+            if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.packed.m):
+                raise IndexError(f"embedding: ids outside [0, {self.packed.m})")
+            return self.packed.rows(flat).dequantize().view(*ids.shape, -1)
+        return super().forward(ids)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight.is_meta and self.packed is not None:
+            destination[prefix + "weight"] = self.packed.dequantize()
 
 
 class RMSNorm(nn.Module):
@@ -204,16 +244,15 @@ class VocabSubset(nn.Module):
 
 class Transformer(nn.Module):
     """LLaMA decoder. Batch 1; the batch of a verify step is its block of new tokens. On CPU
-    fp32, every layer runs in one C call (``use_fused``) with matmuls on packed weight copies
-    where the checkpoint has them (:mod:`pipespec_fast.models.packed`); the torch layers are
-    the reference both are tested against."""
-
-    PACKED_MAX_BLOCK = packed_weights.PACKED_MAX_BLOCK  # longer blocks run on the fp32 weights
+    fp32, every layer runs in one C call (``use_fused``) with matmuls on the packed weights
+    where the checkpoint has them, which then replace the fp32 matrices
+    (:mod:`pipespec_fast.models.packed`); the torch layers are the reference both are tested
+    against."""
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.tok_embeddings = nn.Embedding(cfg.embedding_rows, cfg.dim)
+        self.tok_embeddings = Embedding(cfg.embedding_rows, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
         self.output = Linear(cfg.dim, cfg.head_rows)
@@ -222,7 +261,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self._chain_bits: dict[int, torch.Tensor] = {}
         self.use_fused = True  # CPU fp32: run the layers through pipespec_fast.cpu.decoder
-        self._plan = None  # the fused path's (packed, fp32) layer tables, built on first use
+        self._plan = None  # the fused path's layer table, built on first use
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -232,25 +271,12 @@ class Transformer(nn.Module):
         """Load a Hugging Face-layout safetensors checkpoint (single file or sharded).
 
         ``packed`` (default: on unless ``PIPESPEC_PACKED=0``): for an fp32 model on CPU where
-        the packed-weight kernel runs, keep the matrices the checkpoint stores compactly (fp16
-        tensors, a converted GGUF's blocks) in that form as well (:meth:`attach_packed`).
+        the packed-weight kernel runs, the matrices the checkpoint stores compactly (fp16
+        tensors, a converted GGUF's blocks) are kept in that form only: their fp32 tensors
+        are never read, except a few rows each that the packed copies are checked against
+        (:mod:`pipespec_fast.models.packed`). ``packed=False`` loads every matrix in fp32.
         """
-        from pipespec_fast.cpu import quant
-        from pipespec_fast.models.checkpoint import load_packed, load_state_dict
-
-        cfg = LlamaConfig.from_dir(model_dir)
-        hf = load_state_dict(model_dir, cfg, dtype=dtype, device="cpu")
-        with torch.device("meta"):
-            model = cls(cfg)
-        model.load_hf_state_dict(hf)
-        model.inv_freq = rope_inv_freq(cfg)
-        model = model.to(device=device).eval()
-        if packed is None:
-            packed = runtime_config.current().packed
-        if packed and dtype == torch.float32 and torch.device(device).type == "cpu" and \
-                quant.available():
-            model.attach_packed(load_packed(model_dir, cfg), source=str(model_dir))
-        return model
+        return _load(cls, model_dir, dtype, device, packed)
 
     def load_hf_state_dict(self, hf: dict[str, torch.Tensor]) -> None:
         """Take HF-named tensors (already validated), fusing QKV and gate/up."""
@@ -264,12 +290,19 @@ class Transformer(nn.Module):
         """Install the subset's ascending token ids ``[S]`` (see ``LlamaConfig.vocab_subset``)."""
         if self.vocab is None:
             raise ValueError("set_vocab_subset: the config has no vocab_subset")
-        self.vocab.install(ids, self.tok_embeddings.weight.device)
+        self.vocab.install(ids, self.norm.weight.device)
 
-    def attach_packed(self, weights: dict, source: str = "checkpoint") -> int:
-        """Give the matmuls packed copies of their weights (HF name -> ``PackedWeight``, checked
-        against the fp32 ones: :func:`~pipespec_fast.models.packed.attach_packed`); a count."""
-        return packed_weights.attach_packed(self, weights, source)
+    def attach_packed(self, weights: dict, source: str = "checkpoint", reference=None,
+                      keep_fp32: bool = False) -> int:
+        """Give the matmuls packed copies of their weights (HF name -> ``PackedWeight``,
+        checked against fp32 rows) and drop the fp32 matrices they replace unless
+        ``keep_fp32``: :func:`~pipespec_fast.models.packed.attach_packed`; a count."""
+        return packed_weights.attach_packed(self, weights, source, reference, keep_fp32)
+
+    def materialize_fp32(self) -> None:
+        """Give the matrices held only in packed form their fp32 weights back (dequantised,
+        the same values); the packed copies stay and still serve CPU fp32 matmuls."""
+        packed_weights.materialize(self)
 
     def packed_bytes(self) -> int:
         """Bytes held by packed weight copies (0 when none are attached)."""
@@ -277,7 +310,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         """A KV cache for this model (default: the config's context length)."""
-        cfg, w = self.config, self.tok_embeddings.weight
+        cfg, w = self.config, self.norm.weight  # never packed: the model's dtype and device
         return KVCache(cfg.n_layers, cfg.n_kv_heads, max_len or cfg.max_position_embeddings,
                        cfg.head_dim, w.dtype, w.device)
 
@@ -293,17 +326,20 @@ class Transformer(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``; new weights also drop the packed copies and the fused
-        path's table, which point at the old ones."""
+        path's table, which point at the old ones (matrices held only in packed form get their
+        fp32 values back first, so a partial ``strict=False`` load keeps the others)."""
         packed_weights.drop_fast_path(self)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _apply(self, fn, recurse=True):
-        # .to()/.half() convert each parameter on its own: re-tie a subset head afterwards
-        out = super()._apply(fn, recurse)
+        # matrices held only in packed form: restored first unless the model stays CPU fp32
+        with packed_weights.converting(self, fn):
+            out = super()._apply(fn, recurse)
         self._plan = None
-        if self.config.vocab_subset is not None:
+        # .to()/.half() convert each parameter on its own: re-tie a subset head afterwards
+        if self.config.vocab_subset is not None and not self.tok_embeddings.weight.is_meta:
             self._tie_output()
-        w = self.tok_embeddings.weight
+        w = self.norm.weight
         if w.dtype != torch.float32 or w.device.type != "cpu":  # packed copies are CPU fp32
             packed_weights.drop_fast_path(self)
         return out
@@ -329,7 +365,7 @@ class Transformer(nn.Module):
         start = cache.reserve(n)
         try:
             bits, pos = block_layout(n, start, parents, tokens.device, self._chain_bits)
-            cos, sin = rope_tables(pos, self.inv_freq, self.tok_embeddings.weight.dtype)
+            cos, sin = rope_tables(pos, self.inv_freq, self.norm.weight.dtype)
             rows = tokens if self.vocab is None else self.vocab.embedding_rows(tokens)
             x = self._layers(self.tok_embeddings(rows), cos, sin, bits, cache, start)
             if last_n is not None:
@@ -352,3 +388,27 @@ class Transformer(nn.Module):
             k_cache, v_cache = cache.layer(i)
             x = layer(x, cos, sin, k_cache, v_cache, start, bits)
         return x
+
+
+def _load(cls, model_dir, dtype: torch.dtype, device, packed: bool | None) -> Transformer:
+    """:meth:`Transformer.from_pretrained`: build on the meta device, then assign the loaded
+    tensors; with packed weights, the matrices they cover are never read in fp32."""
+    from pipespec_fast.cpu import quant
+    from pipespec_fast.models.checkpoint import load_packed, load_state_dict
+
+    cfg = LlamaConfig.from_dir(model_dir)
+    if packed is None:
+        packed = runtime_config.current().packed
+    packed = bool(packed and dtype == torch.float32 and torch.device(device).type == "cpu"
+                  and quant.available())
+    weights = load_packed(model_dir, cfg) if packed else {}
+    covered = packed_weights.covered_names(cfg, weights)
+    hf = load_state_dict(model_dir, cfg, dtype=dtype, device="cpu", skip=covered)
+    with torch.device("meta"):
+        model = cls(cfg)
+    model.load_hf_state_dict(hf)  # the covered matrices stay meta placeholders
+    model.inv_freq = rope_inv_freq(cfg)
+    if packed:  # checked against rows read from the checkpoint alone
+        packed_weights.attach_loaded(model, model_dir, weights, covered)
+        return model.eval()
+    return model.to(device=device).eval()

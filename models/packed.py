@@ -1,90 +1,212 @@
-"""The CPU fast path's state beside a model's fp32 weights: packed weight copies and the fused
-layer tables.
+"""The CPU fast path's weights: packed matrices in place of fp32 ones, and the fused layer table.
 
 A checkpoint may store matrices more compactly than fp32: an fp16 draft, or the ggml Q4_1 / Q8_0
 blocks of a converted GGUF (``checkpoint.load_packed`` reads both). The packed-weight kernel
 (:mod:`pipespec_fast.cpu.quant`) dequantises such rows in registers with the converter's exact
 roundings, so a matmul on the packed copy gives the fp32 weights' values while reading up to
-6.4x fewer bytes: on a memory-bound decode step that is the speed. The copy sits beside the fp32
-weight as ``Linear.packed`` (the fp32 weight stays: the torch layers, long prefills and every
-non-CPU path use it).
+6.4x fewer bytes: on a memory-bound decode step that is the speed. Long blocks (prefills) take
+the kernel's panel path, which dequantises a few weight rows at a time into a small fp32 panel
+and reuses it for many rows of x, as fast as an fp32 GEMM; so nothing needs the fp32 matrices.
+
+**One copy of each matrix.** Once a packed copy is attached and checked, the model holds no fp32
+copy of that matrix: its ``weight`` becomes a placeholder on the meta device (shape and dtype
+kept, no memory), and the matrix lives only in ``Linear.packed`` (``Embedding.packed`` for the
+token embedding, which a tied head shares). :meth:`Transformer.from_pretrained` never even
+reads those fp32 tensors: it checks the packed copies against a few rows read from the
+checkpoint alone (:func:`covered_names`, :func:`probe_rows`,
+``checkpoint.load_rows``). The default target then takes ~96 MB instead of ~610 MB.
+
+What still wants the fp32 values gets them by dequantising on demand, which is exact (the packed
+rows are the converted checkpoint's fp32 values, bit for bit):
+
+* the torch layers (``use_fused=False``, the reference the C stack is tested against) call
+  ``Linear``, which runs the packed kernel for fp32 CPU inputs;
+* the embedding lookup dequantises the rows it gathers;
+* ``state_dict()`` dequantises the dropped matrices;
+* a conversion off CPU fp32 (``model.to(...)``), new weights (``load_state_dict``) or
+  :func:`materialize` restore the fp32 matrices first (and the conversion drops the packed
+  copies, as before).
+
+A ``Linear`` asked for a product the packed kernel cannot give (an input that is not fp32 on
+CPU) refuses with an error naming the way out (``packed=False`` at load, or
+:func:`materialize`). To compare against dense fp32 weights, load the model with
+``packed=False`` (what the tests' reference models do) or attach with ``keep_fp32=True``.
 
 The model fuses some HF tensors into one matmul (QKV, gate/up: ``llama.LAYER_PARAMS``); such a
 matmul gets a packed copy only when every part is packed alike. A packed file that does not
-belong to the weights beside it would silently compute with other weights, so each attached copy
-is checked against the fp32 rows it replaces.
+belong to the weights beside it would silently compute with other weights, so each attached
+copy is checked against fp32 rows of the tensors it replaces (:func:`probe_rows`: the ends and a
+few rows inside each part, where a left-over llama.cpp q/k permutation would show).
 
-The fused layer stack (:mod:`pipespec_fast.cpu.decoder`) runs every layer in one C call from a
-table of pointers to these weights, packed or fp32 (``model._plan``: both tables, built on
-first use). Copies and tables point at the weights they were made from, so new weights, a
-dtype or a device change drop them (:func:`drop_fast_path`).
+The fused layer stack (:mod:`pipespec_fast.cpu.decoder`) runs every layer in one C call from one
+table of pointers to these weights, packed where a copy exists, for every block size
+(``model._plan``, built on first use). Tables point at the weights they were made from, so new
+weights, a dtype or a device change drop them (:func:`drop_fast_path`).
 """
 
 from __future__ import annotations
 
-import torch
+import contextlib
+import ctypes
+from collections.abc import Mapping
 
+import torch
+from torch import nn
+
+from pipespec_fast.cpu import quant
 from pipespec_fast.cpu.linear import Linear
 from pipespec_fast.cpu.quant import PackedWeight
 from pipespec_fast.models import hf_names
 
-__all__ = ["PACKED_MAX_BLOCK", "attach_packed", "drop_fast_path", "fused_plan", "packed_bytes"]
-
-PACKED_MAX_BLOCK = 64
-"""Blocks of more tokens (a prompt's prefill) run on the fp32 weights even when packed copies
-exist: the product is then compute-bound and the packed kernel's in-register dequantisation
-costs more than the bytes it saves (measured: 160 tokens 194 ms vs 248 ms on 2 threads).
-Verification blocks are smaller (``FastPipeline`` windows are at most 48), so every generated
-token sees the packed path, decoded or verified alike."""
+__all__ = ["attach_loaded", "attach_packed", "converting", "covered_names", "drop_fast_path",
+           "fused_plan", "has_dropped", "materialize", "packed_bytes", "probe_rows"]
 
 
-def attach_packed(model, packed: dict[str, PackedWeight], source: str = "checkpoint") -> int:
-    """Give ``model``'s matmuls packed copies of their weights (HF name -> ``PackedWeight``).
+def attach_packed(model, packed: dict[str, PackedWeight], source: str = "checkpoint",
+                  reference: Mapping[str, torch.Tensor] | None = None,
+                  keep_fp32: bool = False) -> int:
+    """Give ``model``'s matmuls (and its embedding) packed copies of their weights (HF name ->
+    ``PackedWeight``), then drop the fp32 matrices they replace.
 
-    The tied head uses the embedding's copy (its subset rows). Raises ``ValueError`` naming
-    the tensor when a copy's shape or values differ from the fp32 weight. Returns the number
-    of matmuls attached.
+    Each copy is checked first: its shape against the model's, and :func:`probe_rows` of every
+    part against ``reference`` (HF name -> those rows in fp32, e.g. read from the checkpoint
+    by ``checkpoint.load_rows``; default: the model's own fp32 weights). ``ValueError`` names
+    the tensor when they differ. The fp32 matrices are kept when ``keep_fp32`` or when the
+    packed kernel does not run here (the fused layers would need them). Returns the number of
+    matmuls attached.
     """
-    plan = [(mod, names, _join(packed, names)) for mod, names in _matmuls(model)]
-    head = hf_names.EMBED if model.config.tie_word_embeddings else hf_names.HEAD
-    head_pw = _join(packed, [head])
-    if head_pw is not None and model.config.vocab_subset is not None and \
-            model.config.tie_word_embeddings:
-        head_pw = head_pw.rows(slice(0, model.config.vocab_subset))
-    plan.append((model.output, [head], head_pw))
-    count = 0
-    for mod, names, pw in plan:
-        if pw is None:
-            continue
-        _check(mod.weight, names, pw, _probe_rows(packed, names, model.config.head_dim), source)
+    emb_pw = _join(packed, [hf_names.EMBED])
+    plan = _attach_plan(model, packed, emb_pw)
+    checks = [(tuple(mod.weight.shape), names, pw) for mod, names, pw in plan]
+    if emb_pw is not None:
+        checks.append((tuple(model.tok_embeddings.weight.shape), [hf_names.EMBED], emb_pw))
+    for shape, names, pw in checks:
+        if pw.shape != shape:
+            raise ValueError(f"{source}: packed {'+'.join(names)} has shape {pw.shape}, "
+                             f"the model's weight {shape}")
+    if reference is None:
+        reference = _model_reference(model, plan, emb_pw, packed)
+    for _, names, _ in checks:
+        _check_values(names, packed, reference, model.config.head_dim, source)
+    for mod, _, pw in plan:
         mod.packed = pw
-        count += 1
+    model.tok_embeddings.packed = emb_pw
     model._plan = None
-    return count
+    if not keep_fp32 and quant.available():
+        _drop_fp32(model)
+    return len(plan)
+
+
+def covered_names(config, packed: Mapping[str, PackedWeight]) -> set[str]:
+    """The HF tensors whose fp32 values :func:`attach_packed` would replace by ``packed``'s
+    copies on a model of ``config`` (what loading need not read): the parts of every matmul
+    packed whole, and the embedding (with a tied head) where it is packed."""
+    from pipespec_fast.models.llama import LAYER_PARAMS
+
+    out: set[str] = set()
+    for i in range(config.n_layers):
+        for parts in LAYER_PARAMS.values():
+            names = [hf_names.layer(i, p) for p in parts]
+            if _join(packed, names, copy=False) is not None:
+                out.update(names)
+    for name in (hf_names.EMBED, hf_names.HEAD):
+        if name in packed and not (name == hf_names.HEAD and config.tie_word_embeddings):
+            out.add(name)
+    return out
+
+
+def probe_rows(rows: int, head_dim: int) -> list[int]:
+    """Rows of an ``rows``-row tensor a packed copy is checked on: first, last, a few inside
+    (the q/k un-permutation moves rows inside a head; the ends of a part are its fixed
+    points)."""
+    return sorted({0, rows - 1, rows // 2, min(rows - 1, head_dim // 2 + 1), (rows * 7) // 13})
 
 
 def packed_bytes(model) -> int:
-    """Bytes held by ``model``'s packed copies (0 when none are attached)."""
-    return sum(m.packed.nbytes() for m in model.modules()
-               if isinstance(m, Linear) and m.packed is not None)
+    """Bytes held by ``model``'s packed copies (0 when none are attached; a copy shared by the
+    embedding and a tied head counts once)."""
+    seen: dict[int, int] = {}
+    for m in model.modules():
+        pw = getattr(m, "packed", None)
+        if isinstance(pw, PackedWeight):
+            seen[pw.data.untyped_storage().data_ptr()] = pw.data.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def has_dropped(model) -> bool:
+    """Whether some matrix of ``model`` is held only in packed form (fp32 copy dropped)."""
+    return any(p.is_meta for p in model.parameters())
+
+
+def materialize(model) -> None:
+    """Give every matrix held only in packed form its fp32 weight back (dequantised: the same
+    values, bit for bit); the packed copies stay."""
+    emb = model.tok_embeddings
+    if emb.weight.is_meta and emb.packed is not None:
+        emb.weight = nn.Parameter(emb.packed.dequantize(), requires_grad=False)
+        model._tie_output()
+    for m in model.modules():
+        if isinstance(m, Linear) and m.weight.is_meta and m.packed is not None:
+            m.weight = nn.Parameter(m.packed.dequantize(), requires_grad=False)
+    model._plan = None
 
 
 def drop_fast_path(model) -> None:
-    """Forget ``model``'s packed copies and fused tables (its weights changed)."""
+    """Forget ``model``'s packed copies and fused table (its weights change), restoring first
+    any fp32 matrix that only a packed copy held."""
+    materialize(model)
     model._plan = None
+    model.tok_embeddings.packed = None
     for m in model.modules():
         if isinstance(m, Linear):
             m.packed = None
 
 
+def attach_loaded(model, model_dir, packed: dict[str, PackedWeight], covered: set[str],
+                  ) -> int:
+    """:func:`attach_packed` for a model whose ``covered`` matrices were never loaded (meta
+    placeholders): the copies are checked against their :func:`probe_rows` read from the
+    checkpoint in ``model_dir`` alone."""
+    from pipespec_fast.models.checkpoint import load_rows
+
+    hd = model.config.head_dim
+    reference = load_rows(model_dir, {n: probe_rows(packed[n].m, hd) for n in sorted(covered)},
+                          model.norm.weight.dtype)
+    return attach_packed(model, packed, str(model_dir), reference)
+
+
+@contextlib.contextmanager
+def converting(model, fn):
+    """Around ``nn.Module._apply(fn)`` on a model that may hold matrices only in packed form:
+    a conversion that keeps it on CPU fp32 (``.float()``, ``.to("cpu")``) passes their meta
+    placeholders by (unregistered meanwhile); any other restores their fp32 values first
+    (:func:`materialize`; the model then drops its packed copies, which serve CPU fp32 only)."""
+    hidden = []
+    if has_dropped(model):
+        probe = fn(torch.zeros(1))
+        if probe.dtype != torch.float32 or probe.device.type != "cpu":
+            materialize(model)
+        else:
+            for m in model.modules():
+                for name, p in list(m._parameters.items()):
+                    if p is not None and p.is_meta:
+                        hidden.append((m, name, p))
+                        m._parameters[name] = None
+    try:
+        yield
+    finally:
+        for m, name, p in hidden:
+            m._parameters[name] = p
+
+
 def fused_plan(model, x: torch.Tensor, cache, n: int):
-    """The fused layer table for a block of ``n`` tokens (``x: [n, dim]``), or ``None`` where
-    the fused path does not apply: it needs fp32 weights, activations and cache on CPU, and
-    ``model.use_fused`` (default on; turned off here for good when the C code cannot run).
-    Blocks over :data:`PACKED_MAX_BLOCK` get the table on the fp32 weights."""
+    """The fused layer table for a block of ``n`` tokens (``x: [n, dim]``, any ``n``: long
+    blocks run on the packed weights too), or ``None`` where the fused path does not apply:
+    it needs fp32 weights, activations and cache on CPU, and ``model.use_fused`` (default on;
+    turned off here for good when the C code cannot run)."""
     if not model.use_fused or x.dtype != torch.float32 or x.device.type != "cpu" or \
             cache.k.dtype != torch.float32 or cache.k.device.type != "cpu" or \
-            model.tok_embeddings.weight.dtype != torch.float32:
+            model.norm.weight.dtype != torch.float32:
         return None
     if model._plan is None:
         from pipespec_fast.cpu import decoder as cpu_decoder
@@ -92,9 +214,33 @@ def fused_plan(model, x: torch.Tensor, cache, n: int):
         if not cpu_decoder.available():
             model.use_fused = False
             return None
-        model._plan = (cpu_decoder.DecoderPlan(model),
-                       cpu_decoder.DecoderPlan(model, use_packed=False))
-    return model._plan[1 if n > PACKED_MAX_BLOCK else 0]
+        model._plan = cpu_decoder.DecoderPlan(model)
+    return model._plan
+
+
+def release_freed_memory() -> None:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim``): the fp32 matrices
+    dropped after loading were freed in the middle of the heap, where ``free`` keeps them
+    resident. Does nothing where there is no glibc."""
+    try:
+        ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0))
+    except (OSError, AttributeError):
+        pass
+
+
+def _attach_plan(model, packed, emb_pw: PackedWeight | None,
+                 ) -> list[tuple[Linear, list[str], PackedWeight]]:
+    """Every matmul that gets a copy: (module, HF names of its parts, the joined copy); a
+    tied head shares ``emb_pw``, the embedding's copy (its first rows for a vocab subset)."""
+    plan = [(mod, names, _join(packed, names)) for mod, names in _matmuls(model)]
+    if model.config.tie_word_embeddings:
+        head, head_pw = hf_names.EMBED, emb_pw
+        if head_pw is not None and model.config.vocab_subset is not None:
+            head_pw = head_pw.rows(slice(0, model.config.vocab_subset))
+    else:
+        head, head_pw = hf_names.HEAD, _join(packed, [hf_names.HEAD])
+    plan.append((model.output, [head], head_pw))
+    return [entry for entry in plan if entry[2] is not None]
 
 
 def _matmuls(model) -> list[tuple[Linear, list[str]]]:
@@ -110,38 +256,73 @@ def _matmuls(model) -> list[tuple[Linear, list[str]]]:
     return out
 
 
-def _join(packed: dict[str, PackedWeight], names: list[str]) -> PackedWeight | None:
+def _join(packed: Mapping[str, PackedWeight], names: list[str], copy: bool = True,
+          ) -> PackedWeight | None:
     """The packed parts of one fused matmul stacked by rows, or ``None`` unless every part is
-    packed with the same kind and row length."""
+    packed with the same kind and row length. A copy that owns its memory: ``packed`` may
+    hold views of a file's memory map (``checkpoint.load_packed``), which must not stay
+    mapped (and resident) for as long as the model lives."""
     parts = [packed.get(n) for n in names]
     if any(p is None for p in parts) or len({(p.kind, p.k) for p in parts}) != 1:
         return None
-    if len(parts) == 1:
+    if not copy:
         return parts[0]
-    return PackedWeight(torch.cat([p.data for p in parts]), parts[0].kind, parts[0].k)
+    data = parts[0].data.clone() if len(parts) == 1 else torch.cat([p.data for p in parts])
+    return PackedWeight(data, parts[0].kind, parts[0].k)
 
 
-def _probe_rows(packed: dict[str, PackedWeight], names: list[str], head_dim: int) -> list[int]:
-    """Rows to compare per part: first, last, a few inside (the q/k un-permutation moves rows
-    inside a head; the ends of a part are its fixed points)."""
-    rows, off = [], 0
+def _model_reference(model, plan, emb_pw, packed) -> dict[str, torch.Tensor]:
+    """Probe rows of each attached tensor (HF name), read from the model's fp32 weights."""
+    hd = model.config.head_dim
+    sources: list[tuple[torch.Tensor, list[str]]] = [(mod.weight, names) for mod, names, _ in
+                                                     plan if names[0] != hf_names.EMBED]
+    if emb_pw is not None or any(names[0] == hf_names.EMBED for _, names, _ in plan):
+        sources.append((model.tok_embeddings.weight, [hf_names.EMBED]))
+    out = {}
+    for w, names in sources:
+        off = 0
+        for name in names:
+            r = packed[name].m
+            rows = [off + i for i in probe_rows(r, hd)]
+            if w.is_meta:
+                raise ValueError(f"attach_packed: no fp32 rows to check packed {name} against "
+                                 "(pass reference= rows read from the checkpoint)")
+            out[name] = w.detach()[rows].float().cpu()
+            off += r
+    return out
+
+
+def _check_values(names: list[str], packed: Mapping[str, PackedWeight],
+                  reference: Mapping[str, torch.Tensor], head_dim: int, source: str) -> None:
+    """Raise ``ValueError`` unless every part's :func:`probe_rows` dequantise to
+    ``reference``'s rows exactly."""
     for name in names:
-        r = packed[name].m
-        rows += sorted({off, off + r - 1, off + r // 2, off + min(r - 1, head_dim // 2 + 1),
-                        off + (r * 7) // 13})
-        off += r
-    return rows
+        part = packed[name]
+        want = reference.get(name)
+        rows = probe_rows(part.m, head_dim)
+        if want is None or tuple(want.shape) != (len(rows), part.k) or \
+                not torch.equal(part.rows(rows).dequantize(), want):
+            raise ValueError(f"{source}: packed {'+'.join(names)} does not hold the "
+                             "checkpoint's weights (values differ)")
 
 
-def _check(w: torch.Tensor, names: list[str], pw: PackedWeight, probe: list[int],
-           source: str) -> None:
-    """Raise ``ValueError`` unless ``pw`` has the shape of ``w: [m, k]`` and its ``probe`` rows
-    dequantise to ``w``'s exactly."""
-    what = "+".join(names)
-    if pw.shape != tuple(w.shape):
-        raise ValueError(f"{source}: packed {what} has shape {pw.shape}, "
-                         f"the model's weight {tuple(w.shape)}")
-    rows = [r for r in probe if r < w.shape[0]]
-    if not torch.equal(pw.rows(rows).dequantize(), w.detach()[rows].float().cpu()):
-        raise ValueError(f"{source}: packed {what} does not hold the checkpoint's weights "
-                         "(values differ)")
+def _drop_fp32(model) -> None:
+    """Replace every fp32 matrix that a packed copy holds by a meta placeholder, then give the
+    freed heap pages back."""
+    def placeholder(p: torch.Tensor) -> nn.Parameter:
+        return nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                            requires_grad=False)
+
+    emb, out = model.tok_embeddings, model.output
+    emb_dropped = emb.packed is not None and \
+        (not model.config.tie_word_embeddings or out.packed is not None)
+    if emb_dropped and not emb.weight.is_meta:
+        emb.weight = placeholder(emb.weight)
+        model._tie_output()
+    for m in model.modules():
+        if isinstance(m, Linear) and m.packed is not None and not m.weight.is_meta:
+            if m is out and model.config.tie_word_embeddings and not emb_dropped:
+                continue  # the head shares the embedding, which stays
+            m.weight = placeholder(m.weight)
+    model._plan = None
+    release_freed_memory()

@@ -33,7 +33,7 @@ __all__ = ["FastPipeline", "GenerationResult", "GenerationTimeout", "PipelineClo
 
 MODES = validate.MODES
 HUNG_JOIN_S = 2.0  # after a timeout, how long stopped workers get to finish their step
-MAX_WINDOW = 48  # verification blocks stay below models.llama.Transformer.PACKED_MAX_BLOCK
+MAX_WINDOW = 48  # drafts per verify block: within the acceptance kernels' 64 nodes with slack
 
 
 @dataclass

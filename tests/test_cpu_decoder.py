@@ -143,10 +143,14 @@ def test_fp16_checkpoint_runs_packed(tmp_path: Path, tie: bool) -> None:
     dense = Transformer.from_pretrained(tmp_path, packed=False)
     m = Transformer.from_pretrained(tmp_path)
     assert dense.packed_bytes() == 0
-    # every matmul packed: 4 per layer and the head; fp16 = half the fp32 bytes
+    # every matrix packed: 4 per layer, the head and (untied) the embedding; fp16 = half the
+    # fp32 bytes; their fp32 copies are gone (meta placeholders), only the norms stay fp32
     assert m.packed_bytes() == sum(2 * w.numel() for name, w in m.named_parameters()
                                    if name.endswith(("wqkv.weight", "wo.weight", "w13.weight",
-                                                     "w2.weight"))) + 2 * m.output.weight.numel()
+                                                     "w2.weight"))) + \
+        2 * m.output.weight.numel() + (0 if tie else 2 * m.tok_embeddings.weight.numel())
+    assert {name for name, p in m.named_parameters() if not p.is_meta} == \
+        {name for name, _ in m.named_parameters() if name.endswith("norm.weight")}
     ids = torch.randint(0, 96, (15,), generator=torch.Generator().manual_seed(0))
     assert close(m(ids, m.new_cache(32)), dense(ids, dense.new_cache(32)))
     c = m.new_cache(32)
@@ -210,7 +214,8 @@ def test_converted_gguf_runs_on_its_blocks(tmp_path: Path) -> None:
     kinds = {mod.packed.kind for mod in m.modules() if getattr(mod, "packed", None) is not None}
     assert kinds == {quant.Q4_1, quant.Q8_0}
     n_packed = sum(getattr(mod, "packed", None) is not None for mod in m.modules())
-    assert n_packed == 4 * m.config.n_layers + 1
+    assert n_packed == 4 * m.config.n_layers + 2  # the matmuls, the head, the embedding
+    assert m.output.packed is m.tok_embeddings.packed  # tied: one copy
     ids = torch.randint(0, m.config.vocab_size, (12,), generator=torch.Generator().manual_seed(3))
     assert close(m(ids, m.new_cache(32)), dense(ids, dense.new_cache(32)))
 
@@ -231,23 +236,113 @@ def test_new_weights_drop_packed_copies_and_layer_table(tmp_path: Path) -> None:
     assert torch.equal(m(ids, m.new_cache(8)), fresh(ids, fresh.new_cache(8)))
 
 
+def convert_tiny_gguf(tmp_path: Path, **kw) -> Path:
+    """A tiny Q4_1 / Q8_0 GGUF converted to our layout (every matrix in ggml blocks)."""
+    from pipespec_fast.models.convert_gguf import convert_gguf
+    from tests.test_convert_gguf import write_tiny_gguf
+
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src, quantize_all=True, **kw)
+    return convert_gguf(src, tmp_path / "out", tokenizer=False, progress=False)
+
+
 @needs_packed
-def test_long_blocks_run_on_the_fp32_weights(tmp_path: Path) -> None:
-    """A prefill longer than PACKED_MAX_BLOCK takes the fp32 table; shorter blocks the packed
-    one (both fused); either way the logits match the torch layers."""
-    save_fp16_checkpoint(tmp_path)
-    m = Transformer.from_pretrained(tmp_path)
-    ref = Transformer.from_pretrained(tmp_path, packed=False)
+def test_long_blocks_run_on_the_packed_weights(tmp_path: Path) -> None:
+    """One fused table, packed, for every block size: a prefill longer than 64 runs on the
+    blocks too (no fp32 matrix is left to run on) and matches the torch layers on fp32."""
+    out = convert_tiny_gguf(tmp_path, tied=True)
+    m = Transformer.from_pretrained(out)
+    ref = Transformer.from_pretrained(out, packed=False)
     ref.use_fused = False
-    n = Transformer.PACKED_MAX_BLOCK + 3
-    ids = torch.randint(0, 96, (n + 2,), generator=torch.Generator().manual_seed(9))
+    n = 67
+    ids = torch.randint(0, m.config.vocab_size, (n + 2,),
+                        generator=torch.Generator().manual_seed(9))
     cm, cr = m.new_cache(n + 4), ref.new_cache(n + 4)
     assert close(m(ids[:n], cm), ref(ids[:n], cr))
-    assert m._plan is not None
-    packed_kinds = {row.kind[j] for row in m._plan[0].table for j in range(4)}
-    dense_kinds = {row.kind[j] for row in m._plan[1].table for j in range(4)}
-    assert packed_kinds == {quant.F16} and dense_kinds == {0}
+    kinds = {row.kind[j] for row in m._plan.table for j in range(4)}
+    assert kinds and kinds <= {quant.Q4_1, quant.Q8_0}  # 0 would be an fp32 matrix
     assert close(m(ids[n:], cm), ref(ids[n:], cr))
+
+
+@needs_packed
+@pytest.mark.parametrize("threads", [1, 2])
+def test_long_prefill_equals_short_blocks_bit_for_bit(tmp_path: Path, threads: int) -> None:
+    """A 200-token prefill (the GEMM's panel path) then decoding gives, bit for bit, the
+    logits and cache of feeding the same tokens in blocks of at most 64 (and of 1): which
+    path a row took never shows."""
+    from pipespec_fast.cpu import linear
+
+    save_fp16_checkpoint(tmp_path)  # dim 64, inter 128: the GEMMs split over 2 threads
+    m = Transformer.from_pretrained(tmp_path)
+    ids = torch.randint(0, 96, (206,), generator=torch.Generator().manual_seed(21))
+    old = linear.set_threads(threads)
+    try:
+        runs = []
+        for blocks in ([200, 1, 1, 1, 1, 1, 1], [64, 64, 64, 8, 3, 3], [37, 1, 27, 64, 71, 6]):
+            c, outs, at = m.new_cache(210), [], 0
+            for b in blocks:
+                outs.append(m(ids[at : at + b], c))
+                at += b
+            runs.append((torch.cat(outs), c.k[:, :, :206].clone(), c.v[:, :, :206].clone()))
+    finally:
+        linear.set_threads(old)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+@needs_packed
+def test_packed_only_model_keeps_its_values_everywhere(tmp_path: Path) -> None:
+    """Without fp32 matrices, the model still equals the dense one: its state_dict (the
+    packed rows dequantised), its torch layers, a conversion (fp32 restored first), and
+    materialize_fp32."""
+    save_fp16_checkpoint(tmp_path)
+    m = Transformer.from_pretrained(tmp_path)
+    dense = Transformer.from_pretrained(tmp_path, packed=False)
+    want = dense.state_dict()
+    got = m.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    ids = torch.arange(12) % 96
+    before = m(ids, m.new_cache(16))
+    torch_layers = Transformer.from_pretrained(tmp_path)
+    torch_layers.use_fused = False  # the reference layers, on the packed kernel
+    assert close(torch_layers(ids, torch_layers.new_cache(16)), dense(ids, dense.new_cache(16)))
+    same = m.float().to("cpu")  # conversions that keep CPU fp32 keep the packed-only form
+    assert same is m and m.layers[0].attention.wqkv.weight.is_meta
+    m.materialize_fp32()
+    assert torch.equal(m.layers[0].feed_forward.w2.weight, dense.layers[0].feed_forward.w2.weight)
+    assert m.packed_bytes() > 0 and not any(p.is_meta for p in m.parameters())
+    assert torch.equal(m(ids, m.new_cache(16)), before)  # still on the packed copies
+
+
+@needs_packed
+def test_fp32_required_but_dropped_is_a_clear_error(tmp_path: Path) -> None:
+    save_fp16_checkpoint(tmp_path)
+    m = Transformer.from_pretrained(tmp_path)
+    wo = m.layers[0].attention.wo
+    with pytest.raises(RuntimeError, match="held only in packed form.*packed=False"):
+        wo(torch.zeros(2, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match="held only in packed form.*use_packed=False"):
+        cpu_decoder.DecoderPlan(m, use_packed=False)
+    assert wo(torch.zeros(2, 64)).shape == (2, 64)  # fp32 CPU: the packed kernel
+
+
+@needs_packed
+def test_attach_packed_keep_fp32_and_in_memory_models(tmp_path: Path) -> None:
+    """attach_packed on a dense in-memory model checks against its own fp32 rows, then drops
+    them (or keeps them with keep_fp32=True: both tables can then be built)."""
+    cfg, sd = save_fp16_checkpoint(tmp_path)
+    weights = load_packed(tmp_path, cfg)
+    keep = Transformer.from_pretrained(tmp_path, packed=False)
+    assert keep.attach_packed(weights, keep_fp32=True) == 4 * cfg.n_layers + 1
+    assert not any(p.is_meta for p in keep.parameters())
+    dense_plan = cpu_decoder.DecoderPlan(keep, use_packed=False)
+    assert {row.kind[j] for row in dense_plan.table for j in range(4)} == {0}
+    drop = Transformer.from_pretrained(tmp_path, packed=False)
+    drop.attach_packed(weights)
+    assert drop.tok_embeddings.weight.is_meta and drop.output.weight.is_meta
+    ids = torch.arange(9)
+    assert torch.equal(drop(ids, drop.new_cache(16)), keep(ids, keep.new_cache(16)))
 
 
 @needs_fused
@@ -308,6 +403,22 @@ def test_decoder_plan_refuses_a_foreign_cache() -> None:
         plan.run(x, cs, torch.zeros(3, 8), bits, c.k, c.v, 0, 1)
     with pytest.raises(ValueError, match="outside the cache"):
         plan.run(x, cs, cs, bits, c.k, c.v, -1, 1)
+
+
+def test_load_rows_reads_rows_alone(tmp_path: Path) -> None:
+    """The rows packed copies are checked against, read without loading the tensors: equal to
+    the same rows of the full load, in fp32; a name that is no weight matrix is refused."""
+    from pipespec_fast.models.checkpoint import load_rows, load_state_dict
+
+    cfg, _ = save_fp16_checkpoint(tmp_path)
+    full = load_state_dict(tmp_path, cfg)
+    want = {"model.layers.1.mlp.up_proj.weight": [0, 5, 127], "model.embed_tokens.weight": [95]}
+    got = load_rows(tmp_path, want)
+    assert list(got) == list(want)
+    for name, rows in want.items():
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], full[name][rows])
+    with pytest.raises(CheckpointError, match="no weight matrix model.norm.weight"):
+        load_rows(tmp_path, {"model.norm.weight": [0]})
 
 
 def test_packed_kinds_metadata_must_be_a_mapping(tmp_path: Path) -> None:

@@ -29,6 +29,9 @@ def test_greedy_64_tokens_identical_to_transformers(target_dir, chat_ids):
     from pipespec_fast import FastPipeline
 
     pipe = FastPipeline.from_pretrained([str(target_dir)])
+    model = pipe.stages[-1].model  # every matrix held only in its GGUF blocks
+    assert all(p.is_meta for name, p in model.named_parameters() if "norm" not in name)
+    assert model.packed_bytes() < 100 * 2**20
     ours = pipe.generate(chat_ids, 64)
     hm = transformers.LlamaForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32)
     with torch.no_grad():  # stops at EOS like ours; this prompt gives a long answer (> 48)
@@ -37,6 +40,31 @@ def test_greedy_64_tokens_identical_to_transformers(target_dir, chat_ids):
     assert len(want) > 48
     assert ours.token_ids == want
     assert "def" in ours.text
+
+
+def test_long_prefill_equals_blocks_of_64_on_the_default_target(target_dir):
+    """A 200-token prompt prefilled in one block (the packed GEMM's panel path), then decoded,
+    gives the logits and cache of the same tokens fed in blocks of at most 64 (and of 1),
+    bit for bit, on the real Q4_1 / Q8_0 weights, with 2 threads."""
+    from pipespec_fast.cpu import linear
+    from pipespec_fast.models.llama import Transformer
+
+    m = Transformer.from_pretrained(target_dir)
+    ids = torch.randint(0, m.config.vocab_size, (206,),
+                        generator=torch.Generator().manual_seed(0))
+    old = linear.set_threads(2)
+    try:
+        runs = []
+        for blocks in ([200, 1, 1, 1, 1, 1, 1], [64, 64, 64, 8, 6], [1] * 30 + [40, 64, 64, 8]):
+            c, outs, at = m.new_cache(256), [], 0
+            for b in blocks:
+                outs.append(m(ids[at : at + b], c))
+                at += b
+            runs.append((torch.cat(outs), c.k[:, :, :206].clone()))
+    finally:
+        linear.set_threads(old)
+    for logits, keys in runs[1:]:
+        assert torch.equal(logits, runs[0][0]) and torch.equal(keys, runs[0][1])
 
 
 def test_cli_generate_streams_text_and_prints_speed(capsys):

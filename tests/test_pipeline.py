@@ -62,7 +62,7 @@ def test_windows_and_leads_are_configurable_and_stay_lossless():
     for windows, leads in [([0, 1, 1], [1, 1, 0]), ([0, 12, 3], [16, 2, 0])]:
         pipe = FastPipeline(stages, windows=windows, max_leads=leads)
         assert pipe.generate(PROMPT, 40, ignore_eos=True).token_ids == ref
-    for bad in ([0, 0, 1], [0, 1, 49], [0, 1]):  # a window above 48 would leave the packed path
+    for bad in ([0, 0, 1], [0, 1, 49], [0, 1]):  # windows are capped at api.MAX_WINDOW = 48
         with pytest.raises(ValueError, match=r"windows: expected 3 entries in \[1, 48\]"):
             FastPipeline(stages, windows=bad)
 

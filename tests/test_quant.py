@@ -76,11 +76,48 @@ def test_kernel_is_batch_invariant(kind, m, k) -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("m,k", [(53, 96), (600, 160)])  # tails of panels; the second splits
+def test_long_blocks_equal_row_by_row(kind, m, k) -> None:
+    """Blocks long enough for the panel path (prefills: n = 65..300, odd tails) give, row for
+    row, the bits of the 1-row product (the streaming path), with 1 and 2 threads."""
+    pw = packed(m, k, kind, seed=m)
+    x = torch.randn(300, k, generator=torch.Generator().manual_seed(k))
+    singles = torch.cat([quant.packed_linear(x[i : i + 1], pw, 1) for i in range(300)])
+    for n in (65, 127, 128, 129, 255, 300):
+        for threads in (1, 2):
+            assert torch.equal(quant.packed_linear(x[:n], pw, threads), singles[:n])
+    rows = torch.tensor([299, 0, 77])  # any row, anywhere in a block
+    assert torch.equal(quant.packed_linear(x[rows], pw, 2), singles[rows])
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", KINDS)
+def test_both_paths_give_the_same_bits(kind) -> None:
+    """The panel path forced down to n = 1 and the streaming path forced up to n = 300 agree
+    bit for bit on every n in between (the threshold only moves speed)."""
+    pw = packed(100, 128, kind, seed=5)
+    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(6))
+    old = quant.set_long_rows(1)
+    try:
+        panel = [quant.packed_linear(x[:n], pw, 2) for n in range(1, 41)]
+        assert quant.set_long_rows(10**6) == 1
+        stream = [quant.packed_linear(x[:n], pw, 2) for n in range(1, 41)]
+    finally:
+        quant.set_long_rows(None)
+    assert quant.set_long_rows(old) == old
+    assert all(torch.equal(a, b) for a, b in zip(panel, stream, strict=True))
+
+
+@needs_kernel
 def test_kernel_reads_strided_rows() -> None:
     pw = packed(9, 64, Q4_1)
     big = torch.randn(4, 100)
     x = big[:, 10:74]  # row stride 100
     assert torch.equal(quant.packed_linear(x, pw), quant.packed_linear(x.contiguous(), pw))
+    long_x = torch.randn(70, 100)[:, 10:74]  # the panel path reads strided rows too
+    assert torch.equal(quant.packed_linear(long_x, pw), quant.packed_linear(long_x.contiguous(),
+                                                                             pw))
 
 
 def test_fallback_without_kernel(monkeypatch) -> None:

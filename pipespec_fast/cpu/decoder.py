@@ -38,8 +38,10 @@ def available() -> bool:
 
 class DecoderPlan:
     """The layer table of one model for :func:`decoder_layers_f32` (weights pointed to, not
-    copied; rebuild it when the model's weights change). ``use_packed=False``: the fp32
-    weights even where packed copies exist."""
+    copied; rebuild it when the model's weights change): packed copies where the model has
+    them, for every block size (the packed GEMM has a path for long blocks). ``use_packed=False``:
+    the fp32 weights even where packed copies exist (a model that still holds them: e.g.
+    attached with ``keep_fp32=True``; for comparisons)."""
 
     def __init__(self, model, use_packed: bool = True) -> None:
         from pipespec_fast.cpu import quant
@@ -60,6 +62,13 @@ class DecoderPlan:
             for j, mod in enumerate(mats):
                 if use_packed and mod.packed is not None:
                     row.w[j], row.kind[j] = self._ptr(mod.packed.data), mod.packed.kind
+                elif mod.weight.is_meta:
+                    raise ValueError(
+                        f"DecoderPlan: layer {i}'s {type(mod).__name__} {tuple(mod.weight.shape)}"
+                        " is held only in packed form (fp32 copy dropped at load), and "
+                        + ("use_packed=False" if not use_packed and mod.packed is not None
+                           else "the packed kernel does not run here")
+                        + "; load the model with packed=False or call materialize_fp32()")
                 else:
                     row.w[j], row.kind[j] = self._ptr(mod.weight), 0
         self.table = table

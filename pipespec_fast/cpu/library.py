@@ -84,6 +84,7 @@ SIGNATURES: dict[str, tuple] = {
     "quant_gemm_supported": (c_int, []),
     # x, w, y, n, k, m, ldx, kind, nthreads
     "quant_gemm_f32": (c_int, _THREE_POINTERS + _ONE_INT * 6),
+    "quant_gemm_set_long_rows": (c_int, [c_int]),
     "int8_gemm_abi_version": (c_int, []),
     "int8_gemm_set_isa": (c_int, [c_int]),
     "int8_gemm_get_isa": (c_int, []),

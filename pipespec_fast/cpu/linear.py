@@ -112,7 +112,10 @@ class Linear(torch.nn.Module):
 
     ``packed`` (optional, a :class:`~pipespec_fast.cpu.quant.PackedWeight` holding the same values
     in their storage format) is used instead for fp32 inputs on CPU while the weight itself is
-    fp32 on CPU: fewer bytes per token, the same weights.
+    fp32 on CPU: fewer bytes per token, the same weights. A model may hold a matrix only in
+    packed form (``weight`` is then a placeholder on the meta device:
+    ``pipespec_fast.models.packed``); other inputs are then refused, and ``state_dict()``
+    dequantises the packed rows.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
@@ -122,12 +125,25 @@ class Linear(torch.nn.Module):
         self.packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.packed
+        p, w = self.packed, self.weight
         if p is not None and x.dtype == torch.float32 and x.device.type == "cpu" and \
-                self.weight.dtype == torch.float32 and self.weight.device.type == "cpu":
+                w.dtype == torch.float32 and w.device.type in ("cpu", "meta"):
             from pipespec_fast.cpu.quant import packed_linear
 
             return packed_linear(x, p, current_threads())
-        return linear(x, self.weight)
+        if w.is_meta and p is None:
+            raise RuntimeError(f"Linear {tuple(w.shape)}: no weights loaded (meta device)")
+        if w.is_meta:
+            raise RuntimeError(
+                f"Linear {tuple(w.shape)}: this matrix is held only in packed form (its fp32 "
+                f"copy was dropped at load), which serves fp32 CPU inputs; got {x.dtype} on "
+                f"{x.device}. Load the model with packed=False, or call its "
+                "materialize_fp32() first.")
+        return linear(x, w)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight.is_meta and self.packed is not None:
+            destination[prefix + "weight"] = self.packed.dequantize()
 
 

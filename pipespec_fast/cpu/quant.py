@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 F16, Q4_1, Q8_0 = 1, 2, 3  # QUANT_* in csrc/quant_gemm.h
+OUT_OF_MEMORY = -2  # QUANT_OUT_OF_MEMORY
 KIND_NAMES = {F16: "F16", Q4_1: "Q4_1", Q8_0: "Q8_0"}
 KINDS = {v: k for k, v in KIND_NAMES.items()}
 _BLOCK_BYTES = {Q4_1: 20, Q8_0: 34}
@@ -182,6 +183,22 @@ def packed_linear(x: torch.Tensor, w: PackedWeight, threads: int = 1) -> torch.T
         rc = library.load().quant_gemm_f32(
             ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(w.data.data_ptr()),
             ctypes.c_void_p(y.data_ptr()), n, w.k, w.m, ldx, w.kind, max(1, int(threads)))
+        if rc == OUT_OF_MEMORY:
+            raise MemoryError(f"quant_gemm_f32: no memory for the panels of a {n}-row block")
         if rc != 0:
             raise ValueError(f"quant_gemm_f32 refused kind={w.kind} k={w.k}")
     return y
+
+
+def set_long_rows(n: int | None) -> int:
+    """Blocks of at least ``n`` rows take the kernel's panel path (weights dequantised once
+    per panel for many rows: prefills), shorter ones stream the packed rows (decoding);
+    ``None`` restores the default. Returns the previous threshold. The two paths give the same
+    bits, so this only moves speed; benchmarks and tests use it to compare them. Process-wide.
+    """
+    from pipespec_fast.cpu import library
+
+    lib = library.load()
+    if lib is None:
+        return 0
+    return int(lib.quant_gemm_set_long_rows(0 if n is None else max(1, int(n))))

@@ -197,10 +197,12 @@ static void attend(const float *restrict q, const float *restrict kc, const floa
 /* y[n, m] = x[n, k] @ w^T by the GEMM for the weight's storage (decoder_layer_t.kind). */
 static void layer_matmul(const float *x, int n, int k, const void *w, int kind, int m, float *y,
                          int nt, int *err) {
-    if (kind == DECODER_WEIGHT_FP32)
+    if (kind == DECODER_WEIGHT_FP32) {
         skinny_gemm_f32(x, (const float *)w, y, n, k, m, k, nt);
-    else if (quant_gemm_f32(x, (const uint8_t *)w, y, n, k, m, k, kind, nt) != 0)
-        *err = DECODER_BAD_WEIGHTS;
+        return;
+    }
+    const int rc = quant_gemm_f32(x, (const uint8_t *)w, y, n, k, m, k, kind, nt);
+    if (rc != 0) *err = rc == QUANT_OUT_OF_MEMORY ? DECODER_OUT_OF_MEMORY : DECODER_BAD_WEIGHTS;
 }
 
 /* What the per-row and per-(token, head) steps of one layer read and write. */

@@ -25,10 +25,26 @@
  * decoding reproduces the target's own greedy tokens). Built with -ffp-contract=off, no
  * -ffast-math. Needs AVX-512F, FMA and F16C (checked by quant_gemm_supported); k must be a
  * multiple of 32 for Q4_1/Q8_0 and of 16 for F16 (the Python side checks).
+ *
+ * Two loop nests compute that same sequence:
+ *
+ *   short blocks (n < long_rows: decoding, verification) stream the packed rows from memory
+ *     once per call and dequantise them in registers for at most QGROUP rows of x at a time:
+ *     the step is bound by the weight bytes, so reading fewer of them is the speed;
+ *   long blocks (prefills) are bound by the FMAs, and dequantising a weight for every 8 rows
+ *     of x would cost more than it saves. They dequantise PANEL weight rows at a time into an
+ *     fp32 panel (L2-resident, one per thread) and run every row of a block of ROW_BLOCK rows
+ *     of x against it, PR x PC outputs per kernel call; each panel is dequantised once per
+ *     ROW_BLOCK rows (a few percent of the FMAs). No fp32 copy of the weight outlives the call.
+ *
+ * Only the loops differ: an output's 16-lane accumulator still takes its chunks of k in order
+ * from zero with one fma each, the panel holds the very values deq_* computes, and the final
+ * reduction is reduce16. So which path ran (n, the long_rows threshold) never changes a bit.
  */
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "quant_gemm.h"
@@ -59,6 +75,14 @@ int quant_gemm_supported(void) {
 #define QTILE 4  /* weight rows per tile (threads split tiles) */
 #define QGROUP 8 /* rows of x per kernel call */
 #define PF_ROWS 8 /* software prefetch distance in weight rows (measured: 8 > 4, 16, 32) */
+#define PANEL 24 /* long blocks: weight rows dequantised into one fp32 panel (a multiple of PC) */
+#define PR 4     /* long blocks: rows of x per panel kernel */
+#define PC 6     /* long blocks: panel rows per panel kernel (PR * PC = 24 accumulators) */
+#define ROW_BLOCK 64 /* long blocks: rows of x that stay in L2 while a part's panels pass */
+
+/* n from which quant_gemm_f32 takes the panel path (quant_gemm_set_long_rows; the results are
+ * the same either way, only the speed differs). */
+static int long_rows = QUANT_LONG_ROWS;
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma,f16c")
@@ -172,6 +196,99 @@ QK_KIND(quant_kernel_f16, QUANT_F16)
 QK_KIND(quant_kernel_q4_1, QUANT_Q4_1)
 QK_KIND(quant_kernel_q8_0, QUANT_Q8_0)
 
+/* Dequantise c packed rows (row stride ldw) into panel rows p[r * k .. r * k + k), with the
+ * very deq_* functions of the short path. */
+static void panel_dequant(int kind, const uint8_t *restrict w, size_t ldw, int c, int k,
+                          float *restrict p) {
+    for (int r = 0; r < c; ++r) {
+        const uint8_t *row = w + (size_t)r * ldw;
+        float *out = p + (size_t)r * k;
+        __m512 w0, w1;
+        switch (kind) {
+        case QUANT_F16:
+            for (int q = 0; q < k / 16; ++q)
+                _mm512_storeu_ps(out + 16 * q, _mm512_cvtph_ps(_mm256_loadu_si256(
+                                                   (const __m256i *)(row + (size_t)q * 32))));
+            break;
+        case QUANT_Q4_1:
+            for (int b = 0; b < k / 32; ++b) {
+                deq_q4_1(row + (size_t)b * 20, &w0, &w1);
+                _mm512_storeu_ps(out + 32 * b, w0);
+                _mm512_storeu_ps(out + 32 * b + 16, w1);
+            }
+            break;
+        default:
+            for (int b = 0; b < k / 32; ++b) {
+                deq_q8_0(row + (size_t)b * 34, &w0, &w1);
+                _mm512_storeu_ps(out + 32 * b, w0);
+                _mm512_storeu_ps(out + 32 * b + 16, w1);
+            }
+        }
+    }
+}
+
+/* reduce16 of eight accumulators at once, the very additions of reduce16 for each (a[j] =
+ * v[j] + v[j + 8]; s[j] = a[j] + a[j + 4]; (s0 + s2) + (s1 + s3)), done with the eight side by
+ * side in the lanes: about 3 instructions per result instead of 8, which matters where every
+ * output of a long block ends in a reduction (k / 16 FMAs each). */
+INLINE void reduce16x8(const __m512 *v, float *out) {
+    __m512 a[4], s[2];
+    for (int i = 0; i < 4; ++i) /* [v0 lanes 0-7 | v1 lanes 0-7] + [v0 8-15 | v1 8-15] */
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    for (int i = 0; i < 2; ++i) /* blocks [a0 | a1 | a2 | a3] of four vectors: a0 + a1 */
+        s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+    /* per 128-bit block: (s0, s1) of s[0] and s[1] + (s2, s3) of each: (t0, t1) pairs */
+    const __m512 t = _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s[0]), _mm512_castps_pd(s[1]))),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s[0]), _mm512_castps_pd(s[1]))));
+    const __m512 y = _mm512_add_ps(t, _mm512_permute_ps(t, _MM_SHUFFLE(2, 3, 0, 1)));
+    const __m512i pick = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+    _mm256_storeu_ps(out, _mm512_castps512_ps256(_mm512_permutexvar_ps(pick, y)));
+}
+
+/* R rows of x against C panel rows (row stride k) over all k: quant_block's arithmetic on
+ * weights already dequantised. R and C are constants at every call site (the switch below). */
+INLINE void panel_block(const int R, const int C, const float *restrict x, size_t ldx,
+                        const float *restrict p, int k, float *restrict y, size_t ldy) {
+    __m512 acc[PR][PC];
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int q = 0; q < k / 16; ++q) {
+        __m512 wv[PC];
+        for (int c = 0; c < C; ++c) wv[c] = _mm512_loadu_ps(p + (size_t)c * k + (size_t)q * 16);
+        for (int r = 0; r < R; ++r) {
+            const __m512 xv = _mm512_loadu_ps(x + r * ldx + (size_t)q * 16);
+            for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+        }
+    }
+    /* the accumulators, row-major, padded with zeros to whole groups of 8, reduced together */
+    __m512 v[PR * PC + 7];
+    float out[PR * PC + 7];
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) v[r * C + c] = acc[r][c];
+    for (int i = R * C; i < (R * C + 7) / 8 * 8; ++i) v[i] = _mm512_setzero_ps();
+    for (int i = 0; i < R * C; i += 8) reduce16x8(v + i, out + i);
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) y[r * ldy + c] = out[r * C + c];
+}
+
+#define PK(R_, C_)                                                                            \
+    case (R_) * 8 + (C_): panel_block(R_, C_, x, ldx, p, k, y, ldy); return
+#define PK_COLS(R_) PK(R_, 1); PK(R_, 2); PK(R_, 3); PK(R_, 4); PK(R_, 5); PK(R_, 6)
+
+static void panel_kernel(int r, int c, const float *x, size_t ldx, const float *p, int k,
+                         float *y, size_t ldy) {
+    switch (r * 8 + c) {
+        PK_COLS(1);
+        PK_COLS(2);
+        PK_COLS(3);
+        PK_COLS(4);
+    default: return;
+    }
+}
+
 #pragma GCC pop_options
 
 typedef void (*quant_kernel_fn)(int, int, const float *, size_t, const uint8_t *, size_t,
@@ -201,9 +318,51 @@ typedef struct {
     const float *x;
     const uint8_t *w;
     float *y;
+    float *panels; /* long blocks: one PANEL x k fp32 panel per part */
     size_t ldx, ldw;
-    int n, k, m, tiles;
+    int n, k, m, tiles, kind;
 } quant_job_t;
+
+/* Long blocks, part t of T: a contiguous range of panels (output columns) against every row of
+ * x, ROW_BLOCK rows at a time (those rows stay in L2 while the part's panels pass). */
+static void quant_long_part(void *arg, int t, int T) {
+    const quant_job_t *j = arg;
+    int tb, te;
+    pool_part(j->tiles, t, T, &tb, &te);
+    float *p = j->panels + (size_t)t * PANEL * j->k;
+    for (int r0 = 0; r0 < j->n; r0 += ROW_BLOCK) {
+        const int rb = j->n - r0 < ROW_BLOCK ? j->n - r0 : ROW_BLOCK;
+        for (int tile = tb; tile < te; ++tile) {
+            const int o = tile * PANEL, pc = j->m - o < PANEL ? j->m - o : PANEL;
+            panel_dequant(j->kind, j->w + (size_t)o * j->ldw, j->ldw, pc, j->k, p);
+            for (int c0 = 0; c0 < pc; c0 += PC) /* PC panel rows stay in L1 ... */
+                for (int i = r0; i < r0 + rb; i += PR) /* ... while the x rows pass */
+                    panel_kernel(i + PR <= r0 + rb ? PR : r0 + rb - i, pc - c0 < PC ? pc - c0 : PC,
+                                 j->x + (size_t)i * j->ldx, j->ldx, p + (size_t)c0 * j->k, j->k,
+                                 j->y + (size_t)i * j->m + o + c0, (size_t)j->m);
+        }
+    }
+}
+
+/* The panel path for n >= long_rows; returns 0, or -2 if the panels cannot be allocated. */
+static int quant_gemm_long(quant_job_t *j, int nthreads) {
+    j->tiles = (j->m + PANEL - 1) / PANEL;
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if (nt > j->tiles) nt = j->tiles;
+    const long long work = (long long)j->n * j->m * j->k; /* multiply-adds */
+    if (work < (long long)MIN_THREAD_WORK * 16) nt = 1;
+    j->panels = aligned_alloc(64, sizeof(float) * PANEL * (size_t)j->k * nt);
+    if (!j->panels) return QUANT_OUT_OF_MEMORY;
+    pool_run(quant_long_part, j, nt);
+    free(j->panels);
+    return 0;
+}
+
+int quant_gemm_set_long_rows(int n) {
+    const int old = long_rows;
+    long_rows = n < 1 ? QUANT_LONG_ROWS : n;
+    return old;
+}
 
 /* Part t of T: a contiguous range of weight tiles (the prefetch stream runs across tiles). */
 static void quant_part(void *arg, int t, int T) {
@@ -214,23 +373,25 @@ static void quant_part(void *arg, int t, int T) {
     if (ob < oe) quant_range(j->fn, j->x, j->ldx, j->w, j->ldw, j->y, j->n, j->k, j->m, ob, oe);
 }
 
-/* y[n, m] = x[n, k] (row stride ldx) @ dequant(w)^T; returns 0, or -1 for a bad kind or k or
- * a CPU without AVX-512F/FMA/F16C. */
+/* y[n, m] = x[n, k] (row stride ldx) @ dequant(w)^T; returns 0, QUANT_REFUSED for a bad kind
+ * or k or a CPU without AVX-512F/FMA/F16C, QUANT_OUT_OF_MEMORY when a long block's panels
+ * cannot be allocated. */
 int quant_gemm_f32(const float *x, const uint8_t *w, float *y, int n, int k, int m, int ldx,
                    int kind, int nthreads) {
     static int supported = -1; /* the CPU check, once (a benign race: same value) */
     if (supported < 0) supported = quant_gemm_supported();
-    if (!supported) return -1;
+    if (!supported) return QUANT_REFUSED;
     quant_kernel_fn fn;
     switch (kind) {
-    case QUANT_F16: fn = quant_kernel_f16; if (k % 16) return -1; break;
-    case QUANT_Q4_1: fn = quant_kernel_q4_1; if (k % 32) return -1; break;
-    case QUANT_Q8_0: fn = quant_kernel_q8_0; if (k % 32) return -1; break;
-    default: return -1;
+    case QUANT_F16: fn = quant_kernel_f16; if (k % 16) return QUANT_REFUSED; break;
+    case QUANT_Q4_1: fn = quant_kernel_q4_1; if (k % 32) return QUANT_REFUSED; break;
+    case QUANT_Q8_0: fn = quant_kernel_q8_0; if (k % 32) return QUANT_REFUSED; break;
+    default: return QUANT_REFUSED;
     }
     if (n <= 0 || m <= 0) return 0;
-    const quant_job_t j = {fn, x, w, y, (size_t)ldx, (size_t)quant_row_bytes(kind, k), n, k, m,
-                           (m + QTILE - 1) / QTILE};
+    quant_job_t j = {fn, x, w, y, NULL, (size_t)ldx, (size_t)quant_row_bytes(kind, k), n, k, m,
+                     (m + QTILE - 1) / QTILE, kind};
+    if (n >= long_rows) return quant_gemm_long(&j, nthreads);
     int nt = nthreads < 1 ? 1 : nthreads;
     if (nt > j.tiles) nt = j.tiles;
     /* a fork/join costs about as much as streaming MIN_THREAD_WORK weights: small matrices
@@ -244,10 +405,11 @@ int quant_gemm_f32(const float *x, const uint8_t *w, float *y, int n, int k, int
 #else
 
 int quant_gemm_supported(void) { return 0; }
+int quant_gemm_set_long_rows(int n) { (void)n; return QUANT_LONG_ROWS; }
 int quant_gemm_f32(const float *x, const uint8_t *w, float *y, int n, int k, int m, int ldx,
                    int kind, int nthreads) {
     (void)x; (void)w; (void)y; (void)n; (void)k; (void)m; (void)ldx; (void)kind; (void)nthreads;
-    return -1;
+    return QUANT_REFUSED;
 }
 
 #endif

@@ -1,0 +1,88 @@
+"""Resident memory of the default pipeline after a generation (not a test: a measurement).
+
+Loads ``FastPipeline.from_default()`` (n-gram -> draft -> target), generates ``--tokens`` new
+tokens (greedy, EOS ignored, so every run produces the same number) from a chat-templated
+prompt, and prints the process's resident set (``VmRSS``) and its peak (``VmHWM``) at each
+step, with the bytes each model holds in fp32 tensors and in packed weight copies. Run it in
+a fresh process: RSS is per process, and anything loaded before counts.
+
+    .venv/bin/python bench/memory.py [--tokens 512] [--no-draft] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``); 0 where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def snapshot(label: str, rows: list[dict]) -> None:
+    row = {"step": label, "rss_mb": status_kib("VmRSS") / 1024,
+           "peak_mb": status_kib("VmHWM") / 1024}
+    rows.append(row)
+    print(f"{label:<28} RSS {row['rss_mb']:8.1f} MB   peak {row['peak_mb']:8.1f} MB", flush=True)
+
+
+def model_bytes(model) -> tuple[int, int]:
+    """(bytes of real fp32/other tensors, bytes of packed copies) held by a model; tensors on
+    the meta device (weights held only in packed form) take no memory and are not counted."""
+    dense = sum(t.numel() * t.element_size() for t in
+                list(model.parameters()) + list(model.buffers()) if t.device.type != "meta")
+    return dense, model.packed_bytes()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--no-draft", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    args = ap.parse_args(argv)
+
+    rows: list[dict] = []
+    snapshot("start", rows)
+    import torch  # noqa: F401  (counted on its own: the interpreter and torch's libraries)
+
+    import pipespec_fast
+    from pipespec_fast import FastPipeline
+
+    snapshot("imports", rows)
+    pipe = FastPipeline.from_default(draft=not args.no_draft)
+    snapshot("loaded", rows)
+    models = {}
+    for stage in pipe.stages:
+        model = getattr(stage, "model", None)
+        if model is not None:
+            dense, packed = model_bytes(model)
+            models[stage.name] = {"dense_mb": dense / 2**20, "packed_mb": packed / 2**20}
+            print(f"  {stage.name}: {dense / 2**20:.1f} MB dense tensors, "
+                  f"{packed / 2**20:.1f} MB packed", flush=True)
+    prompt = pipe.chat_prompt("Write a Python function that checks whether a number is prime, "
+                              "then explain how it works step by step.")
+    t = time.perf_counter()
+    res = pipe.generate(prompt, args.tokens, ignore_eos=True)
+    dt = time.perf_counter() - t
+    snapshot(f"after {len(res.token_ids)} tokens", rows)
+    print(f"  {len(res.token_ids) / dt:.1f} tokens/s, {len(prompt)}-token prompt "
+          f"(pipespec_fast {pipespec_fast.__file__})")
+    pipe.close()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"steps": rows, "models": models, "tokens": len(res.token_ids)}, f,
+                      indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

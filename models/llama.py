@@ -262,6 +262,7 @@ class Transformer(nn.Module):
         self._chain_bits: dict[int, torch.Tensor] = {}
         self.use_fused = True  # CPU fp32: run the layers through pipespec_fast.cpu.decoder
         self._plan = None  # the fused path's layer table, built on first use
+        self.compute = "exact"  # products on packed weights: models.packed.set_compute
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -53,13 +53,15 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from pipespec_fast import validate
 from pipespec_fast.cpu import quant
 from pipespec_fast.cpu.linear import Linear
 from pipespec_fast.cpu.quant import PackedWeight
 from pipespec_fast.models import hf_names
 
 __all__ = ["attach_loaded", "attach_packed", "converting", "covered_names", "drop_fast_path",
-           "fused_plan", "has_dropped", "materialize", "packed_bytes", "probe_rows"]
+           "fused_plan", "has_dropped", "materialize", "packed_bytes", "probe_rows",
+           "set_compute"]
 
 
 def attach_packed(model, packed: dict[str, PackedWeight], source: str = "checkpoint",
@@ -197,6 +199,19 @@ def converting(model, fn):
     finally:
         for m, name, p in hidden:
             m._parameters[name] = p
+
+
+def set_compute(model, mode: str) -> None:
+    """Choose how ``model``'s products on packed Q4_1 / Q8_0 weights are computed, in the fused
+    layers and the head alike (``pipespec_fast.validate.COMPUTE_MODES``): ``"exact"`` (the
+    converted checkpoint's fp32 arithmetic) or ``"int8"`` (activations quantised per 32-value
+    block, integer block dots; batch invariant too). Other weights stay exact either way. The
+    fused table is rebuilt on next use."""
+    model.compute = validate.compute(mode)
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.compute = mode
+    model._plan = None
 
 
 def fused_plan(model, x: torch.Tensor, cache, n: int):

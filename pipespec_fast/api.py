@@ -118,13 +118,23 @@ class FastPipeline:
     def from_pretrained(cls, paths: Sequence[str | Path], device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32,
                         devices: Sequence[str | torch.device] | None = None,
-                        max_len: int = 2048, ngram: bool = False, **kwargs) -> FastPipeline:
+                        max_len: int = 2048, ngram: bool = False, compute: str = "exact",
+                        **kwargs) -> FastPipeline:
         """Load LLaMA checkpoints (HF layout), smallest first; the last path is the target.
         All must share one tokenizer; ``ngram=True`` adds an n-gram drafter as stage 0
-        (:func:`pipespec_fast.loading.load_stages`). ``kwargs`` go to the constructor."""
+        (:func:`pipespec_fast.loading.load_stages`). ``compute`` (``"exact"`` or ``"int8"``,
+        every model: ``models.packed.set_compute``): exact is the converted checkpoints' fp32
+        arithmetic (greedy equals transformers); int8 computes products on Q4_1 / Q8_0 weights
+        with int8 activations (greedy speculative decoding equals int8 greedy AR, not
+        transformers). ``kwargs`` go to the constructor."""
         from pipespec_fast.loading import load_stages
+        from pipespec_fast.models.packed import set_compute
 
+        validate.compute(compute)
         stages, tok = load_stages(paths, device, dtype, devices, max_len, ngram)
+        for stage in stages:
+            if hasattr(getattr(stage, "model", None), "compute"):
+                set_compute(stage.model, compute)
         return cls(stages, tokenizer=tok, **kwargs)
 
     @classmethod

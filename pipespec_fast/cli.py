@@ -62,6 +62,9 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         validate.max_len(args.max_len)
     except ValueError as e:
         raise _as_flag(e) from None
+    if args.compute not in validate.COMPUTE_MODES:
+        raise UsageError(f"--compute: expected one of {', '.join(validate.COMPUTE_MODES)}, "
+                         f"got {args.compute!r}")
     if not args.prompt:
         raise UsageError("--prompt must not be empty")
     if args.ngram and not args.models:
@@ -81,7 +84,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     dtype = {"float32": torch.float32, "float16": torch.float16,
              "bfloat16": torch.bfloat16}[args.dtype]
-    kw = dict(device=args.device, dtype=dtype, mode=args.mode, max_len=args.max_len)
+    kw = dict(device=args.device, dtype=dtype, mode=args.mode, max_len=args.max_len,
+              compute=args.compute)
     if args.models:
         pipe = FastPipeline.from_pretrained(args.models, ngram=args.ngram, **kw)
     else:
@@ -150,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int)
     g.add_argument("--mode", choices=["pipespec", "sync", "ar"], default="pipespec")
+    g.add_argument("--compute", default="exact",
+                   help="products on packed Q4_1/Q8_0 weights: exact (fp32, greedy equals "
+                        "transformers) or int8 (int8 activations; greedy equals int8 AR)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     g.add_argument("--max-len", type=int, default=2048, help="KV cache length per stage")

@@ -13,6 +13,11 @@ from collections.abc import Sequence
 from numbers import Integral, Real
 
 MODES = ("pipespec", "sync", "ar")
+# How products on packed Q4_1 / Q8_0 weights are computed (models.packed.set_compute): "exact",
+# the converted checkpoint's fp32 arithmetic (greedy equals transformers), or "int8", the input
+# rows quantised per 32-value block to int8 (pipespec_fast.cpu.int8; greedy speculative decoding
+# equals the same mode's greedy AR, not transformers).
+COMPUTE_MODES = ("exact", "int8")
 # Below this a temperature is not a sampling temperature: logits / T overflows to inf (1e-45
 # is subnormal) and every row turns to NaN. Use 0 for greedy decoding.
 MIN_TEMPERATURE = 1e-6
@@ -63,6 +68,13 @@ def mode(m) -> str:
     if m not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {m!r}")
     return m
+
+
+def compute(c) -> str:
+    """A compute mode (:data:`COMPUTE_MODES`), else a one-line ``ValueError``."""
+    if c not in COMPUTE_MODES:
+        raise ValueError(f"compute: expected one of {', '.join(COMPUTE_MODES)}, got {c!r}")
+    return c
 
 
 def stop(s) -> list[str] | None:

@@ -43,10 +43,26 @@ def _one_line_error(capsys, *needles: str) -> str:
     (["--max-len", "-5"], "--max-len"),
     (["--device", "tpu:0"], "--device"),
     (["--ngram"], "--ngram"),
+    (["--compute", "fp8"], "--compute"),
 ])
 def test_bad_arguments_exit_2_before_any_model_loads(args, needle, capsys, no_model_load):
     assert cli.main(["generate", "--prompt", "hi", *args]) == cli.EXIT_USAGE
     _one_line_error(capsys, needle)
+
+
+def test_compute_mode_reaches_the_pipeline(monkeypatch) -> None:
+    seen = {}
+
+    def record(cls, *a, **k):
+        seen.update(k)
+        raise KeyboardInterrupt  # stop before any model loads
+
+    monkeypatch.setattr(FastPipeline, "from_default", classmethod(record))
+    assert cli.main(["generate", "--prompt", "hi", "--compute", "int8"]) == 130
+    assert seen["compute"] == "int8"
+    seen.clear()
+    cli.main(["generate", "--prompt", "hi"])
+    assert seen["compute"] == "exact"
 
 
 def test_cuda_device_without_cuda_is_a_usage_error(monkeypatch, capsys, no_model_load):

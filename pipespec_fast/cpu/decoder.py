@@ -16,7 +16,7 @@ import ctypes
 
 import torch
 
-from pipespec_fast import config
+from pipespec_fast import config, validate
 from pipespec_fast.cpu import library
 
 __all__ = ["DecoderPlan", "available"]
@@ -41,10 +41,15 @@ class DecoderPlan:
     copied; rebuild it when the model's weights change): packed copies where the model has
     them, for every block size (the packed GEMM has a path for long blocks). ``use_packed=False``:
     the fp32 weights even where packed copies exist (a model that still holds them: e.g.
-    attached with ``keep_fp32=True``; for comparisons)."""
+    attached with ``keep_fp32=True``; for comparisons). ``compute`` (default: the model's
+    ``compute``, ``"exact"`` if it has none): ``"int8"`` runs the Q4_1 / Q8_0 packed matrices
+    through the int8 GEMM, each product's input rows quantised once (``csrc/cpu_decoder.h``)."""
 
-    def __init__(self, model, use_packed: bool = True) -> None:
+    def __init__(self, model, use_packed: bool = True, compute: str | None = None) -> None:
         from pipespec_fast.cpu import quant
+
+        mode = validate.compute(compute or getattr(model, "compute", "exact"))
+        self.compute = mode
 
         use_packed = use_packed and quant.available()  # packed kinds need AVX-512F/F16C
         cfg = model.config
@@ -57,6 +62,7 @@ class DecoderPlan:
             row = table[i]
             row.attn_norm = self._ptr(layer.attention_norm.weight)
             row.ffn_norm = self._ptr(layer.ffn_norm.weight)
+            row.compute = library.DECODER_COMPUTE[mode]
             mats = (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13,
                     layer.feed_forward.w2)
             for j, mod in enumerate(mats):

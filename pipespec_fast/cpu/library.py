@@ -52,7 +52,8 @@ HEADERS = tuple(SOURCE_DIR / f"{name}.h" for name in KERNELS)
 CFLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off")
 LIBRARY_STEM = "pipespec_cpu"
 SKINNY_GEMM_ABI_VERSION = 2  # csrc/skinny_gemm.h
-DECODER_ABI_VERSION = 1  # csrc/cpu_decoder.h
+DECODER_ABI_VERSION = 2  # csrc/cpu_decoder.h
+DECODER_COMPUTE = {"exact": 0, "int8": 1}  # DECODER_COMPUTE_* (csrc/cpu_decoder.h)
 INT8_GEMM_ABI_VERSION = 1  # csrc/int8_gemm.h
 ISA_CODES = {"auto": 0, "avx2": 1, "avx512": 2}  # SKINNY_ISA_* in csrc/skinny_gemm.h
 ISA_NAMES = {1: "avx2", 2: "avx512"}
@@ -62,13 +63,15 @@ INT8_ISA_NAMES = {v: k for k, v in INT8_ISA_CODES.items() if v}
 
 class DecoderLayer(ctypes.Structure):
     """``decoder_layer_t`` (csrc/cpu_decoder.h): one layer's norms and matrices; ``kind`` 0 is
-    fp32 rows, else a packed format (``pipespec_fast.cpu.quant``)."""
+    fp32 rows, else a packed format (``pipespec_fast.cpu.quant``); ``compute`` a
+    ``DECODER_COMPUTE`` value (how products on Q4_1 / Q8_0 rows are computed)."""
 
     _fields_ = [
         ("attn_norm", c_void_p),
         ("ffn_norm", c_void_p),
         ("w", c_void_p * 4),
         ("kind", c_int32 * 4),
+        ("compute", c_int32),
     ]
 
 

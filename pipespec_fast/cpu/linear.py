@@ -115,8 +115,12 @@ class Linear(torch.nn.Module):
     fp32 on CPU: fewer bytes per token, the same weights. A model may hold a matrix only in
     packed form (``weight`` is then a placeholder on the meta device:
     ``pipespec_fast.models.packed``); other inputs are then refused, and ``state_dict()``
-    dequantises the packed rows.
+    dequantises the packed rows. ``compute`` (``validate.COMPUTE_MODES``, set per model by
+    ``models.packed.set_compute``): ``"int8"`` runs Q4_1 / Q8_0 packed copies through the int8
+    GEMM (``pipespec_fast.cpu.int8.int8_linear``; other formats stay exact).
     """
+
+    compute = "exact"
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -128,6 +132,10 @@ class Linear(torch.nn.Module):
         p, w = self.packed, self.weight
         if p is not None and x.dtype == torch.float32 and x.device.type == "cpu" and \
                 w.dtype == torch.float32 and w.device.type in ("cpu", "meta"):
+            if self.compute == "int8":
+                from pipespec_fast.cpu.int8 import int8_linear
+
+                return int8_linear(x, p, current_threads())
             from pipespec_fast.cpu.quant import packed_linear
 
             return packed_linear(x, p, current_threads())

@@ -6,8 +6,8 @@
  * pipespec_fast.reference.verify_attention (which stays the reference); it exists because
  * Python and op dispatch cost more than the arithmetic when decoding a 135M model.
  *
- * Matmuls go to skinny_gemm_f32 (fp32 weights) or quant_gemm_f32 (packed weights), both batch
- * invariant. Everything else is computed per row (norms, RoPE, SiLU) or per (token, head) pair
+ * Matmuls go to skinny_gemm_f32 (fp32 weights), quant_gemm_f32 (packed weights) or, in the int8
+ * compute mode, int8_gemm_f32 (Q4_1 / Q8_0 packed weights), all batch invariant. Everything else is computed per row (norms, RoPE, SiLU) or per (token, head) pair
  * (attention: keys in slot order, dot products in a fixed 8-lane order, a two-pass softmax)
  * with the same operations whatever n, the position of the row in the block, the thread count
  * or the split of the work, so the layer stack is batch invariant too: verifying a block gives
@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "cpu_decoder.h"
+#include "int8_gemm.h"
 #include "quant_gemm.h"
 #include "skinny_gemm.h"
 #include "thread_pool.h"
@@ -194,11 +195,18 @@ static void attend(const float *restrict q, const float *restrict kc, const floa
 
 #pragma GCC pop_options
 
-/* y[n, m] = x[n, k] @ w^T by the GEMM for the weight's storage (decoder_layer_t.kind). */
-static void layer_matmul(const float *x, int n, int k, const void *w, int kind, int m, float *y,
-                         int nt, int *err) {
+/* y[n, m] = x[n, k] @ w^T by the GEMM for the weight's storage (decoder_layer_t.kind) and the
+ * layer's compute mode: in int8 mode, Q4_1 / Q8_0 rows take the int8 GEMM (x quantised once for
+ * the whole product: QKV and gate/up are one product each), everything else stays exact. */
+static void layer_matmul(const float *x, int n, int k, const void *w, int kind, int compute,
+                         int m, float *y, int nt, int *err) {
     if (kind == DECODER_WEIGHT_FP32) {
         skinny_gemm_f32(x, (const float *)w, y, n, k, m, k, nt);
+        return;
+    }
+    if (compute == DECODER_COMPUTE_INT8 && (kind == QUANT_Q4_1 || kind == QUANT_Q8_0)) {
+        const int rc = int8_gemm_f32(x, (const uint8_t *)w, y, n, k, m, k, kind, nt);
+        if (rc != 0) *err = rc == -2 ? DECODER_OUT_OF_MEMORY : DECODER_BAD_WEIGHTS;
         return;
     }
     const int rc = quant_gemm_f32(x, (const uint8_t *)w, y, n, k, m, k, kind, nt);
@@ -305,18 +313,19 @@ int decoder_layers_f32(const decoder_layer_t *layers, int n_layers, float *x, in
         c.kl = k_cache + (size_t)l * layer_stride;
         c.vl = v_cache + (size_t)l * layer_stride;
         run_step(&c, STEP_ATTN_NORM, rows);
-        layer_matmul(c.h, n, dim, c.L->w[0], c.L->kind[0], qkvw, c.qkv, nt, &err);
+        layer_matmul(c.h, n, dim, c.L->w[0], c.L->kind[0], c.L->compute, qkvw, c.qkv, nt, &err);
         if (err) break; /* nothing past a failed product: the buffers hold no result */
         run_step(&c, STEP_ROPE_KV, rows);
         run_step(&c, STEP_ATTEND, heads);
-        layer_matmul(c.att, n, qo, c.L->w[1], c.L->kind[1], dim, o, nt, &err);
+        layer_matmul(c.att, n, qo, c.L->w[1], c.L->kind[1], c.L->compute, dim, o, nt, &err);
         if (err) break;
         for (size_t j = 0; j < (size_t)n * dim; ++j) x[j] += o[j];
         run_step(&c, STEP_FFN_NORM, rows);
-        layer_matmul(c.h, n, dim, c.L->w[2], c.L->kind[2], 2 * inter, c.gu, nt, &err);
+        layer_matmul(c.h, n, dim, c.L->w[2], c.L->kind[2], c.L->compute, 2 * inter, c.gu, nt,
+                     &err);
         if (err) break;
         run_step(&c, STEP_SWIGLU, rows);
-        layer_matmul(c.act, n, inter, c.L->w[3], c.L->kind[3], dim, o, nt, &err);
+        layer_matmul(c.act, n, inter, c.L->w[3], c.L->kind[3], c.L->compute, dim, o, nt, &err);
         if (err) break;
         for (size_t j = 0; j < (size_t)n * dim; ++j) x[j] += o[j];
     }

@@ -7,17 +7,25 @@
 #include <stdint.h>
 
 /* Bumped when a signature or decoder_layer_t changes; library.py checks it. */
-#define DECODER_ABI_VERSION 1
+#define DECODER_ABI_VERSION 2
 
 /* The storage of a layer matrix: fp32 rows, else a QUANT_* format (quant_gemm.h). */
 #define DECODER_WEIGHT_FP32 0
 
+/* How a layer's products on packed Q4_1 / Q8_0 rows are computed (decoder_layer_t.compute):
+ * exact fp32 arithmetic (quant_gemm), or the input rows quantised once per product to int8 per
+ * 32-value block and integer block dots (int8_gemm.h). Both are batch invariant; fp32 and F16
+ * weights are exact in either mode. */
+enum { DECODER_COMPUTE_EXACT = 0, DECODER_COMPUTE_INT8 = 1 };
+
 /* One layer's parameters. Matrices in order wqkv [qkv, dim], wo [dim, q], w13 [2 inter, dim],
- * w2 [dim, inter]; kind: DECODER_WEIGHT_FP32 (row-major) or a QUANT_* format (packed rows). */
+ * w2 [dim, inter]; kind: DECODER_WEIGHT_FP32 (row-major) or a QUANT_* format (packed rows);
+ * compute: a DECODER_COMPUTE_* mode. */
 typedef struct {
     const float *attn_norm, *ffn_norm;
     const void *w[4];
     int32_t kind[4];
+    int32_t compute;
 } decoder_layer_t;
 
 /* What decoder_layers_f32 returns. */

@@ -6,7 +6,9 @@ append, verification attention (chains and trees, by ancestor bitmask), SiLU and
 of every layer in one call that releases the GIL. Same contract and results (to float rounding)
 as ``models.llama.Block`` with ``pipespec_fast.reference.verify_attention``, which remain the
 reference; it is batch invariant (a verified token gets, bit for bit, the hidden state decoding
-it alone gives). ``PIPESPEC_FUSED=0`` (``RuntimeConfig.fused``) turns it off. The call's
+it alone gives). In the int8 compute mode
+(``models.packed.set_compute``) the products on Q4_1 / Q8_0 rows run the int8 GEMM instead,
+batch invariant too. ``PIPESPEC_FUSED=0`` (``RuntimeConfig.fused``) turns it off. The call's
 signature and the layer table's struct are declared in :mod:`pipespec_fast.cpu.library`.
 """
 

@@ -146,3 +146,15 @@ def test_default_without_draft_is_ngram_then_target(chat_ids):
         alone = FastPipeline([pipe.stages[-1]], tokenizer=pipe.tokenizer)
         assert pipe.generate(chat_ids, 24).token_ids == alone.generate(chat_ids, 24).token_ids
     assert main(["generate", "--prompt", "Say hi.", "--max-new-tokens", "4", "--no-draft"]) == 0
+
+
+def test_int8_default_hierarchy_equals_its_own_int8_ar(chat_ids):
+    """The default hierarchy in the int8 compute mode: greedy pipespec and sync output equal the
+    same pipeline's int8 AR, token for token (not transformers': another arithmetic)."""
+    from pipespec_fast import FastPipeline
+
+    with FastPipeline.from_default(compute="int8") as pipe:
+        assert all(s.model.compute == "int8" for s in pipe.stages if hasattr(s, "model"))
+        want = pipe.generate(chat_ids, 64, mode="ar", ignore_eos=True).token_ids
+        for mode in ("pipespec", "sync"):
+            assert pipe.generate(chat_ids, 64, mode=mode, ignore_eos=True).token_ids == want

@@ -188,22 +188,32 @@ def _materialize(
     """Read ``plan``'s tensors as ``dtype`` on ``device``. safetensors hands out views of its
     memory map where no conversion is needed, which keep the whole map (and every page read
     through it) alive; ``own=True`` copies such tensors so the map closes after loading."""
+
+    def read(f, name: str) -> torch.Tensor:
+        t = f.get_tensor(name)
+        moved = t.to(device=device, dtype=torch.int64 if name == VOCAB_SUBSET_IDS else dtype)
+        return moved.clone() if own and moved is t else moved
+
+    # in config order, so that iteration is deterministic whatever the sharding
+    return _read_by_file({name: info.file for name, info in plan.items()}, read, "tensor")
+
+
+def _read_by_file(files: Mapping[str, Path], read, what: str) -> dict[str, torch.Tensor]:
+    """``read(handle, name)`` for every ``name -> file``, each file opened once; a failure is a
+    :class:`CheckpointError` naming the file and the ``what`` (tensor, rows) read. Returned in
+    the order of ``files``."""
     by_file: dict[Path, list[str]] = {}
-    for name, info in plan.items():
-        by_file.setdefault(info.file, []).append(name)
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
     out: dict[str, torch.Tensor] = {}
     for path, names in by_file.items():
         with _open(path) as f:
             for name in names:
                 try:
-                    t = f.get_tensor(name)
+                    out[name] = read(f, name)
                 except Exception as e:
-                    raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from e
-                kind = torch.int64 if name == VOCAB_SUBSET_IDS else dtype
-                moved = t.to(device=device, dtype=kind)
-                out[name] = moved.clone() if own and moved is t else moved
-    # Return in config order so that iteration is deterministic whatever the sharding.
-    return {name: out[name] for name in plan}
+                    raise CheckpointError(f"{path}: cannot read {what} {name} ({e})") from e
+    return {name: out[name] for name in files}
 
 
 def load_state_dict(
@@ -243,24 +253,18 @@ def load_rows(model_dir: str | Path, rows: Mapping[str, list[int]],
     in ``dtype`` (what a packed copy is checked against when the full fp32 weight is never
     loaded). Raises :class:`CheckpointError` naming a tensor that is missing or not 2-D."""
     infos = scan_checkpoint(model_dir)
-    by_file: dict[Path, list[str]] = {}
     for name in rows:
         info = infos.get(name)
         if info is None or len(info.shape) != 2:
             raise CheckpointError(f"{model_dir}: no weight matrix {name} in the checkpoint")
-        by_file.setdefault(info.file, []).append(name)
-    out: dict[str, torch.Tensor] = {}
-    for path, names in by_file.items():
-        with _open(path) as f:
-            for name in names:
-                try:
-                    sl = f.get_slice(name)
-                    parts = [sl[r : r + 1] for r in rows[name]]
-                except Exception as e:
-                    raise CheckpointError(f"{path}: cannot read rows of {name} ({e})") from e
-                out[name] = torch.cat(parts).to(dtype) if parts else \
-                    torch.empty(0, infos[name].shape[1], dtype=dtype)
-    return {name: out[name] for name in rows}
+
+    def read(f, name: str) -> torch.Tensor:
+        sl = f.get_slice(name)
+        parts = [sl[r : r + 1] for r in rows[name]]
+        return torch.cat(parts).to(dtype) if parts else \
+            torch.empty(0, infos[name].shape[1], dtype=dtype)
+
+    return _read_by_file({name: infos[name].file for name in rows}, read, "rows of")
 
 
 PACKED_FILE = "packed.safetensors"

@@ -83,20 +83,46 @@ def test_fused_matches_transformers_llama3() -> None:
 
 
 @needs_fused
-@pytest.mark.parametrize("dim,n_heads,n_kv", [(32, 4, 2), (128, 2, 1)])
-def test_fused_is_batch_invariant(dim, n_heads, n_kv) -> None:
+@pytest.mark.parametrize("dim,n_heads,n_kv,prefix", [
+    (32, 4, 2, 12), (128, 2, 1, 12),
+    # head_dim 64, query heads per kv head 3 and 5 (attended together up to 4 at a time), a
+    # prefix long enough for several 8-key score blocks and a tail
+    (192, 3, 1, 29), (640, 10, 2, 29)])
+def test_fused_is_batch_invariant(dim, n_heads, n_kv, prefix) -> None:
     """A verified block gives each token, bit for bit, the logits and cache entries of
     decoding it alone (what makes greedy speculative decoding reproduce AR exactly)."""
     _, m = pair(dim, n_heads, n_kv, seed=7)
-    ids = torch.randint(0, 80, (20,), generator=torch.Generator().manual_seed(8))
+    ids = torch.randint(0, 80, (prefix + 8,), generator=torch.Generator().manual_seed(8))
     c = m.new_cache(64)
-    m(ids[:12], c)
-    block = m(ids[12:], c)
-    k_block = c.k[:, :, 12:20].clone()
-    c.rollback(12)
-    singles = torch.cat([m(ids[i : i + 1], c) for i in range(12, 20)])
+    m(ids[:prefix], c)
+    block = m(ids[prefix:], c)
+    k_block = c.k[:, :, prefix:prefix + 8].clone()
+    c.rollback(prefix)
+    singles = torch.cat([m(ids[i : i + 1], c) for i in range(prefix, prefix + 8)])
     assert torch.equal(block, singles)
-    assert torch.equal(c.k[:, :, 12:20], k_block)
+    assert torch.equal(c.k[:, :, prefix:prefix + 8], k_block)
+
+
+@needs_fused
+@pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
+                    reason="the AVX-512 attention sums need an AVX-512 CPU")
+@pytest.mark.parametrize("dim,n_heads,n_kv", [(128, 2, 1), (256, 2, 2), (640, 10, 2)])
+def test_attention_avx512_and_avx2_sums_agree_bit_for_bit(dim, n_heads, n_kv) -> None:
+    """The weighted sums of values run on zmm registers where the CPU has AVX-512F and on ymm
+    otherwise: one fma chain per element either way, so the same bits."""
+    from pipespec_fast.cpu import library
+
+    lib = library.load()
+    _, m = pair(dim, n_heads, n_kv, seed=3)
+    ids = torch.randint(0, 80, (40,), generator=torch.Generator().manual_seed(4))
+    outs = []
+    try:
+        for wide in (1, 0):
+            assert lib.decoder_set_avx512(wide) == wide
+            outs.append(m(ids, m.new_cache(48)))
+    finally:
+        lib.decoder_set_avx512(1)
+    assert torch.equal(outs[0], outs[1])
 
 
 @needs_fused

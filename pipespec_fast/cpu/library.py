@@ -99,6 +99,7 @@ SIGNATURES: dict[str, tuple] = {
     "int8_gemm_f32": (c_int, _THREE_POINTERS + _ONE_INT * 6),
     "decoder_abi_version": (c_int, []),
     "decoder_supported": (c_int, []),
+    "decoder_set_avx512": (c_int, [c_int]),
     # layers, n_layers, x, n, dim, n_heads, n_kv, hd, inter, eps, cosv, sinv, bits, words,
     # k_cache, v_cache, layer_stride, max_len, start, nthreads
     "decoder_layers_f32": (c_int, [c_void_p, c_int, c_void_p] + _ONE_INT * 6 + [c_float]

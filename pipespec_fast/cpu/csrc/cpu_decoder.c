@@ -8,7 +8,8 @@
  *
  * Matmuls go to skinny_gemm_f32 (fp32 weights), quant_gemm_f32 (packed weights) or, in the int8
  * compute mode, int8_gemm_f32 (Q4_1 / Q8_0 packed weights), all batch invariant. Everything else is computed per row (norms, RoPE, SiLU) or per (token, head) pair
- * (attention: keys in slot order, dot products in a fixed 8-lane order, a two-pass softmax)
+ * (attention: keys in slot order, dot products in a fixed 8-lane order, a two-pass softmax;
+ * the heads of a key/value head share loads, never an operation)
  * with the same operations whatever n, the position of the row in the block, the thread count
  * or the split of the work, so the layer stack is batch invariant too: verifying a block gives
  * each token bit for bit the hidden state that decoding it alone gives.
@@ -44,6 +45,14 @@ INLINE float hsum8(__m256 v) {
     __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
     t = _mm_add_ss(t, _mm_shuffle_ps(t, t, _MM_SHUFFLE(1, 1, 1, 1)));
     return _mm_cvtss_f32(t);
+}
+
+/* The largest lane (exact: max does not round; a NaN lane loses to any number). */
+INLINE float hmax8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    s = _mm_max_ps(_mm_movehl_ps(s, s), s);
+    s = _mm_max_ss(_mm_shuffle_ps(s, s, _MM_SHUFFLE(1, 1, 1, 1)), s);
+    return _mm_cvtss_f32(s);
 }
 
 /* sum_j a[j] * b[j] in a fixed order: 8 lanes over blocks of 8, the canonical reduction, then
@@ -82,28 +91,6 @@ static void rope(float *restrict v, const float *restrict c, const float *restri
     for (int j = half; j < hd; ++j) v[j] = tmp[j] * c[j] + tmp[j - half] * s[j];
 }
 
-/* Four dot products q . k[slot[t]] (t = 0..3), each in exactly dot()'s order. */
-INLINE void dot4(const float *q, const float *k0, const float *k1, const float *k2,
-                 const float *k3, int d, float *out) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int j = 0;
-    for (; j + 8 <= d; j += 8) {
-        const __m256 qv = _mm256_loadu_ps(q + j);
-        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + j), a0);
-        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + j), a1);
-        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + j), a2);
-        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + j), a3);
-    }
-    float s0 = hsum8(a0), s1 = hsum8(a1), s2 = hsum8(a2), s3 = hsum8(a3);
-    for (; j < d; ++j) {
-        s0 += q[j] * k0[j];
-        s1 += q[j] * k1[j];
-        s2 += q[j] * k2[j];
-        s3 += q[j] * k3[j];
-    }
-    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
-}
-
 /* exp(x) for 8 lanes (x <= 0 here): Cody-Waite reduction x = k ln2 + r, a degree-6 polynomial
  * for e^r on |r| <= ln2 / 2 (about 1 ulp), times 2^k; 0 below -87. Per lane, so the same for a
  * score whatever its neighbours. */
@@ -127,73 +114,213 @@ INLINE __m256 exp8(__m256 x) {
     return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
-/* out[0..hd) = sum_t p[t] * v[slot[t]] / sum, the slots in order; HD8 = hd / 8 when the
- * accumulators fit in registers (a constant at the call site), else 0 (memory). */
-INLINE void weighted_sum(const int HD8, const float *restrict vc, const int *restrict slots,
-                         const float *restrict p, int cnt, int hd, float inv,
-                         float *restrict out) {
-    if (HD8) {
-        __m256 acc[16];
-        for (int c = 0; c < HD8; ++c) acc[c] = _mm256_setzero_ps();
-        for (int t = 0; t < cnt; ++t) {
-            const __m256 pv = _mm256_set1_ps(p[t]);
-            const float *v = vc + (size_t)slots[t] * hd;
-            for (int c = 0; c < HD8; ++c)
-                acc[c] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * c), acc[c]);
-        }
-        const __m256 iv = _mm256_set1_ps(inv);
-        for (int c = 0; c < HD8; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], iv));
-        return;
-    }
-    memset(out, 0, (size_t)hd * sizeof(float));
-    for (int t = 0; t < cnt; ++t) axpy(out, p[t], vc + (size_t)slots[t] * hd, hd);
-    for (int d = 0; d < hd; ++d) out[d] *= inv;
+/* silu(g) * u for 8 lanes: g * sigmoid(g) * u, the sigmoid from e = exp8(-|g|) (exp8's domain,
+ * so no overflow): 1 / (1 + e) for g >= 0, e / (1 + e) below. About 2 ulp from the libm form
+ * g / (1 + expf(-g)) * u, 30x cheaper; a NaN in g or u stays NaN (g multiplies the result). */
+INLINE __m256 swiglu8(__m256 g, __m256 u) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const __m256 e = exp8(_mm256_or_ps(g, _mm256_set1_ps(-0.0f)));
+    const __m256 num = _mm256_blendv_ps(one, e, _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ));
+    return _mm256_mul_ps(_mm256_mul_ps(g, _mm256_div_ps(num, _mm256_add_ps(one, e))), u);
 }
 
-/* One query (token i, head h) against its keys: every prefix slot, then the new slots of its
- * ancestors-or-self, in slot order. scratch: 2 * (start + n) floats + as many ints. */
-static void attend(const float *restrict q, const float *restrict kc, const float *restrict vc,
-                   int start, int n, const int32_t *restrict bits, int hd, float scale,
-                   float *restrict scratch, float *restrict out) {
+/* a[j] = silu(g[j]) * u[j], j < m: 8 lanes at a time, the tail through the same lanes (so an
+ * element's bits never depend on its position). */
+static void swiglu_row(const float *restrict g, const float *restrict u, float *restrict a,
+                       int m) {
+    int j = 0;
+    for (; j + 8 <= m; j += 8)
+        _mm256_storeu_ps(a + j, swiglu8(_mm256_loadu_ps(g + j), _mm256_loadu_ps(u + j)));
+    if (j < m) {
+        float gt[8] = {0}, ut[8] = {0}, at[8];
+        memcpy(gt, g + j, sizeof(float) * (size_t)(m - j));
+        memcpy(ut, u + j, sizeof(float) * (size_t)(m - j));
+        _mm256_storeu_ps(at, swiglu8(_mm256_loadu_ps(gt), _mm256_loadu_ps(ut)));
+        memcpy(a + j, at, sizeof(float) * (size_t)(m - j));
+    }
+}
+
+#define GMAX 4 /* query heads attended together: they share their token's keys and values */
+
+/* hsum8 of eight vectors at once: lane s of the result is hsum8(v[s]), bit for bit (the same
+ * pairs added in the same tree: halves, then dwords 0 + 2 and 1 + 3, then those two). */
+INLINE __m256 hsum8x8(const __m256 *v) {
+    __m256 S[4];
+    for (int i = 0; i < 4; ++i)
+        S[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[i], v[i + 4], 0x20),
+                             _mm256_permute2f128_ps(v[i], v[i + 4], 0x31)); /* [s^i | s^i+4] */
+    const __m256 T0 = _mm256_add_ps(_mm256_shuffle_ps(S[0], S[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm256_shuffle_ps(S[0], S[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m256 T1 = _mm256_add_ps(_mm256_shuffle_ps(S[2], S[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm256_shuffle_ps(S[2], S[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm256_add_ps(_mm256_shuffle_ps(T0, T1, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm256_shuffle_ps(T0, T1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* sc[h * ld + t] = dot(q_h, k[slots[t]]) * scale for G queries q (rows hd apart) and every slot,
+ * each dot in dot()'s order: 8 keys at a time share one transposed reduction (hd % 8 == 0), the
+ * rest one by one. Returns nothing; the scale is one rounding after the dot, as before. */
+static void scores(const float *q, int G, const float *kc, const int *slots, int cnt, int hd,
+                   float scale, float *sc, int ld) {
+    int t = 0;
+    if (hd % 8 == 0) {
+        const __m256 sv = _mm256_set1_ps(scale);
+        for (; t + 8 <= cnt; t += 8) {
+            const float *k[8];
+            for (int s = 0; s < 8; ++s) k[s] = kc + (size_t)slots[t + s] * hd;
+            for (int h = 0; h < G; ++h) {
+                const float *qh = q + (size_t)h * hd;
+                __m256 acc[8];
+                for (int s = 0; s < 8; ++s) acc[s] = _mm256_setzero_ps();
+                for (int j = 0; j < hd; j += 8) {
+                    const __m256 qv = _mm256_loadu_ps(qh + j);
+                    for (int s = 0; s < 8; ++s)
+                        acc[s] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[s] + j), acc[s]);
+                }
+                _mm256_storeu_ps(sc + (size_t)h * ld + t, _mm256_mul_ps(hsum8x8(acc), sv));
+            }
+        }
+    }
+    for (; t < cnt; ++t)
+        for (int h = 0; h < G; ++h)
+            sc[(size_t)h * ld + t] = dot(q + (size_t)h * hd, kc + (size_t)slots[t] * hd, hd) * scale;
+}
+
+/* p[0..cnt) = exp(sc - max sc) (a two-pass softmax's numerators; exp8 on 8 lanes, the tail
+ * through the same lanes); returns 1 / sum p, the sum in 8 lanes (lane l: p[l], p[l + 8], ...
+ * in order; the tail's missing lanes add +0) reduced by hsum8. The max is exact in any order:
+ * vector lanes, a NaN score ignored as before. */
+static float softmax_numerators(const float *sc, int cnt, float *p) {
+    __m256 m8 = _mm256_set1_ps(-INFINITY);
+    int t = 0;
+    for (; t + 8 <= cnt; t += 8) m8 = _mm256_max_ps(_mm256_loadu_ps(sc + t), m8);
+    float mx = hmax8(m8);
+    for (; t < cnt; ++t) mx = sc[t] > mx ? sc[t] : mx;
+    const __m256 mv = _mm256_set1_ps(mx);
+    __m256 s8 = _mm256_setzero_ps();
+    for (t = 0; t + 8 <= cnt; t += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + t), mv));
+        _mm256_storeu_ps(p + t, e);
+        s8 = _mm256_add_ps(s8, e);
+    }
+    if (t < cnt) {
+        float tmp[8] = {0}, e[8];
+        for (int u = t; u < cnt; ++u) tmp[u - t] = sc[u] - mx;
+        _mm256_storeu_ps(e, exp8(_mm256_loadu_ps(tmp)));
+        for (int u = cnt - t; u < 8; ++u) e[u] = 0.0f;
+        for (int u = t; u < cnt; ++u) p[u] = e[u - t];
+        s8 = _mm256_add_ps(s8, _mm256_loadu_ps(e));
+    }
+    return 1.0f / hsum8(s8);
+}
+
+/* out_h[d] = inv_h * sum_t p_h[t] * v[slots[t]][d] for G heads (p rows ld apart, out rows hd
+ * apart): for each element one fma chain over the slots in order from 0, then one multiply,
+ * whatever the vector width (so this and the AVX-512 twin give the same bits). Dimensions go
+ * 32 at a time (4 accumulators per head stay in registers), then 8, then one by one. */
+static void weighted_sums(const float *vc, const int *slots, int cnt, const float *p, int ld,
+                          const float *inv, int G, int hd, float *out) {
+    int d0 = 0;
+    for (; d0 + 32 <= hd; d0 += 32) {
+        __m256 acc[GMAX][4];
+        for (int h = 0; h < G; ++h)
+            for (int c = 0; c < 4; ++c) acc[h][c] = _mm256_setzero_ps();
+        for (int t = 0; t < cnt; ++t) {
+            const float *v = vc + (size_t)slots[t] * hd + d0;
+            for (int h = 0; h < G; ++h) {
+                const __m256 pv = _mm256_set1_ps(p[(size_t)h * ld + t]);
+                for (int c = 0; c < 4; ++c)
+                    acc[h][c] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * c), acc[h][c]);
+            }
+        }
+        for (int h = 0; h < G; ++h)
+            for (int c = 0; c < 4; ++c)
+                _mm256_storeu_ps(out + (size_t)h * hd + d0 + 8 * c,
+                                 _mm256_mul_ps(acc[h][c], _mm256_set1_ps(inv[h])));
+    }
+    for (; d0 + 8 <= hd; d0 += 8) {
+        __m256 acc[GMAX];
+        for (int h = 0; h < G; ++h) acc[h] = _mm256_setzero_ps();
+        for (int t = 0; t < cnt; ++t)
+            for (int h = 0; h < G; ++h)
+                acc[h] = _mm256_fmadd_ps(_mm256_set1_ps(p[(size_t)h * ld + t]),
+                                         _mm256_loadu_ps(vc + (size_t)slots[t] * hd + d0),
+                                         acc[h]);
+        for (int h = 0; h < G; ++h)
+            _mm256_storeu_ps(out + (size_t)h * hd + d0,
+                             _mm256_mul_ps(acc[h], _mm256_set1_ps(inv[h])));
+    }
+    for (; d0 < hd; ++d0)
+        for (int h = 0; h < G; ++h) {
+            float acc = 0.0f;
+            for (int t = 0; t < cnt; ++t)
+                acc = fmaf(p[(size_t)h * ld + t], vc[(size_t)slots[t] * hd + d0], acc);
+            out[(size_t)h * hd + d0] = acc * inv[h];
+        }
+}
+
+#pragma GCC pop_options
+
+/* weighted_sums for hd % 64 == 0 with 16-lane vectors: the same fma chain per element. */
+__attribute__((target("avx512f"))) static void weighted_sums_512(
+    const float *vc, const int *slots, int cnt, const float *p, int ld, const float *inv, int G,
+    int hd, float *out) {
+    for (int d0 = 0; d0 < hd; d0 += 64) {
+        __m512 acc[GMAX][4];
+        for (int h = 0; h < G; ++h)
+            for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_setzero_ps();
+        for (int t = 0; t < cnt; ++t) {
+            const float *v = vc + (size_t)slots[t] * hd + d0;
+            for (int h = 0; h < G; ++h) {
+                const __m512 pv = _mm512_set1_ps(p[(size_t)h * ld + t]);
+                for (int c = 0; c < 4; ++c)
+                    acc[h][c] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + 16 * c), acc[h][c]);
+            }
+        }
+        for (int h = 0; h < G; ++h)
+            for (int c = 0; c < 4; ++c)
+                _mm512_storeu_ps(out + (size_t)h * hd + d0 + 16 * c,
+                                 _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inv[h])));
+    }
+}
+
+static int use_512 = -1; /* the AVX-512F weighted sums: -1 until decided */
+
+int decoder_set_avx512(int on) {
+    __builtin_cpu_init();
+    use_512 = on && __builtin_cpu_supports("avx512f");
+    return use_512;
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+/* G <= GMAX query heads of one token that share a key/value head (q and out: G rows hd apart)
+ * against the token's keys: every prefix slot, then the new slots of its ancestors-or-self, in
+ * slot order. Each head's arithmetic is exactly what it would be alone (G changes which loads
+ * are shared, never an operation), so the split of heads into groups and threads is free.
+ * scratch: (2 * GMAX + 1) * (start + n) floats. */
+static void attend(const float *restrict q, int G, const float *restrict kc,
+                   const float *restrict vc, int start, int n, const int32_t *restrict bits,
+                   int hd, float scale, float *restrict scratch, float *restrict out) {
     const int ctx = start + n;
-    float *sc = scratch, *p = scratch + ctx;
-    int *slots = (int *)(scratch + 2 * (size_t)ctx);
+    float *sc = scratch, *p = scratch + (size_t)GMAX * ctx;
+    int *slots = (int *)(scratch + 2 * (size_t)GMAX * ctx);
     int cnt = 0;
     for (int s = 0; s < start; ++s) slots[cnt++] = s;
     for (int j = 0; j < n; ++j)
         if ((bits[j >> 5] >> (j & 31)) & 1) slots[cnt++] = start + j;
-    int t = 0;
-    for (; t + 4 <= cnt; t += 4)
-        dot4(q, kc + (size_t)slots[t] * hd, kc + (size_t)slots[t + 1] * hd,
-             kc + (size_t)slots[t + 2] * hd, kc + (size_t)slots[t + 3] * hd, hd, sc + t);
-    for (; t < cnt; ++t) sc[t] = dot(q, kc + (size_t)slots[t] * hd, hd);
-    float mx = -INFINITY;
-    for (t = 0; t < cnt; ++t) {
-        sc[t] *= scale;
-        mx = sc[t] > mx ? sc[t] : mx;
-    }
-    const __m256 mv = _mm256_set1_ps(mx);
-    for (t = 0; t + 8 <= cnt; t += 8)
-        _mm256_storeu_ps(p + t, exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + t), mv)));
-    if (t < cnt) { /* the tail through the same 8-lane function */
-        float tmp[8] = {0};
-        for (int u = t; u < cnt; ++u) tmp[u - t] = sc[u] - mx;
-        float e[8];
-        _mm256_storeu_ps(e, exp8(_mm256_loadu_ps(tmp)));
-        for (int u = t; u < cnt; ++u) p[u] = e[u - t];
-    }
-    float sum = 0.0f;
-    for (t = 0; t < cnt; ++t) sum += p[t];
-    const float inv = 1.0f / sum;
-    if (hd == 64)
-        weighted_sum(8, vc, slots, p, cnt, hd, inv, out);
-    else if (hd == 128)
-        weighted_sum(16, vc, slots, p, cnt, hd, inv, out);
+    scores(q, G, kc, slots, cnt, hd, scale, sc, ctx);
+    float inv[GMAX];
+    for (int h = 0; h < G; ++h)
+        inv[h] = softmax_numerators(sc + (size_t)h * ctx, cnt, p + (size_t)h * ctx);
+    if (use_512 && hd % 64 == 0)
+        weighted_sums_512(vc, slots, cnt, p, ctx, inv, G, hd, out);
     else
-        weighted_sum(0, vc, slots, p, cnt, hd, inv, out);
+        weighted_sums(vc, slots, cnt, p, ctx, inv, G, hd, out);
 }
 
-#pragma GCC pop_options
+
 
 /* y[n, m] = x[n, k] @ w^T by the GEMM for the weight's storage (decoder_layer_t.kind) and the
  * layer's compute mode: in int8 mode, Q4_1 / Q8_0 rows take the int8 GEMM (x quantised once for
@@ -251,19 +378,22 @@ static void layer_part(void *arg, int t, int T) {
             }
             break;
         }
-        case STEP_ATTEND: {
+        case STEP_ATTEND: { /* heads i.. of one token and key/value head, up to GMAX */
             const int tok = i / c->n_heads, hh = i % c->n_heads, g = hh / c->group;
-            attend(c->qkv + (size_t)tok * c->qkvw + (size_t)hh * c->hd,
+            int G = (g + 1) * c->group - hh;
+            G = G < GMAX ? G : GMAX;
+            G = G < e - i ? G : e - i;
+            attend(c->qkv + (size_t)tok * c->qkvw + (size_t)hh * c->hd, G,
                    c->kl + (size_t)g * c->max_len * c->hd, c->vl + (size_t)g * c->max_len * c->hd,
                    c->start, c->n, c->bits + (size_t)tok * c->words, c->hd, c->scale,
-                   c->scores + (size_t)t * 3 * c->ctx,
+                   c->scores + (size_t)t * (2 * GMAX + 1) * c->ctx,
                    c->att + (size_t)tok * c->qo + (size_t)hh * c->hd);
+            i += G - 1;
             break;
         }
         case STEP_SWIGLU: {
             const float *g = c->gu + (size_t)i * 2 * c->inter, *u = g + c->inter;
-            float *a = c->act + (size_t)i * c->inter;
-            for (int j = 0; j < c->inter; ++j) a[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+            swiglu_row(g, u, c->act + (size_t)i * c->inter, c->inter);
             break;
         }
         }
@@ -285,6 +415,7 @@ int decoder_layers_f32(const decoder_layer_t *layers, int n_layers, float *x, in
     if (hd > 512 || hd % 2 || n_kv <= 0 || n_heads % n_kv || start + n > max_len ||
         words < (n + 31) / 32)
         return DECODER_BAD_SHAPE;
+    if (use_512 < 0) decoder_set_avx512(1);
     const int nt = nthreads < 1 ? 1 : nthreads;
     const int qo = n_heads * hd, kvo = n_kv * hd, qkvw = qo + 2 * kvo;
     const int ctx = start + n;
@@ -299,7 +430,7 @@ int decoder_layers_f32(const decoder_layer_t *layers, int n_layers, float *x, in
     c.gu = malloc(sizeof(float) * (size_t)n * 2 * inter);
     c.act = malloc(sizeof(float) * (size_t)n * inter);
     float *o = malloc(sizeof(float) * (size_t)n * dim);
-    c.scores = malloc(sizeof(float) * (size_t)nt * 3 * ctx); /* attend()'s scratch, per part */
+    c.scores = malloc(sizeof(float) * (size_t)nt * (2 * GMAX + 1) * ctx); /* per part */
     int err = DECODER_OK;
     if (!c.h || !c.qkv || !c.att || !c.gu || !c.act || !o || !c.scores) {
         err = DECODER_OUT_OF_MEMORY;
@@ -348,6 +479,7 @@ int decoder_supported(void) {
 #else
 
 int decoder_supported(void) { return 0; }
+int decoder_set_avx512(int on) { (void)on; return 0; }
 int decoder_layers_f32(const decoder_layer_t *layers, int n_layers, float *x, int n, int dim,
                        int n_heads, int n_kv, int hd, int inter, float eps, const float *cosv,
                        const float *sinv, const int32_t *bits, int words, float *k_cache,

@@ -41,6 +41,10 @@ int decoder_abi_version(void);
 /* Whether this CPU has avx2 and fma. */
 int decoder_supported(void);
 
+/* Use the AVX-512F attention sums where the CPU has them (the default) or not (on = 0: the AVX2
+ * path, for comparisons: both give the same bits). Returns whether they are in use. */
+int decoder_set_avx512(int on);
+
 /* Run n tokens through n_layers layers, in place on x [n, dim].
  *
  * cosv, sinv: [n, hd] RoPE tables of the tokens' positions. bits: [n, words] ancestor-or-self

@@ -339,7 +339,7 @@ def probe_latency(pipe, ctx: int = 160, ns=(1, 2, 3, 4, 5, 7), reps: int = 25) -
     ``L(n)`` the speculation ceiling is computed from."""
     import os
 
-    from model_forward import time_forward
+    from model_forward import time_forwards
 
     from pipespec_fast.cpu import linear
     from pipespec_fast.stages import is_model_free
@@ -347,7 +347,8 @@ def probe_latency(pipe, ctx: int = 160, ns=(1, 2, 3, 4, 5, 7), reps: int = 25) -
     models = [s for s in pipe.stages if not is_model_free(s)]
     torch.set_num_threads(1)
     old = linear.set_threads(len(os.sched_getaffinity(0)))
-    prompt = torch.randint(0, 1000, (ctx,), generator=torch.Generator().manual_seed(0))
+    vocab = min(1000, models[-1].vocab_size)  # ordinary ids, valid for any vocabulary
+    prompt = torch.randint(0, vocab, (ctx,), generator=torch.Generator().manual_seed(0))
     out = {}
     try:
         for role, st, sizes in (("target", models[-1], ns), ("draft", models[0], (1,))):
@@ -361,7 +362,7 @@ def probe_latency(pipe, ctx: int = 160, ns=(1, 2, 3, 4, 5, 7), reps: int = 25) -
             times: dict[int, list[float]] = {n: [] for n in sizes}
             for r in range(reps + 1):  # round 0 warms up
                 for n in sizes:
-                    t = time_forward(m, cache, n, 1, warmup=0)
+                    t = time_forwards({role: m}, {role: cache}, n, 1, warmup=0)[role]
                     if r:
                         times[n].append(t)
             out[role] = {n: statistics.median(v) for n, v in times.items()}

@@ -1,0 +1,39 @@
+"""``bench/e2e.py``'s own machinery on a tiny random family (no default model, no peers): the
+latency probe the speculation ceiling is fitted to, and the systems a pipeline yields."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # the bench scripts import each other as modules
+
+import e2e  # noqa: E402
+from tiny import family  # noqa: E402
+
+from pipespec_fast import FastPipeline, LlamaStage  # noqa: E402
+
+
+def _pipe(k: int = 2) -> FastPipeline:
+    return FastPipeline([LlamaStage(m, name=f"s{i}", max_len=256)
+                         for i, m in enumerate(family(k, seed=1))])
+
+
+def test_probe_latency_times_every_size_of_target_and_draft() -> None:
+    pipe = _pipe()
+    out = e2e.probe_latency(pipe, ctx=24, ns=(1, 2, 4), reps=2)
+    assert set(out) == {"target", "draft"}
+    assert set(out["target"]) == {1, 2, 4} and set(out["draft"]) == {1}
+    assert all(v > 0 for role in out.values() for v in role.values())
+    pipe.close()
+
+
+def test_make_systems_ours_pipelines_share_the_loaded_stages() -> None:
+    pipe = _pipe(2)
+    args = e2e._parser().parse_args(["--systems", "ours_ar,ours_sync2,ours_pipespec_ngram"])
+    systems, skipped = e2e.make_systems(args, pipe)
+    assert list(systems) == ["ours_ar", "ours_sync2"]
+    assert "ours_pipespec_ngram" in skipped  # no model-free drafter in this hierarchy
+    assert systems["ours_sync2"].pipe.stages[-1] is pipe.stages[-1]
+    pipe.close()

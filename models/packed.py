@@ -202,16 +202,28 @@ def converting(model, fn):
 
 
 def set_compute(model, mode: str) -> None:
-    """Choose how ``model``'s products on packed Q4_1 / Q8_0 weights are computed, in the fused
-    layers and the head alike (``pipespec_fast.validate.COMPUTE_MODES``): ``"exact"`` (the
-    converted checkpoint's fp32 arithmetic) or ``"int8"`` (activations quantised per 32-value
-    block, integer block dots; batch invariant too). Other weights stay exact either way. The
-    fused table is rebuilt on next use."""
+    """Choose how ``model``'s products on packed weights are computed, in the fused layers and
+    the head alike (``pipespec_fast.validate.COMPUTE_MODES``): ``"exact"`` (the converted
+    checkpoint's fp32 arithmetic) or ``"int8"`` (activations quantised per 32-value block,
+    integer block dots; batch invariant too). In int8 mode a matrix stored in fp16 (a draft's)
+    gets a Q8_0 copy beside it (``Linear.packed_int8``, ~0.53x its bytes; freed again in
+    exact mode), so it runs through the int8 GEMM as well: a draft's values change by the
+    Q8_0 rounding, which only moves its proposals (the verifier decides what is output).
+    fp32 matrices stay exact either way. The fused table is rebuilt on next use."""
     model.compute = validate.compute(mode)
     for m in model.modules():
         if isinstance(m, Linear):
             m.compute = mode
+            m.packed_int8 = _q8_0_copy(m.packed) if mode == "int8" else None
     model._plan = None
+
+
+def _q8_0_copy(pw: PackedWeight | None) -> PackedWeight | None:
+    """A Q8_0 copy of an fp16 packed matrix (per 32 values: absmax / 127 scale, round half to
+    even), or ``None`` for any other (Q4_1 / Q8_0 run the int8 GEMM as they are)."""
+    if pw is None or pw.kind != quant.F16 or pw.k % 32:
+        return None
+    return PackedWeight(quant.quantize(pw.dequantize(), quant.Q8_0), quant.Q8_0, pw.k)
 
 
 def fused_plan(model, x: torch.Tensor, cache, n: int):

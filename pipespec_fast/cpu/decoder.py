@@ -68,8 +68,9 @@ class DecoderPlan:
             mats = (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13,
                     layer.feed_forward.w2)
             for j, mod in enumerate(mats):
-                if use_packed and mod.packed is not None:
-                    row.w[j], row.kind[j] = self._ptr(mod.packed.data), mod.packed.kind
+                pw = (mod.packed_int8 if mode == "int8" else None) or mod.packed
+                if use_packed and pw is not None:
+                    row.w[j], row.kind[j] = self._ptr(pw.data), pw.kind
                 elif mod.weight.is_meta:
                     raise ValueError(
                         f"DecoderPlan: layer {i}'s {type(mod).__name__} {tuple(mod.weight.shape)}"

@@ -117,10 +117,12 @@ class Linear(torch.nn.Module):
     ``pipespec_fast.models.packed``); other inputs are then refused, and ``state_dict()``
     dequantises the packed rows. ``compute`` (``validate.COMPUTE_MODES``, set per model by
     ``models.packed.set_compute``): ``"int8"`` runs Q4_1 / Q8_0 packed copies through the int8
-    GEMM (``pipespec_fast.cpu.int8.int8_linear``; other formats stay exact).
+    GEMM (``pipespec_fast.cpu.int8.int8_linear``), as does ``packed_int8`` (an fp16 matrix's
+    Q8_0 copy, made by ``set_compute``) in place of ``packed``; other formats stay exact.
     """
 
     compute = "exact"
+    packed_int8 = None
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -135,7 +137,7 @@ class Linear(torch.nn.Module):
             if self.compute == "int8":
                 from pipespec_fast.cpu.int8 import int8_linear
 
-                return int8_linear(x, p, current_threads())
+                return int8_linear(x, self.packed_int8 or p, current_threads())
             from pipespec_fast.cpu.quant import packed_linear
 
             return packed_linear(x, p, current_threads())

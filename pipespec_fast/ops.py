@@ -237,11 +237,31 @@ def stochastic_accept(draft_tokens: torch.Tensor, parents: torch.Tensor,
         from pipespec_fast.kernels.acceptance import stochastic_accept as kernel
 
         return _run_triton(kernel, draft_tokens, parents, draft_probs, target_probs, seed, offset)
-    return reference.stochastic_accept(draft_tokens, parents, draft_probs, target_probs, seed,
-                                       offset)
+    race = _c_race(target_probs)
+    return reference.stochastic_accept(
+        draft_tokens, parents, draft_probs, target_probs, seed, offset,
+        residual_race=None if race is None else
+        lambda r, s, o: race.race_argmax(r, race.key(s, o, reference.STREAM_RESIDUAL)))
 
 
 def sample_from_probs(probs: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
-    """See :func:`pipespec_fast.reference.sample_from_probs` (torch on every backend)."""
+    """See :func:`pipespec_fast.reference.sample_from_probs`: the C race for fp32 CPU rows
+    (:mod:`pipespec_fast.cpu.race`: the same uniforms), torch otherwise."""
     _check(probs.dim() == 2, "probs", f"expected [m, V], got {tuple(probs.shape)}")
-    return reference.sample_from_probs(probs, seed, offset)
+    race = _c_race(probs)
+    if race is None:
+        return reference.sample_from_probs(probs, seed, offset)
+    m, V = probs.shape
+    key = race.key(seed, offset, reference.STREAM_DRAFT)
+    return torch.tensor([race.race_argmax(probs[i], key, i * V) for i in range(m)],
+                        dtype=torch.int64)
+
+
+def _c_race(t: torch.Tensor):
+    """:mod:`pipespec_fast.cpu.race` for fp32 CPU tensors when the C library is loaded (and
+    ``PIPESPEC_C_KERNELS`` allows it), else ``None``."""
+    if t.device.type != "cpu" or t.dtype != torch.float32:
+        return None
+    from pipespec_fast.cpu import race
+
+    return race if race.available() else None

@@ -297,6 +297,12 @@ def greedy_accept(
     )
 
 
+def _race(r: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+    """The extra token of :func:`stochastic_accept`: ``argmax_v r(v) / E(v)``."""
+    idx = torch.arange(r.shape[0], device=r.device)
+    return (r / -torch.log(counter_uniform(seed, offset, STREAM_RESIDUAL, idx))).argmax()
+
+
 def stochastic_accept(
     draft_tokens: torch.Tensor,
     parents: torch.Tensor,
@@ -304,6 +310,7 @@ def stochastic_accept(
     target_probs: torch.Tensor,
     seed: int,
     offset: int,
+    residual_race=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lossless speculative sampling over a chain or tree (recursive rejection sampling).
 
@@ -315,7 +322,6 @@ def stochastic_accept(
         target_probs: ``[n + 1, V]`` fp32 verifier distributions: row 0 after the last verified
             token, row ``i + 1`` after node ``i`` (already tempered / top-k / top-p).
         seed, offset: counter-based RNG key (module doc).
-
     Algorithm: start at the root with residual ``r = target_probs[0]``. Try the children of
     the current node in index order; child ``c`` with token ``x`` is accepted iff
     ``U_c * q_c(x) * sum(r) < r(x)`` (``U_c`` = uniform of stream ``STREAM_ACCEPT``, index
@@ -326,6 +332,7 @@ def stochastic_accept(
     index ``v``. Each sibling step is a standard speculative sampling step aimed at the
     current residual, so the emitted tokens are distributed exactly as the verifier's.
 
+    ``residual_race(r, seed, offset) -> int``: that race computed elsewhere (ops: the C race).
     Returns ``(path, num_accepted, next_token)`` as :func:`greedy_accept`.
     """
     n, V = draft_probs.shape
@@ -351,9 +358,7 @@ def stochastic_accept(
         path.append(accepted)
         cur = accepted
         r = target_probs[cur + 1].float().clone()
-    e = -torch.log(counter_uniform(seed, offset, STREAM_RESIDUAL, torch.arange(V, device=dev)))
-    nxt = (r / e).argmax()
-    out = torch.full((n,), -1, dtype=torch.int64, device=dev)
-    if path:
-        out[: len(path)] = torch.tensor(path, dtype=torch.int64)
+    nxt = (_race(r, seed, offset) if residual_race is None else
+           torch.tensor(residual_race(r, seed, offset), device=dev))
+    out = torch.tensor(path + [-1] * (n - len(path)), dtype=torch.int64, device=dev)
     return out, torch.tensor(len(path), dtype=torch.int64, device=dev), nxt.to(torch.int64)

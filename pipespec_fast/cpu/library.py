@@ -40,13 +40,13 @@ import sys
 import tempfile
 import threading
 import warnings
-from ctypes import c_float, c_int, c_int32, c_longlong, c_void_p
+from ctypes import c_float, c_int, c_int32, c_longlong, c_uint32, c_void_p
 from pathlib import Path
 
 from pipespec_fast import config
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
-KERNELS = ("skinny_gemm", "quant_gemm", "int8_gemm", "cpu_decoder", "thread_pool")
+KERNELS = ("skinny_gemm", "quant_gemm", "int8_gemm", "cpu_decoder", "thread_pool", "race")
 SOURCES = tuple(SOURCE_DIR / f"{name}.c" for name in KERNELS)
 HEADERS = tuple(SOURCE_DIR / f"{name}.h" for name in KERNELS)
 CFLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off")
@@ -97,6 +97,10 @@ SIGNATURES: dict[str, tuple] = {
     "int8_gemm_q": (c_int, [c_void_p] * 4 + _ONE_INT * 5),
     # x, w, y, n, k, m, ldx, kind, nthreads
     "int8_gemm_f32": (c_int, _THREE_POINTERS + _ONE_INT * 6),
+    # out, n, key, index0
+    "race_uniforms": (None, [c_void_p, c_longlong, c_uint32, c_longlong]),
+    # w, V, key, index0
+    "race_argmax": (c_longlong, [c_void_p, c_longlong, c_uint32, c_longlong]),
     "decoder_abi_version": (c_int, []),
     "decoder_supported": (c_int, []),
     "decoder_set_avx512": (c_int, [c_int]),

@@ -149,7 +149,9 @@ def test_int8_pipeline_greedy_equals_int8_ar(k, mode) -> None:
 
 def test_from_pretrained_compute_reaches_every_model(tmp_path) -> None:
     """``FastPipeline.from_pretrained(..., compute=)``: checked before loading; every model
-    stage gets the mode; the int8 pipeline's greedy output is its int8 target's AR."""
+    stage gets the mode; the int8 pipeline's greedy output is its int8 target's AR. Without
+    ``compute``, a model with Q4_1 / Q8_0 packed weights computes in int8, and in the same
+    bits as when asked for by name."""
     from pipespec_fast.models.llama import Transformer
     from tests.test_cpu_decoder import convert_tiny_gguf
 
@@ -162,8 +164,32 @@ def test_from_pretrained_compute_reaches_every_model(tmp_path) -> None:
     set_compute(target, "int8")
     want = FastPipeline([LlamaStage(target, max_len=128)]).generate(PROMPT, 12, ignore_eos=True)
     assert pipe.generate(PROMPT, 12, ignore_eos=True).token_ids == want.token_ids
-    exact = FastPipeline.from_pretrained([out], max_len=128)
-    assert exact.stages[0].model.compute == "exact"
+    exact = FastPipeline.from_pretrained([out], max_len=128, compute="exact").stages[0].model
+    default = FastPipeline.from_pretrained([out], max_len=128).stages[0].model
+    assert (exact.compute, default.compute) == ("exact", "int8")
+    ids = torch.tensor(PROMPT)
+    logits = {m: m(ids, m.new_cache(8)) for m in (exact, default, target)}
+    assert torch.equal(logits[default], logits[target])
+    assert not torch.equal(logits[exact], logits[target])
+
+
+def test_default_compute_is_int8_only_where_q4_1_or_q8_0_weights_are_packed(tmp_path) -> None:
+    """``default_compute``: int8 for a model with Q4_1 / Q8_0 packed matrices; exact for one
+    holding only fp16 packed ones (the default draft's kind) or fp32 ones, whose products
+    the int8 mode would not change."""
+    from pipespec_fast.cpu.quant import F16
+    from pipespec_fast.models.packed import default_compute
+
+    cfg = tiny_config(**CFG)
+    sd = random_hf_state(cfg, 3, std=0.2)
+    assert default_compute(packed_model(sd, cfg, "exact")) == "int8"
+    assert default_compute(build(cfg, sd)) == "exact"
+    matrices = [n for n, w in sd.items() if w.dim() == 2 and n != hf_names.FINAL_NORM]
+    sd = {n: w.half().float() if n in matrices else w for n, w in sd.items()}
+    half = build(cfg, sd)
+    half.attach_packed({n: PackedWeight(quant.quantize(sd[n], F16), F16, sd[n].shape[1])
+                        for n in matrices})
+    assert half.packed_bytes() > 0 and default_compute(half) == "exact"
 
 
 # ----------------------------------------------------------------------------- sampling

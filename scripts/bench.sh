@@ -21,4 +21,6 @@ for task in humaneval mtbench; do
       --max-new-tokens "$N"
   done
 done
+# what the int8 compute mode (the default) costs in quality against exact: no timings
+.venv/bin/python bench/int8_quality.py --json bench/results/int8_quality.json
 .venv/bin/python bench/plots.py

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end benchmark: every system (ours, transformers, native llama.cpp), both tasks, greedy
-# and T=0.7, then the pictures.
+# and T=0.7, then the int8 compute mode's quality figures and the pictures.
 # Usage: ./scripts/bench.sh [PROMPTS] [MAX_NEW_TOKENS]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -181,11 +181,10 @@ def main(argv=None) -> int:
 
     from pipespec_fast import FastPipeline
 
-    kw = {"compute": args.compute} if args.compute else {}
     if args.models:
-        pipe = FastPipeline.from_pretrained(args.models, **kw)
+        pipe = FastPipeline.from_pretrained(args.models, compute=args.compute)
     else:
-        pipe = FastPipeline.from_default(**kw)
+        pipe = FastPipeline.from_default(compute=args.compute)
     systems, skipped = make_systems(args, pipe)
     prompts = [pipe.chat_prompt(p) for p in load_prompts(args.task, args.prompts)]
     latency = probe_latency(pipe)
@@ -209,7 +208,8 @@ def main(argv=None) -> int:
     meta = {"latency_ms": latency, "task": args.task, "prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature, "stages": [s.name for s in pipe.stages],
-            "compute": args.compute or "default",
+            "compute": [getattr(getattr(s, "model", None), "compute", None)
+                        for s in pipe.stages],
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "peak_rss_mb": peak_rss_mb(), "command": " ".join(sys.argv), "skipped": skipped}
     llama = next((s for s in systems.values() if hasattr(s, "bin_dir")), None)
@@ -236,8 +236,9 @@ def _parser() -> argparse.ArgumentParser:
                     "ours_pipespec_ngram,ours_pipespec2,ours_pipespec,ours_pipespec_split,"
                     "llamacpp_ar,llamacpp_lookup")
     ap.add_argument("--models", nargs="+", help="stage dirs (default: the default hierarchy)")
-    ap.add_argument("--compute", choices=("exact", "int8"),
-                    help="our models' compute mode (default: FastPipeline's)")
+    ap.add_argument("--compute", choices=["exact", "int8"],
+                    help="our compute mode (default: the pipeline's, int8 for the default "
+                    "target; exact: greedy equal to transformers')")
     ap.add_argument("--gguf", help="the GGUF llama.cpp runs (default: the default target's)")
     ap.add_argument("--llamacpp-bin", help="llama.cpp's binaries (default: the cached build of "
                     "scripts/build_llamacpp.sh)")
@@ -450,8 +451,8 @@ def _rates(rs: list[dict]) -> dict:
 
 def table(summary: dict, meta: dict) -> str:
     lines = [f"task {meta['task']}, {meta['prompts']} prompts, {meta['max_new_tokens']} new "
-             f"tokens, temperature {meta['temperature']}, compute "
-             f"{meta.get('compute', 'default')}, stages {meta['stages']}", "",
+             f"tokens, temperature {meta['temperature']}, stages {meta['stages']}, compute "
+             f"{meta.get('compute', '-')}", "",
              "| system | tokens/s (median) | vs hf_ar | acceptance per stage | mean accepted "
              "length | predicted tokens/s | same greedy output | MB: weights (+ our KV cache) | "
              "busy share per stage |",

@@ -118,30 +118,36 @@ class FastPipeline:
     def from_pretrained(cls, paths: Sequence[str | Path], device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32,
                         devices: Sequence[str | torch.device] | None = None,
-                        max_len: int = 2048, ngram: bool = False, compute: str = "exact",
+                        max_len: int = 2048, ngram: bool = False, compute: str | None = None,
                         **kwargs) -> FastPipeline:
         """Load LLaMA checkpoints (HF layout), smallest first; the last path is the target.
         All must share one tokenizer; ``ngram=True`` adds an n-gram drafter as stage 0
-        (:func:`pipespec_fast.loading.load_stages`). ``compute`` (``"exact"`` or ``"int8"``,
-        every model: ``models.packed.set_compute``): exact is the converted checkpoints' fp32
-        arithmetic (greedy equals transformers); int8 computes products on Q4_1 / Q8_0 weights
-        with int8 activations (greedy speculative decoding equals int8 greedy AR, not
-        transformers). ``kwargs`` go to the constructor."""
+        (:func:`pipespec_fast.loading.load_stages`). ``compute`` (every model:
+        ``models.packed.set_compute``): ``"exact"`` is the converted checkpoints' fp32
+        arithmetic (greedy equals transformers); ``"int8"`` computes products on Q4_1 / Q8_0
+        weights with int8 activations (greedy speculative decoding equals int8 greedy AR, not
+        transformers). Default (``None``): ``int8`` for a target holding Q4_1 / Q8_0 packed
+        weights on CPU (the default target), else ``exact``; drafts with packed weights follow
+        an int8 target (``models.packed.default_modes``). ``kwargs`` go to the constructor."""
         from pipespec_fast.loading import load_stages
-        from pipespec_fast.models.packed import set_compute
+        from pipespec_fast.models.packed import default_modes, set_compute
 
-        validate.compute(compute)
+        if compute is not None:
+            validate.compute(compute)
         stages, tok = load_stages(paths, device, dtype, devices, max_len, ngram)
-        for stage in stages:
-            if hasattr(getattr(stage, "model", None), "compute"):
-                set_compute(stage.model, compute)
+        models = [st.model for st in stages if hasattr(getattr(st, "model", None), "compute")]
+        modes = default_modes(models) if compute is None else [compute] * len(models)
+        for model, mode in zip(models, modes, strict=True):
+            set_compute(model, mode)
         return cls(stages, tokenizer=tok, **kwargs)
 
     @classmethod
     def from_default(cls, draft: bool = True, **kwargs) -> FastPipeline:
         """The embedded default hierarchy: an n-gram drafter below the models listed by
         ``pipespec-fast models`` (the distilled draft, then the target). ``draft=False``
-        leaves the draft out: ``[n-gram -> target]``, faster on a 2-core CPU (README)."""
+        leaves the draft out: ``[n-gram -> target]``, faster on a 2-core CPU (README). Its
+        target and draft compute in int8 unless ``compute="exact"`` is asked for
+        (:meth:`from_pretrained`; the draft's fp16 matrices get Q8_0 copies)."""
         from pipespec_fast.models.defaults import default_model_dirs
 
         kwargs.setdefault("ngram", True)

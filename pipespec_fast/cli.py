@@ -62,7 +62,7 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         validate.max_len(args.max_len)
     except ValueError as e:
         raise _as_flag(e) from None
-    if args.compute not in validate.COMPUTE_MODES:
+    if args.compute is not None and args.compute not in validate.COMPUTE_MODES:
         raise UsageError(f"--compute: expected one of {', '.join(validate.COMPUTE_MODES)}, "
                          f"got {args.compute!r}")
     if not args.prompt:
@@ -154,9 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int)
     g.add_argument("--mode", choices=["pipespec", "sync", "ar"], default="pipespec")
-    g.add_argument("--compute", default="exact",
+    g.add_argument("--compute",
                    help="products on packed Q4_1/Q8_0 weights: exact (fp32, greedy equals "
-                        "transformers) or int8 (int8 activations; greedy equals int8 AR)")
+                        "transformers) or int8 (int8 activations; greedy equals int8 AR); "
+                        "default: int8 for a model with such weights (the default target), "
+                        "exact otherwise")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     g.add_argument("--max-len", type=int, default=2048, help="KV cache length per stage")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end benchmark: every system (ours, transformers, native llama.cpp), both tasks, greedy
-# and T=0.7, then the pictures.
+# and T=0.7, then the int8 compute mode's quality figures and the pictures.
 # Usage: ./scripts/bench.sh [PROMPTS] [MAX_NEW_TOKENS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,4 +21,6 @@ for task in humaneval mtbench; do
       --max-new-tokens "$N"
   done
 done
+# what the int8 compute mode (the default) costs in quality against exact: no timings
+.venv/bin/python bench/int8_quality.py --json bench/results/int8_quality.json
 .venv/bin/python bench/plots.py

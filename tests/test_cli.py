@@ -61,8 +61,11 @@ def test_compute_mode_reaches_the_pipeline(monkeypatch) -> None:
     assert cli.main(["generate", "--prompt", "hi", "--compute", "int8"]) == 130
     assert seen["compute"] == "int8"
     seen.clear()
-    cli.main(["generate", "--prompt", "hi"])
+    cli.main(["generate", "--prompt", "hi", "--compute", "exact"])
     assert seen["compute"] == "exact"
+    seen.clear()
+    cli.main(["generate", "--prompt", "hi"])  # the pipeline's default: int8 where packed
+    assert seen["compute"] is None
 
 
 def test_cuda_device_without_cuda_is_a_usage_error(monkeypatch, capsys, no_model_load):

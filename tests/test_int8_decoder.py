@@ -1,6 +1,7 @@
 """The int8 compute mode of a model on packed Q4_1 / Q8_0 weights (``models.packed.set_compute``):
 the fused layers and the head run the int8 GEMM, batch invariantly, close to the exact mode, and
-speculative greedy decoding in that mode reproduces the same mode's greedy decoding."""
+speculative decoding in that mode reproduces the same mode's greedy decoding and samples
+the same mode's distribution."""
 
 from __future__ import annotations
 
@@ -148,7 +149,9 @@ def test_int8_pipeline_greedy_equals_int8_ar(k, mode) -> None:
 
 def test_from_pretrained_compute_reaches_every_model(tmp_path) -> None:
     """``FastPipeline.from_pretrained(..., compute=)``: checked before loading; every model
-    stage gets the mode; the int8 pipeline's greedy output is its int8 target's AR."""
+    stage gets the mode; the int8 pipeline's greedy output is its int8 target's AR. Without
+    ``compute``, a model with Q4_1 / Q8_0 packed weights computes in int8, and in the same
+    bits as when asked for by name."""
     from pipespec_fast.models.llama import Transformer
     from tests.test_cpu_decoder import convert_tiny_gguf
 
@@ -161,5 +164,91 @@ def test_from_pretrained_compute_reaches_every_model(tmp_path) -> None:
     set_compute(target, "int8")
     want = FastPipeline([LlamaStage(target, max_len=128)]).generate(PROMPT, 12, ignore_eos=True)
     assert pipe.generate(PROMPT, 12, ignore_eos=True).token_ids == want.token_ids
-    exact = FastPipeline.from_pretrained([out], max_len=128)
-    assert exact.stages[0].model.compute == "exact"
+    exact = FastPipeline.from_pretrained([out], max_len=128, compute="exact").stages[0].model
+    default = FastPipeline.from_pretrained([out], max_len=128).stages[0].model
+    assert (exact.compute, default.compute) == ("exact", "int8")
+    ids = torch.tensor(PROMPT)
+    logits = {m: m(ids, m.new_cache(8)) for m in (exact, default, target)}
+    assert torch.equal(logits[default], logits[target])
+    assert not torch.equal(logits[exact], logits[target])
+
+
+def test_default_compute_is_int8_only_where_q4_1_or_q8_0_weights_are_packed(tmp_path) -> None:
+    """``default_compute``: int8 for a model with Q4_1 / Q8_0 packed matrices; exact for one
+    holding only fp16 packed ones (the default draft's kind) or fp32 ones, whose products
+    the int8 mode would not change."""
+    from pipespec_fast.cpu.quant import F16
+    from pipespec_fast.models.packed import default_compute
+
+    cfg = tiny_config(**CFG)
+    sd = random_hf_state(cfg, 3, std=0.2)
+    assert default_compute(packed_model(sd, cfg, "exact")) == "int8"
+    assert default_compute(build(cfg, sd)) == "exact"
+    matrices = [n for n, w in sd.items() if w.dim() == 2 and n != hf_names.FINAL_NORM]
+    sd = {n: w.half().float() if n in matrices else w for n, w in sd.items()}
+    half = build(cfg, sd)
+    half.attach_packed({n: PackedWeight(quant.quantize(sd[n], F16), F16, sd[n].shape[1])
+                        for n in matrices})
+    assert half.packed_bytes() > 0 and default_compute(half) == "exact"
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def outlier_channels(sd: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """Every norm's channels 0, 32, ... made ``scale`` times larger: one value per 32-block of
+    every product's input is then an outlier, whose block step rounds the others coarsely (as
+    real models' outlier channels do, more so), so the int8 distribution is far enough from
+    the exact one for 2000 samples to tell them apart."""
+    out = dict(sd)
+    for name, w in sd.items():
+        if name.endswith("norm.weight") or "layernorm" in name:
+            out[name] = w.clone()
+            out[name][::32] *= scale
+    return out
+
+
+def pooled_chi_square_p(counts: torch.Tensor, joint: torch.Tensor) -> float:
+    """p-value of ``counts`` under ``joint`` (cells with an expected count under 5 pooled);
+    0 when a cell the distribution rules out was drawn."""
+    from scipy.stats import chisquare
+
+    exp = joint.flatten().double() * counts.sum()
+    if counts[exp == 0].sum() > 0:
+        return 0.0
+    keep = exp >= 5
+    obs = torch.cat([counts[keep].double(), counts[~keep].sum().reshape(1)])
+    ex = torch.cat([exp[keep], exp[~keep].sum().reshape(1)])
+    return chisquare(obs.numpy(), ex.numpy() * obs.sum().item() / ex.sum().item()).pvalue
+
+
+@pytest.mark.parametrize("k,mode", [(3, "pipespec"), (2, "sync"), (3, "sync")])
+def test_int8_sampling_matches_the_int8_target_distribution(k, mode) -> None:
+    """Sampled speculative decoding in int8 mode draws the first two tokens from the int8
+    target's own AR distribution (its joint, computed token by token: chi-square, 2000 runs),
+    and the same samples reject the exact mode's distribution (TV distance ~0.12 here), so a
+    pipeline verifying against the exact-mode probabilities would fail this test."""
+    from tests.test_pipeline import exact_joint
+
+    cfg = tiny_config(vocab=6, dim=64, n_heads=4, n_kv_heads=2, n_layers=2)
+    target = random_hf_state(cfg, 2, std=0.2)
+    sds = [noisy_copy(target, 0.6 * (k - 1 - i), 40 + i) for i in range(k - 1)] + [target]
+    sds = [outlier_channels(sd, 10.0) for sd in sds]
+    stages = [LlamaStage(packed_model(sd, cfg), name=f"s{i}", max_len=64)
+              for i, sd in enumerate(sds)]
+    prompt = [1, 5, 2, 3, 0, 4]
+    joint = exact_joint(stages[-1], prompt, 1.0, None, None)
+    exact = exact_joint(LlamaStage(packed_model(sds[-1], cfg, "exact"), max_len=64), prompt,
+                        1.0, None, None)
+    pipe = FastPipeline(stages, mode=mode)
+    n, V = 2000, cfg.vocab_size
+    counts = torch.zeros(V * V)
+    accepted = 0
+    for seed in range(n):
+        res = pipe.generate(prompt, 2, temperature=1.0, seed=seed, ignore_eos=True)
+        a, b = res.token_ids
+        counts[a * V + b] += 1
+        accepted += res.stage_stats[-1].accepted
+    assert accepted > 0  # drafts were really accepted, not all resampled
+    assert pooled_chi_square_p(counts, joint) > 1e-3
+    assert pooled_chi_square_p(counts, exact) < 1e-6

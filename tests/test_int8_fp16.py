@@ -92,3 +92,17 @@ def test_int8_pipeline_with_an_fp16_draft_equals_int8_ar(mode) -> None:
     assert res.token_ids == want
     tgt = res.stage_stats[-1]
     assert tgt.proposed > 0 and 0 < tgt.accepted < tgt.proposed
+
+
+def test_default_modes_drafts_follow_an_int8_target() -> None:
+    """``from_pretrained``'s default: the target's own default; a draft holding packed
+    matrices (fp16 here) follows an int8 target, and keeps its own default otherwise."""
+    from pipespec_fast.models.packed import default_modes
+
+    cfg = tiny_config(**CFG)
+    sd = random_hf_state(cfg, 26, std=0.2)
+    half, q = fp16_model(sd, cfg, "exact"), packed_model(sd, cfg, "exact")
+    dense = build(cfg, sd)
+    assert default_modes([half, dense, q]) == ["int8", "exact", "int8"]
+    assert default_modes([half, half]) == ["exact", "exact"]  # an fp16 target stays exact
+    assert default_modes([q]) == ["int8"] and default_modes([]) == []

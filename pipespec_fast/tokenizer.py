@@ -186,6 +186,9 @@ class FastTokenizer:
             self._full = load_transformers_tokenizer(self.folder)
         return self._full
 
+    def __call__(self, *args, **kwargs):
+        return self.full()(*args, **kwargs)
+
     def __getattr__(self, name: str):
         if name.startswith("_") or name in ("backend", "folder"):
             raise AttributeError(name)

@@ -135,6 +135,7 @@ def test_other_calls_go_to_transformers(pair, tmp_path):
         _ids(ref.apply_chat_template(chat, tools=tools))
     assert fresh._full is not None
     assert fresh.convert_ids_to_tokens([5, 6]) == ref.convert_ids_to_tokens([5, 6])
+    assert fresh("a b")["input_ids"] == ref("a b")["input_ids"]
     # a template tag only transformers knows ({% generation %}): rendered by transformers
     folder = _copy(DRAFT, tmp_path / "gen")
     (folder / "chat_template.jinja").write_text(

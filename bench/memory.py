@@ -10,7 +10,8 @@ allocated untouched: only written pages are resident), and the rest (the tokeniz
 kernels paged in on first use, threads, buffers). Run it in a fresh process: RSS is per
 process, and anything loaded before counts.
 
-    .venv/bin/python bench/memory.py [--tokens 512] [--no-draft] [--json out.json]
+    .venv/bin/python bench/memory.py [--tokens 512] [--no-draft] [--compute exact|int8]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--no-draft", action="store_true")
+    ap.add_argument("--compute", default=None,
+                    help="exact or int8 (default: FastPipeline.from_default's own choice)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args(argv)
 
@@ -89,7 +92,8 @@ def main(argv=None) -> int:
     from pipespec_fast import FastPipeline
 
     snapshot("imports", rows)
-    pipe = FastPipeline.from_default(draft=not args.no_draft)
+    kw = {} if args.compute is None else {"compute": args.compute}
+    pipe = FastPipeline.from_default(draft=not args.no_draft, **kw)
     snapshot("loaded", rows)
     models = {}
     for stage in pipe.stages:

@@ -258,13 +258,13 @@ def load_rows(model_dir: str | Path, rows: Mapping[str, list[int]],
         if info is None or len(info.shape) != 2:
             raise CheckpointError(f"{model_dir}: no weight matrix {name} in the checkpoint")
 
-    def read(f, name: str) -> torch.Tensor:
-        sl = f.get_slice(name)
-        parts = [sl[r : r + 1] for r in rows[name]]
-        return torch.cat(parts).to(dtype) if parts else \
-            torch.empty(0, infos[name].shape[1], dtype=dtype)
-
-    return _read_by_file({name: infos[name].file for name in rows}, read, "rows of")
+    by_file: dict[Path, list[str]] = {}
+    for name in rows:
+        by_file.setdefault(infos[name].file, []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for file, names in by_file.items():  # plain reads: no page around a row gets mapped
+        out.update((n, t.to(dtype)) for n, t in read_owned(file, names, rows).items())
+    return {name: out[name] for name in rows}
 
 
 PACKED_FILE = "packed.safetensors"
@@ -278,51 +278,130 @@ def load_packed(model_dir: str | Path, config: LlamaConfig) -> dict[str, Any]:
     the checkpoint itself stores as fp16 (packed as ``F16``). Returns HF name ->
     :class:`pipespec_fast.cpu.quant.PackedWeight` (``{}`` if none); a malformed packed file raises
     :class:`CheckpointError` naming the tensor. The caller checks the values against the fp32
-    weights (:func:`pipespec_fast.models.packed.attach_packed`). The tensors may be views of
-    the files' memory maps: ``attach_packed`` copies what it keeps (joining fused parts
-    anyway), so the maps close once the returned dict is dropped.
+    weights (:func:`pipespec_fast.models.packed.attach_packed`). The tensors own their memory
+    (:func:`read_owned`: no memory map stays open behind them).
     """
-    from pipespec_fast.cpu.quant import KIND_NAMES, PackedWeight, row_bytes
+    from pipespec_fast.cpu.quant import PackedWeight
 
     model_dir = Path(model_dir)
     expected = config.expected_shapes()
-    out: dict[str, Any] = {}
+    kinds: dict[str, int] = {}
     path = model_dir / PACKED_FILE
     if path.is_file():
-        with _open(path) as f:
-            try:
-                kinds = json.loads((f.metadata() or {}).get("kinds", "{}"))
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{path}: invalid 'kinds' metadata ({e})") from e
-            if not isinstance(kinds, dict):
-                raise CheckpointError(f"{path}: 'kinds' metadata must map tensor names to "
-                                      f"kinds, got {type(kinds).__name__}")
-            for name in f.keys():
-                shape = expected.get(name)
-                kind = kinds.get(name)
-                if shape is None or len(shape) != 2:
-                    raise CheckpointError(f"{path}: tensor {name} is not a weight matrix of "
-                                          "this model")
-                if kind not in KIND_NAMES:
-                    raise CheckpointError(f"{path}: tensor {name} has no valid kind in the "
-                                          f"metadata (got {kind!r}; expected {KIND_NAMES})")
-                t = f.get_tensor(name)
-                try:
-                    want = (shape[0], row_bytes(kind, shape[1]))
-                except ValueError as e:
-                    raise CheckpointError(f"{path}: tensor {name}: {e}") from e
-                if t.dtype != torch.uint8 or tuple(t.shape) != want:
-                    raise CheckpointError(
-                        f"{path}: tensor {name} is {t.dtype} {list(t.shape)}; expected uint8 "
-                        f"{list(want)} ({KIND_NAMES[kind]} rows of {shape[1]} values)")
-                out[name] = PackedWeight(t, kind, shape[1])
+        kinds = _packed_kinds(path, expected)
     infos = scan_checkpoint(model_dir)
     fp16 = {n: info for n, info in infos.items()
-            if info.dtype == "F16" and len(info.shape) == 2 and n not in out
+            if info.dtype == "F16" and len(info.shape) == 2 and n not in kinds
             and n in expected and info.shape[1] % 16 == 0}
-    for name, t in _materialize(fp16, torch.float16, "cpu").items():
-        out[name] = PackedWeight.from_half(t)
+    out: dict[str, Any] = {}
+    for name, t in read_owned(path, list(kinds)).items():
+        out[name] = PackedWeight(t, kinds[name], expected[name][1])
+    by_file: dict[Path, list[str]] = {}
+    for name, info in fp16.items():
+        by_file.setdefault(info.file, []).append(name)
+    for file, names in by_file.items():
+        for name, t in read_owned(file, names).items():
+            out[name] = PackedWeight.from_half(t)
     return out
+
+
+def _packed_kinds(path: Path, expected: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """HF name -> ggml kind of every tensor of a packed file, each checked (a weight matrix of
+    this model, a known kind, uint8 rows of the kind's size) from the header alone."""
+    from pipespec_fast.cpu.quant import KIND_NAMES, row_bytes
+
+    out: dict[str, int] = {}
+    with _open(path) as f:
+        try:
+            kinds = json.loads((f.metadata() or {}).get("kinds", "{}"))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: invalid 'kinds' metadata ({e})") from e
+        if not isinstance(kinds, dict):
+            raise CheckpointError(f"{path}: 'kinds' metadata must map tensor names to "
+                                  f"kinds, got {type(kinds).__name__}")
+        for name in f.keys():
+            shape = expected.get(name)
+            kind = kinds.get(name)
+            if shape is None or len(shape) != 2:
+                raise CheckpointError(f"{path}: tensor {name} is not a weight matrix of "
+                                      "this model")
+            if kind not in KIND_NAMES:
+                raise CheckpointError(f"{path}: tensor {name} has no valid kind in the "
+                                      f"metadata (got {kind!r}; expected {KIND_NAMES})")
+            sl = f.get_slice(name)
+            dtype, got = sl.get_dtype(), [int(d) for d in sl.get_shape()]
+            try:
+                want = (shape[0], row_bytes(kind, shape[1]))
+            except ValueError as e:
+                raise CheckpointError(f"{path}: tensor {name}: {e}") from e
+            if dtype != "U8" or tuple(got) != want:
+                shown = _TORCH_DTYPES.get(dtype, dtype)
+                raise CheckpointError(
+                    f"{path}: tensor {name} is {shown} {got}; expected uint8 "
+                    f"{list(want)} ({KIND_NAMES[kind]} rows of {shape[1]} values)")
+            out[name] = kind
+    return out
+
+
+_TORCH_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "F16": torch.float16,
+                 "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                 "I32": torch.int32, "I64": torch.int64}
+
+
+def read_owned(path: Path, names: list[str], rows: Mapping[str, list[int]] | None = None,
+               ) -> dict[str, torch.Tensor]:
+    """Tensors ``names`` of one safetensors file, as stored (no conversion), read with plain
+    file reads into memory this process owns; for a name in ``rows``, only those rows of the
+    2-D tensor (``[len(rows[name]), k]``).
+
+    Why not ``safe_open``: it hands out views of a memory map, and every page read through a
+    map stays in the process's resident set until the map closes, so keeping (or joining) the
+    tensors held the file's pages *and* the copies: loading the default target peaked ~190 MB
+    above what it keeps. Read this way, the file's pages stay in the page cache, outside the
+    process (a few rows read through a map cost far more: each page fault maps its
+    neighbours too, ~90 MB over the default target's probe rows). The header was validated by
+    the caller (``safe_open``); a tensor whose byte range does not match its shape, or a row
+    outside it, raises :class:`CheckpointError` naming it."""
+    out: dict[str, torch.Tensor] = {}
+    if not names:
+        return out
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            for name in names:
+                info = header[name]
+                a, b = info["data_offsets"]
+                t = torch.empty(info["shape"], dtype=_TORCH_DTYPES[info["dtype"]])
+                if b - a != t.numel() * t.element_size():
+                    raise CheckpointError(f"{path}: tensor {name} has {b - a} bytes of data "
+                                          f"for its shape {info['shape']}")
+                picked = None if rows is None else rows.get(name)
+                if picked is None:
+                    _read_into(f, 8 + n + a, t, path, name)
+                    out[name] = t
+                    continue
+                m = t.shape[0]
+                t = torch.empty(len(picked), *t.shape[1:], dtype=t.dtype)
+                row = t[0].numel() * t.element_size() if len(picked) else 0
+                for i, r in enumerate(picked):
+                    if not 0 <= r < m:
+                        raise CheckpointError(f"{path}: tensor {name} has no row {r}")
+                    _read_into(f, 8 + n + a + r * row, t[i], path, name)
+                out[name] = t
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot read {names[0]} ... ({e})") from e
+    return out
+
+
+def _read_into(f, offset: int, t: torch.Tensor, path: Path, name: str) -> None:
+    """Fill the contiguous tensor ``t`` with the bytes of ``f`` at ``offset``."""
+    raw = t.view(-1).view(torch.uint8) if t.dim() else t.view(1).view(torch.uint8)
+    f.seek(offset)
+    if raw.numel() and f.readinto(raw.numpy()) != raw.numel():
+        raise CheckpointError(f"{path}: tensor {name} is cut short")
 
 
 def _check_subset_ids(ids: torch.Tensor, config: LlamaConfig, file: Path) -> None:

@@ -66,7 +66,7 @@ __all__ = ["attach_loaded", "attach_packed", "converting", "covered_names", "def
 
 def attach_packed(model, packed: dict[str, PackedWeight], source: str = "checkpoint",
                   reference: Mapping[str, torch.Tensor] | None = None,
-                  keep_fp32: bool = False) -> int:
+                  keep_fp32: bool = False, consume: bool = False) -> int:
     """Give ``model``'s matmuls (and its embedding) packed copies of their weights (HF name ->
     ``PackedWeight``), then drop the fp32 matrices they replace.
 
@@ -76,9 +76,13 @@ def attach_packed(model, packed: dict[str, PackedWeight], source: str = "checkpo
     the tensor when they differ. The fp32 matrices are kept when ``keep_fp32`` or when the
     packed kernel does not run here (the fused layers would need them). Returns the number of
     matmuls attached.
+
+    ``consume=True`` (a ``packed`` the caller hands over, as :func:`attach_loaded` does): no
+    copy of a single part, and each entry of ``packed`` is rebound to a view of the joined copy
+    it went into, so the parts' own memory is freed as loading goes instead of doubling it.
     """
-    emb_pw = _join(packed, [hf_names.EMBED])
-    plan = _attach_plan(model, packed, emb_pw)
+    emb_pw = _join(packed, [hf_names.EMBED], consume=consume)
+    plan = _attach_plan(model, packed, emb_pw, consume)
     checks = [(tuple(mod.weight.shape), names, pw) for mod, names, pw in plan]
     if emb_pw is not None:
         checks.append((tuple(model.tok_embeddings.weight.shape), [hf_names.EMBED], emb_pw))
@@ -174,7 +178,7 @@ def attach_loaded(model, model_dir, packed: dict[str, PackedWeight], covered: se
     hd = model.config.head_dim
     reference = load_rows(model_dir, {n: probe_rows(packed[n].m, hd) for n in sorted(covered)},
                           model.norm.weight.dtype)
-    return attach_packed(model, packed, str(model_dir), reference)
+    return attach_packed(model, packed, str(model_dir), reference, consume=True)
 
 
 @contextlib.contextmanager
@@ -285,17 +289,17 @@ def release_freed_memory() -> None:
         pass
 
 
-def _attach_plan(model, packed, emb_pw: PackedWeight | None,
+def _attach_plan(model, packed, emb_pw: PackedWeight | None, consume: bool = False,
                  ) -> list[tuple[Linear, list[str], PackedWeight]]:
     """Every matmul that gets a copy: (module, HF names of its parts, the joined copy); a
     tied head shares ``emb_pw``, the embedding's copy (its first rows for a vocab subset)."""
-    plan = [(mod, names, _join(packed, names)) for mod, names in _matmuls(model)]
+    plan = [(mod, names, _join(packed, names, consume=consume)) for mod, names in _matmuls(model)]
     if model.config.tie_word_embeddings:
         head, head_pw = hf_names.EMBED, emb_pw
         if head_pw is not None and model.config.vocab_subset is not None:
             head_pw = head_pw.rows(slice(0, model.config.vocab_subset))
     else:
-        head, head_pw = hf_names.HEAD, _join(packed, [hf_names.HEAD])
+        head, head_pw = hf_names.HEAD, _join(packed, [hf_names.HEAD], consume=consume)
     plan.append((model.output, [head], head_pw))
     return [entry for entry in plan if entry[2] is not None]
 
@@ -314,18 +318,26 @@ def _matmuls(model) -> list[tuple[Linear, list[str]]]:
 
 
 def _join(packed: Mapping[str, PackedWeight], names: list[str], copy: bool = True,
-          ) -> PackedWeight | None:
+          consume: bool = False) -> PackedWeight | None:
     """The packed parts of one fused matmul stacked by rows, or ``None`` unless every part is
-    packed with the same kind and row length. A copy that owns its memory: ``packed`` may
-    hold views of a file's memory map (``checkpoint.load_packed``), which must not stay
-    mapped (and resident) for as long as the model lives."""
+    packed with the same kind and row length. A copy that owns its memory (the caller's
+    tensors may be views of anything, which the model must not keep alive); with ``consume``
+    (``packed`` is a mutable dict handed over, its tensors owned: ``attach_packed``) a single
+    part is taken as it is, and every part's entry becomes a view of the joined copy, which
+    frees the part's memory once nothing else holds it."""
     parts = [packed.get(n) for n in names]
     if any(p is None for p in parts) or len({(p.kind, p.k) for p in parts}) != 1:
         return None
-    if not copy:
+    if not copy or (consume and len(parts) == 1):
         return parts[0]
     data = parts[0].data.clone() if len(parts) == 1 else torch.cat([p.data for p in parts])
-    return PackedWeight(data, parts[0].kind, parts[0].k)
+    joined = PackedWeight(data, parts[0].kind, parts[0].k)
+    if consume:
+        off = 0
+        for name, part in zip(names, parts, strict=True):
+            packed[name] = joined.rows(slice(off, off + part.m))
+            off += part.m
+    return joined
 
 
 def _model_reference(model, plan, emb_pw, packed) -> dict[str, torch.Tensor]:

@@ -364,3 +364,32 @@ def test_missing_vocab_subset_ids_and_bad_subset_size(tmp_path: Path) -> None:
         load_state_dict(tmp_path, config)
     with pytest.raises(ValueError, match="vocab_subset_size"):
         tiny_config(vocab_subset=65)
+
+
+def test_read_owned_equals_safetensors_and_reads_rows_alone(tmp_path: Path) -> None:
+    """``read_owned`` (plain file reads, no memory map) gives safetensors' own tensors, as
+    stored, and rows of a 2-D tensor alone; bad ranges and rows are named errors."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(3)
+    tensors = {"a": torch.randn(7, 5, generator=g).half(), "b": torch.randint(0, 255, (4, 9),
+               dtype=torch.uint8, generator=g), "c": torch.randn(3, generator=g),
+               "e": torch.empty(0, 4), "s": torch.tensor(2.5)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    want = load_file(str(path))
+    got = ckpt.read_owned(path, list(tensors))
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t)
+    rows = ckpt.read_owned(path, ["a", "b"], {"a": [6, 0, 3], "b": []})
+    assert torch.equal(rows["a"], want["a"][[6, 0, 3]]) and rows["b"].shape == (0, 9)
+    with pytest.raises(CheckpointError, match="tensor a has no row 7"):
+        ckpt.read_owned(path, ["a"], {"a": [7]})
+    with pytest.raises(CheckpointError, match="cannot read"):
+        ckpt.read_owned(path, ["missing"])
+    data = path.read_bytes()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    last = max(tensors, key=lambda n: header[n]["data_offsets"][1])  # stored last
+    path.write_bytes(data[:-3])  # its bytes cut short
+    with pytest.raises(CheckpointError, match=f"tensor {last} is cut short"):
+        ckpt.read_owned(path, [last])

@@ -480,3 +480,33 @@ def test_packed_rows_left_in_llamacpp_order_are_refused(tmp_path: Path) -> None:
     save_file(tensors, str(out / PACKED_FILE), metadata=meta)
     with pytest.raises(ValueError, match=f"packed {name}\\+"):
         Transformer.from_pretrained(out)
+
+
+@needs_packed
+def test_loading_keeps_one_copy_of_each_packed_matrix(tmp_path: Path) -> None:
+    """``attach_loaded`` takes over the dict ``load_packed`` read: every part ends as a view of
+    the matmul copy it was joined into (its own buffer freed), a single part is the read
+    tensor itself, and the model computes what ``from_pretrained`` gives."""
+    from pipespec_fast.models import packed as packed_weights
+    from pipespec_fast.models.checkpoint import load_packed, load_state_dict
+
+    cfg, _ = save_fp16_checkpoint(tmp_path)
+    weights = load_packed(tmp_path, cfg)
+    down = "model.layers.0.mlp.down_proj.weight"
+    read_down = weights[down].data
+    covered = packed_weights.covered_names(cfg, weights)
+    hf = load_state_dict(tmp_path, cfg, skip=covered)
+    with torch.device("meta"):
+        m = Transformer(cfg)
+    m.load_hf_state_dict(hf)
+    m.inv_freq = Transformer.from_pretrained(tmp_path, packed=False).inv_freq
+    packed_weights.attach_loaded(m, tmp_path, weights, covered)
+    layer = m.layers[0]
+    assert layer.feed_forward.w2.packed.data is read_down  # no copy of a single part
+    qkv = layer.attention.wqkv.packed.data
+    for name in ("q_proj", "k_proj", "v_proj"):
+        part = weights[f"model.layers.0.self_attn.{name}.weight"].data
+        assert part.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    ref = Transformer.from_pretrained(tmp_path)
+    ids = torch.arange(7)
+    assert torch.equal(m(ids, m.new_cache(8)), ref(ids, ref.new_cache(8)))

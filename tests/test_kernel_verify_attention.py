@@ -314,3 +314,19 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
         """
     )
     run_compile_script(script)
+
+
+@pytest.mark.parametrize("prefix, n, chain", [(0, 5, True), (37, 1, True), (16, 9, False)])
+def test_slots_past_the_block_are_never_read(prefix, n, chain):
+    """KV caches are allocated uninitialised (``kv_cache.KVCache``): NaN in every slot past
+    ``prefix + n`` (and in the block's own slots before the append) leaves both the reference
+    and the Triton kernel's output as with finite garbage there, bit for bit."""
+    q, k_new, v_new, k_cache, v_cache, _, parents = make_problem(
+        n, 2, 3, 64, prefix, prefix + n + 40, torch.float32, 11, chain)
+    nan_k, nan_v = k_cache.clone(), v_cache.clone()
+    nan_k[:, prefix:], nan_v[:, prefix:] = float("nan"), float("nan")
+    bits = reference.ancestor_bits(parents)
+    for fn in (reference.verify_attention, triton_verify_attention):
+        clean = fn(q, k_new, v_new, k_cache.clone(), v_cache.clone(), prefix, bits)
+        dirty = fn(q, k_new, v_new, nan_k.clone(), nan_v.clone(), prefix, bits)
+        assert torch.isfinite(clean).all() and torch.equal(clean, dirty)

@@ -212,3 +212,32 @@ def test_vocab_subset_errors():
     bare = Transformer(cfg)
     with pytest.raises(RuntimeError, match="set_vocab_subset"):
         bare(torch.tensor([1]), bare.new_cache(8))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_unwritten_cache_slots_are_never_read(fused):
+    """The KV cache is allocated uninitialised (``torch.empty``): a cache whose every slot
+    holds NaN before use must give the logits of a zeroed one bit for bit, through a prefill,
+    chain and tree verification, tree compaction, rollback and one-token decoding (a slot read
+    before it is written would turn them NaN)."""
+    _, ours = hf_pair(6, 2, False, None)
+    ours.use_fused = fused
+    g = torch.Generator().manual_seed(7)
+    prefix = torch.randint(0, 101, (13,), generator=g)
+    chain = torch.randint(0, 101, (5,), generator=g)
+    toks, parents = torch.tensor([11, 12, 13, 14]), torch.tensor([-1, 0, 0, 2], dtype=torch.int32)
+
+    def run(fill: float) -> list[torch.Tensor]:
+        cache = ours.new_cache(64)
+        cache.k.fill_(fill), cache.v.fill_(fill)
+        out = [ours(prefix, cache), ours(chain, cache)]
+        cache.rollback(15)
+        out.append(ours(toks, cache, parents=parents))
+        cache.keep_path(15, torch.tensor([0, 2, 3, -1]), 3)
+        out += [ours(torch.tensor([21]), cache), ours(torch.tensor([22, 23]), cache)]
+        return out
+
+    nan, zero = run(float("nan")), run(0.0)
+    assert all(torch.isfinite(a).all() for a in zero)
+    assert all(torch.equal(a, b) for a, b in zip(nan, zero, strict=True))
+

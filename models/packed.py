@@ -61,7 +61,7 @@ from pipespec_fast.models import hf_names
 
 __all__ = ["attach_loaded", "attach_packed", "converting", "covered_names", "default_compute",
            "default_modes", "drop_fast_path", "fused_plan", "has_dropped", "materialize",
-           "packed_bytes", "probe_rows", "set_compute"]
+           "packed_bytes", "probe_rows", "requantize_fp16", "set_compute"]
 
 
 def attach_packed(model, packed: dict[str, PackedWeight], source: str = "checkpoint",
@@ -227,7 +227,41 @@ def _q8_0_copy(pw: PackedWeight | None) -> PackedWeight | None:
     even), or ``None`` for any other (Q4_1 / Q8_0 run the int8 GEMM as they are)."""
     if pw is None or pw.kind != quant.F16 or pw.k % 32:
         return None
-    return PackedWeight(quant.quantize(pw.dequantize(), quant.Q8_0), quant.Q8_0, pw.k)
+    out = torch.empty((pw.m, quant.row_bytes(quant.Q8_0, pw.k)), dtype=torch.uint8)
+    for r in range(0, pw.m, 512):  # in row chunks: no full fp32 copy, even transiently
+        out[r:r + 512] = quant.quantize(pw.rows(slice(r, r + 512)).dequantize(), quant.Q8_0)
+    return PackedWeight(out, quant.Q8_0, pw.k)
+
+
+def requantize_fp16(model) -> int:
+    """Replace each fp16 packed matrix that ``model`` holds only in packed form (its fp32 copy
+    dropped) by its Q8_0 blocks (:func:`_q8_0_copy`), the embedding included, a tied head
+    then sharing the new embedding's rows: ~0.53x the bytes, and no fp16 copy kept beside an
+    int8 mode's Q8_0 one. The model's values become the Q8_0 values in every mode, so this is
+    for drafts (their values only move proposals; the verifier decides the output):
+    ``FastPipeline.from_pretrained`` does it for drafts computing in int8 (the default
+    draft: 35 -> 19 MB). Returns how many matrices were replaced."""
+    emb, out = model.tok_embeddings, model.output
+    tied_rows = None
+    count = 0
+    if emb.packed is not None and emb.packed.kind == quant.F16 and emb.weight.is_meta:
+        tied = model.config.tie_word_embeddings and out.packed is not None and \
+            out.packed.data.untyped_storage().data_ptr() == \
+            emb.packed.data.untyped_storage().data_ptr()
+        emb.packed = _q8_0_copy(emb.packed)
+        count += 1
+        tied_rows = out.packed.m if tied else None
+    for m in model.modules():
+        if not isinstance(m, Linear) or m.packed is None or not m.weight.is_meta:
+            continue
+        if m is out and tied_rows is not None:
+            m.packed = emb.packed.rows(slice(0, tied_rows))
+        elif m.packed.kind == quant.F16:
+            m.packed = _q8_0_copy(m.packed)
+            count += 1
+        m.packed_int8 = None
+    model._plan = None
+    return count
 
 
 def default_compute(model) -> str:

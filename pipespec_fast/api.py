@@ -128,17 +128,27 @@ class FastPipeline:
         weights with int8 activations (greedy speculative decoding equals int8 greedy AR, not
         transformers). Default (``None``): ``int8`` for a target holding Q4_1 / Q8_0 packed
         weights on CPU (the default target), else ``exact``; drafts with packed weights follow
-        an int8 target (``models.packed.default_modes``). ``kwargs`` go to the constructor."""
+        an int8 target (``models.packed.default_modes``). A draft in int8 mode holds its fp16
+        matrices as Q8_0 blocks (``models.packed.requantize_fp16``: its proposals move, the
+        output does not). ``kwargs`` go to the constructor."""
         from pipespec_fast.loading import load_stages
-        from pipespec_fast.models.packed import default_modes, set_compute
+        from pipespec_fast.models.packed import (
+            default_modes,
+            release_freed_memory,
+            requantize_fp16,
+            set_compute,
+        )
 
         if compute is not None:
             validate.compute(compute)
         stages, tok = load_stages(paths, device, dtype, devices, max_len, ngram)
         models = [st.model for st in stages if hasattr(getattr(st, "model", None), "compute")]
         modes = default_modes(models) if compute is None else [compute] * len(models)
-        for model, mode in zip(models, modes, strict=True):
+        for i, (model, mode) in enumerate(zip(models, modes, strict=True)):
+            if mode == "int8" and i < len(models) - 1:
+                requantize_fp16(model)  # a draft: Q8_0 blocks instead of fp16 + a Q8_0 copy
             set_compute(model, mode)
+        release_freed_memory()  # the loading's transient buffers, freed mid-heap (~120 MB)
         return cls(stages, tokenizer=tok, **kwargs)
 
     @classmethod

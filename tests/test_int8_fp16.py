@@ -106,3 +106,29 @@ def test_default_modes_drafts_follow_an_int8_target() -> None:
     assert default_modes([half, dense, q]) == ["int8", "exact", "int8"]
     assert default_modes([half, half]) == ["exact", "exact"]  # an fp16 target stays exact
     assert default_modes([q]) == ["int8"] and default_modes([]) == []
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_requantize_fp16_holds_q8_0_blocks_only(tie) -> None:
+    """A draft's fp16 matrices replaced by their Q8_0 blocks (embedding included; a tied head
+    keeps sharing the embedding's rows): the logits of a model stored as those blocks, in
+    both modes, and no fp16 copy left."""
+    from pipespec_fast.models.packed import requantize_fp16
+
+    cfg = tiny_config(**CFG, tie=tie)
+    sd = random_hf_state(cfg, 27, std=0.2)
+    m = fp16_model(sd, cfg, "exact")
+    before = m.packed_bytes()
+    assert requantize_fp16(m) == 4 * cfg.n_layers + (1 if tie else 2)
+    assert m.packed_bytes() < 0.6 * before
+    kinds = {mod.packed.kind for mod in m.modules() if getattr(mod, "packed", None) is not None}
+    assert kinds == {Q8_0}
+    if tie:
+        assert m.output.packed.data.data_ptr() == m.tok_embeddings.packed.data.data_ptr()
+    as_q8 = {name: PackedWeight(quant.quantize(w.float(), F16), F16, w.shape[1]).dequantize()
+             for name, w in sd.items() if w.dim() == 2 and name != hf_names.FINAL_NORM}
+    ids = torch.arange(13)
+    for mode in ("exact", "int8"):
+        ref = blocks_model({**sd, **as_q8}, cfg, lambda name: Q8_0, mode)
+        set_compute(m, mode)
+        assert torch.equal(m(ids, m.new_cache(16)), ref(ids, ref.new_cache(16))), mode

@@ -123,9 +123,14 @@ def test_default_hierarchy_streams_the_targets_greedy_text(default_pipe, chat_id
 
 
 def test_default_hierarchy_samples_in_both_speculative_modes(default_pipe, chat_ids):
+    """Fixed windows: the adaptive policy may rightly decide, on a loaded machine, that the
+    target decodes alone, and then no draft is verified (a timing-dependent outcome)."""
+    from pipespec_fast import FastPipeline
+
+    pipe = FastPipeline(default_pipe.stages, tokenizer=default_pipe.tokenizer,
+                        adaptive_windows=False)
     for mode in ("pipespec", "sync"):
-        res = default_pipe.generate(chat_ids, 32, temperature=0.7, seed=3, mode=mode,
-                                    ignore_eos=True)
+        res = pipe.generate(chat_ids, 32, temperature=0.7, seed=3, mode=mode, ignore_eos=True)
         assert len(res.token_ids) == 32 and res.stage_stats[-1].accepted > 0
 
 

@@ -34,12 +34,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _family_dirs(tmp_path: Path, k: int, seed: int) -> tuple[list[str], list]:
+def _family_dirs(tmp_path: Path, k: int, seed: int, words: list[str] | None = None
+                 ) -> tuple[list[str], list]:
+    """A tiny family's checkpoint folders (with a word-level tokenizer over ``words``)."""
     models = family(k, noise=0.05, seed=seed)
     dirs = []
     for i, m in enumerate(models):
         d = tmp_path / f"m{i}"
-        save_state_dict(d, hf_state_of(m), m.config)
+        if words is None:
+            save_state_dict(d, hf_state_of(m), m.config)
+        else:
+            from test_pipeline import _write_tiny_checkpoint
+
+            _write_tiny_checkpoint(d, m, words)
         dirs.append(str(d))
     return dirs, models
 
@@ -122,6 +129,28 @@ def test_a_rank_killed_mid_generation_ends_the_others_within_5_s(tmp_path, kille
         assert ended[r] - ended[killed] < 5.0
         assert f"on rank {killed}" in results[r]["error"], results[r]["error"]
         assert "died or stopped answering" in results[r]["error"]
+
+
+def test_cli_under_torchrun_prints_the_single_process_answer(tmp_path):
+    """``torchrun --standalone --nproc-per-node 3 -m pipespec_fast generate --distributed``:
+    the target's rank prints the text the single-process CLI prints, the others nothing."""
+    words = ["<unk>"] + [f"w{i}" for i in range(63)]
+    dirs, _ = _family_dirs(tmp_path, 3, seed=41, words=words)
+    args = ["generate", "--models", *dirs, "--prompt", "w1 w5 w7", "--max-new-tokens", "16",
+            "--ignore-eos", "--max-len", "128"]
+    one = subprocess.run([sys.executable, "-m", "pipespec_fast", *args], capture_output=True,
+                         text=True, timeout=RUN_TIMEOUT_S)
+    assert one.returncode == 0, one.stderr
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "3", "-m", "pipespec_fast", *args,
+                          "--distributed"], capture_output=True, text=True,
+                         timeout=RUN_TIMEOUT_S)
+    assert run.returncode == 0, run.stderr
+    answer = one.stdout.strip().splitlines()[0]
+    lines = run.stdout.strip().splitlines()
+    assert lines[0] == answer and len(answer.split()) == 16
+    assert lines[-1].startswith("[pipespec, 3 ranks: 0 (m0) -> 1 (m1) -> 2 (m2)] 16 tokens")
+    assert len(lines) == 2
 
 
 # ----------------------------------------------------------------------------- wire format

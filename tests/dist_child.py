@@ -49,13 +49,16 @@ def main() -> int:
                                             adaptive_windows=spec.get("adaptive", False))
         if rank in (spec.get("raise_rank"), spec.get("kill_rank")):
             _break_stage(pipe, spec, rank)
-        results = []
+        results, accepted = [], 0
         for prompt in spec["prompts"]:
-            res = pipe.generate(prompt, spec["n"], ignore_eos=True,
-                                **spec.get("sampling", {}))
-            results.append(res.token_ids)
+            for seed in spec.get("seeds", [None]):
+                res = pipe.generate(prompt, spec["n"], ignore_eos=True, seed=seed,
+                                    **spec.get("sampling", {}))
+                results.append(res.token_ids)
+                accepted += res.stage_stats[-1].accepted
         out["results"] = results
         out["stats"] = [s.as_dict() for s in res.stage_stats]
+        out["accepted"] = accepted
     except Exception as e:  # the test reads the error line
         out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
         out["trace"] = traceback.format_exc()

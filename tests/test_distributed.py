@@ -106,6 +106,60 @@ def test_greedy_output_identical_to_the_single_process_pipeline(tmp_path, k, ngr
         assert [s["name"] for s in results[0]["stats"]][0] == "ngram"
 
 
+@pytest.mark.slow
+def test_default_models_on_two_ranks_give_the_single_process_greedy_output(tmp_path):
+    """The default hierarchy ``[n-gram -> draft -> target]`` as two ranks (the n-gram inline
+    on rank 0, its copy on the target's rank) against the same pipeline in one process."""
+    from pipespec_fast.models.defaults import default_model_dirs
+
+    pipe = FastPipeline.from_default()
+    prompts = [pipe.chat_prompt("Write a Python function that checks whether a number is "
+                                "prime."), pipe.chat_prompt("Name three colours.")]
+    want = [pipe.generate(p, 48, ignore_eos=True).token_ids for p in prompts]
+    pipe.close()
+    dirs = [str(d) for d in default_model_dirs()]
+    codes, results, _ = _run_ranks(tmp_path, 2, {"dirs": dirs, "prompts": prompts, "n": 48,
+                                                 "ngram": True, "adaptive": True})
+    assert codes == [0, 0], results
+    assert results[0]["results"] == want and results[1]["results"] == want
+
+
+def test_sampling_on_two_ranks_follows_the_target_distribution(tmp_path):
+    """k = 2 across processes (the drafts' rows cross the wire): the joint distribution of
+    the first two sampled tokens is the target's own (chi-square, as tests/test_pipeline.py
+    does in one process)."""
+    from scipy.stats import chisquare
+    from test_pipeline import exact_joint
+
+    models = family(2, noise=0.6, seed=23, vocab=6)
+    dirs = []
+    for i, m in enumerate(models):
+        save_state_dict(tmp_path / f"m{i}", hf_state_of(m), m.config)
+        dirs.append(str(tmp_path / f"m{i}"))
+    prompt, n = [1, 5, 2, 3, 0, 4], 1000
+    joint = exact_joint(LlamaStage(models[-1], max_len=64), prompt, 1.0, None, None)
+    codes, results, _ = _run_ranks(tmp_path, 2, {"dirs": dirs, "prompts": [prompt], "n": 2,
+                                                 "seeds": list(range(n)), "adaptive": True,
+                                                 "sampling": {"temperature": 1.0}})
+    assert codes == [0, 0], results
+    assert results[0]["results"] == results[1]["results"]
+    assert results[1]["accepted"] > 0  # drafts (and their rows) were really used
+    V = joint.shape[0]
+    counts = torch.zeros(V * V, dtype=torch.float64)
+    for a, b in results[1]["results"]:
+        counts[a * V + b] += 1
+    exp = joint.flatten() * n
+    keep = exp > 0
+    assert counts[~keep].sum() == 0
+    order = torch.argsort(exp[keep])
+    obs_k, exp_k = counts[keep][order], exp[keep][order]
+    rare = exp_k.cumsum(0) < 10  # pool rare cells so every expected count is >= 5
+    obs = torch.cat([obs_k[~rare], obs_k[rare].sum().reshape(1)])
+    ex = torch.cat([exp_k[~rare], exp_k[rare].sum().reshape(1)])
+    p = chisquare(obs.numpy(), (ex * obs.sum() / ex.sum()).numpy()).pvalue
+    assert p > 1e-3, p
+
+
 def test_a_stage_that_raises_ends_every_rank_with_an_error_naming_it(tmp_path):
     dirs, _ = _family_dirs(tmp_path, 3, seed=11)
     codes, results, _ = _run_ranks(tmp_path, 3, {"dirs": dirs, "prompts": PROMPTS[:1],

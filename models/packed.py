@@ -289,9 +289,16 @@ def default_modes(models: list) -> list[str]:
     if not models:
         return []
     target = default_compute(models[-1])
-    return [target if target == "int8" and any(
-                isinstance(m, Linear) and m.packed is not None for m in model.modules())
-            else default_compute(model) for model in models[:-1]] + [target]
+    return [draft_compute(model, target) for model in models[:-1]] + [target]
+
+
+def draft_compute(model, target_mode: str) -> str:
+    """A draft's default compute mode beside a target computing in ``target_mode``
+    (:func:`default_modes`; the distributed placement knows the target only by its mode)."""
+    if target_mode == "int8" and any(
+            isinstance(m, Linear) and m.packed is not None for m in model.modules()):
+        return target_mode
+    return default_compute(model)
 
 
 def fused_plan(model, x: torch.Tensor, cache, n: int):

@@ -21,6 +21,8 @@ from pipespec_fast.decoding.sampling import SamplingParams
 from pipespec_fast.decoding.sequence import Sequencer
 from pipespec_fast.decoding.stats import StageStats, analysis_input
 from pipespec_fast.errors import GenerationTimeout, PipelineClosedError, StageError
+from pipespec_fast.pipespec.distributed import DistributedRun
+from pipespec_fast.pipespec.placement import Placement
 from pipespec_fast.pipespec.run import PipeSpecRun
 from pipespec_fast.pipespec.topology import PipeSpecSettings
 from pipespec_fast.stages import Stage, check_stage
@@ -71,6 +73,9 @@ class FastPipeline:
             generation.
         check_order: refuse model stages whose declared parameter count decreases towards
             the target (stages given in the wrong order); ``False`` allows it.
+        placement: this process's place in a distributed pipeline (one rank per model stage,
+            ``pipespec.placement``; made by ``from_pretrained(..., distributed=True)``): then
+            ``stages`` are this rank's only, and ``windows`` / ``max_leads`` cover them all.
     """
 
     def __init__(
@@ -86,16 +91,18 @@ class FastPipeline:
         skip_level_drafts: bool = True,
         config: RuntimeConfig | None = None,
         check_order: bool = True,
+        placement: Placement | None = None,
     ) -> None:
         _check_config(config)
         self.config = config
-        _check_stages(stages)
-        if check_order:
+        self.placement = placement
+        _check_stages(stages, placement)
+        if check_order and placement is None:
             check_stage_order(list(stages))
         self.stages = list(stages)
         self.tokenizer = tokenizer
         self.mode = _check_mode(mode)
-        k = len(stages)
+        k = len(stages) if placement is None else placement.k
         self.windows = list(windows) if windows is not None else [0] + [6] * (k - 1)
         self.max_leads = list(max_leads) if max_leads is not None else [8] * (k - 1) + [0]
         if len(self.windows) != k or any(not 1 <= w <= MAX_WINDOW for w in self.windows[1:]):
@@ -107,7 +114,7 @@ class FastPipeline:
         self.adaptive_windows = adaptive_windows
         self.skip_level_drafts = skip_level_drafts
         if eos_token_ids is None:
-            eos_token_ids = _default_eos(tokenizer, stages[-1])
+            eos_token_ids = _default_eos(tokenizer, stages[-1], placement)
         self.eos_token_ids = set(eos_token_ids)
         self._closed = False
         self._busy = threading.Lock()
@@ -119,7 +126,7 @@ class FastPipeline:
                         dtype: torch.dtype = torch.float32,
                         devices: Sequence[str | torch.device] | None = None,
                         max_len: int = 2048, ngram: bool = False, compute: str | None = None,
-                        **kwargs) -> FastPipeline:
+                        distributed: bool = False, **kwargs) -> FastPipeline:
         """Load LLaMA checkpoints (HF layout), smallest first; the last path is the target.
         All must share one tokenizer; ``ngram=True`` adds an n-gram drafter as stage 0
         (:func:`pipespec_fast.loading.load_stages`). ``compute`` (every model:
@@ -130,7 +137,13 @@ class FastPipeline:
         weights on CPU (the default target), else ``exact``; drafts with packed weights follow
         an int8 target (``models.packed.default_modes``). A draft in int8 mode holds its fp16
         matrices as Q8_0 blocks (``models.packed.requantize_fp16``: its proposals move, the
-        output does not). ``kwargs`` go to the constructor."""
+        output does not). ``kwargs`` go to the constructor.
+
+        ``distributed=True``, in every process of an initialised ``torch.distributed`` group
+        of one rank per model (``torchrun``): rank i loads and runs model i only, the last
+        rank the target (``docs/ARCHITECTURE.md``, distributed placement); every rank must
+        then call ``generate`` with the same request, and every rank's result holds the
+        target's tokens (only the target's rank streams them as they are verified)."""
         from pipespec_fast.loading import load_stages
         from pipespec_fast.models.packed import (
             default_modes,
@@ -141,6 +154,15 @@ class FastPipeline:
 
         if compute is not None:
             validate.compute(compute)
+        if distributed:
+            from pipespec_fast.pipespec.placement import load_local_stages
+
+            if devices is not None:
+                raise ValueError("devices: one device per rank with distributed=True; pass "
+                                 "device= (each rank's own)")
+            stages, tok, placement = load_local_stages(paths, device, dtype, max_len, ngram,
+                                                       compute)
+            return cls(stages, tokenizer=tok, placement=placement, **kwargs)
         stages, tok = load_stages(paths, device, dtype, devices, max_len, ngram)
         models = [st.model for st in stages if hasattr(getattr(st, "model", None), "compute")]
         modes = default_modes(models) if compute is None else [compute] * len(models)
@@ -268,27 +290,31 @@ def _check_config(config: RuntimeConfig | None) -> None:
                          "or their PIPESPEC_* variables, not per pipeline")
 
 
-def _check_stages(stages: Sequence[Stage]) -> None:
-    """Every stage implements the protocol (``check_stage``) and has the target's vocab."""
+def _check_stages(stages: Sequence[Stage], placement: Placement | None = None) -> None:
+    """Every stage implements the protocol (``check_stage``) and has the target's vocab (in
+    a distributed pipeline: this rank's stages, against the target's vocab gathered)."""
     if not stages:
         raise ValueError("stages: at least one stage (the target) is required")
     for i, st in enumerate(stages):
         check_stage(st, i)
     target = stages[-1]
+    vocab = target.vocab_size if placement is None else placement.target_vocab
     for st in stages[:-1]:
-        if st.vocab_size != target.vocab_size:
+        if st.vocab_size != vocab:
             raise ValueError(
                 f"vocab mismatch: stage {st.name!r} has vocab_size {st.vocab_size}, "
-                f"target {target.name!r} has {target.vocab_size}"
+                f"target {target.name!r} has {vocab}"
             )
 
 
-def _default_eos(tokenizer, target: Stage) -> list[int]:
-    """The tokenizer's eos id, then the target's declared ones."""
+def _default_eos(tokenizer, target: Stage, placement: Placement | None = None) -> list[int]:
+    """The tokenizer's eos id, then the target's declared ones (gathered from the target's
+    rank in a distributed pipeline: every rank cuts the result where the target does)."""
     eos = []
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.append(tokenizer.eos_token_id)
-    return eos + [e for e in target.capabilities.eos_token_ids if e not in eos]
+    declared = target.capabilities.eos_token_ids if placement is None else placement.target_eos
+    return eos + [e for e in declared if e not in eos]
 
 
 def _encode(pipe: FastPipeline, prompt: str | list[int]) -> list[int]:
@@ -314,12 +340,16 @@ def _check_request(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_
                         mode if mode is not None else pipe.mode, timeout_s)
     params = SamplingParams(temperature, top_k, top_p, seed)
     mode = mode or pipe.mode
+    if pipe.placement is not None and mode != "pipespec":
+        raise ValueError(f"mode: a distributed pipeline runs pipespec only, not {mode!r}")
     stop = validate.stop(stop)
     if stop is not None and pipe.tokenizer is None:
         raise ValueError("stop: stop strings need a tokenizer")
     ids = _encode(pipe, prompt)
     room = min(st.max_len for st in pipe.stages)
-    slack = sum(pipe.windows[1:]) + sum(pipe.max_leads[:-1]) + 2 * len(pipe.stages)
+    if pipe.placement is not None:
+        room = min(room, pipe.placement.max_len)
+    slack = sum(pipe.windows[1:]) + sum(pipe.max_leads[:-1]) + 2 * len(pipe.windows)
     if len(ids) >= room:
         raise ValueError(f"prompt: {len(ids)} tokens do not fit the context of {room}")
     if len(ids) + max_new_tokens + slack > room:
@@ -339,9 +369,11 @@ def _generation(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_k, 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     stages = pipe.stages if mode != "ar" else pipe.stages[-1:]
     t0 = time.perf_counter()
+    index = list(range(len(stages))) if pipe.placement is None else pipe.placement.indices(
+        stages)
     seqrs = [Sequencer(st, params, i, t0, adaptive=pipe.adaptive_windows,
-                       reproducible=mode != "pipespec", keep_rows=i < len(stages) - 1)
-             for i, st in enumerate(stages)]
+                       reproducible=mode != "pipespec", keep_rows=i < len(pipe.windows) - 1)
+             for i, st in zip(index, stages, strict=True)]
     # text is decoded as it comes only when someone reads it (stream) or stop strings
     # need it; generate() decodes once at the end (decoding is O(text) per call and would
     # take the GIL from the stage workers)
@@ -360,6 +392,8 @@ def _generation(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_k, 
             if out.done:
                 break
             _check_running(pipe, deadline)
+        if isinstance(pipe._active, DistributedRun):
+            pipe._active.set_final(out.ids)  # sent down with the end of the generation
     except GenerationTimeout:
         pipe._abandon_workers()
         raise
@@ -391,9 +425,13 @@ def _verified_chunks(pipe: FastPipeline, mode: str, seqrs: list[Sequencer], ids:
     tokens, and the PipeSpec run producing them, if any (it goes on until closed)."""
     if limit == len(ids):
         return iter(()), None
+    settings = PipeSpecSettings(tuple(pipe.windows), tuple(pipe.max_leads), tuple(pipe.threads),
+                                pipe.skip_level_drafts)
+    if pipe.placement is not None:
+        run = DistributedRun(seqrs, pipe.placement, settings, limit,
+                             cpu_threads.stage_threads, cpu_threads.idle_stages)
+        return run.tokens(ids, deadline), run
     if mode == "pipespec" and len(seqrs) > 1:
-        settings = PipeSpecSettings(tuple(pipe.windows), tuple(pipe.max_leads), tuple(pipe.threads),
-                                    pipe.skip_level_drafts)
         run = PipeSpecRun(seqrs, settings, limit, cpu_threads.stage_threads,
                           cpu_threads.idle_stages)
         return run.tokens(ids, deadline), run

@@ -74,6 +74,23 @@ def _check_generate_args(args: argparse.Namespace) -> None:
     for m in args.models or []:
         _check_model_dir(m)
     _check_device(args.device)
+    if args.distributed and args.mode != "pipespec":
+        raise UsageError("--distributed runs --mode pipespec only")
+
+
+def _init_distributed() -> bool:
+    """Join the process group ``torchrun`` describes (gloo); ``True`` if this call made it."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    try:
+        dist.init_process_group("gloo")
+    except (ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"--distributed: run under torchrun, one process per model ({first})"
+                         ) from None
+    return True
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -86,6 +103,8 @@ def _generate(args: argparse.Namespace) -> int:
              "bfloat16": torch.bfloat16}[args.dtype]
     kw = dict(device=args.device, dtype=dtype, mode=args.mode, max_len=args.max_len,
               compute=args.compute)
+    if args.distributed:
+        return _generate_distributed(args, kw)
     if args.models:
         pipe = FastPipeline.from_pretrained(args.models, ngram=args.ngram, **kw)
     else:
@@ -114,6 +133,52 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"[{res.stats['mode']}: {names}] {n} tokens, {dt:.2f} s, {n / dt:.1f} tokens/s"
               + (f", acceptance {acc}" if acc else ""))
     return 0
+
+
+def _generate_distributed(args: argparse.Namespace, kw: dict) -> int:
+    """One rank of ``torchrun ... -m pipespec_fast generate --distributed``: rank i runs model
+    i; the target's rank (the last) prints the text as it is verified and the summary, the
+    others print nothing."""
+    import torch.distributed as dist
+
+    from pipespec_fast import FastPipeline
+
+    made = _init_distributed()
+    if args.models:
+        pipe = FastPipeline.from_pretrained(args.models, ngram=args.ngram, distributed=True,
+                                            **kw)
+    else:
+        pipe = FastPipeline.from_default(draft=not args.no_draft, distributed=True, **kw)
+    with pipe:
+        prompt: str | list[int] = args.prompt
+        if pipe.tokenizer is not None and not args.no_chat:
+            prompt = pipe.chat_prompt(args.prompt)
+        gen = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   seed=args.seed, ignore_eos=args.ignore_eos)
+        if not pipe.placement.is_target:
+            pipe.generate(prompt, args.max_new_tokens, **gen)
+        else:
+            t = time.perf_counter()
+            _print_answer(pipe, prompt, args.max_new_tokens, gen)
+            res = pipe.last_result
+            dt = time.perf_counter() - t
+            print(f"[pipespec, {pipe.placement.world} ranks: {' -> '.join(pipe.placement.labels)}]"
+                  f" {len(res.token_ids)} tokens, {dt:.2f} s, {len(res.token_ids) / dt:.1f} "
+                  "tokens/s")
+    if made:
+        dist.destroy_process_group()
+    return 0
+
+
+def _print_answer(pipe, prompt, max_new_tokens: int, gen: dict) -> None:
+    """The answer on stdout: streamed as text, or the token ids without a tokenizer."""
+    if pipe.tokenizer is None:
+        print(pipe.generate(prompt, max_new_tokens, **gen).token_ids)
+        return
+    for piece in pipe.stream(prompt, max_new_tokens, **gen):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    print()
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -164,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-len", type=int, default=2048, help="KV cache length per stage")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    g.add_argument("--distributed", action="store_true",
+                   help="one process per model under torchrun (rank i runs model i, the last "
+                        "rank the target, which prints the answer): torchrun --standalone "
+                        "--nproc-per-node K -m pipespec_fast generate --distributed ...")
     g.set_defaults(func=_generate)
     m = sub.add_parser("models", help="print the default model directories, target last")
     m.set_defaults(func=_models)

@@ -27,6 +27,22 @@ def load_stages(paths: Sequence[str | Path], device: str | torch.device = "cpu",
     devices = list(devices) if devices is not None else [device] * len(paths)
     if len(devices) != len(paths):
         raise ValueError(f"devices: {len(devices)} given for {len(paths)} stages")
+    tok = check_tokenizers(paths)
+    names = [Path(p).name for p in paths]
+    stages: list[Stage] = [
+        LlamaStage.from_pretrained(p, dtype=dtype, device=d, max_len=max_len, name=n)
+        for p, d, n in zip(paths, devices, names, strict=True)
+    ]
+    if ngram:
+        t = stages[-1]
+        stages.insert(0, NGramStage(t.vocab_size, max_len=t.max_len, device=t.device))
+    return stages, tok
+
+
+def check_tokenizers(paths: Sequence[str | Path]):
+    """The target's (last path's) tokenizer, after checking that every folder holds the same
+    vocabulary (or that none holds a tokenizer): a ``ValueError`` names both stages. Folders
+    with byte-identical tokenizer files share one object (:func:`load_tokenizers`)."""
     names = [Path(p).name for p in paths]
     tokenizers = load_tokenizers(paths)
     tok = tokenizers[-1]
@@ -38,14 +54,7 @@ def load_stages(paths: Sequence[str | Path], device: str | torch.device = "cpu",
                 f"tokenizer vocab mismatch between stage {name!r} and target {names[-1]!r}: "
                 "all stages must share one tokenizer"
             )
-    stages: list[Stage] = [
-        LlamaStage.from_pretrained(p, dtype=dtype, device=d, max_len=max_len, name=n)
-        for p, d, n in zip(paths, devices, names, strict=True)
-    ]
-    if ngram:
-        t = stages[-1]
-        stages.insert(0, NGramStage(t.vocab_size, max_len=t.max_len, device=t.device))
-    return stages, tok
+    return tok
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")

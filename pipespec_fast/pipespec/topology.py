@@ -44,27 +44,38 @@ def build(seqrs: list[Sequencer], settings: PipeSpecSettings, limit: int,
     target stops once it holds ``limit`` tokens. ``matmul_threads`` / ``idle``: per stage,
     our kernels' threads and idle priority (``threads.CpuThreads``)."""
     k = len(seqrs)
-
-    def worker(i: int) -> StageWorker:
-        args = (seqrs[i], i, settings.max_leads[i], stop, out)
-        kw = {"threads": settings.threads[i] or torch.get_num_threads(),
-              "matmul_threads": matmul_threads[i], "idle": bool(idle and idle[i])}
-        if i == k - 1:
-            return TargetWorker(*args, window=settings.windows[i], limit=limit, **kw)
-        if i > 0:
-            return MiddleWorker(*args, window=settings.windows[i], **kw)
-        return DrafterWorker(*args, **kw)
-
     lowest = seqrs[0]
     inline = is_model_free(lowest.stage)
-    workers = [worker(i) for i in range(1 if inline else 0, k)]
+    workers = [worker_for(seqrs[i], k, settings, limit, matmul_threads[i],
+                          bool(idle and idle[i]), stop, out)
+               for i in range(1 if inline else 0, k)]
     for lo, hi in zip(workers, workers[1:], strict=False):
         lo.above, hi.below = hi, lo
     if inline:
         workers[0].inline = InlineStage(lowest)
         caps = lowest.stage.capabilities
         if settings.skip_level_drafts and len(workers) > 1 and caps.clone:
-            copy = Sequencer(lowest.stage.clone(), lowest.params, lowest.index, lowest.t0,
-                             adaptive=lowest.policy.adaptive, reproducible=False)
-            workers[-1].skip = InlineStage(copy)
+            workers[-1].skip = skip_copy(lowest)
     return workers
+
+
+def worker_for(seqr: Sequencer, k: int, settings: PipeSpecSettings, limit: int,
+               matmul_threads: int | None, idle: bool, stop: threading.Event,
+               out: queue.SimpleQueue) -> StageWorker:
+    """The worker of stage ``seqr.index`` of ``k``, in its role (not yet wired)."""
+    i = seqr.index
+    args = (seqr, i, settings.max_leads[i], stop, out)
+    kw = {"threads": settings.threads[i] or torch.get_num_threads(),
+          "matmul_threads": matmul_threads, "idle": idle}
+    if i == k - 1:
+        return TargetWorker(*args, window=settings.windows[i], limit=limit, **kw)
+    if i > 0:
+        return MiddleWorker(*args, window=settings.windows[i], **kw)
+    return DrafterWorker(*args, **kw)
+
+
+def skip_copy(lowest: Sequencer) -> InlineStage:
+    """A second copy of a model-free lowest stage, for the target's skip-level drafts."""
+    copy = Sequencer(lowest.stage.clone(), lowest.params, lowest.index, lowest.t0,
+                     adaptive=lowest.policy.adaptive, reproducible=False)
+    return InlineStage(copy)

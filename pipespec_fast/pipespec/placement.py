@@ -1,0 +1,142 @@
+"""The distributed placement: one process (rank) per model stage, over ``torch.distributed``.
+
+Rank ``r`` of a group of ``K`` ranks runs model stage ``r`` of the hierarchy (counting model
+stages only; the last rank is the target). A model-free lowest stage (the n-gram drafter) has
+no rank: rank 0 runs it inline, as a thread-placed stage 1 would (``inline.py``), and the
+target's rank runs its own copy for skip-level drafts. Every rank loads only its own model
+(and every tokenizer, to check they agree).
+
+What every rank must know of the others (names for error messages, the smallest context, the
+target's vocabulary and end-of-sequence ids) is gathered once, when the pipeline is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch.distributed as dist
+
+from pipespec_fast.stages import is_model_free
+
+PEER_TIMEOUT_S = 3.0  # a neighbour silent this long (heartbeats included) is declared dead
+HEARTBEAT_S = 0.5  # an idle link sends a heartbeat this often
+START_TIMEOUT_S = 120.0  # every rank must start a generation within this of the first
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process sits in a distributed pipeline.
+
+    ``labels``: every stage's label (``"1 (draft)"``), the model-free lowest one included;
+    ``inline_lowest``: global stage 0 is model-free (run inline on rank 0, and copied on the
+    target's rank for skip-level drafts).
+    """
+
+    rank: int
+    world: int
+    group: object
+    labels: tuple[str, ...]
+    inline_lowest: bool
+    max_len: int  # the smallest context of every stage
+    target_vocab: int
+    target_eos: tuple[int, ...]
+    peer_timeout_s: float = PEER_TIMEOUT_S
+    heartbeat_s: float = HEARTBEAT_S
+    start_timeout_s: float = START_TIMEOUT_S
+
+    @property
+    def k(self) -> int:
+        """Stages in the whole pipeline."""
+        return len(self.labels)
+
+    @property
+    def stage(self) -> int:
+        """This rank's model stage (its global index)."""
+        return self.rank + int(self.inline_lowest)
+
+    @property
+    def is_target(self) -> bool:
+        return self.rank == self.world - 1
+
+    def indices(self, stages: list) -> list[int]:
+        """The global index of each of this rank's ``stages`` (a model-free one is stage 0)."""
+        return [0 if is_model_free(st) else self.stage for st in stages]
+
+    def label_of_rank(self, r: int) -> str:
+        return f"{self.labels[r + int(self.inline_lowest)]} on rank {r}"
+
+
+def _group_state() -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("distributed: initialise a process group first (torch.distributed."
+                         "init_process_group, e.g. under torchrun)")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def make_placement(stages: list, ngram: bool, tokenizer_vocab_size: int | None = None,
+                   **timeouts) -> Placement:
+    """The placement of this rank's ``stages`` (its model last; an n-gram drafter first on
+    rank 0 and on the target's rank when ``ngram``), gathered from every rank (a collective:
+    every rank calls it)."""
+    rank, world = _group_state()
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=START_TIMEOUT_S))
+    own = stages[-1]
+    eos = list(own.capabilities.eos_token_ids)
+    info = [None] * world
+    dist.all_gather_object(info, (own.name, own.vocab_size, own.max_len, eos), group=group)
+    names = [i[0] for i in info]
+    target_vocab = info[-1][1]
+    for name, vocab, *_ in info[:-1]:
+        if vocab != target_vocab:
+            raise ValueError(f"vocab mismatch: stage {name!r} has vocab_size {vocab}, target "
+                             f"{names[-1]!r} has {target_vocab}")
+    if ngram:
+        names.insert(0, stages[0].name)
+    labels = tuple(f"{i} ({n})" for i, n in enumerate(names))
+    max_len = min(i[2] for i in info)
+    return Placement(rank, world, group, labels, ngram, max_len, target_vocab,
+                     tuple(info[-1][3]), **timeouts)
+
+
+def load_local_stages(paths: Sequence[str | Path], device, dtype, max_len: int, ngram: bool,
+                      compute: str | None):
+    """This rank's stages (``paths[rank]``'s model, with an n-gram drafter on rank 0 and on
+    the target's rank when ``ngram``), the shared tokenizer, and the placement.
+
+    Compute modes follow ``models.packed.default_modes`` across ranks: a draft holding packed
+    weights follows an int8 target (the target's mode is gathered)."""
+    from pipespec_fast.loading import check_tokenizers
+    from pipespec_fast.models.packed import (
+        default_compute,
+        draft_compute,
+        release_freed_memory,
+        requantize_fp16,
+        set_compute,
+    )
+    from pipespec_fast.stages import LlamaStage, NGramStage
+
+    rank, world = _group_state()
+    if len(paths) != world:
+        raise ValueError(f"distributed: {len(paths)} models for {world} ranks (one rank per "
+                         "model, the target last)")
+    tok = check_tokenizers(paths)
+    path = paths[rank]
+    stage = LlamaStage.from_pretrained(path, dtype=dtype, device=device, max_len=max_len,
+                                       name=Path(path).name)
+    modes = [None] * world
+    dist.all_gather_object(modes, compute or default_compute(stage.model))
+    mode = compute or (draft_compute(stage.model, modes[-1]) if rank < world - 1
+                       else modes[-1])
+    if mode == "int8" and rank < world - 1:
+        requantize_fp16(stage.model)  # a draft: as FastPipeline.from_pretrained does
+    set_compute(stage.model, mode)
+    release_freed_memory()
+    stages = [stage]
+    if ngram and (rank == 0 or rank == world - 1):
+        stages.insert(0, NGramStage(stage.vocab_size, max_len=stage.max_len,
+                                    device=stage.device))
+    return stages, tok, make_placement(stages, ngram)
+

@@ -1,0 +1,74 @@
+"""One rank of a distributed pipeline under test (``tests/test_distributed.py`` starts one
+process per rank): ``python dist_child.py RANK WORLD PORT SPEC.json``.
+
+The spec names the model folders, the request and what to break: ``raise_rank`` makes that
+rank's stage raise after ``after`` forwards, ``kill_rank`` makes that rank kill itself
+(SIGKILL) after ``after`` forwards. Each rank writes ``OUT/rank{r}.json``: its result or its
+error's first line."""
+
+import datetime
+import json
+import os
+import signal
+import sys
+import traceback
+
+import torch.distributed as dist
+
+
+def _break_stage(pipe, spec, rank) -> None:
+    """Make this rank's model stage raise, or the process die, after ``after`` forwards."""
+    stage = pipe.stages[-1]
+    inner, count = stage.forward, [0]
+    kill = spec.get("kill_rank") == rank
+
+    def forward(*a, **kw):
+        count[0] += 1
+        if count[0] > spec["after"]:
+            if kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("injected failure")
+        return inner(*a, **kw)
+
+    stage.forward = forward
+
+
+def main() -> int:
+    rank, world, port, spec_path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), \
+        sys.argv[4]
+    spec = json.load(open(spec_path))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    from pipespec_fast import FastPipeline
+
+    out = {}
+    code = 0
+    try:
+        pipe = FastPipeline.from_pretrained(spec["dirs"], distributed=True, max_len=256,
+                                            ngram=spec.get("ngram", False),
+                                            adaptive_windows=spec.get("adaptive", False))
+        if rank in (spec.get("raise_rank"), spec.get("kill_rank")):
+            _break_stage(pipe, spec, rank)
+        results, accepted = [], 0
+        for prompt in spec["prompts"]:
+            for seed in spec.get("seeds", [None]):
+                res = pipe.generate(prompt, spec["n"], ignore_eos=True, seed=seed,
+                                    **spec.get("sampling", {}))
+                results.append(res.token_ids)
+                accepted += res.stage_stats[-1].accepted
+        out["results"] = results
+        out["stats"] = [s.as_dict() for s in res.stage_stats]
+        out["accepted"] = accepted
+    except Exception as e:  # the test reads the error line
+        out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+        out["trace"] = traceback.format_exc()
+        code = 1
+    with open(os.path.join(spec["out"], f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+    if code == 0:
+        dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

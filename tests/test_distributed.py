@@ -1,0 +1,230 @@
+"""The distributed placement (one process per model stage, gloo on loopback): greedy output
+identical to the single-process pipeline, failures that end every rank with an error naming
+the stage, and no process left behind.
+
+Each rank is a subprocess running ``tests/dist_child.py``; every run is bounded in time (the
+ranks are killed and the test fails past ``RUN_TIMEOUT_S``)."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import family, hf_state_of
+
+from pipespec_fast import FastPipeline, LlamaStage
+from pipespec_fast.decoding.span import TokenSpan
+from pipespec_fast.models.checkpoint import save_state_dict
+from pipespec_fast.pipespec import wire
+from pipespec_fast.pipespec.messages import Chunk, Sync, Wanted
+
+CHILD = Path(__file__).with_name("dist_child.py")
+RUN_TIMEOUT_S = 120
+PROMPTS = [[1, 5, 7, 9, 3, 11], [2], list(range(3, 40))]
+N = 40
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _family_dirs(tmp_path: Path, k: int, seed: int, words: list[str] | None = None
+                 ) -> tuple[list[str], list]:
+    """A tiny family's checkpoint folders (with a word-level tokenizer over ``words``)."""
+    models = family(k, noise=0.05, seed=seed)
+    dirs = []
+    for i, m in enumerate(models):
+        d = tmp_path / f"m{i}"
+        if words is None:
+            save_state_dict(d, hf_state_of(m), m.config)
+        else:
+            from test_pipeline import _write_tiny_checkpoint
+
+            _write_tiny_checkpoint(d, m, words)
+        dirs.append(str(d))
+    return dirs, models
+
+
+def _run_ranks(tmp_path: Path, world: int, spec: dict) -> tuple[list[int], list[dict], dict]:
+    """Start ``world`` ranks on ``spec``; wait for all (killing them all past the timeout).
+    Returns each rank's exit code and JSON output, and when each exited (monotonic)."""
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    spec = dict(spec, out=str(out))
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(CHILD), str(r), str(world), str(port),
+                               str(spec_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for r in range(world)]
+    ended: dict[int, float] = {}
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    try:
+        while len(ended) < world and time.monotonic() < deadline:
+            for r, p in enumerate(procs):
+                if r not in ended and p.poll() is not None:
+                    ended[r] = time.monotonic()
+            time.sleep(0.02)
+    finally:
+        for p in procs:  # nothing left behind, whatever happened
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    logs = [p.stdout.read().decode(errors="replace") for p in procs]
+    assert len(ended) == world, f"ranks still running after {RUN_TIMEOUT_S} s:\n" + \
+        "\n".join(logs)
+    results = []
+    for r in range(world):
+        f = out / f"rank{r}.json"
+        results.append(json.loads(f.read_text()) if f.exists() else {"log": logs[r]})
+    return [p.returncode for p in procs], results, ended
+
+
+def _reference(models, prompts) -> list[list[int]]:
+    target = FastPipeline([LlamaStage(models[-1], max_len=256)])
+    return [target.generate(p, N, ignore_eos=True).token_ids for p in prompts]
+
+
+@pytest.mark.parametrize("k,ngram", [(2, False), (3, False), (2, True), (3, True)])
+def test_greedy_output_identical_to_the_single_process_pipeline(tmp_path, k, ngram):
+    dirs, models = _family_dirs(tmp_path, k, seed=k + 3 * ngram)
+    want = _reference(models, PROMPTS)
+    codes, results, _ = _run_ranks(tmp_path, k, {"dirs": dirs, "prompts": PROMPTS, "n": N,
+                                                 "ngram": ngram})
+    assert codes == [0] * k, results
+    for r in results:  # every rank returns the target's tokens
+        assert r["results"] == want
+    target = results[-1]["stats"][-1]
+    assert target["proposed"] > 0 and 0 < target["accepted"] < target["proposed"]
+    if ngram:  # rank 0 runs the n-gram drafter inline: two stages there
+        assert [s["name"] for s in results[0]["stats"]][0] == "ngram"
+
+
+@pytest.mark.slow
+def test_default_models_on_two_ranks_give_the_single_process_greedy_output(tmp_path):
+    """The default hierarchy ``[n-gram -> draft -> target]`` as two ranks (the n-gram inline
+    on rank 0, its copy on the target's rank) against the same pipeline in one process."""
+    from pipespec_fast.models.defaults import default_model_dirs
+
+    pipe = FastPipeline.from_default()
+    prompts = [pipe.chat_prompt("Write a Python function that checks whether a number is "
+                                "prime."), pipe.chat_prompt("Name three colours.")]
+    want = [pipe.generate(p, 48, ignore_eos=True).token_ids for p in prompts]
+    pipe.close()
+    dirs = [str(d) for d in default_model_dirs()]
+    codes, results, _ = _run_ranks(tmp_path, 2, {"dirs": dirs, "prompts": prompts, "n": 48,
+                                                 "ngram": True, "adaptive": True})
+    assert codes == [0, 0], results
+    assert results[0]["results"] == want and results[1]["results"] == want
+
+
+def test_sampling_on_two_ranks_follows_the_target_distribution(tmp_path):
+    """k = 2 across processes (the drafts' rows cross the wire): the joint distribution of
+    the first two sampled tokens is the target's own (chi-square, as tests/test_pipeline.py
+    does in one process)."""
+    from scipy.stats import chisquare
+    from test_pipeline import exact_joint
+
+    models = family(2, noise=0.6, seed=23, vocab=6)
+    dirs = []
+    for i, m in enumerate(models):
+        save_state_dict(tmp_path / f"m{i}", hf_state_of(m), m.config)
+        dirs.append(str(tmp_path / f"m{i}"))
+    prompt, n = [1, 5, 2, 3, 0, 4], 1000
+    joint = exact_joint(LlamaStage(models[-1], max_len=64), prompt, 1.0, None, None)
+    codes, results, _ = _run_ranks(tmp_path, 2, {"dirs": dirs, "prompts": [prompt], "n": 2,
+                                                 "seeds": list(range(n)), "adaptive": True,
+                                                 "sampling": {"temperature": 1.0}})
+    assert codes == [0, 0], results
+    assert results[0]["results"] == results[1]["results"]
+    assert results[1]["accepted"] > 0  # drafts (and their rows) were really used
+    V = joint.shape[0]
+    counts = torch.zeros(V * V, dtype=torch.float64)
+    for a, b in results[1]["results"]:
+        counts[a * V + b] += 1
+    exp = joint.flatten() * n
+    keep = exp > 0
+    assert counts[~keep].sum() == 0
+    order = torch.argsort(exp[keep])
+    obs_k, exp_k = counts[keep][order], exp[keep][order]
+    rare = exp_k.cumsum(0) < 10  # pool rare cells so every expected count is >= 5
+    obs = torch.cat([obs_k[~rare], obs_k[rare].sum().reshape(1)])
+    ex = torch.cat([exp_k[~rare], exp_k[rare].sum().reshape(1)])
+    p = chisquare(obs.numpy(), (ex * obs.sum() / ex.sum()).numpy()).pvalue
+    assert p > 1e-3, p
+
+
+def test_a_stage_that_raises_ends_every_rank_with_an_error_naming_it(tmp_path):
+    dirs, _ = _family_dirs(tmp_path, 3, seed=11)
+    codes, results, _ = _run_ranks(tmp_path, 3, {"dirs": dirs, "prompts": PROMPTS[:1],
+                                                 "n": N, "raise_rank": 1, "after": 6})
+    assert codes == [1, 1, 1], results
+    for r in results:
+        assert r["error"].startswith("StageError: stage 1 (m1) on rank 1 failed"), r["error"]
+        assert "injected failure" in r["error"]
+
+
+@pytest.mark.parametrize("killed", [0, 1])
+def test_a_rank_killed_mid_generation_ends_the_others_within_5_s(tmp_path, killed):
+    dirs, _ = _family_dirs(tmp_path, 3, seed=12)
+    codes, results, ended = _run_ranks(tmp_path, 3, {"dirs": dirs, "prompts": PROMPTS[:1],
+                                                     "n": 200, "kill_rank": killed,
+                                                     "after": 8})
+    assert codes[killed] == -9
+    others = [r for r in range(3) if r != killed]
+    assert all(codes[r] == 1 for r in others), results
+    for r in others:
+        assert ended[r] - ended[killed] < 5.0
+        assert f"on rank {killed}" in results[r]["error"], results[r]["error"]
+        assert "died or stopped answering" in results[r]["error"]
+
+
+def test_cli_under_torchrun_prints_the_single_process_answer(tmp_path):
+    """``torchrun --standalone --nproc-per-node 3 -m pipespec_fast generate --distributed``:
+    the target's rank prints the text the single-process CLI prints, the others nothing."""
+    words = ["<unk>"] + [f"w{i}" for i in range(63)]
+    dirs, _ = _family_dirs(tmp_path, 3, seed=41, words=words)
+    args = ["generate", "--models", *dirs, "--prompt", "w1 w5 w7", "--max-new-tokens", "16",
+            "--ignore-eos", "--max-len", "128"]
+    one = subprocess.run([sys.executable, "-m", "pipespec_fast", *args], capture_output=True,
+                         text=True, timeout=RUN_TIMEOUT_S)
+    assert one.returncode == 0, one.stderr
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "3", "-m", "pipespec_fast", *args,
+                          "--distributed"], capture_output=True, text=True,
+                         timeout=RUN_TIMEOUT_S)
+    assert run.returncode == 0, run.stderr
+    answer = one.stdout.strip().splitlines()[0]
+    lines = run.stdout.strip().splitlines()
+    assert lines[0] == answer and len(answer.split()) == 16
+    assert lines[-1].startswith("[pipespec, 3 ranks: 0 (m0) -> 1 (m1) -> 2 (m2)] 16 tokens")
+    assert len(lines) == 2
+
+
+# ----------------------------------------------------------------------------- wire format
+
+
+def test_messages_survive_the_wire_format_bit_for_bit():
+    rows = torch.softmax(torch.randn(2, 7, dtype=torch.float32), -1)
+    span = TokenSpan([3, 2**39 + 5, 6], [None, rows[0], rows[1]], [True, True, False])
+    for msg in (Chunk(4, span), Chunk(0, TokenSpan([])), Sync(9, [1, 2]), Sync(3, []),
+                Wanted(False), Wanted(True), wire.Finish([5, 6]), wire.END, wire.HEARTBEAT,
+                wire.Fail("1 (draft) on rank 1", "RuntimeError: boom ü")):
+        tensors = wire.encode(msg)
+        shapes = wire.payload_shapes(tensors[0])
+        assert [(tuple(t.shape), t.dtype) for t in tensors[1:]] == shapes
+        got = wire.decode(tensors[0], tensors[1:])
+        if isinstance(msg, Chunk):
+            assert got.start == msg.start and got.span.tokens == msg.span.tokens
+            assert got.span.confident == msg.span.confident
+            for a, b in zip(got.span.rows, msg.span.rows, strict=True):
+                assert (a is None and b is None) or torch.equal(a, b)
+        else:
+            assert got == msg
+

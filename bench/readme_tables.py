@@ -109,16 +109,16 @@ def main(argv=None) -> int:
     if not runs:
         raise SystemExit(f"no e2e-*.json under {args.results}: run ./scripts/bench.sh first")
 
-    print("| task | T | system | tokens/s | vs hf_ar | vs ours_sync | acceptance | mean accepted "
+    print("| task | T | system | tokens/s | vs hf_ar | vs ours_ar | acceptance | mean accepted "
           "length | predicted tokens/s | greedy = AR | MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         m, summ = r["meta"], r["summary"]
-        sync = summ.get("ours_sync", {}).get("median_tokens_per_s")
+        ar = summ.get("ours_ar", {}).get("median_tokens_per_s")
         for name, d in summ.items():
             tps = d["median_tokens_per_s"]
             sp = f"{d['speedup_vs_hf_ar']:.2f}x" if d.get("speedup_vs_hf_ar") else "-"
-            vs = f"{tps / sync:.2f}x" if sync and name.startswith("ours_") else "-"
+            vs = f"{tps / ar:.2f}x" if ar else "-"
             mal = f"{d['mean_accepted_length']:.2f}" if "mean_accepted_length" in d else "-"
             pred = d.get("predicted_tokens_per_s")
             pred = f"{pred:.1f} ({pred / tps - 1:+.0%})" if pred else "-"

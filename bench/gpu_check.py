@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +33,9 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "gpu_check.json"
 # Seconds per section, in run order: 430 s in all, under the 8-minute goal with start-up.
 BUDGETS = {"kernels": 150, "sampling": 25, "models": 90, "kernel_benchmarks": 60,
            "model_benchmarks": 105}
+# Budgets are checked between checks; a check that hangs (a deadlocked pipeline) is caught by
+# this watchdog instead, so the run still ends inside 8 minutes with its JSON written.
+DEADLINE_S = 460
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="CPU tensors, Triton's interpreter, tiny sizes (for CI)")
     ap.add_argument("--budget-scale", type=float, default=1.0,
                     help="multiply every section's time budget")
+    ap.add_argument("--deadline", type=float, default=DEADLINE_S,
+                    help="seconds after which a run still going (a hang) is aborted: the JSON "
+                         "names the check that was running, exit code 1")
     return ap.parse_args(argv)
 
 
@@ -90,18 +97,38 @@ def run(args: argparse.Namespace) -> dict:
             ("models", models.model_checks), ("kernel_benchmarks", kernels.kernel_benchmarks),
             ("model_benchmarks", models.model_benchmarks)]
     t0 = time.perf_counter()
+    live: dict = {}
+    watchdog = threading.Timer(args.deadline, _abort, (args, report, live))
+    watchdog.daemon = True
+    watchdog.start()
     # A dry run forces the Triton backend (CPU tensors would otherwise take the references).
     cfg = config.current().replace(backend="triton") if args.dry_run else config.current()
-    with config.use(cfg), torch.inference_mode():
+    with config.use(cfg):
         for name, fn in plan:
-            sec = Section(name, BUDGETS[name] * args.budget_scale)
+            sec = live["section"] = Section(name, BUDGETS[name] * args.budget_scale)
             fn(sec, sz)
             report["sections"][name] = sec.to_json()
             report["wall_s"] = round(time.perf_counter() - t0, 2)
             report["summary"] = summary(report["sections"])
             _write(args.out, report)
             _progress(name, sec)
+    watchdog.cancel()
     return report
+
+
+def _abort(args: argparse.Namespace, report: dict, live: dict) -> None:
+    """The watchdog: record where the run hung, write the JSON, end the process (a hung CUDA
+    call or worker thread would not return to Python)."""
+    sec = live.get("section")
+    where = f"{sec.name}/{sec.current}" if sec is not None else "start-up"
+    if sec is not None:
+        report["sections"][sec.name] = sec.to_json()
+    report["aborted"] = f"deadline of {args.deadline:.0f} s reached during {where}"
+    report["summary"] = {**summary(report["sections"]), "ok": False}
+    report["summary"]["failed_checks"].append(where)
+    _write(args.out, report)
+    print(f"[gpu_check] ABORTED: {report['aborted']} -> {args.out}", flush=True)
+    os._exit(1)
 
 
 def _sampling(kernels):

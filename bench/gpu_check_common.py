@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 # (n_heads, kv_heads, head_dim) of the models the engine targets.
-HEADS_FULL = {"smollm2_135m": (9, 3, 64), "llama3_8b": (32, 8, 128), "llama3_70b": (64, 8, 128)}
+HEADS_FULL = {"llama3_8b": (32, 8, 128), "smollm2_135m": (9, 3, 64), "llama3_70b": (64, 8, 128)}
 # The same GQA ratios (3, 4, 8) with tiny head_dims, one of them not a power of two.
 HEADS_DRY = {"group3": (6, 2, 16), "group4": (8, 2, 24), "group8": (8, 1, 16)}
 
@@ -49,7 +49,7 @@ class Sizes:
 FULL = Sizes(
     device="cuda", heads=HEADS_FULL,
     dtypes=(torch.float32, torch.float16, torch.bfloat16),
-    blocks=(("chain", 1), ("chain", 9), ("chain", 64), ("tree", 16), ("tree", 64)),
+    blocks=(("chain", 9), ("tree", 16), ("chain", 1), ("tree", 64), ("chain", 64)),
     prefix=777, vocab=128256, draws=4000, contexts=(4096, 32768), copy_bytes=2 << 30,
     model=dict(vocab_size=128256, dim=4096, n_heads=32, n_kv_heads=8, head_dim=128,
                intermediate_size=14336),
@@ -75,6 +75,7 @@ class Section:
     budget_s: float
     checks: list = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    current: str | None = None  # the check running now (named if the run is aborted)
 
     def left(self) -> float:
         return self.budget_s - (time.perf_counter() - self.started)
@@ -87,6 +88,7 @@ class Section:
             self.checks.append(entry)
             return None
         t0 = time.perf_counter()
+        self.current = name
         try:
             result = fn(*args, **kwargs)
             if kind == "correctness":
@@ -101,6 +103,7 @@ class Section:
             result = None
         entry["wall_s"] = round(time.perf_counter() - t0, 3)
         self.checks.append(entry)
+        self.current = None
         return result
 
     def to_json(self) -> dict:

@@ -119,3 +119,16 @@ def test_a_real_run_refuses_a_machine_without_cuda(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="CUDA is not available"):
         gpu_check.run(gpu_check.parse_args([str(tmp_path / "x.json")]))
+
+
+def test_a_hung_run_is_aborted_with_its_json_written(tmp_path):
+    """The watchdog: past ``--deadline`` the JSON names the running check, exit code 1."""
+    out = tmp_path / "gpu_check.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry-run",
+                          "--deadline", "1", str(out)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 1 and "ABORTED" in res.stdout, res.stdout + res.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["aborted"].startswith("deadline of 1 s reached during kernels/")
+    assert report["summary"]["ok"] is False

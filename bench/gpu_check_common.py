@@ -58,10 +58,10 @@ FULL = Sizes(
 DRY = Sizes(
     device="cpu", heads=HEADS_DRY, dtypes=(torch.float32, torch.float16),  # no bf16 in numpy
     blocks=(("chain", 1), ("chain", 5), ("tree", 8), ("tree", 33)),
-    prefix=37, vocab=300, draws=150, contexts=(64, 256), copy_bytes=8 << 20,
+    prefix=37, vocab=300, draws=100, contexts=(64, 256), copy_bytes=8 << 20,
     model=dict(vocab_size=96, dim=32, n_heads=4, n_kv_heads=2, head_dim=8,
                intermediate_size=64),
-    target_layers=2, draft_layers=1, prompt=12, new_tokens=10, iters=2,
+    target_layers=2, draft_layers=1, prompt=12, new_tokens=8, iters=2,
 )
 
 

@@ -74,6 +74,10 @@ def test_dry_run_covers_every_shape_dtype_and_block(dry_run):
     assert eq["sync"]["first_difference_from_ar"] is None
     assert eq["pipespec"]["first_difference_from_ar"] is None
     assert eq["sync"]["proposed"] > 0
+    ng = _checks(report, "models")["ngram_draft_target/float32"]["result"]
+    for mode in ("sync", "pipespec"):
+        assert ng[mode]["first_difference_from_ar"] is None
+        assert ng[mode]["sampled_tokens"] == DRY.new_tokens
 
 
 def test_dry_run_records_the_benchmark_figures(dry_run):

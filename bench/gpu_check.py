@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> dict:
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("gpu_check: CUDA is not available (use --dry-run on a CPU)")
     report = {"schema": 1, "dry_run": args.dry_run, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "environment": environment(sz), "notes": [kernels.bytes_per_token_note()],
+              "environment": environment(sz), "notes": [kernels.bytes_per_token_note(),
+                        "the CPU C library is off (c_kernels=False): CPU-side draws use torch"],
               "sections": {}}
     plan = [("kernels", kernels.kernel_checks), ("sampling", _sampling(kernels)),
             ("models", models.model_checks), ("kernel_benchmarks", kernels.kernel_benchmarks),
@@ -101,8 +102,13 @@ def run(args: argparse.Namespace) -> dict:
     watchdog = threading.Timer(args.deadline, _abort, (args, report, live))
     watchdog.daemon = True
     watchdog.start()
-    # A dry run forces the Triton backend (CPU tensors would otherwise take the references).
-    cfg = config.current().replace(backend="triton") if args.dry_run else config.current()
+    # No CPU C library: building it with gcc on a fresh GPU machine (the n-gram stage's CPU
+    # draws would) costs budget and checks nothing GPU-side; torch runs those draws, same bits.
+    # A dry run also forces the Triton backend (CPU tensors would otherwise take the
+    # references).
+    cfg = config.current().replace(c_kernels=False)
+    if args.dry_run:
+        cfg = cfg.replace(backend="triton")
     with config.use(cfg):
         for name, fn in plan:
             sec = live["section"] = Section(name, BUDGETS[name] * args.budget_scale)

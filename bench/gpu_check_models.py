@@ -21,7 +21,12 @@ from pipespec_fast.models.config import LlamaConfig
 from pipespec_fast.models.llama import Transformer
 
 DEEP_SCALE = 0.05  # output projections of the target's layers the draft does not copy
-DRAFT_NOISE = 0.25  # relative noise of the draft's weights; the JSON records the acceptance
+# Relative noise of the draft's weights. Greedy agreement of draft and target, teacher-forced
+# on 96 random tokens at width 1024 (vocab 128256, 4 target layers; the init is scaled by
+# fan-in, so width matters little), measured on CPU: noise 0.25 -> 0.23, 0.15 -> 0.50,
+# 0.1 -> 0.62, 0.07 -> 0.74, 0.05 -> 0.77. 0.07 aims at the acceptance 0.7; the JSON
+# records the acceptance each run measured.
+DRAFT_NOISE = 0.07
 FORWARD_CONTEXT = {"cuda": 4096, "cpu": 32}
 
 

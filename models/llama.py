@@ -77,7 +77,7 @@ def block_layout(n: int, start: int, parents: torch.Tensor | None, device,
     if parents is None:
         bits = chain_bits.get(n)
         if bits is None or bits.device != device:
-            bits = reference.ancestor_bits(reference.chain_parents(n, device))
+            bits = reference.chain_ancestor_bits(n, device)
             chain_bits[n] = bits
         return bits, torch.arange(start, start + n, device=device)
     return reference.ancestor_bits(parents), start + reference.tree_depths(parents)

@@ -20,7 +20,9 @@ def load_stages(paths: Sequence[str | Path], device: str | torch.device = "cpu",
 
     Every stage must share the target's tokenizer: a different vocabulary is refused with a
     ``ValueError`` that names both stages, before any weights load. ``ngram=True`` puts a
-    model-free prompt-lookup drafter (``NGramStage``) below the models as stage 0.
+    model-free prompt-lookup drafter (``NGramStage``) below the models as stage 0, on the
+    CPU whatever the models' device: its work is host-side lookups, and its proposals on a GPU
+    would cost uploads and host reads (three syncs per token) for nothing.
     """
     if not paths:
         raise ValueError("paths: at least one model directory is required")
@@ -35,7 +37,7 @@ def load_stages(paths: Sequence[str | Path], device: str | torch.device = "cpu",
     ]
     if ngram:
         t = stages[-1]
-        stages.insert(0, NGramStage(t.vocab_size, max_len=t.max_len, device=t.device))
+        stages.insert(0, NGramStage(t.vocab_size, max_len=t.max_len, device="cpu"))
     return stages, tok
 
 

@@ -34,7 +34,8 @@ def tree_depths(parents: torch.Tensor) -> torch.Tensor:
 
 
 def ancestor_bits(parents: torch.Tensor) -> torch.Tensor:
-    """Bit-packed ancestor-or-self mask, ``[n] -> [n, ceil(n/32)]`` int32 (see module doc)."""
+    """Bit-packed ancestor-or-self mask, ``[n] -> [n, ceil(n/32)]`` int32 (see module doc).
+    For a chain, :func:`chain_ancestor_bits` gives the same words in closed form."""
     n = parents.shape[0]
     dense = ancestor_matrix(parents)
     words = (n + 31) // 32
@@ -42,23 +43,38 @@ def ancestor_bits(parents: torch.Tensor) -> torch.Tensor:
     padded[:, :n] = dense.to(torch.int64)
     shifts = torch.arange(32, device=parents.device, dtype=torch.int64)
     packed = (padded.view(n, words, 32) << shifts).sum(-1)
-    # Reinterpret the low 32 bits as a signed int32.
-    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
-    return packed.to(torch.int32)
+    return _as_int32(packed)
+
+
+def _as_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 words in [0, 2**32) reinterpreted as signed int32 (their low 32 bits)."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def chain_ancestor_bits(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """:func:`ancestor_bits` of a chain of ``n`` nodes in closed form: node ``i``'s ancestors
+    are nodes ``0..i``, so word ``w`` holds ``clamp(i - 32 w + 1, 0, 32)`` low bits set.
+    ``O(n * n / 32)`` integer work, where the general construction's dense squarings cost
+    ``O(n^3 log n)`` (a 4k-token prompt is such a chain); no host synchronisation."""
+    words = (n + 31) // 32
+    i = torch.arange(n, device=device, dtype=torch.int64)[:, None]
+    w = torch.arange(words, device=device, dtype=torch.int64)[None, :]
+    count = (i - 32 * w + 1).clamp(0, 32)
+    return _as_int32((torch.ones_like(count) << count) - 1)
 
 
 def ancestor_matrix(parents: torch.Tensor) -> torch.Tensor:
-    """Dense ``[n, n]`` bool: ``m[i, j]`` iff ``j`` is ``i`` or an ancestor of ``i``."""
+    """Dense ``[n, n]`` bool: ``m[i, j]`` iff ``j`` is ``i`` or an ancestor of ``i``. Built
+    from shapes and comparisons only (no ``.any()``, no boolean indexing), so it queues on an
+    accelerator without a host synchronisation."""
     n = parents.shape[0]
     p = parents.to(torch.int64)
-    eye = torch.eye(n, dtype=torch.bool, device=parents.device)
-    m = eye.clone()
+    idx = torch.arange(n, device=parents.device)
+    m = idx[:, None] == idx[None, :]
     # Row i = self + row parents[i]; parents come first, so one ordered sweep suffices.
-    # Done as log-depth squaring to avoid a Python loop over nodes.
-    par = torch.zeros(n, n, dtype=torch.bool, device=parents.device)
-    valid = p >= 0
-    if valid.any():
-        par[torch.arange(n, device=parents.device)[valid], p[valid]] = True
+    # Done as log-depth squaring to avoid a Python loop over nodes. A root's -1 matches no
+    # column, so its row of ``par`` stays empty.
+    par = p[:, None] == idx[None, :]
     reach = par.clone()
     m = m | reach
     steps = max(1, math.ceil(math.log2(max(n, 2))))
@@ -189,17 +205,16 @@ def counter_uniform(seed: int, offset: int, stream: int, index: torch.Tensor) ->
     used by the Triton kernels, so both backends draw identical numbers. The top 23 bits plus
     half a step are exact in fp32, so the result is strictly inside (0, 1) and ``-log U > 0``.
     """
-    key = _fmix32(torch.tensor((seed & _M32) ^ 0x9E3779B9, dtype=torch.int64))
-    key = _fmix32(key ^ (offset & _M32))
-    key = _fmix32(key ^ ((stream * 0x27D4EB2F) & _M32))
+    key = rng_key(seed, offset, stream)  # a host int: no upload to index's device
     x = (index.to(torch.int64) * 0x9E3779B1) & _M32
-    x = _fmix32(x ^ key.to(index.device))
+    x = _fmix32(x ^ key)
     x = _fmix32(x ^ 0x5BD1E995)
     return ((x >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
 
 
 def rng_key(seed: int, offset: int, stream: int) -> int:
-    """The 32-bit key that :func:`counter_uniform` derives (for kernels that take it as int)."""
+    """The 32-bit key of ``(seed, offset, stream)`` as a host int: :func:`counter_uniform` and
+    the kernels take it as a scalar, so no key tensor is ever uploaded to a device."""
     key = _fmix32(torch.tensor((seed & _M32) ^ 0x9E3779B9, dtype=torch.int64))
     key = _fmix32(key ^ (offset & _M32))
     key = _fmix32(key ^ ((stream * 0x27D4EB2F) & _M32))

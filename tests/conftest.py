@@ -4,12 +4,13 @@ import sys
 
 import pytest
 
-# No GPU here: Triton kernels run in Triton's interpreter. Must be set before anything imports
-# triton (torch may import it lazily), so it lives at the top of the first file pytest loads.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 # Tests import the tiny-model helpers as a plain module.
 sys.path.insert(0, os.path.dirname(__file__))
+
+# Where Triton kernels run: compiled on CUDA tensors where CUDA exists, Triton's interpreter on
+# CPU tensors elsewhere (kernel_device.decide). The flag must be set before anything imports
+# triton (torch may import it lazily), so it is applied by the first file pytest loads.
+import kernel_device  # noqa: E402, F401
 
 
 @pytest.fixture

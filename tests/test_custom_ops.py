@@ -1,17 +1,14 @@
 """torch.ops.pipespec.*: registration, fake (meta) kernels, opcheck, torch.compile."""
 
-import os
+import shutil
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton / csrc_triton are imported
+import pytest
+import torch
+from kernel_device import call, host, on
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-import shutil  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
-
-import pipespec_fast.custom_ops  # noqa: E402, F401  (registers torch.ops.pipespec.*)
-from pipespec_fast import ops, reference  # noqa: E402
+import pipespec_fast.custom_ops  # noqa: F401  (registers torch.ops.pipespec.*)
+from pipespec_fast import ops, reference
 
 # torch.library.opcheck goes through torch internals that still call torch.jit.script_method.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
@@ -86,11 +83,13 @@ def test_ops_validation_propagates_value_error():
 
 
 def test_ops_with_triton_backend(configure):
-    """The custom ops reach the Triton kernels (interpreter on CPU) when forced."""
+    """The custom ops reach the Triton kernels (compiled on CUDA, the interpreter on CPU
+    tensors elsewhere) when forced."""
     configure(backend="triton")
     q, k_new, v_new, k_cache, v_cache, prefix, bits = attention_args()
-    kc_t, vc_t = k_cache.clone(), v_cache.clone()
-    out = torch.ops.pipespec.verify_attention(q, k_new, v_new, kc_t, vc_t, prefix, bits)
+    kc_t, vc_t = on(k_cache.clone(), v_cache.clone())
+    out = host(torch.ops.pipespec.verify_attention(*on(q, k_new, v_new), kc_t, vc_t, prefix,
+                                                   on(bits)))
     configure(backend="reference")
     want = torch.ops.pipespec.verify_attention(
         q, k_new, v_new, k_cache.clone(), v_cache.clone(), prefix, bits
@@ -98,7 +97,7 @@ def test_ops_with_triton_backend(configure):
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     configure(backend="triton")
     toks, parents, dp, tp = accept_args()
-    got = torch.ops.pipespec.stochastic_accept(toks, parents, dp, tp, 3, 1)
+    got = call(torch.ops.pipespec.stochastic_accept, toks, parents, dp, tp, 3, 1)
     want = reference.stochastic_accept(toks, parents, dp, tp, 3, 1)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 

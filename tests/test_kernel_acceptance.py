@@ -1,4 +1,5 @@
-"""Greedy / stochastic acceptance: Triton (interpreter) == reference, and statistical exactness.
+"""Greedy / stochastic acceptance: Triton == reference (compiled on CUDA tensors where CUDA
+exists, the interpreter on CPU tensors elsewhere: ``kernel_device``), and statistical exactness.
 
 The statistics run on a batched re-implementation of the reference (``BatchedReference``),
 which is first checked to reproduce ``reference.stochastic_accept`` draw for draw; then
@@ -6,23 +7,20 @@ which is first checked to reproduce ``reference.stochastic_accept`` draw for dra
 verifier's distribution. All seeds are fixed, so every p-value is deterministic.
 """
 
-import os
+import textwrap
+from dataclasses import dataclass
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton / csrc_triton are imported
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kernel_device import call
+from scipy.stats import chisquare
+from triton_compile import run_compile_script
 
-import textwrap  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from scipy.stats import chisquare  # noqa: E402
-from triton_compile import run_compile_script  # noqa: E402
-
-from pipespec_fast import ops, reference  # noqa: E402
-from pipespec_fast.kernels import acceptance as tk  # noqa: E402
+from pipespec_fast import ops, reference
+from pipespec_fast.kernels import acceptance as tk
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 M32 = 0xFFFFFFFF
@@ -78,7 +76,7 @@ def test_greedy_reference_python_and_triton_agree(data, n, chain, vocab):
     assert ref[0].tolist() == path + [-1] * (n - len(path))
     assert ref[1].dtype == torch.int64 and ref[1].shape == () and int(ref[1]) == len(path)
     assert ref[2].dtype == torch.int64 and ref[2].shape == () and int(ref[2]) == nxt
-    tri = tk.greedy_accept(toks, parents, target)
+    tri = call(tk.greedy_accept, toks, parents, target)
     assert same(tri, ref), (tri, ref)
 
 
@@ -86,7 +84,7 @@ def test_greedy_full_chain_of_64_gives_the_bonus_token():
     toks = torch.arange(64, dtype=torch.int32)  # int32 tokens and parents are accepted too
     target = torch.cat([toks.long(), torch.tensor([999])])
     parents = reference.chain_parents(64)
-    for fn in (reference.greedy_accept, tk.greedy_accept):
+    for fn in (reference.greedy_accept, lambda *a: call(tk.greedy_accept, *a)):
         path, num, nxt = fn(toks, parents, target)
         assert path.tolist() == list(range(64)) and int(num) == 64 and int(nxt) == 999
 
@@ -126,7 +124,7 @@ def test_stochastic_triton_equals_reference(data, n, chain, V, zeros, mode, seed
     else:
         toks = reference.sample_from_probs(dp, seed, offset) if n else torch.zeros(0).long()
     ref = reference.stochastic_accept(toks, parents, dp, tp, seed, offset)
-    tri = tk.stochastic_accept(toks, parents, dp, tp, seed, offset, block_v=16)
+    tri = call(tk.stochastic_accept, toks, parents, dp, tp, seed, offset, block_v=16)
     assert same(tri, ref), (tri, ref)
     if mode == "q_equals_p":
         # p == q on the drafted edges: every draft is accepted down to a leaf.
@@ -143,7 +141,7 @@ def test_stochastic_triton_equals_reference_large_vocab():
     for offset in range(4):
         toks = reference.sample_from_probs(dp, 11, offset)
         ref = reference.stochastic_accept(toks, parents, dp, tp, 11, offset)
-        tri = tk.stochastic_accept(toks, parents, dp, tp, 11, offset)  # default BLOCK_V
+        tri = call(tk.stochastic_accept, toks, parents, dp, tp, 11, offset)  # default BLOCK_V
         assert same(tri, ref), (offset, tri, ref)
 
 
@@ -155,7 +153,7 @@ def test_stochastic_non_contiguous_probs():
     toks = torch.tensor([1, 2, 3, 4])
     for offset in range(5):
         ref = reference.stochastic_accept(toks, parents, dp, tp, 3, offset)
-        assert same(tk.stochastic_accept(toks, parents, dp, tp, 3, offset), ref)
+        assert same(call(tk.stochastic_accept, toks, parents, dp, tp, 3, offset), ref)
 
 
 # ----------------------------------------------------------------------------- batched reference
@@ -393,7 +391,7 @@ def test_triton_kernel_statistics_and_draws_match_batched_reference():
     par = torch.tensor(TREE)
     firsts = []
     for b in range(B):
-        got = tk.stochastic_accept(toks[b], par, dp[b], tp[b], 5, b)
+        got = call(tk.stochastic_accept, toks[b], par, dp[b], tp[b], 5, b)
         assert same(got, (path[b], count[b], nxt[b])), b
         firsts.append(int(toks[b, path[b, 0]]) if int(got[1]) > 0 else int(got[2]))
     counts = np.bincount(firsts, minlength=V)
@@ -409,13 +407,14 @@ def test_ops_dispatches_to_triton_when_forced(configure):
     toks = torch.tensor([3, 1, 2, 0, 4, 4, 1, 2])
     target = torch.tensor([1, 0, 4, 5, 5, 5, 5, 5, 5])
     assert same(
-        ops.greedy_accept(toks, parents, target), reference.greedy_accept(toks, parents, target)
+        call(ops.greedy_accept, toks, parents, target),
+        reference.greedy_accept(toks, parents, target),
     )
     gen = torch.Generator().manual_seed(0)
     dp, tp = random_probs(gen, 8, 6, False), random_probs(gen, 9, 6, False)
     toks = reference.sample_from_probs(dp, 1, 2)
     assert same(
-        ops.stochastic_accept(toks, parents, dp, tp, 1, 2),
+        call(ops.stochastic_accept, toks, parents, dp, tp, 1, 2),
         reference.stochastic_accept(toks, parents, dp, tp, 1, 2),
     )
 
@@ -556,7 +555,7 @@ def test_backends_agree_when_a_residual_uniform_is_exactly_one():
         n = parents.shape[0]
         args = (toks, parents, dp[:n], tp[: n + 1], EDGE_SEED, EDGE_OFFSET)
         ref = reference.stochastic_accept(*args)
-        assert same(tk.stochastic_accept(*args, block_v=64), ref), (ref,)
+        assert same(call(tk.stochastic_accept, *args, block_v=64), ref), (ref,)
 
 
 def test_counter_uniform_is_strictly_below_one():

@@ -1,19 +1,24 @@
-"""kv_compact: Triton (interpreter) vs reference vs a Python oracle, bit for bit."""
+"""kv_compact: Triton vs reference vs a Python oracle, bit for bit (compiled on CUDA tensors
+where CUDA exists, the interpreter on CPU tensors elsewhere: ``kernel_device``)."""
 
-import os
+import textwrap
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton / csrc_triton are imported
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kernel_device import KERNEL_DTYPES, host, on
+from triton_compile import run_compile_script
 
-import textwrap  # noqa: E402
+from pipespec_fast import ops, reference
+from pipespec_fast.kernels.kv_rollback import kv_compact as triton_kv_compact
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from triton_compile import run_compile_script  # noqa: E402
 
-from pipespec_fast import ops, reference  # noqa: E402
-from pipespec_fast.kernels.kv_rollback import kv_compact as triton_kv_compact  # noqa: E402
+def compact_on_device(fn, k, v, src, dst_start, **kw):
+    """``fn`` (in place) on copies of the cache on the kernel device; the result on the CPU."""
+    kt, vt = on(k.clone(), v.clone())
+    fn(kt, vt, on(src), dst_start, **kw)
+    return host((kt, vt))
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -56,7 +61,7 @@ def compaction(draw):
     n_layers=st.integers(1, 3),
     kv_heads=st.integers(1, 3),
     head_dim=st.sampled_from([16, 24, 64, 128]),
-    dtype=st.sampled_from([torch.float32, torch.float16]),
+    dtype=st.sampled_from(KERNEL_DTYPES),
     block_d=st.sampled_from([None, 16]),
     seed=st.integers(0, 1000),
 )
@@ -68,8 +73,7 @@ def test_triton_equals_reference_bit_for_bit(
     want_k, want_v = oracle(k, v, src, dst_start)
     kr, vr = k.clone(), v.clone()
     reference.kv_compact(kr, vr, src, dst_start)
-    kt, vt = k.clone(), v.clone()
-    triton_kv_compact(kt, vt, src, dst_start, block_d=block_d)
+    kt, vt = compact_on_device(triton_kv_compact, k, v, src, dst_start, block_d=block_d)
     assert torch.equal(kr, want_k) and torch.equal(vr, want_v)
     assert torch.equal(kt, want_k) and torch.equal(vt, want_v)
 
@@ -86,12 +90,13 @@ def test_reference_bf16_and_fp32_overlapping_shift(dtype):
 
 def test_triton_strided_cache_view_and_untouched_rest():
     """A cache that is a view of a bigger buffer (strides passed); nothing else changes."""
-    big_k, big_v = make_cache(3, 4, 20, 32, torch.float32, 2)
+    big_k, big_v = on(*make_cache(3, 4, 20, 32, torch.float32, 2))
     k, v = big_k[::2, 1:3], big_v[::2, 1:3]  # [2, 2, 20, 32], non-contiguous
-    before_k, before_v = big_k.clone(), big_v.clone()
+    before_k, before_v = host((big_k.clone(), big_v.clone()))
     src = torch.tensor([7, 8, 10, 13])
-    want_k, want_v = oracle(k, v, src, 7)
-    triton_kv_compact(k, v, src, 7)
+    want_k, want_v = oracle(*host((k, v)), src, 7)
+    triton_kv_compact(k, v, on(src), 7)
+    big_k, big_v, k, v = host((big_k, big_v, k, v))
     assert torch.equal(k, want_k) and torch.equal(v, want_v)
     mask = torch.ones_like(big_k, dtype=torch.bool)
     mask[::2, 1:3] = False
@@ -100,8 +105,7 @@ def test_triton_strided_cache_view_and_untouched_rest():
 
 def test_chain_prefix_in_place_is_a_no_op():
     k, v = make_cache(2, 1, 10, 16, torch.float32, 3)
-    kt, vt = k.clone(), v.clone()
-    triton_kv_compact(kt, vt, torch.tensor([2, 3, 4]), 2)
+    kt, vt = compact_on_device(triton_kv_compact, k, v, torch.tensor([2, 3, 4]), 2)
     assert torch.equal(kt, k) and torch.equal(vt, v)
 
 
@@ -110,7 +114,7 @@ def test_ops_dispatches_to_triton_when_forced(configure):
     k, v = make_cache(2, 2, 12, 16, torch.float16, 4)
     src = torch.tensor([5, 6, 8, 11])
     want_k, want_v = oracle(k, v, src, 4)
-    ops.kv_compact(k, v, src, 4)
+    k, v = compact_on_device(ops.kv_compact, k, v, src, 4)
     assert torch.equal(k, want_k) and torch.equal(v, want_v)
 
 

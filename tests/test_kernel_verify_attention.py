@@ -1,19 +1,17 @@
-"""Verification attention: reference vs float64 math / SDPA, Triton (interpreter) vs reference."""
+"""Verification attention: reference vs float64 math / SDPA, Triton vs reference (compiled on
+CUDA tensors where CUDA exists, the interpreter on CPU tensors elsewhere: ``kernel_device``)."""
 
-import os
+import textwrap
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton / csrc_triton are imported
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kernel_device import KERNEL_DTYPES, host, on
+from triton_compile import run_compile_script
 
-import textwrap  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from triton_compile import run_compile_script  # noqa: E402
-
-from pipespec_fast import ops, reference  # noqa: E402
-from pipespec_fast.kernels.verify_attention import verify_attention as triton_verify_attention  # noqa: E402
+from pipespec_fast import ops, reference
+from pipespec_fast.kernels.verify_attention import verify_attention as triton_verify_attention
 
 HEAD_DIMS = (16, 32, 64, 128)
 GQA_RATIOS = (1, 3, 4, 8)
@@ -81,10 +79,11 @@ def run_both(problem, **kernel_kw):
     q, k_new, v_new, k_cache, v_cache, prefix, parents = problem
     bits = reference.ancestor_bits(parents)
     kc_r, vc_r = k_cache.clone(), v_cache.clone()
-    kc_t, vc_t = k_cache.clone(), v_cache.clone()
+    kc_t, vc_t = on(k_cache.clone(), v_cache.clone())
     out_r = reference.verify_attention(q, k_new, v_new, kc_r, vc_r, prefix, bits)
-    out_t = triton_verify_attention(q, k_new, v_new, kc_t, vc_t, prefix, bits, **kernel_kw)
-    return out_r, out_t, (kc_r, vc_r), (kc_t, vc_t)
+    out_t = triton_verify_attention(*on(q, k_new, v_new), kc_t, vc_t, prefix, on(bits),
+                                    **kernel_kw)
+    return out_r, host(out_t), (kc_r, vc_r), host((kc_t, vc_t))
 
 
 def check_cache_append(problem, kc, vc):
@@ -168,7 +167,7 @@ def test_reference_custom_scale_and_single_token():
 
 
 @SETTINGS
-@given(args=problem_args, dtype=st.sampled_from([torch.float32, torch.float16]))
+@given(args=problem_args, dtype=st.sampled_from(KERNEL_DTYPES))
 def test_triton_matches_reference(args, dtype):
     n, kv, group, d, prefix, spare, chain, seed = args
     problem = make_problem(n, kv, group, d, prefix, prefix + n + spare, dtype, seed, chain)
@@ -183,7 +182,7 @@ def test_triton_matches_reference(args, dtype):
     check_cache_append(problem, *cache_t)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_triton_64_node_tree_two_mask_words(dtype):
     """n = 64: bits 32..63 live in word 1 and bit 31 makes words negative int32."""
     gen = torch.Generator().manual_seed(3)
@@ -211,9 +210,9 @@ def test_triton_odd_head_dim_and_scale():
     problem = make_problem(5, 2, 3, 24, 20, 30, torch.float32, 8)
     q, k_new, v_new, k_cache, v_cache, prefix, parents = problem
     bits = reference.ancestor_bits(parents)
-    out = triton_verify_attention(
-        q, k_new, v_new, k_cache.clone(), v_cache.clone(), prefix, bits, 0.2
-    )
+    out = host(triton_verify_attention(
+        *on(q, k_new, v_new, k_cache.clone(), v_cache.clone()), prefix, on(bits), 0.2
+    ))
     want = oracle(q, k_new, v_new, k_cache, v_cache, prefix, parents, scale=0.2)
     torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=0)
 
@@ -222,10 +221,11 @@ def test_ops_dispatches_to_triton_when_forced(configure):
     configure(backend="triton")
     problem = make_problem(6, 2, 4, 32, 10, 20, torch.float32, 4)
     q, k_new, v_new, k_cache, v_cache, prefix, parents = problem
-    kc, vc = k_cache.clone(), v_cache.clone()
-    out = ops.verify_attention(q, k_new, v_new, kc, vc, prefix, reference.ancestor_bits(parents))
-    torch.testing.assert_close(out.double(), oracle(*problem), atol=2e-5, rtol=0)
-    check_cache_append(problem, kc, vc)
+    kc, vc = on(k_cache.clone(), v_cache.clone())
+    out = ops.verify_attention(*on(q, k_new, v_new), kc, vc, prefix,
+                               on(reference.ancestor_bits(parents)))
+    torch.testing.assert_close(host(out).double(), oracle(*problem), atol=2e-5, rtol=0)
+    check_cache_append(problem, *host((kc, vc)))
 
 
 # ----------------------------------------------------------------------------- validation

@@ -15,8 +15,8 @@ from pipespec_fast.reference import probs_from_logits
 PROMPT = [1, 5, 7, 9, 3, 11]
 
 
-def stages_for(k, noise=0.05, seed=0, **kw):
-    return [LlamaStage(m, name=f"s{i}", max_len=256)
+def stages_for(k, noise=0.05, seed=0, device="cpu", **kw):
+    return [LlamaStage(m.to(device), name=f"s{i}", max_len=256)
             for i, m in enumerate(family(k, noise=noise, seed=seed, **kw))]
 
 
@@ -285,18 +285,21 @@ def test_eos_from_the_target_ends_output():
 
 
 @pytest.mark.parametrize("mode", ["pipespec", "sync"])
-def test_triton_backend_under_the_interpreter_gives_the_same_greedy_tokens(mode, configure):
-    """Every op of the engine through the Triton kernels (run by Triton's interpreter on CPU):
-    the same greedy tokens as the reference backend, and as the target alone."""
+def test_triton_backend_gives_the_same_greedy_tokens(mode, configure):
+    """Every op of the engine through the Triton kernels (compiled on CUDA where CUDA exists,
+    Triton's interpreter on CPU tensors elsewhere: ``kernel_device``): the same greedy tokens
+    as the reference backend, and as the target alone."""
     pytest.importorskip("triton")
-    configure(triton_interpret=True)  # conftest set TRITON_INTERPRET=1 before Triton loaded
-    stages = stages_for(3, seed=13, n_layers=1)
+    from kernel_device import CHOICE
+
+    configure(triton_interpret=CHOICE.interpret)  # what conftest set before Triton loaded
+    stages = stages_for(3, seed=13, n_layers=1, device=CHOICE.device)
     configure(backend="reference")
     ref = target_greedy(stages[-1], PROMPT, 12)
     configure(backend="triton")
     from pipespec_fast import ops
 
-    assert ops.backend_for(torch.zeros(1)) == "triton"
+    assert ops.backend_for(torch.zeros(1, device=CHOICE.device)) == "triton"
     # fixed windows: every step verifies, so the acceptance kernels run too
     res = FastPipeline(stages, mode=mode, adaptive_windows=False).generate(PROMPT, 12,
                                                                           ignore_eos=True)

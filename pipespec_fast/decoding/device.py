@@ -25,6 +25,16 @@ class StageDevice:
         """Context in which the stage's work is queued (its stream; no-op on CPU)."""
         return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
 
+    def upload(self, tokens: list[int]) -> torch.Tensor:
+        """``[n]`` int64 token ids on this device. On CUDA from pinned host memory, without
+        blocking: ``torch.tensor(list, device=cuda)`` copies from pageable memory, which
+        waits for the whole device (a host sync per forward). The pinned block comes from
+        torch's caching host allocator, which keeps it until the copy on this stream is done."""
+        ids = torch.tensor(tokens, dtype=torch.int64)
+        if not self.cuda:
+            return ids
+        return ids.pin_memory().to(self.device, non_blocking=True)
+
     def to_host(self, num: torch.Tensor, nxt: torch.Tensor, finite: torch.Tensor
                 ) -> tuple[int, int, bool]:
         """The one host synchronisation of a verify step: two 0-d ints and a 0-d bool."""

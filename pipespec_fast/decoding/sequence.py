@@ -114,7 +114,7 @@ class Sequencer:
 
     def _forward(self, tokens: list[int], last_n: int, kind: str) -> torch.Tensor:
         t = time.perf_counter()
-        ids = torch.tensor(tokens, dtype=torch.int64, device=self.dev.device)
+        ids = self.dev.upload(tokens)
         logits = self.stage.forward(ids, last_n=last_n)  # [last_n, V]
         self.stats.record_forward(kind, len(tokens), t, time.perf_counter(), self.t0)
         return logits
@@ -155,7 +155,7 @@ class Sequencer:
         feed = self.span.tokens[base:] + drafts
         uncached = len(feed) - n
         t = time.perf_counter()
-        ids = torch.tensor(feed, dtype=torch.int64, device=self.dev.device)
+        ids = self.dev.upload(feed)
         logits = self.stage.forward(ids, last_n=n + 1)  # [n + 1, V]
         q = self.dev.rows_here(draft_probs) if n and not self.params.greedy else None
         num, nxt, finite, p = self.sampler.accept(ids[uncached:], logits, q)

@@ -1,0 +1,130 @@
+"""The n-gram drafter's token tree: continuations of the matched suffix (against a brute-force
+scan), their trie (merging, counts, budget, order) and the DraftTree the kernels take."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pipespec_fast import reference
+from pipespec_fast.stages.ngram import NGramStage
+from pipespec_fast.stages.ngram_index import SuffixIndex
+from pipespec_fast.stages.ngram_tree import continuation_trie, matched_continuations, ngram_tree
+from pipespec_fast.stages.tree import DraftTree
+
+
+def brute_continuations(h, max_n, min_n, depth, occ):
+    """What followed the most recent earlier occurrences of the longest matched suffix."""
+    last = len(h) - 1
+    for n in range(min(max_n, last + 1), min_n - 1, -1):
+        suf = h[last - n + 1 :]
+        ends = [e for e in range(n - 1, last) if h[e - n + 1 : e + 1] == suf]
+        if ends:
+            return [h[e + 1 : e + 1 + depth] for e in reversed(ends)][:occ], n
+    return [], 0
+
+
+def index_of(h, max_n=4, min_n=1):
+    ix = SuffixIndex(min_n, max_n)
+    for t in h:
+        ix.append(t)
+    return ix
+
+
+def test_trie_merges_counts_and_orders_most_likely_first():
+    tree = continuation_trie([[1, 2, 3], [1, 2, 4], [1, 5], [6]], budget=10)
+    assert tree.tokens == (1, 2, 3, 4, 5, 6)
+    assert tree.parents == (-1, 0, 1, 1, 0, -1)
+    assert tree.weights == (0.75, 0.5, 0.25, 0.25, 0.25, 0.25)
+    assert tree.depths() == [0, 1, 2, 2, 1, 0]
+    # the budget keeps the most likely nodes, ties to the most recent continuation
+    assert continuation_trie([[1, 2, 3], [1, 2, 4], [1, 5], [6]], budget=3).tokens == (1, 2, 3)
+    cut = continuation_trie([[7, 8], [1, 2], [1, 3]], budget=2)
+    assert (cut.tokens, cut.parents) == ((1, 7), (-1, -1))
+    assert continuation_trie([], 5) == continuation_trie([[1]], 0) == DraftTree((), (), ())
+    # one continuation: the chain drafter's proposal
+    chain = continuation_trie([[4, 4, 9, 1]], budget=8)
+    assert chain.is_chain and chain.tokens == (4, 4, 9, 1)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_trie_budget_keeps_the_top_nodes_closed_under_parents(seed):
+    rng = random.Random(seed)
+    conts = [[rng.randrange(3) for _ in range(rng.randint(1, 6))] for _ in range(rng.randint(1, 9))]
+    full = continuation_trie(conts, budget=10**6)
+    budget = rng.randint(1, len(full))
+    tree = continuation_trie(conts, budget)
+    paths = _paths(full)
+    assert sorted(paths.values()) == sorted({tuple(c[:i]) for c in conts
+                                             for i in range(1, len(c) + 1)})
+    for i, path in paths.items():  # a node's weight: continuations through it, over all
+        assert full.weights[i] == sum(tuple(c[: len(path)]) == path for c in conts) / len(conts)
+    assert len(tree) == budget
+    assert all(-1 <= p < i for i, p in enumerate(tree.parents))  # topological
+    kept = _paths(tree)
+    assert set(kept.values()) <= set(paths.values())
+    assert len(set(kept.values())) == budget  # siblings distinct
+    # nothing left out is more likely than something kept
+    left = [full.weights[i] for i, p in paths.items() if p not in set(kept.values())]
+    assert not left or max(left) <= min(tree.weights)
+    for p in set(tree.parents):  # siblings most likely first
+        sibs = [tree.weights[j] for j in range(len(tree)) if tree.parents[j] == p]
+        assert sibs == sorted(sibs, reverse=True)
+    # the kernels' helpers read the same tree
+    parents = tree.parents_tensor()
+    assert reference.tree_depths(parents).tolist() == tree.depths()
+
+
+def _paths(tree: DraftTree) -> dict[int, tuple[int, ...]]:
+    out: dict[int, tuple[int, ...]] = {}
+    for i, (t, p) in enumerate(zip(tree.tokens, tree.parents, strict=True)):
+        out[i] = (out[p] if p >= 0 else ()) + (t,)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_continuations_match_a_brute_force_scan(seed):
+    rng = random.Random(seed)
+    vocab = rng.choice([2, 3, 5])
+    h = [rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
+    depth, occ = rng.randint(1, 6), rng.randint(1, 5)
+    got = matched_continuations(index_of(h), depth, occ)
+    assert got == brute_continuations(h, 4, 1, depth, occ), h
+
+
+def test_siblings_at_depth_two_from_a_repeated_prefix():
+    h = [1, 5, 2, 3, 1, 5, 2, 4, 1, 5]
+    tree, match = ngram_tree(index_of(h), budget=8, max_depth=3)
+    assert match == 2
+    assert (tree.tokens, tree.parents) == ((2, 4, 1, 3, 1), (-1, 0, 1, 0, 3))
+    assert tree.weights == (1.0, 0.5, 0.5, 0.5, 0.5)
+    # min_match: the only match is 2 tokens long
+    assert ngram_tree(index_of(h), 8, 3, min_match=3) == (DraftTree((), (), ()), 0)
+
+
+def test_stage_proposes_trees_after_its_history():
+    st = NGramStage(16, min_confident_match=1)
+    assert st.capabilities.tree_drafts and not st.capabilities.trees
+    st.forward(torch.tensor([1, 5, 2, 3, 1, 5, 2, 4, 1, 5]), last_n=0)
+    tree = st.propose_tree(budget=3, max_depth=3)
+    assert (tree.tokens, tree.parents) == ((2, 4, 1), (-1, 0, 1))
+    assert st.last_match_len == 2
+    st.rollback(9)  # history ends with 1: (1) occurred at 0, 4
+    tree = st.propose_tree(budget=8, max_depth=2)
+    assert (tree.tokens, tree.parents) == ((5, 2), (-1, 0))
+    st.rollback(1)
+    assert len(st.propose_tree(8, 4)) == 0 and st.last_match_len == 0
+
+
+def test_draft_tree_checks_and_rows():
+    with pytest.raises(ValueError, match="topological"):
+        DraftTree((1, 2), (-1, 1), (1.0, 1.0))
+    with pytest.raises(ValueError, match="2 tokens, 1 parents"):
+        DraftTree((1, 2), (-1,), (1.0, 1.0))
+    t = DraftTree((3, 0, 3), (-1, -1, 1), (0.5, 0.5, 0.5))
+    rows = t.one_hot_rows(5)
+    assert rows.tolist() == [[0, 0, 0, 1, 0], [1, 0, 0, 0, 0], [0, 0, 0, 1, 0]]
+    assert t.parents_tensor(offset=2).tolist() == [1, 1, 3]
+    assert t.path_tokens([1, 2]) == [0, 3] and not t.is_chain

@@ -71,6 +71,11 @@ class FastPipeline:
             generation.
         check_order: refuse model stages whose declared parameter count decreases towards
             the target (stages given in the wrong order); ``False`` allows it.
+        tree_budget: ``0`` (default): drafts are chains. ``N > 0``: a lowest stage that drafts
+            trees (the n-gram drafter: every continuation of the matched suffix) proposes
+            token trees of up to ``N`` nodes, as deep as the window, and the stage above it
+            (and, in PipeSpec, the target through its skip-level copy) verifies each in one
+            forward (``decoding/tree_step.py``). Lossless either way.
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class FastPipeline:
         skip_level_drafts: bool = True,
         config: RuntimeConfig | None = None,
         check_order: bool = True,
+        tree_budget: int = 0,
     ) -> None:
         _check_config(config)
         self.config = config
@@ -106,6 +112,7 @@ class FastPipeline:
         self.threads = list(threads) if threads is not None else [None] * k
         self.adaptive_windows = adaptive_windows
         self.skip_level_drafts = skip_level_drafts
+        self.tree_budget = _check_tree_budget(tree_budget, self.stages)
         if eos_token_ids is None:
             eos_token_ids = _default_eos(tokenizer, stages[-1])
         self.eos_token_ids = set(eos_token_ids)
@@ -267,6 +274,19 @@ def _check_stages(stages: Sequence[Stage]) -> None:
             )
 
 
+def _check_tree_budget(budget, stages: list[Stage]) -> int:
+    """A budget in range, and with trees on, a lowest stage that drafts them below one that
+    verifies them."""
+    budget = validate.tree_budget(budget)
+    if budget and (len(stages) < 2 or not stages[0].capabilities.tree_drafts):
+        raise ValueError(f"tree_budget={budget}: the lowest stage must draft trees "
+                         "(capabilities.tree_drafts: the n-gram drafter, ngram=True)")
+    if budget and not stages[1].capabilities.trees:
+        raise ValueError(f"tree_budget={budget}: stage 1 {stages[1].name!r} cannot verify "
+                         "trees (capabilities.trees)")
+    return budget
+
+
 def _default_eos(tokenizer, target: Stage) -> list[int]:
     """The tokenizer's eos id, then the target's declared ones."""
     eos = []
@@ -303,7 +323,8 @@ def _check_request(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_
         raise ValueError("stop: stop strings need a tokenizer")
     ids = _encode(pipe, prompt)
     room = min(st.max_len for st in pipe.stages)
-    slack = sum(pipe.windows[1:]) + sum(pipe.max_leads[:-1]) + 2 * len(pipe.stages)
+    slack = sum(max(w, pipe.tree_budget) for w in pipe.windows[1:]) + sum(pipe.max_leads[:-1]) \
+        + 2 * len(pipe.stages)
     if len(ids) >= room:
         raise ValueError(f"prompt: {len(ids)} tokens do not fit the context of {room}")
     if len(ids) + max_new_tokens + slack > room:
@@ -385,7 +406,7 @@ def _verified_chunks(pipe: FastPipeline, mode: str, seqrs: list[Sequencer], ids:
         s.start(ids)
     if len(seqrs) == 1:
         return baselines.autoregressive(seqrs[0], limit), None
-    return baselines.synchronous(seqrs, pipe.windows, limit), None
+    return baselines.synchronous(seqrs, pipe.windows, limit, pipe.tree_budget), None
 
 
 def _result(out: Output, mode: str, elapsed: float, stats: list[StageStats],

@@ -398,7 +398,7 @@ def _verified_chunks(pipe: FastPipeline, mode: str, seqrs: list[Sequencer], ids:
         return iter(()), None
     if mode == "pipespec" and len(seqrs) > 1:
         settings = PipeSpecSettings(tuple(pipe.windows), tuple(pipe.max_leads), tuple(pipe.threads),
-                                    pipe.skip_level_drafts)
+                                    pipe.skip_level_drafts, pipe.tree_budget)
         run = PipeSpecRun(seqrs, settings, limit, cpu_threads.stage_threads,
                           cpu_threads.idle_stages)
         return run.tokens(ids, deadline), run

@@ -35,6 +35,7 @@ class PipeSpecSettings:
     max_leads: tuple[int, ...]  # how far stage i < k-1 may run ahead of the stage above
     threads: tuple[int | None, ...]  # torch threads of each stage's worker (None: the current)
     skip_level_drafts: bool = True
+    tree_budget: int = 0  # > 0: the inline (n-gram) drafters propose trees of this many nodes
 
 
 def build(seqrs: list[Sequencer], settings: PipeSpecSettings, limit: int,
@@ -67,4 +68,8 @@ def build(seqrs: list[Sequencer], settings: PipeSpecSettings, limit: int,
             copy = Sequencer(lowest.stage.clone(), lowest.params, lowest.index, lowest.t0,
                              adaptive=lowest.policy.adaptive, reproducible=False)
             workers[-1].skip = InlineStage(copy)
+        if settings.tree_budget and caps.tree_drafts:  # to each verifier running it inline
+            for w in (workers[0], workers[-1]):
+                if w.s.stage.capabilities.trees and (w.inline or getattr(w, "skip", None)):
+                    w.tree_budget = settings.tree_budget
     return workers

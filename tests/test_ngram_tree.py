@@ -128,3 +128,46 @@ def test_draft_tree_checks_and_rows():
     assert rows.tolist() == [[0, 0, 0, 1, 0], [1, 0, 0, 0, 0], [0, 0, 0, 1, 0]]
     assert t.parents_tensor(offset=2).tolist() == [1, 1, 3]
     assert t.path_tokens([1, 2]) == [0, 3] and not t.is_chain
+
+
+def test_decay_orders_nodes_by_estimated_acceptance():
+    conts = [[1, 2, 3], [4]]
+    assert continuation_trie(conts, 2).tokens == (1, 2)  # counts alone: the recent one deeper
+    assert continuation_trie(conts, 2, decay=0.5).tokens == (1, 4)  # a shallow branch first
+    tree = continuation_trie(conts, 4, decay=0.5)
+    assert tree.prefix(2) == DraftTree((1, 4), (-1, -1), (0.5, 0.5))
+    assert tree.prefix(9) is tree
+
+
+def _policy(latency):
+    from pipespec_fast.decoding.window import WindowPolicy
+
+    pol = WindowPolicy(timed=True)
+    pol.set_state(8.0, 2.0, latency)
+    return pol
+
+
+@pytest.mark.parametrize("c1", [0.0, 0.0005, 0.002, 0.05])
+def test_tree_cut_maximises_expected_tokens_per_second(c1):
+    from pipespec_fast.decoding.tree_step import worth_verifying
+
+    tree = DraftTree((1, 2, 3, 4, 5), (-1, 0, 0, 1, -1), (1.0, 0.6, 0.4, 0.6, 0.1))
+    pol = _policy({1: (0.01 + c1, 5.0), 9: (0.01 + 9 * c1, 5.0)})
+    a = pol.acceptance
+    depths = tree.depths()
+
+    def rate(m):
+        return (1 + sum(tree.weights[i] * a ** (depths[i] + 1) for i in range(m))) / \
+            (0.01 + c1 * (1 + m))
+
+    m = worth_verifying(pol, tree, 1)
+    assert rate(m) == pytest.approx(max(rate(j) for j in range(6)))
+    if c1 == 0.0:
+        assert m == 5  # flat verify cost (an accelerator): every node
+    if c1 == 0.05:
+        assert m == 0  # a node costs 5x a step's fixed part: decode alone
+    # no line yet, or fixed windows: every node
+    assert worth_verifying(_policy({1: (0.01, 5.0)}), tree, 1) == 5
+    fixed = _policy({1: (0.01, 5.0), 9: (0.5, 5.0)})
+    fixed.adaptive = False
+    assert worth_verifying(fixed, tree, 1) == 5

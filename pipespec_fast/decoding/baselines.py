@@ -53,7 +53,7 @@ def _verify_from_below(levels: list[Sequencer], level: int, g: int, start: int,
     tree from a tree drafter directly below, else a chain; then the levels below roll to it."""
     me = levels[level]
     if g > 0 and tree_budget > 0 and level == 1 and _tree_pair(levels[0], me):
-        verify_tree(me, draft_tree(levels[0], tree_budget, g))
+        verify_tree(me, draft_tree(levels[0], tree_budget, g, me.policy.acceptance))
     else:
         drafts, rows = _drafts_from(levels, level, g, start, gamma, limit, tree_budget)
         me.verify(drafts, rows)

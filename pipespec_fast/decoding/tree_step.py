@@ -29,15 +29,16 @@ from pipespec_fast.errors import NonFiniteLogitsError, StageError
 from pipespec_fast.stages.tree import DraftTree
 
 
-def draft_tree(seqr, budget: int, max_depth: int) -> DraftTree:
+def draft_tree(seqr, budget: int, max_depth: int, decay: float = 1.0) -> DraftTree:
     """A tree drafter's proposal after all of ``seqr``'s sequence (its stage declares
     ``tree_drafts``): the uncached tokens are fed first (no rows: a model-free drafter's
-    forward is its history), then ``propose_tree``. The sequence does not change."""
+    forward is its history), then ``propose_tree`` (``decay``: the verifier's per-level
+    acceptance, ordering the nodes). The sequence does not change."""
     stage, seq = seqr.stage, seqr.seq
     if stage.cache_len < len(seq):
         ids = torch.tensor(seq[stage.cache_len :], dtype=torch.int64, device=seqr.dev.device)
         stage.forward(ids, last_n=0)
-    tree = stage.propose_tree(budget, max_depth)
+    tree = stage.propose_tree(budget, max_depth, decay)
     seqr.stats.drafted += len(tree)
     return tree
 
@@ -51,19 +52,44 @@ def tree_rows(seqr, tree: DraftTree) -> torch.Tensor | None:
     return tree.one_hot_rows(seqr.stage.vocab_size, seqr.dev.device)
 
 
+def worth_verifying(policy, tree: DraftTree, uncached: int) -> int:
+    """How many of ``tree``'s first nodes to verify (0: decode one token alone): the prefix
+    that maximises expected committed tokens per second, ``(1 + sum_i P_i) / L(uncached +
+    m)``, with ``P_i = a ** (depth_i + 1) * weight_i`` (the chain model's ``a ** (d + 1)`` for
+    the drafter's path of weight 1, scaled by its share of the other branches) and ``L`` the
+    verifier's latency line. A verify costs about one token's work per node on a CPU, so
+    unlikely branches cost more than they return; on an accelerator (flat ``L``) the line
+    keeps them all. All nodes where the policy keeps fixed windows or has no line yet."""
+    line = policy.line() if policy.adaptive and policy.timed else None
+    if line is None or len(tree) == 0:
+        return len(tree)
+    c0, c1 = line
+    a = policy.acceptance
+    gain, best_m = 1.0, 0
+    best = gain / (c0 + c1 * uncached)
+    for m, (w, d) in enumerate(zip(tree.weights, tree.depths(), strict=True), 1):
+        gain += w * a ** (d + 1)
+        rate = gain / (c0 + c1 * (uncached + m))
+        if rate > best:
+            best, best_m = rate, m
+    return best_m
+
+
 # long: one verify step in order (feed, forward, acceptance, the host read, compaction, commit,
 # measurements), the tree twin of Sequencer.verify; split, its locals would be passed around
 def verify_tree(seqr, tree: DraftTree, rows: torch.Tensor | None = None) -> int:
     """Verify ``tree`` with ``seqr``'s stage in one forward and commit the outcome (module
     doc); returns the number of drafts accepted. ``rows`` ``[n, V]`` (sampling): the
     distributions the nodes were drawn from (default: :func:`tree_rows`)."""
+    base = seqr.stage.cache_len
+    tree = tree.prefix(worth_verifying(seqr.policy, tree, len(seqr.seq) - base))
     n = len(tree)
     if rows is None:
         rows = tree_rows(seqr, tree)
+    rows = rows if rows is None else rows[:n]
     if tree.is_chain:  # no masks, no compaction: the chain step
         return seqr.verify(list(tree.tokens), None if rows is None else list(rows.unbind(0)))
     stage, dev = seqr.stage, seqr.dev.device
-    base = stage.cache_len
     uncached = seqr.span.tokens[base:]
     u = len(uncached)
     t = time.perf_counter()

@@ -40,9 +40,11 @@ class InlineDrafter(Protocol):
         """Draft until ``want`` tokens ahead of ``upper_seq`` (the verifier's sequence), when
         the drafter agrees with all of it; nothing otherwise."""
 
-    def tree(self, upper_seq: list[int], budget: int, depth: int) -> DraftTree:
-        """A token tree of at most ``budget`` nodes and ``depth`` levels after ``upper_seq``,
-        when the drafter's sequence is exactly ``upper_seq``; empty otherwise."""
+    def tree(self, upper_seq: list[int], budget: int, depth: int, decay: float = 1.0
+             ) -> DraftTree:
+        """A token tree of at most ``budget`` nodes and ``depth`` levels after ``upper_seq``
+        (``decay``: the verifier's per-level acceptance), when the drafter's sequence is
+        exactly ``upper_seq``; empty otherwise."""
 
 
 class InlineStage:
@@ -81,12 +83,13 @@ class InlineStage:
         except Exception as e:
             raise self._named(e)  # noqa: B904
 
-    def tree(self, upper_seq: list[int], budget: int, depth: int) -> DraftTree:
+    def tree(self, upper_seq: list[int], budget: int, depth: int, decay: float = 1.0
+             ) -> DraftTree:
         s, up = self.s, len(upper_seq)
         if len(s.seq) != up or self.mirror.common_prefix(upper_seq) < up:
             return EMPTY
         try:
-            return draft_tree(s, budget, depth)
+            return draft_tree(s, budget, depth, decay)
         except Exception as e:
             raise self._named(e)  # noqa: B904
 

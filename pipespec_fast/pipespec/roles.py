@@ -102,7 +102,7 @@ class _Verifier(StageWorker):
         if depth <= 0:
             return None
         self._sync_down()
-        tree = self.inline.tree(self.s.seq, self.tree_budget, depth)
+        tree = self.inline.tree(self.s.seq, self.tree_budget, depth, self.s.policy.acceptance)
         return tree if len(tree) else None
 
     def _offered(self, n: int, mirror: Mirror | None = None
@@ -229,7 +229,7 @@ class TargetWorker(_Verifier):
         if g <= 0:
             return None
         self._last_skip_sync = self._send_sync(sk.sync, sk.mirror, self._last_skip_sync)
-        tree = sk.tree(s.seq, self.tree_budget, g)
+        tree = sk.tree(s.seq, self.tree_budget, g, s.policy.acceptance)
         return tree if len(tree) else None
 
     def _skip_drafts(self, room: int) -> tuple[list[int], list[torch.Tensor] | None]:

@@ -41,9 +41,10 @@ class StageCapabilities:
         trees: ``forward`` accepts ``parents`` and ``keep_path(..., chain=False)`` keeps tree
             paths: the stage can verify a tree of drafts (``FastPipeline(tree_budget=...)``
             checks it of the stage above a tree drafter).
-        tree_drafts: ``propose_tree(budget, max_depth)`` returns a
+        tree_drafts: ``propose_tree(budget, max_depth, decay)`` returns a
             :class:`~pipespec_fast.stages.tree.DraftTree` continuing the stage's whole
-            history (its ``cache_len`` tokens): a drafter of token trees.
+            history (its ``cache_len`` tokens), nodes best first (``decay``: the verifier's
+            per-level acceptance): a drafter of token trees.
         eos_token_ids: the model's end-of-sequence ids: the target's are the default of
             ``FastPipeline(eos_token_ids=...)`` (with the tokenizer's).
         num_params: the model's parameter count (``None``: not declared). A pipeline checks

@@ -161,14 +161,16 @@ class NGramStage:
             raise NotImplementedError("NGramStage keeps chains only (chain=True)")
         self.rollback(start + num)
 
-    def propose_tree(self, budget: int, max_depth: int, max_occurrences: int = 32) -> DraftTree:
+    def propose_tree(self, budget: int, max_depth: int, decay: float = 1.0,
+                     max_occurrences: int = 32) -> DraftTree:
         """A token tree continuing the whole history: the trie of what followed the
         ``max_occurrences`` most recent earlier occurrences of the longest matched suffix, cut
-        to its ``budget`` most likely nodes and ``max_depth`` levels
-        (:func:`~pipespec_fast.stages.ngram_tree.ngram_tree`). Empty when no suffix of at
-        least ``min_confident_match`` tokens occurred before: no guesses in a tree."""
+        to its ``budget`` most likely nodes (``decay``: the verifier's per-level acceptance)
+        and ``max_depth`` levels (:func:`~pipespec_fast.stages.ngram_tree.ngram_tree`). Empty
+        when no suffix of at least ``min_confident_match`` tokens occurred before: no guesses
+        in a tree."""
         tree, match = ngram_tree(self.index, budget, max_depth, max_occurrences,
-                                 max(self.min_confident_match, self.min_ngram))
+                                 self.min_confident_match, decay)
         self.last_match_len = match
         self.proposals += len(tree)
         self.matched += len(tree)

@@ -13,11 +13,14 @@ Construction, from a :class:`~pipespec_fast.stages.ngram_index.SuffixIndex`:
 2. its ``max_occurrences`` most recent earlier occurrences, each giving the up to ``max_depth``
    tokens that followed it (most recent first);
 3. a trie of those continuations: each node counts the continuations through it;
-4. best-first selection from the root: the node with the highest count (ties: the one first
-   seen in the most recent continuation, then the shallower), until ``budget`` nodes. A
-   child's count never exceeds its parent's, so the kept nodes are the ``budget`` most likely
-   ones, each kept only with its parent, listed parents first and siblings most likely first:
-   the order the acceptance kernels expect.
+4. best-first selection from the root: the node with the highest priority ``count / total *
+   decay ** depth`` (ties: the one first seen in the most recent continuation, then the
+   shallower), until ``budget`` nodes. ``decay``, the verifier's per-level acceptance, makes
+   the priority an estimate of the node's acceptance probability (``decay = 1``: counts
+   alone). A child's priority never exceeds its parent's, so the kept nodes are the ``budget``
+   most likely ones, each kept only with its parent, listed parents first and siblings most
+   likely first: the order the acceptance kernels expect, and every prefix of the list is the
+   best smaller tree.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ def matched_continuations(index: SuffixIndex, max_depth: int, max_occurrences: i
     return [], 0
 
 
-def continuation_trie(continuations: list[list[int]], budget: int) -> DraftTree:
+def continuation_trie(continuations: list[list[int]], budget: int, decay: float = 1.0
+                      ) -> DraftTree:
     """The trie of ``continuations`` (most recent first) cut to its ``budget`` most likely
     nodes (module doc, steps 3 and 4); weights are counts over ``len(continuations)``."""
     if budget < 1 or not continuations:
@@ -78,7 +82,10 @@ def continuation_trie(continuations: list[list[int]], budget: int) -> DraftTree:
                 children.append({})
             count[node] += 1
             kids, par = children[node], node
-    frontier = [(-count[c], rank[c], depth[c], c) for c in roots.values()]
+    def key(c: int) -> tuple[float, int, int, int]:
+        return -count[c] * decay ** depth[c], rank[c], depth[c], c
+
+    frontier = [key(c) for c in roots.values()]
     heapq.heapify(frontier)
     out_of: dict[int, int] = {}  # trie node -> its index in the tree
     toks, pars, weights = [], [], []
@@ -90,14 +97,14 @@ def continuation_trie(continuations: list[list[int]], budget: int) -> DraftTree:
         pars.append(-1 if parent[node] < 0 else out_of[parent[node]])
         weights.append(count[node] / total)
         for c in children[node].values():
-            heapq.heappush(frontier, (-count[c], rank[c], depth[c], c))
+            heapq.heappush(frontier, key(c))
     return DraftTree(tuple(toks), tuple(pars), tuple(weights))
 
 
 def ngram_tree(index: SuffixIndex, budget: int, max_depth: int, max_occurrences: int = 32,
-               min_match: int = 1) -> tuple[DraftTree, int]:
+               min_match: int = 1, decay: float = 1.0) -> tuple[DraftTree, int]:
     """``(tree, match_len)``: the tree after the end of ``index.tokens`` (module doc), at most
     ``budget`` nodes and ``max_depth`` levels; empty with ``match_len == 0`` when no suffix of
     length ``>= min_match`` occurred before."""
     conts, n = matched_continuations(index, max_depth, max_occurrences, min_match)
-    return continuation_trie(conts, budget), n
+    return continuation_trie(conts, budget, decay), n

@@ -49,6 +49,13 @@ class DraftTree:
             d.append(0 if p < 0 else d[p] + 1)
         return d
 
+    def prefix(self, m: int) -> DraftTree:
+        """The first ``m`` nodes: a tree too, parents coming first (a drafter lists its nodes
+        best first, so a prefix is its best smaller tree)."""
+        if m >= len(self.tokens):
+            return self
+        return DraftTree(self.tokens[:m], self.parents[:m], self.weights[:m])
+
     def path_tokens(self, path: list[int]) -> list[int]:
         """The tokens of the nodes ``path`` (an accepted path, root first)."""
         return [self.tokens[i] for i in path]

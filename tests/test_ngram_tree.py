@@ -37,12 +37,12 @@ def test_trie_merges_counts_and_orders_most_likely_first():
     tree = continuation_trie([[1, 2, 3], [1, 2, 4], [1, 5], [6]], budget=10)
     assert tree.tokens == (1, 2, 3, 4, 5, 6)
     assert tree.parents == (-1, 0, 1, 1, 0, -1)
-    assert tree.weights == (0.75, 0.5, 0.25, 0.25, 0.25, 0.25)
+    assert tree.weights == (1.0, 1.0, 1.0, 0.25, 0.25, 0.25)  # the most recent one: 1
     assert tree.depths() == [0, 1, 2, 2, 1, 0]
     # the budget keeps the most likely nodes, ties to the most recent continuation
     assert continuation_trie([[1, 2, 3], [1, 2, 4], [1, 5], [6]], budget=3).tokens == (1, 2, 3)
-    cut = continuation_trie([[7, 8], [1, 2], [1, 3]], budget=2)
-    assert (cut.tokens, cut.parents) == ((1, 7), (-1, -1))
+    cut = continuation_trie([[7, 8], [1, 2], [1, 3], [1, 4]], budget=3)
+    assert (cut.tokens, cut.parents, cut.weights) == ((7, 8, 1), (-1, 0, -1), (1.0, 1.0, 0.75))
     assert continuation_trie([], 5) == continuation_trie([[1]], 0) == DraftTree((), (), ())
     # one continuation: the chain drafter's proposal
     chain = continuation_trie([[4, 4, 9, 1]], budget=8)
@@ -59,8 +59,10 @@ def test_trie_budget_keeps_the_top_nodes_closed_under_parents(seed):
     paths = _paths(full)
     assert sorted(paths.values()) == sorted({tuple(c[:i]) for c in conts
                                              for i in range(1, len(c) + 1)})
-    for i, path in paths.items():  # a node's weight: continuations through it, over all
-        assert full.weights[i] == sum(tuple(c[: len(path)]) == path for c in conts) / len(conts)
+    for i, path in paths.items():  # a node's weight: continuations through it, over all ...
+        share = sum(tuple(c[: len(path)]) == path for c in conts) / len(conts)
+        recent = tuple(conts[0][: len(path)]) == path  # ... but 1 on the most recent one
+        assert full.weights[i] == (1.0 if recent else share)
     assert len(tree) == budget
     assert all(-1 <= p < i for i, p in enumerate(tree.parents))  # topological
     kept = _paths(tree)
@@ -99,7 +101,7 @@ def test_siblings_at_depth_two_from_a_repeated_prefix():
     tree, match = ngram_tree(index_of(h), budget=8, max_depth=3)
     assert match == 2
     assert (tree.tokens, tree.parents) == ((2, 4, 1, 3, 1), (-1, 0, 1, 0, 3))
-    assert tree.weights == (1.0, 0.5, 0.5, 0.5, 0.5)
+    assert tree.weights == (1.0, 1.0, 1.0, 0.5, 0.5)
     # min_match: the only match is 2 tokens long
     assert ngram_tree(index_of(h), 8, 3, min_match=3) == (DraftTree((), (), ()), 0)
 
@@ -131,11 +133,11 @@ def test_draft_tree_checks_and_rows():
 
 
 def test_decay_orders_nodes_by_estimated_acceptance():
-    conts = [[1, 2, 3], [4]]
-    assert continuation_trie(conts, 2).tokens == (1, 2)  # counts alone: the recent one deeper
-    assert continuation_trie(conts, 2, decay=0.5).tokens == (1, 4)  # a shallow branch first
+    conts = [[1, 2, 3], [4], [4]]
+    assert continuation_trie(conts, 2).tokens == (1, 2)  # weights alone: the recent one deeper
+    assert continuation_trie(conts, 2, decay=0.5).tokens == (1, 4)  # 2/3 > 1 * 0.5
     tree = continuation_trie(conts, 4, decay=0.5)
-    assert tree.prefix(2) == DraftTree((1, 4), (-1, -1), (0.5, 0.5))
+    assert tree.prefix(2) == DraftTree((1, 4), (-1, -1), (1.0, 2 / 3))
     assert tree.prefix(9) is tree
 
 

@@ -12,8 +12,13 @@ Construction, from a :class:`~pipespec_fast.stages.ngram_index.SuffixIndex`:
 1. the longest suffix (``max_n`` down to ``min_match``) that also ended earlier;
 2. its ``max_occurrences`` most recent earlier occurrences, each giving the up to ``max_depth``
    tokens that followed it (most recent first);
-3. a trie of those continuations: each node counts the continuations through it;
-4. best-first selection from the root: the node with the highest priority ``count / total *
+3. a trie of those continuations: each node counts the continuations through it. Its weight
+   is its share of the continuations, except on the most recent continuation, the chain
+   drafter's bet, where it is 1: the verifier's measured per-level acceptance ``a`` is that
+   bet's, so the tree keeps the chain drafter's proposal as deep as a chain would go and adds
+   the other continuations where they are likely enough (a tree is never a worse bet than the
+   chain; on the default model, share-only weights measured no better);
+4. best-first selection from the root: the node with the highest priority ``weight *
    decay ** depth`` (ties: the one first seen in the most recent continuation, then the
    shallower), until ``budget`` nodes. ``decay``, the verifier's per-level acceptance, makes
    the priority an estimate of the node's acceptance probability (``decay = 1``: counts
@@ -56,7 +61,8 @@ def matched_continuations(index: SuffixIndex, max_depth: int, max_occurrences: i
 def continuation_trie(continuations: list[list[int]], budget: int, decay: float = 1.0
                       ) -> DraftTree:
     """The trie of ``continuations`` (most recent first) cut to its ``budget`` most likely
-    nodes (module doc, steps 3 and 4); weights are counts over ``len(continuations)``."""
+    nodes (module doc, steps 3 and 4); weights: 1 on the most recent continuation, elsewhere
+    counts over ``len(continuations)``."""
     if budget < 1 or not continuations:
         return EMPTY
     # node id -> token, parent id (-1: root), count, rank (first continuation through it)
@@ -82,20 +88,24 @@ def continuation_trie(continuations: list[list[int]], budget: int, decay: float 
                 children.append({})
             count[node] += 1
             kids, par = children[node], node
+    total = len(continuations)
+
+    def weight(c: int) -> float:
+        return 1.0 if rank[c] == 0 else count[c] / total
+
     def key(c: int) -> tuple[float, int, int, int]:
-        return -count[c] * decay ** depth[c], rank[c], depth[c], c
+        return -weight(c) * decay ** depth[c], rank[c], depth[c], c
 
     frontier = [key(c) for c in roots.values()]
     heapq.heapify(frontier)
     out_of: dict[int, int] = {}  # trie node -> its index in the tree
     toks, pars, weights = [], [], []
-    total = len(continuations)
     while frontier and len(toks) < budget:
         _, _, _, node = heapq.heappop(frontier)
         out_of[node] = len(toks)
         toks.append(token[node])
         pars.append(-1 if parent[node] < 0 else out_of[parent[node]])
-        weights.append(count[node] / total)
+        weights.append(weight(node))
         for c in children[node].values():
             heapq.heappush(frontier, key(c))
     return DraftTree(tuple(toks), tuple(pars), tuple(weights))

@@ -163,11 +163,11 @@ def test_tree_cut_maximises_expected_tokens_per_second(c1):
             (0.01 + c1 * (1 + m))
 
     m = worth_verifying(pol, tree, 1)
-    assert rate(m) == pytest.approx(max(rate(j) for j in range(6)))
+    assert rate(m) == pytest.approx(max(rate(j) for j in range(1, 6)))
     if c1 == 0.0:
         assert m == 5  # flat verify cost (an accelerator): every node
-    if c1 == 0.05:
-        assert m == 0  # a node costs 5x a step's fixed part: decode alone
+    if c1 == 0.05:  # a node costs 5x a step's fixed part: the first only (the window's call,
+        assert m == 1  # maybe an exploration)
     # no line yet, or fixed windows: every node
     assert worth_verifying(_policy({1: (0.01, 5.0)}), tree, 1) == 5
     fixed = _policy({1: (0.01, 5.0), 9: (0.5, 5.0)})

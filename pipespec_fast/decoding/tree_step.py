@@ -59,18 +59,19 @@ def worth_verifying(policy, tree: DraftTree, uncached: int) -> int:
     the drafter's path of weight 1, scaled by its share of the other branches) and ``L`` the
     verifier's latency line. A verify costs about one token's work per node on a CPU, so
     unlikely branches cost more than they return; on an accelerator (flat ``L``) the line
-    keeps them all. All nodes where the policy keeps fixed windows or has no line yet."""
+    keeps them all. All nodes where the policy keeps fixed windows or has no line yet; at
+    least the first (a primary node, weight 1): the caller's window (> 0) already decided that
+    one draft pays, or explores (an exploratory draft cut away would never re-measure ``a``)."""
     line = policy.line() if policy.adaptive and policy.timed else None
     if line is None or len(tree) == 0:
         return len(tree)
     c0, c1 = line
     a = policy.acceptance
-    gain, best_m = 1.0, 0
-    best = gain / (c0 + c1 * uncached)
+    gain, best_m, best = 1.0, 0, 0.0
     for m, (w, d) in enumerate(zip(tree.weights, tree.depths(), strict=True), 1):
         gain += w * a ** (d + 1)
         rate = gain / (c0 + c1 * (uncached + m))
-        if rate > best:
+        if m == 1 or rate > best:
             best, best_m = rate, m
     return best_m
 

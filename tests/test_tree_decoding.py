@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_ngram import chi_square_p
+from test_ngram import _target_ignores_model_drafts, chi_square_p
 from tiny import family
 
 from pipespec_fast import FastPipeline, LlamaStage
@@ -75,6 +75,23 @@ def test_pipespec_tree_greedy_equals_autoregressive_k2():
         assert res.token_ids == ref
         trees += res.stage_stats[-1].tree_steps
     assert trees > 0
+
+
+def test_target_verifies_skip_level_trees(monkeypatch):
+    """[n-gram -> draft -> target] in PipeSpec, the target not taking the draft's tokens: what
+    it verifies are the trees of its skip-level n-gram copy; greedy output stays the target's."""
+    draft_m, target_m = family(2, noise=0.05, seed=4)
+    draft = LlamaStage(draft_m, name="draft", max_len=512)
+    target = LlamaStage(target_m, name="target", max_len=512)
+    _target_ignores_model_drafts(monkeypatch, 2)
+    trees = 0
+    for prompt in PROMPTS:
+        ref = FastPipeline([target]).generate(prompt, 120, ignore_eos=True).token_ids
+        res = pipe_of([NGramStage(target.vocab_size), draft, target], "pipespec", 10).generate(
+            prompt, 120, ignore_eos=True)
+        assert res.token_ids == ref
+        trees += res.stage_stats[-1].tree_steps
+    assert trees > 0 and res.stage_stats[-1].accepted > 0
 
 
 @pytest.mark.parametrize("fused", [True, False])

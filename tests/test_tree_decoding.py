@@ -170,12 +170,18 @@ SAMPLING = [SamplingParams(1.0), SamplingParams(0.8, top_k=4, top_p=0.95)]
 
 @pytest.mark.parametrize("mode,params,k", [
     ("sync", SAMPLING[0], 2), ("sync", SAMPLING[1], 2), ("sync", SAMPLING[0], 3),
-    ("sync", SAMPLING[1], 3), ("pipespec", SAMPLING[0], 2), ("pipespec", SAMPLING[1], 3)])
-def test_tree_sampling_matches_target_distribution(mode, params, k):
+    ("sync", SAMPLING[1], 3), ("pipespec", SAMPLING[0], 2), ("pipespec", SAMPLING[1], 3),
+    ("skip", SAMPLING[0], 3)])
+def test_tree_sampling_matches_target_distribution(mode, params, k, monkeypatch):
     """Siblings at depth 1 and 2 (BRANCHY's tree) under recursive rejection sampling: the
     first two tokens follow the target's joint distribution; with k = 3 the middle stage
-    verifies the tree and the target verifies its tokens against the rows they came from."""
+    verifies the tree and the target verifies its tokens against the rows they came from
+    ("skip": PipeSpec whose target verifies only its skip-level copy's trees)."""
     V, n = 6, 1500
+    skip = mode == "skip"
+    if skip:
+        _target_ignores_model_drafts(monkeypatch, 2)
+        mode = "pipespec"
     models = family(k - 1, seed=7, vocab=V, noise=0.3)
     stages = [LlamaStage(m, name=f"m{i}", max_len=64) for i, m in enumerate(models)]
     joint = exact_joint(stages[-1], BRANCHY, params)
@@ -187,7 +193,7 @@ def test_tree_sampling_matches_target_distribution(mode, params, k):
                             top_p=params.top_p, seed=seed, ignore_eos=True)
         a, b = res.token_ids
         counts[a * V + b] += 1
-        second_level += res.stage_stats[1].accepted >= 1 and a == 2
+        second_level += res.stage_stats[-1 if skip else 1].accepted >= 1 and a == 2
     assert second_level > 50  # siblings at depth 2 were really tested
     exp = joint.flatten() * n
     impossible = exp == 0  # outside top-k / top-p: never emitted

@@ -11,6 +11,11 @@ Systems (``--systems``, comma separated):
   ours_sync    FastPipeline mode="sync" over the whole hierarchy (chained draft-verify)
   ours_sync2   FastPipeline mode="sync" over [draft -> target] (classic speculative decoding)
   ours_pipespec_ngram FastPipeline mode="pipespec" over [n-gram -> target]
+  ours_sync_ngram      FastPipeline mode="sync" over [n-gram -> target] (chains)
+  ours_sync_ngram_tree the same with token trees (``--tree-budget`` nodes) instead of chains
+  ours_pipespec_ngram_tree  ours_pipespec_ngram with token trees
+  ours_pipespec_tree   ours_pipespec with token trees (the n-gram's, verified by the draft and,
+               as skip-level drafts, by the target)
   ours_pipespec2 FastPipeline mode="pipespec" over [draft -> target]
   ours_pipespec FastPipeline mode="pipespec" over the whole hierarchy (3 stages by default)
   ours_pipespec_split  the same with one core per model stage (no idle-priority drafters, one
@@ -248,6 +253,8 @@ def _parser() -> argparse.ArgumentParser:
                     "machine 2 of them can run 10x slower than 1)")
     ap.add_argument("--llamacpp-draft", type=int, default=3,
                     help="llama-lookup's longest draft (its default: 3)")
+    ap.add_argument("--tree-budget", type=int, default=16,
+                    help="nodes of the n-gram drafter's trees in the *_tree systems")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     return ap
 
@@ -267,7 +274,7 @@ def make_systems(args, pipe) -> tuple[dict, dict[str, str]]:
         elif name.startswith("hf_"):
             made = HFSystem(target_dir, name)
         else:
-            sub = _sub_pipeline(pipe, name)
+            sub = _sub_pipeline(pipe, name, args.tree_budget)
             made = (OursSystem(sub, _MODES[name]) if sub is not None
                     else "the hierarchy lacks the stages it needs")
         if isinstance(made, str):
@@ -399,6 +406,12 @@ def summarize(rows: dict, latency: dict | None = None, max_gamma: int = 6) -> di
                                for i in range(1, k)]
             d["mean_accepted_length"] = statistics.mean(
                 r["stages"][-1]["mean_accepted_length"] for r in rs)
+            # per verifying stage: drafts (tree nodes) per verify, share of verifies on trees
+            steps = [sum(r["stages"][i]["verify_steps"] for r in rs) for i in range(1, k)]
+            d["drafts_per_verify"] = [sum(r["stages"][i]["proposed"] for r in rs) / max(n, 1)
+                                      for i, n in zip(range(1, k), steps, strict=True)]
+            d["tree_share"] = [sum(r["stages"][i].get("tree_steps", 0) for r in rs) / max(n, 1)
+                               for i, n in zip(range(1, k), steps, strict=True)]
             # where each stage spends its time: busy (forwards, acceptance) share of the run
             d["busy_fraction"] = [statistics.mean(r["stages"][i]["busy_s"] / r["seconds"]
                                                   for r in rs) for i in range(k)]
@@ -488,7 +501,9 @@ def _default_target() -> str:
 
 _MODES = {"ours_ar": "ar", "ours_sync": "sync", "ours_sync2": "sync",
           "ours_pipespec_ngram": "pipespec", "ours_pipespec2": "pipespec",
-          "ours_pipespec": "pipespec", "ours_pipespec_split": "pipespec"}
+          "ours_pipespec": "pipespec", "ours_pipespec_split": "pipespec",
+          "ours_sync_ngram": "sync", "ours_sync_ngram_tree": "sync",
+          "ours_pipespec_ngram_tree": "pipespec", "ours_pipespec_tree": "pipespec"}
 
 
 def _system_config(name: str, n_stages: int):
@@ -501,10 +516,11 @@ def _system_config(name: str, n_stages: int):
     return config.current().replace(idle_drafters=False, stage_threads=(1,) * n_stages)
 
 
-def _sub_pipeline(pipe, name: str):
+def _sub_pipeline(pipe, name: str, tree_budget: int = 16):
     """The pipeline a system runs: the whole hierarchy, or two of its stages (sharing the
     loaded stages; runs are sequential, so they never use a stage at the same time), under
-    the system's own configuration."""
+    the system's own configuration; a ``*_tree`` system drafts trees of ``tree_budget``
+    nodes."""
     from pipespec_fast import FastPipeline
     from pipespec_fast.stages import is_model_free
 
@@ -516,14 +532,17 @@ def _sub_pipeline(pipe, name: str):
         if len(models) < 2:
             return None
         stages = [models[0], stages[-1]]
-    elif name == "ours_pipespec_ngram":  # the model-free drafter and the target
+    elif "_ngram" in name:  # the model-free drafter and the target
         if not is_model_free(stages[0]):
             return None
         stages = [stages[0], stages[-1]]
     cfg = _system_config(name, len(stages))
-    if stages is pipe.stages and cfg is None:
+    trees = tree_budget if name.endswith("_tree") else 0
+    if trees and not stages[0].capabilities.tree_drafts:
+        return None
+    if stages is pipe.stages and cfg is None and not trees:
         return pipe
-    return FastPipeline(list(stages), tokenizer=pipe.tokenizer, config=cfg)
+    return FastPipeline(list(stages), tokenizer=pipe.tokenizer, config=cfg, tree_budget=trees)
 
 
 def _draft_dir(pipe) -> str | None:

@@ -76,6 +76,11 @@ class FastPipeline:
         placement: this process's place in a distributed pipeline (one rank per model stage,
             ``pipespec.placement``; made by ``from_pretrained(..., distributed=True)``): then
             ``stages`` are this rank's only, and ``windows`` / ``max_leads`` cover them all.
+        tree_budget: ``0`` (default): drafts are chains. ``N > 0``: a lowest stage that drafts
+            trees (the n-gram drafter: every continuation of the matched suffix) proposes
+            token trees of up to ``N`` nodes, as deep as the window, and the stage above it
+            (and, in PipeSpec, the target through its skip-level copy) verifies each in one
+            forward (``decoding/tree_step.py``). Lossless either way.
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class FastPipeline:
         config: RuntimeConfig | None = None,
         check_order: bool = True,
         placement: Placement | None = None,
+        tree_budget: int = 0,
     ) -> None:
         _check_config(config)
         self.config = config
@@ -113,6 +119,7 @@ class FastPipeline:
         self.threads = list(threads) if threads is not None else [None] * k
         self.adaptive_windows = adaptive_windows
         self.skip_level_drafts = skip_level_drafts
+        self.tree_budget = _check_tree_budget(tree_budget, self.stages)
         if eos_token_ids is None:
             eos_token_ids = _default_eos(tokenizer, stages[-1], placement)
         self.eos_token_ids = set(eos_token_ids)
@@ -307,6 +314,19 @@ def _check_stages(stages: Sequence[Stage], placement: Placement | None = None) -
             )
 
 
+def _check_tree_budget(budget, stages: list[Stage]) -> int:
+    """A budget in range, and with trees on, a lowest stage that drafts them below one that
+    verifies them."""
+    budget = validate.tree_budget(budget)
+    if budget and (len(stages) < 2 or not stages[0].capabilities.tree_drafts):
+        raise ValueError(f"tree_budget={budget}: the lowest stage must draft trees "
+                         "(capabilities.tree_drafts: the n-gram drafter, ngram=True)")
+    if budget and not stages[1].capabilities.trees:
+        raise ValueError(f"tree_budget={budget}: stage 1 {stages[1].name!r} cannot verify "
+                         "trees (capabilities.trees)")
+    return budget
+
+
 def _default_eos(tokenizer, target: Stage, placement: Placement | None = None) -> list[int]:
     """The tokenizer's eos id, then the target's declared ones (gathered from the target's
     rank in a distributed pipeline: every rank cuts the result where the target does)."""
@@ -349,7 +369,8 @@ def _check_request(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_
     room = min(st.max_len for st in pipe.stages)
     if pipe.placement is not None:
         room = min(room, pipe.placement.max_len)
-    slack = sum(pipe.windows[1:]) + sum(pipe.max_leads[:-1]) + 2 * len(pipe.windows)
+    slack = sum(max(w, pipe.tree_budget) for w in pipe.windows[1:]) + sum(pipe.max_leads[:-1]) \
+        + 2 * len(pipe.windows)
     if len(ids) >= room:
         raise ValueError(f"prompt: {len(ids)} tokens do not fit the context of {room}")
     if len(ids) + max_new_tokens + slack > room:
@@ -426,7 +447,7 @@ def _verified_chunks(pipe: FastPipeline, mode: str, seqrs: list[Sequencer], ids:
     if limit == len(ids):
         return iter(()), None
     settings = PipeSpecSettings(tuple(pipe.windows), tuple(pipe.max_leads), tuple(pipe.threads),
-                                pipe.skip_level_drafts)
+                                pipe.skip_level_drafts, pipe.tree_budget)
     if pipe.placement is not None:
         run = DistributedRun(seqrs, pipe.placement, settings, limit,
                              cpu_threads.stage_threads, cpu_threads.idle_stages)
@@ -439,7 +460,7 @@ def _verified_chunks(pipe: FastPipeline, mode: str, seqrs: list[Sequencer], ids:
         s.start(ids)
     if len(seqrs) == 1:
         return baselines.autoregressive(seqrs[0], limit), None
-    return baselines.synchronous(seqrs, pipe.windows, limit), None
+    return baselines.synchronous(seqrs, pipe.windows, limit, pipe.tree_budget), None
 
 
 def _result(out: Output, mode: str, elapsed: float, stats: list[StageStats],

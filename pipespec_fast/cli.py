@@ -60,6 +60,7 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         validate.generation(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                             args.seed, mode_=args.mode)
         validate.max_len(args.max_len)
+        validate.tree_budget(args.tree_budget)
     except ValueError as e:
         raise _as_flag(e) from None
     if args.compute is not None and args.compute not in validate.COMPUTE_MODES:
@@ -69,6 +70,9 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         raise UsageError("--prompt must not be empty")
     if args.ngram and not args.models:
         raise UsageError("--ngram goes with --models (the default hierarchy has one already)")
+    if args.tree_budget and args.models and not args.ngram:
+        raise UsageError("--tree-budget needs --ngram with --models (the n-gram drafter makes "
+                         "the trees)")
     if args.no_draft and args.models:
         raise UsageError("--no-draft applies to the default hierarchy, not to --models")
     for m in args.models or []:
@@ -102,7 +106,7 @@ def _generate(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "float16": torch.float16,
              "bfloat16": torch.bfloat16}[args.dtype]
     kw = dict(device=args.device, dtype=dtype, mode=args.mode, max_len=args.max_len,
-              compute=args.compute)
+              compute=args.compute, tree_budget=args.tree_budget)
     if args.distributed:
         return _generate_distributed(args, kw)
     if args.models:
@@ -224,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "transformers) or int8 (int8 activations; greedy equals int8 AR); "
                         "default: int8 for a model with such weights (the default target), "
                         "exact otherwise")
+    g.add_argument("--tree-budget", type=int, default=0,
+                   help="nodes of the n-gram drafter's token trees (0: chains)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     g.add_argument("--max-len", type=int, default=2048, help="KV cache length per stage")

@@ -77,6 +77,19 @@ def compute(c) -> str:
     return c
 
 
+# Most nodes of a draft tree: within the acceptance kernels' 64 (reference.MAX_TREE_NODES)
+# with slack, like FastPipeline's largest window.
+MAX_TREE_BUDGET = 48
+
+
+def tree_budget(b) -> int:
+    """Nodes of the n-gram drafter's token trees: 0 (chains) to :data:`MAX_TREE_BUDGET`."""
+    if not is_int(b) or not 0 <= b <= MAX_TREE_BUDGET:
+        raise ValueError(f"tree_budget must be an integer in [0, {MAX_TREE_BUDGET}] (0: chains), "
+                         f"got {b!r}")
+    return int(b)
+
+
 def stop(s) -> list[str] | None:
     if s is None:
         return None

@@ -44,6 +44,9 @@ def _one_line_error(capsys, *needles: str) -> str:
     (["--device", "tpu:0"], "--device"),
     (["--ngram"], "--ngram"),
     (["--compute", "fp8"], "--compute"),
+    (["--tree-budget", "-1"], "--tree-budget must be an integer in [0, 48]"),
+    (["--tree-budget", "49"], "--tree-budget"),
+    (["--models", ".", "--tree-budget", "4"], "--tree-budget needs --ngram"),
 ])
 def test_bad_arguments_exit_2_before_any_model_loads(args, needle, capsys, no_model_load):
     assert cli.main(["generate", "--prompt", "hi", *args]) == cli.EXIT_USAGE
@@ -66,6 +69,9 @@ def test_compute_mode_reaches_the_pipeline(monkeypatch) -> None:
     seen.clear()
     cli.main(["generate", "--prompt", "hi"])  # the pipeline's default: int8 where packed
     assert seen["compute"] is None
+    assert seen["tree_budget"] == 0
+    cli.main(["generate", "--prompt", "hi", "--tree-budget", "12"])
+    assert seen["tree_budget"] == 12
 
 
 def test_cuda_device_without_cuda_is_a_usage_error(monkeypatch, capsys, no_model_load):

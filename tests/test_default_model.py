@@ -174,3 +174,20 @@ def test_default_hierarchy_equals_its_own_ar_in_each_compute_mode(chat_ids, comp
         want = pipe.generate(chat_ids, 64, mode="ar", ignore_eos=True).token_ids
         for mode in ("pipespec", "sync"):
             assert pipe.generate(chat_ids, 64, mode=mode, ignore_eos=True).token_ids == want
+
+
+def test_trees_on_the_default_hierarchy_equal_the_targets_greedy(default_pipe, chat_ids):
+    """n-gram token trees on the default models, k = 2 and 3, sync and pipespec, fixed windows
+    (every step verifies a tree): greedy output equal to the target alone, trees verified."""
+    from pipespec_fast import FastPipeline
+
+    stages = default_pipe.stages
+    want = FastPipeline(stages[-1:]).generate(chat_ids, 96, ignore_eos=True).token_ids
+    trees = 0
+    for hierarchy in ([stages[0], stages[-1]], stages):
+        pipe = FastPipeline(hierarchy, adaptive_windows=False, tree_budget=12)
+        for mode in ("sync", "pipespec"):
+            res = pipe.generate(chat_ids, 96, ignore_eos=True, mode=mode)
+            assert res.token_ids == want, (len(hierarchy), mode)
+            trees += sum(s.tree_steps for s in res.stage_stats)
+    assert trees > 0

@@ -36,7 +36,7 @@ def test_each_stage_declares_what_the_engine_reads():
     assert llama.capabilities == StageCapabilities(trees=True, eos_token_ids=(7, 9),
                                                    num_params=n_params)
     assert NGramStage(64).capabilities == StageCapabilities(model_free=True, confidence=True,
-                                                            clone=True)
+                                                            clone=True, tree_drafts=True)
     from transformers import LlamaConfig as HFLlamaConfig
     from transformers import LlamaForCausalLM
 
@@ -54,6 +54,7 @@ def test_each_stage_declares_what_the_engine_reads():
     (Bare(None), "missing capabilities"),
     (Bare({"model_free": True}), "missing capabilities as a StageCapabilities (got dict)"),
     (Bare(StageCapabilities(clone=True)), "missing clone (declares clone=True)"),
+    (Bare(StageCapabilities(tree_drafts=True)), "missing propose_tree (declares tree_drafts=True)"),
     (Bare(StageCapabilities(confidence=True)),
      "missing last_match_len (declares confidence=True), min_confident_match (declares "
      "confidence=True)"),

@@ -3,6 +3,10 @@ target, and synchronous (draft-then-verify) speculative decoding, chained for k 
 
 Each generator takes started :class:`Sequencer` objects (one per stage, target last), yields
 lists of newly verified target tokens and stops once the target holds ``limit`` tokens.
+
+With ``tree_budget > 0`` and a tree drafter as the lowest stage (the n-gram drafter), the
+stage above it verifies token trees of up to ``tree_budget`` nodes instead of chains, as deep
+as its window (``decoding/tree_step.py``); every stage higher up verifies chains.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from pipespec_fast.decoding.sequence import Sequencer
+from pipespec_fast.decoding.tree_step import draft_tree, verify_tree
 
 
 def autoregressive(target: Sequencer, limit: int) -> Iterator[list[int]]:
@@ -21,7 +26,7 @@ def autoregressive(target: Sequencer, limit: int) -> Iterator[list[int]]:
 
 
 def _propose(levels: list[Sequencer], level: int, want: int, gamma: list[int],
-             limit: int) -> int:
+             limit: int, tree_budget: int = 0) -> int:
     """Grow ``levels[level]`` by about ``want`` tokens; returns how many it added.
 
     Level 0 drafts autoregressively; a higher level repeatedly verifies what the level below
@@ -37,21 +42,37 @@ def _propose(levels: list[Sequencer], level: int, want: int, gamma: list[int],
     while added < want:
         start = len(me.seq)
         g = me.window(gamma[level], _draft_cost(levels[:level]))
-        drafts, rows = _drafts_from(levels, level, g, start, gamma, limit)
-        me.verify(drafts, rows)
-        _sync_down(levels, level, start)
+        _verify_from_below(levels, level, g, start, gamma, limit, tree_budget)
         added += len(me.seq) - start
     return added
 
 
+def _verify_from_below(levels: list[Sequencer], level: int, g: int, start: int,
+                       gamma: list[int], limit: int, tree_budget: int) -> None:
+    """One verify step of ``levels[level]`` at position ``start`` with a window of ``g``: a
+    tree from a tree drafter directly below, else a chain; then the levels below roll to it."""
+    me = levels[level]
+    if g > 0 and tree_budget > 0 and level == 1 and _tree_pair(levels[0], me):
+        verify_tree(me, draft_tree(levels[0], tree_budget, g, me.policy.acceptance))
+    else:
+        drafts, rows = _drafts_from(levels, level, g, start, gamma, limit, tree_budget)
+        me.verify(drafts, rows)
+    _sync_down(levels, level, start)
+
+
+def _tree_pair(drafter: Sequencer, verifier: Sequencer) -> bool:
+    """The drafter proposes trees and the verifier verifies them."""
+    return drafter.stage.capabilities.tree_drafts and verifier.stage.capabilities.trees
+
+
 def _drafts_from(levels: list[Sequencer], level: int, g: int, start: int, gamma: list[int],
-                 limit: int) -> tuple[list[int], list | None]:
+                 limit: int, tree_budget: int = 0) -> tuple[list[int], list | None]:
     """Up to ``g`` drafts for ``levels[level]`` at position ``start`` from the levels below
     (none for ``g = 0``), with their rows under sampling."""
     me, below = levels[level], levels[level - 1]
     if g <= 0:
         return [], (None if me.params.greedy else [])
-    _propose(levels, level - 1, g, gamma, limit)
+    _propose(levels, level - 1, g, gamma, limit, tree_budget)
     return below.span.usable(start, g, with_rows=not me.params.greedy)
 
 
@@ -67,7 +88,8 @@ def _draft_cost(levels: list[Sequencer]) -> float:
     return (levels[0].draft_cost_s or 0.0) if len(levels) == 1 else 0.0
 
 
-def synchronous(levels: list[Sequencer], gamma: list[int], limit: int) -> Iterator[list[int]]:
+def synchronous(levels: list[Sequencer], gamma: list[int], limit: int, tree_budget: int = 0
+                ) -> Iterator[list[int]]:
     """Synchronous speculative decoding: the stage below drafts the target's window of tokens
     (itself speculatively when it has a stage below), the target verifies them in one forward,
     the drafters roll back to the target's sequence, repeat. A window of 0
@@ -77,7 +99,5 @@ def synchronous(levels: list[Sequencer], gamma: list[int], limit: int) -> Iterat
     while len(target.seq) < limit:
         start = len(target.seq)
         g = min(target.window(gamma[-1], _draft_cost(levels[:-1])), limit - start)
-        drafts, rows = _drafts_from(levels, top, g, start, gamma, limit)
-        target.verify(drafts, rows)
-        _sync_down(levels, top, start)
+        _verify_from_below(levels, top, g, start, gamma, limit, tree_budget)
         yield target.seq[start:]

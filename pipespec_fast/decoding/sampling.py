@@ -101,14 +101,23 @@ class StageSampler:
         bool, every row has a finite maximum: read with the step's one host sync, and the
         step's outcome is refused when it is false) and the verifier's ``[n + 1, V]``
         probabilities (``None`` when greedy)."""
+        parents = reference.chain_parents(drafts.shape[0], drafts.device)
+        _, num, nxt, finite, p = self.accept_tree(drafts, parents, logits, q)
+        return num, nxt, finite, p
+
+    def accept_tree(self, drafts: torch.Tensor, parents: torch.Tensor, logits: torch.Tensor,
+                    q: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """:meth:`accept` on a tree of ``drafts`` (``parents`` ``[n]``, topological; logits row
+        ``i + 1`` follows node ``i``). Returns ``(path, num_accepted, next_token, finite, p)``:
+        ``path`` ``[n]`` the accepted nodes in order (padded with -1), the rest as
+        :meth:`accept`."""
         n = drafts.shape[0]
-        parents = reference.chain_parents(n, drafts.device)
         if self.params.greedy:
             best, target_ids = logits.max(-1)  # one pass, as argmax alone would take
-            _, num, nxt = ops.greedy_accept(drafts, parents, target_ids)
-            return num, nxt, torch.isfinite(best).all(), None
+            path, num, nxt = ops.greedy_accept(drafts, parents, target_ids)
+            return path, num, nxt, torch.isfinite(best).all(), None
         finite = torch.isfinite(logits.amax(-1)).all()
         p = self.params.probs(logits)
-        _, num, nxt = ops.stochastic_accept(drafts, parents, q if n else p[:0], p, self.seed,
-                                            self._next_offset())
-        return num, nxt, finite, p
+        path, num, nxt = ops.stochastic_accept(drafts, parents, q if n else p[:0], p, self.seed,
+                                               self._next_offset())
+        return path, num, nxt, finite, p

@@ -20,6 +20,7 @@ class StageStats:
     rollbacks: int = 0  # times a sync from above truncated this stage's sequence
     forwards: int = 0  # model forward calls
     verify_steps: int = 0  # forward calls that verified drafts
+    tree_steps: int = 0  # of those, over a tree with branches (decoding/tree_step.py)
     busy_s: float = 0.0
     idle_s: float = 0.0
     timeline: list[tuple[float, float, str]] = field(default_factory=list)
@@ -33,12 +34,14 @@ class StageStats:
         self.timeline.append((start - t0, end - t0, kind))
         self.forward_latency.setdefault(n, []).append(end - start)
 
-    def record_verify(self, drafts: int, accepted: int) -> None:
-        """A verification of ``drafts`` drafts accepted ``accepted`` of them."""
+    def record_verify(self, drafts: int, accepted: int, rejected: bool | None = None) -> None:
+        """A verification of ``drafts`` drafts accepted ``accepted`` of them; ``rejected``:
+        it ended in a rejection (default: ``accepted < drafts``, a chain's rule; a tree's walk
+        may stop at a leaf with other branches untried)."""
         self.verify_steps += 1
         self.proposed += drafts
         self.accepted += accepted
-        self.rejected += int(accepted < drafts)
+        self.rejected += int(accepted < drafts if rejected is None else rejected)
 
     @property
     def acceptance_rate(self) -> float:
@@ -61,7 +64,7 @@ class StageStats:
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in (
             "name", "drafted", "proposed", "accepted", "rejected", "rollbacks", "forwards",
-            "verify_steps", "busy_s", "idle_s")}
+            "verify_steps", "tree_steps", "busy_s", "idle_s")}
         d["acceptance_rate"] = self.acceptance_rate
         d["alpha"] = self.alpha
         d["mean_accepted_length"] = self.mean_accepted_length

@@ -13,8 +13,11 @@ from typing import Protocol, runtime_checkable
 
 from pipespec_fast.decoding.sequence import Sequencer
 from pipespec_fast.decoding.span import TokenSpan
+from pipespec_fast.decoding.tree_step import draft_tree
 from pipespec_fast.pipespec.messages import Chunk, Sync
 from pipespec_fast.pipespec.mirror import Mirror
+from pipespec_fast.stages.ngram_tree import EMPTY
+from pipespec_fast.stages.tree import DraftTree
 
 
 @runtime_checkable
@@ -36,6 +39,12 @@ class InlineDrafter(Protocol):
     def fill(self, upper_seq: list[int], want: int) -> None:
         """Draft until ``want`` tokens ahead of ``upper_seq`` (the verifier's sequence), when
         the drafter agrees with all of it; nothing otherwise."""
+
+    def tree(self, upper_seq: list[int], budget: int, depth: int, decay: float = 1.0
+             ) -> DraftTree:
+        """A token tree of at most ``budget`` nodes and ``depth`` levels after ``upper_seq``
+        (``decay``: the verifier's per-level acceptance), when the drafter's sequence is
+        exactly ``upper_seq``; empty otherwise."""
 
 
 class InlineStage:
@@ -71,6 +80,16 @@ class InlineStage:
     def fill(self, upper_seq: list[int], want: int) -> None:
         try:
             self._fill(upper_seq, want)
+        except Exception as e:
+            raise self._named(e)  # noqa: B904
+
+    def tree(self, upper_seq: list[int], budget: int, depth: int, decay: float = 1.0
+             ) -> DraftTree:
+        s, up = self.s, len(upper_seq)
+        if len(s.seq) != up or self.mirror.common_prefix(upper_seq) < up:
+            return EMPTY
+        try:
+            return draft_tree(s, budget, depth, decay)
         except Exception as e:
             raise self._named(e)  # noqa: B904
 

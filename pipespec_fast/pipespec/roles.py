@@ -21,10 +21,12 @@ from collections.abc import Callable
 
 import torch
 
+from pipespec_fast.decoding.tree_step import verify_tree
 from pipespec_fast.pipespec.inline import InlineDrafter
 from pipespec_fast.pipespec.messages import PAUSE, RESUME, Emit, Sync
 from pipespec_fast.pipespec.mirror import Mirror
 from pipespec_fast.pipespec.worker import StageWorker
+from pipespec_fast.stages.tree import DraftTree
 
 SyncKey = tuple[int, int] | None  # (first position sent, our length) of the last Sync sent
 
@@ -43,7 +45,9 @@ class _Verifier(StageWorker):
     """What a middle stage and the target share: drafts from the stage below (a worker, or a
     drafter run inline), the window, pausing the stage below, and syncing it.
 
-    ``window``: the most drafts verified in one forward.
+    ``window``: the most drafts verified in one forward. ``tree_budget`` (set by the
+    topology; 0: chains): the drafter run inline here proposes token trees of up to that many
+    nodes, as deep as the window, verified in one forward each (``decoding/tree_step.py``).
     """
 
     def __init__(self, *args, window: int, **kwargs) -> None:
@@ -58,6 +62,7 @@ class _Verifier(StageWorker):
         self.wait_per_draft_s = 0.0
         self._waited_s = 0.0
         self._waiting_for_drafts = False  # set by step(): a wait now is a wait for drafts
+        self.tree_budget = 0
 
     def _begin(self, prompt: list[int]) -> None:
         if self.inline is not None:  # its mirror is ours: it keeps it an exact copy
@@ -87,9 +92,18 @@ class _Verifier(StageWorker):
         if self.below is not None and wanted != self._below_wanted:
             self._below_wanted = wanted
             self.below.inbox.put(RESUME if wanted else PAUSE)  # a resume wakes it at once
-        if self.inline is not None:
+        if self.inline is not None and not self.tree_budget:
             self.inline.fill(self.s.seq, n)
         return n
+
+    def _inline_tree(self, depth: int) -> DraftTree | None:
+        """A tree from the drafter run inline, ``depth`` levels deep, after our whole sequence
+        (told to it first); ``None`` when it has none (no match, or ``depth`` 0)."""
+        if depth <= 0:
+            return None
+        self._sync_down()
+        tree = self.inline.tree(self.s.seq, self.tree_budget, depth, self.s.policy.acceptance)
+        return tree if len(tree) else None
 
     def _offered(self, n: int, mirror: Mirror | None = None
                  ) -> tuple[list[int], list[torch.Tensor] | None, bool]:
@@ -98,14 +112,19 @@ class _Verifier(StageWorker):
         return (mirror or self.mirror).offer(self.s.seq, n, not self.s.params.greedy)
 
     def _verify(self, drafts: list[int], rows: list[torch.Tensor] | None,
-                from_below: bool) -> None:
-        """Verify ``drafts`` (none: decode one token alone), publish, sync the stage below."""
-        if drafts and from_below:
-            cost = self._waited_s / len(drafts)
+                from_below: bool, tree: DraftTree | None = None) -> None:
+        """Verify ``drafts`` (none: decode one token alone) or ``tree``, publish, sync the
+        stage below."""
+        count = len(drafts) if tree is None else len(tree)
+        if count and from_below:
+            cost = self._waited_s / count
             self.wait_per_draft_s = 0.8 * self.wait_per_draft_s + 0.2 * cost
         self._waited_s = 0.0
         start = len(self.s.seq)
-        self.s.verify(drafts, rows)
+        if tree is None:
+            self.s.verify(drafts, rows)
+        else:
+            verify_tree(self.s, tree)
         self._publish(start)
         self._sync_down()
 
@@ -135,7 +154,15 @@ class MiddleWorker(_Verifier):
         self._waiting_for_drafts = lead_ok = self._lead_ok()
         if not lead_ok:
             return False
-        drafts, rows, _ = self._offered(self._window())
+        n = self._window()
+        if self.tree_budget and self.inline is not None:
+            tree = self._inline_tree(n)
+            if tree is not None:
+                self._verify([], None, from_below=True, tree=tree)
+                return True
+            drafts, rows = [], None
+        else:
+            drafts, rows, _ = self._offered(n)
         if drafts:
             self._verify(drafts, rows, from_below=True)
         else:
@@ -167,15 +194,43 @@ class TargetWorker(_Verifier):
         s = self.s
         n = self._window()
         room = self.limit - len(s.seq)
+        if self.tree_budget and self.inline is not None:  # trees from the drafter below
+            return self._tree_step(min(n, room), room)
         drafts, rows, spoke = self._offered(min(n, room))
         skip = not drafts and self.skip is not None
-        if skip:
+        if skip and self.tree_budget:
+            tree = self._skip_tree(room)
+            if tree is not None:
+                self._verify([], None, from_below=False, tree=tree)
+                return True
+            drafts, rows = [], None
+        elif skip:
             drafts, rows = self._skip_drafts(room)
         # go on alone when the stage below only offers guesses, or when our window is 0
         if drafts or ((spoke or n == 0) and room > 0):
             self._verify(drafts, rows, from_below=not skip)
             return True
         return False
+
+    def _tree_step(self, depth: int, room: int) -> bool:
+        """Verify a tree from the drafter run inline below us, or decode one token alone
+        when it has none."""
+        if room <= 0:
+            return False
+        tree = self._inline_tree(depth)
+        self._verify([], None, from_below=tree is not None, tree=tree)
+        return True
+
+    def _skip_tree(self, room: int) -> DraftTree | None:
+        """A tree from the skip-level drafter (free: the window for free drafts, as
+        :meth:`_skip_drafts`), or ``None``."""
+        s, sk = self.s, self.skip
+        g = min(s.policy.plan(self.window, 0.0) or 0, room)
+        if g <= 0:
+            return None
+        self._last_skip_sync = self._send_sync(sk.sync, sk.mirror, self._last_skip_sync)
+        tree = sk.tree(s.seq, self.tree_budget, g, s.policy.acceptance)
+        return tree if len(tree) else None
 
     def _skip_drafts(self, room: int) -> tuple[list[int], list[torch.Tensor] | None]:
         """Drafts from the skip-level drafter: free, so the window is the one for drafts that

@@ -35,6 +35,7 @@ class PipeSpecSettings:
     max_leads: tuple[int, ...]  # how far stage i < k-1 may run ahead of the stage above
     threads: tuple[int | None, ...]  # torch threads of each stage's worker (None: the current)
     skip_level_drafts: bool = True
+    tree_budget: int = 0  # > 0: the inline (n-gram) drafters propose trees of this many nodes
 
 
 def build(seqrs: list[Sequencer], settings: PipeSpecSettings, limit: int,
@@ -56,6 +57,10 @@ def build(seqrs: list[Sequencer], settings: PipeSpecSettings, limit: int,
         caps = lowest.stage.capabilities
         if settings.skip_level_drafts and len(workers) > 1 and caps.clone:
             workers[-1].skip = skip_copy(lowest)
+        if settings.tree_budget and caps.tree_drafts:  # to each verifier running it inline
+            for w in (workers[0], workers[-1]):
+                if w.s.stage.capabilities.trees and (w.inline or getattr(w, "skip", None)):
+                    w.tree_budget = settings.tree_budget
     return workers
 
 

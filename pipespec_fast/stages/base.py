@@ -39,7 +39,12 @@ class StageCapabilities:
             (the target of a deeper hierarchy then runs a second copy of a model-free lowest
             stage on its own sequence: skip-level drafts).
         trees: ``forward`` accepts ``parents`` and ``keep_path(..., chain=False)`` keeps tree
-            paths. The engine verifies chains today; a caller verifying trees checks this.
+            paths: the stage can verify a tree of drafts (``FastPipeline(tree_budget=...)``
+            checks it of the stage above a tree drafter).
+        tree_drafts: ``propose_tree(budget, max_depth, decay)`` returns a
+            :class:`~pipespec_fast.stages.tree.DraftTree` continuing the stage's whole
+            history (its ``cache_len`` tokens), nodes best first (``decay``: the verifier's
+            per-level acceptance): a drafter of token trees.
         eos_token_ids: the model's end-of-sequence ids: the target's are the default of
             ``FastPipeline(eos_token_ids=...)`` (with the tokenizer's).
         num_params: the model's parameter count (``None``: not declared). A pipeline checks
@@ -51,6 +56,7 @@ class StageCapabilities:
     confidence: bool = False
     clone: bool = False
     trees: bool = False
+    tree_drafts: bool = False
     eos_token_ids: tuple[int, ...] = ()
     num_params: int | None = None
 
@@ -80,7 +86,8 @@ class Stage(Protocol):
 _MEMBERS = ("name", "vocab_size", "max_len", "capabilities", "cache_len", "device", "forward",
             "rollback", "keep_path")
 # what each capability obliges the stage to offer as well
-_NEEDS = {"confidence": ("last_match_len", "min_confident_match"), "clone": ("clone",)}
+_NEEDS = {"confidence": ("last_match_len", "min_confident_match"), "clone": ("clone",),
+          "tree_drafts": ("propose_tree",)}
 
 
 def check_stage(stage: object, index: int) -> None:

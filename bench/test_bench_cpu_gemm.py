@@ -10,7 +10,9 @@ values). ``int8``: the same packed weights through ``pipespec_fast.cpu.int8`` (a
 quantised per 32-value block, integer block dots with AVX-512 VNNI). ``packed-real`` and
 ``int8-real``: both kernels on the default target's own packed weights (``--real``; the
 converted checkpoint's ``packed.safetensors``, its fused QKV and gate/up as the model runs them).
-A second table gives each variant's multiply-adds per second against the cores' peak
+A third gives the weight bytes streamed per second against the read bandwidth measured in the
+same run (``read_bandwidth``). A second table gives each variant's multiply-adds per second
+against the cores' peak
 (``--peak-int8``, ``--peak-fp32``, per core). The defaults were measured on this project's VM
 (an AMD EPYC with avx512_vp2intersect, i.e. Zen 5: two 512-bit FMA pipes) with 12 independent
 chains of ``vpdpbusd`` / ``vfmadd`` zmm timed by thread CPU time: 533 and 133 GMAC/s per core
@@ -292,6 +294,45 @@ def rate_table(results: dict, macs: dict[int, int], peaks: dict[str, float]) -> 
     return "\n".join(lines)
 
 
+def read_bandwidth(threads: int, mb: int = 512, reps: int = 5) -> float:
+    """GB/s of reading a buffer far larger than the caches (``torch.sum`` over fp32 on
+    ``threads`` threads, best of ``reps``): the measured ceiling of a weight-streaming pass."""
+    buf = torch.ones(mb * 2**20 // 4)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        buf.sum()
+        best = min(_timed(buf.sum) for _ in range(reps))
+    finally:
+        torch.set_num_threads(old)
+    return buf.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bytes_table(results: dict, nbytes: dict[str, int], bw: dict[int, float]) -> str:
+    """GB/s of weights streamed per pass (median) and its share of the measured read bandwidth
+    for that thread count: where a pass is bound by memory (small n) this nears 100%."""
+    cols = [c for c in COLUMNS if any(c in r for r in results.values())]
+    lines = ["| n | " + " | ".join(f"{k} {t}T" for k, t in cols) + " |",
+             "|" + "---|" * (len(cols) + 1)]
+    for n, times in results.items():
+        cells = []
+        for kind, t in cols:
+            if (kind, t) not in times:
+                cells.append("")
+                continue
+            size = nbytes["packed" if kind.startswith(("packed", "int8")) else "fp32"]
+            rate = size / (statistics.median(times[(kind, t)]) * 1e-3) / 1e9
+            cells.append(f"{rate:.0f} ({100 * rate / bw[t]:.0f}%)")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=7)
@@ -332,6 +373,13 @@ def main(argv=None) -> None:
           f"int8, {args.peak_fp32:g} for fp32 FMAs, times threads)\n")
     print(rate_table(results, {n: macs_per_pass(ws, n) for n in ns},
                      {"int8": args.peak_int8, "fp32": args.peak_fp32}))
+    bw = {t: read_bandwidth(t) for t in (1, 2)}
+    nbytes = {"fp32": sum(w.numel() for w in ws) * 4,
+              "packed": sum(pw.data.numel() for pw in packed_weights(ws))}
+    print(f"\nGB/s of weights streamed per pass (median; fp32 {nbytes['fp32'] / 1e6:.0f} MB, "
+          f"packed {nbytes['packed'] / 1e6:.0f} MB) and % of the measured read bandwidth "
+          f"({bw[1]:.1f} GB/s on 1 thread, {bw[2]:.1f} on 2)\n")
+    print(bytes_table(results, nbytes, bw))
 
 
 # ---- pytest-benchmark ------------------------------------------------------------------------

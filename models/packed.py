@@ -267,13 +267,16 @@ def requantize_fp16(model) -> int:
 def default_compute(model) -> str:
     """The compute mode ``FastPipeline.from_pretrained`` gives ``model`` when none is asked for:
     ``"int8"`` if it holds a Q4_1 / Q8_0 packed matrix the int8 GEMM computes here (a converted
-    GGUF on a CPU with the packed kernel, as the default target), else ``"exact"`` (for such a
-    model both modes are the same arithmetic; saying ``exact`` says so). Why int8 by default:
+    GGUF on a CPU with the packed kernel and AVX-512 VNNI or AVX2, as the default target), else
+    ``"exact"`` (for other models both modes are the same arithmetic; with only the portable C
+    int8 path, exact is the faster one). Why int8 by default:
     on the default target its mean per-token NLL is within 0.35% of exact (the issue's bar is
     0.5%; ``bench/int8_quality.py``) and each extra verified token costs ~4x fewer cycles, the
     trade llama.cpp makes by default too."""
     from pipespec_fast.cpu import int8
 
+    if int8.isa() not in ("avx512vnni", "avx2"):
+        return "exact"  # only the portable C path: int8 would be slower, not faster
     for m in model.modules():
         if isinstance(m, Linear) and m.packed is not None and int8.supports(m.packed):
             return "int8"

@@ -132,3 +132,20 @@ def test_requantize_fp16_holds_q8_0_blocks_only(tie) -> None:
         ref = blocks_model({**sd, **as_q8}, cfg, lambda name: Q8_0, mode)
         set_compute(m, mode)
         assert torch.equal(m(ids, m.new_cache(16)), ref(ids, ref.new_cache(16))), mode
+
+
+def test_default_compute_is_exact_where_only_the_portable_int8_path_runs() -> None:
+    """Without AVX-512 VNNI or AVX2 the int8 products run in portable C, slower than the exact
+    path: the default is then exact (int8 stays available by name, with the same bits)."""
+    from pipespec_fast.cpu import int8
+    from pipespec_fast.models.packed import default_compute
+
+    cfg = tiny_config(**CFG)
+    m = packed_model(random_hf_state(cfg, 28, std=0.2), cfg, "exact")
+    assert default_compute(m) == "int8"
+    try:
+        assert int8.set_isa("scalar") == "scalar"
+        assert default_compute(m) == "exact"
+    finally:
+        int8.set_isa("auto")
+    assert default_compute(m) == "int8"

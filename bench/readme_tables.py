@@ -11,6 +11,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = ("humaneval-t0", "humaneval-t0.7", "mtbench-t0", "mtbench-t0.7")
+# each family's first system: the greedy output its others are compared with
+REFERENCES = ("hf_ar", "ours_ar", "llamacpp_ar")
 
 
 def _pct(xs) -> str:
@@ -123,6 +125,7 @@ def main(argv=None) -> int:
             pred = d.get("predicted_tokens_per_s")
             pred = f"{pred:.1f} ({pred / tps - 1:+.0%})" if pred else "-"
             same = {True: "yes", False: "NO"}.get(d.get("identical_greedy_output"), "-")
+            same = "ref" if name in REFERENCES and same == "yes" else same
             print(f"| {m['task']} | {m['temperature']:g} | {name} | {tps:.1f} | {sp} | {vs} | "
                   f"{_pct(d.get('acceptance'))} | {mal} | {pred} | {same} | "
                   f"{d.get('memory_mb', 0):.0f} |")

@@ -275,23 +275,26 @@ def macs_per_pass(ws: list[torch.Tensor], n: int) -> int:
     return n * sum(w.numel() for w in ws)
 
 
-def rate_table(results: dict, macs: dict[int, int], peaks: dict[str, float]) -> str:
-    """GMAC/s of each variant (median pass) and its share of the cores' peak: the int8 kernel
-    against ``vpdpbusd``'s, every fp32 one against the FMA's (per core times threads)."""
+def cell_table(results: dict, cell) -> str:
+    """A Markdown table of ``cell(kind, threads, n, median ms)`` for every variant run."""
     cols = [c for c in COLUMNS if any(c in r for r in results.values())]
     lines = ["| n | " + " | ".join(f"{k} {t}T" for k, t in cols) + " |",
              "|" + "---|" * (len(cols) + 1)]
     for n, times in results.items():
-        cells = []
-        for kind, t in cols:
-            if (kind, t) not in times:
-                cells.append("")
-                continue
-            rate = macs[n] / (statistics.median(times[(kind, t)]) * 1e-3) / 1e9
-            peak = peaks["int8" if kind.startswith("int8") else "fp32"] * t
-            cells.append(f"{rate:.0f} ({100 * rate / peak:.0f}%)")
+        cells = [cell(kind, t, n, statistics.median(times[(kind, t)]))
+                 if (kind, t) in times else "" for kind, t in cols]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def rate_table(results: dict, macs: dict[int, int], peaks: dict[str, float]) -> str:
+    """GMAC/s of each variant (median pass) and its share of the cores' peak: the int8 kernel
+    against ``vpdpbusd``'s, every fp32 one against the FMA's (per core times threads)."""
+    def cell(kind, t, n, ms):
+        rate = macs[n] / (ms * 1e-3) / 1e9
+        peak = peaks["int8" if kind.startswith("int8") else "fp32"] * t
+        return f"{rate:.0f} ({100 * rate / peak:.0f}%)"
+    return cell_table(results, cell)
 
 
 def read_bandwidth(threads: int, mb: int = 512, reps: int = 5) -> float:
@@ -317,20 +320,11 @@ def _timed(fn) -> float:
 def bytes_table(results: dict, nbytes: dict[str, int], bw: dict[int, float]) -> str:
     """GB/s of weights streamed per pass (median) and its share of the measured read bandwidth
     for that thread count: where a pass is bound by memory (small n) this nears 100%."""
-    cols = [c for c in COLUMNS if any(c in r for r in results.values())]
-    lines = ["| n | " + " | ".join(f"{k} {t}T" for k, t in cols) + " |",
-             "|" + "---|" * (len(cols) + 1)]
-    for n, times in results.items():
-        cells = []
-        for kind, t in cols:
-            if (kind, t) not in times:
-                cells.append("")
-                continue
-            size = nbytes["packed" if kind.startswith(("packed", "int8")) else "fp32"]
-            rate = size / (statistics.median(times[(kind, t)]) * 1e-3) / 1e9
-            cells.append(f"{rate:.0f} ({100 * rate / bw[t]:.0f}%)")
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    def cell(kind, t, n, ms):
+        size = nbytes["packed" if kind.startswith(("packed", "int8")) else "fp32"]
+        rate = size / (ms * 1e-3) / 1e9
+        return f"{rate:.0f} ({100 * rate / bw[t]:.0f}%)"
+    return cell_table(results, cell)
 
 
 def main(argv=None) -> None:

@@ -31,13 +31,14 @@ def kind_of(name: str) -> int:
     return Q8_0
 
 
-def packed_model(sd: dict[str, torch.Tensor], cfg, compute: str = "int8"):
-    """A model whose every matrix is held only in Q4_1 / Q8_0 blocks (its fp32 values are the
-    blocks' values, so the copies pass attach_packed's check), in ``compute`` mode."""
+def packed_model(sd: dict[str, torch.Tensor], cfg, compute: str = "int8", kinds=kind_of):
+    """A model whose every matrix is held only in the blocks ``kinds(name)`` says (default:
+    Q4_1 / Q8_0; its fp32 values are the blocks' values, so the copies pass attach_packed's
+    check), in ``compute`` mode."""
     blocks, dense = {}, dict(sd)
     for name, w in sd.items():
         if w.dim() == 2 and name != hf_names.FINAL_NORM:
-            kind = kind_of(name)
+            kind = kinds(name)
             pw = PackedWeight(quant.quantize(w.float(), kind), kind, w.shape[1])
             blocks[name], dense[name] = pw, pw.dequantize()
     m = build(cfg, dense)

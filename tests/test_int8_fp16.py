@@ -25,16 +25,7 @@ pytestmark = pytest.mark.skipif(
 def blocks_model(sd: dict[str, torch.Tensor], cfg, kind_of, compute: str = "int8"):
     """Every matrix held only in the blocks ``kind_of(name)`` says (fp16: as a draft
     checkpoint stored in fp16 is)."""
-    blocks, dense = {}, dict(sd)
-    for name, w in sd.items():
-        if w.dim() == 2 and name != hf_names.FINAL_NORM:
-            kind = kind_of(name)
-            pw = PackedWeight(quant.quantize(w.float(), kind), kind, w.shape[1])
-            blocks[name], dense[name] = pw, pw.dequantize()
-    m = build(cfg, dense)
-    assert m.attach_packed(blocks) == 4 * cfg.n_layers + 1
-    set_compute(m, compute)
-    return m
+    return packed_model(sd, cfg, compute, kinds=kind_of)
 
 
 def fp16_model(sd: dict[str, torch.Tensor], cfg, compute: str = "int8"):

@@ -24,15 +24,14 @@ import torch
 import torch.distributed as dist
 
 from pipespec_fast.decoding.sequence import Sequencer
-from pipespec_fast.errors import GenerationTimeout, PipelineClosedError, StageError
+from pipespec_fast.errors import StageError
 from pipespec_fast.pipespec import topology, wire
 from pipespec_fast.pipespec.inline import InlineStage
 from pipespec_fast.pipespec.messages import WAKE, Emit
 from pipespec_fast.pipespec.placement import Placement
+from pipespec_fast.pipespec.run import next_output
 from pipespec_fast.pipespec.topology import PipeSpecSettings
 from pipespec_fast.pipespec.transport import DistLink, Heartbeat, Receiver, RemotePeer
-
-OUT_POLL_S = 0.5
 
 
 class RemoteStageError(RuntimeError):
@@ -114,17 +113,8 @@ class DistributedRun:
         self.heartbeat.start()
         self.worker.start(prompt)
         while True:
-            wait = OUT_POLL_S
-            if deadline is not None:
-                wait = min(wait, deadline - time.monotonic())
-                if wait <= 0:
-                    raise GenerationTimeout("the generation ran past its timeout_s")
-            try:
-                msg = self._out.get(timeout=wait)
-            except queue.Empty:
-                if self.closed:
-                    raise PipelineClosedError("the pipeline was closed during this "
-                                              "generation") from None
+            msg = next_output(self._out, deadline, self.closed)
+            if msg is None:
                 continue
             if isinstance(msg, wire.Finish):
                 self.final = msg.tokens

@@ -43,19 +43,10 @@ class PipeSpecRun:
         for w in workers:
             w.start(prompt)
         while True:
-            wait = OUT_POLL_S
-            if deadline is not None:
-                wait = min(wait, deadline - time.monotonic())
-                if wait <= 0:
-                    raise GenerationTimeout("the generation ran past its timeout_s")
-            try:
-                msg: Emit = self._out.get(timeout=wait)
-            except queue.Empty:
-                if self.closed:
-                    raise PipelineClosedError("the pipeline was closed during this "
-                                              "generation") from None
+            msg: Emit | None = next_output(self._out, deadline, self.closed)
+            if msg is None:
                 if not any(w.thread.is_alive() for w in workers):
-                    raise RuntimeError("all PipeSpec workers exited without output") from None
+                    raise RuntimeError("all PipeSpec workers exited without output")
                 continue
             if msg.error is not None:
                 if isinstance(msg.error, StageError):
@@ -78,3 +69,21 @@ class PipeSpecRun:
             if w.thread is not None:
                 w.thread.join(timeout=max(0.0, end - time.monotonic()))
         return [w.thread.name for w in workers if w.thread is not None and w.thread.is_alive()]
+
+
+def next_output(out: queue.SimpleQueue, deadline: float | None, closed: bool):
+    """The next message a run's workers put on ``out``, or ``None`` after waiting
+    :data:`OUT_POLL_S` for it; raises :class:`GenerationTimeout` once past ``deadline``
+    (``time.monotonic()``) and :class:`PipelineClosedError` when nothing came and the
+    pipeline was ``closed`` meanwhile."""
+    wait = OUT_POLL_S
+    if deadline is not None:
+        wait = min(wait, deadline - time.monotonic())
+        if wait <= 0:
+            raise GenerationTimeout("the generation ran past its timeout_s")
+    try:
+        return out.get(timeout=wait)
+    except queue.Empty:
+        if closed:
+            raise PipelineClosedError("the pipeline was closed during this generation") from None
+        return None

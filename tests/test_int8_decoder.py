@@ -14,6 +14,7 @@ from pipespec_fast.cpu import library, linear, quant
 from pipespec_fast.cpu.quant import Q4_1, Q8_0, PackedWeight
 from pipespec_fast.models import hf_names
 from pipespec_fast.models.packed import set_compute
+from tests.test_ngram import sample_first_two
 from tests.tiny import build, noisy_copy, random_hf_state, tiny_config
 
 pytestmark = pytest.mark.skipif(
@@ -263,14 +264,7 @@ def test_int8_sampling_matches_the_int8_target_distribution(k, mode) -> None:
     exact = exact_joint(LlamaStage(packed_model(sds[-1], cfg, "exact"), max_len=64), prompt,
                         1.0, None, None)
     pipe = FastPipeline(stages, mode=mode)
-    n, V = 2000, cfg.vocab_size
-    counts = torch.zeros(V * V)
-    accepted = 0
-    for seed in range(n):
-        res = pipe.generate(prompt, 2, temperature=1.0, seed=seed, ignore_eos=True)
-        a, b = res.token_ids
-        counts[a * V + b] += 1
-        accepted += res.stage_stats[-1].accepted
+    counts, accepted = sample_first_two(pipe, prompt, cfg.vocab_size, 2000)
     assert accepted > 0  # drafts were really accepted, not all resampled
     assert pooled_chi_square_p(counts, joint) > 1e-3
     assert pooled_chi_square_p(counts, exact) < 1e-6

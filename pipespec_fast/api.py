@@ -17,6 +17,8 @@ from pipespec_fast import config as runtime_config
 from pipespec_fast import validate
 from pipespec_fast.config import RuntimeConfig
 from pipespec_fast.decoding import baselines
+from pipespec_fast.decoding.memory import PolicyMemory
+from pipespec_fast.decoding.regime import Regimes
 from pipespec_fast.decoding.sampling import SamplingParams
 from pipespec_fast.decoding.sequence import Sequencer
 from pipespec_fast.decoding.stats import StageStats, analysis_input
@@ -25,7 +27,7 @@ from pipespec_fast.pipespec.distributed import DistributedRun
 from pipespec_fast.pipespec.placement import Placement
 from pipespec_fast.pipespec.run import PipeSpecRun
 from pipespec_fast.pipespec.topology import PipeSpecSettings
-from pipespec_fast.stages import Stage, check_stage
+from pipespec_fast.stages import Stage, check_stage, is_model_free
 from pipespec_fast.stages import check_order as check_stage_order
 from pipespec_fast.text import Detokenizer, Output
 from pipespec_fast.threads import CpuThreads
@@ -127,6 +129,8 @@ class FastPipeline:
         self._busy = threading.Lock()
         self._active: PipeSpecRun | None = None
         self.last_result: GenerationResult | None = None
+        # windows and regimes learned by past generations (decoding/memory.py)
+        self._memory = PolicyMemory()
 
     @classmethod
     def from_pretrained(cls, paths: Sequence[str | Path], device: str | torch.device = "cpu",
@@ -234,6 +238,12 @@ class FastPipeline:
         if result is None:
             raise ValueError("predict: run generate() first (it measures latencies and alpha)")
         return predict_from_stats(analysis_input(result.stage_stats, self.windows))
+
+    def forget_measurements(self) -> None:
+        """Start the next generation's window policies and regime bandit from scratch (they
+        otherwise continue from the last generation with the same mode and sampling
+        parameters, ``docs/ARCHITECTURE.md``): after the machine's load changed, say."""
+        self._memory.clear()
 
     def close(self) -> None:
         """Stop any running workers; idempotent. A generation running meanwhile (in another
@@ -395,6 +405,10 @@ def _generation(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_k, 
     seqrs = [Sequencer(st, params, i, t0, adaptive=pipe.adaptive_windows,
                        reproducible=mode != "pipespec", keep_rows=i < len(pipe.windows) - 1)
              for i, st in zip(index, stages, strict=True)]
+    memory_key = None
+    if pipe.placement is None:  # what past generations learned (decoding/memory.py)
+        memory_key = pipe._memory.attach(seqrs, mode, [is_model_free(st) for st in stages],
+                                         pipe.skip_level_drafts, pipe.tree_budget)
     # text is decoded as it comes only when someone reads it (stream) or stop strings
     # need it; generate() decodes once at the end (decoding is O(text) per call and would
     # take the GIL from the stage workers)
@@ -422,11 +436,12 @@ def _generation(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_k, 
         pipe._stop_workers()
         cpu_threads.__exit__(None, None, None)
     elapsed = time.perf_counter() - t0
+    pipe._memory.keep(memory_key, seqrs)
     tail = out.finish()
     if tail:
         yield tail
     pipe.last_result = _result(out, mode, elapsed, [s.stats for s in seqrs],
-                               pipe.tokenizer is not None)
+                               pipe.tokenizer is not None, seqrs[-1].regimes)
 
 
 def _check_running(pipe: FastPipeline, deadline: float | None) -> None:
@@ -464,8 +479,9 @@ def _verified_chunks(pipe: FastPipeline, mode: str, seqrs: list[Sequencer], ids:
 
 
 def _result(out: Output, mode: str, elapsed: float, stats: list[StageStats],
-            has_text: bool) -> GenerationResult:
+            has_text: bool, regimes: Regimes | None = None) -> GenerationResult:
     n = len(out.ids)
+    extra = {} if regimes is None else {"regimes": regimes.summary()}
     return GenerationResult(
         token_ids=out.ids,
         text=out.detok.text if has_text else None,
@@ -475,6 +491,7 @@ def _result(out: Output, mode: str, elapsed: float, stats: list[StageStats],
             "seconds": elapsed,
             "tokens_per_s": n / elapsed if elapsed > 0 else 0.0,
             "stages": [s.as_dict() for s in stats],
+            **extra,
         },
         stage_stats=stats,
         finish_reason=out.reason,

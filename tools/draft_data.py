@@ -18,14 +18,17 @@ from pathlib import Path
 
 import torch
 
-from tools.draft_prompts import chat_prompts, code_prompts, resembles_benchmark
+from tools.draft_prompts import chat_prompts, code_prompts, doc_prompts, resembles_benchmark
 
 
 def build_prompts(n_code: int, n_chat: int, seed: int, code_seed: int = 0,
-                  code_offset: int = 0) -> list[tuple[str, str]]:
-    """``(kind, text)`` pairs, code and chat interleaved deterministically."""
-    items = [("code", t) for t in code_prompts(n_code, code_seed, offset=code_offset)]
-    items += [("chat", t) for t in chat_prompts(n_chat, seed)]
+                  code_offset: int = 0, n_doc: int = 0, constrained: bool = False,
+                  code_root: str | None = None) -> list[tuple[str, str]]:
+    """``(kind, text)`` pairs, code, chat and reading tasks interleaved deterministically."""
+    items = [("code", t) for t in code_prompts(n_code, code_seed, root=code_root,
+                                               offset=code_offset, typed=code_root is not None)]
+    items += [("chat", t) for t in chat_prompts(n_chat, seed, constrained=constrained)]
+    items += [("chat", t) for t in doc_prompts(n_doc, seed)]
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(items), generator=g).tolist()
     return [items[i] for i in order]
@@ -84,6 +87,14 @@ def main(argv=None) -> None:
     ap.add_argument("--exclude-previous", default=None, metavar="CODE,CHAT,SEED",
                     help="leave out the prompts of a data set made with these --code, --chat "
                     "and --seed")
+    ap.add_argument("--code-root", default=None,
+                    help="cut the code prompts from the Python files under this folder "
+                    "(default: the standard library, ~3,700 functions); from another folder, only "
+                    "typed functions that are not methods (HumanEval's form)")
+    ap.add_argument("--doc", type=int, default=0,
+                    help="reading tasks over the standard library's docstrings")
+    ap.add_argument("--constrained", action="store_true",
+                    help="40%% of the chat prompts get a second part (a length, tone, form)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = ap.parse_args(argv)
@@ -97,7 +108,9 @@ def main(argv=None) -> None:
     tok = transformers.AutoTokenizer.from_pretrained(target, trust_remote_code=False)
     model = transformers.LlamaForCausalLM.from_pretrained(
         target, dtype=getattr(torch, args.dtype)).eval()
-    items = build_prompts(args.code, args.chat, args.seed, code_offset=args.code_offset)
+    items = build_prompts(args.code, args.chat, args.seed, code_offset=args.code_offset,
+                          n_doc=args.doc, constrained=args.constrained,
+                          code_root=args.code_root)
     if args.exclude_previous:  # a second data set: leave out the first one's prompts
         n_code, n_chat, seed = (int(x) for x in args.exclude_previous.split(","))
         seen = {t for _, t in build_prompts(n_code, n_chat, seed)}

@@ -124,6 +124,28 @@ REASONING = [
 ]
 
 
+# constraints appended to a chat request (MT-Bench-style multi-part instructions)
+CONSTRAINTS = [
+    "Keep it under 100 words.", "Use a friendly, informal tone.", "Answer in a numbered list.",
+    "Include at least two concrete examples.", "End with a question for the reader.",
+    "Write it for a high-school audience.", "Use exactly three paragraphs.",
+    "Avoid technical jargon.", "Add a short title first.", "Explain your reasoning step by step.",
+    "Then summarize your answer in one sentence.", "Use a formal tone.",
+    "Then list two sources of further reading.", "Make it humorous.",
+]
+
+DOC_TASKS = [
+    "Summarize the following text in two sentences:\n\n{x}",
+    "Extract the key terms from this passage and explain each one briefly:\n\n{x}",
+    "Rewrite this documentation so that a beginner can understand it:\n\n{x}",
+    "Write three questions a student might ask after reading this text:\n\n{x}",
+    "What is the main purpose of what is described below? Answer in one paragraph.\n\n{x}",
+    "Turn this text into a bulleted list of facts:\n\n{x}",
+    "Read the passage and explain when someone would use this:\n\n{x}",
+    "Translate this technical description into plain English:\n\n{x}",
+]
+
+
 _BENCHMARK_LIKE = re.compile(r"travel blog|professional email|\bHawaii\b", re.IGNORECASE)
 
 
@@ -132,8 +154,9 @@ def resembles_benchmark(text: str) -> bool:
     return bool(_BENCHMARK_LIKE.search(text))
 
 
-def chat_prompts(n: int, seed: int = 0) -> list[str]:
-    """``n`` distinct chat instructions (templates x subjects, arithmetic, puzzles)."""
+def chat_prompts(n: int, seed: int = 0, constrained: bool = False) -> list[str]:
+    """``n`` distinct chat instructions (templates x subjects, arithmetic, puzzles);
+    ``constrained``: 40% of them get a second part from :data:`CONSTRAINTS`."""
     rng = random.Random(seed)
     out: list[str] = []
     seen: set[str] = set()
@@ -152,12 +175,54 @@ def chat_prompts(n: int, seed: int = 0) -> list[str]:
             text = rng.choice(MATH_TEMPLATES).format(**nums)
         else:
             text = rng.choice(REASONING).format(**nums)
+        if constrained and rng.random() < 0.4:  # a second part, as multi-part requests have
+            text += " " + rng.choice(CONSTRAINTS)
         if text not in seen:
             seen.add(text)
             out.append(text)
     if len(out) < n:
         raise ValueError(f"chat_prompts: only {len(out)} distinct prompts, {n} asked for")
     return out
+
+
+def doc_prompts(n: int, seed: int = 0, root: str | Path | None = None) -> list[str]:
+    """``n`` reading tasks (summarise, extract, rewrite, ask) over passages of the docstrings of
+    the standard library's modules, classes and functions under ``root``, some with a
+    constraint added (:data:`CONSTRAINTS`)."""
+    passages: set[str] = set()
+    for path in _stdlib_files(root):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue
+        for node in [tree] + [x for x in ast.walk(tree)
+                              if isinstance(x, (ast.ClassDef, ast.FunctionDef))]:
+            doc = ast.get_docstring(node)
+            if not doc:
+                continue
+            for para in re.split(r"\n\s*\n", doc):
+                para = " ".join(para.split())
+                if 160 <= len(para) <= 900 and ">>>" not in para:
+                    passages.add(para)
+    rng = random.Random(seed)
+    items = sorted(passages)
+    rng.shuffle(items)
+    out = []
+    for i, x in enumerate(items[:n]):
+        text = rng.choice(DOC_TASKS).format(x=x)
+        out.append(text + (" " + rng.choice(CONSTRAINTS) if i % 3 == 0 else ""))
+    if len(out) < n:
+        raise ValueError(f"doc_prompts: only {len(out)} passages, {n} asked for")
+    return out
+
+
+def _stdlib_files(root: str | Path | None):
+    """The Python files under ``root`` (default: the standard library), tests left out."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        if not any(part in ("test", "tests", "testing", "idlelib", "site-packages", "lib2to3")
+                   for part in path.relative_to(root).parts):
+            yield path
 
 
 def _function_stub(src: str, node: ast.FunctionDef) -> str | None:
@@ -174,15 +239,12 @@ def _function_stub(src: str, node: ast.FunctionDef) -> str | None:
 
 
 def code_prompts(n: int, seed: int = 0, root: str | Path | None = None,
-                 offset: int = 0) -> list[str]:
-    """``n`` "Complete this Python function:" prompts cut from the stdlib under ``root``
-    (functions ``offset`` to ``offset + n`` of a seeded shuffle)."""
-    root = Path(root or sysconfig.get_paths()["stdlib"])
+                 offset: int = 0, typed: bool = False) -> list[str]:
+    """``n`` "Complete this Python function:" prompts cut from the Python files under ``root``
+    (default: the standard library), functions ``offset`` to ``offset + n`` of a seeded
+    shuffle; ``typed``: only functions with a return annotation that are not methods."""
     stubs: list[str] = []
-    for path in sorted(root.rglob("*.py")):
-        if any(part in ("test", "tests", "idlelib", "site-packages", "lib2to3")
-               for part in path.parts):
-            continue
+    for path in _stdlib_files(root):
         try:
             src = path.read_text(encoding="utf-8")
             tree = ast.parse(src)
@@ -191,6 +253,9 @@ def code_prompts(n: int, seed: int = 0, root: str | Path | None = None,
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef):
                 stub = _function_stub(src, node)
+                if stub and typed:  # HumanEval's form: a typed function, not a method
+                    head = stub.split(":\n", 1)[0]
+                    stub = stub if "->" in head and "(self" not in head else None
                 if stub:
                     stubs.append(stub)
     stubs = sorted(set(stubs))

@@ -11,8 +11,10 @@ as its window (``decoding/tree_step.py``); every stage higher up verifies chains
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
+from pipespec_fast.decoding.regime import ALONE, FULL
 from pipespec_fast.decoding.sequence import Sequencer
 from pipespec_fast.decoding.tree_step import draft_tree, verify_tree
 
@@ -93,11 +95,42 @@ def synchronous(levels: list[Sequencer], gamma: list[int], limit: int, tree_budg
     """Synchronous speculative decoding: the stage below drafts the target's window of tokens
     (itself speculatively when it has a stage below), the target verifies them in one forward,
     the drafters roll back to the target's sequence, repeat. A window of 0
-    (``Sequencer.window``: speculation does not pay) is one target step alone."""
+    (``Sequencer.window``: speculation does not pay) is one target step alone.
+
+    With a regime bandit on the target (``decoding/regime.py``) each step runs the levels of
+    its regime: all of them (``full``), the lowest (n-gram) drafter straight under the target
+    (``lean``), or the target alone (``alone``); the levels left out catch up on the target's
+    sequence when they are used again."""
     target = levels[-1]
-    top = len(levels) - 1
+    regimes = target.regimes
+    lean, lean_gamma = [levels[0], target], [gamma[0], gamma[-1]]
+    left_at: int | None = None  # the target's length when the full hierarchy was left
+    if regimes is not None:
+        regimes.begin(time.perf_counter())
     while len(target.seq) < limit:
         start = len(target.seq)
-        g = min(target.window(gamma[-1], _draft_cost(levels[:-1])), limit - start)
-        _verify_from_below(levels, top, g, start, gamma, limit, tree_budget)
+        regime = FULL if regimes is None else regimes.arm
+        if regime == FULL and left_at is not None:
+            _catch_up(levels, left_at)
+            left_at = None
+        elif regime != FULL and left_at is None:
+            left_at = start
+            levels[0].truncate(start)  # drop what the level above proposed through it
+        if regime == ALONE:
+            target.verify([], None)
+        else:
+            lv, gm = (levels, gamma) if regime == FULL else (lean, lean_gamma)
+            g = min(target.window(gm[-1], _draft_cost(lv[:-1])), limit - start)
+            _verify_from_below(lv, len(lv) - 1, g, start, gm, limit, tree_budget)
+        if regimes is not None:
+            regimes.note_step(len(target.seq) - start, time.perf_counter())
         yield target.seq[start:]
+
+
+def _catch_up(levels: list[Sequencer], since: int) -> None:
+    """The levels between the lowest and the target, left out since the target held
+    ``since`` tokens (they agreed with it up to there), adopt its sequence."""
+    seq = levels[-1].seq
+    for lv in levels[1:-1]:
+        lv.apply_sync(since, seq[since:])
+    levels[0].apply_sync(since, seq[since:])

@@ -18,6 +18,7 @@ import time
 import torch
 
 from pipespec_fast.decoding.device import StageDevice
+from pipespec_fast.decoding.regime import Regimes
 from pipespec_fast.decoding.sampling import NON_FINITE, SamplingParams, StageSampler
 from pipespec_fast.decoding.span import TokenSpan
 from pipespec_fast.decoding.stats import StageStats
@@ -56,6 +57,9 @@ class Sequencer:
         self._marks_guesses = stage.capabilities.confidence
         self.t0 = time.perf_counter() if t0 is None else t0
         self.dev = StageDevice(stage.device)
+        # the target's regime bandit (which draft sources pay, end to end), when the mode has
+        # one (``decoding/regime.py``; set by ``PolicyMemory.attach``)
+        self.regimes: Regimes | None = None
 
     @property
     def seq(self) -> list[int]:

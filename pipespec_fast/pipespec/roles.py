@@ -17,10 +17,12 @@ every step and before it waits, so a diverged stage below always learns it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
 
+from pipespec_fast.decoding.regime import ALONE, FULL
 from pipespec_fast.decoding.tree_step import verify_tree
 from pipespec_fast.pipespec.inline import InlineDrafter
 from pipespec_fast.pipespec.messages import PAUSE, RESUME, Emit, Sync
@@ -190,14 +192,32 @@ class TargetWorker(_Verifier):
         if self.skip is not None:
             self.skip.start(prompt)
 
+    def _begin(self, prompt: list[int]) -> None:
+        super()._begin(prompt)
+        if self.s.regimes is not None:  # the regime epochs count from the first step
+            self.s.regimes.begin(time.perf_counter())
+
+    def _regime(self) -> str:
+        """The regime of this step (``decoding/regime.py``): ``full`` without a bandit."""
+        return FULL if self.s.regimes is None else self.s.regimes.arm
+
+    def _pause_below(self) -> int:
+        """Leave the model stage below out of this step (``lean``, ``alone``): paused, it
+        leaves us the cores and only follows our syncs. Returns the window for it: 0."""
+        if self.below is not None and self._below_wanted:
+            self._below_wanted = False
+            self.below.inbox.put(PAUSE)
+        return 0
+
     def step(self) -> bool:
         s = self.s
-        n = self._window()
+        regime = self._regime()
+        n = self._window() if regime == FULL else self._pause_below()
         room = self.limit - len(s.seq)
         if self.tree_budget and self.inline is not None:  # trees from the drafter below
             return self._tree_step(min(n, room), room)
         drafts, rows, spoke = self._offered(min(n, room))
-        skip = not drafts and self.skip is not None
+        skip = not drafts and self.skip is not None and regime != ALONE
         if skip and self.tree_budget:
             tree = self._skip_tree(room)
             if tree is not None:
@@ -245,4 +265,8 @@ class TargetWorker(_Verifier):
         return drafts, rows
 
     def _publish(self, start: int) -> None:
+        """Send the tokens this step verified to the caller; count the step for the regime
+        bandit."""
         self.out.put(Emit(self.s.seq[start:]))
+        if self.s.regimes is not None:
+            self.s.regimes.note_step(len(self.s.seq) - start, time.perf_counter())

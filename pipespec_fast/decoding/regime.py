@@ -1,0 +1,145 @@
+"""Which draft sources the target uses, chosen by the tokens per second each really gives.
+
+The window policy (``decoding/window.py``) sizes each verification from a model of the costs
+it can see: its verify latencies, its acceptance, its wait per draft. What it cannot see is
+what speculation costs outside its own forwards: on a 2-core CPU a drafter's thread slows the
+target's forwards and the caller's Python; a resumed drafter first catches up on every token
+the target decoded meanwhile; a synchronous step pays the drafter's bookkeeping. Measured end
+to end, the default hierarchy ran at 0.89-0.96x of the target alone while its windows said
+speculation paid.
+
+So above the windows sits a bandit over *regimes*, judged by wall-clock tokens per second,
+everything included:
+
+* ``full``: every stage drafts for the one above (the windows decide as before);
+* ``lean``: the model stages between the n-gram drafter and the target are left out (paused):
+  the target verifies the n-gram drafter's proposals itself;
+* ``alone``: no drafts at all, one target token per forward.
+
+The target's steps are grouped into epochs of :data:`Regimes.EPOCH_STEPS` steps; each epoch
+runs one regime and adds its tokens and seconds to that regime's decayed totals. Each regime
+is tried once; then the best runs, and every other is tried again for one epoch after a wait
+that doubles (up to :data:`Regimes.MAX_WAIT` epochs) each time it loses again. The totals
+outlive a generation (``FastPipeline`` keeps them, ``PolicyMemory``), so a pipeline that
+serves many requests pays for its exploration once.
+
+Only timed policies use it (greedy, unseeded sampling, any PipeSpec run): a seeded ``sync``
+generation must repeat its draws, so its regime never depends on a clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FULL, LEAN, ALONE = "full", "lean", "alone"
+
+
+@dataclass
+class Regimes:
+    """The regime bandit of one pipeline and mode.
+
+    Args:
+        arms: the regimes available, in the order they are first tried (``full`` first).
+    """
+
+    arms: tuple[str, ...]
+    EPOCH_STEPS = 12  # target steps per epoch (one regime per epoch)
+    DECAY = 0.5  # per epoch of a regime, of its token and second totals
+    FIRST_WAIT = 2  # epochs before a losing regime is tried again ...
+    MAX_WAIT = 32  # ... doubling up to this many
+    MARGIN = 0.03  # a challenger must beat the best by this fraction to take over
+
+    tokens: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    wait: dict[str, int] = field(default_factory=dict)  # epochs until tried again
+    countdown: dict[str, int] = field(default_factory=dict)
+    arm: str = FULL  # the regime of the current epoch
+    best: str = FULL
+    epochs: dict[str, int] = field(default_factory=dict)  # epochs run, per regime
+    steps: dict[str, int] = field(default_factory=dict)  # this generation's steps, per regime
+    _steps: int = 0
+    _epoch_tokens: int = 0
+    _epoch_start: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.arms or self.arms[0] != FULL:
+            raise ValueError(f"Regimes: arms must start with {FULL!r}, got {self.arms!r}")
+        self.arm = self.best = FULL
+
+    def rate(self, arm: str) -> float | None:
+        """Measured tokens per second of ``arm`` (decayed), ``None`` before its first epoch."""
+        s = self.seconds.get(arm)
+        return None if not s else self.tokens[arm] / s
+
+    def begin(self, now: float) -> None:
+        """A generation's first step starts now (after its prefill): the epoch clock starts
+        here, the epoch's counts restart (the previous generation's last, partial epoch is
+        dropped: its end was not a step boundary)."""
+        self._epoch_start, self._steps, self._epoch_tokens = now, 0, 0
+        self.steps = {}
+
+    def note_step(self, tokens: int, now: float) -> bool:
+        """A target step committed ``tokens`` and ended at ``now``; returns whether the regime
+        changed for the next step."""
+        if self._epoch_start is None:
+            self.begin(now)
+            return False
+        self._steps += 1
+        self._epoch_tokens += tokens
+        self.steps[self.arm] = self.steps.get(self.arm, 0) + 1
+        if self._steps < self.EPOCH_STEPS:
+            return False
+        arm, dt = self.arm, now - self._epoch_start
+        self.tokens[arm] = self.DECAY * self.tokens.get(arm, 0.0) + self._epoch_tokens
+        self.seconds[arm] = self.DECAY * self.seconds.get(arm, 0.0) + max(dt, 1e-9)
+        self.epochs[arm] = self.epochs.get(arm, 0) + 1
+        self._epoch_start, self._steps, self._epoch_tokens = now, 0, 0
+        nxt = self._choose(arm)
+        changed, self.arm = nxt != arm, nxt
+        return changed
+
+    def _choose(self, ran: str) -> str:
+        untried = [a for a in self.arms if a not in self.seconds]
+        if untried:
+            return untried[0]
+        rates = {a: self.rate(a) for a in self.arms}
+        if ran != self.best:  # an exploration ended: did it win?
+            if rates[ran] > rates[self.best] * (1 + self.MARGIN):
+                self.best = ran
+                self.wait = {}
+                self.countdown = {}
+            else:
+                self.wait[ran] = min(self.MAX_WAIT, 2 * self.wait.get(ran, self.FIRST_WAIT))
+                self.countdown[ran] = self.wait[ran]
+        best = max(self.arms, key=lambda a: rates[a])
+        if best != self.best and rates[best] > rates[self.best] * (1 + self.MARGIN):
+            self.best = best  # the best's own rate fell (the text changed)
+        for a in self.arms:
+            if a != self.best:
+                self.countdown[a] = self.countdown.get(a, self.FIRST_WAIT) - 1
+        due = [a for a in self.arms if a != self.best and self.countdown[a] <= 0]
+        if due:
+            a = min(due, key=lambda x: self.countdown[x])
+            self.countdown[a] = self.wait.get(a, self.FIRST_WAIT)
+            return a
+        return self.best
+
+    def summary(self) -> dict:
+        """This generation's target steps per regime; epochs run, measured tokens/s per regime
+        and the current best over the pipeline's life (for stats)."""
+        return {"best": self.best, "steps": dict(self.steps),
+                "epochs": dict(self.epochs),
+                "tokens_per_s": {a: r for a in self.arms if (r := self.rate(a)) is not None}}
+
+
+def arms_for(mode: str, model_free: list[bool], skip_level_drafts: bool) -> tuple[str, ...]:
+    """The regimes of a pipeline whose stages (lowest first, target last) are model-free or
+    not: ``lean`` needs an n-gram drafter under at least one model stage below the target
+    (in PipeSpec it also needs the target's skip-level drafts); ``()`` for ``ar`` and a
+    target alone."""
+    if mode == "ar" or len(model_free) < 2:
+        return ()
+    lean = model_free[0] and len(model_free) > 2 and not all(model_free[1:-1])
+    if mode == "pipespec" and not skip_level_drafts:
+        lean = False
+    return (FULL, LEAN, ALONE) if lean else (FULL, ALONE)

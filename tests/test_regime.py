@@ -1,0 +1,155 @@
+"""The regime bandit (``decoding/regime.py``) and the pipeline's memory of it between
+generations (``decoding/memory.py``): which draft sources the target uses, judged by measured
+tokens per second, with greedy output equal to the target's own whatever it picks."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from test_tree_decoding import _slow_forward
+from tiny import family
+
+from pipespec_fast import FastPipeline, LlamaStage
+from pipespec_fast.decoding.regime import ALONE, FULL, LEAN, Regimes, arms_for
+from pipespec_fast.stages.ngram import NGramStage
+
+PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6]
+
+
+def run_epochs(reg: Regimes, rates: dict[str, float], epochs: int) -> list[str]:
+    """Drive ``reg`` with a clock on which regime ``a`` commits ``rates[a]`` tokens per second
+    (one token per step); returns the regime of each epoch."""
+    now, ran = 0.0, []
+    reg.begin(now)
+    for _ in range(epochs):
+        arm = reg.arm
+        ran.append(arm)
+        for _ in range(Regimes.EPOCH_STEPS):
+            now += 1.0 / rates[arm]
+            reg.note_step(1, now)
+    return ran
+
+
+def test_each_regime_is_tried_then_the_fastest_runs_and_the_others_are_retried_ever_less():
+    reg = Regimes((FULL, LEAN, ALONE))
+    ran = run_epochs(reg, {FULL: 100.0, LEAN: 300.0, ALONE: 200.0}, 120)
+    assert ran[:3] == [FULL, LEAN, ALONE] and reg.best == LEAN
+    late = ran[60:]
+    assert late.count(LEAN) > 0.85 * len(late)
+    # explorations of the losers thin out: each loses again, and its wait doubles to the cap
+    assert late.count(FULL) <= 3 and late.count(ALONE) <= 3 and ran[3:].count(FULL) >= 1
+    assert reg.wait[FULL] == Regimes.MAX_WAIT
+    summary = reg.summary()
+    assert summary["best"] == LEAN and summary["tokens_per_s"][LEAN] == pytest.approx(300.0)
+
+
+def test_a_regime_that_becomes_faster_takes_over_at_its_next_exploration():
+    reg = Regimes((FULL, ALONE))
+    run_epochs(reg, {FULL: 100.0, ALONE: 200.0}, 20)
+    assert reg.best == ALONE
+    ran = run_epochs(reg, {FULL: 400.0, ALONE: 200.0}, 80)  # the drafts got good
+    assert reg.best == FULL and ran[-20:].count(FULL) >= 18
+
+
+def test_the_margin_keeps_the_best_when_the_challenger_is_barely_faster():
+    reg = Regimes((FULL, ALONE))
+    ran = run_epochs(reg, {FULL: 200.0, ALONE: 201.0}, 60)
+    assert reg.best == FULL and ran[10:].count(FULL) > 0.8 * 50
+
+
+def test_arms_for_each_hierarchy():
+    assert arms_for("ar", [True, False, False], True) == ()
+    assert arms_for("sync", [False], True) == ()
+    assert arms_for("sync", [True, False], True) == (FULL, ALONE)  # n-gram -> target
+    assert arms_for("sync", [False, False], True) == (FULL, ALONE)  # draft -> target
+    assert arms_for("sync", [True, False, False], False) == (FULL, LEAN, ALONE)
+    assert arms_for("pipespec", [True, False, False], True) == (FULL, LEAN, ALONE)
+    # PipeSpec's lean regime is the target's skip-level drafts: not without them
+    assert arms_for("pipespec", [True, False, False], False) == (FULL, ALONE)
+    with pytest.raises(ValueError, match="arms must start with 'full'"):
+        Regimes((ALONE, FULL))
+
+
+def _hierarchy(draft_sleep_s: float = 0.0, target_sleep_s: float = 0.0, noise: float = 0.05,
+               monkeypatch=None):
+    draft_m, target_m = family(2, noise=noise, seed=4)
+    draft = LlamaStage(draft_m, name="draft", max_len=512)
+    target = LlamaStage(target_m, name="target", max_len=512)
+    if draft_sleep_s:
+        _slow_forward(monkeypatch, draft, draft_sleep_s)
+    if target_sleep_s:
+        _slow_forward(monkeypatch, target, target_sleep_s)
+    return [NGramStage(target.vocab_size), draft, target]
+
+
+def _steps(pipe: FastPipeline, prompts, n: int, skip: int = 0) -> dict[str, int]:
+    """The target's steps per regime over generations of ``n`` tokens after ``prompts``,
+    the first ``skip`` generations (the bandit's first tries) left out; every output is
+    checked against the target's own."""
+    ref = FastPipeline(pipe.stages[-1:])
+    steps: dict[str, int] = {}
+    for i, p in enumerate(prompts):
+        res = pipe.generate(p, n, ignore_eos=True)
+        assert res.token_ids == ref.generate(p, n, ignore_eos=True).token_ids
+        for arm, k in res.stats["regimes"]["steps"].items():
+            steps[arm] = steps.get(arm, 0) + k * (i >= skip)
+    return steps
+
+
+@pytest.mark.parametrize("mode", ["sync", "pipespec"])
+def test_a_draft_that_only_costs_is_left_out(mode, monkeypatch):
+    """A draft whose every forward takes 20 ms, under a target of ~1 ms, makes the full
+    hierarchy the slowest regime: after their first tries the target runs lean or alone, and
+    every output equals the target's own."""
+    pipe = FastPipeline(_hierarchy(draft_sleep_s=0.02, monkeypatch=monkeypatch), mode=mode)
+    steps = _steps(pipe, [PROMPT, PROMPT[::-1], PROMPT[5:]], 150, skip=1)
+    assert steps.get(FULL, 0) < 0.2 * sum(steps.values()), steps
+
+
+def test_drafts_that_pay_keep_the_full_hierarchy(monkeypatch):
+    """A target whose forwards take 15 ms, whatever their size, and a draft that is nearly the
+    target (noise 0.02): speculation with the draft beats both other regimes."""
+    stages = _hierarchy(target_sleep_s=0.015, noise=0.02, monkeypatch=monkeypatch)
+    pipe = FastPipeline(stages, mode="sync")
+    steps = _steps(pipe, [PROMPT, PROMPT[::-1], PROMPT[5:], PROMPT[::2]], 150, skip=2)
+    assert steps.get(FULL, 0) > 0.6 * sum(steps.values()), steps
+
+
+def test_the_bandit_and_windows_carry_over_between_generations_and_can_be_forgotten():
+    stages = _hierarchy()
+    pipe = FastPipeline(stages, mode="sync")
+    pipe.generate(PROMPT, 60, ignore_eos=True)
+    first = pipe.last_result.stats["regimes"]
+    pipe.generate(PROMPT, 60, ignore_eos=True)
+    second = pipe.last_result.stats["regimes"]
+    assert sum(second["epochs"].values()) > sum(first["epochs"].values())  # one bandit
+    assert sum(second["steps"].values()) <= 60  # steps: this generation's only
+    # sampling parameters have a bandit of their own
+    pipe.generate(PROMPT, 60, ignore_eos=True, temperature=0.5)
+    assert sum(pipe.last_result.stats["regimes"]["epochs"].values()) < sum(
+        second["epochs"].values())
+    pipe.forget_measurements()
+    pipe.generate(PROMPT, 24, ignore_eos=True)
+    assert sum(pipe.last_result.stats["regimes"]["epochs"].values()) <= 2
+
+
+def test_seeded_sync_has_no_bandit_and_repeats_after_other_generations():
+    """A seeded sync generation's draws must not depend on a clock or on what ran before."""
+    pipe = FastPipeline(_hierarchy(noise=0.3), mode="sync")
+    first = pipe.generate(PROMPT, 60, temperature=0.9, seed=3, ignore_eos=True)
+    assert "regimes" not in first.stats
+    for _ in range(3):
+        pipe.generate(PROMPT, 60, ignore_eos=True)  # greedy: a bandit of its own
+        pipe.generate(PROMPT, 60, temperature=0.9, ignore_eos=True)  # unseeded: timed
+    again = pipe.generate(PROMPT, 60, temperature=0.9, seed=3, ignore_eos=True)
+    assert again.token_ids == first.token_ids
+
+
+def test_regime_epochs_restart_at_each_generation():
+    reg = Regimes((FULL, ALONE))
+    reg.begin(0.0)
+    for i in range(5):
+        reg.note_step(1, 0.001 * (i + 1))
+    reg.begin(time.perf_counter())  # a new generation: the partial epoch is dropped
+    assert reg.steps == {} and reg.epochs == {}

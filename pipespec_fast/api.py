@@ -471,8 +471,8 @@ def _verified_chunks(pipe: FastPipeline, mode: str, seqrs: list[Sequencer], ids:
         run = PipeSpecRun(seqrs, settings, limit, cpu_threads.stage_threads,
                           cpu_threads.idle_stages)
         return run.tokens(ids, deadline), run
-    for s in seqrs:
-        s.start(ids)
+    for s in seqrs:  # the stages below prefill when first used (never, if left out)
+        s.start(ids, prefill=s is seqrs[-1])
     if len(seqrs) == 1:
         return baselines.autoregressive(seqrs[0], limit), None
     return baselines.synchronous(seqrs, pipe.windows, limit, pipe.tree_budget), None

@@ -6,7 +6,8 @@ import pytest
 from tiny import family
 
 from pipespec_fast import FastPipeline, HFStage, LlamaStage, NGramStage, StageCapabilities
-from pipespec_fast.pipespec.messages import PAUSE, RESUME
+from pipespec_fast.pipespec.messages import PAUSE, RESUME, Sync
+from pipespec_fast.pipespec.mirror import Mirror
 from pipespec_fast.stages import check_stage, is_model_free
 
 PLAIN = StageCapabilities()
@@ -95,14 +96,23 @@ def test_pausing_the_stage_below_is_a_message_sent_when_the_window_changes():
     from test_inline import build
 
     _, (low, mid, tgt) = build([LlamaStage(m, max_len=128) for m in family(3)])
-    windows = iter([0, 0, 3, 2, 0])
+    # the stages below the target start paused, their prefill deferred until first resumed
+    assert not mid.wanted and not tgt._below_wanted and mid.defer_prefill
+    windows = iter([0, 3, 0, 0, 3, 2, 0])
     tgt.s.window = lambda max_n, cost: next(windows)
+    tgt.mirror = Mirror([1, 2])  # the target's copy of the stage below's sequence
+    tgt.s.span.extend_known([1, 2, 3])  # one token ahead of it
     sent = []
-    for _ in range(5):
+    for _ in range(7):
         tgt._window()
         while not mid.inbox.empty():
             sent.append(mid.inbox.get_nowait())
-    assert sent == [PAUSE, RESUME, PAUSE]  # one message per change, none per step
+    # one message per change, none per step; a resume is preceded by what the paused stage
+    # missed (a Sync, when anything differs: nothing is sent to it while it is paused)
+    assert [m for m in sent if not isinstance(m, Sync)] == [RESUME, PAUSE, RESUME, PAUSE]
+    syncs = [i for i, m in enumerate(sent) if isinstance(m, Sync)]
+    assert len(syncs) == 2 and all(sent[i + 1] is RESUME for i in syncs)
+    assert all((sent[i].start, sent[i].tokens) == (2, [3]) for i in syncs)
     assert low.inbox.empty()
     mid.inbox.put(PAUSE)
     mid._drain(block=False)

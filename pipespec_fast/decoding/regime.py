@@ -45,8 +45,8 @@ class Regimes:
     arms: tuple[str, ...]
     EPOCH_STEPS = 12  # target steps per epoch (one regime per epoch)
     DECAY = 0.5  # per epoch of a regime, of its token and second totals
-    FIRST_WAIT = 2  # epochs before a losing regime is tried again ...
-    MAX_WAIT = 32  # ... doubling up to this many
+    FIRST_WAIT = 4  # epochs before a losing regime is tried again ...
+    MAX_WAIT = 64  # ... doubling up to this many
     MARGIN = 0.03  # a challenger must beat the best by this fraction to take over
 
     tokens: dict[str, float] = field(default_factory=dict)

@@ -42,6 +42,8 @@ class Sequencer:
             (sampling); ``False`` for the target, whose tokens nobody verifies.
     """
 
+    CATCH_UP = 4  # a draft forward feeding more tokens than this is a (deferred) prefill
+
     def __init__(self, stage, params: SamplingParams, index: int, t0: float | None = None,
                  adaptive: bool = True, reproducible: bool = True, keep_rows: bool = True
                  ) -> None:
@@ -72,11 +74,12 @@ class Sequencer:
 
     # ------------------------------------------------------------------ state
 
-    def start(self, prompt: list[int]) -> None:
-        """Reset to ``prompt`` and prefill all of it but the last token."""
+    def start(self, prompt: list[int], prefill: bool = True) -> None:
+        """Reset to ``prompt`` and prefill all of it but the last token (``prefill=False``:
+        the stage's first forward feeds it, when the stage is first needed)."""
         self.stage.rollback(0)
         self.span = TokenSpan.known(prompt)
-        if len(prompt) > 1:
+        if prefill and len(prompt) > 1:
             self._forward(self.span.tokens[:-1], last_n=1, kind="prefill")
 
     def truncate(self, length: int) -> None:
@@ -128,15 +131,20 @@ class Sequencer:
         span = self.span
         for _ in range(n):
             t = time.perf_counter()
-            logits = self._forward(span.tokens[self.stage.cache_len :], last_n=1, kind="draft")
+            feed = span.tokens[self.stage.cache_len :]
+            # more than a correction or two to feed: a deferred prefill, or the catch-up on
+            # what the stage above committed while this stage was left out
+            catch_up = len(feed) > self.CATCH_UP
+            logits = self._forward(feed, last_n=1, kind="prefill" if catch_up else "draft")
             try:
                 tok, row = self.sampler.draw(logits)
             except NonFiniteLogitsError as e:
                 raise StageError(self.label, e) from e
             span.append(tok, row if self.keep_rows else None, self._proposal_confident())
             dt = time.perf_counter() - t
-            self.draft_cost_s = dt if self.draft_cost_s is None else \
-                0.8 * self.draft_cost_s + 0.2 * dt
+            if not catch_up:
+                self.draft_cost_s = dt if self.draft_cost_s is None else \
+                    0.8 * self.draft_cost_s + 0.2 * dt
         self.stats.drafted += n
         return n
 

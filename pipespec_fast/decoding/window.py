@@ -12,7 +12,8 @@ compute-bound verifier, a draft that keeps it waiting), with one exploratory dra
 16, 32, 64 steps alone to keep ``a``, ``L`` and ``d`` current. Until two block sizes have been
 timed, and always for seeded sampling in a reproducible mode (ar, sync: their draws must not
 depend on timings), the rule is
-acceptance only: the smallest ``g`` with ``a^g <= 0.15``.
+acceptance only: the smallest ``g`` with ``a^g <= 0.15``; without timings ever (seeded sync),
+``g = 0`` below an acceptance of 0.35, with the same explorations.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class WindowPolicy:
     DECAY_COUNTS = 0.9  # per verification, of the acceptance counts
     DECAY_LATENCY = 0.95  # per verification, of each block size's weight in the fit
     BEFORE_TIMINGS_TAIL = 0.15  # acceptance-only rule: smallest g with a^g <= this
+    # a seeded ar/sync generation (no clock) decodes alone below this acceptance: a verify
+    # row costs ~0.1 of L(1) and a model draft ~0.1-0.2 of it, so a lower acceptance does not
+    # repay drafting, verifying and the step's bookkeeping (README: sync at T = 0.7)
+    UNTIMED_MIN_ACCEPTANCE = 0.35
 
     def __init__(self, timed: bool, adaptive: bool = True) -> None:
         self.timed = timed
@@ -163,6 +168,8 @@ class WindowPolicy:
                 return None
             if a >= 0.999:
                 return max_n
+            if not self.timed and a < self.UNTIMED_MIN_ACCEPTANCE:
+                return 0
             g = math.ceil(math.log(self.BEFORE_TIMINGS_TAIL) / math.log(a))
             return max(1, min(max_n, g))
         return best_window_linear(line[0], line[1], a, draft_cost_s, max(1, max_n))[0]

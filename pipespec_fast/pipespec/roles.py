@@ -12,7 +12,9 @@
 A verifying stage sizes each verification with its adaptive window
 (``Sequencer.window``; the cost of a draft is its own measured wait for drafts), pauses the
 model stage below while that window is 0, and tells the stage below its sequence (a Sync) after
-every step and before it waits, so a diverged stage below always learns it.
+every step and before it waits, so a diverged stage below always learns it (a paused one: once,
+when it is resumed). The target's regime bandit (``decoding/regime.py``) may leave the model
+stage below out (paused) for whole epochs: ``lean`` (skip-level n-gram drafts only), ``alone``.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class _Verifier(StageWorker):
         self.wait_per_draft_s = 0.0
         self._waited_s = 0.0
         self._waiting_for_drafts = False  # set by step(): a wait now is a wait for drafts
+        self._after_resume = False  # the next drafts from below are the first since a resume
         self.tree_budget = 0
 
     def _begin(self, prompt: list[int]) -> None:
@@ -73,7 +76,7 @@ class _Verifier(StageWorker):
         else:
             self.mirror = Mirror(prompt)
         self._begin_helpers(prompt)
-        self.s.start(prompt)
+        self.s.start(prompt, prefill=not self.defer_prefill)
 
     def _begin_helpers(self, prompt: list[int]) -> None:
         pass
@@ -93,6 +96,11 @@ class _Verifier(StageWorker):
         wanted = n > 0
         if self.below is not None and wanted != self._below_wanted:
             self._below_wanted = wanted
+            if wanted:  # what it missed while paused, before it drafts again
+                self._sync_down()
+                # the wait for its first drafts includes its catch-up (a deferred prefill):
+                # not a cost per draft
+                self._after_resume = True
             self.below.inbox.put(RESUME if wanted else PAUSE)  # a resume wakes it at once
         if self.inline is not None and not self.tree_budget:
             self.inline.fill(self.s.seq, n)
@@ -118,7 +126,9 @@ class _Verifier(StageWorker):
         """Verify ``drafts`` (none: decode one token alone) or ``tree``, publish, sync the
         stage below."""
         count = len(drafts) if tree is None else len(tree)
-        if count and from_below:
+        if count and from_below and self._after_resume:
+            self._after_resume = False
+        elif count and from_below:
             cost = self._waited_s / count
             self.wait_per_draft_s = 0.8 * self.wait_per_draft_s + 0.2 * cost
         self._waited_s = 0.0
@@ -131,7 +141,11 @@ class _Verifier(StageWorker):
         self._sync_down()
 
     def _sync_down(self) -> None:
-        """Tell the stage below our sequence from the first place its copy may differ."""
+        """Tell the stage below our sequence from the first place its copy may differ; a
+        paused model stage below is told once, when it is resumed (each Sync would wake its
+        thread, which takes the interpreter lock from ours)."""
+        if self.below is not None and not self._below_wanted:
+            return
         deliver = self.below.inbox.put if self.below is not None else self.inline.sync
         self._last_sync = self._send_sync(deliver, self.mirror, self._last_sync)
 

@@ -62,6 +62,9 @@ class StageWorker:
         # does the stage above take our drafts now? (a Wanted message: while its window for
         # them is 0 we only follow its syncs and leave it the cores)
         self.wanted = True
+        # prefill when first needed (``topology.build``: the stages below the target start
+        # paused, so a run whose target decodes without them never pays their prefill)
+        self.defer_prefill = False
         self.thread: threading.Thread | None = None
         self._model_free = is_model_free(seqr.stage)
 
@@ -99,7 +102,7 @@ class StageWorker:
 
     def _begin(self, prompt: list[int]) -> None:
         """Reset the stage to ``prompt`` (prefill), in the worker's thread."""
-        self.s.start(prompt)
+        self.s.start(prompt, prefill=not self.defer_prefill)
 
     def _loop(self) -> None:
         while not self.stop.is_set():

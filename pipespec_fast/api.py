@@ -36,6 +36,7 @@ __all__ = ["FastPipeline", "GenerationResult", "GenerationTimeout", "PipelineClo
            "StageError"]
 
 MODES = validate.MODES
+EMIT_BATCH = 16  # tokens per message from a PipeSpec target to generate() (not a stream)
 HUNG_JOIN_S = 2.0  # after a timeout, how long stopped workers get to finish their step
 MAX_WINDOW = 48  # drafts per verify block: within the acceptance kernels' 64 nodes with slack
 
@@ -275,10 +276,10 @@ class FastPipeline:
         finally:
             self._busy.release()
 
-    def _stop_workers(self) -> None:
+    def _stop_workers(self) -> bool:
+        """Stop the running workers; returns whether every one of them ended."""
         run, self._active = self._active, None
-        if run is not None:
-            run.close()
+        return run is None or not run.close()
 
     def _abandon_workers(self) -> None:
         """After a timeout: stop the workers, give them a moment, and close this pipeline if
@@ -407,8 +408,10 @@ def _generation(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_k, 
              for i, st in zip(index, stages, strict=True)]
     memory_key = None
     if pipe.placement is None:  # what past generations learned (decoding/memory.py)
+        skip = pipe.skip_level_drafts and stages[0].capabilities.clone
         memory_key = pipe._memory.attach(seqrs, mode, [is_model_free(st) for st in stages],
-                                         pipe.skip_level_drafts, pipe.tree_budget)
+                                         skip, pipe.tree_budget,
+                                         (tuple(pipe.windows), tuple(pipe.max_leads)))
     # text is decoded as it comes only when someone reads it (stream) or stop strings
     # need it; generate() decodes once at the end (decoding is O(text) per call and would
     # take the GIL from the stage workers)
@@ -418,9 +421,12 @@ def _generation(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_k, 
     cpu_threads = CpuThreads(stages, mode, pipe.config)
     cpu_threads.__enter__()
     try:
+        # generate() without stop strings reads the tokens only at the end: PipeSpec's target
+        # then sends them in batches (at eos at once), not waking this thread at every step
+        emit_every = 1 if incremental or stop else EMIT_BATCH
         chunks, pipe._active = _verified_chunks(pipe, mode, seqrs, ids,
                                                 len(ids) + max_new_tokens, cpu_threads,
-                                                deadline)
+                                                deadline, emit_every, out.eos_ids)
         for chunk in chunks:
             # "" too: one step per verified chunk (stream() drops the empty pieces)
             yield out.feed(chunk)
@@ -433,10 +439,11 @@ def _generation(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_k, 
         pipe._abandon_workers()
         raise
     finally:
-        pipe._stop_workers()
+        ended = pipe._stop_workers()
         cpu_threads.__exit__(None, None, None)
     elapsed = time.perf_counter() - t0
-    pipe._memory.keep(memory_key, seqrs)
+    if ended:  # (a worker still running would go on changing what is kept)
+        pipe._memory.keep(memory_key, seqrs)
     tail = out.finish()
     if tail:
         yield tail
@@ -455,10 +462,13 @@ def _check_running(pipe: FastPipeline, deadline: float | None) -> None:
 
 
 def _verified_chunks(pipe: FastPipeline, mode: str, seqrs: list[Sequencer], ids: list[int],
-                     limit: int, cpu_threads: CpuThreads, deadline: float | None = None
+                     limit: int, cpu_threads: CpuThreads, deadline: float | None = None,
+                     emit_every: int = 1, stop_ids=frozenset()
                      ) -> tuple[Iterator[list[int]], PipeSpecRun | None]:
     """The mode's lists of newly verified target tokens until the target holds ``limit``
-    tokens, and the PipeSpec run producing them, if any (it goes on until closed)."""
+    tokens, and the PipeSpec run producing them, if any (it goes on until closed);
+    ``emit_every`` / ``stop_ids``: how often a PipeSpec target sends its tokens
+    (``TargetWorker.emit_every``)."""
     if limit == len(ids):
         return iter(()), None
     settings = PipeSpecSettings(tuple(pipe.windows), tuple(pipe.max_leads), tuple(pipe.threads),
@@ -469,7 +479,7 @@ def _verified_chunks(pipe: FastPipeline, mode: str, seqrs: list[Sequencer], ids:
         return run.tokens(ids, deadline), run
     if mode == "pipespec" and len(seqrs) > 1:
         run = PipeSpecRun(seqrs, settings, limit, cpu_threads.stage_threads,
-                          cpu_threads.idle_stages)
+                          cpu_threads.idle_stages, emit_every, frozenset(stop_ids))
         return run.tokens(ids, deadline), run
     for s in seqrs:  # the stages below prefill when first used (never, if left out)
         s.start(ids, prefill=s is seqrs[-1])

@@ -4,14 +4,14 @@ tokens per second, with greedy output equal to the target's own whatever it pick
 
 from __future__ import annotations
 
-import time
-
 import pytest
+import torch
 from test_tree_decoding import _slow_forward
 from tiny import family
 
 from pipespec_fast import FastPipeline, LlamaStage
 from pipespec_fast.decoding.regime import ALONE, FULL, LEAN, Regimes, arms_for
+from pipespec_fast.decoding.sampling import SamplingParams
 from pipespec_fast.stages.ngram import NGramStage
 
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6]
@@ -121,17 +121,22 @@ def test_the_bandit_and_windows_carry_over_between_generations_and_can_be_forgot
     pipe = FastPipeline(stages, mode="sync")
     pipe.generate(PROMPT, 60, ignore_eos=True)
     first = pipe.last_result.stats["regimes"]
-    pipe.generate(PROMPT, 60, ignore_eos=True)
-    second = pipe.last_result.stats["regimes"]
+    res = pipe.generate(PROMPT, 60, ignore_eos=True)
+    second = res.stats["regimes"]
     assert sum(second["epochs"].values()) > sum(first["epochs"].values())  # one bandit
-    assert sum(second["steps"].values()) <= 60  # steps: this generation's only
+    # steps: this generation's only (one per target step)
+    assert sum(second["steps"].values()) == res.stage_stats[-1].verify_steps
     # sampling parameters have a bandit of their own
     pipe.generate(PROMPT, 60, ignore_eos=True, temperature=0.5)
     assert sum(pipe.last_result.stats["regimes"]["epochs"].values()) < sum(
         second["epochs"].values())
     pipe.forget_measurements()
     pipe.generate(PROMPT, 24, ignore_eos=True)
-    assert sum(pipe.last_result.stats["regimes"]["epochs"].values()) <= 2
+    fresh = pipe.last_result.stats["regimes"]
+    # from scratch: only the regimes tried since (in their first-try order) have rates
+    assert sum(fresh["epochs"].values()) <= 2
+    assert list(fresh["tokens_per_s"]) == [FULL, LEAN, ALONE][: len(fresh["tokens_per_s"])]
+    assert fresh["epochs"] != second["epochs"]
 
 
 def test_seeded_sync_has_no_bandit_and_repeats_after_other_generations():
@@ -151,5 +156,68 @@ def test_regime_epochs_restart_at_each_generation():
     reg.begin(0.0)
     for i in range(5):
         reg.note_step(1, 0.001 * (i + 1))
-    reg.begin(time.perf_counter())  # a new generation: the partial epoch is dropped
-    assert reg.steps == {} and reg.epochs == {}
+    reg.begin(1.0)  # a new generation: the partial epoch is dropped ...
+    assert reg.steps == {}
+    for i in range(Regimes.EPOCH_STEPS - 1):  # ... so 11 more steps do not end an epoch
+        reg.note_step(1, 1.0 + 0.001 * (i + 1))
+    assert reg.epochs == {} and reg.steps == {FULL: Regimes.EPOCH_STEPS - 1}
+    reg.note_step(1, 1.1)
+    assert reg.epochs == {FULL: 1} and reg.rate(FULL) == pytest.approx(12 / 0.1)
+
+
+def _cycle_regimes(monkeypatch, arms: list[str], epoch_steps: int) -> None:
+    """Every bandit runs ``arms`` in turn (skipping those it does not have), one epoch of
+    ``epoch_steps`` target steps each, whatever the clock says."""
+    monkeypatch.setattr(Regimes, "EPOCH_STEPS", epoch_steps)
+
+    def choose(self, ran):
+        own = [a for a in arms if a in self.arms]
+        return own[(own.index(ran) + 1) % len(own)]
+
+    monkeypatch.setattr(Regimes, "_choose", choose)
+
+
+@pytest.mark.parametrize("mode", ["sync", "pipespec"])
+@pytest.mark.parametrize("k,ngram,tree_budget", [(2, False, 0), (3, True, 0), (4, True, 0),
+                                                 (3, True, 6)])
+def test_greedy_output_is_the_targets_through_every_regime_switch(monkeypatch, mode, k, ngram,
+                                                                  tree_budget):
+    """The regimes switch every 3 steps in the order full, lean, alone, lean, full (the stages
+    left out catch up when used again): every output equals the target's own."""
+    _cycle_regimes(monkeypatch, [FULL, LEAN, ALONE, LEAN], 3)
+    models = family(k - ngram, noise=0.05, seed=9)
+    stages = [LlamaStage(m, name=f"m{i}", max_len=512) for i, m in enumerate(models)]
+    if ngram:
+        stages = [NGramStage(stages[-1].vocab_size)] + stages
+    pipe = FastPipeline(stages, mode=mode, tree_budget=tree_budget)
+    ref = FastPipeline(stages[-1:])
+    ran: set[str] = set()
+    for prompt in (PROMPT, PROMPT[::-1], [2, 7, 2, 7, 2, 7, 2]):
+        res = pipe.generate(prompt, 80, ignore_eos=True)
+        assert res.token_ids == ref.generate(prompt, 80, ignore_eos=True).token_ids
+        ran |= set(res.stats["regimes"]["steps"])
+    assert ran == set(pipe.last_result.stats["regimes"]["epochs"])  # every arm it has ran
+    assert len(ran) == (3 if ngram and k > 2 else 2)
+
+
+def test_sampling_is_the_targets_distribution_through_regime_switches(monkeypatch):
+    """A regime switch at every step (full, lean, alone in turn, PipeSpec, k = 3): the first
+    two tokens follow the target's joint distribution (chi-square)."""
+    from test_ngram import chi_square_p
+    from test_tree_decoding import exact_joint
+
+    _cycle_regimes(monkeypatch, [FULL, LEAN, ALONE], 1)
+    V, n = 6, 1500
+    models = family(2, seed=7, vocab=V, noise=0.3)
+    stages = [LlamaStage(m, name=f"m{i}", max_len=64) for i, m in enumerate(models)]
+    prompt = [1, 5, 2, 3, 1, 5, 2]
+    params = SamplingParams(0.9)
+    joint = exact_joint(stages[-1], prompt, params)
+    pipe = FastPipeline([NGramStage(V)] + stages, mode="pipespec")
+    counts = torch.zeros(V * V, dtype=torch.float64)
+    for seed in range(n):
+        a, b = pipe.generate(prompt, 2, temperature=0.9, seed=seed, ignore_eos=True).token_ids
+        counts[a * V + b] += 1
+    assert len(pipe.last_result.stats["regimes"]["epochs"]) == 3
+    exp = joint.flatten() * n
+    assert chi_square_p(counts, exp) > 1e-3

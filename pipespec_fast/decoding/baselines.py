@@ -116,8 +116,12 @@ def synchronous(levels: list[Sequencer], gamma: list[int], limit: int, tree_budg
         elif regime != FULL and left_at is None:
             left_at = start
             levels[0].truncate(start)  # drop what the level above proposed through it
+        target.use_regime_policy()
         if regime == ALONE:
             target.verify([], None)
+            # the lowest level follows (no forward: its list of tokens), so that a lean step
+            # after alone ones drafts from the target's position
+            levels[0].apply_sync(start, target.seq[start:])
         else:
             lv, gm = (levels, gamma) if regime == FULL else (lean, lean_gamma)
             g = min(target.window(gm[-1], _draft_cost(lv[:-1])), limit - start)

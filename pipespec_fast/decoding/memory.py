@@ -14,37 +14,47 @@ which drafts were verified, as in any PipeSpec run.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from pipespec_fast.decoding.regime import Regimes, arms_for
 from pipespec_fast.decoding.sequence import Sequencer
 
 
 class PolicyMemory:
-    """Window policies and regime bandits of past generations, by key."""
+    """Window policies and regime bandits of past generations, by key (the
+    :data:`MAX_ENTRIES` most recently used: a server with many sampling settings keeps a few
+    KB)."""
+
+    MAX_ENTRIES = 8
 
     def __init__(self) -> None:
-        self._saved: dict[tuple, tuple[list, Regimes | None]] = {}
+        self._saved: OrderedDict[tuple, tuple[list, Regimes | None]] = OrderedDict()
 
     def clear(self) -> None:
         """Forget everything: the next generation measures from scratch."""
         self._saved.clear()
 
     def attach(self, seqrs: list[Sequencer], mode: str, model_free: list[bool],
-               skip_level_drafts: bool, tree_budget: int) -> tuple | None:
+               skip_level_drafts: bool, tree_budget: int, settings: tuple = ()
+               ) -> tuple | None:
         """Give ``seqrs`` (one generation's, target last) the window policies and the regime
         bandit (``seqrs[-1].regimes``; ``None`` when the mode has no regimes or its windows are
-        not timed) the last generation with the same key ended with. Returns the key for
-        :meth:`keep` (``None``: nothing is carried)."""
+        not timed) the last generation with the same key ended with (mode, sampling parameters,
+        the regimes available, ``tree_budget`` and the pipeline's other ``settings``: windows,
+        leads). Returns the key for :meth:`keep` (``None``: nothing is carried)."""
         target = seqrs[-1]
         target.regimes = None
         if not target.policy.timed or not target.policy.adaptive:
             return None
         p = target.params
-        key = (mode, len(seqrs), p.greedy, p.temperature, p.top_k, p.top_p, tree_budget)
+        arms = arms_for(mode, model_free, skip_level_drafts)
+        key = (mode, len(seqrs), p.greedy, p.temperature, p.top_k, p.top_p, tree_budget, arms,
+               settings)
         saved = self._saved.get(key)
         if saved is None:
-            arms = arms_for(mode, model_free, skip_level_drafts)
             target.regimes = Regimes(arms) if arms else None
             return key
+        self._saved.move_to_end(key)
         states, target.regimes = saved
         for s, (policy, draft_cost_s) in zip(seqrs, states, strict=True):
             s.policy, s.draft_cost_s = policy, draft_cost_s
@@ -54,3 +64,6 @@ class PolicyMemory:
         """After a generation attached under ``key``: remember what its stages learned."""
         if key is not None:
             self._saved[key] = ([(s.policy, s.draft_cost_s) for s in seqrs], seqrs[-1].regimes)
+            self._saved.move_to_end(key)
+            while len(self._saved) > self.MAX_ENTRIES:
+                self._saved.popitem(last=False)

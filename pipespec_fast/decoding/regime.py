@@ -56,6 +56,8 @@ class Regimes:
     arm: str = FULL  # the regime of the current epoch
     best: str = FULL
     epochs: dict[str, int] = field(default_factory=dict)  # epochs run, per regime
+    # the target's window policy per regime (``Sequencer.use_regime_policy``)
+    policies: dict[str, object] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)  # this generation's steps, per regime
     _steps: int = 0
     _epoch_tokens: int = 0

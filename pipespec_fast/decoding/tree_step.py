@@ -108,7 +108,8 @@ def verify_tree(seqr, tree: DraftTree, rows: torch.Tensor | None = None) -> int:
     stage.keep_path(base + u, path, num_i, chain=kept == list(range(num_i)))
     now = time.perf_counter()
     seqr.stats.record_forward("verify", u + n, t, now, seqr.t0)
-    seqr.policy.note_latency(u + n, now - t)
+    if u <= seqr.CATCH_UP:  # not a catch-up on many tokens: a verify latency
+        seqr.policy.note_latency(u + n, now - t)
     committed = tree.path_tokens(kept)
     committed.append(nxt_i)
     keep = None

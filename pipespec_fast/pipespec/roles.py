@@ -201,6 +201,13 @@ class TargetWorker(_Verifier):
         self.skip: InlineDrafter | None = None
         self._last_skip_sync: SyncKey = None
         self._waiting_for_drafts = True
+        # verified tokens go to the caller every ``emit_every`` tokens, at the limit and at a
+        # token of ``stop_ids`` (``PipeSpecRun``: 1 when someone reads them as they come;
+        # more for generate(), so that the caller's thread does not wake at every step and
+        # take a core from our forward, which runs on both)
+        self.emit_every = 1
+        self.stop_ids: frozenset[int] = frozenset()
+        self._unsent: int | None = None  # first position not yet sent to the caller
 
     def _begin_helpers(self, prompt: list[int]) -> None:
         if self.skip is not None:
@@ -226,6 +233,7 @@ class TargetWorker(_Verifier):
     def step(self) -> bool:
         s = self.s
         regime = self._regime()
+        s.use_regime_policy()
         n = self._window() if regime == FULL else self._pause_below()
         room = self.limit - len(s.seq)
         if self.tree_budget and self.inline is not None:  # trees from the drafter below
@@ -279,8 +287,14 @@ class TargetWorker(_Verifier):
         return drafts, rows
 
     def _publish(self, start: int) -> None:
-        """Send the tokens this step verified to the caller; count the step for the regime
-        bandit."""
-        self.out.put(Emit(self.s.seq[start:]))
+        """Send the tokens verified since the last Emit to the caller when they are due
+        (``emit_every``); count the step for the regime bandit."""
+        seq = self.s.seq
+        if self._unsent is None:
+            self._unsent = start
+        if (len(seq) - self._unsent >= self.emit_every or len(seq) >= self.limit
+                or (self.stop_ids and not self.stop_ids.isdisjoint(seq[start:]))):
+            self.out.put(Emit(seq[self._unsent:]))
+            self._unsent = None
         if self.s.regimes is not None:
             self.s.regimes.note_step(len(self.s.seq) - start, time.perf_counter())

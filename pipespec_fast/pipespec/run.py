@@ -28,12 +28,17 @@ class PipeSpecRun:
     """
 
     def __init__(self, seqrs: list[Sequencer], settings: PipeSpecSettings, limit: int,
-                 matmul_threads: list[int | None], idle: list[bool] | None = None) -> None:
+                 matmul_threads: list[int | None], idle: list[bool] | None = None,
+                 emit_every: int = 1, stop_ids: frozenset[int] = frozenset()) -> None:
         self._stop = threading.Event()
         self._out: queue.SimpleQueue = queue.SimpleQueue()
         self.closed = False  # close() was called (by the caller, or from another thread)
         self.workers = topology.build(seqrs, settings, limit, matmul_threads, idle,
                                       self._stop, self._out)
+        # the target sends its tokens every emit_every tokens, at the limit and at a stop id
+        # (``TargetWorker.emit_every``: 1 for a stream, more for generate())
+        self.workers[-1].emit_every = emit_every
+        self.workers[-1].stop_ids = frozenset(stop_ids)
 
     def tokens(self, prompt: list[int], deadline: float | None = None
                ) -> Iterator[list[int]]:

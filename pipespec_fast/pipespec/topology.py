@@ -52,9 +52,11 @@ def build(seqrs: list[Sequencer], settings: PipeSpecSettings, limit: int,
                for i in range(1 if inline else 0, k)]
     for lo, hi in zip(workers, workers[1:], strict=False):
         lo.above, hi.below = hi, lo
-        # the stage below starts paused, its prefill deferred: the stage above resumes it
-        # once its window wants drafts (after its own prefill, which then has the cores)
-        lo.wanted, hi._below_wanted, lo.defer_prefill = False, False, True
+        # on CPU the stage below starts paused, its prefill deferred: the stage above resumes
+        # it once its window wants drafts (after its own prefill, which then has the cores
+        # the two would share); on a GPU the two prefills overlap on their own streams
+        if torch.device(lo.s.stage.device).type == "cpu":
+            lo.wanted, hi._below_wanted, lo.defer_prefill = False, False, True
     if inline:
         workers[0].inline = InlineStage(lowest)
         caps = lowest.stage.capabilities

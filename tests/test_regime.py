@@ -221,3 +221,13 @@ def test_sampling_is_the_targets_distribution_through_regime_switches(monkeypatc
     assert len(pipe.last_result.stats["regimes"]["epochs"]) == 3
     exp = joint.flatten() * n
     assert chi_square_p(counts, exp) > 1e-3
+
+
+@pytest.mark.parametrize("slow,first_wait", [(100.0, 16), (190.0, 8)])
+def test_a_regime_far_behind_waits_longer(slow, first_wait):
+    """After its first retry loses again, a regime 50% slower than the best waits 4x the first
+    wait, one 5% slower 2x."""
+    reg = Regimes((FULL, ALONE))
+    ran = run_epochs(reg, {FULL: slow, ALONE: 200.0}, 12)
+    assert ran[:2] == [FULL, ALONE] and ran.count(FULL) == 2  # first try, one retry
+    assert reg.wait[FULL] == first_wait

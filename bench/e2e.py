@@ -145,6 +145,8 @@ class OursSystem:
         out = {"tokens": st["new_tokens"], "seconds": st["seconds"],
                "tokens_per_s": st["tokens_per_s"], "ids": res.token_ids,
                "stages": st["stages"], "prompt_tokens": len(ids)}
+        if "regimes" in st:  # the target's steps per regime (decoding/regime.py)
+            out["regime_steps"] = st["regimes"]["steps"]
         # where each stage spends the run: forwards by kind, waiting for messages, the rest
         out["time_s"] = [_time_split(s) for s in res.stage_stats]
         # the target's prefill (every prompt token but the last, which the first decoding
@@ -427,6 +429,13 @@ def summarize(rows: dict, latency: dict | None = None, max_gamma: int = 6) -> di
                          for k in rs[0]["time_s"][i]}
                 share["other"] = max(0.0, 1.0 - sum(share.values()))
                 d["time_share"].append(share)
+        if any("regime_steps" in r for r in rs):  # share of the target's steps per regime
+            total: dict[str, int] = {}
+            for r in rs:
+                for arm, n in r.get("regime_steps", {}).items():
+                    total[arm] = total.get(arm, 0) + n
+            all_steps = max(sum(total.values()), 1)
+            d["regime_share"] = {arm: n / all_steps for arm, n in total.items()}
         preds = [r["predicted_tokens_per_s"] for r in rs if "predicted_tokens_per_s" in r]
         if preds:
             d["predicted_tokens_per_s"] = statistics.median(preds)
@@ -468,8 +477,8 @@ def table(summary: dict, meta: dict) -> str:
              f"{meta.get('compute', '-')}", "",
              "| system | tokens/s (median) | vs hf_ar | acceptance per stage | mean accepted "
              "length | predicted tokens/s | same greedy output | MB: weights (+ our KV cache) | "
-             "busy share per stage |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "busy share per stage | target steps per regime |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, d in summary.items():
         sp = f"{d['speedup_vs_hf_ar']:.2f}x" if d.get("speedup_vs_hf_ar") else "-"
         acc = ", ".join(f"{a:.0%}" for a in d.get("acceptance", [])) or "-"
@@ -478,8 +487,9 @@ def table(summary: dict, meta: dict) -> str:
         same = {True: "yes", False: "NO"}.get(d.get("identical_greedy_output"), "-")
         mem = f"{d['memory_mb']:.0f}" if d.get("memory_mb") else "-"
         busy = ", ".join(f"{b:.0%}" for b in d.get("busy_fraction", [])) or "-"
+        regimes = ", ".join(f"{a} {s:.0%}" for a, s in d.get("regime_share", {}).items()) or "-"
         lines.append(f"| {name} | {d['median_tokens_per_s']:.1f} | {sp} | {acc} | {mal} | "
-                     f"{pred} | {same} | {mem} | {busy} |")
+                     f"{pred} | {same} | {mem} | {busy} | {regimes} |")
     from readme_tables import ceiling_table, rates_table, time_table
 
     runs = [{"meta": meta, "summary": summary}]

@@ -37,3 +37,18 @@ def test_make_systems_ours_pipelines_share_the_loaded_stages() -> None:
     assert "ours_pipespec_ngram" in skipped  # no model-free drafter in this hierarchy
     assert systems["ours_sync2"].pipe.stages[-1] is pipe.stages[-1]
     pipe.close()
+
+
+def test_a_system_run_reports_its_regimes_and_the_summary_their_share() -> None:
+    pipe = _pipe(2)
+    args = e2e._parser().parse_args(["--systems", "ours_sync2"])
+    systems, _ = e2e.make_systems(args, pipe)
+    runs = [systems["ours_sync2"].run([3, 1, 4, 1, 5, 9, 2, 6], 40, 0.0, seed=0)
+            for _ in range(2)]
+    assert all(sum(r["regime_steps"].values()) == r["stages"][-1]["verify_steps"]
+               for r in runs)
+    share = e2e.summarize({"ours_sync2": runs})["ours_sync2"]["regime_share"]
+    steps = {a: sum(r["regime_steps"].get(a, 0) for r in runs) for a in share}
+    assert share == {a: n / sum(steps.values()) for a, n in steps.items()}
+    assert "full" in share and abs(sum(share.values()) - 1) < 1e-9
+    pipe.close()

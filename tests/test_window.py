@@ -115,9 +115,9 @@ def test_seeded_sampling_windows_ignore_timings() -> None:
     (m,) = family(1, seed=0)
     s = Sequencer(LlamaStage(m, max_len=64), SamplingParams(temperature=1.0, seed=3), index=1)
     # latencies that would switch speculation off
-    s.policy.set_state(4.0, 5.0, {2: (0.007, 1.0), 4: (0.010, 1.0)})
-    assert s.window(6) == 3  # a = 5/11: the smallest g with a^g <= 0.15
-    # an acceptance under 0.35 decodes alone (no clock needed), exploring after 8 steps
+    s.policy.set_state(6.0, 3.0, {2: (0.007, 1.0), 4: (0.010, 1.0)})
+    assert s.window(6) == 5  # a = 7/11: the smallest g with a^g <= 0.15
+    # an acceptance under 0.5 decodes alone (no clock needed), exploring after 8 steps
     s.policy.set_state(1.0, 8.0, {2: (0.001, 1.0), 4: (0.0011, 1.0)})
     assert [s.window(6) for _ in range(8)] == [0] * 7 + [1]
 
@@ -187,7 +187,7 @@ class OldRule:
                 return None
             if a >= 0.999:
                 return max_n
-            if not self.timed and a < 0.35:
+            if not self.timed and a < 0.5:
                 return 0
             return max(1, min(max_n, math.ceil(math.log(0.15) / math.log(a))))
         c0, c1 = line

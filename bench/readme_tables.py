@@ -112,8 +112,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"no e2e-*.json under {args.results}: run ./scripts/bench.sh first")
 
     print("| task | T | system | tokens/s | vs hf_ar | vs ours_ar | acceptance | mean accepted "
-          "length | predicted tokens/s | greedy = AR | MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "length | predicted tokens/s | greedy = AR | target steps: full / lean / alone | MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         m, summ = r["meta"], r["summary"]
         ar = summ.get("ours_ar", {}).get("median_tokens_per_s")
@@ -126,8 +126,11 @@ def main(argv=None) -> int:
             pred = f"{pred:.1f} ({pred / tps - 1:+.0%})" if pred else "-"
             same = {True: "yes", False: "NO"}.get(d.get("identical_greedy_output"), "-")
             same = "ref" if name in REFERENCES and same == "yes" else same
+            share = d.get("regime_share")
+            regimes = " / ".join(f"{share.get(a, 0):.0%}" if a in share or a != "lean" else "-"
+                                 for a in ("full", "lean", "alone")) if share else "-"
             print(f"| {m['task']} | {m['temperature']:g} | {name} | {tps:.1f} | {sp} | {vs} | "
-                  f"{_pct(d.get('acceptance'))} | {mal} | {pred} | {same} | "
+                  f"{_pct(d.get('acceptance'))} | {mal} | {pred} | {same} | {regimes} | "
                   f"{d.get('memory_mb', 0):.0f} |")
 
     print("\nPrefill and decode rates (greedy; llama.cpp: its tools' own counters, its greedy "

@@ -148,3 +148,39 @@ def test_training_continues_from_a_draft_on_several_data_sets(tiny_setup):
         load_checkpoint(root / "draft")[1]["model.vocab_subset_ids"].tolist()
     meta = json.loads((root / "draft2" / "training.json").read_text())
     assert meta["init_from"] == str(root / "draft") and meta["answers"] == 240 + 32
+
+
+def test_reading_tasks_constrained_chat_and_typed_code_prompts(tmp_path):
+    """The third kind of prompt (reading tasks over docstrings), the constrained chat prompts
+    and typed code prompts cut from another folder: deterministic, distinct, of their form,
+    no reading task resembling a benchmark question; the unconstrained chat prompts stay as
+    they were (earlier data sets are rebuilt from them by ``--exclude-previous``)."""
+    import sysconfig
+
+    from tools.draft_prompts import CONSTRAINTS, DOC_TASKS, doc_prompts, resembles_benchmark
+
+    root = Path(sysconfig.get_paths()["stdlib"]) / "json"
+    docs = doc_prompts(6, seed=2, root=root)
+    assert docs == doc_prompts(6, seed=2, root=root) and len(set(docs)) == 6
+    heads = {t.split("{x}")[0] for t in DOC_TASKS}
+    assert all(any(d.startswith(h) for h in heads) for d in docs)
+    with pytest.raises(ValueError, match="doc_prompts: only"):
+        doc_prompts(10_000, root=root)
+    plain = chat_prompts(300, seed=1)
+    constrained = chat_prompts(300, seed=1, constrained=True)
+    assert plain == chat_prompts(300, seed=1)
+    with_part = [p for p in constrained if any(p.endswith(c) for c in CONSTRAINTS)]
+    assert 0.25 * 300 < len(with_part) < 0.55 * 300
+    assert not any(resembles_benchmark(p) for p in docs)  # (chat ones: dropped by draft_data)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text(
+        'def typed(xs: list[int], k: int) -> int:\n    """Return the k-th largest of xs, '
+        'counting from one, after sorting a copy."""\n    return sorted(xs)[-k]\n\n\n'
+        'def untyped(xs):\n    """Return the values of xs in reverse order, as a new list '
+        'and without changing xs."""\n    return xs[::-1]\n\n\nclass C:\n'
+        '    def method(self, x: int) -> int:\n        """Return x plus one, the way a method '
+        'of this class always does it."""\n        return x + 1\n')
+    typed = code_prompts(5, root=tmp_path, typed=True)
+    assert typed == [CODE_PREFIX + 'def typed(xs: list[int], k: int) -> int:\n    """Return '
+                     'the k-th largest of xs, counting from one, after sorting a copy."""\n']
+    assert len(code_prompts(5, root=tmp_path)) == 3  # untyped: functions and methods too

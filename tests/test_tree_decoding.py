@@ -67,6 +67,23 @@ def test_tree_greedy_equals_autoregressive_k3(mode):
     assert trees > 0 and res.stage_stats[-1].accepted > 0
 
 
+@pytest.mark.parametrize("mode", ["sync", "pipespec"])
+def test_tree_greedy_equals_autoregressive_k4(mode):
+    """[n-gram -> draft 1 -> draft 2 -> target]: the first draft verifies the n-gram trees,
+    the stages above verify chains; every output is the target's own."""
+    d1, d2, target_m = family(3, noise=0.05, seed=11)
+    stages = [LlamaStage(m, name=f"m{i}", max_len=512) for i, m in enumerate((d1, d2, target_m))]
+    target = stages[-1]
+    trees = 0
+    for prompt in PROMPTS:
+        ref = FastPipeline([target]).generate(prompt, 100, ignore_eos=True).token_ids
+        res = pipe_of([NGramStage(target.vocab_size)] + stages, mode, 10).generate(
+            prompt, 100, ignore_eos=True)
+        assert res.token_ids == ref
+        trees += res.stage_stats[1].tree_steps
+    assert trees > 0
+
+
 def test_pipespec_tree_greedy_equals_autoregressive_k2():
     target = LlamaStage(family(1, seed=2)[0], max_len=512)
     trees = 0

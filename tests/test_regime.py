@@ -23,10 +23,10 @@ def run_epochs(reg: Regimes, rates: dict[str, float], epochs: int) -> list[str]:
     now, ran = 0.0, []
     reg.begin(now)
     for _ in range(epochs):
-        arm = reg.arm
-        ran.append(arm)
-        for _ in range(Regimes.EPOCH_STEPS):
-            now += 1.0 / rates[arm]
+        ran.append(reg.arm)
+        done = sum(reg.epochs.values())
+        while sum(reg.epochs.values()) == done:  # its settling steps, then the epoch's
+            now += 1.0 / rates[reg.arm]
             reg.note_step(1, now)
     return ran
 
@@ -158,10 +158,13 @@ def test_regime_epochs_restart_at_each_generation():
         reg.note_step(1, 0.001 * (i + 1))
     reg.begin(1.0)  # a new generation: the partial epoch is dropped ...
     assert reg.steps == {}
-    for i in range(Regimes.EPOCH_STEPS - 1):  # ... so 11 more steps do not end an epoch
-        reg.note_step(1, 1.0 + 0.001 * (i + 1))
-    assert reg.epochs == {} and reg.steps == {FULL: Regimes.EPOCH_STEPS - 1}
-    reg.note_step(1, 1.1)
+    n = Regimes.SETTLE_STEPS + Regimes.EPOCH_STEPS - 1
+    for i in range(n):  # ... so the settling steps and 11 more do not end an epoch
+        reg.note_step(1, 1.0 + 0.5 * (i < Regimes.SETTLE_STEPS) + 0.001 * i)
+    assert reg.epochs == {} and reg.steps == {FULL: n}
+    t_settled = 1.5 + 0.001 * (Regimes.SETTLE_STEPS - 1)
+    reg.note_step(1, t_settled + 0.1)
+    # 12 timed tokens over 0.1 s: the settling steps' slow catch-up (0.5 s) is not counted
     assert reg.epochs == {FULL: 1} and reg.rate(FULL) == pytest.approx(12 / 0.1)
 
 
@@ -169,6 +172,7 @@ def _cycle_regimes(monkeypatch, arms: list[str], epoch_steps: int) -> None:
     """Every bandit runs ``arms`` in turn (skipping those it does not have), one epoch of
     ``epoch_steps`` target steps each, whatever the clock says."""
     monkeypatch.setattr(Regimes, "EPOCH_STEPS", epoch_steps)
+    monkeypatch.setattr(Regimes, "SETTLE_STEPS", 0)
 
     def choose(self, ran):
         own = [a for a in arms if a in self.arms]

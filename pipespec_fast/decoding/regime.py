@@ -45,6 +45,10 @@ class Regimes:
 
     arms: tuple[str, ...]
     EPOCH_STEPS = 12  # target steps per epoch (one regime per epoch)
+    # steps of a regime not timed after it starts (a switch, a generation's start): the stages
+    # it resumes catch up on the tokens decoded without them (a deferred prefill at first);
+    # a cost paid once per switch, not the regime's rate while it runs
+    SETTLE_STEPS = 2
     DECAY = 0.5  # per epoch of a regime, of its token and second totals
     FIRST_WAIT = 4  # epochs before a losing regime is tried again ...
     MAX_WAIT = 64  # ... doubling up to this many
@@ -62,6 +66,7 @@ class Regimes:
     policies: dict[str, object] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)  # this generation's steps, per regime
     _steps: int = 0
+    _settle: int = 0  # steps left before the epoch's clock starts
     _epoch_tokens: int = 0
     _epoch_start: float | None = None
 
@@ -80,6 +85,7 @@ class Regimes:
         here, the epoch's counts restart (the previous generation's last, partial epoch is
         dropped: its end was not a step boundary)."""
         self._epoch_start, self._steps, self._epoch_tokens = now, 0, 0
+        self._settle = self.SETTLE_STEPS
         self.steps = {}
 
     def note_step(self, tokens: int, now: float) -> bool:
@@ -88,9 +94,13 @@ class Regimes:
         if self._epoch_start is None:
             self.begin(now)
             return False
+        self.steps[self.arm] = self.steps.get(self.arm, 0) + 1
+        if self._settle > 0:  # the regime's first steps (see SETTLE_STEPS): not timed
+            self._settle -= 1
+            self._epoch_start = now
+            return False
         self._steps += 1
         self._epoch_tokens += tokens
-        self.steps[self.arm] = self.steps.get(self.arm, 0) + 1
         if self._steps < self.EPOCH_STEPS:
             return False
         arm, dt = self.arm, now - self._epoch_start
@@ -100,6 +110,8 @@ class Regimes:
         self._epoch_start, self._steps, self._epoch_tokens = now, 0, 0
         nxt = self._choose(arm)
         changed, self.arm = nxt != arm, nxt
+        if changed:
+            self._settle = self.SETTLE_STEPS
         return changed
 
     def _choose(self, ran: str) -> str:

@@ -50,3 +50,15 @@ def test_merge_ranks_keeps_the_target_figures_and_every_stage():
     merged = bench.merge_ranks([draft, target])
     assert merged["seconds"] == 1.0
     assert [s["name"] for s in merged["stages"]] == ["ngram", "d", "t"]
+
+
+def test_dist_latency_measures_every_path(tmp_path):
+    """``bench/dist_latency.py`` on a few trips and a tiny vocabulary: every path measured."""
+    import dist_latency
+
+    out = tmp_path / "lat.json"
+    assert dist_latency.main(["--trips", "5", "--vocab", "64", "--pin", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["trips"] == 5 and data["pin"] is True
+    for name in ("queue", "tcp", "raw", "chunk_sync", "chunk_rows"):
+        assert 0 < data[name]["median_us"] <= data[name]["p90_us"], name

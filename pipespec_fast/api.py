@@ -438,6 +438,9 @@ def _generation(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_k, 
     except GenerationTimeout:
         pipe._abandon_workers()
         raise
+    except KeyboardInterrupt:
+        _note_interrupt(pipe)
+        raise
     finally:
         ended = pipe._stop_workers()
         cpu_threads.__exit__(None, None, None)
@@ -449,6 +452,13 @@ def _generation(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_k, 
         yield tail
     pipe.last_result = _result(out, mode, elapsed, [s.stats for s in seqrs],
                                pipe.tokenizer is not None, seqrs[-1].regimes)
+
+
+def _note_interrupt(pipe: FastPipeline) -> None:
+    """A KeyboardInterrupt stops this generation: in a distributed pipeline the other ranks
+    are told so (they raise naming this rank as interrupted)."""
+    if isinstance(pipe._active, DistributedRun):
+        pipe._active.interrupted()
 
 
 def _check_running(pipe: FastPipeline, deadline: float | None) -> None:

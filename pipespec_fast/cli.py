@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipespec_fast import validate
@@ -143,6 +147,44 @@ def _generate_distributed(args: argparse.Namespace, kw: dict) -> int:
     """One rank of ``torchrun ... -m pipespec_fast generate --distributed``: rank i runs model
     i; the target's rank (the last) prints the text as it is verified and the summary, the
     others print nothing."""
+    with _interrupt_once():
+        return _run_rank(args, kw)
+
+
+@contextmanager
+def _interrupt_once() -> Iterator[None]:
+    """The first SIGINT raises ``KeyboardInterrupt``; later ones are ignored while this rank
+    closes its links (bounded: a link waits at most its peer timeout). ``torchrun`` forwards
+    one SIGINT to each rank, but Ctrl-C pressed twice, or a launcher that signals both the
+    rank and its process group, can deliver more: a second ``KeyboardInterrupt`` inside the
+    shutdown would leave a neighbour without the message saying why this rank stops.
+
+    A rank leaving with an error or an interrupt (its process is about to exit) goes on
+    ignoring SIGINT: when a neighbour was interrupted first, this rank fails naming it and
+    the SIGINT forwarded to it a moment later must not print a traceback over that line."""
+    import torch.distributed as dist
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    except BaseException:
+        if not dist.is_initialized():  # no rank yet (a usage error): nothing to protect
+            signal.signal(signal.SIGINT, previous)
+        else:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise
+    signal.signal(signal.SIGINT, previous)
+
+
+def _run_rank(args: argparse.Namespace, kw: dict) -> int:
     import torch.distributed as dist
 
     from pipespec_fast import FastPipeline
@@ -257,12 +299,21 @@ def _is_usage(e: BaseException) -> bool:
     return isinstance(e, ValueError | FileNotFoundError | NotADirectoryError)
 
 
+def _rank_note() -> str:
+    """`` (rank r of w)`` in a process of a ``torch.distributed`` group (each rank's line
+    says which rank it is), else nothing."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return ""
+    return f" (rank {dist.get_rank()} of {dist.get_world_size()})"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # argparse itself exits 2 on a malformed command
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("\npipespec-fast: interrupted", file=sys.stderr)
+        print(f"\npipespec-fast: interrupted{_rank_note()}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader went away (| head): nothing more to say
         sys.stderr.close()

@@ -3,8 +3,9 @@ process per rank): ``python dist_child.py RANK WORLD PORT SPEC.json``.
 
 The spec names the model folders, the request and what to break: ``raise_rank`` makes that
 rank's stage raise after ``after`` forwards, ``kill_rank`` makes that rank kill itself
-(SIGKILL) after ``after`` forwards. Each rank writes ``OUT/rank{r}.json``: its result or its
-error's first line."""
+(SIGKILL) after ``after`` forwards, ``interrupt_rank`` sends that rank a SIGINT (Ctrl-C: a
+``KeyboardInterrupt`` in its main thread, exit code 130). Each rank writes
+``OUT/rank{r}.json``: its result or its error's first line."""
 
 import datetime
 import json
@@ -21,10 +22,13 @@ def _break_stage(pipe, spec, rank) -> None:
     stage = pipe.stages[-1]
     inner, count = stage.forward, [0]
     kill = spec.get("kill_rank") == rank
+    interrupt = spec.get("interrupt_rank") == rank
 
     def forward(*a, **kw):
         count[0] += 1
-        if count[0] > spec["after"]:
+        if interrupt and count[0] == spec["after"] + 1:
+            os.kill(os.getpid(), signal.SIGINT)  # the main thread raises KeyboardInterrupt
+        elif count[0] > spec["after"] and not interrupt:
             if kill:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError("injected failure")
@@ -47,7 +51,7 @@ def main() -> int:
         pipe = FastPipeline.from_pretrained(spec["dirs"], distributed=True, max_len=256,
                                             ngram=spec.get("ngram", False),
                                             adaptive_windows=spec.get("adaptive", False))
-        if rank in (spec.get("raise_rank"), spec.get("kill_rank")):
+        if rank in (spec.get("raise_rank"), spec.get("kill_rank"), spec.get("interrupt_rank")):
             _break_stage(pipe, spec, rank)
         results, accepted = [], 0
         for prompt in spec["prompts"]:
@@ -63,6 +67,9 @@ def main() -> int:
         out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
         out["trace"] = traceback.format_exc()
         code = 1
+    except KeyboardInterrupt:
+        out["error"] = "KeyboardInterrupt"
+        code = 130
     with open(os.path.join(spec["out"], f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
     if code == 0:

@@ -185,6 +185,22 @@ def test_a_rank_killed_mid_generation_ends_the_others_within_5_s(tmp_path, kille
         assert "died or stopped answering" in results[r]["error"]
 
 
+def test_a_rank_interrupted_mid_generation_ends_the_others_naming_it(tmp_path):
+    """Ctrl-C reaching one rank only (its host's launcher, say): that rank stops with
+    KeyboardInterrupt, and tells the others why before it exits."""
+    dirs, _ = _family_dirs(tmp_path, 3, seed=13)
+    codes, results, ended = _run_ranks(tmp_path, 3, {"dirs": dirs, "prompts": PROMPTS[:1],
+                                                     "n": 200, "interrupt_rank": 1,
+                                                     "after": 8})
+    assert codes == [1, 130, 1], results
+    assert results[1]["error"] == "KeyboardInterrupt"
+    for r in (0, 2):
+        assert ended[r] - ended[1] < 5.0
+        assert results[r]["error"] == ("StageError: stage 1 (m1) on rank 1 failed: "
+                                       "RemoteStageError: interrupted (KeyboardInterrupt: "
+                                       "Ctrl-C or SIGINT)"), results[r]["error"]
+
+
 def test_cli_under_torchrun_prints_the_single_process_answer(tmp_path):
     """``torchrun --standalone --nproc-per-node 3 -m pipespec_fast generate --distributed``:
     the target's rank prints the text the single-process CLI prints, the others nothing."""

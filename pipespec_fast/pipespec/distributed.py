@@ -53,6 +53,9 @@ class DistributedRun:
         self.failure: wire.Fail | None = None
         self.final: list[int] | None = None
         self.started = False
+        # why this rank stops early, for the Fail its neighbours get (``interrupted``)
+        self.stop_reason = ("its generation was stopped before the target finished "
+                            "(abandoned, timed out or closed)")
         j = next(j for j, s in enumerate(seqrs) if s.index == p.stage)
         self.worker = w = topology.worker_for(seqrs[j], p.k, settings, limit,
                                               matmul_threads[j], bool(idle and idle[j]),
@@ -128,6 +131,11 @@ class DistributedRun:
                 raise StageError(stage, msg.error) from msg.error
             yield msg.tokens
 
+    def interrupted(self) -> None:
+        """This rank's caller got a KeyboardInterrupt (Ctrl-C, or SIGINT from ``torchrun``):
+        ``close`` tells the other ranks so, and they raise naming this rank."""
+        self.stop_reason = "interrupted (KeyboardInterrupt: Ctrl-C or SIGINT)"
+
     def set_final(self, tokens: list[int]) -> None:
         """The target's caller has its result: ``close`` sends it down."""
         self.final = list(tokens)
@@ -149,8 +157,7 @@ class DistributedRun:
         self.heartbeat.stop()
         p = self.p
         if self.failure is None and self.final is None:
-            self.failure = wire.Fail(p.label_of_rank(p.rank), "its generation was stopped before "
-                                     "the target finished (abandoned, timed out or closed)")
+            self.failure = wire.Fail(p.label_of_rank(p.rank), self.stop_reason)
         for r, link in self.links.items():
             if self.failure is not None:
                 msg = self.failure

@@ -26,6 +26,8 @@ from pipespec_fast.decoding.window import WindowPolicy, policy_for
 from pipespec_fast.errors import NonFiniteLogitsError, StageError
 
 
+# long: one stage's sequence and all its model work (prefill, draft, verify, a step alone,
+# syncs) in one place, since every one of them keeps the cache invariant above
 class Sequencer:
     """One stage's sequence, cache bookkeeping, verification and drafting.
 
@@ -211,13 +213,12 @@ class Sequencer:
         """:meth:`verify` without drafts: one token of our own, a plain draw from our
         distribution (the acceptance op over no drafts draws the same distribution at 2.7x
         the cost under sampling: 0.24 against 0.09 ms on the default target's vocabulary)."""
-        logits = self.stage.forward(self.dev.upload(feed), last_n=1)  # [1, V]
+        logits = self._forward(feed, last_n=1, kind="verify")  # [1, V]
         try:
             tok, row = self.sampler.draw(logits)
         except NonFiniteLogitsError as e:
             raise StageError(self.label, e) from e
         now = time.perf_counter()
-        self.stats.record_forward("verify", len(feed), t, now, self.t0)
         if len(feed) <= self.CATCH_UP:
             self.policy.note_latency(len(feed), now - t)
         self.span.extend_known([tok], [row] if row is not None and self.keep_rows else None)

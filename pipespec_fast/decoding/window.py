@@ -42,10 +42,9 @@ class WindowPolicy:
     DECAY_COUNTS = 0.9  # per verification, of the acceptance counts
     DECAY_LATENCY = 0.95  # per verification, of each block size's weight in the fit
     BEFORE_TIMINGS_TAIL = 0.15  # acceptance-only rule: smallest g with a^g <= this
-    # a seeded ar/sync generation (no clock) decodes alone below this acceptance: on the
-    # default hierarchy (2-core CPU) a sampled step with drafts costs L(1) plus ~25% (a verify
-    # row, a model draft, their probability rows and acceptance), and seeded sync at T = 0.7
-    # ran at 0.83-0.89x of AR with the target accepting ~0.3 per token
+    # a seeded ar/sync generation (no clock) decodes alone below this acceptance: seeded sync
+    # at T = 0.7 ran at 0.83-0.89x of AR with the target accepting ~0.3 per token (a sampled
+    # step's drafts, rows and acceptance cost ~25% of L(1) on the default hierarchy)
     UNTIMED_MIN_ACCEPTANCE = 0.5
 
     def __init__(self, timed: bool, adaptive: bool = True) -> None:

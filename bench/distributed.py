@@ -176,11 +176,13 @@ def _read_replies(proc: subprocess.Popen, q: queue.SimpleQueue) -> None:
 
 def thread_pipelines(dirs: list[str], max_len: int) -> dict:
     """The same hierarchies as threads of this process (the two-stage one shares the
-    loaded models, as ``bench/e2e.py``'s systems do)."""
+    loaded models, as ``bench/e2e.py``'s systems do), without the regime bandit."""
     from pipespec_fast import FastPipeline
 
-    full = FastPipeline.from_pretrained(dirs, ngram=True, max_len=max_len)
-    two = FastPipeline(list(full.stages[1:]), tokenizer=full.tokenizer)
+    # regimes=False: a distributed pipeline has no regime bandit (it always runs the whole
+    # hierarchy): the threads run the same way, so the comparison is placement alone
+    full = FastPipeline.from_pretrained(dirs, ngram=True, max_len=max_len, regimes=False)
+    two = FastPipeline(list(full.stages[1:]), tokenizer=full.tokenizer, regimes=False)
     return {"draft->target": two, "ngram->draft->target": full}
 
 

@@ -64,6 +64,11 @@ class FastPipeline:
         windows: per stage i > 0, the most draft tokens it verifies in one forward.
         adaptive_windows: shrink each window to what the stage's recent acceptance makes
             worth verifying (``Sequencer.window``); ``False`` always offers the full window.
+        regimes: with adaptive windows, let the target choose by measured tokens per second
+            between the whole hierarchy, the n-gram drafter alone under it and no drafts, and
+            carry the measurements to the next generation (``decoding/regime.py``,
+            ``decoding/memory.py``); ``False``: always the whole hierarchy, each generation
+            from scratch (as a distributed pipeline runs).
         max_leads: per stage i < k-1, how many tokens it may run ahead of the stage above.
         threads: per stage, torch intra-op threads of its worker (``None``: leave as is).
         eos_token_ids: tokens that end generation (default: the tokenizer's / target's).
@@ -96,6 +101,7 @@ class FastPipeline:
         threads: Sequence[int | None] | None = None,
         eos_token_ids: Sequence[int] | None = None,
         adaptive_windows: bool = True,
+        regimes: bool = True,
         skip_level_drafts: bool = True,
         config: RuntimeConfig | None = None,
         check_order: bool = True,
@@ -121,6 +127,7 @@ class FastPipeline:
             raise ValueError(f"max_leads: expected {k} entries >= 1 (last unused)")
         self.threads = list(threads) if threads is not None else [None] * k
         self.adaptive_windows = adaptive_windows
+        self.regimes = bool(regimes)
         self.skip_level_drafts = skip_level_drafts
         self.tree_budget = _check_tree_budget(tree_budget, self.stages)
         if eos_token_ids is None:
@@ -255,7 +262,9 @@ class FastPipeline:
     def __enter__(self) -> FastPipeline:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            _note_interrupt(self)  # (raised outside a generation's own loop: its printing)
         self.close()
 
     # ------------------------------------------------------------------ internals
@@ -407,7 +416,7 @@ def _generation(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_k, 
                        reproducible=mode != "pipespec", keep_rows=i < len(pipe.windows) - 1)
              for i, st in zip(index, stages, strict=True)]
     memory_key = None
-    if pipe.placement is None:  # what past generations learned (decoding/memory.py)
+    if pipe.placement is None and pipe.regimes:  # past generations' measurements (memory.py)
         skip = pipe.skip_level_drafts and stages[0].capabilities.clone
         memory_key = pipe._memory.attach(seqrs, mode, [is_model_free(st) for st in stages],
                                          skip, pipe.tree_budget,
@@ -445,8 +454,10 @@ def _generation(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_k, 
         ended = pipe._stop_workers()
         cpu_threads.__exit__(None, None, None)
     elapsed = time.perf_counter() - t0
-    if ended:  # (a worker still running would go on changing what is kept)
+    if ended:
         pipe._memory.keep(memory_key, seqrs)
+    else:  # a worker still running goes on changing these objects: forget them
+        pipe._memory.forget(memory_key)
     tail = out.finish()
     if tail:
         yield tail

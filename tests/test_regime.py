@@ -235,3 +235,28 @@ def test_a_regime_far_behind_waits_longer(slow, first_wait):
     ran = run_epochs(reg, {FULL: slow, ALONE: 200.0}, 12)
     assert ran[:2] == [FULL, ALONE] and ran.count(FULL) == 2  # first try, one retry
     assert reg.wait[FULL] == first_wait
+
+
+def test_pipespec_generate_batches_tokens_and_still_stops_at_eos_and_the_limit():
+    """generate() receives PipeSpec's tokens in batches of 16: an eos long before
+    max_new_tokens still ends the output there, and a limit that is no multiple of 16 is
+    exact."""
+    stages = _hierarchy()
+    ref = FastPipeline(stages[-1:]).generate(PROMPT, 60, ignore_eos=True).token_ids
+    eos = ref[20]
+    first = ref.index(eos)
+    pipe = FastPipeline(stages, eos_token_ids=[eos])
+    res = pipe.generate(PROMPT, 200)
+    assert res.token_ids == ref[: first + 1] and res.finish_reason == "eos"
+    assert pipe.generate(PROMPT, 37, ignore_eos=True).token_ids == ref[:37]
+
+
+def test_memory_keeps_the_eight_latest_settings_and_regimes_can_be_off():
+    pipe = FastPipeline(_hierarchy(), mode="sync")
+    for i in range(9):  # unseeded sampling: timed, a key per temperature
+        pipe.generate(PROMPT, 8, temperature=0.1 * (i + 1), ignore_eos=True)
+    temps = [key[3] for key in pipe._memory._saved]
+    assert len(temps) == 8 and temps == pytest.approx([0.1 * (i + 1) for i in range(1, 9)])
+    off = FastPipeline(_hierarchy(), mode="sync", regimes=False)
+    assert "regimes" not in off.generate(PROMPT, 30, ignore_eos=True).stats
+    assert not off._memory._saved

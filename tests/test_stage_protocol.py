@@ -120,3 +120,19 @@ def test_pausing_the_stage_below_is_a_message_sent_when_the_window_changes():
     mid.inbox.put(RESUME)
     mid._drain(block=False)
     assert mid.wanted and mid._lead_ok()
+
+
+def test_a_sync_past_the_sequence_is_ignored_in_pipespec_and_refused_when_strict():
+    """A Sync computed from a stale mirror (the stage below truncated; its Chunk is on the
+    way) can begin past the lower stage's sequence: it cannot be adopted, so PipeSpec's
+    workers ignore it (a new one follows); the synchronous modes, whose syncs are exact,
+    refuse it."""
+    from pipespec_fast.decoding.sampling import SamplingParams
+    from pipespec_fast.decoding.sequence import Sequencer
+
+    s = Sequencer(LlamaStage(family(1)[0], max_len=64), SamplingParams(), 0)
+    s.start([1, 2, 3, 4])
+    assert s.apply_sync(6, [9, 9]) is None and s.seq == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="start 6 is past this stage's 4 tokens"):
+        s.apply_sync(6, [9, 9], strict=True)
+    assert s.apply_sync(4, [5]) == 4 and s.seq == [1, 2, 3, 4, 5]

@@ -81,7 +81,7 @@ def _drafts_from(levels: list[Sequencer], level: int, g: int, start: int, gamma:
 def _sync_down(levels: list[Sequencer], level: int, start: int) -> None:
     """Roll every level below ``level`` to its sequence from ``start`` (cascading down)."""
     for lo in range(level - 1, -1, -1):
-        levels[lo].apply_sync(start, levels[lo + 1].seq[start:])
+        levels[lo].apply_sync(start, levels[lo + 1].seq[start:], strict=True)
 
 
 def _draft_cost(levels: list[Sequencer]) -> float:
@@ -121,7 +121,7 @@ def synchronous(levels: list[Sequencer], gamma: list[int], limit: int, tree_budg
             target.verify([], None)
             # the lowest level follows (no forward: its list of tokens), so that a lean step
             # after alone ones drafts from the target's position
-            levels[0].apply_sync(start, target.seq[start:])
+            levels[0].apply_sync(start, target.seq[start:], strict=True)
         else:
             lv, gm = (levels, gamma) if regime == FULL else (lean, lean_gamma)
             g = min(target.window(gm[-1], _draft_cost(lv[:-1])), limit - start)
@@ -136,5 +136,5 @@ def _catch_up(levels: list[Sequencer], since: int) -> None:
     ``since`` tokens (they agreed with it up to there), adopt its sequence."""
     seq = levels[-1].seq
     for lv in levels[1:-1]:
-        lv.apply_sync(since, seq[since:])
-    levels[0].apply_sync(since, seq[since:])
+        lv.apply_sync(since, seq[since:], strict=True)
+    levels[0].apply_sync(since, seq[since:], strict=True)

@@ -60,6 +60,10 @@ class PolicyMemory:
             s.policy, s.draft_cost_s = policy, draft_cost_s
         return key
 
+    def forget(self, key: tuple | None) -> None:
+        """Drop what is kept under ``key`` (its objects are still in use by a stuck worker)."""
+        self._saved.pop(key, None)
+
     def keep(self, key: tuple | None, seqrs: list[Sequencer]) -> None:
         """After a generation attached under ``key``: remember what its stages learned."""
         if key is not None:

@@ -90,16 +90,22 @@ class Sequencer:
         if self.stage.cache_len > length:
             self.stage.rollback(length)
 
-    def apply_sync(self, start: int, tokens: list[int]) -> int | None:
+    def apply_sync(self, start: int, tokens: list[int], strict: bool = False) -> int | None:
         """Adopt ``seq[:start] + tokens`` from the stage above where it differs from ours.
 
         Returns the first position that changed (``None`` if nothing did). Tokens of ours beyond
-        the synced range are kept when the synced range agrees with them.
+        the synced range are kept when the synced range agrees with them. A sync that begins
+        past our sequence cannot be adopted (we do not hold the tokens before it): in PipeSpec
+        it was computed from a stale copy of ours (we truncated, and the Chunk saying so is on
+        its way up; the stage above sends a new Sync once it arrives), so it is ignored;
+        ``strict`` (the synchronous modes, where every sync is exact) raises instead.
         """
         seq, end = self.span.tokens, start + len(tokens)
         if start > len(seq):
-            raise ValueError(f"apply_sync: start {start} is past this stage's {len(seq)} "
-                             "tokens (a sync must begin within the sequence it corrects)")
+            if strict:
+                raise ValueError(f"apply_sync: start {start} is past this stage's {len(seq)} "
+                                 "tokens (a sync must begin within the sequence it corrects)")
+            return None
         self.span.forget_rows(end)  # the stage above holds these positions: never verified again
         d = start
         while d < end and d < len(seq) and seq[d] == tokens[d - start]:

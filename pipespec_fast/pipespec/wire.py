@@ -80,7 +80,7 @@ def encode(msg) -> list[torch.Tensor]:
         head[2] = len(toks)
         out.append(torch.tensor(toks, dtype=torch.int64))
         if rows:
-            flat = [x.reshape(-1).cpu() for x in rows]
+            flat = [x.reshape(-1).cpu().contiguous() for x in rows]  # gloo: contiguous only
             head[3], head[4], head[5] = len(flat), flat[0].numel(), DTYPES.index(flat[0].dtype)
             out.extend(flat)
     elif isinstance(msg, (Sync, Finish)):

@@ -415,12 +415,7 @@ def _generation(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_k, 
     seqrs = [Sequencer(st, params, i, t0, adaptive=pipe.adaptive_windows,
                        reproducible=mode != "pipespec", keep_rows=i < len(pipe.windows) - 1)
              for i, st in zip(index, stages, strict=True)]
-    memory_key = None
-    if pipe.placement is None and pipe.regimes:  # past generations' measurements (memory.py)
-        skip = pipe.skip_level_drafts and stages[0].capabilities.clone
-        memory_key = pipe._memory.attach(seqrs, mode, [is_model_free(st) for st in stages],
-                                         skip, pipe.tree_budget,
-                                         (tuple(pipe.windows), tuple(pipe.max_leads)))
+    memory_key = _attach_memory(pipe, seqrs, mode, stages)
     # text is decoded as it comes only when someone reads it (stream) or stop strings
     # need it; generate() decodes once at the end (decoding is O(text) per call and would
     # take the GIL from the stage workers)
@@ -463,6 +458,18 @@ def _generation(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_k, 
         yield tail
     pipe.last_result = _result(out, mode, elapsed, [s.stats for s in seqrs],
                                pipe.tokenizer is not None, seqrs[-1].regimes)
+
+
+def _attach_memory(pipe: FastPipeline, seqrs: list[Sequencer], mode: str,
+                   stages: list[Stage]) -> tuple | None:
+    """Past generations' measurements and regime bandit for this one
+    (``PolicyMemory.attach``); the key to keep them under, ``None`` when nothing is carried
+    (a distributed pipeline, ``regimes=False``)."""
+    if pipe.placement is not None or not pipe.regimes:
+        return None
+    skip = pipe.skip_level_drafts and stages[0].capabilities.clone
+    return pipe._memory.attach(seqrs, mode, [is_model_free(st) for st in stages], skip,
+                               pipe.tree_budget, (tuple(pipe.windows), tuple(pipe.max_leads)))
 
 
 def _note_interrupt(pipe: FastPipeline) -> None:

@@ -57,7 +57,10 @@ class DistLink:
             while len(self._pending) >= self.max_in_flight:
                 self._wait_oldest()
             for t in tensors:
-                work = dist.isend(t, self.peer, group=self.group)
+                try:
+                    work = dist.isend(t, self.peer, group=self.group)
+                except RuntimeError as e:  # the peer's socket is gone already
+                    raise self._peer_error(e) from None
                 self._pending.append((work, t))
             self.last_sent = time.monotonic()
             self.closed = isinstance(msg, wire.TERMINAL)
@@ -67,9 +70,14 @@ class DistLink:
         try:
             work.wait(self.timeout)
         except RuntimeError as e:
-            err = LinkError(f"rank {self.peer} died or stopped answering ({_first_line(e)})")
-            err.pipespec_stage = self.peer_label  # the worker's error names the neighbour
-            raise err from None
+            raise self._peer_error(e) from None
+
+    def _peer_error(self, e: RuntimeError) -> LinkError:
+        """A failed send: the neighbour died or stopped answering (the worker's error names
+        it, not the worker's own stage)."""
+        err = LinkError(f"rank {self.peer} died or stopped answering ({_first_line(e)})")
+        err.pipespec_stage = self.peer_label
+        return err
 
     def flush(self) -> None:
         """Wait until every message sent has left (at most the timeout each)."""

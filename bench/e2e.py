@@ -423,6 +423,9 @@ def summarize(rows: dict, latency: dict | None = None, max_gamma: int = 6) -> di
                                       for i, n in zip(range(1, k), steps, strict=True)]
             d["tree_share"] = [sum(r["stages"][i].get("tree_steps", 0) for r in rs) / max(n, 1)
                                for i, n in zip(range(1, k), steps, strict=True)]
+            # per verifying stage and draft depth, pooled over the prompts: accepted / tried
+            d["depth_acceptance"] = [_pooled_depths(r["stages"][i] for r in rs)
+                                     for i in range(1, k)]
             # where each stage spends its time: busy (forwards, acceptance) share of the run
             d["busy_fraction"] = [statistics.mean(r["stages"][i]["busy_s"] / r["seconds"]
                                                   for r in rs) for i in range(k)]
@@ -453,6 +456,18 @@ def summarize(rows: dict, latency: dict | None = None, max_gamma: int = 6) -> di
         d.update(_rates(rs))
         out[name] = d
     return out
+
+
+def _pooled_depths(stages, depths: int = 8) -> list[float]:
+    """Per draft depth up to ``depths``: accepted / tried summed over runs (a stage's
+    ``depth_tried``/``depth_accepted``), up to the deepest depth any run tried."""
+    tried, acc = [0] * depths, [0] * depths
+    for st in stages:
+        for d, (t, a) in enumerate(zip(st.get("depth_tried", []), st.get("depth_accepted", []))):
+            if d < depths:
+                tried[d] += t
+                acc[d] += a
+    return [a / t for a, t in zip(acc, tried) if t]
 
 
 def _rates(rs: list[dict]) -> dict:
@@ -499,7 +514,7 @@ def table(summary: dict, meta: dict) -> str:
         regimes = ", ".join(f"{a} {s:.0%}" for a, s in d.get("regime_share", {}).items()) or "-"
         lines.append(f"| {name} | {d['median_tokens_per_s']:.1f} | {sp} | {acc} | {mal} | "
                      f"{pred} | {same} | {mem} | {busy} | {regimes} |")
-    from readme_tables import ceiling_table, rates_table, time_table
+    from readme_tables import ceiling_table, depth_table, rates_table, time_table
 
     runs = [{"meta": meta, "summary": summary}]
     lines += ["", "prefill and decode rates (medians; llama.cpp: the tools' own counters)", "",
@@ -508,7 +523,9 @@ def table(summary: dict, meta: dict) -> str:
               "acceptance; other: Python and messages, and in sync the other stages' turns)", "",
               *time_table(runs, greedy_only=False), "",
               "speculation ceiling (analysis.speculation_ceiling; alpha = the target's per-token "
-              "acceptance in that system)", "", *ceiling_table(runs, greedy_only=False)]
+              "acceptance in that system)", "", *ceiling_table(runs, greedy_only=False), "",
+              "the target's acceptance per draft depth (pooled over the prompts)", "",
+              *depth_table(runs)]
     return "\n".join(lines)
 
 

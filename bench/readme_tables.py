@@ -99,6 +99,25 @@ def time_table(runs: list[dict], greedy_only: bool = True) -> list[str]:
     return lines
 
 
+def depth_table(runs: list[dict], greedy_only: bool = False) -> list[str]:
+    """Markdown rows: the target's acceptance per draft depth (pooled over prompts), and
+    drafts (tree nodes) per verify, for every speculative system."""
+    lines = ["| task | T | system | drafts per verify | tree verifies | target acceptance at "
+             "depth 1, 2, 3, ... |", "|---|---|---|---:|---:|---|"]
+    for r in runs:
+        m, summ = r["meta"], r["summary"]
+        if greedy_only and m["temperature"] != 0:
+            continue
+        for name, d in summ.items():
+            depths = d.get("depth_acceptance")
+            if not depths:
+                continue
+            lines.append(f"| {m['task']} | {m['temperature']:g} | {name} | "
+                         f"{d['drafts_per_verify'][-1]:.1f} | {d['tree_share'][-1]:.0%} | "
+                         + ", ".join(f"{a:.0%}" for a in depths[-1]) + " |")
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
@@ -141,6 +160,9 @@ def main(argv=None) -> int:
     print("\n".join(ceiling_table(runs)))
     print("\nWhere each model stage spends a greedy run (share of wall time)\n")
     print("\n".join(time_table(runs)))
+    print("\nThe target's acceptance per draft depth (pooled over the prompts; a tree tries "
+          "one depth per level of the path it walks)\n")
+    print("\n".join(depth_table(runs)))
     return 0
 
 

@@ -52,3 +52,20 @@ def test_a_system_run_reports_its_regimes_and_the_summary_their_share() -> None:
     assert share == {a: n / sum(steps.values()) for a, n in steps.items()}
     assert "full" in share and abs(sum(share.values()) - 1) < 1e-9
     pipe.close()
+
+
+def test_summary_pools_the_targets_acceptance_per_depth_and_the_table_shows_it() -> None:
+    import readme_tables
+
+    def run(tried, accepted):
+        st = {"acceptance_rate": 0.5, "mean_accepted_length": 1.5, "verify_steps": 4,
+              "proposed": 8, "busy_s": 1.0, "alpha": 0.5}
+        return {"tokens_per_s": 10.0, "seconds": 1.0,
+                "stages": [dict(st), dict(st, depth_tried=tried, depth_accepted=accepted)]}
+
+    runs = [run([4, 2], [2, 1]), run([4, 3, 1], [3, 1, 0])]
+    d = e2e.summarize({"ours_pipespec2": runs})["ours_pipespec2"]
+    assert d["depth_acceptance"] == [[5 / 8, 2 / 5, 0.0]]  # (2+3)/(4+4), (1+1)/(2+3), 0/1
+    rows = readme_tables.depth_table([{"meta": {"task": "humaneval", "temperature": 0.7},
+                                       "summary": {"ours_pipespec2": d}}])
+    assert rows[2] == "| humaneval | 0.7 | ours_pipespec2 | 2.0 | 0% | 62%, 40%, 0% |"

@@ -53,6 +53,10 @@ def test_pipespec_uses_every_stage_and_records_stats():
         assert s.busy_s > 0 and s.timeline and all(b >= a for a, b, _ in s.timeline)
     d = res.stats["stages"][2]
     assert 0 < d["acceptance_rate"] < 1 and d["mean_accepted_length"] > 1
+    for s in (s1, s2):  # per-depth acceptance adds up to the stage's own counts
+        assert sum(s.depth_accepted) == s.accepted
+        assert sum(s.depth_tried) == s.accepted + s.rejected
+        assert all(t >= u for t, u in zip(s.depth_tried, s.depth_tried[1:]))
     assert res.stats["new_tokens"] == 40 and res.stats["tokens_per_s"] > 0
 
 

@@ -274,6 +274,24 @@ def test_one_acceptance_estimate():
     assert p.acceptance == 0.75
 
 
+def test_depth_acceptance_counts_the_depths_each_walk_tried():
+    from pipespec_fast.decoding.stats import StageStats
+
+    st = StageStats("t")
+    st.record_verify(4, 2)  # chain: depths 1, 2 accepted, 3 rejected, 4 never tried
+    assert (st.depth_tried, st.depth_accepted) == ([1, 1, 1], [1, 1, 0])
+    st.record_verify(4, 4)  # all accepted: depth 5 (the bonus) is not a draft
+    assert (st.depth_tried, st.depth_accepted) == ([2, 2, 2, 1], [2, 2, 1, 1])
+    st.record_verify(6, 2, rejected=False)  # a tree walk that ended at a depth-2 leaf
+    st.record_verify(6, 0, rejected=True)  # no child of the root accepted
+    st.record_verify(0, 0)  # a step without drafts tries nothing
+    assert (st.depth_tried, st.depth_accepted) == ([4, 3, 2, 1], [3, 3, 1, 1])
+    assert st.depth_acceptance == [0.75, 1.0, 0.5, 1.0]
+    d = st.as_dict()
+    assert d["depth_tried"] == [4, 3, 2, 1] and d["depth_accepted"] == [3, 3, 1, 1]
+    assert d["depth_acceptance"] == [0.75, 1.0, 0.5, 1.0]
+
+
 def test_best_window_is_the_speculation_ceilings_sync_window():
     from pipespec_fast.analysis import LatencyModel, best_window, speculation_ceiling
 

@@ -25,6 +25,11 @@ class StageStats:
     idle_s: float = 0.0
     timeline: list[tuple[float, float, str]] = field(default_factory=list)
     forward_latency: dict[int, list[float]] = field(default_factory=dict)
+    # per draft depth d (index d - 1): verifications whose walk tried a draft at depth d, and
+    # those that accepted it (a chain tries depths 1..accepted + 1; a tree the same along
+    # the path it walked, one try per depth whatever the number of siblings)
+    depth_tried: list[int] = field(default_factory=list)
+    depth_accepted: list[int] = field(default_factory=list)
 
     def record_forward(self, kind: str, n: int, start: float, end: float, t0: float) -> None:
         """A forward of ``n`` tokens (``kind``: prefill, draft, verify) ran from ``start`` to
@@ -41,7 +46,16 @@ class StageStats:
         self.verify_steps += 1
         self.proposed += drafts
         self.accepted += accepted
-        self.rejected += int(accepted < drafts if rejected is None else rejected)
+        rejected = accepted < drafts if rejected is None else rejected
+        self.rejected += int(rejected)
+        tried = accepted + int(rejected)
+        while len(self.depth_tried) < tried:
+            self.depth_tried.append(0)
+            self.depth_accepted.append(0)
+        for d in range(tried):
+            self.depth_tried[d] += 1
+        for d in range(accepted):
+            self.depth_accepted[d] += 1
 
     @property
     def acceptance_rate(self) -> float:
@@ -57,6 +71,13 @@ class StageStats:
         return acceptance_estimate(self.accepted, self.rejected)
 
     @property
+    def depth_acceptance(self) -> list[float]:
+        """Per draft depth (first = depth 1): the share of the verifications that tried a
+        draft at that depth which accepted it. A chain whose drafts are accepted independently
+        with probability ``alpha`` shows ``alpha`` at every depth; a tree's siblings raise it."""
+        return [a / t for a, t in zip(self.depth_accepted, self.depth_tried)]
+
+    @property
     def mean_accepted_length(self) -> float:
         """Tokens committed per verification step (accepted drafts + the verifier's token)."""
         return (self.accepted + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
@@ -68,6 +89,9 @@ class StageStats:
         d["acceptance_rate"] = self.acceptance_rate
         d["alpha"] = self.alpha
         d["mean_accepted_length"] = self.mean_accepted_length
+        d["depth_tried"] = list(self.depth_tried)
+        d["depth_accepted"] = list(self.depth_accepted)
+        d["depth_acceptance"] = self.depth_acceptance
         return d
 
 

@@ -172,9 +172,11 @@ class OursSystem:
             out["model_drafts"] = not is_model_free(self.pipe.stages[-2])
         if self.mode == "pipespec" and len(res.stage_stats) > 1:
             try:
-                pred = self.pipe.predict(res)
+                # per regime the target ran in, combined by the tokens each committed
+                pred = self.pipe.predict_regimes(res)
                 # the model is about the steady state: add the target's measured prefill
-                out["predicted_steady_tokens_per_s"] = pred.pipespec_tokens_per_s
+                out["predicted_steady_tokens_per_s"] = pred.tokens_per_s
+                out["predicted_regime_tokens_per_s"] = pred.rates
                 out["predicted_tokens_per_s"] = pred.end_to_end_tokens_per_s(
                     st["new_tokens"], prefill)
             except ValueError as e:
@@ -463,11 +465,12 @@ def _pooled_depths(stages, depths: int = 8) -> list[float]:
     ``depth_tried``/``depth_accepted``), up to the deepest depth any run tried."""
     tried, acc = [0] * depths, [0] * depths
     for st in stages:
-        for d, (t, a) in enumerate(zip(st.get("depth_tried", []), st.get("depth_accepted", []))):
+        for d, (t, a) in enumerate(zip(st.get("depth_tried", []), st.get("depth_accepted", []),
+                                           strict=True)):
             if d < depths:
                 tried[d] += t
                 acc[d] += a
-    return [a / t for a, t in zip(acc, tried) if t]
+    return [a / t for a, t in zip(acc, tried, strict=True) if t]
 
 
 def _rates(rs: list[dict]) -> dict:

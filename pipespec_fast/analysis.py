@@ -448,12 +448,21 @@ class StageProfile:
 
     ``alpha``: acceptance rate of the previous stage's tokens at this stage (ignored, may be
     ``None``, for stage 0). ``gamma``: verification window of this stage (ignored for stage 0).
+
+    A stage that verifies token *trees* is not described by the chain's closed form: its
+    siblings raise the accepted length above ``A(alpha, gamma)`` and its forward covers the
+    tree's nodes, not ``gamma + 1`` positions. ``accepted_per_verify`` (tokens committed per
+    verification, the verifier's own included) and ``verify_tokens`` (positions per verify
+    forward) then replace ``A`` and ``gamma + 1``; ``alpha`` and ``gamma`` still give the
+    share of verification steps and the chance that a window breaks.
     """
 
     name: str
     latency: LatencyModel
     alpha: float | None = None
     gamma: int = 1
+    accepted_per_verify: float | None = None
+    verify_tokens: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.latency, LatencyModel):
@@ -461,6 +470,22 @@ class StageProfile:
         if self.alpha is not None:
             object.__setattr__(self, "alpha", _check_alpha(self.alpha, "alpha"))
         object.__setattr__(self, "gamma", _check_int_gamma(self.gamma, "gamma"))
+        for key in ("accepted_per_verify", "verify_tokens"):
+            v = getattr(self, key)
+            if v is not None:
+                object.__setattr__(self, key, _check_gamma(v, key))  # a real >= 1
+
+    @property
+    def verify_n(self) -> float:
+        """Positions of one verify forward: ``verify_tokens``, else ``gamma + 1``."""
+        return self.gamma + 1.0 if self.verify_tokens is None else self.verify_tokens
+
+    def accepted(self) -> float:
+        """Tokens committed per verification: measured (``accepted_per_verify``), else
+        ``A(alpha, gamma)``."""
+        if self.accepted_per_verify is not None:
+            return self.accepted_per_verify
+        return expected_accepted(float(self.alpha or 0.0), self.gamma)
 
     def latency_s(self, n_tokens: float) -> float:
         return self.latency.latency_s(n_tokens)
@@ -480,17 +505,24 @@ class StageProfile:
             alpha = d.get("alpha")
             alpha = None if alpha is None else _check_alpha(alpha, f"{name}['alpha']")
             gamma = _check_int_gamma(d.get("gamma", 1), f"{name}['gamma']")
+            tree = {k: _check_gamma(d[k], f"{name}[{k!r}]")
+                    for k in ("accepted_per_verify", "verify_tokens") if d.get(k) is not None}
         except TypeError as e:
             raise ValueError(str(e)) from None
-        return cls(name=str(d.get("name", default_name)), latency=lat, alpha=alpha, gamma=gamma)
+        return cls(name=str(d.get("name", default_name)), latency=lat, alpha=alpha, gamma=gamma,
+                   **tree)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "name": self.name,
             "alpha": self.alpha,
             "gamma": self.gamma,
             "latency": self.latency.to_dict(),
         }
+        for k in ("accepted_per_verify", "verify_tokens"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
+        return d
 
 
 @dataclass(frozen=True)
@@ -567,11 +599,10 @@ class Prediction:
 
 
 def _paper_stage(
-    a: float, g: int, l1: float, lv: float, supply: float, on_starve: str
+    a: float, g: int, big_a: float, l1: float, lv: float, supply: float, on_starve: str
 ) -> tuple[float, float, float, float, float, float, float, bool]:
-    """Never-wait policy (the paper's chain). Returns
+    """Never-wait policy (the paper's chain), ``big_a`` tokens per verification. Returns
     (rho, E[N], step time, capacity, rate, verify/s, demand drafts/s, starved)."""
-    big_a = expected_accepted(a, g)
     rho = verify_probability(a, g)
     en = (1.0 - rho) + rho * big_a
     t = (1.0 - rho) * l1 + rho * lv
@@ -591,11 +622,11 @@ def _paper_stage(
 
 
 def _wait_stage(
-    a: float, g: int, lv: float, supply: float
+    a: float, g: int, big_a: float, lv: float, supply: float
 ) -> tuple[float, float, float, float, float, float, float, bool]:
-    """Wait-for-drafts policy: every step verifies a full window; after a broken window the
-    stage waits for the stage below to refill it from scratch."""
-    big_a = expected_accepted(a, g)
+    """Wait-for-drafts policy: every step verifies a full window (``big_a`` tokens per
+    verification); after a broken window the stage waits for the stage below to refill it
+    from scratch."""
     p_break = _one_minus_pow(a, g + 1.0)
     refill = g / supply
     t_cycle = lv + p_break * refill + (1.0 - p_break) * max(0.0, refill - lv)
@@ -710,19 +741,20 @@ def _verifier_prediction(st: StageProfile, supply: float, policy: str, step_mode
     """A stage ``i >= 1`` fed ``supply`` drafts/s by the stage below (``predict_pipeline``)."""
     a = float(st.alpha)  # validated by _checked_pipeline
     g = st.gamma
-    lv = st.latency_s(g + 1)
+    big_a = st.accepted()
+    lv = st.latency_s(st.verify_n)
     if policy == "paper":
         l1 = st.latency_s(1) if step_model == "mixed" else lv
-        res = _paper_stage(a, g, l1, lv, supply, on_starve)
+        res = _paper_stage(a, g, big_a, l1, lv, supply, on_starve)
     else:
-        res = _wait_stage(a, g, lv, supply)
+        res = _wait_stage(a, g, big_a, lv, supply)
     rho, en, t, cap, out, v, demand, starved = res
     return StagePrediction(
         name=st.name,
         alpha=a,
         gamma=g,
         rho=rho,
-        expected_accepted=expected_accepted(a, g),
+        expected_accepted=big_a,
         expected_tokens_per_step=en,
         step_time_s=t,
         capacity_tokens_per_s=cap,
@@ -739,7 +771,7 @@ def _baselines(below: StageProfile, target: StageProfile, tp: StagePrediction,
     """Target-only AR tokens/s, and synchronous SD's: the stage just below drafts the target's
     window autoregressively, then the target verifies it."""
     ar = 1.0 / target.latency_s(1)
-    t_sync = tp.gamma * below.latency_s(1) + target.latency_s(tp.gamma + 1)
+    t_sync = tp.gamma * below.latency_s(1) + target.latency_s(target.verify_n)
     return ar, tp.expected_accepted / t_sync
 
 

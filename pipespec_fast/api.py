@@ -247,6 +247,22 @@ class FastPipeline:
             raise ValueError("predict: run generate() first (it measures latencies and alpha)")
         return predict_from_stats(analysis_input(result.stage_stats, self.windows))
 
+    def predict_regimes(self, result: GenerationResult | None = None):
+        """The analytical model per regime the target ran in under the regime bandit, combined
+        by the tokens each committed (``analysis_regimes.predict_regimes``); for a generation
+        without the bandit, its one regime (the whole hierarchy)."""
+        from pipespec_fast.analysis_regimes import predict_regimes
+        from pipespec_fast.decoding.stats import regime_inputs
+
+        result = result or self.last_result
+        if result is None:
+            raise ValueError("predict_regimes: run generate() first (it measures latencies "
+                             "and alpha)")
+        st = result.stage_stats
+        inputs = regime_inputs(st, self.windows) if st[-1].by_arm else {
+            "full": (analysis_input(st, self.windows), st[-1].accepted + st[-1].verify_steps)}
+        return predict_regimes(inputs)
+
     def forget_measurements(self) -> None:
         """Start the next generation's window policies and regime bandit from scratch (they
         otherwise continue from the last generation with the same mode and sampling

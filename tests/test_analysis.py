@@ -414,6 +414,49 @@ def test_wait_policy_hand_computed():
     assert p.sync_sd_tokens_per_s == pytest.approx(a_big / (4 * 0.002 + 0.035))
 
 
+def test_a_tree_verifier_is_priced_at_its_nodes_and_credited_its_measured_length():
+    """A tree of 9 nodes (window depth 4) that commits 3.2 tokens per verification: the wait
+    policy's cycle is L(10), not L(5), and its tokens 3.2, not A(0.7, 4)."""
+    target = LatencyModel.linear(0.03, 0.001)
+    tree = [StageProfile("draft", LatencyModel.constant(0.002)),
+            StageProfile("target", target, alpha=0.7, gamma=4, accepted_per_verify=3.2,
+                         verify_tokens=10)]
+    p = predict_pipeline(tree, policy="wait")
+    p_break = 1 - 0.7**5
+    t_cycle = 0.04 + p_break * 4 * 0.002
+    assert p.pipespec_tokens_per_s == pytest.approx(3.2 / t_cycle)
+    assert p.stages[-1].expected_accepted == 3.2
+    assert p.sync_sd_tokens_per_s == pytest.approx(3.2 / (4 * 0.002 + 0.04))
+    d = tree[-1].to_dict()
+    assert d["accepted_per_verify"] == 3.2 and d["verify_tokens"] == 10
+    assert StageProfile.from_dict(d) == tree[-1]
+    assert "accepted_per_verify" not in _two_stage()[-1].to_dict()  # a chain's stays as before
+    with pytest.raises(ValueError, match="verify_tokens"):
+        StageProfile("t", target, alpha=0.7, verify_tokens=0.5)
+
+
+def test_regime_prediction_weighs_each_regime_by_its_tokens():
+    from pipespec_fast.analysis_regimes import predict_regimes
+
+    full = {"stages": [{"name": "d", "latency": 0.002},
+                       {"name": "t", "alpha": 0.7, "gamma": 4, "latency": {"a": 0.03, "b": 0.001}}]}
+    alone = {"stages": [{"name": "t", "latency": {"a": 0.03, "b": 0.001}}]}
+    pred = predict_regimes({"full": (full, 60), "alone": (alone, 40), "lean": (full, 0)})
+    r_full = predict_from_stats(full).pipespec_tokens_per_s
+    assert pred.rates == {"full": r_full, "alone": pytest.approx(1 / 0.031),
+                          "lean": r_full}
+    assert pred.tokens_per_s == pytest.approx(100 / (60 / r_full + 40 * 0.031))
+    assert set(pred.pipelines) == {"full", "lean"}
+    assert pred.end_to_end_tokens_per_s(100, 0.5) == pytest.approx(
+        100 / (0.5 + 100 / pred.tokens_per_s))
+    with pytest.raises(ValueError, match="no regime ran"):
+        predict_regimes({})
+    with pytest.raises(ValueError, match="no regime committed"):
+        predict_regimes({"alone": (alone, 0)})
+    with pytest.raises(ValueError, match="tokens must be >= 0"):
+        predict_regimes({"alone": (alone, -1)})
+
+
 def test_verify_step_model_is_slower_with_growing_latency():
     target = LatencyModel.linear(0.03, 0.002)
     mixed = predict_pipeline(_two_stage(target=target))

@@ -56,7 +56,7 @@ def test_pipespec_uses_every_stage_and_records_stats():
     for s in (s1, s2):  # per-depth acceptance adds up to the stage's own counts
         assert sum(s.depth_accepted) == s.accepted
         assert sum(s.depth_tried) == s.accepted + s.rejected
-        assert all(t >= u for t, u in zip(s.depth_tried, s.depth_tried[1:]))
+        assert all(t >= u for t, u in zip(s.depth_tried[:-1], s.depth_tried[1:], strict=True))
     assert res.stats["new_tokens"] == 40 and res.stats["tokens_per_s"] > 0
 
 

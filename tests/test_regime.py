@@ -170,6 +170,27 @@ def test_regime_epochs_restart_at_each_generation():
     assert reg.epochs == {FULL: 1} and reg.rate(FULL) == pytest.approx(12 / 0.1)
 
 
+def _check_per_regime_stats(pipe: FastPipeline, res) -> None:
+    """The target's figures per regime add up to its own, one verify per step of the regime,
+    and the per-regime prediction weighs each regime by the tokens it committed."""
+    target = res.stage_stats[-1]
+    steps = res.stats["regimes"]["steps"]
+    assert {a: sub.verify_steps for a, sub in target.by_arm.items()} == steps
+    for key in ("verify_steps", "accepted", "proposed", "rejected", "tree_steps"):
+        assert sum(getattr(sub, key) for sub in target.by_arm.values()) == getattr(target, key)
+    assert sum(sub.forwards for sub in target.by_arm.values()) < target.forwards  # + prefill
+    pred = pipe.predict_regimes(res)
+    assert pred.tokens == {a: float(sub.accepted + sub.verify_steps)
+                           for a, sub in target.by_arm.items()}
+    assert sum(pred.tokens.values()) == len(res.token_ids) and all(
+        r > 0 for r in pred.rates.values())
+    seconds = sum(n / pred.rates[a] for a, n in pred.tokens.items() if n)
+    assert pred.tokens_per_s == pytest.approx(len(res.token_ids) / seconds)
+    if ALONE in pred.rates:  # the target alone: 1 / L(1) of its one-token forwards there
+        lat = sorted(target.by_arm[ALONE].forward_latency[1])
+        assert pred.rates[ALONE] == pytest.approx(1 / lat[len(lat) // 2])
+
+
 def _cycle_regimes(monkeypatch, arms: list[str], epoch_steps: int) -> None:
     """Every bandit runs ``arms`` in turn (skipping those it does not have), one epoch of
     ``epoch_steps`` target steps each, whatever the clock says."""
@@ -202,6 +223,7 @@ def test_greedy_output_is_the_targets_through_every_regime_switch(monkeypatch, m
         res = pipe.generate(prompt, 80, ignore_eos=True)
         assert res.token_ids == ref.generate(prompt, 80, ignore_eos=True).token_ids
         ran |= set(res.stats["regimes"]["steps"])
+        _check_per_regime_stats(pipe, res)
     assert ran == set(pipe.last_result.stats["regimes"]["epochs"])  # every arm it has ran
     assert len(ran) == (3 if ngram and k > 2 else 2)
 

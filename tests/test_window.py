@@ -292,6 +292,29 @@ def test_depth_acceptance_counts_the_depths_each_walk_tried():
     assert d["depth_acceptance"] == [0.75, 1.0, 0.5, 1.0]
 
 
+def test_analysis_input_takes_step_sized_forwards_the_mean_window_and_a_trees_figures():
+    from pipespec_fast.decoding.stats import StageStats, analysis_input
+
+    draft, chain, tree = StageStats("d"), StageStats("c"), StageStats("t")
+    for st in (draft, chain, tree):
+        st.record_forward("prefill", 200, 0.0, 0.5, 0.0)  # a prompt: not a step's size
+        st.record_forward("verify", 1, 0.0, 0.010, 0.0)
+        st.record_forward("verify", 5, 0.0, 0.014, 0.0)
+    chain.record_verify(4, 4)
+    chain.record_verify(2, 0)
+    chain.record_verify(0, 0)  # a step without drafts: not a window
+    tree.record_verify(9, 3, rejected=False, tree=True)
+    tree.record_verify(7, 1, rejected=True, tree=True)
+    out = analysis_input([draft, chain], [1, 6])["stages"]
+    assert out[0]["latency"] == {"n": [1, 5], "s": [0.010, 0.014]}
+    assert out[1]["gamma"] == 3 and out[1]["alpha"] == 4 / 5  # (4 + 2) / 2 windows
+    assert "accepted_per_verify" not in out[1]
+    t = analysis_input([draft, tree], [1, 6])["stages"][1]
+    assert (t["gamma"], t["accepted_per_verify"], t["verify_tokens"]) == (8, 3.0, 9.0)
+    fresh = analysis_input([draft, StageStats("x")], [1, 6])["stages"][1]
+    assert fresh["gamma"] == 6  # verified nothing yet: its configured window
+
+
 def test_best_window_is_the_speculation_ceilings_sync_window():
     from pipespec_fast.analysis import LatencyModel, best_window, speculation_ceiling
 

@@ -136,6 +136,7 @@ class Sequencer:
             pol = r.policies[r.arm] = self.policy if first else WindowPolicy(
                 self.policy.timed, self.policy.adaptive)
         self.policy = pol
+        self.stats.set_arm(r.arm)
 
     def window(self, max_n: int, draft_cost_s: float = 0.0) -> int:
         """How many drafts to verify in the next forward (0: decode one token alone):

@@ -30,6 +30,17 @@ class StageStats:
     # the path it walked, one try per depth whatever the number of siblings)
     depth_tried: list[int] = field(default_factory=list)
     depth_accepted: list[int] = field(default_factory=list)
+    # the target under a regime bandit (decoding/regime.py): the regime of its current step,
+    # and the same counts and latencies per regime (each verifies other drafts, and runs beside
+    # other threads), for the per-regime prediction (analysis.predict_regimes)
+    arm: str | None = None
+    by_arm: dict[str, StageStats] = field(default_factory=dict)
+
+    def set_arm(self, arm: str) -> None:
+        """The following steps run in regime ``arm``."""
+        if arm not in self.by_arm:
+            self.by_arm[arm] = StageStats(self.name)
+        self.arm = arm
 
     def record_forward(self, kind: str, n: int, start: float, end: float, t0: float) -> None:
         """A forward of ``n`` tokens (``kind``: prefill, draft, verify) ran from ``start`` to
@@ -38,12 +49,19 @@ class StageStats:
         self.busy_s += end - start
         self.timeline.append((start - t0, end - t0, kind))
         self.forward_latency.setdefault(n, []).append(end - start)
+        if self.arm is not None:  # (no timeline: the stage's own holds every forward)
+            sub = self.by_arm[self.arm]
+            sub.forwards += 1
+            sub.busy_s += end - start
+            sub.forward_latency.setdefault(n, []).append(end - start)
 
-    def record_verify(self, drafts: int, accepted: int, rejected: bool | None = None) -> None:
-        """A verification of ``drafts`` drafts accepted ``accepted`` of them; ``rejected``:
-        it ended in a rejection (default: ``accepted < drafts``, a chain's rule; a tree's walk
-        may stop at a leaf with other branches untried)."""
+    def record_verify(self, drafts: int, accepted: int, rejected: bool | None = None,
+                      tree: bool = False) -> None:
+        """A verification of ``drafts`` drafts (``tree``: tree nodes) accepted ``accepted`` of
+        them; ``rejected``: it ended in a rejection (default: ``accepted < drafts``, a chain's
+        rule; a tree's walk may stop at a leaf with other branches untried)."""
         self.verify_steps += 1
+        self.tree_steps += int(tree)
         self.proposed += drafts
         self.accepted += accepted
         rejected = accepted < drafts if rejected is None else rejected
@@ -56,6 +74,8 @@ class StageStats:
             self.depth_tried[d] += 1
         for d in range(accepted):
             self.depth_accepted[d] += 1
+        if self.arm is not None:
+            self.by_arm[self.arm].record_verify(drafts, accepted, rejected, tree)
 
     @property
     def acceptance_rate(self) -> float:
@@ -75,7 +95,7 @@ class StageStats:
         """Per draft depth (first = depth 1): the share of the verifications that tried a
         draft at that depth which accepted it. A chain whose drafts are accepted independently
         with probability ``alpha`` shows ``alpha`` at every depth; a tree's siblings raise it."""
-        return [a / t for a, t in zip(self.depth_accepted, self.depth_tried)]
+        return [a / t for a, t in zip(self.depth_accepted, self.depth_tried, strict=True)]
 
     @property
     def mean_accepted_length(self) -> float:
@@ -92,19 +112,58 @@ class StageStats:
         d["depth_tried"] = list(self.depth_tried)
         d["depth_accepted"] = list(self.depth_accepted)
         d["depth_acceptance"] = self.depth_acceptance
+        if self.by_arm:
+            d["by_arm"] = {a: sub.as_dict() for a, sub in self.by_arm.items()}
         return d
+
+
+VERIFY_MAX_N = 64  # forwards over more positions are prefills and catch-ups, not steps
 
 
 def analysis_input(stats: list[StageStats], windows: list[int]) -> dict:
     """``analysis.predict_from_stats``'s input from a generation's measured stages: per stage
-    the median latency of each forward size, and for a verifier its ``alpha`` and window."""
+    the median latency of each forward size up to ``VERIFY_MAX_N`` (a prompt's prefill is not
+    a step), and for a verifier its ``alpha`` and the mean window it verified (its configured
+    window before it verified any); a verifier of trees adds its measured tokens per
+    verification and positions per verify forward (``analysis.StageProfile``)."""
     stages = []
     for i, s in enumerate(stats):
-        ns = sorted(s.forward_latency)
+        ns = sorted(n for n in s.forward_latency if n <= VERIFY_MAX_N) or sorted(s.forward_latency)
         lat = {"n": ns, "s": [sorted(s.forward_latency[n])[len(s.forward_latency[n]) // 2]
                               for n in ns]}
         d = {"name": s.name, "latency": lat}
         if i:
-            d.update(alpha=s.alpha, gamma=windows[i])
+            with_drafts = s.depth_tried[0] if s.depth_tried else 0  # verifies that had drafts
+            gamma = round(s.proposed / with_drafts) if with_drafts else windows[i]
+            d.update(alpha=s.alpha, gamma=max(1, gamma))
+            if s.tree_steps and with_drafts:
+                d.update(accepted_per_verify=1 + s.accepted / with_drafts,
+                         verify_tokens=1 + s.proposed / with_drafts)
         stages.append(d)
     return {"stages": stages}
+
+
+def regime_inputs(stats: list[StageStats], windows: list[int]) -> dict[str, tuple[dict, int]]:
+    """Per regime the target ran in (``StageStats.by_arm``): the ``analysis_input`` of the
+    stages that regime runs, with the target's own figures in that regime, and the tokens the
+    target committed in it (``analysis.predict_regimes``' input). ``full``: every stage;
+    ``lean``: the lowest (n-gram) drafter straight under the target; ``alone``: the target."""
+    from pipespec_fast.decoding.regime import ALONE, FULL
+
+    target = stats[-1]
+    out = {}
+    for arm, sub in target.by_arm.items():
+        if arm == FULL:
+            run, wins = [*stats[:-1], sub], windows
+        elif arm == ALONE:
+            run, wins = [sub], windows[-1:]
+        else:
+            run, wins = [stats[0], sub], [windows[0], windows[-1]]
+        if not sub.forward_latency:
+            continue  # (a target step is a forward: not reached)
+        # a stage below that never ran a forward in this generation (paused, or resumed
+        # too briefly) drafted nothing: the regime ran without it
+        ran = [i for i, st in enumerate(run) if st.forward_latency]
+        run, wins = [run[i] for i in ran], [wins[i] for i in ran]
+        out[arm] = (analysis_input(run, wins), sub.accepted + sub.verify_steps)
+    return out

@@ -120,6 +120,5 @@ def verify_tree(seqr, tree: DraftTree, rows: torch.Tensor | None = None) -> int:
     # window rule reads counts the path's levels tried, not the branches never reached
     leaf = bool(kept) and kept[-1] not in tree.parents
     seqr.policy.note_verify(num_i if leaf else num_i + 1, num_i)
-    seqr.stats.record_verify(n, num_i, rejected=not leaf)
-    seqr.stats.tree_steps += 1
+    seqr.stats.record_verify(n, num_i, rejected=not leaf, tree=True)
     return num_i

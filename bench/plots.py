@@ -45,7 +45,34 @@ def speedup_chart(out: Path) -> Path | None:
     return out
 
 
+COLORS = {"prefill": "#999999", "draft": "#4c9be8", "verify": "#e8734c",
+          "tree": "#8e3bb5"}
+LABELS = {"tree": "verify (tree)"}
+
+
+def _timeline_panel(ax, res, title: str) -> None:
+    """One generation's stages as rows of busy intervals, coloured by kind of forward."""
+    for row, st in enumerate(res.stage_stats):
+        for kind, color in COLORS.items():
+            spans = [(a * 1e3, (b - a) * 1e3) for a, b, k in st.timeline if k == kind]
+            if spans:
+                ax.broken_barh(spans, (row - 0.35, 0.7), color=color,
+                               label=LABELS.get(kind, kind))
+    ax.set_yticks(range(len(res.stage_stats)),
+                  [f"{i}: {s.name[:24]}" for i, s in enumerate(res.stage_stats)])
+    ax.invert_yaxis()
+    trees = res.stage_stats[-1].tree_steps
+    ax.set_title(f"{title}: {res.stats['new_tokens']} tokens, "
+                 f"{res.stats['tokens_per_s']:.1f} tokens/s"
+                 + (f", {trees} tree verifies by the target" if trees else ""), fontsize=9)
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles, strict=False))
+    ax.legend(uniq.values(), uniq.keys(), loc="upper right", fontsize=7)
+
+
 def timeline_chart(out: Path, max_new_tokens: int = 64) -> Path:
+    """The default hierarchy with chains, then with n-gram token trees, on one HumanEval
+    prompt: which stage runs what, when."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,27 +83,20 @@ def timeline_chart(out: Path, max_new_tokens: int = 64) -> Path:
 
     pipe = FastPipeline.from_default()
     ids = pipe.chat_prompt(load_prompts("humaneval", 1)[0])
-    pipe.generate(ids, 8, ignore_eos=True)  # warm-up
-    res = pipe.generate(ids, max_new_tokens, ignore_eos=True)
-    colors = {"prefill": "#999999", "draft": "#4c9be8", "verify": "#e8734c"}
-    fig, ax = plt.subplots(figsize=(10, 0.6 + 0.55 * len(res.stage_stats)))
-    for row, st in enumerate(res.stage_stats):
-        for kind in colors:
-            spans = [(a * 1e3, (b - a) * 1e3) for a, b, k in st.timeline if k == kind]
-            if spans:
-                ax.broken_barh(spans, (row - 0.35, 0.7), color=colors[kind],
-                               label=kind if row == 0 or kind == "verify" else None)
-    ax.set_yticks(range(len(res.stage_stats)),
-                  [f"{i}: {s.name[:24]}" for i, s in enumerate(res.stage_stats)])
-    ax.invert_yaxis()
-    ax.set_xlabel("ms since the start of generate()")
-    ax.set_title(f"PipeSpec stages at work ({res.stats['new_tokens']} tokens, "
-                 f"{res.stats['tokens_per_s']:.1f} tokens/s)")
-    handles, labels = ax.get_legend_handles_labels()
-    uniq = dict(zip(labels, handles, strict=False))
-    ax.legend(uniq.values(), uniq.keys(), loc="upper right", fontsize=8)
+    trees = FastPipeline(pipe.stages, tokenizer=pipe.tokenizer, tree_budget=16)
+    runs = []
+    for p, title in ((pipe, "default (chains)"), (trees, "default with trees (tree_budget=16)")):
+        p.generate(ids, 8, ignore_eos=True)  # warm-up
+        runs.append((p.generate(ids, max_new_tokens, ignore_eos=True), title))
+    rows = sum(len(r.stage_stats) for r, _ in runs)
+    fig, axes = plt.subplots(len(runs), 1, figsize=(10, 1.2 + 0.55 * rows), sharex=True)
+    for ax, (res, title) in zip(axes, runs, strict=True):
+        _timeline_panel(ax, res, title)
+    axes[-1].set_xlabel("ms since the start of generate()")
+    fig.suptitle("PipeSpec stages at work", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+    trees.close()
     pipe.close()
     return out
 

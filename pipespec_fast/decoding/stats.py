@@ -43,8 +43,9 @@ class StageStats:
         self.arm = arm
 
     def record_forward(self, kind: str, n: int, start: float, end: float, t0: float) -> None:
-        """A forward of ``n`` tokens (``kind``: prefill, draft, verify) ran from ``start`` to
-        ``end`` (``perf_counter`` seconds; ``t0``: the generation's start)."""
+        """A forward of ``n`` tokens (``kind``: prefill, draft, verify, or tree: a verify over
+        a token tree) ran from ``start`` to ``end`` (``perf_counter`` seconds; ``t0``: the
+        generation's start)."""
         self.forwards += 1
         self.busy_s += end - start
         self.timeline.append((start - t0, end - t0, kind))

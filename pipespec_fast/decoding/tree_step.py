@@ -107,7 +107,7 @@ def verify_tree(seqr, tree: DraftTree, rows: torch.Tensor | None = None) -> int:
     kept = path[:num_i].tolist()  # ... and the path's node ids (a second read on CUDA)
     stage.keep_path(base + u, path, num_i, chain=kept == list(range(num_i)))
     now = time.perf_counter()
-    seqr.stats.record_forward("verify", u + n, t, now, seqr.t0)
+    seqr.stats.record_forward("tree", u + n, t, now, seqr.t0)  # a verify, over a tree
     if u <= seqr.CATCH_UP:  # not a catch-up on many tokens: a verify latency
         seqr.policy.note_latency(u + n, now - t)
     committed = tree.path_tokens(kept)

@@ -6,6 +6,7 @@ Each rank is a subprocess running ``tests/dist_child.py``; every run is bounded 
 ranks are killed and the test fails past ``RUN_TIMEOUT_S``)."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -51,9 +52,11 @@ def _family_dirs(tmp_path: Path, k: int, seed: int, words: list[str] | None = No
     return dirs, models
 
 
-def _run_ranks(tmp_path: Path, world: int, spec: dict) -> tuple[list[int], list[dict], dict]:
-    """Start ``world`` ranks on ``spec``; wait for all (killing them all past the timeout).
-    Returns each rank's exit code and JSON output, and when each exited (monotonic)."""
+def _run_ranks(tmp_path: Path, world: int, spec: dict, env: dict | None = None
+               ) -> tuple[list[int], list[dict], dict]:
+    """Start ``world`` ranks on ``spec`` (with ``env`` added to their environment); wait for
+    all (killing them all past the timeout). Returns each rank's exit code and JSON output,
+    and when each exited (monotonic)."""
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     spec = dict(spec, out=str(out))
@@ -62,7 +65,8 @@ def _run_ranks(tmp_path: Path, world: int, spec: dict) -> tuple[list[int], list[
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, str(CHILD), str(r), str(world), str(port),
                                str(spec_path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for r in range(world)]
+                              stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+             for r in range(world)]
     ended: dict[int, float] = {}
     deadline = time.monotonic() + RUN_TIMEOUT_S
     try:
@@ -232,10 +236,11 @@ def test_messages_survive_the_wire_format_bit_for_bit():
     for msg in (Chunk(4, span), Chunk(0, TokenSpan([])), Sync(9, [1, 2]), Sync(3, []),
                 Wanted(False), Wanted(True), wire.Finish([5, 6]), wire.END, wire.HEARTBEAT,
                 wire.Fail("1 (draft) on rank 1", "RuntimeError: boom ü")):
-        tensors = wire.encode(msg)
-        shapes = wire.payload_shapes(tensors[0])
-        assert [(tuple(t.shape), t.dtype) for t in tensors[1:]] == shapes
-        got = wire.decode(tensors[0], tensors[1:])
+        control, rows = wire.encode(msg)
+        shapes, row_shapes = wire.payload_shapes(control[0])
+        assert [(tuple(t.shape), t.dtype) for t in control[1:]] == shapes
+        assert [(tuple(t.shape), t.dtype) for t in rows] == row_shapes
+        got = wire.decode(control[0], control[1:], rows)
         if isinstance(msg, Chunk):
             assert got.start == msg.start and got.span.tokens == msg.span.tokens
             assert got.span.confident == msg.span.confident

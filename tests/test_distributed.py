@@ -95,13 +95,21 @@ def _reference(models, prompts) -> list[list[int]]:
     return [target.generate(p, N, ignore_eos=True).token_ids for p in prompts]
 
 
-@pytest.mark.parametrize("k,ngram", [(2, False), (3, False), (2, True), (3, True)])
-def test_greedy_output_identical_to_the_single_process_pipeline(tmp_path, k, ngram):
+@pytest.mark.parametrize("k,ngram,rows", [(2, False, "auto"), (3, False, "auto"),
+                                          (2, True, "auto"), (3, True, "auto"),
+                                          (3, False, "split")])
+def test_greedy_output_identical_to_the_single_process_pipeline(tmp_path, k, ngram, rows):
+    """``rows="split"``: every link has a gloo group of its own for rows (none under greedy),
+    made and connected at start-up as NCCL's would be."""
     dirs, models = _family_dirs(tmp_path, k, seed=k + 3 * ngram)
     want = _reference(models, PROMPTS)
     codes, results, _ = _run_ranks(tmp_path, k, {"dirs": dirs, "prompts": PROMPTS, "n": N,
-                                                 "ngram": ngram})
+                                                 "ngram": ngram},
+                                   env={"PIPESPEC_DIST_ROWS": rows})
     assert codes == [0] * k, results
+    route = "split" if rows == "split" else "inline"
+    assert results[1]["routes"] == [route] * (k - 1)  # the middle rank (or the target) sees all
+    assert results[0]["routes"][0] == route and results[-1]["routes"][-1] == route
     for r in results:  # every rank returns the target's tokens
         assert r["results"] == want
     target = results[-1]["stats"][-1]
@@ -128,10 +136,13 @@ def test_default_models_on_two_ranks_give_the_single_process_greedy_output(tmp_p
     assert results[0]["results"] == want and results[1]["results"] == want
 
 
-def test_sampling_on_two_ranks_follows_the_target_distribution(tmp_path):
+@pytest.mark.parametrize("rows", ["auto", "split"])
+def test_sampling_on_two_ranks_follows_the_target_distribution(tmp_path, rows):
     """k = 2 across processes (the drafts' rows cross the wire): the joint distribution of
     the first two sampled tokens is the target's own (chi-square, as tests/test_pipeline.py
-    does in one process)."""
+    does in one process). ``rows="split"``: the rows travel on a gloo group of their own,
+    after the header that announces them on the control group: the NCCL route's path, with
+    gloo standing in for NCCL."""
     from scipy.stats import chisquare
     from test_pipeline import exact_joint
 
@@ -144,10 +155,16 @@ def test_sampling_on_two_ranks_follows_the_target_distribution(tmp_path):
     joint = exact_joint(LlamaStage(models[-1], max_len=64), prompt, 1.0, None, None)
     codes, results, _ = _run_ranks(tmp_path, 2, {"dirs": dirs, "prompts": [prompt], "n": 2,
                                                  "seeds": list(range(n)), "adaptive": True,
-                                                 "sampling": {"temperature": 1.0}})
+                                                 "sampling": {"temperature": 1.0}},
+                                   env={"PIPESPEC_DIST_ROWS": rows})
     assert codes == [0, 0], results
     assert results[0]["results"] == results[1]["results"]
     assert results[1]["accepted"] > 0  # drafts (and their rows) were really used
+    route = "split" if rows == "split" else "inline"
+    assert results[0]["routes"] == results[1]["routes"] == [route]
+    sent, received = results[0]["rows"][0][0], results[1]["rows"][0][1]
+    assert sent > 0 and received == sent  # every row went up on the route, none came down
+    assert results[0]["rows"][0][1] == results[1]["rows"][0][0] == 0
     V = joint.shape[0]
     counts = torch.zeros(V * V, dtype=torch.float64)
     for a, b in results[1]["results"]:

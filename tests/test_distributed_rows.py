@@ -252,3 +252,35 @@ def test_nccl_rows_are_sent_from_where_they_are():
     assert link.outgoing(row).data_ptr() == row.data_ptr()  # no copy, no host
     host = GroupLink("rows-group")
     assert host.outgoing(row).device == torch.device("cpu") and host.route == "split"
+
+
+# ----------------------------------------------------------------------------- devices, CLI
+
+
+@pytest.mark.parametrize("rank,device,want", [
+    (0, "cuda", "cuda:0"), (1, "cuda", "cuda:1"), (3, "cuda", "cuda:0"),  # 3rd on host a: 2 % 2
+    (2, "cuda", "cuda:0"),  # the first rank on host b
+    (1, "cuda:1", "cuda:1"), (3, "cpu", "cpu"),  # as given
+])
+def test_an_unindexed_cuda_device_is_each_ranks_own_gpu(monkeypatch, rank, device, want):
+    from pipespec_fast.pipespec import placement
+
+    def gather(out, obj):
+        out[:] = ["a", "a", "b", "a"]
+
+    monkeypatch.setattr(placement.dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(placement.dist, "get_rank", lambda: rank)
+    monkeypatch.setattr(placement.dist, "all_gather_object", gather)
+    monkeypatch.setattr(placement.torch.cuda, "device_count", lambda: 2)
+    assert torch.device(placement.rank_device(device)) == torch.device(want)
+
+
+def test_the_cli_summary_names_a_route_of_its_own():
+    from types import SimpleNamespace
+
+    from pipespec_fast.cli import _rows_note
+
+    assert _rows_note(SimpleNamespace(routes=(None, "nccl"))) == ", rows: nccl"
+    assert _rows_note(SimpleNamespace(routes=("split",))) == ", rows: split"
+    assert _rows_note(SimpleNamespace(routes=(None, "inline"))) == ""
+    assert _rows_note(SimpleNamespace(routes=())) == ""

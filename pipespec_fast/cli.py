@@ -210,10 +210,17 @@ def _run_rank(args: argparse.Namespace, kw: dict) -> int:
             dt = time.perf_counter() - t
             print(f"[pipespec, {pipe.placement.world} ranks: {' -> '.join(pipe.placement.labels)}]"
                   f" {len(res.token_ids)} tokens, {dt:.2f} s, {len(res.token_ids) / dt:.1f} "
-                  "tokens/s")
+                  f"tokens/s{_rows_note(pipe.placement)}")
     if made:
         dist.destroy_process_group()
     return 0
+
+
+def _rows_note(placement) -> str:
+    """``, rows: nccl`` where the rows reach the target's rank on a route of their own
+    (``pipespec/payload.py``); nothing where they travel with the control messages."""
+    routes = placement.routes
+    return f", rows: {routes[-1]}" if routes and routes[-1] != "inline" else ""
 
 
 def _print_answer(pipe, prompt, max_new_tokens: int, gen: dict) -> None:

@@ -63,6 +63,9 @@ def main() -> int:
         out["results"] = results
         out["stats"] = [s.as_dict() for s in res.stage_stats]
         out["accepted"] = accepted
+        rows = pipe.placement.rows  # each link's row route, and the rows it carried
+        out["routes"] = list(pipe.placement.routes)
+        out["rows"] = [None if r is None else [r.sent, r.received] for r in rows]
     except Exception as e:  # the test reads the error line
         out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
         out["trace"] = traceback.format_exc()

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -52,13 +54,17 @@ def test_merge_ranks_keeps_the_target_figures_and_every_stage():
     assert [s["name"] for s in merged["stages"]] == ["ngram", "d", "t"]
 
 
-def test_dist_latency_measures_every_path(tmp_path):
-    """``bench/dist_latency.py`` on a few trips and a tiny vocabulary: every path measured."""
+@pytest.mark.parametrize("rows,route", [("auto", "inline"), ("split", "split")])
+def test_dist_latency_measures_every_path(tmp_path, rows, route):
+    """``bench/dist_latency.py`` on a few trips and a tiny vocabulary: every path measured,
+    the rows on the route asked for, received bit for bit."""
     import dist_latency
 
     out = tmp_path / "lat.json"
-    assert dist_latency.main(["--trips", "5", "--vocab", "64", "--pin", "--out", str(out)]) == 0
+    assert dist_latency.main(["--trips", "5", "--vocab", "64", "--pin", "--rows", rows,
+                              "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["trips"] == 5 and data["pin"] is True
+    assert data["route"] == route and data["rows_exact"] is True
     for name in ("queue", "tcp", "raw", "chunk_sync", "chunk_rows"):
         assert 0 < data[name]["median_us"] <= data[name]["p90_us"], name

@@ -35,6 +35,8 @@ PARSED = [
     ("PIPESPEC_FUSED", "0", "fused", False),
     ("PIPESPEC_CPU_LINEAR", "numpy", "cpu_linear", "numpy"),
     ("PIPESPEC_CPU_LINEAR", "torch", "cpu_linear", "torch"),
+    ("PIPESPEC_DIST_ROWS", "split", "dist_rows", "split"),
+    ("PIPESPEC_DIST_ROWS", " GLOO", "dist_rows", "gloo"),
     ("PIPESPEC_CPU_THREADS", "6", "cpu_threads", 6),
     ("PIPESPEC_TORCH_THREADS", "2", "torch_threads", 2),
     ("PIPESPEC_STAGE_THREADS", "1,1,2", "stage_threads", (1, 1, 2)),
@@ -54,6 +56,7 @@ REJECTED = [
     ("PIPESPEC_PACKED", "off", "0 or 1"),
     ("PIPESPEC_FUSED", "2", "0 or 1"),
     ("PIPESPEC_CPU_LINEAR", "blas", "one of skinny, numpy, torch"),
+    ("PIPESPEC_DIST_ROWS", "nccl", "one of auto, gloo, split"),
     ("PIPESPEC_CPU_THREADS", "0", "an integer >= 1"),
     ("PIPESPEC_CPU_THREADS", "two", "an integer >= 1"),
     ("PIPESPEC_TORCH_THREADS", "-1", "an integer >= 1"),
@@ -76,7 +79,8 @@ def test_defaults():
     assert (cfg.backend, cfg.triton_interpret, cfg.c_kernels, cfg.skinny_isa, cfg.int8_isa,
             cfg.cc) == ("auto", False, True, "auto", "auto", "gcc")
     assert cfg.cache_dir == Path.home() / ".cache" / "pipespec-fast"
-    assert (cfg.packed, cfg.fused, cfg.cpu_linear) == (True, True, "skinny")
+    assert (cfg.packed, cfg.fused, cfg.cpu_linear, cfg.dist_rows) == \
+        (True, True, "skinny", "auto")
     assert (cfg.cpu_threads, cfg.torch_threads, cfg.stage_threads, cfg.idle_drafters) == \
         (None, 1, None, None)
 
@@ -151,6 +155,7 @@ def test_unknown_pipespec_variable_is_warned_about_once(warn_again):
     ("backend", "cuda", "one of auto, triton, reference"),
     ("c_kernels", 0, "a bool"),
     ("cache_dir", "/tmp/x", "a pathlib.Path"),
+    ("dist_rows", "nccl", "one of auto, gloo, split"),
     ("cpu_threads", 0, "None or an int >= 1"),
     ("torch_threads", True, "an int >= 1"),
     ("stage_threads", [1, 2], "None or a non-empty tuple of ints >= 1"),

@@ -6,6 +6,7 @@ Each rank is a subprocess running ``tests/dist_child.py``; every run is bounded 
 ranks are killed and the test fails past ``RUN_TIMEOUT_S``)."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -51,9 +52,11 @@ def _family_dirs(tmp_path: Path, k: int, seed: int, words: list[str] | None = No
     return dirs, models
 
 
-def _run_ranks(tmp_path: Path, world: int, spec: dict) -> tuple[list[int], list[dict], dict]:
-    """Start ``world`` ranks on ``spec``; wait for all (killing them all past the timeout).
-    Returns each rank's exit code and JSON output, and when each exited (monotonic)."""
+def _run_ranks(tmp_path: Path, world: int, spec: dict, env: dict | None = None
+               ) -> tuple[list[int], list[dict], dict]:
+    """Start ``world`` ranks on ``spec`` (with ``env`` added to their environment); wait for
+    all (killing them all past the timeout). Returns each rank's exit code and JSON output,
+    and when each exited (monotonic)."""
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     spec = dict(spec, out=str(out))
@@ -62,7 +65,8 @@ def _run_ranks(tmp_path: Path, world: int, spec: dict) -> tuple[list[int], list[
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, str(CHILD), str(r), str(world), str(port),
                                str(spec_path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for r in range(world)]
+                              stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+             for r in range(world)]
     ended: dict[int, float] = {}
     deadline = time.monotonic() + RUN_TIMEOUT_S
     try:
@@ -91,13 +95,21 @@ def _reference(models, prompts) -> list[list[int]]:
     return [target.generate(p, N, ignore_eos=True).token_ids for p in prompts]
 
 
-@pytest.mark.parametrize("k,ngram", [(2, False), (3, False), (2, True), (3, True)])
-def test_greedy_output_identical_to_the_single_process_pipeline(tmp_path, k, ngram):
+@pytest.mark.parametrize("k,ngram,rows", [(2, False, "auto"), (3, False, "auto"),
+                                          (2, True, "auto"), (3, True, "auto"),
+                                          (3, False, "split")])
+def test_greedy_output_identical_to_the_single_process_pipeline(tmp_path, k, ngram, rows):
+    """``rows="split"``: every link has a gloo group of its own for rows (none under greedy),
+    made and connected at start-up as NCCL's would be."""
     dirs, models = _family_dirs(tmp_path, k, seed=k + 3 * ngram)
     want = _reference(models, PROMPTS)
     codes, results, _ = _run_ranks(tmp_path, k, {"dirs": dirs, "prompts": PROMPTS, "n": N,
-                                                 "ngram": ngram})
+                                                 "ngram": ngram},
+                                   env={"PIPESPEC_DIST_ROWS": rows})
     assert codes == [0] * k, results
+    route = "split" if rows == "split" else "inline"
+    assert results[1]["routes"] == [route] * (k - 1)  # the middle rank (or the target) sees all
+    assert results[0]["routes"][0] == route and results[-1]["routes"][-1] == route
     for r in results:  # every rank returns the target's tokens
         assert r["results"] == want
     target = results[-1]["stats"][-1]
@@ -124,10 +136,13 @@ def test_default_models_on_two_ranks_give_the_single_process_greedy_output(tmp_p
     assert results[0]["results"] == want and results[1]["results"] == want
 
 
-def test_sampling_on_two_ranks_follows_the_target_distribution(tmp_path):
+@pytest.mark.parametrize("rows", ["auto", "split"])
+def test_sampling_on_two_ranks_follows_the_target_distribution(tmp_path, rows):
     """k = 2 across processes (the drafts' rows cross the wire): the joint distribution of
     the first two sampled tokens is the target's own (chi-square, as tests/test_pipeline.py
-    does in one process)."""
+    does in one process). ``rows="split"``: the rows travel on a gloo group of their own,
+    after the header that announces them on the control group: the NCCL route's path, with
+    gloo standing in for NCCL."""
     from scipy.stats import chisquare
     from test_pipeline import exact_joint
 
@@ -140,10 +155,16 @@ def test_sampling_on_two_ranks_follows_the_target_distribution(tmp_path):
     joint = exact_joint(LlamaStage(models[-1], max_len=64), prompt, 1.0, None, None)
     codes, results, _ = _run_ranks(tmp_path, 2, {"dirs": dirs, "prompts": [prompt], "n": 2,
                                                  "seeds": list(range(n)), "adaptive": True,
-                                                 "sampling": {"temperature": 1.0}})
+                                                 "sampling": {"temperature": 1.0}},
+                                   env={"PIPESPEC_DIST_ROWS": rows})
     assert codes == [0, 0], results
     assert results[0]["results"] == results[1]["results"]
     assert results[1]["accepted"] > 0  # drafts (and their rows) were really used
+    route = "split" if rows == "split" else "inline"
+    assert results[0]["routes"] == results[1]["routes"] == [route]
+    sent, received = results[0]["rows"][0][0], results[1]["rows"][0][1]
+    assert sent > 0 and received == sent  # every row went up on the route, none came down
+    assert results[0]["rows"][0][1] == results[1]["rows"][0][0] == 0
     V = joint.shape[0]
     counts = torch.zeros(V * V, dtype=torch.float64)
     for a, b in results[1]["results"]:
@@ -232,10 +253,11 @@ def test_messages_survive_the_wire_format_bit_for_bit():
     for msg in (Chunk(4, span), Chunk(0, TokenSpan([])), Sync(9, [1, 2]), Sync(3, []),
                 Wanted(False), Wanted(True), wire.Finish([5, 6]), wire.END, wire.HEARTBEAT,
                 wire.Fail("1 (draft) on rank 1", "RuntimeError: boom ü")):
-        tensors = wire.encode(msg)
-        shapes = wire.payload_shapes(tensors[0])
-        assert [(tuple(t.shape), t.dtype) for t in tensors[1:]] == shapes
-        got = wire.decode(tensors[0], tensors[1:])
+        control, rows = wire.encode(msg)
+        shapes, row_shapes = wire.payload_shapes(control[0])
+        assert [(tuple(t.shape), t.dtype) for t in control[1:]] == shapes
+        assert [(tuple(t.shape), t.dtype) for t in rows] == row_shapes
+        got = wire.decode(control[0], control[1:], rows)
         if isinstance(msg, Chunk):
             assert got.start == msg.start and got.span.tokens == msg.span.tokens
             assert got.span.confident == msg.span.confident

@@ -71,9 +71,10 @@ class DistributedRun:
         for r in (p.rank - 1, p.rank + 1):
             if 0 <= r < p.world:
                 label = p.label_of_rank(r)
-                self.links[r] = DistLink(r, label, p.group, p.peer_timeout_s)
+                rows = p.rows_link(r)
+                self.links[r] = DistLink(r, label, p.group, p.peer_timeout_s, rows=rows)
                 self.receivers.append(Receiver(r, label, p.group, p.peer_timeout_s,
-                                               w.inbox.put, self._control, device))
+                                               w.inbox.put, self._control, device, rows))
         if p.rank > 0:
             w.below = RemotePeer(self.links[p.rank - 1])
         if not p.is_target:

@@ -7,18 +7,23 @@ target's rank runs its own copy for skip-level drafts. Every rank loads only its
 (and every tokenizer, to check they agree).
 
 What every rank must know of the others (names for error messages, the smallest context, the
-target's vocabulary and end-of-sequence ids) is gathered once, when the pipeline is built.
+target's vocabulary and end-of-sequence ids, each stage's device) is gathered once, when the
+pipeline is built; so is each link's row route (``payload.py``: NCCL between two GPUs).
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
+from pipespec_fast import config
+from pipespec_fast.pipespec.payload import PayloadLink, describe, make_routes
 from pipespec_fast.stages import is_model_free
 
 PEER_TIMEOUT_S = 3.0  # a neighbour silent this long (heartbeats included) is declared dead
@@ -32,7 +37,9 @@ class Placement:
 
     ``labels``: every stage's label (``"1 (draft)"``), the model-free lowest one included;
     ``inline_lowest``: global stage 0 is model-free (run inline on rank 0, and copied on the
-    target's rank for skip-level drafts).
+    target's rank for skip-level drafts); ``rows``: each link's row route (link ``l``: ranks
+    ``l`` and ``l + 1``; ``None`` for the links of other ranks), empty for rows with the
+    control messages everywhere.
     """
 
     rank: int
@@ -46,6 +53,7 @@ class Placement:
     peer_timeout_s: float = PEER_TIMEOUT_S
     heartbeat_s: float = HEARTBEAT_S
     start_timeout_s: float = START_TIMEOUT_S
+    rows: tuple[PayloadLink | None, ...] = ()
 
     @property
     def k(self) -> int:
@@ -68,6 +76,15 @@ class Placement:
     def label_of_rank(self, r: int) -> str:
         return f"{self.labels[r + int(self.inline_lowest)]} on rank {r}"
 
+    def rows_link(self, peer: int) -> PayloadLink | None:
+        """The row route of the link to neighbour ``peer`` (``None``: with the rest)."""
+        return self.rows[min(self.rank, peer)] if self.rows else None
+
+    @property
+    def routes(self) -> tuple[str | None, ...]:
+        """Each link's route name (``inline``, ``split``, ``nccl``; ``None``: not ours)."""
+        return tuple(None if r is None else r.route for r in self.rows)
+
 
 def _group_state() -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
@@ -85,8 +102,11 @@ def make_placement(stages: list, ngram: bool, tokenizer_vocab_size: int | None =
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=START_TIMEOUT_S))
     own = stages[-1]
     eos = list(own.capabilities.eos_token_ids)
+    device = _indexed(own.device)
+    where = describe(device, config.current().dist_rows)
     info = [None] * world
-    dist.all_gather_object(info, (own.name, own.vocab_size, own.max_len, eos), group=group)
+    dist.all_gather_object(info, (own.name, own.vocab_size, own.max_len, eos, where),
+                           group=group)
     names = [i[0] for i in info]
     target_vocab = info[-1][1]
     for name, vocab, *_ in info[:-1]:
@@ -97,8 +117,32 @@ def make_placement(stages: list, ngram: bool, tokenizer_vocab_size: int | None =
         names.insert(0, stages[0].name)
     labels = tuple(f"{i} ({n})" for i, n in enumerate(names))
     max_len = min(i[2] for i in info)
+    rows = make_routes(rank, world, group, [i[4] for i in info], device, START_TIMEOUT_S)
     return Placement(rank, world, group, labels, ngram, max_len, target_vocab,
-                     tuple(info[-1][3]), **timeouts)
+                     tuple(info[-1][3]), **timeouts, rows=rows)
+
+
+def _indexed(device) -> torch.device:
+    """``device`` with its index (``cuda`` is the current CUDA device)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def rank_device(device):
+    """This rank's device for ``device``: an unindexed ``cuda`` is the rank's own GPU, the
+    ``i``-th of its host for the ``i``-th rank there (as ``torchrun`` numbers local ranks),
+    so that one command line puts each stage on its own GPU (modulo the GPUs there). A
+    collective (the hosts' names are gathered)."""
+    hosts = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    if device is None or torch.device(device).type != "cuda" or torch.device(device).index \
+            is not None:
+        return device
+    rank = dist.get_rank()
+    local = sum(1 for h in hosts[:rank] if h == hosts[rank])
+    return torch.device("cuda", local % torch.cuda.device_count())
 
 
 def load_local_stages(paths: Sequence[str | Path], device, dtype, max_len: int, ngram: bool,
@@ -123,6 +167,7 @@ def load_local_stages(paths: Sequence[str | Path], device, dtype, max_len: int, 
         raise ValueError(f"distributed: {len(paths)} models for {world} ranks (one rank per "
                          "model, the target last)")
     tok = check_tokenizers(paths)
+    device = rank_device(device)
     path = paths[rank]
     stage = LlamaStage.from_pretrained(path, dtype=dtype, device=device, max_len=max_len,
                                        name=Path(path).name)

@@ -8,8 +8,10 @@ point-to-point messages (``wire.py``) to the neighbour's rank; a :class:`Receive
 neighbour puts what arrives into the local worker's inbox, so the workers' code is the same in
 both placements.
 
-* Sends are non-blocking (``isend``); at most ``max_in_flight`` messages per link are
+* Sends are non-blocking (``isend``); at most ``max_in_flight`` tensors per link are
   unfinished, then the sender waits for the oldest (a bounded buffer, as a queue would be).
+* A Chunk's probability rows take the link's row route (``payload.py``): with the rest over
+  gloo, or right after it on a group of their own (NCCL between two GPUs).
 * A receiver blocks in gloo's receive (no polling), with a timeout: a neighbour silent for
   ``peer_timeout_s`` is declared dead. :class:`Heartbeat` keeps idle links talking (every
   ``heartbeat_s``), so silence means a stuck or vanished process; a crashed one closes its
@@ -28,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from pipespec_fast.pipespec import wire
+from pipespec_fast.pipespec.payload import PayloadLink
 
 
 class LinkError(RuntimeError):
@@ -35,40 +38,54 @@ class LinkError(RuntimeError):
 
 
 class DistLink:
-    """The sending end of one link (this rank -> ``peer``): ``put`` as on a queue."""
+    """The sending end of one link (this rank -> ``peer``): ``put`` as on a queue. ``rows``:
+    the link's row route (default: with the rest, over ``group``)."""
 
     def __init__(self, peer: int, peer_label: str, group, timeout_s: float,
-                 max_in_flight: int = 64) -> None:
+                 max_in_flight: int = 64, rows: PayloadLink | None = None) -> None:
         self.peer = peer
         self.peer_label = peer_label
         self.group = group
-        self.timeout = timedelta(seconds=timeout_s)
+        self.rows = rows if rows is not None else PayloadLink(group)
+        self.timeout_s = timeout_s
         self.max_in_flight = max_in_flight
         self.last_sent = time.monotonic()
         self.closed = False  # a terminal message was sent: nothing more goes out
         self._lock = threading.Lock()  # one message's tensors go out together
-        self._pending: deque = deque()  # (work, tensors kept alive until sent)
+        self._pending: deque = deque()  # (work, its route, the tensor kept alive until sent)
 
     def put(self, msg) -> None:
-        tensors = wire.encode(msg)
+        control, rows = wire.encode(msg)
+        rows = [self.rows.outgoing(r) for r in rows]
         with self._lock:
             if self.closed:
                 return
-            while len(self._pending) >= self.max_in_flight:
-                self._wait_oldest()
-            for t in tensors:
-                try:
-                    work = dist.isend(t, self.peer, group=self.group)
-                except RuntimeError as e:  # the peer's socket is gone already
-                    raise self._peer_error(e) from None
-                self._pending.append((work, t))
+            for t in control:
+                self._send(None, t)
+            for t in rows:  # right after the control part, on the row route
+                self._send(self.rows, t)
             self.last_sent = time.monotonic()
             self.closed = isinstance(msg, wire.TERMINAL)
 
-    def _wait_oldest(self) -> None:
-        work, _ = self._pending.popleft()
+    def _send(self, route: PayloadLink | None, t: torch.Tensor) -> None:
+        while len(self._pending) >= self.max_in_flight:
+            self._wait_oldest()
         try:
-            work.wait(self.timeout)
+            if route is None:
+                work = dist.isend(t, self.peer, group=self.group)
+            else:
+                work = route.isend(t, self.peer)
+        except RuntimeError as e:  # the peer's socket is gone already
+            raise self._peer_error(e) from None
+        self._pending.append((work, route, t))
+
+    def _wait_oldest(self) -> None:
+        work, route, _ = self._pending.popleft()
+        try:
+            if route is None:
+                work.wait(timedelta(seconds=self.timeout_s))
+            else:
+                route.wait(work, self.timeout_s)
         except RuntimeError as e:
             raise self._peer_error(e) from None
 
@@ -109,15 +126,18 @@ class Receiver:
 
     ``deliver(msg)`` gets every Chunk / Sync / Wanted, ``control(msg)`` the terminal message
     (Finish, End or Fail), or a ``Fail`` naming ``peer_label`` when the link breaks (the
-    neighbour crashed, or sent nothing for ``timeout_s``).
+    neighbour crashed, or sent nothing for ``timeout_s``). Rows come on ``rows``, the link's
+    row route (default: with the rest, over ``group``), and are put on ``device``.
     """
 
     def __init__(self, peer: int, peer_label: str, group, timeout_s: float,
-                 deliver: Callable, control: Callable, device: torch.device | None = None
-                 ) -> None:
+                 deliver: Callable, control: Callable, device: torch.device | None = None,
+                 rows: PayloadLink | None = None) -> None:
         self.peer = peer
         self.peer_label = peer_label
         self.group = group
+        self.rows = rows if rows is not None else PayloadLink(group)
+        self.timeout_s = timeout_s
         self.timeout = timedelta(seconds=timeout_s)
         self.deliver = deliver
         self.control = control
@@ -137,8 +157,10 @@ class Receiver:
         try:
             while True:
                 head = self._recv((wire.HEADER,), torch.int64)
-                payload = [self._recv(s, d) for s, d in wire.payload_shapes(head)]
-                msg = wire.decode(head, payload, self.device)
+                control, rows = wire.payload_shapes(head)
+                payload = [self._recv(s, d) for s, d in control]
+                got = [self.rows.recv(s, d, self.peer, self.timeout_s) for s, d in rows]
+                msg = wire.decode(head, payload, got, self.device)
                 if isinstance(msg, wire.TERMINAL):
                     self.control(msg)
                     return

@@ -1,7 +1,10 @@
 """The PipeSpec messages as tensors, for ``torch.distributed`` point-to-point links.
 
-A message is a fixed ``int64[8]`` header followed by at most three payload tensors, sent in
-that order on one link (gloo keeps a link's messages in order):
+A message is a fixed ``int64[8]`` header followed by its payload tensors: the control part
+(tokens, text) on the link's gloo group, in order, then its rows on the link's row route
+(``payload.py``: the same gloo group, or a group of their own, NCCL between two GPUs), which
+keeps them in order too. The header announces every tensor that follows, so the receiver
+knows what to receive, and where:
 
 * ``int64[n]`` tokens, each packed with its two flags (``TOKEN_BITS`` bits of id, then
   "has a row" and "a guess"), so a Chunk's tokens, confidence and row layout cost 8 bytes a
@@ -69,20 +72,21 @@ _KIND = {cls: i for i, cls in enumerate(KINDS)}
 TERMINAL = (Finish, End, Fail)
 
 
-def encode(msg) -> list[torch.Tensor]:
-    """The tensors to send for ``msg``: the header first. Rows are moved to the CPU (gloo)."""
+def encode(msg) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The tensors to send for ``msg``: its control part (the header first), and the rows a
+    Chunk carries, flat and where they are (the row route moves them: ``payload.py``)."""
     head = [0] * HEADER
     head[0] = _KIND[type(msg)]
     out: list[torch.Tensor] = []
+    flat: list[torch.Tensor] = []
     if isinstance(msg, Chunk):
         head[1] = msg.start
         toks, rows = _pack_span(msg.span)
         head[2] = len(toks)
         out.append(torch.tensor(toks, dtype=torch.int64))
         if rows:
-            flat = [x.reshape(-1).cpu().contiguous() for x in rows]  # gloo: contiguous only
+            flat = [x.reshape(-1) for x in rows]
             head[3], head[4], head[5] = len(flat), flat[0].numel(), DTYPES.index(flat[0].dtype)
-            out.extend(flat)
     elif isinstance(msg, (Sync, Finish)):
         head[1] = getattr(msg, "start", 0)
         head[2] = len(msg.tokens)
@@ -93,28 +97,32 @@ def encode(msg) -> list[torch.Tensor]:
         text = f"{msg.stage}\n{msg.message}".encode()
         head[6] = len(text)
         out.append(torch.frombuffer(bytearray(text), dtype=torch.uint8))
-    return [torch.tensor(head, dtype=torch.int64)] + [t for t in out if t.numel()]
+    return [torch.tensor(head, dtype=torch.int64)] + [t for t in out if t.numel()], flat
 
 
-def payload_shapes(head: torch.Tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """The payload tensors that follow ``head``, in order: what the receiver allocates."""
+Shapes = list[tuple[tuple[int, ...], torch.dtype]]
+
+
+def payload_shapes(head: torch.Tensor) -> tuple[Shapes, Shapes]:
+    """What follows ``head``, in order: the control tensors, then the rows (what the receiver
+    allocates, and on which route it receives each)."""
     kind, _, n, m, v, dt, b, _ = head.tolist()
-    shapes = []
+    control = []
     if KINDS[kind] in (Chunk, Sync, Finish) and n:
-        shapes.append(((n,), torch.int64))
-    shapes += [((v,), DTYPES[dt])] * m
+        control.append(((n,), torch.int64))
     if b:
-        shapes.append(((b,), torch.uint8))
-    return shapes
+        control.append(((b,), torch.uint8))
+    return control, [((v,), DTYPES[dt])] * m
 
 
-def decode(head: torch.Tensor, payload: list[torch.Tensor], device: torch.device | None = None):
-    """The message ``head`` and ``payload`` carry; rows are put on ``device``."""
-    kind, a, n, m, *_ = head.tolist()
+def decode(head: torch.Tensor, control: list[torch.Tensor], rows: list[torch.Tensor],
+           device: torch.device | None = None):
+    """The message ``head``, its ``control`` tensors and its ``rows`` carry; rows are put on
+    ``device`` (a no-op for rows received there)."""
+    kind, a, n, *_ = head.tolist()
     cls = KINDS[kind]
-    toks = payload[0].tolist() if n else []
+    toks = control[0].tolist() if n else []
     if cls is Chunk:
-        rows = payload[1:1 + m]
         if device is not None:
             rows = [r.to(device) for r in rows]
         return Chunk(a, _unpack_span(toks, rows))
@@ -125,7 +133,7 @@ def decode(head: torch.Tensor, payload: list[torch.Tensor], device: torch.device
     if cls is Wanted:
         return Wanted(bool(a))
     if cls is Fail:
-        stage, _, message = bytes(payload[-1].tolist()).decode(errors="replace").partition("\n")
+        stage, _, message = bytes(control[-1].tolist()).decode(errors="replace").partition("\n")
         return Fail(stage, message)
     return cls()
 

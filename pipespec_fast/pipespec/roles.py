@@ -93,18 +93,23 @@ class _Verifier(StageWorker):
         more waiting than they give); pauses or resumes a model stage below to match, and
         lets an inline drafter fill it."""
         n = self.s.window(self.window, self.wait_per_draft_s)
-        wanted = n > 0
-        if self.below is not None and wanted != self._below_wanted:
-            self._below_wanted = wanted
-            if wanted:  # what it missed while paused, before it drafts again
-                self._sync_down()
-                # the wait for its first drafts includes its catch-up (a deferred prefill):
-                # not a cost per draft
-                self._after_resume = True
-            self.below.inbox.put(RESUME if wanted else PAUSE)  # a resume wakes it at once
+        self._set_below_wanted(n > 0)
         if self.inline is not None and not self.tree_budget:
             self.inline.fill(self.s.seq, n)
         return n
+
+    def _set_below_wanted(self, wanted: bool) -> None:
+        """Resume the model stage below (``wanted``) or pause it (it then leaves us the cores
+        and only follows our syncs), when that changes."""
+        if self.below is None or wanted == self._below_wanted:
+            return
+        self._below_wanted = wanted
+        if wanted:  # what it missed while paused, before it drafts again
+            self._sync_down()
+            # the wait for its first drafts includes its catch-up (a deferred prefill): not a
+            # cost per draft
+            self._after_resume = True
+        self.below.inbox.put(RESUME if wanted else PAUSE)  # a resume wakes it at once
 
     def _inline_tree(self, depth: int) -> DraftTree | None:
         """A tree from the drafter run inline, ``depth`` levels deep, after our whole sequence
@@ -223,11 +228,9 @@ class TargetWorker(_Verifier):
         return FULL if self.s.regimes is None else self.s.regimes.arm
 
     def _pause_below(self) -> int:
-        """Leave the model stage below out of this step (``lean``, ``alone``): paused, it
-        leaves us the cores and only follows our syncs. Returns the window for it: 0."""
-        if self.below is not None and self._below_wanted:
-            self._below_wanted = False
-            self.below.inbox.put(PAUSE)
+        """Leave the model stage below out of this step (``lean``, ``alone``). Returns the
+        window for it: 0."""
+        self._set_below_wanted(False)
         return 0
 
     def step(self) -> bool:

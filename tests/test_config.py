@@ -35,6 +35,8 @@ PARSED = [
     ("PIPESPEC_FUSED", "0", "fused", False),
     ("PIPESPEC_CPU_LINEAR", "numpy", "cpu_linear", "numpy"),
     ("PIPESPEC_CPU_LINEAR", "torch", "cpu_linear", "torch"),
+    ("PIPESPEC_GRAPHS", "1", "graphs", True),
+    ("PIPESPEC_GRAPHS", "0", "graphs", False),
     ("PIPESPEC_CPU_THREADS", "6", "cpu_threads", 6),
     ("PIPESPEC_TORCH_THREADS", "2", "torch_threads", 2),
     ("PIPESPEC_STAGE_THREADS", "1,1,2", "stage_threads", (1, 1, 2)),
@@ -54,6 +56,7 @@ REJECTED = [
     ("PIPESPEC_PACKED", "off", "0 or 1"),
     ("PIPESPEC_FUSED", "2", "0 or 1"),
     ("PIPESPEC_CPU_LINEAR", "blas", "one of skinny, numpy, torch"),
+    ("PIPESPEC_GRAPHS", "on", "0 or 1"),
     ("PIPESPEC_CPU_THREADS", "0", "an integer >= 1"),
     ("PIPESPEC_CPU_THREADS", "two", "an integer >= 1"),
     ("PIPESPEC_TORCH_THREADS", "-1", "an integer >= 1"),
@@ -76,7 +79,7 @@ def test_defaults():
     assert (cfg.backend, cfg.triton_interpret, cfg.c_kernels, cfg.skinny_isa, cfg.int8_isa,
             cfg.cc) == ("auto", False, True, "auto", "auto", "gcc")
     assert cfg.cache_dir == Path.home() / ".cache" / "pipespec-fast"
-    assert (cfg.packed, cfg.fused, cfg.cpu_linear) == (True, True, "skinny")
+    assert (cfg.packed, cfg.fused, cfg.cpu_linear, cfg.graphs) == (True, True, "skinny", False)
     assert (cfg.cpu_threads, cfg.torch_threads, cfg.stage_threads, cfg.idle_drafters) == \
         (None, 1, None, None)
 

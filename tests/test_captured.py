@@ -122,6 +122,11 @@ def test_padded_step_through_the_triton_kernel(configure):
         torch.testing.assert_close(cache.k[:, :, : cache.length], eager.k[:, :, : eager.length])
 
 
+def test_graphs_setting_applies_to_cuda_stages_only(configure):
+    configure(graphs=True)
+    assert LlamaStage(model(), max_len=64).steps is None  # the CPU keeps its fused C path
+
+
 def test_a_block_that_does_not_fit_is_refused_and_the_cache_is_unchanged():
     m = model()
     eager, cache = two_caches(m, 10, max_len=16)
@@ -279,7 +284,17 @@ def test_cuda_graph_replay_equals_the_eager_step():
         c.v.zero_()
     steps.warm_up()
     assert all(b.graph is not None for b in steps._buckets.values())
-    for n, start in ((1, 0), (5, 3), (9, 40), (64, 100)):
+    # cached slots hold values first: a bucket captured later (lazily, after them) must
+    # leave them alone
+    prefix = torch.randint(0, VOCAB, (30,), device="cuda")
+    m(prefix, eager.cache)
+    m(prefix, steps.cache)
+    steps._buckets.pop(64)
+    steps.cache.length = 30
+    before = steps.cache.k[:, :, :30].clone()
+    steps._bucket(64)
+    assert torch.equal(steps.cache.k[:, :, :30], before)
+    for n, start in ((1, 30), (5, 31), (9, 36), (64, 45)):  # each after the last
         toks = torch.randint(0, VOCAB, (n,), device="cuda")
         for s in (eager, steps):
             s.cache.length = start

@@ -160,10 +160,12 @@ class StaticSteps:
         return out[n - (n if last_n is None else last_n) : n]
 
     def warm_up(self) -> None:
-        """Capture every bucket now (CUDA; on the CPU nothing is prepared ahead)."""
+        """Capture every bucket now (CUDA; on the CPU nothing is prepared ahead). A bucket
+        whose rows would not fit after the cached slots waits for its first use."""
         if self.capture:
             for size in self.sizes:
-                self._bucket(size)
+                if self.cache.length + size <= self.cache.max_len:
+                    self._bucket(size)
 
     def _bucket(self, size: int) -> _Bucket:
         b = self._buckets.get(size)
@@ -187,9 +189,10 @@ class StaticSteps:
     @torch.inference_mode()
     def _capture(self, b: _Bucket) -> None:
         """Warm up on a side stream (Triton compiles its kernels, cuBLAS picks its
-        algorithms), then capture. The length is 0 meanwhile: the writes land in slots the
-        cache does not count (its length is untouched)."""
-        self.length.fill_(0)
+        algorithms), then capture. The length is the cache's meanwhile: the writes land in
+        the slots after the valid ones, which the cache does not count (its length stays),
+        and callers make sure they exist (``fits``, ``warm_up``)."""
+        self.length.fill_(self.cache.length)
         self.valid.fill_(b.size)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))

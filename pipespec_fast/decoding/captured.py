@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 import pipespec_fast.custom_ops  # noqa: F401  (registers torch.ops.pipespec.*)
-from pipespec_fast import reference
+from pipespec_fast import ops, reference
 from pipespec_fast.kv_cache import KVCache
 from pipespec_fast.models.llama import rope_tables
 
@@ -109,15 +109,18 @@ class StaticSteps:
     """A stage's captured steps: :meth:`forward` has ``Transformer.forward``'s contract for
     blocks of up to ``max_n`` tokens (:meth:`fits`); larger blocks (a prefill) stay eager.
 
-    ``capture`` (default: whether the cache is on CUDA) replays each bucket as a CUDA graph,
-    captured on its first use or by :meth:`warm_up` (at load: a capture synchronises the
-    device, which must not happen mid-generation); without it the same step runs eagerly."""
+    ``capture`` (default: whether the cache is on CUDA, served by Triton) replays each
+    bucket as a CUDA graph, captured on its first use or by :meth:`warm_up` (at load: a
+    capture synchronises the device, which must not happen mid-generation); without it the
+    same step runs eagerly."""
 
     def __init__(self, model, cache: KVCache, max_n: int = MAX_N,
                  capture: bool | None = None) -> None:
         self.model, self.cache = model, cache
         self.device = cache.k.device
-        self.capture = self.device.type == "cuda" if capture is None else capture
+        if capture is None:  # the reference reads lengths on the host: not capturable
+            capture = self.device.type == "cuda" and ops.backend_for(cache.k) == "triton"
+        self.capture = capture
         self.sizes = buckets(max_n)
         self.length = torch.zeros((), dtype=torch.int32, device=self.device)
         self.valid = torch.ones((), dtype=torch.int32, device=self.device)

@@ -164,8 +164,10 @@ def bench_modes(sz: Sizes, dtype: torch.dtype) -> dict:
 
 def bench_forward(sz: Sizes, dtype: torch.dtype) -> dict:
     """One target forward of n = 1 and n = 9 new tokens after ``FORWARD_CONTEXT`` cached ones
-    (contents random): device time, and host enqueue time of the same call (eager; no graphs
-    yet)."""
+    (contents random): device time, and host enqueue time of the same call (eager); under
+    ``graphs``, the same with and without captured steps (``gpu_check_graphs.py``)."""
+    from gpu_check_graphs import bench_forward_graphs
+
     _, target = build_pair(sz, dtype, 2)
     cache, model = target.cache, target.model
     ctx = FORWARD_CONTEXT[sz.device]
@@ -180,6 +182,10 @@ def bench_forward(sz: Sizes, dtype: torch.dtype) -> dict:
 
         out[f"n{n}"] = {**time_ms(step, sz.device, sz.iters),
                         **host_and_device_ms(step, sz.device, sz.iters)}
+    try:  # recorded apart, so that the eager figures above survive a failed capture
+        out["graphs"] = bench_forward_graphs(sz, dtype, target)
+    except Exception as exc:
+        out["graphs"] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
     return out
 
 
@@ -187,6 +193,9 @@ def model_checks(sec: Section, sz: Sizes) -> None:
     sec.run("greedy_equality/float32", "correctness", check_greedy_equality, sz, torch.float32)
     sec.run("ngram_draft_target/float32", "correctness", check_ngram_and_sampling, sz,
             torch.float32)
+    from gpu_check_graphs import check_captured_steps
+
+    sec.run("captured_steps/float32", "correctness", check_captured_steps, sz, torch.float32)
 
 
 def model_benchmarks(sec: Section, sz: Sizes) -> None:

@@ -171,13 +171,20 @@ class Attention(nn.Module):
         self.wo = Linear(self.q_out, cfg.dim)
 
     def forward(self, x, cos, sin, k_cache, v_cache, cache_len, anc_bits):
+        """``cache_len``: the cached slots, an int; or a captured step's ``(length, n_valid)``,
+        0-d int tensors on the device (``decoding/captured.py``: rows from ``n_valid`` on are
+        padding)."""
         n = x.shape[0]
         qkv = self.wqkv(x)
         q = qkv[:, : self.q_out].view(n, self.n_heads, self.head_dim)
         k = qkv[:, self.q_out : self.q_out + self.kv_out].view(n, self.n_kv, self.head_dim)
         v = qkv[:, self.q_out + self.kv_out :].view(n, self.n_kv, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = ops.verify_attention(q, k, v, k_cache, v_cache, cache_len, anc_bits)
+        if isinstance(cache_len, tuple):  # a captured step's (length, real rows) on device
+            out = torch.ops.pipespec.verify_attention_static(q, k, v, k_cache, v_cache,
+                                                             cache_len[0], anc_bits, cache_len[1])
+        else:
+            out = ops.verify_attention(q, k, v, k_cache, v_cache, cache_len, anc_bits)
         return self.wo(out.reshape(n, self.q_out))
 
 
@@ -369,13 +376,16 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(pos, self.inv_freq, self.norm.weight.dtype)
             rows = tokens if self.vocab is None else self.vocab.embedding_rows(tokens)
             x = self._layers(self.tok_embeddings(rows), cos, sin, bits, cache, start)
-            if last_n is not None:
-                x = x[n - last_n :]
-            logits = self.output(self.norm(x)).float()
-            return logits if self.vocab is None else self.vocab.full_logits(logits)
+            return self.head(x if last_n is None else x[n - last_n :])
         except BaseException:
             cache.length = start
             raise
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """``[m, vocab_size]`` fp32 logits of the last layer's ``x: [m, dim]`` (final norm, head,
+        a subset model's rows spread over the full vocabulary)."""
+        logits = self.output(self.norm(x)).float()
+        return logits if self.vocab is None else self.vocab.full_logits(logits)
 
     def _layers(self, x, cos, sin, bits, cache: KVCache, start: int) -> torch.Tensor:
         """Every decoder layer over ``x: [n, dim]``: one C call where the fused path applies

@@ -53,7 +53,7 @@ def _default_cache() -> Path:
 class RuntimeConfig:
     """The engine's runtime knobs. Each field's metadata names its environment variable.
 
-    Process-wide: ``backend`` .. ``dist_rows``. Per pipeline: ``cpu_threads`` ..
+    Process-wide: ``backend`` .. ``graphs``. Per pipeline: ``cpu_threads`` ..
     ``idle_drafters`` (``None``: the thread policy decides, ``pipespec_fast.threads``).
     """
 
@@ -68,6 +68,7 @@ class RuntimeConfig:
     fused: bool = field(default=True, metadata={"env": "PIPESPEC_FUSED"})
     cpu_linear: str = field(default="skinny", metadata={"env": "PIPESPEC_CPU_LINEAR"})
     dist_rows: str = field(default="auto", metadata={"env": "PIPESPEC_DIST_ROWS"})
+    graphs: bool = field(default=False, metadata={"env": "PIPESPEC_GRAPHS"})
     cpu_threads: int | None = field(default=None, metadata={"env": "PIPESPEC_CPU_THREADS"})
     torch_threads: int = field(default=1, metadata={"env": "PIPESPEC_TORCH_THREADS"})
     stage_threads: tuple[int, ...] | None = field(default=None,
@@ -93,7 +94,7 @@ class RuntimeConfig:
 
 
 PROCESS_FIELDS = ("backend", "triton_interpret", "c_kernels", "skinny_isa", "int8_isa", "cc",
-                  "cache_dir", "packed", "fused", "cpu_linear", "dist_rows")
+                  "cache_dir", "packed", "fused", "cpu_linear", "dist_rows", "graphs")
 
 
 def _is_int(v) -> bool:
@@ -116,6 +117,7 @@ _CHECKS: dict[str, Callable] = {
     "fused": lambda v: (isinstance(v, bool), "a bool"),
     "cpu_linear": _choice(CPU_LINEARS),
     "dist_rows": _choice(DIST_ROWS),
+    "graphs": lambda v: (isinstance(v, bool), "a bool"),
     "cpu_threads": lambda v: (v is None or (_is_int(v) and v >= 1), "None or an int >= 1"),
     "torch_threads": lambda v: (_is_int(v) and v >= 1, "an int >= 1"),
     "stage_threads": lambda v: (v is None or (isinstance(v, tuple) and len(v) > 0 and all(
@@ -191,6 +193,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "fused": _bool01,
     "cpu_linear": _lower_choice(CPU_LINEARS),
     "dist_rows": _lower_choice(DIST_ROWS),
+    "graphs": _bool01,
     "cpu_threads": _positive_int,
     "torch_threads": _positive_int,
     "stage_threads": _int_list,

@@ -4,6 +4,10 @@ Importing this module registers::
 
     torch.ops.pipespec.verify_attention(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits,
                                         scale=None) -> Tensor        # mutates k_cache, v_cache
+    torch.ops.pipespec.verify_attention_static(q, k_new, v_new, k_cache, v_cache, cache_len,
+                                               anc_bits, n_valid, scale=None) -> Tensor
+        # the same on a captured step's padded block: cache_len and n_valid 0-d int tensors
+    torch.ops.pipespec.linear(x, w) -> Tensor   # x @ w.T as the model computes it on CPU
     torch.ops.pipespec.kv_compact(k_cache, v_cache, src, dst_start) -> ()  # mutates both caches
     torch.ops.pipespec.greedy_accept(draft_tokens, parents, target_ids) -> (Tensor, Tensor, Tensor)
     torch.ops.pipespec.stochastic_accept(draft_tokens, parents, draft_probs, target_probs, seed,
@@ -44,6 +48,48 @@ def verify_attention(
 def _verify_attention_fake(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale=None):
     torch._check(q.dim() == 3, lambda: "q: expected [n, n_heads, head_dim]")
     return q.new_empty(q.shape)
+
+
+@torch.library.custom_op(f"{_NS}::verify_attention_static",
+                         mutates_args=("k_cache", "v_cache"))
+def verify_attention_static(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_len: torch.Tensor,
+    anc_bits: torch.Tensor,
+    n_valid: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`pipespec_fast.ops.verify_attention_static`: the length and the real rows as
+    device tensors, so a captured step's shapes and arguments are the same at every length
+    and block size of its bucket (``decoding/captured.py``)."""
+    out = ops.verify_attention_static(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits,
+                                      n_valid, scale)
+    return out.contiguous()
+
+
+@verify_attention_static.register_fake
+def _verify_attention_static_fake(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits,
+                                  n_valid, scale=None):
+    torch._check(q.dim() == 3, lambda: "q: expected [n, n_heads, head_dim]")
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op(f"{_NS}::linear", mutates_args=())
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` by :func:`pipespec_fast.cpu.linear.linear`: on CPU fp32 the batch-invariant
+    C GEMM (a ctypes call, which ``torch.compile`` could not trace), elsewhere ``F.linear``."""
+    from pipespec_fast.cpu.linear import linear as cpu_linear
+
+    return cpu_linear(x, w).contiguous()
+
+
+@linear.register_fake
+def _linear_fake(x, w):
+    return x.new_empty((x.shape[0], w.shape[0]))
 
 
 @torch.library.custom_op(f"{_NS}::kv_compact", mutates_args=("k_cache", "v_cache"))

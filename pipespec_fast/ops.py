@@ -103,11 +103,19 @@ def verify_attention(
     v_new: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    cache_len: int,
+    cache_len: int | torch.Tensor,
     anc_bits: torch.Tensor,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """See :func:`pipespec_fast.reference.verify_attention`."""
+    """See :func:`pipespec_fast.reference.verify_attention`. ``cache_len`` may also be a 0-d
+    int32/int64 tensor on ``q``'s device (a captured step's, ``decoding/captured.py``): the
+    reference reads it on the host (free on CPU); the Triton path passes it on unread, so its
+    bounds are the caller's to check (reading it would be a host sync)."""
+    on_device = None  # a tensor length the kernel reads itself; bounds: the caller's
+    if isinstance(cache_len, torch.Tensor):
+        cache_len = _length_arg(cache_len, q)
+        if isinstance(cache_len, torch.Tensor):
+            on_device, cache_len = cache_len, 0
     sig = (q.shape, q.dtype, q.device, k_new.shape, k_new.dtype, k_new.device, v_new.shape,
            v_new.dtype, v_new.device, k_cache.shape, k_cache.dtype, k_cache.device,
            v_cache.shape, v_cache.dtype, v_cache.device, anc_bits.shape, anc_bits.dtype,
@@ -121,11 +129,49 @@ def verify_attention(
         if len(_VALID_ATTENTION_SIGS) < 4096:
             _VALID_ATTENTION_SIGS.add(sig)
     if backend_for(q) == "triton":
-        from pipespec_fast.kernels.verify_attention import verify_attention as kernel
-
-        return _run_triton(kernel, q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale)
+        length = cache_len if on_device is None else on_device
+        return _attention_triton(q, k_new, v_new, k_cache, v_cache, length, anc_bits, scale)
     return reference.verify_attention(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits,
                                       scale)
+
+
+def verify_attention_static(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                            k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            cache_len: torch.Tensor, anc_bits: torch.Tensor,
+                            n_valid: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """:func:`verify_attention` on a captured step's block (``decoding/captured.py``): the
+    cache length and the number of real rows are 0-d int tensors on ``q``'s device, and the
+    rows from ``n_valid`` on are padding (roots of their own, ancestor of no real row).
+
+    The Triton kernel reads the length on the device and computes every row: the mask keeps
+    the padding rows out of the real ones. The reference (the CPU) reads both on the host
+    (free there) and computes the real rows alone, exactly as an unpadded block, so a padded
+    step's real rows are the eager forward's bit for bit: a softmax over more (masked) keys
+    can round differently. Its padding rows come out zero and write no cache slot."""
+    if backend_for(q) == "triton":
+        return verify_attention(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale)
+    n = int(n_valid)
+    _check(0 <= n <= q.shape[0], "n_valid", f"{n} outside [0, {q.shape[0]}]")
+    out = q.new_zeros(q.shape)
+    out[:n] = verify_attention(q[:n], k_new[:n], v_new[:n], k_cache, v_cache, int(cache_len),
+                               anc_bits[:n, : (n + 31) // 32], scale)
+    return out
+
+
+def _length_arg(cache_len: torch.Tensor, q: torch.Tensor) -> int | torch.Tensor:
+    """A tensor ``cache_len``: checked (0-d int on ``q``'s device), then a host int for the
+    reference, or the tensor itself for the Triton kernel (which reads it on the device)."""
+    _check(cache_len.dim() == 0 and cache_len.dtype in (torch.int32, torch.int64), "cache_len",
+           f"a tensor length must be a 0-d int32/int64, got {cache_len.dtype} "
+           f"{tuple(cache_len.shape)}")
+    _check(cache_len.device == q.device, "cache_len", f"on {cache_len.device}, q on {q.device}")
+    return cache_len if backend_for(q) == "triton" else int(cache_len)
+
+
+def _attention_triton(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale):
+    from pipespec_fast.kernels.verify_attention import verify_attention as kernel
+
+    return _run_triton(kernel, q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale)
 
 
 # ----------------------------------------------------------------------------- kv cache

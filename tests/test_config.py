@@ -37,6 +37,8 @@ PARSED = [
     ("PIPESPEC_CPU_LINEAR", "torch", "cpu_linear", "torch"),
     ("PIPESPEC_DIST_ROWS", "split", "dist_rows", "split"),
     ("PIPESPEC_DIST_ROWS", " GLOO", "dist_rows", "gloo"),
+    ("PIPESPEC_GRAPHS", "1", "graphs", True),
+    ("PIPESPEC_GRAPHS", "0", "graphs", False),
     ("PIPESPEC_CPU_THREADS", "6", "cpu_threads", 6),
     ("PIPESPEC_TORCH_THREADS", "2", "torch_threads", 2),
     ("PIPESPEC_STAGE_THREADS", "1,1,2", "stage_threads", (1, 1, 2)),
@@ -57,6 +59,7 @@ REJECTED = [
     ("PIPESPEC_FUSED", "2", "0 or 1"),
     ("PIPESPEC_CPU_LINEAR", "blas", "one of skinny, numpy, torch"),
     ("PIPESPEC_DIST_ROWS", "nccl", "one of auto, gloo, split"),
+    ("PIPESPEC_GRAPHS", "on", "0 or 1"),
     ("PIPESPEC_CPU_THREADS", "0", "an integer >= 1"),
     ("PIPESPEC_CPU_THREADS", "two", "an integer >= 1"),
     ("PIPESPEC_TORCH_THREADS", "-1", "an integer >= 1"),
@@ -79,8 +82,8 @@ def test_defaults():
     assert (cfg.backend, cfg.triton_interpret, cfg.c_kernels, cfg.skinny_isa, cfg.int8_isa,
             cfg.cc) == ("auto", False, True, "auto", "auto", "gcc")
     assert cfg.cache_dir == Path.home() / ".cache" / "pipespec-fast"
-    assert (cfg.packed, cfg.fused, cfg.cpu_linear, cfg.dist_rows) == \
-        (True, True, "skinny", "auto")
+    assert (cfg.packed, cfg.fused, cfg.cpu_linear, cfg.dist_rows, cfg.graphs) == \
+        (True, True, "skinny", "auto", False)
     assert (cfg.cpu_threads, cfg.torch_threads, cfg.stage_threads, cfg.idle_drafters) == \
         (None, 1, None, None)
 

@@ -74,6 +74,10 @@ def test_dry_run_covers_every_shape_dtype_and_block(dry_run):
     assert eq["sync"]["first_difference_from_ar"] is None
     assert eq["pipespec"]["first_difference_from_ar"] is None
     assert eq["sync"]["proposed"] > 0
+    cap = _checks(report, "models")["captured_steps/float32"]["result"]
+    assert cap["exact"] and set(cap["blocks"]) == {"chain1", "chain5", "chain9", "tree12",
+                                                   "captured"}
+    assert cap["generation"]["replays"]["target"] > 0
     ng = _checks(report, "models")["ngram_draft_target/float32"]["result"]
     for mode in ("sync", "pipespec"):
         assert ng[mode]["first_difference_from_ar"] is None
@@ -93,6 +97,12 @@ def test_dry_run_records_the_benchmark_figures(dry_run):
     models = _checks(report, "model_benchmarks")
     fwd = models["forward/float32"]["result"]
     assert all(fwd[f"n{n}"]["host_enqueue_median_ms"] > 0 for n in (1, 9))
+    graphs = fwd["graphs"]
+    assert graphs["captured"] is False  # the CPU: the captured steps' code, run eagerly
+    for n in (1, 9):
+        g = graphs[f"n{n}"]
+        assert g["eager"]["median_ms"] > 0 and g["graphs"]["host_enqueue_median_ms"] > 0
+        assert g["graphs_speedup"] > 0 and g["graphs_host_share"] > 0
     modes = models["modes/float32"]["result"]
     assert all(modes[m]["tokens_per_s"] > 0 for m in ("ar", "sync", "pipespec"))
 

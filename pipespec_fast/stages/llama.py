@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from pipespec_fast import config as runtime_config
 from pipespec_fast.kv_cache import KVCache
 from pipespec_fast.stages.base import StageCapabilities
 
@@ -20,6 +21,9 @@ class LlamaStage:
         self.cache: KVCache = model.new_cache(max_len)
         self.max_len = self.cache.max_len
         self.model_dir: Path | None = None
+        self.steps = None  # captured steps (decoding/captured.py), when in use
+        if self.device.type == "cuda" and runtime_config.current().graphs:
+            self.use_captured_steps()
 
     @classmethod
     def from_pretrained(
@@ -52,7 +56,21 @@ class LlamaStage:
     def device(self) -> torch.device:
         return self.cache.k.device
 
+    def use_captured_steps(self, capture: bool | None = None, warm_up: bool = True) -> None:
+        """Run blocks of up to 64 tokens as captured steps from now on (``PIPESPEC_GRAPHS=1``
+        does this for CUDA stages at load): static shapes in power-of-two buckets, replayed as
+        CUDA graphs (``capture``, default on CUDA); ``warm_up`` captures every bucket now, so
+        none is captured mid-generation. On the CPU the same steps run eagerly (tests)."""
+        from pipespec_fast.decoding.captured import StaticSteps
+
+        self.steps = StaticSteps(self.model, self.cache, capture=capture)
+        if warm_up:
+            self.steps.warm_up()
+
     def forward(self, tokens, parents=None, last_n=None):
+        steps = self.steps
+        if steps is not None and steps.fits(tokens.shape[0]):
+            return steps.forward(tokens, parents=parents, last_n=last_n)
         return self.model(tokens, self.cache, parents=parents, last_n=last_n)
 
     def rollback(self, length: int) -> None:

@@ -92,6 +92,20 @@ def _validate_attention(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits) 
            f"{tuple(anc_bits.shape)}")
     _check(q.dtype in (torch.float32, torch.float16, torch.bfloat16), "q",
            f"dtype must be float32/float16/bfloat16, got {q.dtype}")
+    _check_cache_len(cache_len, n, max_len, q.device)
+
+
+def _check_cache_len(cache_len, n: int, max_len: int, device: torch.device) -> None:
+    """A host int, or a 0-d int32 tensor on ``device`` (the CUDA-graph form). A tensor's value
+    is checked only on the CPU, where reading it is free; on an accelerator the caller
+    guarantees ``0 <= cache_len <= max_len - n`` (reading it would synchronise)."""
+    if isinstance(cache_len, torch.Tensor):
+        _check(cache_len.dim() == 0 and cache_len.dtype == torch.int32, "cache_len",
+               f"a tensor must be 0-d int32, got {cache_len.dtype} {tuple(cache_len.shape)}")
+        _check(cache_len.device == device, "cache_len", f"on {cache_len.device}, q on {device}")
+        if cache_len.device.type != "cpu":
+            return
+        cache_len = int(cache_len)
     _check(cache_len >= 0, "cache_len", f"must be >= 0, got {cache_len!r}")
     _check(cache_len + n <= max_len, "cache_len",
            f"{cache_len} + {n} new tokens exceeds the cache's max_len {max_len}")
@@ -103,17 +117,22 @@ def verify_attention(
     v_new: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    cache_len: int,
+    cache_len: int | torch.Tensor,
     anc_bits: torch.Tensor,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """See :func:`pipespec_fast.reference.verify_attention`."""
+    """See :func:`pipespec_fast.reference.verify_attention`. ``cache_len`` is a host int or a
+    0-d int32 tensor on ``q``'s device (the form CUDA-graph capture needs: the Triton kernels
+    read it on the device, so neither the launch nor a compiled variant depends on its
+    value; docs/KERNELS.md)."""
     sig = (q.shape, q.dtype, q.device, k_new.shape, k_new.dtype, k_new.device, v_new.shape,
            v_new.dtype, v_new.device, k_cache.shape, k_cache.dtype, k_cache.device,
            v_cache.shape, v_cache.dtype, v_cache.device, anc_bits.shape, anc_bits.dtype,
            anc_bits.device)
     if sig in _VALID_ATTENTION_SIGS:  # shapes/dtypes/devices already checked: bounds only
-        if not 0 <= cache_len <= k_cache.shape[1] - q.shape[0]:
+        if isinstance(cache_len, torch.Tensor):
+            _check_cache_len(cache_len, q.shape[0], k_cache.shape[1], q.device)
+        elif not 0 <= cache_len <= k_cache.shape[1] - q.shape[0]:
             _check(False, "cache_len", f"{cache_len} + {q.shape[0]} new tokens exceeds the "
                    f"cache's max_len {k_cache.shape[1]}")
     else:

@@ -495,38 +495,54 @@ def test_stochastic_validation_names_the_argument(name, mutate):
         ops.stochastic_accept(**args)
 
 
-def test_kernels_compile_for_sm90_without_a_gpu():
-    """PTX + cubin for sm_90 without a device (subprocess: TRITON_INTERPRET=1 is set here).
-    The stochastic kernel must contain no fused multiply-add (bit-exact ``r - q * mass``)."""
+def test_kernels_compile_for_sm80_and_sm90_without_a_gpu():
+    """PTX + cubin for sm_80 and sm_90 without a device (subprocess: TRITON_INTERPRET=1 is set
+    here): greedy, and the four stochastic passes. The walk must contain no fused multiply-add
+    (bit-exact ``r - q * mass``); the race divides with IEEE ``div.rn``. The draft count and
+    the per-call RNG keys are not specialised on (no compile mid-generation)."""
     script = textwrap.dedent(
         """
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
         from pipespec_fast.kernels import acceptance as A
-        def sig(k, consts, floats=()):
+        FLOATS = ("dp_ptr", "tp_ptr", "scratch_ptr", "sums_ptr", "cmax_ptr")
+        def sig(k, consts):
             s = {}
             for a in k.arg_names:
                 if a in consts:
                     s[a] = "constexpr"
-                elif a in floats:
+                elif a in FLOATS:
                     s[a] = "*fp32"
                 elif a in ("tok_ptr", "tgt_ptr", "path_ptr", "num_ptr", "next_ptr"):
                     s[a] = "*i64"
-                elif a == "par_ptr":
+                elif a.endswith("_ptr"):
                     s[a] = "*i32"
                 else:
                     s[a] = "i32"
             return s
-        tgt = GPUTarget("cuda", 90, 32)
-        c = dict(BLOCK=64)
-        triton.compile(ASTSource(A._greedy_kernel, sig(A._greedy_kernel, c), c), target=tgt)
-        c = dict(BLOCK=16, BLOCK_V=2048)
-        s = sig(A._stochastic_kernel, c, ("dp_ptr", "tp_ptr", "scratch_ptr"))
-        out = triton.compile(ASTSource(A._stochastic_kernel, s, c), target=tgt,
-                             options=dict(enable_fp_fusion=False))
-        ptx = out.asm["ptx"]
-        assert "fma.rn.f32" not in ptx and "div.rn.f32" in ptx
+        def fixed(k):
+            return {p.name for p in k.params if p.do_not_specialize}
+        assert fixed(A._greedy_kernel) == {"n"}
+        assert fixed(A._stochastic_walk_kernel) == {"n", "key_acc_i32"}
+        assert fixed(A._race_chunks_kernel) == {"key_res_i32"}
+        no_fusion = dict(enable_fp_fusion=False)
+        for arch in (80, 90):
+            tgt = GPUTarget("cuda", arch, 32)
+            for k, c, opts in (
+                (A._greedy_kernel, dict(BLOCK=64), {}),
+                (A._row_sums_kernel, dict(BLOCK_V=2048), no_fusion),
+                (A._stochastic_walk_kernel, dict(BLOCK=16, BLOCK_V=2048, BLOCK_C=64), no_fusion),
+                (A._race_chunks_kernel, dict(BLOCK_V=2048), no_fusion),
+                (A._race_combine_kernel, dict(BLOCK_C=64), {}),
+            ):
+                out = triton.compile(ASTSource(k, sig(k, c), c), target=tgt, options=opts)
+                ptx = out.asm["ptx"]
+                assert "cubin" in out.asm, (arch, k)
+                if k is A._stochastic_walk_kernel:
+                    assert "fma.rn.f32" not in ptx
+                if k is A._race_chunks_kernel:
+                    assert "div.rn.f32" in ptx
         print("OK")
         """
     )

@@ -145,6 +145,33 @@ def test_stochastic_triton_equals_reference_large_vocab():
         assert same(tri, ref), (offset, tri, ref)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # 0 / 0
+def test_stochastic_chunked_race_merges_like_one_sweep():
+    """The race runs over vocabulary chunks and merges their winners: whatever the chunk
+    size, ties go to the lowest index across chunks (an all-zero residual: every value ties
+    at 0), a NaN anywhere wins at its lowest index, and a residual taken after rejections
+    (scratch) is raced as the reference races it."""
+    V = 100
+    empty = torch.zeros(0).long()
+    zero = torch.zeros(1, V)
+    nan = torch.full((1, V), 0.01)
+    nan[0, 70], nan[0, 45] = float("nan"), float("nan")
+    gen = torch.Generator().manual_seed(3)
+    tp = torch.softmax(torch.randn(4, V, generator=gen) * 2, -1)
+    dp = torch.softmax(torch.randn(3, V, generator=gen) * 2, -1)
+    par = torch.tensor([-1, -1, -1])
+    toks = (dp / tp[0]).argmax(-1)  # tokens the verifier rejects: the race runs on scratch
+    assert int(reference.stochastic_accept(toks, par, dp, tp, 4, 0)[1]) == 0
+    for block_v in (16, 32, 128):
+        for args in ((empty, empty, torch.zeros(0, V), zero, 1, 2),
+                     (empty, empty, torch.zeros(0, V), nan, 1, 2),
+                     (toks, par, dp, tp, 4, 0)):
+            ref = reference.stochastic_accept(*args)
+            assert same(call(tk.stochastic_accept, *args, block_v=block_v), ref), block_v
+    assert int(reference.stochastic_accept(empty, empty, torch.zeros(0, V), zero, 1, 2)[2]) == 0
+    assert int(reference.stochastic_accept(empty, empty, torch.zeros(0, V), nan, 1, 2)[2]) == 45
+
+
 def test_stochastic_non_contiguous_probs():
     gen = torch.Generator().manual_seed(1)
     parents = torch.tensor([-1, 0, 0, 1])

@@ -308,6 +308,14 @@ def _combine_kernel(
              (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# Warps of the attention program: with 4, a 64-row tile spills registers on sm_90 in bf16
+# (192 B at head_dim 64); with 8 no bf16/fp16 variant spills on sm_90 (AOT figures in
+# docs/KERNELS.md).
+ATTENTION_WARPS = 8
+# Rows per combine program: its [rows, head_dim] fp32 accumulator and partial tile stay in
+# registers (32 rows spill on sm_90 at head_dim 64). A row's merge is elementwise over the
+# splits, so the tile does not change its bits.
+COMBINE_ROWS = 16
 # The shortest range of cached keys a split takes: below it a split's fixed cost (loading
 # the queries, writing and merging a partial row) outweighs the keys it reads.
 MIN_SPLIT_KEYS = 256
@@ -372,12 +380,12 @@ def verify_attention(
         *q.stride(), *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(),
         *anc_bits.stride(), *part_strides, *ml_strides,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SPLIT=split,
-        num_warps=4, **tiles,
+        num_warps=ATTENTION_WARPS, **tiles,
     )
     if split:
-        _combine_kernel[(row_blocks, kv_heads)](
+        _combine_kernel[(triton.cdiv(n * group, COMBINE_ROWS), kv_heads)](
             part, ml, out, n, cl, num_splits, min_split, *part.stride(), *ml.stride(),
-            *out.stride(), num_warps=4, **tiles,
+            *out.stride(), num_warps=4, **dict(tiles, BLOCK_R=COMBINE_ROWS),
         )
     return out
 
@@ -419,11 +427,17 @@ def _sm_count(device: torch.device) -> int | None:
 
 def _tile_sizes(rows: int, head_dim: int, block_r: int | None, block_n: int | None,
                 ) -> tuple[int, int, int]:
-    """``(BLOCK_R, BLOCK_D, BLOCK_N)``: query rows per program (up to 64, as few as the block
-    needs), the head dim padded to a power of two, and keys per step (32 for head dims over 64,
-    which keeps the ``[BLOCK_R, BLOCK_D]`` accumulator and the K/V tiles in registers)."""
+    """``(BLOCK_R, BLOCK_D, BLOCK_N)``: query rows per program, the head dim padded to a power
+    of two, and keys per step (32 for head dims over 64, which keeps the ``[BLOCK_R, BLOCK_D]``
+    accumulator and the K/V tiles in registers).
+
+    ``BLOCK_R`` is 64 whatever the block size: a row ``(node, g)`` then sits at the same place
+    of the same compiled program for every ``n``, so its bits cannot depend on ``n`` (batch
+    invariance on the GPU too, where a smaller tile could change the layout and with it the
+    order of the row reductions), and ``n`` selects no variant. At decode sizes the unused
+    rows cost tensor-core work only; the kernel is bound by the K/V it reads."""
     if block_r is None:
-        block_r = max(16, min(64, triton.next_power_of_2(rows)))
+        block_r = 64
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_n is None:
         block_n = 64 if block_d <= 64 else 32

@@ -395,14 +395,18 @@ def test_ops_rejects_integer_q():
 
 
 def test_kernel_compiles_for_sm80_and_sm90_without_a_gpu():
-    """Front end + PTX + cubin for sm_80 and sm_90 (no device needed): the unsplit kernel, the
-    split kernel and its combine, with ``cache_len`` as an int and as a device pointer. Catches
-    compile-only errors the interpreter cannot see. Also checks that ``n`` and ``cache_len``
-    are not specialised on. Runs in a subprocess because TRITON_INTERPRET=1 is set here."""
+    """Front end + PTX + cubin for sm_80 and sm_90 (no device needed) with the launcher's
+    tiles and warps: the unsplit kernel, the split kernel and its combine, with ``cache_len``
+    as an int and as a device pointer. Catches compile-only errors the interpreter cannot
+    see; checks that ``n`` and ``cache_len`` are not specialised on, and (ptxas -v) that no
+    bf16/fp16 variant spills registers on sm_90. Runs in a subprocess because
+    TRITON_INTERPRET=1 is set here."""
     script = textwrap.dedent(
         """
+        import os, re, subprocess, tempfile
         import triton
         from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia import compiler as NC
         from triton.compiler import ASTSource
         from pipespec_fast.kernels import verify_attention as V
 
@@ -424,24 +428,46 @@ def test_kernel_compiles_for_sm80_and_sm90_without_a_gpu():
                     s[a] = "i32"
             return s
 
+        def spills(ptx, arch):
+            exe = NC.get_ptxas(arch)
+            exe = getattr(exe, "path", exe)
+            with tempfile.TemporaryDirectory() as d:
+                src = os.path.join(d, "k.ptx")
+                with open(src, "w") as f:
+                    f.write(ptx)
+                gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
+                res = subprocess.run([exe, "-v", f"--gpu-name={gpu}", src, "-o",
+                                      os.path.join(d, "k.o")], capture_output=True, text=True)
+            regs = int(re.search(r"Used (\\d+) registers", res.stderr).group(1))
+            m = re.search(r"(\\d+) bytes spill stores", res.stderr)
+            return regs, int(m.group(1)) if m else 0
+
         for k in (V._verify_attention_kernel, V._combine_kernel):
             fixed = {p.name for p in k.params if p.do_not_specialize}
             assert {"n", "cache_len"} <= fixed, fixed
         for arch in (80, 90):
             for dt, hd, group, split, len_ptr in (
                 ("fp32", 64, 3, False, False), ("fp16", 128, 1, True, False),
-                ("bf16", 128, 4, True, True), ("bf16", 24, 8, False, True),
+                ("bf16", 128, 4, True, True), ("bf16", 64, 3, True, True),
+                ("bf16", 24, 8, False, True),
             ):
-                consts = dict(GROUP=group, HEAD_DIM=hd, BLOCK_D=triton.next_power_of_2(hd),
-                              BLOCK_R=32, BLOCK_N=32, LEN_PTR=len_ptr)
-                kernels = [(V._verify_attention_kernel, dict(
-                    consts, DOT_PREC="ieee" if dt == "fp32" else "tf32", SPLIT=split))]
+                block_r, block_d, block_n = V._tile_sizes(16, hd, None, None)
+                consts = dict(GROUP=group, HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_N=block_n,
+                              LEN_PTR=len_ptr)
+                kernels = [(V._verify_attention_kernel, V.ATTENTION_WARPS, dict(
+                    consts, BLOCK_R=block_r, DOT_PREC="ieee" if dt == "fp32" else "tf32",
+                    SPLIT=split))]
                 if split:
-                    kernels.append((V._combine_kernel, consts))
-                for k, c in kernels:
+                    kernels.append((V._combine_kernel, 4, dict(consts, BLOCK_R=V.COMBINE_ROWS)))
+                for k, warps, c in kernels:
                     src = ASTSource(fn=k, signature=sig(k, c, dt, split, len_ptr), constexprs=c)
-                    out = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+                    out = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                         options=dict(num_warps=warps))
                     assert "cubin" in out.asm, (arch, dt, k)
+                    regs, spill = spills(out.asm["ptx"], arch)
+                    print(arch, k.__name__, dt, hd, split, regs, spill, out.metadata.shared)
+                    if arch == 90 and dt != "fp32":
+                        assert spill == 0, (k.__name__, dt, hd, regs, spill)
         print("OK")
         """
     )

@@ -2,27 +2,31 @@
 
 Contract: :func:`pipespec_fast.reference.verify_attention` (shapes, dtypes, in-place append).
 
-Grid: ``(cdiv(n * group, BLOCK_R), kv_heads)`` -- one program per (row block, kv head). A
-program owns the query heads of one GQA group: its ``BLOCK_R`` rows are the flattened
-``(node, g)`` pairs ``row = node * group + g`` (query head ``kv_head * group + g``), so every
-K/V tile is loaded once per group instead of once per query head, and any ratio ``group =
-n_heads // kv_heads`` works (it is a ``constexpr``; rows need not be a power of two per node).
+Grid: ``(cdiv(n * group, BLOCK_R), kv_heads, splits)`` -- one program per (row block, kv head,
+range of the cached prefix). With ``splits > 1`` (flash-decoding: :func:`kv_splits`, when the
+unsplit grid is smaller than the GPU) each program writes partial ``(max, sum, accumulator)``
+rows and :func:`_combine_kernel` merges them in split order. A program owns the query heads of
+one GQA group: its ``BLOCK_R`` rows are the flattened ``(node, g)`` pairs ``row = node * group
++ g`` (query head ``kv_head * group + g``), so every K/V tile is loaded once per group instead
+of once per query head, and any ratio ``group = n_heads // kv_heads`` works (it is a
+``constexpr``; rows need not be a power of two per node).
 
 Per program:
 
-* Fused append: the programs with ``pid_r == 0`` copy ``k_new[:, kv_head]`` /
+* Fused append: the programs with ``pid_r == 0`` (of split 0) copy ``k_new[:, kv_head]`` /
   ``v_new[:, kv_head]`` into cache slots ``[cache_len, cache_len + n)``. Attention itself reads
   the prefix ``[0, cache_len)`` from the cache and the new tokens straight from ``k_new`` /
   ``v_new``, so the slots being written are never read in the same launch: no race, no second
   kernel, no barrier.
-* Prefix: online softmax (base-2, fp32 running max / sum / accumulator) over ``BLOCK_N`` key
-  blocks. Full blocks carry no mask at all; only the last partial block masks the columns
-  ``>= cache_len``.
-* New tokens: the same online softmax over ``k_new`` in ``BLOCK_N`` blocks with the tree mask
-  taken bit by bit from ``anc_bits`` (word ``j // 32``, bit ``j % 32`` of row ``node``): the
-  ``[BLOCK_R, BLOCK_N]`` bits are gathered from the tiny ``[n, ceil(n/32)]`` int32 table, never
-  a dense ``n x L`` mask in memory. Only blocks up to the program's last node are visited
-  (a node only sees itself and its ancestors, which have smaller indices).
+* Prefix (its split's range of it): online softmax (base-2, fp32 running max / sum /
+  accumulator) over ``BLOCK_N`` key blocks. Full blocks carry no mask at all; only the last
+  partial block masks the columns ``>= cache_len``.
+* New tokens (by the last used split): the same online softmax over ``k_new`` in ``BLOCK_N``
+  blocks with the tree mask taken bit by bit from ``anc_bits`` (word ``j // 32``, bit ``j % 32``
+  of row ``node``): the ``[BLOCK_R, BLOCK_N]`` bits are gathered from the tiny ``[n,
+  ceil(n/32)]`` int32 table, never a dense ``n x L`` mask in memory. Only blocks up to the
+  program's last node are visited (a node only sees itself and its ancestors, which have
+  smaller indices).
 
 The running max starts at a finite ``-1e30`` so a row whose current block is fully masked
 contributes ``exp2(-inf) = 0`` instead of ``NaN``; every real row sees at least itself, so its
@@ -364,16 +368,9 @@ def verify_attention(
         num_splits = kv_splits(n, kv_heads, k_cache.shape[1], _sm_count(q.device), min_split)
     split = num_splits > 1
     row_blocks = triton.cdiv(n * group, block_r)
-    if split:  # partial rows: unnormalised accumulators, and (max, sum) per split and row
-        part = torch.empty((num_splits, n, n_heads, head_dim), dtype=torch.float32,
-                           device=q.device)
-        ml = torch.empty((num_splits, 2, n, n_heads), dtype=torch.float32, device=q.device)
-    else:
-        part, ml = out, out  # ml unused: SPLIT is off
+    part, ml, part_strides, ml_strides = _partials(out, num_splits)
     tiles = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_r,
                  BLOCK_N=block_n, LEN_PTR=len_ptr)
-    ml_strides = ml.stride() if split else (0, 0, 0, 0)
-    part_strides = part.stride() if split else (0, *out.stride())
     _verify_attention_kernel[(row_blocks, kv_heads, num_splits)](
         q, k_new, v_new, k_cache, v_cache, anc_bits, part, ml,
         n, cl, num_splits, min_split, float(scale) * _LOG2E,
@@ -388,6 +385,20 @@ def verify_attention(
             *out.stride(), num_warps=4, **dict(tiles, BLOCK_R=COMBINE_ROWS),
         )
     return out
+
+
+def _partials(out: torch.Tensor, num_splits: int):
+    """``(part, ml, part strides, ml strides)`` for the attention kernel's output arguments.
+    Split: fp32 partial rows, the unnormalised accumulators ``[splits, n, n_heads, head_dim]``
+    and ``(max, sum)`` ``[splits, 2, n, n_heads]``. Unsplit: ``out`` itself, split stride 0
+    (``ml`` is not touched: ``SPLIT`` is off)."""
+    if num_splits == 1:
+        return out, out, (0, *out.stride()), (0, 0, 0, 0)
+    n, n_heads, head_dim = out.shape
+    part = torch.empty((num_splits, n, n_heads, head_dim), dtype=torch.float32,
+                       device=out.device)
+    ml = torch.empty((num_splits, 2, n, n_heads), dtype=torch.float32, device=out.device)
+    return part, ml, part.stride(), ml.stride()
 
 
 def kv_splits(n: int, kv_heads: int, max_len: int, sm_count: int | None,

@@ -365,7 +365,7 @@ def verify_attention(
     cl = cache_len if len_ptr else int(cache_len)
     block_r, block_d, block_n = _tile_sizes(n * group, head_dim, block_r, block_n)
     if num_splits is None:
-        num_splits = kv_splits(n, kv_heads, k_cache.shape[1], _sm_count(q.device), min_split)
+        num_splits = _auto_splits(n, kv_heads, k_cache.shape[1], q.device, cl, min_split)
     split = num_splits > 1
     row_blocks = triton.cdiv(n * group, block_r)
     part, ml, part_strides, ml_strides = _partials(out, num_splits)
@@ -385,6 +385,18 @@ def verify_attention(
             *out.stride(), num_warps=4, **dict(tiles, BLOCK_R=COMBINE_ROWS),
         )
     return out
+
+
+def _auto_splits(n: int, kv_heads: int, max_len: int, device: torch.device,
+                 cache_len: int | torch.Tensor, min_split: int) -> int:
+    """:func:`kv_splits` on ``device``, except that a host-int ``cache_len <= min_split`` gets
+    one: only one range would be used, and the unsplit kernel gives the same bits (merging one
+    split is exact) without the partial rows and the second launch. A tensor ``cache_len``
+    keeps the count from shapes (a captured grid must not depend on it)."""
+    splits = kv_splits(n, kv_heads, max_len, _sm_count(device), min_split)
+    if not isinstance(cache_len, torch.Tensor) and cache_len <= min_split:
+        return 1
+    return splits
 
 
 def _partials(out: torch.Tensor, num_splits: int):

@@ -288,6 +288,20 @@ def test_cache_len_tensor_equals_int_bit_for_bit(splits):
     check_cache_append(problem, kc, vc)
 
 
+@pytest.mark.parametrize("prefix", [0, 7, 16])
+def test_one_used_split_gives_the_unsplit_bits(prefix):
+    """A prefix within ``min_split`` uses one range: merging it is exact (``acc * 0 + acc_s *
+    1``), so the split launch equals the unsplit one bit for bit (which is why the launcher
+    skips the split for a short host-int ``cache_len``)."""
+    problem = make_problem(9, 2, 4, 16, prefix, prefix + 12, torch.float32, prefix, chain=False)
+    q, k_new, v_new, k_cache, v_cache, _, parents = problem
+    bits = on(reference.ancestor_bits(parents))
+    outs = [host(triton_verify_attention(*on(q, k_new, v_new, k_cache.clone(), v_cache.clone()),
+                                         prefix, bits, block_n=16, num_splits=s, min_split=16))
+            for s in (1, 4)]
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("splits", [1, 4])
 def test_rows_do_not_depend_on_the_block_size(splits):
     """Batch invariance: node i of a chain verified in a block of n equals, bit for bit, the

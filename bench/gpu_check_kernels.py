@@ -1,7 +1,8 @@
 """The kernel parts of ``gpu_check.py``: each compiled Triton kernel against its torch
 reference (attention over chains and trees for SmolLM2-, Llama-3-8B- and 70B-shaped heads in
-fp32/fp16/bf16, kv_compact, greedy and stochastic acceptance), a chi-square of what the
-stochastic kernel emits, and the benchmarks: attention against
+fp32/fp16/bf16, its split-KV path forced with an int and a tensor ``cache_len``, kv_compact,
+greedy and stochastic acceptance), a chi-square of what the stochastic kernel emits, and the
+benchmarks: attention (split by the SM-count rule, and unsplit) against
 ``scaled_dot_product_attention`` as a share of measured memory bandwidth, and acceptance
 latency.
 
@@ -22,6 +23,9 @@ from pipespec_fast import reference
 ATTN_TOL = {torch.float32: 1e-4, torch.float16: 6e-3, torch.bfloat16: 5e-2}
 P_MIN = 1e-3  # chi-square threshold (fixed seeds: the outcome is deterministic)
 TREE8 = [-1, -1, -1, 0, 0, 1, 3, 3]  # siblings with their own q at two levels
+# (num_splits, min_split) of the forced split checks: at the correctness prefix (777 on a GPU,
+# 37 in a dry run) several ranges are used, the last one partial.
+SPLIT_CHECK = (5, 16)
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -43,8 +47,11 @@ def _randn(gen, shape, dtype, device):
     return torch.randn(shape, generator=gen, device=device).to(dtype)
 
 
-def check_attention(sz: Sizes, heads: tuple, dtype: torch.dtype, kind: str, n: int) -> dict:
-    """Kernel vs the fp32 reference on the same inputs; the fused append bit for bit."""
+def check_attention(sz: Sizes, heads: tuple, dtype: torch.dtype, kind: str, n: int,
+                    **split) -> dict:
+    """Kernel vs the fp32 reference on the same inputs; the fused append bit for bit.
+    ``split``: the launcher's ``num_splits`` / ``min_split`` (default: the kernel's own rule,
+    which splits the prefix on a GPU at verify sizes)."""
     from pipespec_fast.kernels.verify_attention import verify_attention
 
     h, kv, d = heads
@@ -55,7 +62,7 @@ def check_attention(sz: Sizes, heads: tuple, dtype: torch.dtype, kind: str, n: i
     k_cache, v_cache = (_randn(gen, (kv, max_len, d), dtype, sz.device) for _ in range(2))
     bits = reference.ancestor_bits(block_parents(kind, n, seed=n).to(sz.device))
     kc, vc = k_cache.clone(), v_cache.clone()
-    out = verify_attention(q, k_new, v_new, kc, vc, sz.prefix, bits)
+    out = verify_attention(q, k_new, v_new, kc, vc, sz.prefix, bits, **split)
     want = reference.verify_attention(q.float(), k_new.float(), v_new.float(), k_cache.float(),
                                       v_cache.float(), sz.prefix, bits)
     err = (out.float() - want).abs().max().item()
@@ -65,6 +72,35 @@ def check_attention(sz: Sizes, heads: tuple, dtype: torch.dtype, kind: str, n: i
     finite = bool(torch.isfinite(out).all())
     return {"ok": err <= ATTN_TOL[dtype] and appended and finite, "max_abs_err": err,
             "tol": ATTN_TOL[dtype], "cache_append_exact": appended, "finite": finite}
+
+
+def check_attention_split(sz: Sizes, heads: tuple, dtype: torch.dtype, kind: str, n: int,
+                          num_splits: int, min_split: int) -> dict:
+    """The split path (forced: ``num_splits`` ranges of at least ``min_split`` keys, so several
+    are used at ``sz.prefix``) against the fp32 reference, and ``cache_len`` given as a 0-d
+    int32 device tensor (the CUDA-graph form) giving the int form's bits. The production key
+    tiles on a GPU; 16-key tiles in a dry run, whose prefix is shorter than one 64-key tile."""
+    from pipespec_fast.kernels.verify_attention import _tile_sizes, verify_attention
+
+    h, kv, d = heads
+    tiles = dict(num_splits=num_splits, min_split=min_split,
+                 block_n=None if sz.cuda else 16)
+    res = check_attention(sz, heads, dtype, kind, n, **tiles)
+    gen = torch.Generator(device=sz.device).manual_seed(n)
+    q = _randn(gen, (n, h, d), dtype, sz.device)
+    k_new, v_new = (_randn(gen, (n, kv, d), dtype, sz.device) for _ in range(2))
+    cache = [_randn(gen, (kv, sz.prefix + n, d), dtype, sz.device) for _ in range(2)]
+    bits = reference.ancestor_bits(block_parents(kind, n, seed=n).to(sz.device))
+    outs = []
+    for cl in (sz.prefix, torch.tensor(sz.prefix, dtype=torch.int32, device=sz.device)):
+        outs.append(verify_attention(q, k_new, v_new, cache[0].clone(), cache[1].clone(), cl,
+                                     bits, **tiles))
+    same = torch.equal(outs[0], outs[1])
+    block_n = _tile_sizes(n * (h // kv), d, None, tiles["block_n"])[2]
+    split_len = -(-max(-(-sz.prefix // num_splits), min_split) // block_n) * block_n
+    used = max(1, -(-sz.prefix // split_len))
+    return {**res, "ok": res["ok"] and same, "num_splits": num_splits, "min_split": min_split,
+            "splits_used": used, "tensor_cache_len_bit_exact": same}
 
 
 def check_kv_compact(sz: Sizes, heads: tuple, dtype: torch.dtype) -> dict:
@@ -178,6 +214,12 @@ def kernel_checks(sec: Section, sz: Sizes) -> None:
             for kind, n in sz.blocks:
                 sec.run(f"verify_attention/{shape}/{_dtype_name(dt)}/{kind}{n}", "correctness",
                         check_attention, sz, heads, dt, kind, n)
+        if dt is sz.dtypes[-1]:  # the production dtype: the split path forced, every shape
+            for shape, heads in sz.heads.items():
+                for kind, n in sz.blocks:
+                    sec.run(f"verify_attention_split/{shape}/{_dtype_name(dt)}/{kind}{n}",
+                            "correctness", check_attention_split, sz, heads, dt, kind, n,
+                            *SPLIT_CHECK)
 
 
 # ----------------------------------------------------------------------------- benchmarks
@@ -216,13 +258,32 @@ def bench_attention(sz: Sizes, heads: tuple, dtype: torch.dtype, context: int, n
     bits = reference.ancestor_bits(reference.chain_parents(n, sz.device))
     mask = torch.ones(n, prefix + n, dtype=torch.bool, device=sz.device)
     mask[:, prefix:] = reference.unpack_bits(bits, n)
-    ours = time_ms(lambda: verify_attention(q, k_new, v_new, k_cache, v_cache, prefix, bits),
-                   sz.device, sz.iters)
+    from pipespec_fast.kernels.verify_attention import _sm_count, kv_splits
+
+    splits = kv_splits(n, kv, k_cache.shape[1], _sm_count(torch.device(sz.device)))
+
+    def ours_fn(num_splits):
+        return lambda: verify_attention(q, k_new, v_new, k_cache, v_cache, prefix, bits,
+                                        num_splits=num_splits)
+
+    ours = time_ms(ours_fn(splits), sz.device, sz.iters)
+    unsplit = time_ms(ours_fn(1), sz.device, sz.iters)
     sdpa = time_ms(lambda: _sdpa(q, k_cache, v_cache, prefix, n, mask), sz.device, sz.iters)
+    # the split path against the reference at this context (a bench of a wrong kernel is void)
+    got = verify_attention(q, k_new, v_new, k_cache.clone(), v_cache.clone(), prefix, bits,
+                           num_splits=splits)
+    want = reference.verify_attention(q.float(), k_new.float(), v_new.float(), k_cache.float(),
+                                      v_cache.float(), prefix, bits)
+    err = (got.float() - want).abs().max().item()
+    if not err <= ATTN_TOL[dtype]:  # a benchmark of a wrong kernel: an error, not a figure
+        raise AssertionError(f"split path off the reference: max abs error {err}")
     kv_bytes = 2 * kv * (prefix + n) * d * torch.finfo(dtype).bits // 8
     out = {"context": context, "n": n, "heads": list(heads), "dtype": _dtype_name(dtype),
-           "kv_bytes": kv_bytes, "ours": ours, "sdpa": sdpa,
-           "ours_over_sdpa": round(ours["median_ms"] / max(sdpa["median_ms"], 1e-9), 3)}
+           "kv_bytes": kv_bytes, "num_splits": splits, "ours": ours, "ours_unsplit": unsplit,
+           "sdpa": sdpa,
+           "max_abs_err": err,
+           "ours_over_sdpa": round(ours["median_ms"] / max(sdpa["median_ms"], 1e-9), 3),
+           "split_speedup": round(unsplit["median_ms"] / max(ours["median_ms"], 1e-9), 3)}
     if gb_per_s:
         achieved = kv_bytes / (ours["median_ms"] * 1e-3) / 1e9
         out["ours_gb_per_s"] = round(achieved, 1)

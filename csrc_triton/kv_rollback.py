@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# m and dst_start change every step: not specialised on (no compile mid-generation)
+@triton.jit(do_not_specialize=["m", "dst_start"])
 def _kv_compact_kernel(
     k_ptr,
     v_ptr,

@@ -142,28 +142,29 @@ class FastPipeline:
 
     @classmethod
     def from_pretrained(cls, paths: Sequence[str | Path], device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32,
+                        dtype: torch.dtype | None = None,
                         devices: Sequence[str | torch.device] | None = None,
                         max_len: int = 2048, ngram: bool = False, compute: str | None = None,
                         distributed: bool = False, **kwargs) -> FastPipeline:
-        """Load LLaMA checkpoints (HF layout), smallest first; the last path is the target.
-        All must share one tokenizer; ``ngram=True`` adds an n-gram drafter as stage 0
-        (:func:`pipespec_fast.loading.load_stages`). ``compute`` (every model:
-        ``models.packed.set_compute``): ``"exact"`` is the converted checkpoints' fp32
-        arithmetic (greedy equals transformers); ``"int8"`` computes products on Q4_1 / Q8_0
-        weights with int8 activations (greedy speculative decoding equals int8 greedy AR, not
-        transformers). Default (``None``): ``int8`` for a target holding Q4_1 / Q8_0 packed
-        weights on CPU (the default target), else ``exact``; drafts with packed weights follow
-        an int8 target (``models.packed.default_modes``). A draft in int8 mode holds its fp16
-        matrices as Q8_0 blocks (``models.packed.requantize_fp16``: its proposals move, the
-        output does not). ``kwargs`` go to the constructor.
+        """Load LLaMA checkpoints (HF layout), smallest first; the last path is the target. All must
+        share one tokenizer; ``ngram=True`` adds an n-gram drafter as stage 0
+        (:func:`pipespec_fast.loading.load_stages`). ``dtype`` ``None``: bf16 on CUDA, fp32
+        elsewhere, per stage device (:func:`pipespec_fast.loading.default_dtype`). ``compute``
+        (every model: ``models.packed.set_compute``): ``"exact"`` is the converted checkpoints' fp32
+        arithmetic (greedy equals transformers); ``"int8"`` computes products on Q4_1 / Q8_0 weights
+        with int8 activations (greedy speculative decoding equals int8 greedy AR, not transformers).
+        Default (``None``): ``int8`` for a target holding Q4_1 / Q8_0 packed weights on CPU (the
+        default target), else ``exact``; drafts with packed weights follow an int8 target
+        (``models.packed.default_modes``). A draft in int8 mode holds its fp16 matrices as Q8_0
+        blocks (``models.packed.requantize_fp16``: its proposals move, the output does not).
+        ``kwargs`` go to the constructor.
 
         ``distributed=True``, in every process of an initialised ``torch.distributed`` group
         of one rank per model (``torchrun``): rank i loads and runs model i only, the last
         rank the target (``docs/ARCHITECTURE.md``, distributed placement); every rank must
         then call ``generate`` with the same request, and every rank's result holds the
         target's tokens (only the target's rank streams them as they are verified)."""
-        from pipespec_fast.loading import load_stages
+        from pipespec_fast.loading import default_dtype, load_stages
         from pipespec_fast.models.packed import (
             default_modes,
             release_freed_memory,
@@ -179,6 +180,7 @@ class FastPipeline:
             if devices is not None:
                 raise ValueError("devices: one device per rank with distributed=True; pass "
                                  "device= (each rank's own)")
+            dtype = default_dtype(device) if dtype is None else dtype
             stages, tok, placement = load_local_stages(paths, device, dtype, max_len, ngram,
                                                        compute)
             return cls(stages, tokenizer=tok, placement=placement, **kwargs)

@@ -107,8 +107,9 @@ def _generate(args: argparse.Namespace) -> int:
 
     from pipespec_fast import FastPipeline
 
-    dtype = {"float32": torch.float32, "float16": torch.float16,
-             "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = None if args.dtype is None else {  # None: bf16 on CUDA, fp32 elsewhere
+        "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    }[args.dtype]
     kw = dict(device=args.device, dtype=dtype, mode=args.mode, max_len=args.max_len,
               compute=args.compute, tree_budget=args.tree_budget)
     if args.distributed:
@@ -280,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tree-budget", type=int, default=0,
                    help="nodes of the n-gram drafter's token trees (0: chains)")
     g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="weights and KV cache; default: bfloat16 on CUDA, float32 elsewhere")
     g.add_argument("--max-len", type=int, default=2048, help="KV cache length per stage")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")

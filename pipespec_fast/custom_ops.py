@@ -4,6 +4,12 @@ Importing this module registers::
 
     torch.ops.pipespec.verify_attention(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits,
                                         scale=None) -> Tensor        # mutates k_cache, v_cache
+    torch.ops.pipespec.verify_attention.cache_tensor(q, k_new, v_new, k_cache, v_cache,
+                                                     cache_len, anc_bits, scale=None) -> Tensor
+        # the same with cache_len a 0-d int32 tensor on q's device (CUDA-graph capture: the
+        # kernels read it on the device). Eager calls to torch.ops.pipespec.verify_attention
+        # pick this overload for a tensor by themselves; code traced by torch.compile must
+        # name it (dynamo tries the int overload first and fails on the tensor).
     torch.ops.pipespec.verify_attention_static(q, k_new, v_new, k_cache, v_cache, cache_len,
                                                anc_bits, n_valid, scale=None) -> Tensor
         # the same on a captured step's padded block: cache_len and n_valid 0-d int tensors
@@ -46,6 +52,29 @@ def verify_attention(
 
 @verify_attention.register_fake
 def _verify_attention_fake(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale=None):
+    torch._check(q.dim() == 3, lambda: "q: expected [n, n_heads, head_dim]")
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op(f"{_NS}::verify_attention.cache_tensor",
+                         mutates_args=("k_cache", "v_cache"))
+def verify_attention_cache_tensor(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_len: torch.Tensor,
+    anc_bits: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    out = ops.verify_attention(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale)
+    return out.contiguous()
+
+
+@verify_attention_cache_tensor.register_fake
+def _verify_attention_cache_tensor_fake(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits,
+                                        scale=None):
     torch._check(q.dim() == 3, lambda: "q: expected [n, n_heads, head_dim]")
     return q.new_empty(q.shape)
 

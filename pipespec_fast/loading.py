@@ -11,8 +11,20 @@ import torch
 from pipespec_fast.stages import LlamaStage, NGramStage, Stage
 
 
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """The weights' and KV cache's dtype when none is asked for: ``bfloat16`` on CUDA,
+    ``float32`` elsewhere. On a GPU fp32 has no tensor cores and twice the bytes per weight
+    and cached key (a forward and verify attention are bound by those bytes), and the Triton
+    attention kernel spills registers in fp32; bf16 keeps fp32's exponent range, so logits do
+    not overflow where fp16 could. On the CPU the C kernels and the exact compute mode are
+    fp32 (greedy equality with transformers is defined there). A pure function of the device
+    string, so the choice is tested without a GPU. Pre-Ampere GPUs (no bf16 tensor cores):
+    ask for ``float16``."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def load_stages(paths: Sequence[str | Path], device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32,
+                dtype: torch.dtype | None = None,
                 devices: Sequence[str | torch.device] | None = None, max_len: int = 2048,
                 ngram: bool = False) -> tuple[list[Stage], object | None]:
     """LLaMA checkpoints (HF layout), smallest first, as ``LlamaStage`` s, and the target's
@@ -22,7 +34,8 @@ def load_stages(paths: Sequence[str | Path], device: str | torch.device = "cpu",
     ``ValueError`` that names both stages, before any weights load. ``ngram=True`` puts a
     model-free prompt-lookup drafter (``NGramStage``) below the models as stage 0, on the
     CPU whatever the models' device: its work is host-side lookups, and its proposals on a GPU
-    would cost uploads and host reads (three syncs per token) for nothing.
+    would cost uploads and host reads (three syncs per token) for nothing. ``dtype`` ``None``:
+    each stage gets :func:`default_dtype` of its own device.
     """
     if not paths:
         raise ValueError("paths: at least one model directory is required")
@@ -32,7 +45,8 @@ def load_stages(paths: Sequence[str | Path], device: str | torch.device = "cpu",
     tok = check_tokenizers(paths)
     names = [Path(p).name for p in paths]
     stages: list[Stage] = [
-        LlamaStage.from_pretrained(p, dtype=dtype, device=d, max_len=max_len, name=n)
+        LlamaStage.from_pretrained(p, dtype=default_dtype(d) if dtype is None else dtype,
+                                   device=d, max_len=max_len, name=n)
         for p, d, n in zip(paths, devices, names, strict=True)
     ]
     if ngram:

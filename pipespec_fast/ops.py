@@ -92,6 +92,20 @@ def _validate_attention(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits) 
            f"{tuple(anc_bits.shape)}")
     _check(q.dtype in (torch.float32, torch.float16, torch.bfloat16), "q",
            f"dtype must be float32/float16/bfloat16, got {q.dtype}")
+    _check_cache_len(cache_len, n, max_len, q.device)
+
+
+def _check_cache_len(cache_len, n: int, max_len: int, device: torch.device) -> None:
+    """A host int, or a 0-d int32 tensor on ``device`` (the CUDA-graph form). A tensor's value
+    is checked only on the CPU, where reading it is free; on an accelerator the caller
+    guarantees ``0 <= cache_len <= max_len - n`` (reading it would synchronise)."""
+    if isinstance(cache_len, torch.Tensor):
+        _check(cache_len.dim() == 0 and cache_len.dtype == torch.int32, "cache_len",
+               f"a tensor must be 0-d int32, got {cache_len.dtype} {tuple(cache_len.shape)}")
+        _check(cache_len.device == device, "cache_len", f"on {cache_len.device}, q on {device}")
+        if cache_len.device.type != "cpu":
+            return
+        cache_len = int(cache_len)
     _check(cache_len >= 0, "cache_len", f"must be >= 0, got {cache_len!r}")
     _check(cache_len + n <= max_len, "cache_len",
            f"{cache_len} + {n} new tokens exceeds the cache's max_len {max_len}")
@@ -107,21 +121,18 @@ def verify_attention(
     anc_bits: torch.Tensor,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """See :func:`pipespec_fast.reference.verify_attention`. ``cache_len`` may also be a 0-d
-    int32/int64 tensor on ``q``'s device (a captured step's, ``decoding/captured.py``): the
-    reference reads it on the host (free on CPU); the Triton path passes it on unread, so its
-    bounds are the caller's to check (reading it would be a host sync)."""
-    on_device = None  # a tensor length the kernel reads itself; bounds: the caller's
-    if isinstance(cache_len, torch.Tensor):
-        cache_len = _length_arg(cache_len, q)
-        if isinstance(cache_len, torch.Tensor):
-            on_device, cache_len = cache_len, 0
+    """See :func:`pipespec_fast.reference.verify_attention`. ``cache_len`` is a host int or a
+    0-d int32 tensor on ``q``'s device (the form CUDA-graph capture needs: the Triton kernels
+    read it on the device, so neither the launch nor a compiled variant depends on its
+    value; docs/KERNELS.md)."""
     sig = (q.shape, q.dtype, q.device, k_new.shape, k_new.dtype, k_new.device, v_new.shape,
            v_new.dtype, v_new.device, k_cache.shape, k_cache.dtype, k_cache.device,
            v_cache.shape, v_cache.dtype, v_cache.device, anc_bits.shape, anc_bits.dtype,
            anc_bits.device)
     if sig in _VALID_ATTENTION_SIGS:  # shapes/dtypes/devices already checked: bounds only
-        if not 0 <= cache_len <= k_cache.shape[1] - q.shape[0]:
+        if isinstance(cache_len, torch.Tensor):
+            _check_cache_len(cache_len, q.shape[0], k_cache.shape[1], q.device)
+        elif not 0 <= cache_len <= k_cache.shape[1] - q.shape[0]:
             _check(False, "cache_len", f"{cache_len} + {q.shape[0]} new tokens exceeds the "
                    f"cache's max_len {k_cache.shape[1]}")
     else:
@@ -129,8 +140,7 @@ def verify_attention(
         if len(_VALID_ATTENTION_SIGS) < 4096:
             _VALID_ATTENTION_SIGS.add(sig)
     if backend_for(q) == "triton":
-        length = cache_len if on_device is None else on_device
-        return _attention_triton(q, k_new, v_new, k_cache, v_cache, length, anc_bits, scale)
+        return _attention_triton(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale)
     return reference.verify_attention(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits,
                                       scale)
 
@@ -156,16 +166,6 @@ def verify_attention_static(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
     out[:n] = verify_attention(q[:n], k_new[:n], v_new[:n], k_cache, v_cache, int(cache_len),
                                anc_bits[:n, : (n + 31) // 32], scale)
     return out
-
-
-def _length_arg(cache_len: torch.Tensor, q: torch.Tensor) -> int | torch.Tensor:
-    """A tensor ``cache_len``: checked (0-d int on ``q``'s device), then a host int for the
-    reference, or the tensor itself for the Triton kernel (which reads it on the device)."""
-    _check(cache_len.dim() == 0 and cache_len.dtype in (torch.int32, torch.int64), "cache_len",
-           f"a tensor length must be a 0-d int32/int64, got {cache_len.dtype} "
-           f"{tuple(cache_len.shape)}")
-    _check(cache_len.device == q.device, "cache_len", f"on {cache_len.device}, q on {q.device}")
-    return cache_len if backend_for(q) == "triton" else int(cache_len)
 
 
 def _attention_triton(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale):

@@ -98,7 +98,7 @@ def verify_attention(
     v_new: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    cache_len: int,
+    cache_len: int | torch.Tensor,
     anc_bits: torch.Tensor,
     scale: float | None = None,
 ) -> torch.Tensor:
@@ -109,7 +109,8 @@ def verify_attention(
         k_new, v_new: ``[n, kv_heads, head_dim]`` keys/values of the new tokens (RoPE applied).
         k_cache, v_cache: ``[kv_heads, max_len, head_dim]`` one layer of the cache. **In place**:
             slots ``[cache_len, cache_len + n)`` are overwritten with ``k_new`` / ``v_new``.
-        cache_len: number of valid cached tokens before this block (the prefix).
+        cache_len: number of valid cached tokens before this block (the prefix): an int, or a
+            0-d int32 tensor (read here with ``int()``; the kernels read it on the device).
         anc_bits: ``[n, ceil(n/32)]`` int32 ancestor-or-self bitmask (module doc).
         scale: softmax scale, default ``head_dim ** -0.5``.
 
@@ -121,6 +122,7 @@ def verify_attention(
     n, n_heads, head_dim = q.shape
     kv_heads = k_cache.shape[0]
     group = n_heads // kv_heads
+    cache_len = int(cache_len)
     if scale is None:
         scale = head_dim**-0.5
     k_cache[:, cache_len : cache_len + n] = k_new.transpose(0, 1).to(k_cache.dtype)

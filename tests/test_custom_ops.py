@@ -142,7 +142,52 @@ def test_opcheck(name):
     else:
         toks, parents, dp, tp = accept_args()
         args = (toks, parents, dp, tp, 5, 6)
-    torch.library.opcheck(getattr(torch.ops.pipespec, name), args)
+    op = getattr(torch.ops.pipespec, name)
+    # opcheck takes one overload; verify_attention has two (int and tensor cache_len)
+    torch.library.opcheck(op.default if name == "verify_attention" else op, args)
+
+
+def test_verify_attention_cache_tensor_overload():
+    """``cache_len`` as a 0-d int32 tensor: the eager packet picks the ``cache_tensor``
+    overload by itself, the result and the appended cache equal the int form's, and opcheck
+    passes on the overload (schema, fake, mutations)."""
+    q, k_new, v_new, k_cache, v_cache, prefix, bits = attention_args()
+    cl = torch.tensor(prefix, dtype=torch.int32)
+    kc1, vc1, kc2, vc2 = k_cache.clone(), v_cache.clone(), k_cache.clone(), v_cache.clone()
+    out = torch.ops.pipespec.verify_attention(q, k_new, v_new, kc1, vc1, cl, bits)
+    want = torch.ops.pipespec.verify_attention(q, k_new, v_new, kc2, vc2, prefix, bits)
+    assert torch.equal(out, want) and torch.equal(kc1, kc2) and torch.equal(vc1, vc2)
+    assert "cache_tensor" in torch.ops.pipespec.verify_attention.overloads()
+    torch.library.opcheck(torch.ops.pipespec.verify_attention.cache_tensor,
+                          (q, k_new, v_new, k_cache, v_cache, cl, bits))
+
+
+@pytest.mark.skipif(
+    shutil.which("gcc") is None and shutil.which("cc") is None,
+    reason="torch.compile (inductor) on CPU needs a C compiler",
+)
+def test_torch_compile_fullgraph_with_a_cache_len_tensor():
+    """The CUDA-graph form traced whole: the tensor overload named explicitly, one graph for
+    two cache lengths (no recompile on the value)."""
+    q, k_new, v_new, k_cache, v_cache, _, bits = attention_args()
+
+    def step(q, k_new, v_new, k_cache, v_cache, cl, bits):
+        out = torch.ops.pipespec.verify_attention.cache_tensor(q * 0.5, k_new, v_new, k_cache,
+                                                               v_cache, cl, bits)
+        return out.square().sum(-1)
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    for prefix in (5, 7):
+        cl = torch.tensor(prefix, dtype=torch.int32)
+        kc1, vc1, kc2, vc2 = k_cache.clone(), v_cache.clone(), k_cache.clone(), v_cache.clone()
+        got = compiled(q, k_new, v_new, kc1, vc1, cl, bits)
+        want = step(q, k_new, v_new, kc2, vc2, cl, bits)
+        torch.testing.assert_close(got, want)
+        assert torch.equal(kc1, kc2) and torch.equal(vc1, vc2)
+    assert counter.frame_count == 1
 
 
 @pytest.mark.skipif(

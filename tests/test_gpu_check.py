@@ -65,6 +65,10 @@ def test_dry_run_covers_every_shape_dtype_and_block(dry_run):
                 c = kernels[f"verify_attention/{shape}/{dt}/{kind}{n}"]
                 assert c["result"]["cache_append_exact"] and c["result"]["max_abs_err"] < 1e-2
             assert kernels[f"kv_compact/{shape}/{dt}"]["result"]["bit_exact"]
+        for kind, n in DRY.blocks:  # the split path, forced, in the production dtype
+            c = kernels[f"verify_attention_split/{shape}/float16/{kind}{n}"]["result"]
+            assert c["splits_used"] >= 2 and c["tensor_cache_len_bit_exact"]
+            assert c["cache_append_exact"] and c["max_abs_err"] < 1e-2
     for kind, n in DRY.blocks:
         assert kernels[f"greedy_accept/{kind}{n}"]["result"]["mismatches"] == 0
         assert kernels[f"stochastic_accept/{kind}{n}/V{DRY.vocab}"]["result"]["mismatches"] == 0
@@ -92,6 +96,8 @@ def test_dry_run_records_the_benchmark_figures(dry_run):
         r = bench[f"attention_vs_sdpa/group3/float16/ctx{ctx}/n9"]["result"]
         assert r["context"] == ctx and r["ours"]["median_ms"] > 0 and r["sdpa"]["median_ms"] > 0
         assert "ours_pct_of_copy_bw" in r
+        assert r["ours_unsplit"]["median_ms"] > 0 and r["num_splits"] == 1  # no SMs on a CPU
+        assert r["max_abs_err"] < 1e-2
     acc = bench[f"accept_latency/chain9/V{DRY.vocab}"]["result"]
     assert acc["greedy"]["median_ms"] > 0 and acc["stochastic"]["median_ms"] > 0
     models = _checks(report, "model_benchmarks")

@@ -145,6 +145,33 @@ def test_stochastic_triton_equals_reference_large_vocab():
         assert same(tri, ref), (offset, tri, ref)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # 0 / 0
+def test_stochastic_chunked_race_merges_like_one_sweep():
+    """The race runs over vocabulary chunks and merges their winners: whatever the chunk
+    size, ties go to the lowest index across chunks (an all-zero residual: every value ties
+    at 0), a NaN anywhere wins at its lowest index, and a residual taken after rejections
+    (scratch) is raced as the reference races it."""
+    V = 100
+    empty = torch.zeros(0).long()
+    zero = torch.zeros(1, V)
+    nan = torch.full((1, V), 0.01)
+    nan[0, 70], nan[0, 45] = float("nan"), float("nan")
+    gen = torch.Generator().manual_seed(3)
+    tp = torch.softmax(torch.randn(4, V, generator=gen) * 2, -1)
+    dp = torch.softmax(torch.randn(3, V, generator=gen) * 2, -1)
+    par = torch.tensor([-1, -1, -1])
+    toks = (dp / tp[0]).argmax(-1)  # tokens the verifier rejects: the race runs on scratch
+    assert int(reference.stochastic_accept(toks, par, dp, tp, 4, 0)[1]) == 0
+    for block_v in (16, 32, 128):
+        for args in ((empty, empty, torch.zeros(0, V), zero, 1, 2),
+                     (empty, empty, torch.zeros(0, V), nan, 1, 2),
+                     (toks, par, dp, tp, 4, 0)):
+            ref = reference.stochastic_accept(*args)
+            assert same(call(tk.stochastic_accept, *args, block_v=block_v), ref), block_v
+    assert int(reference.stochastic_accept(empty, empty, torch.zeros(0, V), zero, 1, 2)[2]) == 0
+    assert int(reference.stochastic_accept(empty, empty, torch.zeros(0, V), nan, 1, 2)[2]) == 45
+
+
 def test_stochastic_non_contiguous_probs():
     gen = torch.Generator().manual_seed(1)
     parents = torch.tensor([-1, 0, 0, 1])
@@ -495,38 +522,54 @@ def test_stochastic_validation_names_the_argument(name, mutate):
         ops.stochastic_accept(**args)
 
 
-def test_kernels_compile_for_sm90_without_a_gpu():
-    """PTX + cubin for sm_90 without a device (subprocess: TRITON_INTERPRET=1 is set here).
-    The stochastic kernel must contain no fused multiply-add (bit-exact ``r - q * mass``)."""
+def test_kernels_compile_for_sm80_and_sm90_without_a_gpu():
+    """PTX + cubin for sm_80 and sm_90 without a device (subprocess: TRITON_INTERPRET=1 is set
+    here): greedy, and the four stochastic passes. The walk must contain no fused multiply-add
+    (bit-exact ``r - q * mass``); the race divides with IEEE ``div.rn``. The draft count and
+    the per-call RNG keys are not specialised on (no compile mid-generation)."""
     script = textwrap.dedent(
         """
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
         from pipespec_fast.kernels import acceptance as A
-        def sig(k, consts, floats=()):
+        FLOATS = ("dp_ptr", "tp_ptr", "scratch_ptr", "sums_ptr", "cmax_ptr")
+        def sig(k, consts):
             s = {}
             for a in k.arg_names:
                 if a in consts:
                     s[a] = "constexpr"
-                elif a in floats:
+                elif a in FLOATS:
                     s[a] = "*fp32"
                 elif a in ("tok_ptr", "tgt_ptr", "path_ptr", "num_ptr", "next_ptr"):
                     s[a] = "*i64"
-                elif a == "par_ptr":
+                elif a.endswith("_ptr"):
                     s[a] = "*i32"
                 else:
                     s[a] = "i32"
             return s
-        tgt = GPUTarget("cuda", 90, 32)
-        c = dict(BLOCK=64)
-        triton.compile(ASTSource(A._greedy_kernel, sig(A._greedy_kernel, c), c), target=tgt)
-        c = dict(BLOCK=16, BLOCK_V=2048)
-        s = sig(A._stochastic_kernel, c, ("dp_ptr", "tp_ptr", "scratch_ptr"))
-        out = triton.compile(ASTSource(A._stochastic_kernel, s, c), target=tgt,
-                             options=dict(enable_fp_fusion=False))
-        ptx = out.asm["ptx"]
-        assert "fma.rn.f32" not in ptx and "div.rn.f32" in ptx
+        def fixed(k):
+            return {p.name for p in k.params if p.do_not_specialize}
+        assert fixed(A._greedy_kernel) == {"n"}
+        assert fixed(A._stochastic_walk_kernel) == {"n", "key_acc_i32"}
+        assert fixed(A._race_chunks_kernel) == {"key_res_i32"}
+        no_fusion = dict(enable_fp_fusion=False)
+        for arch in (80, 90):
+            tgt = GPUTarget("cuda", arch, 32)
+            for k, c, opts in (
+                (A._greedy_kernel, dict(BLOCK=64), {}),
+                (A._row_sums_kernel, dict(BLOCK_V=2048), no_fusion),
+                (A._stochastic_walk_kernel, dict(BLOCK=16, BLOCK_V=2048, BLOCK_C=64), no_fusion),
+                (A._race_chunks_kernel, dict(BLOCK_V=2048), no_fusion),
+                (A._race_combine_kernel, dict(BLOCK_C=64), {}),
+            ):
+                out = triton.compile(ASTSource(k, sig(k, c), c), target=tgt, options=opts)
+                ptx = out.asm["ptx"]
+                assert "cubin" in out.asm, (arch, k)
+                if k is A._stochastic_walk_kernel:
+                    assert "fma.rn.f32" not in ptx
+                if k is A._race_chunks_kernel:
+                    assert "div.rn.f32" in ptx
         print("OK")
         """
     )

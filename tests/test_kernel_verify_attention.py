@@ -228,6 +228,131 @@ def test_ops_dispatches_to_triton_when_forced(configure):
     check_cache_append(problem, *host((kc, vc)))
 
 
+# ----------------------------------------------------------------------------- split over KV
+
+
+# (n, kv_heads, group, prefix, tree, num_splits): chains and trees, GQA 1/3/4, empty / small /
+# not-a-multiple-of-the-block prefixes, n from 1 to 64 (two mask words); min_split 16 and
+# BLOCK_N 16 so that full, partial and unused splits all occur.
+SPLIT_CASES = [
+    (1, 2, 4, 0, False, 3),
+    (1, 1, 3, 5, False, 4),
+    (1, 2, 1, 100, False, 5),
+    (2, 1, 4, 47, True, 2),
+    (9, 2, 4, 97, False, 4),
+    (9, 1, 3, 64, True, 3),
+    (16, 2, 1, 33, True, 6),
+    (33, 1, 4, 70, True, 3),
+    (64, 1, 1, 129, True, 4),
+    (64, 2, 3, 17, False, 2),
+]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("n, kv, group, prefix, tree, splits", SPLIT_CASES)
+def test_split_kv_matches_oracle(n, kv, group, prefix, tree, splits, dtype):
+    problem = list(make_problem(n, kv, group, 16, prefix, prefix + n + 5, dtype, n + prefix,
+                                chain=not tree))
+    if tree and n > 32:  # branches crossing the 32-node word boundary
+        gen = torch.Generator().manual_seed(n)
+        problem[6] = torch.tensor(
+            [-1] + [int(torch.randint(max(-1, i - 8), i, (1,), generator=gen))
+                    for i in range(1, n)], dtype=torch.int32)
+    problem = tuple(problem)
+    out_r, out_t, cache_r, cache_t = run_both(problem, block_n=16, num_splits=splits,
+                                              min_split=16)
+    torch.testing.assert_close(out_t.double(), oracle(*problem), atol=TOL[dtype], rtol=0)
+    torch.testing.assert_close(out_t.float(), out_r.float(), atol=2 * TOL[dtype], rtol=0)
+    assert torch.equal(cache_t[0], cache_r[0]) and torch.equal(cache_t[1], cache_r[1])
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_cache_len_tensor_equals_int_bit_for_bit(splits):
+    """A 0-d int32 device tensor (the CUDA-graph form) gives the int form's bits, output and
+    appended cache alike, through the launcher and through ``ops``."""
+    problem = make_problem(7, 2, 3, 16, 50, 64, torch.float32, 3)
+    q, k_new, v_new, k_cache, v_cache, prefix, parents = problem
+    bits = on(reference.ancestor_bits(parents))
+    outs, caches = [], []
+    for cl in (prefix, on(torch.tensor(prefix, dtype=torch.int32))):
+        kc, vc = on(k_cache.clone(), v_cache.clone())
+        outs.append(host(triton_verify_attention(*on(q, k_new, v_new), kc, vc, cl, bits,
+                                                 block_n=16, num_splits=splits, min_split=16)))
+        caches.append(host((kc, vc)))
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    kc, vc = k_cache.clone(), v_cache.clone()
+    ref = ops.verify_attention(q, k_new, v_new, kc, vc, torch.tensor(prefix, dtype=torch.int32),
+                               reference.ancestor_bits(parents))
+    torch.testing.assert_close(ref.double(), oracle(*problem), atol=2e-5, rtol=0)
+    check_cache_append(problem, kc, vc)
+
+
+@pytest.mark.parametrize("prefix", [0, 7, 16])
+def test_one_used_split_gives_the_unsplit_bits(prefix):
+    """A prefix within ``min_split`` uses one range: merging it is exact (``acc * 0 + acc_s *
+    1``), so the split launch equals the unsplit one bit for bit (which is why the launcher
+    skips the split for a short host-int ``cache_len``)."""
+    problem = make_problem(9, 2, 4, 16, prefix, prefix + 12, torch.float32, prefix, chain=False)
+    q, k_new, v_new, k_cache, v_cache, _, parents = problem
+    bits = on(reference.ancestor_bits(parents))
+    outs = [host(triton_verify_attention(*on(q, k_new, v_new, k_cache.clone(), v_cache.clone()),
+                                         prefix, bits, block_n=16, num_splits=s, min_split=16))
+            for s in (1, 4)]
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_rows_do_not_depend_on_the_block_size(splits):
+    """Batch invariance: node i of a chain verified in a block of n equals, bit for bit, the
+    last node of the block of its first i + 1 nodes (same prefix, same split layout)."""
+    n, prefix = 12, 90
+    problem = make_problem(n, 2, 4, 16, prefix, prefix + n, torch.float32, 9, chain=True)
+    q, k_new, v_new, k_cache, v_cache, _, _ = problem
+
+    def rows(m):
+        bits = on(reference.chain_ancestor_bits(m))
+        return host(triton_verify_attention(
+            *on(q[:m], k_new[:m], v_new[:m], k_cache.clone(), v_cache.clone()), prefix, bits,
+            block_n=16, num_splits=splits, min_split=16))
+
+    full = rows(n)
+    for m in (1, 2, 5, 9):
+        assert torch.equal(rows(m)[m - 1], full[m - 1]), m
+
+
+def test_split_count_rule():
+    """One wave at the smallest block, from shapes only: never from n (within a verify block)
+    or cache_len."""
+    from pipespec_fast.kernels.verify_attention import kv_splits
+
+    assert kv_splits(9, 8, 8192, 132) == 17  # Llama-3-8B on an H100/H200
+    assert kv_splits(1, 8, 8192, 132) == kv_splits(64, 8, 8192, 132) == 17
+    assert kv_splits(9, 3, 16384, 132) == 44  # SmolLM2
+    assert kv_splits(9, 3, 8192, 132) == 32  # a split reads at least 256 keys
+    assert kv_splits(9, 8, 1024, 132) == 4
+    assert kv_splits(9, 8, 100, 132) == 1
+    assert kv_splits(65, 8, 8192, 132) == 1  # prefill: enough programs, no partial rows
+    assert kv_splits(9, 160, 8192, 132) == 1  # the unsplit grid already fills the GPU
+    assert kv_splits(9, 8, 8192, None) == 1  # no GPU (the interpreter)
+
+
+def test_ops_checks_a_tensor_cache_len():
+    args = _good()
+    args["cache_len"] = torch.tensor(5)  # int64
+    with pytest.raises(ValueError, match=r"^cache_len\b.*0-d int32"):
+        ops.verify_attention(**args)
+    args["cache_len"] = torch.tensor([5], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^cache_len\b"):
+        ops.verify_attention(**args)
+    args["cache_len"] = torch.tensor(9, dtype=torch.int32)  # 9 + 4 > max_len 12
+    with pytest.raises(ValueError, match=r"^cache_len\b.*exceeds"):
+        ops.verify_attention(**args)
+    args["cache_len"] = torch.tensor(5, dtype=torch.int32).to("meta")
+    with pytest.raises(ValueError, match=r"^cache_len\b.*on meta"):
+        ops.verify_attention(**args)
+
+
 # ----------------------------------------------------------------------------- validation
 
 
@@ -283,33 +408,80 @@ def test_ops_rejects_integer_q():
 # ----------------------------------------------------------------------------- AOT compile
 
 
-def test_kernel_compiles_for_sm90_without_a_gpu():
-    """Front end + PTX + cubin for sm_90 (no device needed): catches compile-only errors the
-    interpreter cannot see. Runs in a subprocess because TRITON_INTERPRET=1 is set here."""
+def test_kernel_compiles_for_sm80_and_sm90_without_a_gpu():
+    """Front end + PTX + cubin for sm_80 and sm_90 (no device needed) with the launcher's
+    tiles and warps: the unsplit kernel, the split kernel and its combine, with ``cache_len``
+    as an int and as a device pointer. Catches compile-only errors the interpreter cannot
+    see; checks that ``n`` and ``cache_len`` are not specialised on, and (ptxas -v) that no
+    bf16/fp16 variant spills registers on sm_90. Runs in a subprocess because
+    TRITON_INTERPRET=1 is set here."""
     script = textwrap.dedent(
         """
+        import os, re, subprocess, tempfile
         import triton
         from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia import compiler as NC
         from triton.compiler import ASTSource
-        from pipespec_fast.kernels.verify_attention import _verify_attention_kernel as k
-        for dt, hd, group in (("fp32", 64, 3), ("fp16", 128, 1), ("bf16", 24, 8)):
-            consts = dict(GROUP=group, HEAD_DIM=hd, BLOCK_D=triton.next_power_of_2(hd),
-                          BLOCK_R=32, BLOCK_N=32, DOT_PREC="ieee" if dt == "fp32" else "tf32")
+        from pipespec_fast.kernels import verify_attention as V
+
+        def sig(k, consts, dt, split, len_ptr):
             s = {}
             for a in k.arg_names:
                 if a in consts:
                     s[a] = "constexpr"
-                elif a == "anc_ptr":
+                elif a == "anc_ptr" or (a == "cache_len" and len_ptr):
                     s[a] = "*i32"
+                elif a in ("ml_ptr", "part_ptr") or (a == "out_ptr" and split
+                                                      and k is V._verify_attention_kernel):
+                    s[a] = "*fp32"
                 elif a.endswith("_ptr"):
                     s[a] = "*" + dt
                 elif a == "qk_scale":
                     s[a] = "fp32"
                 else:
                     s[a] = "i32"
-            src = ASTSource(fn=k, signature=s, constexprs=consts)
-            out = triton.compile(src, target=GPUTarget("cuda", 90, 32))
-            assert "cubin" in out.asm, dt
+            return s
+
+        def spills(ptx, arch):
+            exe = NC.get_ptxas(arch)
+            exe = getattr(exe, "path", exe)
+            with tempfile.TemporaryDirectory() as d:
+                src = os.path.join(d, "k.ptx")
+                with open(src, "w") as f:
+                    f.write(ptx)
+                gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
+                res = subprocess.run([exe, "-v", f"--gpu-name={gpu}", src, "-o",
+                                      os.path.join(d, "k.o")], capture_output=True, text=True)
+            regs = int(re.search(r"Used (\\d+) registers", res.stderr).group(1))
+            m = re.search(r"(\\d+) bytes spill stores", res.stderr)
+            return regs, int(m.group(1)) if m else 0
+
+        for k in (V._verify_attention_kernel, V._combine_kernel):
+            fixed = {p.name for p in k.params if p.do_not_specialize}
+            assert {"n", "cache_len"} <= fixed, fixed
+        for arch in (80, 90):
+            for dt, hd, group, split, len_ptr in (
+                ("fp32", 64, 3, False, False), ("fp16", 128, 1, True, False),
+                ("bf16", 128, 4, True, True), ("bf16", 64, 3, True, True),
+                ("bf16", 24, 8, False, True),
+            ):
+                block_r, block_d, block_n = V._tile_sizes(16, hd, None, None)
+                consts = dict(GROUP=group, HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_N=block_n,
+                              LEN_PTR=len_ptr)
+                kernels = [(V._verify_attention_kernel, V.ATTENTION_WARPS, dict(
+                    consts, BLOCK_R=block_r, DOT_PREC="ieee" if dt == "fp32" else "tf32",
+                    SPLIT=split))]
+                if split:
+                    kernels.append((V._combine_kernel, 4, dict(consts, BLOCK_R=V.COMBINE_ROWS)))
+                for k, warps, c in kernels:
+                    src = ASTSource(fn=k, signature=sig(k, c, dt, split, len_ptr), constexprs=c)
+                    out = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                         options=dict(num_warps=warps))
+                    assert "cubin" in out.asm, (arch, dt, k)
+                    regs, spill = spills(out.asm["ptx"], arch)
+                    print(arch, k.__name__, dt, hd, split, regs, spill, out.metadata.shared)
+                    if arch == 90 and dt != "fp32":
+                        assert spill == 0, (k.__name__, dt, hd, regs, spill)
         print("OK")
         """
     )

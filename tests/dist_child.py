@@ -3,8 +3,10 @@ process per rank): ``python dist_child.py RANK WORLD PORT SPEC.json``.
 
 The spec names the model folders, the request and what to break: ``raise_rank`` makes that
 rank's stage raise after ``after`` forwards, ``kill_rank`` makes that rank kill itself
-(SIGKILL) after ``after`` forwards, ``interrupt_rank`` sends that rank a SIGINT (Ctrl-C: a
-``KeyboardInterrupt`` in its main thread, exit code 130). Each rank writes
+(SIGKILL) after ``after`` forwards, ``stop_rank`` makes it stop itself (SIGSTOP: a hung
+process, its sockets open; it first writes ``OUT/stopped{r}.txt``, the monotonic time then),
+``interrupt_rank`` sends that rank a SIGINT (Ctrl-C: a ``KeyboardInterrupt`` in its main
+thread, exit code 130). Each rank writes
 ``OUT/rank{r}.json``: its result or its error's first line."""
 
 import datetime
@@ -12,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import time
 import traceback
 
 import torch.distributed as dist
@@ -22,6 +25,7 @@ def _break_stage(pipe, spec, rank) -> None:
     stage = pipe.stages[-1]
     inner, count = stage.forward, [0]
     kill = spec.get("kill_rank") == rank
+    stop = spec.get("stop_rank") == rank
     interrupt = spec.get("interrupt_rank") == rank
 
     def forward(*a, **kw):
@@ -29,6 +33,10 @@ def _break_stage(pipe, spec, rank) -> None:
         if interrupt and count[0] == spec["after"] + 1:
             os.kill(os.getpid(), signal.SIGINT)  # the main thread raises KeyboardInterrupt
         elif count[0] > spec["after"] and not interrupt:
+            if stop:
+                with open(os.path.join(spec["out"], f"stopped{rank}.txt"), "w") as f:
+                    f.write(repr(time.monotonic()))
+                os.kill(os.getpid(), signal.SIGSTOP)
             if kill:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError("injected failure")
@@ -51,7 +59,8 @@ def main() -> int:
         pipe = FastPipeline.from_pretrained(spec["dirs"], distributed=True, max_len=256,
                                             ngram=spec.get("ngram", False),
                                             adaptive_windows=spec.get("adaptive", False))
-        if rank in (spec.get("raise_rank"), spec.get("kill_rank"), spec.get("interrupt_rank")):
+        if rank in (spec.get("raise_rank"), spec.get("kill_rank"), spec.get("stop_rank"),
+                    spec.get("interrupt_rank")):
             _break_stage(pipe, spec, rank)
         results, accepted = [], 0
         for prompt in spec["prompts"]:

@@ -22,6 +22,7 @@ from pipespec_fast.decoding.span import TokenSpan
 from pipespec_fast.models.checkpoint import save_state_dict
 from pipespec_fast.pipespec import wire
 from pipespec_fast.pipespec.messages import Chunk, Sync, Wanted
+from pipespec_fast.pipespec.placement import PEER_TIMEOUT_S
 
 CHILD = Path(__file__).with_name("dist_child.py")
 RUN_TIMEOUT_S = 120
@@ -52,11 +53,11 @@ def _family_dirs(tmp_path: Path, k: int, seed: int, words: list[str] | None = No
     return dirs, models
 
 
-def _run_ranks(tmp_path: Path, world: int, spec: dict, env: dict | None = None
-               ) -> tuple[list[int], list[dict], dict]:
+def _run_ranks(tmp_path: Path, world: int, spec: dict, env: dict | None = None,
+               hung: tuple[int, ...] = ()) -> tuple[list[int], list[dict], dict]:
     """Start ``world`` ranks on ``spec`` (with ``env`` added to their environment); wait for
-    all (killing them all past the timeout). Returns each rank's exit code and JSON output,
-    and when each exited (monotonic)."""
+    all but the ``hung`` ones, then kill whatever is left (all of them past the timeout).
+    Returns each rank's exit code and JSON output, and when each exited (monotonic)."""
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     spec = dict(spec, out=str(out))
@@ -70,7 +71,7 @@ def _run_ranks(tmp_path: Path, world: int, spec: dict, env: dict | None = None
     ended: dict[int, float] = {}
     deadline = time.monotonic() + RUN_TIMEOUT_S
     try:
-        while len(ended) < world and time.monotonic() < deadline:
+        while len(ended) < world - len(hung) and time.monotonic() < deadline:
             for r, p in enumerate(procs):
                 if r not in ended and p.poll() is not None:
                     ended[r] = time.monotonic()
@@ -81,7 +82,7 @@ def _run_ranks(tmp_path: Path, world: int, spec: dict, env: dict | None = None
                 p.kill()
             p.wait()
     logs = [p.stdout.read().decode(errors="replace") for p in procs]
-    assert len(ended) == world, f"ranks still running after {RUN_TIMEOUT_S} s:\n" + \
+    assert len(ended) == world - len(hung), f"ranks still running after {RUN_TIMEOUT_S} s:\n" + \
         "\n".join(logs)
     results = []
     for r in range(world):
@@ -204,6 +205,27 @@ def test_a_rank_killed_mid_generation_ends_the_others_within_5_s(tmp_path, kille
         assert ended[r] - ended[killed] < 5.0
         assert f"on rank {killed}" in results[r]["error"], results[r]["error"]
         assert "died or stopped answering" in results[r]["error"]
+
+
+@pytest.mark.parametrize("stopped", [0, 2])
+def test_a_hung_rank_is_named_by_every_other_rank(tmp_path, stopped):
+    """A rank that stops answering (SIGSTOP: alive, its sockets open, silent) at one end of 3:
+    its neighbour's receive times out, and both other ranks exit naming the hung rank, not
+    the neighbour that saw its link to the hung one close (each link has a gloo group of its
+    own: a timeout closes only that link's connections)."""
+    dirs, _ = _family_dirs(tmp_path, 3, seed=14)
+    codes, results, ended = _run_ranks(tmp_path, 3, {"dirs": dirs, "prompts": PROMPTS[:1],
+                                                     "n": 200, "stop_rank": stopped,
+                                                     "after": 8}, hung=(stopped,))
+    assert (tmp_path / "out" / f"stopped{stopped}.txt").exists(), results
+    stop_time = float((tmp_path / "out" / f"stopped{stopped}.txt").read_text())
+    others = [r for r in range(3) if r != stopped]
+    assert codes[stopped] == -9 and all(codes[r] == 1 for r in others), results
+    for r in others:
+        assert ended[r] - stop_time < PEER_TIMEOUT_S + 5.0
+        assert results[r]["error"].startswith(f"StageError: stage {stopped} (m{stopped})"
+                                              f" on rank {stopped} failed"), results[r]["error"]
+        assert "stopped answering" in results[r]["error"], results[r]["error"]
 
 
 def test_a_rank_interrupted_mid_generation_ends_the_others_naming_it(tmp_path):

@@ -73,7 +73,8 @@ def _routes(monkeypatch, rank, infos, device="cpu"):
     for cls in (PayloadLink, NcclLink):
         monkeypatch.setattr(cls, "warm_up",
                             lambda self, r, low, t: warm.append((r, low, self.route)))
-    links = make_routes(rank, len(infos), "control", infos, device, 60.0)
+    control = [f"control{low}" for low in range(len(infos) - 1)]
+    links = make_routes(rank, len(infos), control, infos, device, 60.0)
     return links, fake.calls, warm
 
 
@@ -100,7 +101,8 @@ def test_every_rank_makes_the_same_groups_in_the_same_order(monkeypatch, mode, c
     if mode != "gloo":
         assert links1[0].device == torch.device("cuda:1")
         assert links1[0].group == "group1"
-    assert all(x.group == "control" for x in links1 if x.route == "inline")
+    assert all(x.group == f"control{low}" for low, x in enumerate(links1)
+               if x.route == "inline")  # rows with the rest: on the link's own control group
     assert warm1 == [(1, low, x.route) for low, x in enumerate(links1) if x.route != "inline"]
 
 

@@ -72,8 +72,9 @@ class DistributedRun:
             if 0 <= r < p.world:
                 label = p.label_of_rank(r)
                 rows = p.rows_link(r)
-                self.links[r] = DistLink(r, label, p.group, p.peer_timeout_s, rows=rows)
-                self.receivers.append(Receiver(r, label, p.group, p.peer_timeout_s,
+                group = p.link_group(r)
+                self.links[r] = DistLink(r, label, group, p.peer_timeout_s, rows=rows)
+                self.receivers.append(Receiver(r, label, group, p.peer_timeout_s,
                                                w.inbox.put, self._control, device, rows))
         if p.rank > 0:
             w.below = RemotePeer(self.links[p.rank - 1])

@@ -9,6 +9,16 @@ target's rank runs its own copy for skip-level drafts. Every rank loads only its
 What every rank must know of the others (names for error messages, the smallest context, the
 target's vocabulary and end-of-sequence ids, each stage's device) is gathered once, when the
 pipeline is built; so is each link's row route (``payload.py``: NCCL between two GPUs).
+
+Each link (ranks ``l`` and ``l + 1``) carries its messages on a gloo group of its own, made
+by every rank in link order when the pipeline is built. Why not one group for all links:
+when a receive times out, gloo closes every connection of the group it belongs to. With one
+group, the neighbour of a hung rank would close its links to *every* rank, and a rank two
+links away would see its own (healthy) neighbour's connection closed and blame it, while the
+hung rank went unnamed. With a group per link, a timeout closes that link only: the rank
+that timed out names the hung one, and its ``Fail`` reaches the others over links that still
+work. The whole-world gloo group (``group``) serves the collectives only (start-up, the
+handshake of each generation).
 """
 
 from __future__ import annotations
@@ -39,7 +49,8 @@ class Placement:
     ``inline_lowest``: global stage 0 is model-free (run inline on rank 0, and copied on the
     target's rank for skip-level drafts); ``rows``: each link's row route (link ``l``: ranks
     ``l`` and ``l + 1``; ``None`` for the links of other ranks), empty for rows with the
-    control messages everywhere.
+    control messages everywhere; ``links``: each link's control group (``None`` for the
+    links of other ranks; empty: every link on ``group``).
     """
 
     rank: int
@@ -54,6 +65,7 @@ class Placement:
     heartbeat_s: float = HEARTBEAT_S
     start_timeout_s: float = START_TIMEOUT_S
     rows: tuple[PayloadLink | None, ...] = ()
+    links: tuple[object | None, ...] = ()
 
     @property
     def k(self) -> int:
@@ -75,6 +87,10 @@ class Placement:
 
     def label_of_rank(self, r: int) -> str:
         return f"{self.labels[r + int(self.inline_lowest)]} on rank {r}"
+
+    def link_group(self, peer: int):
+        """The control group of the link to neighbour ``peer``."""
+        return self.links[min(self.rank, peer)] if self.links else self.group
 
     def rows_link(self, peer: int) -> PayloadLink | None:
         """The row route of the link to neighbour ``peer`` (``None``: with the rest)."""
@@ -100,6 +116,7 @@ def make_placement(stages: list, ngram: bool, tokenizer_vocab_size: int | None =
     every rank calls it)."""
     rank, world = _group_state()
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=START_TIMEOUT_S))
+    links = link_groups(rank, world)
     own = stages[-1]
     eos = list(own.capabilities.eos_token_ids)
     device = _indexed(own.device)
@@ -117,9 +134,20 @@ def make_placement(stages: list, ngram: bool, tokenizer_vocab_size: int | None =
         names.insert(0, stages[0].name)
     labels = tuple(f"{i} ({n})" for i, n in enumerate(names))
     max_len = min(i[2] for i in info)
-    rows = make_routes(rank, world, group, [i[4] for i in info], device, START_TIMEOUT_S)
+    rows = make_routes(rank, world, links, [i[4] for i in info], device, START_TIMEOUT_S)
     return Placement(rank, world, group, labels, ngram, max_len, target_vocab,
-                     tuple(info[-1][3]), **timeouts, rows=rows)
+                     tuple(info[-1][3]), **timeouts, rows=rows, links=links)
+
+
+def link_groups(rank: int, world: int) -> tuple[object | None, ...]:
+    """Each link's own gloo group (link ``l``: ranks ``l`` and ``l + 1``), ``None`` for the
+    links this rank is not on. A collective: every rank makes every group, in link order."""
+    out = []
+    for low in range(world - 1):
+        g = dist.new_group(ranks=[low, low + 1], backend="gloo",
+                           timeout=timedelta(seconds=START_TIMEOUT_S))
+        out.append(g if rank in (low, low + 1) else None)
+    return tuple(out)
 
 
 def _indexed(device) -> torch.device:

@@ -277,6 +277,25 @@ def test_an_unindexed_cuda_device_is_each_ranks_own_gpu(monkeypatch, rank, devic
     assert torch.device(placement.rank_device(device)) == torch.device(want)
 
 
+@pytest.mark.parametrize("rank,drafter", [(0, True), (1, False), (2, True)])
+def test_the_n_gram_drafter_stays_on_the_cpu_on_a_gpu_rank(rank, drafter):
+    """Ranks 0 (inline) and 2 (the target's skip-level copy) of 3 get the drafter, on the CPU
+    although their model is on a GPU (as ``loading.load_stages`` does in one process)."""
+    from types import SimpleNamespace
+
+    from pipespec_fast.pipespec.placement import with_drafter
+    from pipespec_fast.stages import NGramStage
+
+    model = SimpleNamespace(vocab_size=50, max_len=96, device=torch.device("cuda", rank))
+    stages = with_drafter(model, rank, 3, ngram=True)
+    assert stages[-1] is model and len(stages) == 1 + drafter
+    if drafter:
+        assert isinstance(stages[0], NGramStage)
+        assert stages[0].device == torch.device("cpu")
+        assert (stages[0].vocab_size, stages[0].max_len) == (50, 96)
+    assert with_drafter(model, rank, 3, ngram=False) == [model]
+
+
 def test_the_cli_summary_names_a_route_of_its_own():
     from types import SimpleNamespace
 

@@ -188,7 +188,7 @@ def load_local_stages(paths: Sequence[str | Path], device, dtype, max_len: int, 
         requantize_fp16,
         set_compute,
     )
-    from pipespec_fast.stages import LlamaStage, NGramStage
+    from pipespec_fast.stages import LlamaStage
 
     rank, world = _group_state()
     if len(paths) != world:
@@ -207,9 +207,19 @@ def load_local_stages(paths: Sequence[str | Path], device, dtype, max_len: int, 
         requantize_fp16(stage.model)  # a draft: as FastPipeline.from_pretrained does
     set_compute(stage.model, mode)
     release_freed_memory()
-    stages = [stage]
-    if ngram and (rank == 0 or rank == world - 1):
-        stages.insert(0, NGramStage(stage.vocab_size, max_len=stage.max_len,
-                                    device=stage.device))
+    stages = with_drafter(stage, rank, world, ngram)
     return stages, tok, make_placement(stages, ngram)
+
+
+def with_drafter(stage, rank: int, world: int, ngram: bool) -> list:
+    """This rank's stages: its model ``stage``, with the n-gram drafter below it on rank 0
+    (which runs it inline) and on the target's rank (its copy for skip-level drafts), when
+    ``ngram``. The drafter stays on the CPU whatever the rank's device, as in one process
+    (``loading.load_stages``): its work is host-side lookups, and on a GPU its proposals
+    would cost uploads and host reads (three syncs per token) for nothing."""
+    from pipespec_fast.stages import NGramStage
+
+    if not ngram or rank not in (0, world - 1):
+        return [stage]
+    return [NGramStage(stage.vocab_size, max_len=stage.max_len, device="cpu"), stage]
 

@@ -74,6 +74,7 @@ def main() -> int:
         out["accepted"] = accepted
         rows = pipe.placement.rows  # each link's row route, and the rows it carried
         out["routes"] = list(pipe.placement.routes)
+        out["peer_timeout_s"] = pipe.placement.peer_timeout_s
         out["rows"] = [None if r is None else [r.sent, r.received] for r in rows]
     except Exception as e:  # the test reads the error line
         out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]

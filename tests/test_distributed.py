@@ -101,13 +101,17 @@ def _reference(models, prompts) -> list[list[int]]:
                                           (3, False, "split")])
 def test_greedy_output_identical_to_the_single_process_pipeline(tmp_path, k, ngram, rows):
     """``rows="split"``: every link has a gloo group of its own for rows (none under greedy),
-    made and connected at start-up as NCCL's would be."""
+    made and connected at start-up as NCCL's would be; its ranks are also given a peer
+    timeout (``PIPESPEC_DIST_PEER_TIMEOUT``), which every rank's links take."""
     dirs, models = _family_dirs(tmp_path, k, seed=k + 3 * ngram)
     want = _reference(models, PROMPTS)
+    timeout = "7.5" if rows == "split" else ""  # empty: the default
     codes, results, _ = _run_ranks(tmp_path, k, {"dirs": dirs, "prompts": PROMPTS, "n": N,
                                                  "ngram": ngram},
-                                   env={"PIPESPEC_DIST_ROWS": rows})
+                                   env={"PIPESPEC_DIST_ROWS": rows,
+                                        "PIPESPEC_DIST_PEER_TIMEOUT": timeout})
     assert codes == [0] * k, results
+    assert [r["peer_timeout_s"] for r in results] == [float(timeout or PEER_TIMEOUT_S)] * k
     route = "split" if rows == "split" else "inline"
     assert results[1]["routes"] == [route] * (k - 1)  # the middle rank (or the target) sees all
     assert results[0]["routes"][0] == route and results[-1]["routes"][-1] == route

@@ -36,7 +36,9 @@ from pipespec_fast import config
 from pipespec_fast.pipespec.payload import PayloadLink, describe, make_routes
 from pipespec_fast.stages import is_model_free
 
-PEER_TIMEOUT_S = 3.0  # a neighbour silent this long (heartbeats included) is declared dead
+# a neighbour silent this long (heartbeats included) is declared dead: the default of
+# PIPESPEC_DIST_PEER_TIMEOUT (docs/CONFIGURATION.md says when to raise it)
+PEER_TIMEOUT_S = config.RuntimeConfig().dist_peer_timeout
 HEARTBEAT_S = 0.5  # an idle link sends a heartbeat this often
 START_TIMEOUT_S = 120.0  # every rank must start a generation within this of the first
 
@@ -113,8 +115,10 @@ def make_placement(stages: list, ngram: bool, tokenizer_vocab_size: int | None =
                    **timeouts) -> Placement:
     """The placement of this rank's ``stages`` (its model last; an n-gram drafter first on
     rank 0 and on the target's rank when ``ngram``), gathered from every rank (a collective:
-    every rank calls it)."""
+    every rank calls it). ``timeouts``: ``Placement``'s; the peer timeout defaults to the
+    process configuration's (``PIPESPEC_DIST_PEER_TIMEOUT``)."""
     rank, world = _group_state()
+    timeouts.setdefault("peer_timeout_s", config.current().dist_peer_timeout)
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=START_TIMEOUT_S))
     links = link_groups(rank, world)
     own = stages[-1]
@@ -222,4 +226,3 @@ def with_drafter(stage, rank: int, world: int, ngram: bool) -> list:
     if not ngram or rank not in (0, world - 1):
         return [stage]
     return [NGramStage(stage.vocab_size, max_len=stage.max_len, device="cpu"), stage]
-

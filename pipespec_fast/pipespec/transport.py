@@ -9,7 +9,9 @@ neighbour puts what arrives into the local worker's inbox, so the workers' code 
 both placements.
 
 * Sends are non-blocking (``isend``); at most ``max_in_flight`` tensors per link are
-  unfinished, then the sender waits for the oldest (a bounded buffer, as a queue would be).
+  unfinished, then the sender waits for the oldest: a bound on the sending side only. The
+  receiving side is unbounded, as in one process: the receiver thread moves each message
+  into the worker's inbox (a ``queue.SimpleQueue``), which the worker drains every step.
 * A Chunk's probability rows take the link's row route (``payload.py``): with the rest over
   gloo, or right after it on a group of their own (NCCL between two GPUs).
 * A receiver blocks in gloo's receive (no polling), with a timeout: a neighbour silent for

@@ -1,7 +1,8 @@
 """One rank of a distributed pipeline under test (``tests/test_distributed.py`` starts one
 process per rank): ``python dist_child.py RANK WORLD PORT SPEC.json``.
 
-The spec names the model folders, the request and what to break: ``raise_rank`` makes that
+The spec names the model folders (``dirs``, or ``dirs_by_rank``: each rank's own list, as
+ranks on different hosts see them), the request and what to break: ``raise_rank`` makes that
 rank's stage raise after ``after`` forwards, ``kill_rank`` makes that rank kill itself
 (SIGKILL) after ``after`` forwards, ``stop_rank`` makes it stop itself (SIGSTOP: a hung
 process, its sockets open; it first writes ``OUT/stopped{r}.txt``, the monotonic time then),
@@ -56,7 +57,8 @@ def main() -> int:
     out = {}
     code = 0
     try:
-        pipe = FastPipeline.from_pretrained(spec["dirs"], distributed=True, max_len=256,
+        dirs = spec["dirs_by_rank"][rank] if "dirs_by_rank" in spec else spec["dirs"]
+        pipe = FastPipeline.from_pretrained(dirs, distributed=True, max_len=256,
                                             ngram=spec.get("ngram", False),
                                             adaptive_windows=spec.get("adaptive", False))
         if rank in (spec.get("raise_rank"), spec.get("kill_rank"), spec.get("stop_rank"),
@@ -85,8 +87,7 @@ def main() -> int:
         code = 130
     with open(os.path.join(spec["out"], f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
-    if code == 0:
-        dist.destroy_process_group()
+    dist.destroy_process_group()  # on a failure too, as the CLI does (cli._run_rank)
     return code
 
 

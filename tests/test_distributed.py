@@ -87,7 +87,7 @@ def _run_ranks(tmp_path: Path, world: int, spec: dict, env: dict | None = None,
     results = []
     for r in range(world):
         f = out / f"rank{r}.json"
-        results.append(json.loads(f.read_text()) if f.exists() else {"log": logs[r]})
+        results.append({**(json.loads(f.read_text()) if f.exists() else {}), "log": logs[r]})
     return [p.returncode for p in procs], results, ended
 
 
@@ -186,6 +186,60 @@ def test_sampling_on_two_ranks_follows_the_target_distribution(tmp_path, rows):
     assert p > 1e-3, p
 
 
+def _hosts(tmp_path: Path, k: int, seed: int, words: list[list[str]]
+           ) -> tuple[list[list[str]], list]:
+    """Rank i's list of the ``k`` folders on "host" i, where only folder i exists (with a
+    word-level tokenizer over ``words[i]``): ranks on hosts that hold only their own model."""
+    models = family(k, noise=0.05, seed=seed)
+    lists = []
+    for i, m in enumerate(models):
+        from test_pipeline import _write_tiny_checkpoint
+
+        host = tmp_path / f"host{i}"
+        _write_tiny_checkpoint(host / f"m{i}", m, words[i])
+        lists.append([str(host / f"m{j}") for j in range(k)])
+    return lists, models
+
+
+WORDS = ["<unk>"] + [f"w{i}" for i in range(63)]
+
+
+def test_each_rank_reads_only_its_own_model_folder(tmp_path):
+    """Rank i is given k paths of which only the i-th exists on its "host": it loads its
+    model and its tokenizer from there, the ranks compare tokenizers by digest, and the output
+    is the single-process pipeline's."""
+    lists, models = _hosts(tmp_path, 2, seed=17, words=[WORDS, WORDS])
+    want = _reference(models, PROMPTS[:1])
+    codes, results, _ = _run_ranks(tmp_path, 2, {"dirs_by_rank": lists, "prompts": PROMPTS[:1],
+                                                 "n": N})
+    assert codes == [0, 0], results
+    assert results[0]["results"] == results[1]["results"] == want
+
+
+@pytest.mark.parametrize("broken", ["missing", "vocab"])
+def test_a_rank_that_cannot_read_its_folder_ends_every_rank_naming_it(tmp_path, broken):
+    """Rank 0's folder is missing on its host, or holds another vocabulary: both ranks raise
+    at once (no rank left waiting in a collective), naming the rank or both stages."""
+    other = ["<unk>"] + [f"v{i}" for i in range(63)]  # the same size, another vocabulary
+    lists, _ = _hosts(tmp_path, 2, seed=18, words=[other if broken == "vocab" else WORDS,
+                                                    WORDS])
+    if broken == "missing":
+        lists[0][0] = str(tmp_path / "host0" / "gone")
+    codes, results, _ = _run_ranks(tmp_path, 2, {"dirs_by_rank": lists, "prompts": PROMPTS[:1],
+                                                 "n": N})
+    assert codes == [1, 1], results
+    if broken == "missing":
+        assert results[0]["error"] == f"ValueError: {lists[0][0]}: no such model folder on " \
+            "this host"
+        assert results[1]["error"] == ("RankUsageError: distributed: rank 0 failed reading its "
+                                       f"model folder (ValueError: {lists[0][0]}: no such "
+                                       "model folder on this host)")
+    else:
+        for r in results:
+            assert r["error"] == ("ValueError: tokenizer vocab mismatch between stage 'm0' and "
+                                  "target 'm1': all stages must share one tokenizer")
+
+
 def test_a_stage_that_raises_ends_every_rank_with_an_error_naming_it(tmp_path):
     dirs, _ = _family_dirs(tmp_path, 3, seed=11)
     codes, results, _ = _run_ranks(tmp_path, 3, {"dirs": dirs, "prompts": PROMPTS[:1],
@@ -268,6 +322,43 @@ def test_cli_under_torchrun_prints_the_single_process_answer(tmp_path):
     assert lines[0] == answer and len(answer.split()) == 16
     assert lines[-1].startswith("[pipespec, 3 ranks: 0 (m0) -> 1 (m1) -> 2 (m2)] 16 tokens")
     assert len(lines) == 2
+
+
+def test_two_launchers_as_two_hosts_each_with_its_own_folder(tmp_path):
+    """The multi-host command of the README, on loopback: two ``torchrun`` launchers (``--nnodes
+    2 --node-rank N --rdzv-endpoint``, the static rendezvous: global rank = node rank), each
+    given the same ``--models`` list of which only its own folder exists on its "host". The
+    target's node prints the single-process CLI's answer."""
+    lists, _ = _hosts(tmp_path, 2, seed=44, words=[WORDS, WORDS])
+    args = ["generate", "--prompt", "w1 w5 w7", "--max-new-tokens", "12", "--ignore-eos",
+            "--max-len", "128"]
+    one = subprocess.run([sys.executable, "-m", "pipespec_fast", *args, "--models",
+                          lists[0][0], lists[1][1]], capture_output=True, text=True,
+                         timeout=RUN_TIMEOUT_S)
+    assert one.returncode == 0, one.stderr
+    port = _free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                               "--nproc-per-node", "1", "--node-rank", str(n),
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "pipespec_fast",
+                               *args, "--distributed", "--models", *lists[n]],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in range(2)]
+    try:
+        outs = [p.communicate(timeout=RUN_TIMEOUT_S) for p in nodes]
+    finally:
+        for p in nodes:  # nothing left behind: torchrun ends its rank on SIGTERM
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            p.wait()
+    assert [p.returncode for p in nodes] == [0, 0], [err for _, err in outs]
+    assert outs[0][0] == ""  # the draft's node prints nothing
+    lines = outs[1][0].strip().splitlines()
+    assert lines[0] == one.stdout.strip().splitlines()[0]
+    assert lines[-1].startswith("[pipespec, 2 ranks:")
 
 
 # ----------------------------------------------------------------------------- wire format

@@ -3,8 +3,8 @@
 Rank ``r`` of a group of ``K`` ranks runs model stage ``r`` of the hierarchy (counting model
 stages only; the last rank is the target). A model-free lowest stage (the n-gram drafter) has
 no rank: rank 0 runs it inline, as a thread-placed stage 1 would (``inline.py``), and the
-target's rank runs its own copy for skip-level drafts. Every rank loads only its own model
-(and every tokenizer, to check they agree).
+target's rank runs its own copy for skip-level drafts. Every rank reads only its own model's
+folder (its weights and its tokenizer, whose digests the ranks compare: ``rank_files.py``).
 
 What every rank must know of the others (names for error messages, the smallest context, the
 target's vocabulary and end-of-sequence ids, each stage's device) is gathered once, when the
@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from pipespec_fast import config
 from pipespec_fast.pipespec.payload import PayloadLink, describe, make_routes
+from pipespec_fast.pipespec.rank_files import rank_tokenizer, together
 from pipespec_fast.stages import is_model_free
 
 # a neighbour silent this long (heartbeats included) is declared dead: the default of
@@ -180,11 +181,12 @@ def rank_device(device):
 def load_local_stages(paths: Sequence[str | Path], device, dtype, max_len: int, ngram: bool,
                       compute: str | None):
     """This rank's stages (``paths[rank]``'s model, with an n-gram drafter on rank 0 and on
-    the target's rank when ``ngram``), the shared tokenizer, and the placement.
+    the target's rank when ``ngram``), the shared tokenizer, and the placement. Only
+    ``paths[rank]`` is read (``rank_files.py``: a host needs only its ranks' folders); a
+    rank failing to read or load it ends every rank naming it.
 
     Compute modes follow ``models.packed.default_modes`` across ranks: a draft holding packed
     weights follows an int8 target (the target's mode is gathered)."""
-    from pipespec_fast.loading import check_tokenizers
     from pipespec_fast.models.packed import (
         default_compute,
         draft_compute,
@@ -198,11 +200,11 @@ def load_local_stages(paths: Sequence[str | Path], device, dtype, max_len: int, 
     if len(paths) != world:
         raise ValueError(f"distributed: {len(paths)} models for {world} ranks (one rank per "
                          "model, the target last)")
-    tok = check_tokenizers(paths)
+    tok = rank_tokenizer(paths, rank)
     device = rank_device(device)
     path = paths[rank]
-    stage = LlamaStage.from_pretrained(path, dtype=dtype, device=device, max_len=max_len,
-                                       name=Path(path).name)
+    stage = together("loading its model", lambda: LlamaStage.from_pretrained(
+        path, dtype=dtype, device=device, max_len=max_len, name=Path(path).name))
     modes = [None] * world
     dist.all_gather_object(modes, compute or default_compute(stage.model))
     mode = compute or (draft_compute(stage.model, modes[-1]) if rank < world - 1

@@ -284,6 +284,7 @@ def test_a_hung_rank_is_named_by_every_other_rank(tmp_path, stopped):
         assert results[r]["error"].startswith(f"StageError: stage {stopped} (m{stopped})"
                                               f" on rank {stopped} failed"), results[r]["error"]
         assert "stopped answering" in results[r]["error"], results[r]["error"]
+        assert ".cc:" not in results[r]["error"] and "GLHF" not in results[r]["error"]
 
 
 def test_a_rank_interrupted_mid_generation_ends_the_others_naming_it(tmp_path):

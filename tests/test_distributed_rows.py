@@ -296,6 +296,22 @@ def test_the_n_gram_drafter_stays_on_the_cpu_on_a_gpu_rank(rank, drafter):
     assert with_drafter(model, rank, 3, ngram=False) == [model]
 
 
+@pytest.mark.parametrize("raw,want", [
+    ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed "
+     "by peer [127.0.0.1]:4520. This is typically caused by a remote worker crashing. Check "
+     "the logs of the remote worker before reporting an error. GLHF! \U0001f3d6\ufe0f",
+     "Connection closed by peer [127.0.0.1]:4520"),
+    ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out "
+     "waiting 3000ms for recv operation to complete", "Timed out waiting 3000ms for recv "
+     "operation to complete"),
+    ("Application timeout caused pair closure", "Application timeout caused pair closure"),
+    ("first line. Second sentence\nmore", "first line. Second sentence"),  # not gloo's: kept
+    ("", "RuntimeError"),
+])
+def test_link_errors_lose_gloos_decoration(raw, want):
+    assert transport.link_error_text(RuntimeError(raw)) == want
+
+
 def test_the_cli_summary_names_a_route_of_its_own():
     from types import SimpleNamespace
 

@@ -31,7 +31,13 @@ from pipespec_fast.pipespec.messages import WAKE, Emit
 from pipespec_fast.pipespec.placement import Placement
 from pipespec_fast.pipespec.run import next_output
 from pipespec_fast.pipespec.topology import PipeSpecSettings
-from pipespec_fast.pipespec.transport import DistLink, Heartbeat, Receiver, RemotePeer
+from pipespec_fast.pipespec.transport import (
+    DistLink,
+    Heartbeat,
+    Receiver,
+    RemotePeer,
+    link_error_text,
+)
 
 
 class RemoteStageError(RuntimeError):
@@ -101,7 +107,7 @@ class DistributedRun:
                 timedelta(seconds=self.p.start_timeout_s))
         except RuntimeError as e:
             raise StageError(self.p.label_of_rank(self.p.rank), RuntimeError(
-                f"not every rank started this generation ({str(e).splitlines()[0]})")) from e
+                f"not every rank started this generation ({link_error_text(e)})")) from e
         differ = [r for r, t in enumerate(every) if not torch.equal(t, every[-1])]
         if differ:
             raise ValueError(f"distributed: ranks {differ} were given another prompt or "

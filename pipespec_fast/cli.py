@@ -236,9 +236,16 @@ def _run_pipeline(args: argparse.Namespace, kw: dict) -> None:
             _print_answer(pipe, prompt, args.max_new_tokens, gen)
             res = pipe.last_result
             dt = time.perf_counter() - t
-            print(f"[pipespec, {pipe.placement.world} ranks: {' -> '.join(pipe.placement.labels)}]"
-                  f" {len(res.token_ids)} tokens, {dt:.2f} s, {len(res.token_ids) / dt:.1f} "
-                  f"tokens/s{_rows_note(pipe.placement)}")
+            print(_summary(pipe.placement, res, dt))
+
+
+def _summary(placement, res, dt: float) -> str:
+    """The target's rank's last line: the chain with each stage's rank, the speed, and the
+    target's acceptance of its drafts (the other stages' figures are on their ranks)."""
+    n, target = len(res.token_ids), res.stage_stats[-1]
+    return (f"[pipespec, {placement.world} ranks: {placement.chain()}] {n} tokens, {dt:.2f} s, "
+            f"{n / dt:.1f} tokens/s, acceptance {target.name} {target.acceptance_rate:.0%}"
+            f"{_rows_note(placement)}")
 
 
 def _rows_note(placement) -> str:

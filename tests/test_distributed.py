@@ -7,6 +7,7 @@ ranks are killed and the test fails past ``RUN_TIMEOUT_S``)."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -321,7 +322,9 @@ def test_cli_under_torchrun_prints_the_single_process_answer(tmp_path):
     answer = one.stdout.strip().splitlines()[0]
     lines = run.stdout.strip().splitlines()
     assert lines[0] == answer and len(answer.split()) == 16
-    assert lines[-1].startswith("[pipespec, 3 ranks: 0 (m0) -> 1 (m1) -> 2 (m2)] 16 tokens")
+    assert lines[-1].startswith("[pipespec, 3 ranks: m0 on rank 0 -> m1 on rank 1 -> m2 on "
+                                "rank 2] 16 tokens")
+    assert re.search(r"tokens/s, acceptance m2 \d+%$", lines[-1]), lines[-1]
     assert len(lines) == 2
 
 

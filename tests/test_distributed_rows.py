@@ -312,6 +312,18 @@ def test_link_errors_lose_gloos_decoration(raw, want):
     assert transport.link_error_text(RuntimeError(raw)) == want
 
 
+@pytest.mark.parametrize("labels,inline,want", [
+    (("0 (m0)", "1 (m1)", "2 (m2)"), False, "m0 on rank 0 -> m1 on rank 1 -> m2 on rank 2"),
+    (("0 (ngram)", "1 (draft (v2))", "2 (target)"), True,
+     "ngram (inline) -> draft (v2) on rank 0 -> target on rank 1"),
+])
+def test_the_chain_names_each_stages_rank(labels, inline, want):
+    from pipespec_fast.pipespec.placement import Placement
+
+    p = Placement(0, len(labels) - inline, None, labels, inline, 64, 10, (1,))
+    assert p.chain() == want
+
+
 def test_the_cli_summary_names_a_route_of_its_own():
     from types import SimpleNamespace
 

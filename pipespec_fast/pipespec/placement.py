@@ -88,6 +88,15 @@ class Placement:
         """The global index of each of this rank's ``stages`` (a model-free one is stage 0)."""
         return [0 if is_model_free(st) else self.stage for st in stages]
 
+    def chain(self) -> str:
+        """Every stage and where it runs, for people: ``ngram (inline) -> m0 on rank 0 ->
+        m1 on rank 1`` (the labels number stages, which are not ranks)."""
+        names = [label.split(" (", 1)[1][:-1] for label in self.labels]
+        where = [f"{n} on rank {i - int(self.inline_lowest)}" for i, n in enumerate(names)]
+        if self.inline_lowest:
+            where[0] = f"{names[0]} (inline)"
+        return " -> ".join(where)
+
     def label_of_rank(self, r: int) -> str:
         return f"{self.labels[r + int(self.inline_lowest)]} on rank {r}"
 

@@ -71,7 +71,7 @@ def rank_tokenizer(paths: Sequence[str | Path], rank: int):
     keys = _gather(key)
     tok = together("loading its tokenizer", lambda: load_tokenizer(own))
     if any(k != keys[-1] for k in keys):  # every rank sees the same keys: the same branch
-        vocabs = _gather(vocab_digest(tok))
+        vocabs = _gather(together("reading its vocabulary", lambda: vocab_digest(tok)))
         names = [Path(p).name for p in paths]
         for name, v in zip(names[:-1], vocabs[:-1], strict=True):
             if v != vocabs[-1]:

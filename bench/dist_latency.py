@@ -64,7 +64,7 @@ def _links(rank: int, inbox: queue.SimpleQueue, device: torch.device, mode: str)
     group = dist.new_group(backend="gloo")
     infos = [None, None]
     dist.all_gather_object(infos, describe(device, mode), group=group)
-    (rows,) = make_routes(rank, 2, group, infos, device, 60.0)
+    (rows,) = make_routes(rank, 2, [group], infos, device, 60.0)
     peer = 1 - rank
     link = DistLink(peer, f"rank {peer}", group, timeout_s=30.0, rows=rows)
     recv = Receiver(peer, f"rank {peer}", group, 30.0, inbox.put, lambda m: inbox.put(m),

@@ -163,7 +163,11 @@ class FastPipeline:
         of one rank per model (``torchrun``): rank i loads and runs model i only, the last
         rank the target (``docs/ARCHITECTURE.md``, distributed placement); every rank must
         then call ``generate`` with the same request, and every rank's result holds the
-        target's tokens (only the target's rank streams them as they are verified)."""
+        target's tokens (only the target's rank streams them as they are verified). A
+        neighbouring rank silent for ``PIPESPEC_DIST_PEER_TIMEOUT`` seconds (3; or
+        ``config.use(...replace(dist_peer_timeout=...))`` around this call) is declared
+        dead: raise it across hosts and where a first forward compiles
+        (``docs/CONFIGURATION.md``)."""
         from pipespec_fast.loading import default_dtype, load_stages
         from pipespec_fast.models.packed import (
             default_modes,

@@ -79,8 +79,9 @@ def _check_generate_args(args: argparse.Namespace) -> None:
                          "the trees)")
     if args.no_draft and args.models:
         raise UsageError("--no-draft applies to the default hierarchy, not to --models")
-    for m in args.models or []:
-        _check_model_dir(m)
+    if not args.distributed:  # a rank checks its own folder only (_check_own_model_dir)
+        for m in args.models or []:
+            _check_model_dir(m)
     _check_device(args.device)
     if args.distributed and args.mode != "pipespec":
         raise UsageError("--distributed runs --mode pipespec only")
@@ -99,6 +100,19 @@ def _init_distributed() -> bool:
         raise UsageError(f"--distributed: run under torchrun, one process per model ({first})"
                          ) from None
     return True
+
+
+def _check_own_model_dir(models: list[str]) -> None:
+    """Under ``--distributed``, rank i checks ``--models``' i-th folder only (a host needs
+    only its ranks' folders); every rank learns whether every rank found its own (a
+    collective: a folder missing on one host ends every rank naming it)."""
+    import torch.distributed as dist
+
+    from pipespec_fast.pipespec.rank_files import together
+
+    rank = dist.get_rank()
+    together("checking its --models folder",
+             lambda: _check_model_dir(models[rank]) if rank < len(models) else None)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -188,10 +202,24 @@ def _interrupt_once() -> Iterator[None]:
 def _run_rank(args: argparse.Namespace, kw: dict) -> int:
     import torch.distributed as dist
 
-    from pipespec_fast import FastPipeline
 
     made = _init_distributed()
+    try:
+        _run_pipeline(args, kw)
+    finally:
+        # on a failure too: a process leaving with its group alive was seen to abort at exit
+        # ("terminate called without an active exception", exit code -6) after its error line
+        if made:
+            _left_group.append(_rank_note())  # main's last line still names the rank
+            dist.destroy_process_group()
+    return 0
+
+
+def _run_pipeline(args: argparse.Namespace, kw: dict) -> None:
+    from pipespec_fast import FastPipeline
+
     if args.models:
+        _check_own_model_dir(args.models)
         pipe = FastPipeline.from_pretrained(args.models, ngram=args.ngram, distributed=True,
                                             **kw)
     else:
@@ -209,12 +237,16 @@ def _run_rank(args: argparse.Namespace, kw: dict) -> int:
             _print_answer(pipe, prompt, args.max_new_tokens, gen)
             res = pipe.last_result
             dt = time.perf_counter() - t
-            print(f"[pipespec, {pipe.placement.world} ranks: {' -> '.join(pipe.placement.labels)}]"
-                  f" {len(res.token_ids)} tokens, {dt:.2f} s, {len(res.token_ids) / dt:.1f} "
-                  f"tokens/s{_rows_note(pipe.placement)}")
-    if made:
-        dist.destroy_process_group()
-    return 0
+            print(_summary(pipe.placement, res, dt))
+
+
+def _summary(placement, res, dt: float) -> str:
+    """The target's rank's last line: the chain with each stage's rank, the speed, and the
+    target's acceptance of its drafts (the other stages' figures are on their ranks)."""
+    n, target = len(res.token_ids), res.stage_stats[-1]
+    return (f"[pipespec, {placement.world} ranks: {placement.chain()}] {n} tokens, {dt:.2f} s, "
+            f"{n / dt:.1f} tokens/s, acceptance {target.name} {target.acceptance_rate:.0%}"
+            f"{_rows_note(placement)}")
 
 
 def _rows_note(placement) -> str:
@@ -308,12 +340,15 @@ def _is_usage(e: BaseException) -> bool:
     return isinstance(e, ValueError | FileNotFoundError | NotADirectoryError)
 
 
+_left_group: list[str] = []  # the rank note of a group this process has left (_run_rank)
+
+
 def _rank_note() -> str:
-    """`` (rank r of w)`` in a process of a ``torch.distributed`` group (each rank's line
-    says which rank it is), else nothing."""
+    """`` (rank r of w)`` in a process of a ``torch.distributed`` group, or one that was in
+    one (each rank's line says which rank it is), else nothing."""
     dist = sys.modules.get("torch.distributed")
     if dist is None or not dist.is_available() or not dist.is_initialized():
-        return ""
+        return _left_group[-1] if _left_group else ""
     return f" (rank {dist.get_rank()} of {dist.get_world_size()})"
 
 

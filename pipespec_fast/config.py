@@ -68,6 +68,8 @@ class RuntimeConfig:
     fused: bool = field(default=True, metadata={"env": "PIPESPEC_FUSED"})
     cpu_linear: str = field(default="skinny", metadata={"env": "PIPESPEC_CPU_LINEAR"})
     dist_rows: str = field(default="auto", metadata={"env": "PIPESPEC_DIST_ROWS"})
+    dist_peer_timeout: float = field(default=3.0,
+                                     metadata={"env": "PIPESPEC_DIST_PEER_TIMEOUT"})
     graphs: bool = field(default=False, metadata={"env": "PIPESPEC_GRAPHS"})
     cpu_threads: int | None = field(default=None, metadata={"env": "PIPESPEC_CPU_THREADS"})
     torch_threads: int = field(default=1, metadata={"env": "PIPESPEC_TORCH_THREADS"})
@@ -94,11 +96,20 @@ class RuntimeConfig:
 
 
 PROCESS_FIELDS = ("backend", "triton_interpret", "c_kernels", "skinny_isa", "int8_isa", "cc",
-                  "cache_dir", "packed", "fused", "cpu_linear", "dist_rows", "graphs")
+                  "cache_dir", "packed", "fused", "cpu_linear", "dist_rows",
+                  "dist_peer_timeout", "graphs")
 
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+MIN_PEER_TIMEOUT_S = 1.0  # a distributed link's heartbeat comes every 0.5 s (placement.py)
+
+
+def _is_seconds(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and \
+        MIN_PEER_TIMEOUT_S <= v < float("inf")
 
 
 def _choice(options: tuple[str, ...]) -> Callable:
@@ -117,6 +128,7 @@ _CHECKS: dict[str, Callable] = {
     "fused": lambda v: (isinstance(v, bool), "a bool"),
     "cpu_linear": _choice(CPU_LINEARS),
     "dist_rows": _choice(DIST_ROWS),
+    "dist_peer_timeout": lambda v: (_is_seconds(v), f"seconds >= {MIN_PEER_TIMEOUT_S:g}"),
     "graphs": lambda v: (isinstance(v, bool), "a bool"),
     "cpu_threads": lambda v: (v is None or (_is_int(v) and v >= 1), "None or an int >= 1"),
     "torch_threads": lambda v: (_is_int(v) and v >= 1, "an int >= 1"),
@@ -164,6 +176,17 @@ def _positive_int(name: str, raw: str) -> int:
     return value
 
 
+def _seconds(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not _is_seconds(value):
+        raise ValueError(f"{name}={raw!r}: expected seconds >= {MIN_PEER_TIMEOUT_S:g} "
+                         "(e.g. 10)")
+    return value
+
+
 def _int_list(name: str, raw: str) -> tuple[int, ...]:
     try:
         values = tuple(int(x) for x in raw.split(","))
@@ -193,6 +216,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "fused": _bool01,
     "cpu_linear": _lower_choice(CPU_LINEARS),
     "dist_rows": _lower_choice(DIST_ROWS),
+    "dist_peer_timeout": _seconds,
     "graphs": _bool01,
     "cpu_threads": _positive_int,
     "torch_threads": _positive_int,

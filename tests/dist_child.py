@@ -1,10 +1,13 @@
 """One rank of a distributed pipeline under test (``tests/test_distributed.py`` starts one
 process per rank): ``python dist_child.py RANK WORLD PORT SPEC.json``.
 
-The spec names the model folders, the request and what to break: ``raise_rank`` makes that
+The spec names the model folders (``dirs``, or ``dirs_by_rank``: each rank's own list, as
+ranks on different hosts see them), the request and what to break: ``raise_rank`` makes that
 rank's stage raise after ``after`` forwards, ``kill_rank`` makes that rank kill itself
-(SIGKILL) after ``after`` forwards, ``interrupt_rank`` sends that rank a SIGINT (Ctrl-C: a
-``KeyboardInterrupt`` in its main thread, exit code 130). Each rank writes
+(SIGKILL) after ``after`` forwards, ``stop_rank`` makes it stop itself (SIGSTOP: a hung
+process, its sockets open; it first writes ``OUT/stopped{r}.txt``, the monotonic time then),
+``interrupt_rank`` sends that rank a SIGINT (Ctrl-C: a ``KeyboardInterrupt`` in its main
+thread, exit code 130). Each rank writes
 ``OUT/rank{r}.json``: its result or its error's first line."""
 
 import datetime
@@ -12,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import time
 import traceback
 
 import torch.distributed as dist
@@ -22,6 +26,7 @@ def _break_stage(pipe, spec, rank) -> None:
     stage = pipe.stages[-1]
     inner, count = stage.forward, [0]
     kill = spec.get("kill_rank") == rank
+    stop = spec.get("stop_rank") == rank
     interrupt = spec.get("interrupt_rank") == rank
 
     def forward(*a, **kw):
@@ -29,6 +34,10 @@ def _break_stage(pipe, spec, rank) -> None:
         if interrupt and count[0] == spec["after"] + 1:
             os.kill(os.getpid(), signal.SIGINT)  # the main thread raises KeyboardInterrupt
         elif count[0] > spec["after"] and not interrupt:
+            if stop:
+                with open(os.path.join(spec["out"], f"stopped{rank}.txt"), "w") as f:
+                    f.write(repr(time.monotonic()))
+                os.kill(os.getpid(), signal.SIGSTOP)
             if kill:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError("injected failure")
@@ -48,10 +57,12 @@ def main() -> int:
     out = {}
     code = 0
     try:
-        pipe = FastPipeline.from_pretrained(spec["dirs"], distributed=True, max_len=256,
+        dirs = spec["dirs_by_rank"][rank] if "dirs_by_rank" in spec else spec["dirs"]
+        pipe = FastPipeline.from_pretrained(dirs, distributed=True, max_len=256,
                                             ngram=spec.get("ngram", False),
                                             adaptive_windows=spec.get("adaptive", False))
-        if rank in (spec.get("raise_rank"), spec.get("kill_rank"), spec.get("interrupt_rank")):
+        if rank in (spec.get("raise_rank"), spec.get("kill_rank"), spec.get("stop_rank"),
+                    spec.get("interrupt_rank")):
             _break_stage(pipe, spec, rank)
         results, accepted = [], 0
         for prompt in spec["prompts"]:
@@ -65,6 +76,7 @@ def main() -> int:
         out["accepted"] = accepted
         rows = pipe.placement.rows  # each link's row route, and the rows it carried
         out["routes"] = list(pipe.placement.routes)
+        out["peer_timeout_s"] = pipe.placement.peer_timeout_s
         out["rows"] = [None if r is None else [r.sent, r.received] for r in rows]
     except Exception as e:  # the test reads the error line
         out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
@@ -75,8 +87,7 @@ def main() -> int:
         code = 130
     with open(os.path.join(spec["out"], f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
-    if code == 0:
-        dist.destroy_process_group()
+    dist.destroy_process_group()  # on a failure too, as the CLI does (cli._run_rank)
     return code
 
 

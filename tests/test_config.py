@@ -37,6 +37,8 @@ PARSED = [
     ("PIPESPEC_CPU_LINEAR", "torch", "cpu_linear", "torch"),
     ("PIPESPEC_DIST_ROWS", "split", "dist_rows", "split"),
     ("PIPESPEC_DIST_ROWS", " GLOO", "dist_rows", "gloo"),
+    ("PIPESPEC_DIST_PEER_TIMEOUT", "10", "dist_peer_timeout", 10.0),
+    ("PIPESPEC_DIST_PEER_TIMEOUT", " 1.5", "dist_peer_timeout", 1.5),
     ("PIPESPEC_GRAPHS", "1", "graphs", True),
     ("PIPESPEC_GRAPHS", "0", "graphs", False),
     ("PIPESPEC_CPU_THREADS", "6", "cpu_threads", 6),
@@ -59,6 +61,10 @@ REJECTED = [
     ("PIPESPEC_FUSED", "2", "0 or 1"),
     ("PIPESPEC_CPU_LINEAR", "blas", "one of skinny, numpy, torch"),
     ("PIPESPEC_DIST_ROWS", "nccl", "one of auto, gloo, split"),
+    ("PIPESPEC_DIST_PEER_TIMEOUT", "0.5", "seconds >= 1"),  # under two heartbeats
+    ("PIPESPEC_DIST_PEER_TIMEOUT", "3s", "seconds >= 1"),
+    ("PIPESPEC_DIST_PEER_TIMEOUT", "inf", "seconds >= 1"),
+    ("PIPESPEC_DIST_PEER_TIMEOUT", "nan", "seconds >= 1"),
     ("PIPESPEC_GRAPHS", "on", "0 or 1"),
     ("PIPESPEC_CPU_THREADS", "0", "an integer >= 1"),
     ("PIPESPEC_CPU_THREADS", "two", "an integer >= 1"),
@@ -84,6 +90,7 @@ def test_defaults():
     assert cfg.cache_dir == Path.home() / ".cache" / "pipespec-fast"
     assert (cfg.packed, cfg.fused, cfg.cpu_linear, cfg.dist_rows, cfg.graphs) == \
         (True, True, "skinny", "auto", False)
+    assert cfg.dist_peer_timeout == 3.0
     assert (cfg.cpu_threads, cfg.torch_threads, cfg.stage_threads, cfg.idle_drafters) == \
         (None, 1, None, None)
 
@@ -159,6 +166,8 @@ def test_unknown_pipespec_variable_is_warned_about_once(warn_again):
     ("c_kernels", 0, "a bool"),
     ("cache_dir", "/tmp/x", "a pathlib.Path"),
     ("dist_rows", "nccl", "one of auto, gloo, split"),
+    ("dist_peer_timeout", True, "seconds >= 1"),
+    ("dist_peer_timeout", 0.9, "seconds >= 1"),
     ("cpu_threads", 0, "None or an int >= 1"),
     ("torch_threads", True, "an int >= 1"),
     ("stage_threads", [1, 2], "None or a non-empty tuple of ints >= 1"),

@@ -7,6 +7,7 @@ ranks are killed and the test fails past ``RUN_TIMEOUT_S``)."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pipespec_fast.decoding.span import TokenSpan
 from pipespec_fast.models.checkpoint import save_state_dict
 from pipespec_fast.pipespec import wire
 from pipespec_fast.pipespec.messages import Chunk, Sync, Wanted
+from pipespec_fast.pipespec.placement import PEER_TIMEOUT_S
 
 CHILD = Path(__file__).with_name("dist_child.py")
 RUN_TIMEOUT_S = 120
@@ -52,11 +54,11 @@ def _family_dirs(tmp_path: Path, k: int, seed: int, words: list[str] | None = No
     return dirs, models
 
 
-def _run_ranks(tmp_path: Path, world: int, spec: dict, env: dict | None = None
-               ) -> tuple[list[int], list[dict], dict]:
+def _run_ranks(tmp_path: Path, world: int, spec: dict, env: dict | None = None,
+               hung: tuple[int, ...] = ()) -> tuple[list[int], list[dict], dict]:
     """Start ``world`` ranks on ``spec`` (with ``env`` added to their environment); wait for
-    all (killing them all past the timeout). Returns each rank's exit code and JSON output,
-    and when each exited (monotonic)."""
+    all but the ``hung`` ones, then kill whatever is left (all of them past the timeout).
+    Returns each rank's exit code and JSON output, and when each exited (monotonic)."""
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     spec = dict(spec, out=str(out))
@@ -70,7 +72,7 @@ def _run_ranks(tmp_path: Path, world: int, spec: dict, env: dict | None = None
     ended: dict[int, float] = {}
     deadline = time.monotonic() + RUN_TIMEOUT_S
     try:
-        while len(ended) < world and time.monotonic() < deadline:
+        while len(ended) < world - len(hung) and time.monotonic() < deadline:
             for r, p in enumerate(procs):
                 if r not in ended and p.poll() is not None:
                     ended[r] = time.monotonic()
@@ -81,12 +83,12 @@ def _run_ranks(tmp_path: Path, world: int, spec: dict, env: dict | None = None
                 p.kill()
             p.wait()
     logs = [p.stdout.read().decode(errors="replace") for p in procs]
-    assert len(ended) == world, f"ranks still running after {RUN_TIMEOUT_S} s:\n" + \
+    assert len(ended) == world - len(hung), f"ranks still running after {RUN_TIMEOUT_S} s:\n" + \
         "\n".join(logs)
     results = []
     for r in range(world):
         f = out / f"rank{r}.json"
-        results.append(json.loads(f.read_text()) if f.exists() else {"log": logs[r]})
+        results.append({**(json.loads(f.read_text()) if f.exists() else {}), "log": logs[r]})
     return [p.returncode for p in procs], results, ended
 
 
@@ -100,13 +102,17 @@ def _reference(models, prompts) -> list[list[int]]:
                                           (3, False, "split")])
 def test_greedy_output_identical_to_the_single_process_pipeline(tmp_path, k, ngram, rows):
     """``rows="split"``: every link has a gloo group of its own for rows (none under greedy),
-    made and connected at start-up as NCCL's would be."""
+    made and connected at start-up as NCCL's would be; its ranks are also given a peer
+    timeout (``PIPESPEC_DIST_PEER_TIMEOUT``), which every rank's links take."""
     dirs, models = _family_dirs(tmp_path, k, seed=k + 3 * ngram)
     want = _reference(models, PROMPTS)
+    timeout = "7.5" if rows == "split" else ""  # empty: the default
     codes, results, _ = _run_ranks(tmp_path, k, {"dirs": dirs, "prompts": PROMPTS, "n": N,
                                                  "ngram": ngram},
-                                   env={"PIPESPEC_DIST_ROWS": rows})
+                                   env={"PIPESPEC_DIST_ROWS": rows,
+                                        "PIPESPEC_DIST_PEER_TIMEOUT": timeout})
     assert codes == [0] * k, results
+    assert [r["peer_timeout_s"] for r in results] == [float(timeout or PEER_TIMEOUT_S)] * k
     route = "split" if rows == "split" else "inline"
     assert results[1]["routes"] == [route] * (k - 1)  # the middle rank (or the target) sees all
     assert results[0]["routes"][0] == route and results[-1]["routes"][-1] == route
@@ -181,6 +187,60 @@ def test_sampling_on_two_ranks_follows_the_target_distribution(tmp_path, rows):
     assert p > 1e-3, p
 
 
+def _hosts(tmp_path: Path, k: int, seed: int, words: list[list[str]]
+           ) -> tuple[list[list[str]], list]:
+    """Rank i's list of the ``k`` folders on "host" i, where only folder i exists (with a
+    word-level tokenizer over ``words[i]``): ranks on hosts that hold only their own model."""
+    models = family(k, noise=0.05, seed=seed)
+    lists = []
+    for i, m in enumerate(models):
+        from test_pipeline import _write_tiny_checkpoint
+
+        host = tmp_path / f"host{i}"
+        _write_tiny_checkpoint(host / f"m{i}", m, words[i])
+        lists.append([str(host / f"m{j}") for j in range(k)])
+    return lists, models
+
+
+WORDS = ["<unk>"] + [f"w{i}" for i in range(63)]
+
+
+def test_each_rank_reads_only_its_own_model_folder(tmp_path):
+    """Rank i is given k paths of which only the i-th exists on its "host": it loads its
+    model and its tokenizer from there, the ranks compare tokenizers by digest, and the output
+    is the single-process pipeline's."""
+    lists, models = _hosts(tmp_path, 2, seed=17, words=[WORDS, WORDS])
+    want = _reference(models, PROMPTS[:1])
+    codes, results, _ = _run_ranks(tmp_path, 2, {"dirs_by_rank": lists, "prompts": PROMPTS[:1],
+                                                 "n": N})
+    assert codes == [0, 0], results
+    assert results[0]["results"] == results[1]["results"] == want
+
+
+@pytest.mark.parametrize("broken", ["missing", "vocab"])
+def test_a_rank_that_cannot_read_its_folder_ends_every_rank_naming_it(tmp_path, broken):
+    """Rank 0's folder is missing on its host, or holds another vocabulary: both ranks raise
+    at once (no rank left waiting in a collective), naming the rank or both stages."""
+    other = ["<unk>"] + [f"v{i}" for i in range(63)]  # the same size, another vocabulary
+    lists, _ = _hosts(tmp_path, 2, seed=18, words=[other if broken == "vocab" else WORDS,
+                                                    WORDS])
+    if broken == "missing":
+        lists[0][0] = str(tmp_path / "host0" / "gone")
+    codes, results, _ = _run_ranks(tmp_path, 2, {"dirs_by_rank": lists, "prompts": PROMPTS[:1],
+                                                 "n": N})
+    assert codes == [1, 1], results
+    if broken == "missing":
+        assert results[0]["error"] == f"ValueError: {lists[0][0]}: no such model folder on " \
+            "this host"
+        assert results[1]["error"] == ("RankUsageError: distributed: rank 0 failed reading its "
+                                       f"model folder (ValueError: {lists[0][0]}: no such "
+                                       "model folder on this host)")
+    else:
+        for r in results:
+            assert r["error"] == ("ValueError: tokenizer vocab mismatch between stage 'm0' and "
+                                  "target 'm1': all stages must share one tokenizer")
+
+
 def test_a_stage_that_raises_ends_every_rank_with_an_error_naming_it(tmp_path):
     dirs, _ = _family_dirs(tmp_path, 3, seed=11)
     codes, results, _ = _run_ranks(tmp_path, 3, {"dirs": dirs, "prompts": PROMPTS[:1],
@@ -204,6 +264,28 @@ def test_a_rank_killed_mid_generation_ends_the_others_within_5_s(tmp_path, kille
         assert ended[r] - ended[killed] < 5.0
         assert f"on rank {killed}" in results[r]["error"], results[r]["error"]
         assert "died or stopped answering" in results[r]["error"]
+
+
+@pytest.mark.parametrize("stopped", [0, 2])
+def test_a_hung_rank_is_named_by_every_other_rank(tmp_path, stopped):
+    """A rank that stops answering (SIGSTOP: alive, its sockets open, silent) at one end of 3:
+    its neighbour's receive times out, and both other ranks exit naming the hung rank, not
+    the neighbour that saw its link to the hung one close (each link has a gloo group of its
+    own: a timeout closes only that link's connections)."""
+    dirs, _ = _family_dirs(tmp_path, 3, seed=14)
+    codes, results, ended = _run_ranks(tmp_path, 3, {"dirs": dirs, "prompts": PROMPTS[:1],
+                                                     "n": 200, "stop_rank": stopped,
+                                                     "after": 8}, hung=(stopped,))
+    assert (tmp_path / "out" / f"stopped{stopped}.txt").exists(), results
+    stop_time = float((tmp_path / "out" / f"stopped{stopped}.txt").read_text())
+    others = [r for r in range(3) if r != stopped]
+    assert codes[stopped] == -9 and all(codes[r] == 1 for r in others), results
+    for r in others:
+        assert ended[r] - stop_time < PEER_TIMEOUT_S + 5.0
+        assert results[r]["error"].startswith(f"StageError: stage {stopped} (m{stopped})"
+                                              f" on rank {stopped} failed"), results[r]["error"]
+        assert "stopped answering" in results[r]["error"], results[r]["error"]
+        assert ".cc:" not in results[r]["error"] and "GLHF" not in results[r]["error"]
 
 
 def test_a_rank_interrupted_mid_generation_ends_the_others_naming_it(tmp_path):
@@ -240,8 +322,47 @@ def test_cli_under_torchrun_prints_the_single_process_answer(tmp_path):
     answer = one.stdout.strip().splitlines()[0]
     lines = run.stdout.strip().splitlines()
     assert lines[0] == answer and len(answer.split()) == 16
-    assert lines[-1].startswith("[pipespec, 3 ranks: 0 (m0) -> 1 (m1) -> 2 (m2)] 16 tokens")
+    assert lines[-1].startswith("[pipespec, 3 ranks: m0 on rank 0 -> m1 on rank 1 -> m2 on "
+                                "rank 2] 16 tokens")
+    assert re.search(r"tokens/s, acceptance m2 \d+%$", lines[-1]), lines[-1]
     assert len(lines) == 2
+
+
+def test_two_launchers_as_two_hosts_each_with_its_own_folder(tmp_path):
+    """The multi-host command of the README, on loopback: two ``torchrun`` launchers (``--nnodes
+    2 --node-rank N --rdzv-endpoint``, the static rendezvous: global rank = node rank), each
+    given the same ``--models`` list of which only its own folder exists on its "host". The
+    target's node prints the single-process CLI's answer."""
+    lists, _ = _hosts(tmp_path, 2, seed=44, words=[WORDS, WORDS])
+    args = ["generate", "--prompt", "w1 w5 w7", "--max-new-tokens", "12", "--ignore-eos",
+            "--max-len", "128"]
+    one = subprocess.run([sys.executable, "-m", "pipespec_fast", *args, "--models",
+                          lists[0][0], lists[1][1]], capture_output=True, text=True,
+                         timeout=RUN_TIMEOUT_S)
+    assert one.returncode == 0, one.stderr
+    port = _free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                               "--nproc-per-node", "1", "--node-rank", str(n),
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "pipespec_fast",
+                               *args, "--distributed", "--models", *lists[n]],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in range(2)]
+    try:
+        outs = [p.communicate(timeout=RUN_TIMEOUT_S) for p in nodes]
+    finally:
+        for p in nodes:  # nothing left behind: torchrun ends its rank on SIGTERM
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            p.wait()
+    assert [p.returncode for p in nodes] == [0, 0], [err for _, err in outs]
+    assert outs[0][0] == ""  # the draft's node prints nothing
+    lines = outs[1][0].strip().splitlines()
+    assert lines[0] == one.stdout.strip().splitlines()[0]
+    assert lines[-1].startswith("[pipespec, 2 ranks:")
 
 
 # ----------------------------------------------------------------------------- wire format

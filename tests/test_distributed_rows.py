@@ -73,7 +73,8 @@ def _routes(monkeypatch, rank, infos, device="cpu"):
     for cls in (PayloadLink, NcclLink):
         monkeypatch.setattr(cls, "warm_up",
                             lambda self, r, low, t: warm.append((r, low, self.route)))
-    links = make_routes(rank, len(infos), "control", infos, device, 60.0)
+    control = [f"control{low}" for low in range(len(infos) - 1)]
+    links = make_routes(rank, len(infos), control, infos, device, 60.0)
     return links, fake.calls, warm
 
 
@@ -100,7 +101,8 @@ def test_every_rank_makes_the_same_groups_in_the_same_order(monkeypatch, mode, c
     if mode != "gloo":
         assert links1[0].device == torch.device("cuda:1")
         assert links1[0].group == "group1"
-    assert all(x.group == "control" for x in links1 if x.route == "inline")
+    assert all(x.group == f"control{low}" for low, x in enumerate(links1)
+               if x.route == "inline")  # rows with the rest: on the link's own control group
     assert warm1 == [(1, low, x.route) for low, x in enumerate(links1) if x.route != "inline"]
 
 
@@ -273,6 +275,53 @@ def test_an_unindexed_cuda_device_is_each_ranks_own_gpu(monkeypatch, rank, devic
     monkeypatch.setattr(placement.dist, "all_gather_object", gather)
     monkeypatch.setattr(placement.torch.cuda, "device_count", lambda: 2)
     assert torch.device(placement.rank_device(device)) == torch.device(want)
+
+
+@pytest.mark.parametrize("rank,drafter", [(0, True), (1, False), (2, True)])
+def test_the_n_gram_drafter_stays_on_the_cpu_on_a_gpu_rank(rank, drafter):
+    """Ranks 0 (inline) and 2 (the target's skip-level copy) of 3 get the drafter, on the CPU
+    although their model is on a GPU (as ``loading.load_stages`` does in one process)."""
+    from types import SimpleNamespace
+
+    from pipespec_fast.pipespec.placement import with_drafter
+    from pipespec_fast.stages import NGramStage
+
+    model = SimpleNamespace(vocab_size=50, max_len=96, device=torch.device("cuda", rank))
+    stages = with_drafter(model, rank, 3, ngram=True)
+    assert stages[-1] is model and len(stages) == 1 + drafter
+    if drafter:
+        assert isinstance(stages[0], NGramStage)
+        assert stages[0].device == torch.device("cpu")
+        assert (stages[0].vocab_size, stages[0].max_len) == (50, 96)
+    assert with_drafter(model, rank, 3, ngram=False) == [model]
+
+
+@pytest.mark.parametrize("raw,want", [
+    ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed "
+     "by peer [127.0.0.1]:4520. This is typically caused by a remote worker crashing. Check "
+     "the logs of the remote worker before reporting an error. GLHF! \U0001f3d6\ufe0f",
+     "Connection closed by peer [127.0.0.1]:4520"),
+    ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out "
+     "waiting 3000ms for recv operation to complete", "Timed out waiting 3000ms for recv "
+     "operation to complete"),
+    ("Application timeout caused pair closure", "Application timeout caused pair closure"),
+    ("first line. Second sentence\nmore", "first line. Second sentence"),  # not gloo's: kept
+    ("", "RuntimeError"),
+])
+def test_link_errors_lose_gloos_decoration(raw, want):
+    assert transport.link_error_text(RuntimeError(raw)) == want
+
+
+@pytest.mark.parametrize("labels,inline,want", [
+    (("0 (m0)", "1 (m1)", "2 (m2)"), False, "m0 on rank 0 -> m1 on rank 1 -> m2 on rank 2"),
+    (("0 (ngram)", "1 (draft (v2))", "2 (target)"), True,
+     "ngram (inline) -> draft (v2) on rank 0 -> target on rank 1"),
+])
+def test_the_chain_names_each_stages_rank(labels, inline, want):
+    from pipespec_fast.pipespec.placement import Placement
+
+    p = Placement(0, len(labels) - inline, None, labels, inline, 64, 10, (1,))
+    assert p.chain() == want
 
 
 def test_the_cli_summary_names_a_route_of_its_own():

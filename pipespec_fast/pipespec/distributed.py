@@ -31,7 +31,13 @@ from pipespec_fast.pipespec.messages import WAKE, Emit
 from pipespec_fast.pipespec.placement import Placement
 from pipespec_fast.pipespec.run import next_output
 from pipespec_fast.pipespec.topology import PipeSpecSettings
-from pipespec_fast.pipespec.transport import DistLink, Heartbeat, Receiver, RemotePeer
+from pipespec_fast.pipespec.transport import (
+    DistLink,
+    Heartbeat,
+    Receiver,
+    RemotePeer,
+    link_error_text,
+)
 
 
 class RemoteStageError(RuntimeError):
@@ -72,8 +78,9 @@ class DistributedRun:
             if 0 <= r < p.world:
                 label = p.label_of_rank(r)
                 rows = p.rows_link(r)
-                self.links[r] = DistLink(r, label, p.group, p.peer_timeout_s, rows=rows)
-                self.receivers.append(Receiver(r, label, p.group, p.peer_timeout_s,
+                group = p.link_group(r)
+                self.links[r] = DistLink(r, label, group, p.peer_timeout_s, rows=rows)
+                self.receivers.append(Receiver(r, label, group, p.peer_timeout_s,
                                                w.inbox.put, self._control, device, rows))
         if p.rank > 0:
             w.below = RemotePeer(self.links[p.rank - 1])
@@ -100,7 +107,7 @@ class DistributedRun:
                 timedelta(seconds=self.p.start_timeout_s))
         except RuntimeError as e:
             raise StageError(self.p.label_of_rank(self.p.rank), RuntimeError(
-                f"not every rank started this generation ({str(e).splitlines()[0]})")) from e
+                f"not every rank started this generation ({link_error_text(e)})")) from e
         differ = [r for r, t in enumerate(every) if not torch.equal(t, every[-1])]
         if differ:
             raise ValueError(f"distributed: ranks {differ} were given another prompt or "

@@ -2,12 +2,12 @@
 once per link when the pipeline is built (:func:`make_routes`, a collective).
 
 Headers, token ids and the control messages (Sync, Wanted, Heartbeat, Finish, End, Fail)
-always travel over the control group, gloo, through host memory: they are small, and gloo's
-receives take a timeout, so a silent neighbour is noticed. Rows (sampling only, in Chunks,
-so only up a link: rank r -> r + 1) are the large part of a message, and where both ranks'
-stages live on CUDA devices, copying them to the host for gloo costs milliseconds where
-NCCL moves them device to device in microseconds (``docs/ARCHITECTURE.md``). So each link
-has a :class:`PayloadLink`:
+always travel over the link's control group (gloo, one per link: ``placement.py``), through
+host memory: they are small, and gloo's receives take a timeout, so a silent neighbour is
+noticed. Rows (sampling only, in Chunks, so only up a link: rank r -> r + 1) are the large
+part of a message, and where both ranks' stages live on CUDA devices, copying them to the
+host for gloo costs milliseconds where NCCL moves them device to device in microseconds
+(``docs/ARCHITECTURE.md``). So each link has a :class:`PayloadLink`:
 
 * ``PayloadLink``: rows go with the control messages over the control group, copied to the
   host (the CPU path, and the fallback);
@@ -170,11 +170,12 @@ def bounded_wait(work, timeout_s: float, sleep=time.sleep, clock=time.monotonic)
         raise RuntimeError(f"NCCL transfer not done after {timeout_s:g} s")
 
 
-def make_routes(rank: int, world: int, control_group, infos: list[RankDevice],
+def make_routes(rank: int, world: int, control_groups, infos: list[RankDevice],
                 device, timeout_s: float) -> tuple[PayloadLink | None, ...]:
     """Every link's row route (link ``l``: ranks ``l`` and ``l + 1``), this rank's own made
-    and connected; ``None`` for the links of other ranks. A collective: every rank calls it
-    with the same ``infos``, making the same groups in the same order."""
+    and connected; ``None`` for the links of other ranks. ``control_groups[l]``: link
+    ``l``'s control group (the ``inline`` route's). A collective: every rank calls it with
+    the same ``infos``, making the same groups in the same order."""
     modes = sorted({i.mode for i in infos})
     if len(modes) > 1:
         raise ValueError(f"distributed: the ranks were given different PIPESPEC_DIST_ROWS "
@@ -182,7 +183,7 @@ def make_routes(rank: int, world: int, control_group, infos: list[RankDevice],
     routes = [choose(modes[0], infos[low], infos[low + 1]) for low in range(world - 1)]
     links: list[PayloadLink | None] = []
     for low, route in enumerate(routes):  # every rank makes every group, in link order
-        group = control_group
+        group = control_groups[low]
         if route != "inline":
             group = dist.new_group(ranks=[low, low + 1], timeout=timedelta(seconds=timeout_s),
                                    backend="nccl" if route == "nccl" else "gloo")

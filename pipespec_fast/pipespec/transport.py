@@ -9,7 +9,9 @@ neighbour puts what arrives into the local worker's inbox, so the workers' code 
 both placements.
 
 * Sends are non-blocking (``isend``); at most ``max_in_flight`` tensors per link are
-  unfinished, then the sender waits for the oldest (a bounded buffer, as a queue would be).
+  unfinished, then the sender waits for the oldest: a bound on the sending side only. The
+  receiving side is unbounded, as in one process: the receiver thread moves each message
+  into the worker's inbox (a ``queue.SimpleQueue``), which the worker drains every step.
 * A Chunk's probability rows take the link's row route (``payload.py``): with the rest over
   gloo, or right after it on a group of their own (NCCL between two GPUs).
 * A receiver blocks in gloo's receive (no polling), with a timeout: a neighbour silent for
@@ -20,6 +22,7 @@ both placements.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import deque
@@ -92,7 +95,7 @@ class DistLink:
     def _peer_error(self, e: RuntimeError) -> LinkError:
         """A failed send: the neighbour died or stopped answering (the worker's error names
         it, not the worker's own stage)."""
-        err = LinkError(f"rank {self.peer} died or stopped answering ({_first_line(e)})")
+        err = LinkError(f"rank {self.peer} died or stopped answering ({link_error_text(e)})")
         err.pipespec_stage = self.peer_label
         return err
 
@@ -168,7 +171,7 @@ class Receiver:
                     self.deliver(msg)
         except Exception as e:  # the link broke: name the neighbour
             self.control(wire.Fail(self.peer_label, "died or stopped answering (rank "
-                                   f"{self.peer}: {_first_line(e)})"))
+                                   f"{self.peer}: {link_error_text(e)})"))
 
 
 class Heartbeat:
@@ -199,6 +202,16 @@ class Heartbeat:
                         pass  # its receiver on this side reports the broken link
 
 
-def _first_line(e: BaseException) -> str:
+_GLOO_WHERE = re.compile(r"^\[[^\]\s]+:\d+\]\s*")  # gloo's "[.../pair.cc:553] "
+
+
+def link_error_text(e: BaseException) -> str:
+    """The first line of a link's error, without gloo's decoration: its source location and
+    what follows its first sentence (advice written for gloo's own users, and a sign-off),
+    so ``[/.../tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:4520. This is typically
+    caused by ...`` reads ``Connection closed by peer [127.0.0.1]:4520``."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    line = text.splitlines()[0] if text else type(e).__name__
+    if _GLOO_WHERE.match(line):
+        line = _GLOO_WHERE.sub("", line).split(". ")[0].rstrip(".")
+    return line or type(e).__name__

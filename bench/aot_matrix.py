@@ -454,19 +454,24 @@ def _expand(part: str) -> range:
 
 
 def _cell(s: dict) -> str:
-    kib = f"{s['shared'] / 1024:.0f}K" if s["shared"] >= 1024 else f"{s['shared']}B"
     spill = max(s["spill_stores"], s["spill_loads"])
-    return f"{s['regs']} / {kib}" + (f" / **spill {spill / 1024:.1f}K**" if spill else "")
+    return f"{s['regs']} / {_bytes(s['shared'])}" + (f" / **spill {_bytes(spill)}**"
+                                                    if spill else "")
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 1024:.1f}K".replace(".0K", "K") if n >= 1024 else f"{n}B"
 
 
 def pivot(summary_rows: list[dict]) -> list[str]:
     """The docs table: one row per kernel, model and tile choice, one column per arch and
     dtype; a cell is ``registers / shared memory per program`` (and the larger spill, if any),
-    over the specialisations of that tile."""
+    over the specialisations of that tile. Tiles show the block sizes only: the model sets
+    the rest (group, head dim) and the dtype the dot precision."""
     cols = [(a, d) for a in ("sm_80", "sm_90") for d in DTYPES]
     rows: dict[tuple, dict] = {}
     for s in summary_rows:
-        key = (s["kernel"], s["models"], s["tiles"], s["warps"])
+        key = (s["kernel"], s["models"], _short(s["tiles"]), s["warps"])
         r = rows.setdefault(key, {"n": set()})
         r["n"].update(x for part in s["n"].split(",") for x in _expand(part))
         for d in s["dtypes"].split(","):
@@ -477,6 +482,12 @@ def pivot(summary_rows: list[dict]) -> list[str]:
         cells = [kernel, models, _ranges(r["n"]), tiles, str(warps)]
         lines.append("| " + " | ".join(cells + [r.get(c, "") for c in cols]) + " |")
     return lines
+
+
+def _short(tiles: str) -> str:
+    blocks = [t for t in tiles.split() if t.startswith("BLOCK")]
+    keep = [t for t in blocks if not t.startswith("BLOCK_D=")]
+    return " ".join(keep or blocks)
 
 
 def markdown(report: dict) -> str:
@@ -505,13 +516,23 @@ def markdown(report: dict) -> str:
 # ----------------------------------------------------------------------------- main
 
 
-def _ptxas_version() -> str:
+def _ptxas_versions(archs) -> str:
+    """The ptxas each arch is compiled with (Triton 3.9 uses its CUDA 13 ``ptxas-blackwell``
+    from sm_90 up, the CUDA 12 one below)."""
     import subprocess
 
-    text = subprocess.run([knobs.nvidia.ptxas.path, "--version"], capture_output=True,
-                          text=True).stdout
-    found = re.search(r"V(\d+\.\d+\.\d+)", text)
-    return found.group(1) if found else "unknown"
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError:  # an older Triton: one ptxas for every arch
+        def get_ptxas(arch):
+            return knobs.nvidia.ptxas
+    out = []
+    for arch in archs:
+        text = subprocess.run([get_ptxas(arch).path, "--version"], capture_output=True,
+                              text=True).stdout
+        found = re.search(r"V(\d+\.\d+\.\d+)", text)
+        out.append(f"sm_{arch}: {found.group(1) if found else 'unknown'}")
+    return ", ".join(out)
 
 
 def select(variants: list[Variant], subset: str) -> list[Variant]:
@@ -577,7 +598,8 @@ def main(argv=None) -> int:
     compile_all(variants, max(1, args.jobs))
     rows = [row(v) for v in variants]
     command = "python bench/aot_matrix.py" + (" --subset ci" if args.subset == "ci" else "")
-    report = dict(command=command, triton=triton.__version__, ptxas=_ptxas_version(),
+    report = dict(command=command, triton=triton.__version__,
+                  ptxas=_ptxas_versions(int(a) for a in args.archs.split(",")),
                   subset=args.subset, jobs=args.jobs, launches=launches,
                   wall_s=round(time.perf_counter() - start, 1),
                   errors=sum("error" in r for r in rows), summary=summary(rows), variants=rows)

@@ -234,7 +234,9 @@ def verify_attention(
         *anc_bits.stride(), *out.stride(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=block_n,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
+        # 8 warps for 64-row tiles: with 4, bf16/fp16 spill on sm_80 (255 registers, up to
+        # 500 B; bench/aot_matrix.py); with 8, none spill and sm_90 needs 139 instead of 218.
+        num_warps=8 if block_r >= 64 else 4,
     )
     return out
 

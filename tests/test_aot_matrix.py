@@ -69,6 +69,20 @@ def test_failures_are_errors_anywhere_and_spills_in_bf16_on_sm90_only():
     assert M.failures([_row(dtypes="bf16,fp16,fp32", spill_loads=4)])
 
 
+def test_docs_table_has_one_row_per_tile_and_a_cell_per_arch_and_dtype():
+    summary = [dict(kernel="k", arch="sm_90", models="m", dtypes="bf16", n="9-64",
+                    tiles="GROUP=4 BLOCK_D=128 BLOCK_R=64 DOT_PREC=tf32", warps=8, regs="139-141",
+                    spill_stores=0, spill_loads=0, shared=98304),
+               dict(kernel="k", arch="sm_80", models="m", dtypes="fp32", n="9-64",
+                    tiles="GROUP=4 BLOCK_D=128 BLOCK_R=64 DOT_PREC=ieee", warps=8, regs="255",
+                    spill_stores=3380, spill_loads=2000, shared=122880)]
+    header, rule, line = M.pivot(summary)
+    assert header.startswith("| kernel | models | n | tiles | warps | sm_80 bf16 |")
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[:5] == ["k", "m", "9-64", "BLOCK_R=64", "8"]
+    assert cells[5:] == ["", "", "255 / 120K / **spill 3.3K**", "139-141 / 96K", "", ""]
+
+
 def _variant(arch, dtype, tiles, uses):
     v = M.Variant("verify_attention", "m", "k", arch, {}, {}, {}, {}, {"BLOCK_R": tiles}, "")
     v.uses = [M.Case("llama3_8b", dtype, n, "chain", ctx) for n, ctx in uses]

@@ -1,0 +1,154 @@
+"""``bench/aot_matrix.py``: every Triton kernel compiled ahead of time for sm_80 / sm_90 on the
+CPU, over real models' head shapes, dtypes and block sizes; bf16 on sm_90 must not spill.
+
+The compile runs in a subprocess without ``TRITON_INTERPRET`` (this process has it set by
+``conftest.py``, which turns the kernels into interpreted functions). The CI run compiles the
+``ci`` subset (every bf16 sm_90 variant, one variant per tile choice elsewhere); the full matrix
+is ``python bench/aot_matrix.py`` (docs/KERNELS.md has its figures)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import aot_matrix as M  # noqa: E402
+
+PTXAS_LOG = """\
+ptxas info    : 11 bytes gmem, 8 bytes cmem[4]
+ptxas info    : Compiling entry function '_verify_attention_kernel' for 'sm_80'
+ptxas info    : Function properties for _verify_attention_kernel
+    10544 bytes stack frame, 49544 bytes spill stores, 71960 bytes spill loads
+ptxas info    : Used 32 registers, used 1 barriers, 10544 bytes cumulative stack size
+"""
+
+
+def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr:
+        pytest.skip("Triton's bundled ptxas is missing in this install")
+    return res
+
+
+def test_parse_ptxas_reads_registers_stack_and_spills():
+    assert M.parse_ptxas(PTXAS_LOG) == dict(regs=32, stack=10544, spill_stores=49544,
+                                            spill_loads=71960)
+    with pytest.raises(ValueError, match="no ptxas -v figures"):
+        M.parse_ptxas("ptxas info    : Compile time = 3.2 ms\n")
+
+
+def test_ranges_fold_consecutive_values():
+    assert M._ranges([7, 1, 2, 3, 5, 8, 2]) == "1-3,5,7-8"
+    assert M._ranges([4]) == "4"
+
+
+def _row(**kw):
+    base = dict(kernel="k", arch="sm_90", models="llama3_8b", dtypes="bf16", n="1-4",
+                tiles="BLOCK=16", regs=40, spill_stores=0, spill_loads=0)
+    return {**base, **kw}
+
+
+def test_failures_are_errors_anywhere_and_spills_in_bf16_on_sm90_only():
+    assert M.failures([_row(), _row(arch="sm_80", spill_stores=8),
+                       _row(dtypes="fp32", spill_loads=8)]) == []
+    bad = M.failures([_row(spill_stores=16, spill_loads=24), _row(error="PTXASError: boom")])
+    assert len(bad) == 2
+    assert bad[0].startswith("bf16 sm_90 spills 16/24 B: k sm_90 llama3_8b bf16 n=1-4")
+    assert bad[1].startswith("compile error: k sm_90") and "boom" in bad[1]
+    # a variant shared by every dtype (the acceptance kernels) counts as bf16
+    assert M.failures([_row(dtypes="bf16,fp16,fp32", spill_loads=4)])
+
+
+def test_docs_table_has_one_row_per_tile_and_a_cell_per_arch_and_dtype():
+    summary = [dict(kernel="k", arch="sm_90", models="m", dtypes="bf16", n="9-64",
+                    tiles="GROUP=4 BLOCK_D=128 BLOCK_R=64 DOT_PREC=tf32", warps=8, regs="139-141",
+                    spill_stores=0, spill_loads=0, shared=98304),
+               dict(kernel="k", arch="sm_80", models="m", dtypes="fp32", n="9-64",
+                    tiles="GROUP=4 BLOCK_D=128 BLOCK_R=64 DOT_PREC=ieee", warps=8, regs="255",
+                    spill_stores=3380, spill_loads=2000, shared=122880)]
+    header, rule, line = M.pivot(summary)
+    assert header.startswith("| kernel | models | n | tiles | warps | sm_80 bf16 |")
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[:5] == ["k", "m", "9-64", "BLOCK_R=64", "8"]
+    assert cells[5:] == ["", "", "255 / 120K / **spill 3.3K**", "139-141 / 96K", "", ""]
+
+
+def _variant(arch, dtype, tiles, uses):
+    v = M.Variant("verify_attention", "m", "k", arch, {}, {}, {}, {}, {"BLOCK_R": tiles}, "")
+    v.uses = [M.Case("llama3_8b", dtype, n, "chain", ctx) for n, ctx in uses]
+    return v
+
+
+def test_ci_subset_keeps_all_bf16_sm90_and_the_largest_generic_variant_per_tile():
+    bf16 = [_variant(90, "bf16", 64, [(9, 1)]), _variant(90, "bf16", 64, [(10, 100)])]
+    small = _variant(80, "fp16", 16, [(1, 4096)])
+    big = [_variant(80, "fp16", 64, [(64, 1)]), _variant(80, "fp16", 64, [(64, 4096)]),
+           _variant(80, "fp16", 64, [(63, 4096)]), _variant(80, "fp16", 64, [(64, 4096)])]
+    other_arch = _variant(90, "fp16", 64, [(9, 4096)])
+    everything = [*bf16, small, *big, other_arch]
+    assert M.select(everything, "full") == everything
+    assert M.select(everything, "ci") == [*bf16, small, big[1], other_arch]
+
+
+def test_the_matrix_follows_the_launchers_tile_choices():
+    """Collected (not compiled) in a subprocess: every verify launch of every model and n lands
+    in exactly one variant, whose tiles are ``_tile_sizes``' for that launch, and launches that
+    Triton would compile alike are one variant."""
+    script = textwrap.dedent(
+        """
+        import json, sys
+        sys.path.insert(0, "bench")
+        import aot_matrix as M
+        from pipespec_fast.kernels.verify_attention import _tile_sizes
+        vs = M.collect(M.KERNELS[:1], [90], list(M.MODELS), ["bf16"], M.NS)
+        uses, bad = 0, []
+        for v in vs:
+            for u in v.uses:
+                uses += 1
+                m = u.shape
+                r, d, nb = _tile_sizes(u.n * (m.n_heads // m.kv_heads), m.head_dim, None, None)
+                want = dict(GROUP=m.n_heads // m.kv_heads, HEAD_DIM=m.head_dim, BLOCK_D=d,
+                            BLOCK_R=r, BLOCK_N=nb, DOT_PREC="tf32")
+                if v.tiles != want:
+                    bad.append((u, v.tiles))
+        print(json.dumps(dict(variants=len(vs), uses=uses, bad=len(bad),
+                              kernels=sorted({v.kernel for v in vs}))))
+        """
+    )
+    res = _run(["-c", script], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["bad"] == 0 and out["kernels"] == ["_verify_attention_kernel"]
+    assert out["uses"] == len(M.MODELS) * len(M.NS) * len(M.FORMS) * len(M.CONTEXTS)
+    # 3 models x 3 tile sizes, each split by Triton's integer specialisations, far fewer
+    # variants than launches
+    assert 9 <= out["variants"] < out["uses"] // 10
+
+
+@pytest.mark.slow
+def test_ci_matrix_compiles_everywhere_and_bf16_on_sm90_never_spills(tmp_path):
+    out = tmp_path / "aot"
+    res = _run(["bench/aot_matrix.py", "--subset", "ci", "--check", "--out", str(out)],
+               timeout=1500)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    rows = report["variants"]
+    assert report["errors"] == 0 and report["failures"] == []
+    kernels = {"_verify_attention_kernel", "_kv_compact_kernel", "_greedy_kernel",
+               "_stochastic_kernel"}
+    for arch in ("sm_80", "sm_90"):
+        assert {r["kernel"] for r in rows if r["arch"] == arch} == kernels
+    bf16_sm90 = [r for r in rows if r["arch"] == "sm_90" and "bf16" in r["dtypes"]]
+    assert {r["kernel"] for r in bf16_sm90} == kernels
+    assert all(r["spill_stores"] == r["spill_loads"] == 0 and r["regs"] > 0 for r in bf16_sm90)
+    assert "| _verify_attention_kernel | sm_90 |" in out.with_suffix(".md").read_text()

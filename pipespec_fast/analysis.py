@@ -455,6 +455,9 @@ class StageProfile:
     verification, the verifier's own included) and ``verify_tokens`` (positions per verify
     forward) then replace ``A`` and ``gamma + 1``; ``alpha`` and ``gamma`` still give the
     share of verification steps and the chance that a window breaks.
+
+    ``step_overhead_s``: host time a step of this stage spends outside its forward (the
+    engine's bookkeeping, messages, the caller's tokens), added to every step's latency.
     """
 
     name: str
@@ -463,6 +466,7 @@ class StageProfile:
     gamma: int = 1
     accepted_per_verify: float | None = None
     verify_tokens: float | None = None
+    step_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.latency, LatencyModel):
@@ -474,6 +478,10 @@ class StageProfile:
             v = getattr(self, key)
             if v is not None:
                 object.__setattr__(self, key, _check_gamma(v, key))  # a real >= 1
+        o = _real(self.step_overhead_s, "step_overhead_s")
+        if o < 0:
+            raise ValueError(f"step_overhead_s must be >= 0, got {self.step_overhead_s!r}")
+        object.__setattr__(self, "step_overhead_s", o)
 
     @property
     def verify_n(self) -> float:
@@ -488,7 +496,8 @@ class StageProfile:
         return expected_accepted(float(self.alpha or 0.0), self.gamma)
 
     def latency_s(self, n_tokens: float) -> float:
-        return self.latency.latency_s(n_tokens)
+        """One step over ``n_tokens`` positions: the forward plus ``step_overhead_s``."""
+        return self.latency.latency_s(n_tokens) + self.step_overhead_s
 
     @classmethod
     def from_dict(
@@ -505,12 +514,14 @@ class StageProfile:
             alpha = d.get("alpha")
             alpha = None if alpha is None else _check_alpha(alpha, f"{name}['alpha']")
             gamma = _check_int_gamma(d.get("gamma", 1), f"{name}['gamma']")
-            tree = {k: _check_gamma(d[k], f"{name}[{k!r}]")
-                    for k in ("accepted_per_verify", "verify_tokens") if d.get(k) is not None}
+            extra = {k: _check_gamma(d[k], f"{name}[{k!r}]")
+                     for k in ("accepted_per_verify", "verify_tokens") if d.get(k) is not None}
+            if d.get("step_overhead_s"):
+                extra["step_overhead_s"] = _real(d["step_overhead_s"], f"{name}['step_overhead_s']")
         except TypeError as e:
             raise ValueError(str(e)) from None
         return cls(name=str(d.get("name", default_name)), latency=lat, alpha=alpha, gamma=gamma,
-                   **tree)
+                   **extra)
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -522,6 +533,8 @@ class StageProfile:
         for k in ("accepted_per_verify", "verify_tokens"):
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
+        if self.step_overhead_s:
+            d["step_overhead_s"] = self.step_overhead_s
         return d
 
 

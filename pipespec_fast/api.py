@@ -251,7 +251,8 @@ class FastPipeline:
         result = result or self.last_result
         if result is None:
             raise ValueError("predict: run generate() first (it measures latencies and alpha)")
-        return predict_from_stats(analysis_input(result.stage_stats, self.windows))
+        st = result.stage_stats
+        return predict_from_stats(analysis_input(st, self.windows, self._overhead(result)))
 
     def predict_regimes(self, result: GenerationResult | None = None):
         """The analytical model per regime the target ran in under the regime bandit, combined
@@ -264,10 +265,21 @@ class FastPipeline:
         if result is None:
             raise ValueError("predict_regimes: run generate() first (it measures latencies "
                              "and alpha)")
-        st = result.stage_stats
-        inputs = regime_inputs(st, self.windows) if st[-1].by_arm else {
-            "full": (analysis_input(st, self.windows), st[-1].accepted + st[-1].verify_steps)}
+        st, o = result.stage_stats, self._overhead(result)
+        inputs = regime_inputs(st, self.windows, o) if st[-1].by_arm else {
+            "full": (analysis_input(st, self.windows, o), st[-1].accepted + st[-1].verify_steps)}
         return predict_regimes(inputs)
+
+    @staticmethod
+    def _overhead(result: GenerationResult) -> float:
+        """The target's measured host time per step outside its forwards, in a PipeSpec
+        generation (``decoding.stats.step_overhead_s``; in sync and ar that time is the other
+        stages' turns, which the model already counts: 0)."""
+        from pipespec_fast.decoding.stats import step_overhead_s
+
+        if result.stats.get("mode") != "pipespec":
+            return 0.0
+        return step_overhead_s(result.stage_stats[-1], result.stats["seconds"])
 
     def forget_measurements(self) -> None:
         """Start the next generation's window policies and regime bandit from scratch (they

@@ -435,6 +435,23 @@ def test_a_tree_verifier_is_priced_at_its_nodes_and_credited_its_measured_length
         StageProfile("t", target, alpha=0.7, verify_tokens=0.5)
 
 
+def test_a_step_overhead_is_added_to_every_step_of_the_stage():
+    """The target's host time per step (bookkeeping, messages) lengthens its one-token and
+    its verify steps alike: the wait policy's cycle, AR and sync SD all pay it."""
+    target = LatencyModel.linear(0.03, 0.001)
+    plain = _two_stage(alpha=0.7, l_draft=0.002, target=target)
+    slow = [plain[0], StageProfile("target", target, alpha=0.7, gamma=4, step_overhead_s=0.004)]
+    p = predict_pipeline(slow, policy="wait")
+    a_big, p_break = (1 - 0.7**5) / 0.3, 1 - 0.7**5
+    assert p.pipespec_tokens_per_s == pytest.approx(a_big / (0.039 + p_break * 4 * 0.002))
+    assert p.ar_tokens_per_s == pytest.approx(1 / 0.035)
+    assert p.sync_sd_tokens_per_s == pytest.approx(a_big / (4 * 0.002 + 0.039))
+    assert StageProfile.from_dict(slow[1].to_dict()) == slow[1]
+    assert "step_overhead_s" not in plain[1].to_dict()
+    with pytest.raises(ValueError, match="step_overhead_s must be >= 0"):
+        StageProfile("t", target, step_overhead_s=-0.001)
+
+
 def test_regime_prediction_weighs_each_regime_by_its_tokens():
     from pipespec_fast.analysis_regimes import predict_regimes
 

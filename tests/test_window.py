@@ -315,6 +315,26 @@ def test_analysis_input_takes_step_sized_forwards_the_mean_window_and_a_trees_fi
     assert fresh["gamma"] == 6  # verified nothing yet: its configured window
 
 
+def test_step_overhead_is_the_targets_time_outside_forwards_and_waits_per_step():
+    from pipespec_fast.decoding.stats import StageStats, analysis_input, step_overhead_s
+
+    t = StageStats("t")
+    t.record_forward("prefill", 100, 0.0, 0.5, 0.0)
+    t.record_forward("verify", 3, 0.6, 0.62, 0.0)  # the first step starts after a 0.1 s wait
+    t.record_forward("verify", 1, 0.63, 0.64, 0.0)
+    t.record_verify(2, 2)
+    t.record_verify(0, 0)
+    t.idle_s = 0.005
+    # 0.7 s in all: from the first step (0.6) on, 0.1 s, of which 0.03 s forwards, 0.005 idle
+    assert step_overhead_s(t, 0.7) == pytest.approx((0.1 - 0.03 - 0.005) / 2)
+    assert step_overhead_s(StageStats("x"), 1.0) == 0.0
+    d = StageStats("d")
+    d.record_forward("draft", 1, 0.0, 0.001, 0.0)
+    out = analysis_input([d, t], [1, 4], overhead_s=0.002)["stages"]
+    assert out[1]["step_overhead_s"] == 0.002 and "step_overhead_s" not in out[0]
+    assert "step_overhead_s" not in analysis_input([d, t], [1, 4])["stages"][1]
+
+
 def test_best_window_is_the_speculation_ceilings_sync_window():
     from pipespec_fast.analysis import LatencyModel, best_window, speculation_ceiling
 

@@ -121,12 +121,29 @@ class StageStats:
 VERIFY_MAX_N = 64  # forwards over more positions are prefills and catch-ups, not steps
 
 
-def analysis_input(stats: list[StageStats], windows: list[int]) -> dict:
+def step_overhead_s(target: StageStats, seconds: float) -> float:
+    """The target's host time per step outside its forwards and its waits for messages: a
+    PipeSpec generation's ``seconds`` less the target's prefill, its other forwards and its
+    idle time, over its steps (bookkeeping, acceptance's host side, messages, the caller's
+    tokens; a regime switch's catch-up too). ``analysis.StageProfile.step_overhead_s``."""
+    if not target.verify_steps:
+        return 0.0
+    prefill = sum(b - a for a, b, kind in target.timeline if kind == "prefill")
+    first = next((a for a, _, kind in target.timeline if kind != "prefill"), None)
+    # from the first step on (the wait for the stage below's first drafts is not a step's)
+    start = prefill if first is None else max(prefill, first)
+    decode_busy = target.busy_s - prefill
+    return max(0.0, (seconds - start - decode_busy - target.idle_s) / target.verify_steps)
+
+
+def analysis_input(stats: list[StageStats], windows: list[int], overhead_s: float = 0.0
+                   ) -> dict:
     """``analysis.predict_from_stats``'s input from a generation's measured stages: per stage
     the median latency of each forward size up to ``VERIFY_MAX_N`` (a prompt's prefill is not
     a step), and for a verifier its ``alpha`` and the mean window it verified (its configured
     window before it verified any); a verifier of trees adds its measured tokens per
-    verification and positions per verify forward (``analysis.StageProfile``)."""
+    verification and positions per verify forward (``analysis.StageProfile``); ``overhead_s``:
+    the last stage's host time per step outside its forwards (``step_overhead_s``)."""
     stages = []
     for i, s in enumerate(stats):
         ns = sorted(n for n in s.forward_latency if n <= VERIFY_MAX_N) or sorted(s.forward_latency)
@@ -141,10 +158,13 @@ def analysis_input(stats: list[StageStats], windows: list[int]) -> dict:
                 d.update(accepted_per_verify=1 + s.accepted / with_drafts,
                          verify_tokens=1 + s.proposed / with_drafts)
         stages.append(d)
+    if overhead_s > 0:
+        stages[-1]["step_overhead_s"] = overhead_s
     return {"stages": stages}
 
 
-def regime_inputs(stats: list[StageStats], windows: list[int]) -> dict[str, tuple[dict, int]]:
+def regime_inputs(stats: list[StageStats], windows: list[int], overhead_s: float = 0.0
+                  ) -> dict[str, tuple[dict, int]]:
     """Per regime the target ran in (``StageStats.by_arm``): the ``analysis_input`` of the
     stages that regime runs, with the target's own figures in that regime, and the tokens the
     target committed in it (``analysis.predict_regimes``' input). ``full``: every stage;
@@ -166,5 +186,5 @@ def regime_inputs(stats: list[StageStats], windows: list[int]) -> dict[str, tupl
         # too briefly) drafted nothing: the regime ran without it
         ran = [i for i, st in enumerate(run) if st.forward_latency]
         run, wins = [run[i] for i in ran], [wins[i] for i in ran]
-        out[arm] = (analysis_input(run, wins), sub.accepted + sub.verify_steps)
+        out[arm] = (analysis_input(run, wins, overhead_s), sub.accepted + sub.verify_steps)
     return out

@@ -102,7 +102,7 @@ def time_table(runs: list[dict], greedy_only: bool = True) -> list[str]:
 def depth_table(runs: list[dict], greedy_only: bool = False) -> list[str]:
     """Markdown rows: the target's acceptance per draft depth (pooled over prompts), and
     drafts (tree nodes) per verify, for every speculative system."""
-    lines = ["| task | T | system | drafts per verify | tree verifies | target acceptance at "
+    lines = ["| task | T | system | drafts per target step | tree verifies | target acceptance at "
              "depth 1, 2, 3, ... |", "|---|---|---|---:|---:|---|"]
     for r in runs:
         m, summ = r["meta"], r["summary"]

@@ -265,7 +265,7 @@ class Transformer(nn.Module):
         self.output = Linear(cfg.dim, cfg.head_rows)
         self.vocab = None if cfg.vocab_subset is None else VocabSubset(cfg)
         self._tie_output()
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.register_buffer("inv_freq", _rope_buffer(cfg), persistent=False)
         self._chain_bits: dict[int, torch.Tensor] = {}
         self.use_fused = True  # CPU fp32: run the layers through pipespec_fast.cpu.decoder
         self._plan = None  # the fused path's layer table, built on first use
@@ -279,11 +279,9 @@ class Transformer(nn.Module):
         """Load a Hugging Face-layout safetensors checkpoint (single file or sharded).
 
         ``packed`` (default: on unless ``PIPESPEC_PACKED=0``): for an fp32 model on CPU where
-        the packed-weight kernel runs, the matrices the checkpoint stores compactly (fp16
-        tensors, a converted GGUF's blocks) are kept in that form only: their fp32 tensors
-        are never read, except a few rows each that the packed copies are checked against
-        (:mod:`pipespec_fast.models.packed`). ``packed=False`` loads every matrix in fp32.
-        """
+        the packed-weight kernel runs, the matrices stored compactly (fp16, a converted GGUF's
+        blocks) are kept so, checked against a few fp32 rows each (:mod:`.packed`);
+        ``packed=False`` loads every matrix in fp32."""
         return _load(cls, model_dir, dtype, device, packed)
 
     def load_hf_state_dict(self, hf: dict[str, torch.Tensor]) -> None:
@@ -340,9 +338,11 @@ class Transformer(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _apply(self, fn, recurse=True):
+        saved = self.inv_freq.clone()  # rope's frequencies stay fp32 (_keep_rope_fp32)
         # matrices held only in packed form: restored first unless the model stays CPU fp32
         with packed_weights.converting(self, fn):
             out = super()._apply(fn, recurse)
+        _keep_rope_fp32(self, saved)
         self._plan = None
         # .to()/.half() convert each parameter on its own: re-tie a subset head afterwards
         if self.config.vocab_subset is not None and not self.tok_embeddings.weight.is_meta:
@@ -399,6 +399,23 @@ class Transformer(nn.Module):
             k_cache, v_cache = cache.layer(i)
             x = layer(x, cos, sin, k_cache, v_cache, start, bits)
         return x
+
+
+def _rope_buffer(cfg: LlamaConfig) -> torch.Tensor:
+    """``rope_inv_freq`` (computed on the CPU, see there) on the device a model is being built
+    on (a ``torch.device`` context), the CPU for a meta build (the loader sets it)."""
+    inv_freq = rope_inv_freq(cfg)
+    here = torch.get_default_device()
+    return inv_freq if here.type in ("cpu", "meta") else inv_freq.to(here)
+
+
+def _keep_rope_fp32(model: Transformer, saved: torch.Tensor) -> None:
+    """After a conversion (``to``, ``half``): rope's inverse frequencies moved with the model,
+    but stay fp32 as transformers keeps them (``saved``: a copy from before; a conversion may
+    swap the buffer's data in place)."""
+    if saved.dtype == torch.float32 and model.inv_freq.dtype != torch.float32 and \
+            saved.device.type != "meta":
+        model.inv_freq = saved.to(model.inv_freq.device)
 
 
 def _load(cls, model_dir, dtype: torch.dtype, device, packed: bool | None) -> Transformer:

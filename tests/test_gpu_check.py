@@ -130,7 +130,9 @@ def test_a_spent_budget_skips_the_rest():
     sec = Section("s", budget_s=0)
     assert sec.run("late", "correctness", lambda: {"ok": True}) is None
     assert sec.checks[0]["status"] == "skipped"
-    assert gpu_check.summary({"s": sec.to_json()})["ok"]  # skipped is not failed
+    s = gpu_check.summary({"s": sec.to_json()})
+    assert s["ok"] and not s["complete"]  # skipped is not failed, but the check is incomplete
+    assert s["skipped_correctness"] == ["late"]
 
 
 def test_a_real_run_refuses_a_machine_without_cuda(monkeypatch, tmp_path):

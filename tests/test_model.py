@@ -111,6 +111,22 @@ def test_low_precision_close_to_fp32(dtype):
     assert rel < (0.02 if dtype == torch.float16 else 0.06)
 
 
+def test_rope_frequencies_stay_fp32_and_follow_the_model():
+    """Cast to a low precision, the model keeps rope's inverse frequencies in fp32 (as
+    transformers does; bf16 would round them), and a model built under a device context gets
+    them on that device (``bench/gpu_check_models.py`` builds its pair under ``cuda``): here
+    the meta device, where they stay on the CPU by design, and a cast back to fp32."""
+    _, ours = hf_pair(6, 2, False, None)
+    want = ours.inv_freq.clone()
+    low = ours.to(torch.bfloat16)
+    assert low.inv_freq.dtype == torch.float32 and torch.equal(low.inv_freq, want)
+    assert low.norm.weight.dtype == torch.bfloat16
+    assert torch.equal(low.to(torch.float32).inv_freq, want)
+    with torch.device("meta"):
+        built = Transformer(ours.config)
+    assert built.inv_freq.device.type == "cpu" and built.norm.weight.device.type == "meta"
+
+
 def test_from_pretrained_single_file(tmp_path):
     hm, _ = hf_pair(6, 3, False, LLAMA3)
     cfg = LlamaConfig.from_hf_dict(hm.config.to_dict())

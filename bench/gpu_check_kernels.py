@@ -220,6 +220,13 @@ def kernel_checks(sec: Section, sz: Sizes) -> None:
                     sec.run(f"verify_attention_split/{shape}/{_dtype_name(dt)}/{kind}{n}",
                             "correctness", check_attention_split, sz, heads, dt, kind, n,
                             *SPLIT_CHECK)
+            # ... and the unsplit kernel (prefills and short prefixes run it; at this prefix
+            # the kernel's own rule splits on a GPU, so it is forced here)
+            for shape, heads in sz.heads.items():
+                for kind, n in sz.blocks:
+                    sec.run(f"verify_attention_unsplit/{shape}/{_dtype_name(dt)}/{kind}{n}",
+                            "correctness", check_attention, sz, heads, dt, kind, n,
+                            num_splits=1)
 
 
 # ----------------------------------------------------------------------------- benchmarks

@@ -69,6 +69,8 @@ def test_dry_run_covers_every_shape_dtype_and_block(dry_run):
             c = kernels[f"verify_attention_split/{shape}/float16/{kind}{n}"]["result"]
             assert c["splits_used"] >= 2 and c["tensor_cache_len_bit_exact"]
             assert c["cache_append_exact"] and c["max_abs_err"] < 1e-2
+            c = kernels[f"verify_attention_unsplit/{shape}/float16/{kind}{n}"]
+            assert c["status"] == "pass" and c["result"]["max_abs_err"] < 1e-2
     for kind, n in DRY.blocks:
         assert kernels[f"greedy_accept/{kind}{n}"]["result"]["mismatches"] == 0
         assert kernels[f"stochastic_accept/{kind}{n}/V{DRY.vocab}"]["result"]["mismatches"] == 0

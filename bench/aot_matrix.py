@@ -586,7 +586,7 @@ def select(variants: list[Variant], subset: str) -> list[Variant]:
     """``full``: every variant. ``ci``: every variant a bf16 model launches on sm_90 (the
     no-spill rule's whole domain), and of the others one per tile choice (kernel, arch, model,
     dtype, constexprs): the one reaching the largest ``n``, preferring a 4096-token context
-    (the unspecialised common case); ties go to the first seen. Deterministic."""
+    (a long prefix: the split path where there is one); ties go to the first seen. Deterministic."""
     if subset == "full":
         return variants
     best: dict[tuple, Variant] = {}

@@ -76,11 +76,16 @@ def test_docs_table_has_one_row_per_tile_and_a_cell_per_arch_and_dtype():
                dict(kernel="k", arch="sm_80", models="m", dtypes="fp32", n="9-64",
                     tiles="GROUP=4 BLOCK_D=128 BLOCK_R=64 DOT_PREC=ieee", warps=8, regs="255",
                     spill_stores=3380, spill_loads=2000, shared=122880)]
-    header, rule, line = M.pivot(summary)
+    split = dict(summary[0], tiles="GROUP=4 BLOCK_D=128 BLOCK_R=64 DOT_PREC=tf32 LEN_PTR=True "
+                                   "SPLIT=True", regs="150", shared=49152)
+    header, rule, line, split_line = M.pivot([*summary, split])
     assert header.startswith("| kernel | models | n | tiles | warps | sm_80 bf16 |")
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[:5] == ["k", "m", "9-64", "BLOCK_R=64", "8"]
     assert cells[5:] == ["", "", "255 / 120K / **spill 3.3K**", "139-141 / 96K", "", ""]
+    # the switches that are on tell the split / tensor-length program apart
+    cells = [c.strip() for c in split_line.strip("|").split("|")]
+    assert cells[3] == "BLOCK_R=64 LEN_PTR SPLIT" and cells[8] == "150 / 48K"
 
 
 def _variant(arch, dtype, tiles, uses):

@@ -28,6 +28,7 @@ one ``KernelCase`` row to ``KERNELS``. Usage::
     python bench/aot_matrix.py                 # the full matrix -> bench/results/aot_matrix.*
     python bench/aot_matrix.py --subset ci     # the CI subset (tests/test_aot_matrix.py)
     python bench/aot_matrix.py --check         # exit 1 on a compile error or a bf16 sm_90 spill
+    python bench/aot_matrix.py --sms 108       # split counts of an A100 (default: 132 SMs)
 
 Must run without ``TRITON_INTERPRET`` (kernels must be ``JITFunction``s, not interpreted).
 """

@@ -521,7 +521,13 @@ def pivot(summary_rows: list[dict]) -> list[str]:
             r[(s["arch"], d)] = _cell(s)
     head = ["kernel", "models", "n", "tiles", "warps"] + [f"{a} {d}" for a, d in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (kernel, models, tiles, warps), r in rows.items():
+    # a kernel's rows together (kernels and models in first-seen order), then by tiles
+    rank = {}
+    for kernel, models, _, _ in rows:
+        rank.setdefault(kernel, len(rank))
+        rank.setdefault(models, len(rank))
+    for (kernel, models, tiles, warps), r in sorted(
+            rows.items(), key=lambda kv: (rank[kv[0][0]], rank[kv[0][1]], kv[0][2])):
         cells = [kernel, models, _ranges(r["n"]), tiles, str(warps)]
         lines.append("| " + " | ".join(cells + [r.get(c, "") for c in cols]) + " |")
     return lines

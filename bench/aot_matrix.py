@@ -15,8 +15,12 @@ compile for that launch on a GPU. Variants are then compiled in worker processes
 cache each run so ``ptxas`` really runs and its log can be read.
 
 Axes: model head shapes (SmolLM2-135M, Llama-3-8B, Llama-3-70B), dtypes (bf16 / fp16 / fp32),
-``n`` (new tokens of a verify block, or the draft tree's size) 1..64, chains and trees, and a
-few cache lengths (Triton specialises integers that are 1 or divisible by 16).
+``n`` (new tokens of a verify block, or the draft tree's size) 1..64, chains and trees, a few
+cache lengths, and the two forms of ``verify_attention``'s ``cache_len`` (a host int; a 0-d
+device tensor, as a captured step passes it). The launchers choose the split over the KV
+sequence from the GPU's SM count, which a CPU has not: the matrix answers it (``--sms``,
+default 132, an H100 / H200), so the split kernel and its combine are the ones such a GPU
+would compile.
 
 Adding a kernel: write a ``launch(case)`` that calls its launcher like the engine does and add
 one ``KernelCase`` row to ``KERNELS``. Usage::
@@ -24,6 +28,7 @@ one ``KernelCase`` row to ``KERNELS``. Usage::
     python bench/aot_matrix.py                 # the full matrix -> bench/results/aot_matrix.*
     python bench/aot_matrix.py --subset ci     # the CI subset (tests/test_aot_matrix.py)
     python bench/aot_matrix.py --check         # exit 1 on a compile error or a bf16 sm_90 spill
+    python bench/aot_matrix.py --sms 108       # split counts of an A100 (default: 132 SMs)
 
 Must run without ``TRITON_INTERPRET`` (kernels must be ``JITFunction``s, not interpreted).
 """
@@ -83,10 +88,18 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ARCHS = (80, 90)
 NS = tuple(range(1, 65))
 FORMS = ("chain", "tree")
-# Cached tokens before the block: Triton specialises ints equal to 1 and ints divisible by 16,
-# so 1, 100 and 4096/32768 are its three classes (0, a prefill's, is 4096's); long contexts are
-# there for launchers whose split of the sequence depends on the length (flash-decoding).
+# Cached tokens before the block. The launchers no longer let Triton specialise on it, but the
+# split path depends on it: a host int up to MIN_SPLIT_KEYS (1, 100) runs the unsplit kernel,
+# a longer one (4096, 32768) the split kernel and its combine.
 CONTEXTS = (1, 100, 4096, 32768)
+# verify_attention's cache_len: a host int (eager steps) or a 0-d int32 device tensor (captured
+# steps: the split count then comes from the cache's size alone).
+LENGTHS = ("int", "tensor")
+# Streaming multiprocessors the split rule is given (verify_attention.kv_splits): H100 / H200.
+SMS = 132
+# Slots of a stage's KV cache (KVCache.max_len: the model's context length, 8192 for SmolLM2 and
+# Llama-3), more when the context asks for it. The split count is capped by max_len / 256.
+CACHE_SLOTS = 8192
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,7 @@ class Case:
     n: int
     form: str
     context: int
+    length: str = "int"
 
     @property
     def shape(self) -> Model:
@@ -128,19 +142,31 @@ def _bits(form: str, n: int) -> torch.Tensor:
     return reference.ancestor_bits(_parents(Case("", "", n, form, 0)))
 
 
+def cache_slots(case: Case) -> int:
+    """``max_len`` of the case's KV cache: the model's context length, or the case's context
+    plus a verify block rounded up to 256 slots where that is longer."""
+    return max(CACHE_SLOTS, (case.context + 64 + 255) // 256 * 256)
+
+
 def launch_verify_attention(case: Case) -> None:
     """As ``models/llama.py`` calls it: q/k after RoPE (contiguous), v a view of the fused
-    QKV output, one layer's cache ``[kv_heads, max_len, head_dim]`` (untouched memory)."""
+    QKV output, one layer's cache ``[kv_heads, max_len, head_dim]`` (untouched memory), the
+    length a host int (an eager step) or a 0-d int32 tensor (a captured step,
+    ``verify_attention_static``). The launcher picks the split count itself (SM count from
+    :func:`sm_count_as`)."""
     m, n, dt = case.shape, case.n, case.torch_dtype
     q_out, kv_out = m.n_heads * m.head_dim, m.kv_heads * m.head_dim
     qkv = torch.empty(n, q_out + 2 * kv_out, dtype=dt)
     q = torch.empty(n, m.n_heads, m.head_dim, dtype=dt)
     k = torch.empty(n, m.kv_heads, m.head_dim, dtype=dt)
     v = qkv[:, q_out + kv_out:].view(n, m.kv_heads, m.head_dim)
-    max_len = (case.context + n + 255) // 256 * 256
+    max_len = cache_slots(case)
     k_cache = torch.empty(m.kv_heads, max_len, m.head_dim, dtype=dt)
     v_cache = torch.empty(m.kv_heads, max_len, m.head_dim, dtype=dt)
-    verify.verify_attention(q, k, v, k_cache, v_cache, case.context, _bits(case.form, n))
+    length = case.context
+    if case.length == "tensor":
+        length = torch.tensor(case.context, dtype=torch.int32)
+    verify.verify_attention(q, k, v, k_cache, v_cache, length, _bits(case.form, n))
 
 
 def launch_kv_compact(case: Case) -> None:
@@ -162,7 +188,8 @@ def launch_greedy_accept(case: Case) -> None:
 
 
 def launch_stochastic_accept(case: Case) -> None:
-    """Probabilities are fp32 whatever the model's dtype (``logits.float()`` in the model)."""
+    """Probabilities are fp32 whatever the model's dtype (``logits.float()`` in the model).
+    Four launches (row sums, walk, race over chunks, merge), each its own variants."""
     n, vocab = case.n, case.shape.vocab
     drafts = torch.zeros(n, dtype=torch.int64)
     q = torch.empty(n, vocab, dtype=torch.float32)
@@ -178,12 +205,14 @@ class KernelCase:
     launch: Callable[[Case], None]
     contexts: tuple = CONTEXTS
     forms: tuple = FORMS
+    lengths: tuple = ("int",)
 
 
-# One row per launcher. A launcher that starts several kernels (a split-K attention and its
-# combine) is one row: each kernel it launches is recorded as its own variants.
+# One row per launcher. A launcher that starts several kernels (the split attention and its
+# combine; the four stochastic passes) is one row: each kernel it launches is recorded as its
+# own variants.
 KERNELS = (
-    KernelCase("verify_attention", launch_verify_attention),
+    KernelCase("verify_attention", launch_verify_attention, lengths=LENGTHS),
     KernelCase("kv_compact", launch_kv_compact, forms=("tree",)),
     KernelCase("greedy_accept", launch_greedy_accept, contexts=(4096,)),
     KernelCase("stochastic_accept", launch_stochastic_accept, contexts=(4096,)),
@@ -234,6 +263,18 @@ class Variant:
 
 
 @contextlib.contextmanager
+def sm_count_as(sms: int):
+    """Inside, ``verify_attention``'s launcher sees a GPU of ``sms`` SMs (its only device
+    query, ``_sm_count``, answers it instead of CUDA), so its own split rule picks the count."""
+    real = verify._sm_count
+    verify._sm_count = lambda device: sms
+    try:
+        yield
+    finally:
+        verify._sm_count = real
+
+
+@contextlib.contextmanager
 def intercepted(arch: int, on_request: Callable):
     """Inside, a Triton launch records its compile request with ``on_request(fn, key, request)``
     and returns without compiling or running anything (the hook answers "handled")."""
@@ -262,13 +303,14 @@ def _describe(fn, request) -> tuple[dict, str]:
     """The kernel's own constexprs (tiles, group, dtype choices), and what Triton's JIT
     specialised on the arguments: ``x=1`` (an int equal to 1 became a constant), ``x%16`` (a
     scalar divisible by 16), ``x!16`` (a pointer or stride that is not). Strides equal to 1
-    (innermost dims) are left out: every launch has them."""
+    (innermost dims) are left out: every launch has them; so are the arguments the kernel
+    declares ``do_not_specialize`` (Triton derives nothing from them)."""
     sig, consts = request["signature"], request["constants"]
     attrs = request["configs"][0]
     tiles = {fn.arg_names[i]: consts[(i,)] for i in fn.constexprs}
     spec = []
     for i, name in enumerate(fn.arg_names):
-        if i in fn.constexprs or sig[name].startswith("fp"):
+        if i in fn.constexprs or sig[name].startswith("fp") or fn.params[i].do_not_specialize:
             continue
         aligned = ["tt.divisibility", 16] in attrs.get((i,), [])
         layout = name.endswith("_ptr") or name.startswith("s_")
@@ -284,12 +326,12 @@ def _describe(fn, request) -> tuple[dict, str]:
 
 def cases(kc: KernelCase, models, dtypes, ns):
     """The launches of one row over the axes, in a fixed order."""
-    for model, dtype, n, form, context in itertools.product(models, dtypes, ns, kc.forms,
-                                                            kc.contexts):
-        yield Case(model, dtype, n, form, context)
+    for model, dtype, n, form, context, length in itertools.product(
+            models, dtypes, ns, kc.forms, kc.contexts, kc.lengths):
+        yield Case(model, dtype, n, form, context, length)
 
 
-def collect(kernels, archs, models, dtypes, ns) -> list[Variant]:
+def collect(kernels, archs, models, dtypes, ns, sms: int = SMS) -> list[Variant]:
     """Every distinct compile request of the launches over the axes, in first-seen order."""
     found: dict[tuple, Variant] = {}
     now: dict = {}  # the launch being made: its row and case
@@ -304,7 +346,7 @@ def collect(kernels, archs, models, dtypes, ns) -> list[Variant]:
         found[ident].uses.append(now["case"])
 
     for arch in archs:
-        with intercepted(arch, on_request):
+        with intercepted(arch, on_request), sm_count_as(sms):
             for kc in kernels:
                 for case in cases(kc, models, dtypes, ns):
                     now.update(arch=arch, row=kc.name, case=case)
@@ -407,6 +449,7 @@ def row(v: Variant) -> dict:
                                                                       DTYPES),
         n=_ranges(u.n for u in uses), forms=_names((u.form for u in uses), FORMS),
         contexts=",".join(str(c) for c in sorted({u.context for u in uses})),
+        lengths=_names((u.length for u in uses), LENGTHS),
         tiles=" ".join(f"{k}={val}" for k, val in v.tiles.items()), spec=v.spec,
         **{"num_warps": v.options.get("num_warps"), **v.result})
 
@@ -478,16 +521,25 @@ def pivot(summary_rows: list[dict]) -> list[str]:
             r[(s["arch"], d)] = _cell(s)
     head = ["kernel", "models", "n", "tiles", "warps"] + [f"{a} {d}" for a, d in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (kernel, models, tiles, warps), r in rows.items():
+    # a kernel's rows together (kernels and models in first-seen order), then by tiles
+    rank = {}
+    for kernel, models, _, _ in rows:
+        rank.setdefault(kernel, len(rank))
+        rank.setdefault(models, len(rank))
+    for (kernel, models, tiles, warps), r in sorted(
+            rows.items(), key=lambda kv: (rank[kv[0][0]], rank[kv[0][1]], kv[0][2])):
         cells = [kernel, models, _ranges(r["n"]), tiles, str(warps)]
         lines.append("| " + " | ".join(cells + [r.get(c, "") for c in cols]) + " |")
     return lines
 
 
 def _short(tiles: str) -> str:
+    """The block sizes (``BLOCK_D`` only where it is the sole one) and the switches that are
+    on (``SPLIT``, ``LEN_PTR``): what tells two compiled programs of a model apart."""
     blocks = [t for t in tiles.split() if t.startswith("BLOCK")]
     keep = [t for t in blocks if not t.startswith("BLOCK_D=")]
-    return " ".join(keep or blocks)
+    flags = [t.removesuffix("=True") for t in tiles.split() if t.endswith("=True")]
+    return " ".join((keep or blocks) + flags)
 
 
 def markdown(report: dict) -> str:
@@ -497,13 +549,15 @@ def markdown(report: dict) -> str:
     lines = [f"# AOT compile matrix ({report['command']})", "",
              f"triton {report['triton']}, ptxas {report['ptxas']}; {len(report['variants'])} "
              f"variants, {report['errors']} errors, {report['wall_s']} s wall with "
-             f"{report['jobs']} workers. Shared memory in bytes per program; spills in bytes.",
+             f"{report['jobs']} workers; split counts for a GPU of {report['sms']} SMs. "
+             "Shared memory in bytes per program; spills in bytes.",
              "", "## Per kernel (registers / shared memory per program)", "",
              *pivot(report["summary"]),
              "", "## Per tile choice", "", "| " + " | ".join(cols) + " |",
              "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(s[c]) for c in cols) + " |" for s in report["summary"]]
-    vcols = ("kernel", "arch", "models", "dtypes", "n", "forms", "contexts", "tiles", "spec",
+    vcols = ("kernel", "arch", "models", "dtypes", "n", "forms", "contexts", "lengths", "tiles",
+             "spec",
              "regs", "spill_stores", "spill_loads", "stack", "shared", "seconds")
     lines += ["", "## Every variant", "", "| " + " | ".join(vcols) + " |",
               "|" + "---|" * len(vcols)]
@@ -539,7 +593,7 @@ def select(variants: list[Variant], subset: str) -> list[Variant]:
     """``full``: every variant. ``ci``: every variant a bf16 model launches on sm_90 (the
     no-spill rule's whole domain), and of the others one per tile choice (kernel, arch, model,
     dtype, constexprs): the one reaching the largest ``n``, preferring a 4096-token context
-    (the unspecialised common case); ties go to the first seen. Deterministic."""
+    (a long prefix: the split path where there is one); ties go to the first seen. Deterministic."""
     if subset == "full":
         return variants
     best: dict[tuple, Variant] = {}
@@ -570,6 +624,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--dtypes", default=",".join(DTYPES))
     ap.add_argument("--kernels", default=",".join(k.name for k in KERNELS))
+    ap.add_argument("--sms", type=int, default=SMS,
+                    help="SM count the launchers' split rule is given (H100 / H200: 132)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default=str(RESULTS / "aot_matrix"),
                     help="writes OUT.json and OUT.md")
@@ -586,7 +642,7 @@ def main(argv=None) -> int:
     kernels = [k for k in KERNELS if k.name in args.kernels.split(",")]
     start = time.perf_counter()
     variants = collect(kernels, [int(a) for a in args.archs.split(",")],
-                       args.models.split(","), args.dtypes.split(","), NS)
+                       args.models.split(","), args.dtypes.split(","), NS, args.sms)
     launches = sum(len(v.uses) for v in variants)
     variants = select(variants, args.subset)
     print(f"[aot_matrix] {launches} launches -> {len(variants)} variants ({args.subset})",
@@ -597,8 +653,9 @@ def main(argv=None) -> int:
         return 0
     compile_all(variants, max(1, args.jobs))
     rows = [row(v) for v in variants]
-    command = "python bench/aot_matrix.py" + (" --subset ci" if args.subset == "ci" else "")
-    report = dict(command=command, triton=triton.__version__,
+    command = "python bench/aot_matrix.py" + (" --subset ci" if args.subset == "ci" else "") + (
+        f" --sms {args.sms}" if args.sms != SMS else "")
+    report = dict(command=command, triton=triton.__version__, sms=args.sms,
                   ptxas=_ptxas_versions(int(a) for a in args.archs.split(",")),
                   subset=args.subset, jobs=args.jobs, launches=launches,
                   wall_s=round(time.perf_counter() - start, 1),

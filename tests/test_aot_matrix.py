@@ -76,11 +76,16 @@ def test_docs_table_has_one_row_per_tile_and_a_cell_per_arch_and_dtype():
                dict(kernel="k", arch="sm_80", models="m", dtypes="fp32", n="9-64",
                     tiles="GROUP=4 BLOCK_D=128 BLOCK_R=64 DOT_PREC=ieee", warps=8, regs="255",
                     spill_stores=3380, spill_loads=2000, shared=122880)]
-    header, rule, line = M.pivot(summary)
+    split = dict(summary[0], tiles="GROUP=4 BLOCK_D=128 BLOCK_R=64 DOT_PREC=tf32 LEN_PTR=True "
+                                   "SPLIT=True", regs="150", shared=49152)
+    header, rule, line, split_line = M.pivot([*summary, split])
     assert header.startswith("| kernel | models | n | tiles | warps | sm_80 bf16 |")
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[:5] == ["k", "m", "9-64", "BLOCK_R=64", "8"]
     assert cells[5:] == ["", "", "255 / 120K / **spill 3.3K**", "139-141 / 96K", "", ""]
+    # the switches that are on tell the split / tensor-length program apart
+    cells = [c.strip() for c in split_line.strip("|").split("|")]
+    assert cells[3] == "BLOCK_R=64 LEN_PTR SPLIT" and cells[8] == "150 / 48K"
 
 
 def _variant(arch, dtype, tiles, uses):
@@ -101,38 +106,84 @@ def test_ci_subset_keeps_all_bf16_sm90_and_the_largest_generic_variant_per_tile(
 
 
 def test_the_matrix_follows_the_launchers_tile_choices():
-    """Collected (not compiled) in a subprocess: every verify launch of every model and n lands
-    in exactly one variant, whose tiles are ``_tile_sizes``' for that launch, and launches that
-    Triton would compile alike are one variant."""
+    """Collected (not compiled) in a subprocess, for a GPU of ``M.SMS`` SMs: every verify
+    launch of every model, n, context and length form lands in exactly one attention variant,
+    whose constexprs are the launcher's for that launch (``_tile_sizes``; ``SPLIT`` where
+    ``kv_splits`` and the host-int rule of ``_auto_splits`` split; ``LEN_PTR`` for a tensor
+    length) and whose split count is specialised as that count would be; the combine kernel
+    serves exactly the split launches, on ``COMBINE_ROWS``-row tiles. The stochastic launcher
+    is recorded as its four kernels on ``min(2048, next_pow2(V))``-entry chunks. Launches that
+    Triton would compile alike are one variant: with ``n`` and ``cache_len`` unspecialised, a
+    handful per model."""
     script = textwrap.dedent(
         """
         import json, sys
         sys.path.insert(0, "bench")
         import aot_matrix as M
-        from pipespec_fast.kernels.verify_attention import _tile_sizes
+        import triton
+        from pipespec_fast.kernels import verify_attention as V
+
+        def split_count(u):
+            m = u.shape
+            s = V.kv_splits(u.n, m.kv_heads, M.cache_slots(u), M.SMS)
+            return 1 if u.length == "int" and u.context <= V.MIN_SPLIT_KEYS else s
+
+        def count_spec(s):  # Triton's integer classes of num_splits
+            return "num_splits=1" if s == 1 else "num_splits%16" if s % 16 == 0 else None
+
         vs = M.collect(M.KERNELS[:1], [90], list(M.MODELS), ["bf16"], M.NS)
-        uses, bad = 0, []
+        uses, bad, split_uses, combine_uses, flags = 0, [], set(), set(), set()
         for v in vs:
             for u in v.uses:
-                uses += 1
-                m = u.shape
-                r, d, nb = _tile_sizes(u.n * (m.n_heads // m.kv_heads), m.head_dim, None, None)
-                want = dict(GROUP=m.n_heads // m.kv_heads, HEAD_DIM=m.head_dim, BLOCK_D=d,
-                            BLOCK_R=r, BLOCK_N=nb, DOT_PREC="tf32")
-                if v.tiles != want:
-                    bad.append((u, v.tiles))
-        print(json.dumps(dict(variants=len(vs), uses=uses, bad=len(bad),
-                              kernels=sorted({v.kernel for v in vs}))))
+                m, s = u.shape, split_count(u)
+                group = m.n_heads // m.kv_heads
+                r, d, nb = V._tile_sizes(u.n * group, m.head_dim, None, None)
+                common = dict(GROUP=group, HEAD_DIM=m.head_dim, BLOCK_D=d, BLOCK_N=nb,
+                              LEN_PTR=u.length == "tensor")
+                spec = set(v.spec.split())
+                counts = {x for x in spec if x.startswith("num_splits")}
+                want_count = {count_spec(s)} - {None}
+                if v.kernel == "_verify_attention_kernel":
+                    uses += 1
+                    want = dict(common, BLOCK_R=r, DOT_PREC="tf32", SPLIT=s > 1)
+                    flags.add((u.model, s > 1, u.length))
+                    if s > 1:
+                        split_uses.add(u)
+                elif v.kernel == "_combine_kernel":
+                    want = dict(common, BLOCK_R=V.COMBINE_ROWS)
+                    combine_uses.add(u)
+                else:
+                    want = None
+                if v.tiles != want or counts != want_count or v.options["num_warps"] != (
+                        V.ATTENTION_WARPS if v.kernel == "_verify_attention_kernel" else 4):
+                    bad.append(repr((u, v.kernel, v.tiles, v.spec)))
+        vs_acc = M.collect(M.KERNELS[3:], [90], list(M.MODELS), ["bf16"], M.NS)
+        for v in vs_acc:
+            for u in v.uses:
+                block_v = min(2048, triton.next_power_of_2(u.shape.vocab))
+                if v.kernel != "_race_combine_kernel" and v.tiles["BLOCK_V"] != block_v:
+                    bad.append(repr((u, v.kernel, v.tiles)))
+        print(json.dumps(dict(
+            variants=len(vs), uses=uses, bad=bad[:5], n_bad=len(bad),
+            kernels=sorted({v.kernel for v in vs}), flags=len(flags),
+            split_uses=len(split_uses), combine_is_split=combine_uses == split_uses,
+            acceptance=sorted({v.kernel for v in vs_acc}))))
         """
     )
     res = _run(["-c", script], timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["bad"] == 0 and out["kernels"] == ["_verify_attention_kernel"]
-    assert out["uses"] == len(M.MODELS) * len(M.NS) * len(M.FORMS) * len(M.CONTEXTS)
-    # 3 models x 3 tile sizes, each split by Triton's integer specialisations, far fewer
-    # variants than launches
-    assert 9 <= out["variants"] < out["uses"] // 10
+    assert out["n_bad"] == 0, out["bad"]
+    assert out["kernels"] == ["_combine_kernel", "_verify_attention_kernel"]
+    assert out["uses"] == (len(M.MODELS) * len(M.NS) * len(M.FORMS) * len(M.CONTEXTS)
+                           * len(M.LENGTHS))
+    # split and unsplit launches both occur, the combine runs after exactly the split ones
+    assert 0 < out["split_uses"] < out["uses"] and out["combine_is_split"]
+    # per model: unsplit with an int length (short contexts), split with an int and a tensor
+    assert out["flags"] == 3 * len(M.MODELS)
+    assert 3 * len(M.MODELS) <= out["variants"] <= 40
+    assert out["acceptance"] == ["_race_chunks_kernel", "_race_combine_kernel",
+                                 "_row_sums_kernel", "_stochastic_walk_kernel"]
 
 
 @pytest.mark.slow
@@ -144,10 +195,16 @@ def test_ci_matrix_compiles_everywhere_and_bf16_on_sm90_never_spills(tmp_path):
     report = json.loads(out.with_suffix(".json").read_text())
     rows = report["variants"]
     assert report["errors"] == 0 and report["failures"] == []
-    kernels = {"_verify_attention_kernel", "_kv_compact_kernel", "_greedy_kernel",
-               "_stochastic_kernel"}
+    kernels = {"_verify_attention_kernel", "_combine_kernel", "_kv_compact_kernel",
+               "_greedy_kernel", "_row_sums_kernel", "_stochastic_walk_kernel",
+               "_race_chunks_kernel", "_race_combine_kernel"}
     for arch in ("sm_80", "sm_90"):
         assert {r["kernel"] for r in rows if r["arch"] == arch} == kernels
+        for dtype in M.DTYPES:  # unsplit and split attention, int and tensor length
+            tiles = {r["tiles"] for r in rows if r["arch"] == arch and dtype in r["dtypes"]
+                     and r["kernel"] == "_verify_attention_kernel"}
+            assert {("SPLIT=True" in t, "LEN_PTR=True" in t) for t in tiles} == {
+                (False, False), (True, False), (True, True)}, (arch, dtype, tiles)
     bf16_sm90 = [r for r in rows if r["arch"] == "sm_90" and "bf16" in r["dtypes"]]
     assert {r["kernel"] for r in bf16_sm90} == kernels
     assert all(r["spill_stores"] == r["spill_loads"] == 0 and r["regs"] > 0 for r in bf16_sm90)

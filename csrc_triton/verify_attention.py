@@ -312,9 +312,9 @@ def _combine_kernel(
              (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# Warps of the attention program: with 4, a 64-row tile spills registers on sm_90 in bf16
-# (192 B at head_dim 64); with 8 no bf16/fp16 variant spills on sm_90 (AOT figures in
-# docs/KERNELS.md).
+# Warps of the attention program: with 4, a 64-row tile needs up to 218 registers on sm_90
+# and spills on sm_80 in bf16/fp16; with 8, 143-188 on sm_90 and no bf16/fp16 variant spills
+# on either (bench/aot_matrix.py, docs/KERNELS.md).
 ATTENTION_WARPS = 8
 # Rows per combine program: its [rows, head_dim] fp32 accumulator and partial tile stay in
 # registers (32 rows spill on sm_90 at head_dim 64). A row's merge is elementwise over the

@@ -50,10 +50,15 @@ def verify_attention(
     return out.contiguous()
 
 
-@verify_attention.register_fake
-def _verify_attention_fake(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale=None):
+def _attention_out(q: torch.Tensor) -> torch.Tensor:
+    """Every attention op's fake: an output shaped like ``q: [n, n_heads, head_dim]``."""
     torch._check(q.dim() == 3, lambda: "q: expected [n, n_heads, head_dim]")
     return q.new_empty(q.shape)
+
+
+@verify_attention.register_fake
+def _verify_attention_fake(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale=None):
+    return _attention_out(q)
 
 
 @torch.library.custom_op(f"{_NS}::verify_attention.cache_tensor",
@@ -75,8 +80,7 @@ def verify_attention_cache_tensor(
 @verify_attention_cache_tensor.register_fake
 def _verify_attention_cache_tensor_fake(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits,
                                         scale=None):
-    torch._check(q.dim() == 3, lambda: "q: expected [n, n_heads, head_dim]")
-    return q.new_empty(q.shape)
+    return _attention_out(q)
 
 
 @torch.library.custom_op(f"{_NS}::verify_attention_static",
@@ -103,8 +107,7 @@ def verify_attention_static(
 @verify_attention_static.register_fake
 def _verify_attention_static_fake(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits,
                                   n_valid, scale=None):
-    torch._check(q.dim() == 3, lambda: "q: expected [n, n_heads, head_dim]")
-    return q.new_empty(q.shape)
+    return _attention_out(q)
 
 
 @torch.library.custom_op(f"{_NS}::linear", mutates_args=())

@@ -17,6 +17,7 @@ from pipespec_fast import config as runtime_config
 from pipespec_fast import validate
 from pipespec_fast.config import RuntimeConfig
 from pipespec_fast.decoding import baselines
+from pipespec_fast.decoding import warm_up as warm_up_stage
 from pipespec_fast.decoding.memory import PolicyMemory
 from pipespec_fast.decoding.regime import Regimes
 from pipespec_fast.decoding.sampling import SamplingParams
@@ -89,6 +90,9 @@ class FastPipeline:
             token trees of up to ``N`` nodes, as deep as the window, and the stage above it
             (and, in PipeSpec, the target through its skip-level copy) verifies each in one
             forward (``decoding/tree_step.py``). Lossless either way.
+        warm_up: rehearse every kind of step on each model stage now, so that no kernel is
+            compiled mid-generation (``decoding/warm_up.py``). ``None`` (default): on CUDA
+            stages (once per stage), not on the CPU, which compiles nothing at run time.
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class FastPipeline:
         check_order: bool = True,
         placement: Placement | None = None,
         tree_budget: int = 0,
+        warm_up: bool | None = None,
     ) -> None:
         _check_config(config)
         self.config = config
@@ -139,6 +144,9 @@ class FastPipeline:
         self.last_result: GenerationResult | None = None
         # windows and regimes learned by past generations (decoding/memory.py)
         self._memory = PolicyMemory()
+        for st in self.stages:
+            if warm_up_stage.should_warm_up(st, warm_up):
+                warm_up_stage.warm_up(st)
 
     @classmethod
     def from_pretrained(cls, paths: Sequence[str | Path], device: str | torch.device = "cpu",

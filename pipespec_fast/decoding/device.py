@@ -1,6 +1,7 @@
-"""``StageDevice``: where a stage's work is queued and how a verify step's result reaches the
-host: one CUDA stream per stage, so stages on one GPU overlap, and one wait per step, for that
-stream alone. On CPU every part is a no-op or a plain conversion."""
+"""``StageDevice``: where a stage's work is queued and how a step's results reach the host:
+one CUDA stream per stage, so stages on one GPU overlap, one wait per step (a verify, or a
+drafter's run of tokens), for that stream alone, and events that order one stage's reads of
+another's rows. On CPU every part is a no-op or a plain conversion."""
 
 from __future__ import annotations
 
@@ -10,12 +11,19 @@ import torch
 
 
 class StageDevice:
-    """A stage's device: its own stream (CUDA), and a pinned buffer and an event for the two
-    ints a verify step sends to the host."""
+    """A stage's device: its own stream (CUDA), and a pinned buffer and an event for the ints
+    a step sends to the host.
+
+    ``deferred_reads``: model work keeps its results on the device until the step's one read
+    (a drafter's run of tokens feeds each token's id to the next forward as a device tensor).
+    On by default on CUDA, where every read is a synchronisation; on the CPU a read costs
+    nothing and drafting reads each token as it comes (tests turn it on to check that both
+    ways draft the same tokens)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
+        self.deferred_reads = self.cuda
         if self.cuda:
             self.stream = torch.cuda.Stream(device)
             self._pinned = torch.empty(3, dtype=torch.int64, pin_memory=True)
@@ -35,30 +43,63 @@ class StageDevice:
             return ids
         return ids.pin_memory().to(self.device, non_blocking=True)
 
-    def to_host(self, num: torch.Tensor, nxt: torch.Tensor, finite: torch.Tensor
-                ) -> tuple[int, int, bool]:
-        """The one host synchronisation of a verify step: two 0-d ints and a 0-d bool."""
+    def read(self, *parts: torch.Tensor) -> list[int]:
+        """The values of ``parts`` (integer or bool tensors, any shapes), flattened in order,
+        as host ints: the step's one host synchronisation."""
+        flat = torch.cat([p.reshape(-1).long() for p in parts])
         if not self.cuda:
-            return int(num), int(nxt), bool(finite)
+            return flat.tolist()
         # The copy is queued on the *current* stream (the stage's own inside ``context()``, as
         # in a PipeSpec worker; the caller's in sync/ar modes), so the event that says it is
         # done must be recorded on that same stream: recorded on another one, it could fire
         # before the copy and the host would read stale values.
         stream = torch.cuda.current_stream(self.device)
-        self._pinned.copy_(torch.stack([num.long(), nxt.long(), finite.long()]),
-                           non_blocking=True)
+        k = flat.shape[0]
+        if self._pinned.shape[0] < k:
+            self._pinned = torch.empty(max(k, 2 * self._pinned.shape[0]), dtype=torch.int64,
+                                       pin_memory=True)
+        self._pinned[:k].copy_(flat, non_blocking=True)
         self._event.record(stream)
         self._event.synchronize()  # waits for that stream only
-        a, b, ok = self._pinned.tolist()
+        return self._pinned[:k].tolist()
+
+    def to_host(self, num: torch.Tensor, nxt: torch.Tensor, finite: torch.Tensor
+                ) -> tuple[int, int, bool]:
+        """A verify step's one host synchronisation: two 0-d ints and a 0-d bool."""
+        if not self.cuda:
+            return int(num), int(nxt), bool(finite)
+        a, b, ok = self.read(num, nxt, finite)
         return a, b, bool(ok)
 
-    def rows_here(self, rows: list[torch.Tensor]) -> torch.Tensor:
+    def ready(self) -> torch.cuda.Event | None:
+        """An event recorded on the current stream after the work queued so far (CUDA; else
+        ``None``): a stage publishing rows hands it on, and the stage reading them waits for
+        it on its own stream (:meth:`rows_here`)."""
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
+    def rows_here(self, rows: list[torch.Tensor], ready=None) -> torch.Tensor:
         """``[n, V]``: the ``[V]`` rows drafts were drawn from at the stage below, stacked on
-        this device. Rows made on the lower stage's stream are marked as used on ours; rows
-        from another device are copied without blocking."""
-        if self.cuda:
-            stream = torch.cuda.current_stream(self.device)  # where this step's work runs
+        this device. ``ready``: the event the stage below recorded after making them; this
+        stage's stream waits for it (ordering on the device, not by a host sync). Rows made on
+        the lower stage's stream are marked as used on ours; rows from the CPU are stacked
+        there and copied up from pinned memory without blocking."""
+        if not self.cuda:
+            return torch.stack([r.to(self.device) for r in rows])
+        stream = torch.cuda.current_stream(self.device)  # where this step's work runs
+        if ready is not None:
+            stream.wait_event(ready)
+        src = rows[0].device
+        if any(r.device != src for r in rows):  # rows from several devices: gather them here
+            rows = [r.to(self.device, non_blocking=True) for r in rows]
+            src = self.device
+        if src == self.device:
             for r in rows:
-                if r.device == self.device:
-                    r.record_stream(stream)
-        return torch.stack([r.to(self.device, non_blocking=True) for r in rows])
+                r.record_stream(stream)
+            return torch.stack(rows)
+        block = torch.stack(rows)
+        return (block.pin_memory() if src.type == "cpu" else block).to(self.device,
+                                                                       non_blocking=True)

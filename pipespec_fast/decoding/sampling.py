@@ -85,13 +85,25 @@ class StageSampler:
             if not math.isfinite(best_f):
                 raise NonFiniteLogitsError(NON_FINITE)
             return tok_i, None
-        finite = torch.isfinite(logits.amax(-1)).all()
-        p = self.params.probs(logits)
-        tok = ops.sample_from_probs(p, self.seed, self._next_offset())[0]
-        ok, tok_i = _read_pair(finite, tok)  # a NaN row samples some index: refused here
+        tok, row, finite = self.draw_on_device(logits)
+        ok, tok_i = _read_pair(finite, tok[0])  # a NaN row samples some index: refused here
         if not ok:
             raise NonFiniteLogitsError(NON_FINITE)
-        return tok_i, p[0]
+        return tok_i, row
+
+    def draw_on_device(self, logits: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """:meth:`draw` without reading anything on the host: ``(token, row, finite)``, the
+        token ``[1]`` int64 (the next forward's input as it is), the row as :meth:`draw`'s
+        and ``finite`` a 0-d bool (``False``: no token can be chosen; the caller reads it
+        with the token, once per run of draws, and refuses the run)."""
+        if self.params.greedy:
+            best, tok = logits[0].max(0)
+            return tok.view(1), None, torch.isfinite(best)
+        finite = torch.isfinite(logits.amax(-1)).all()
+        p = self.params.probs(logits)
+        tok = ops.sample_from_probs(p, self.seed, self._next_offset())
+        return tok.view(1).long(), p[0], finite
 
     def accept(self, drafts: torch.Tensor, logits: torch.Tensor, q: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -154,6 +154,8 @@ class Sequencer:
 
     def draft(self, n: int) -> int:
         """Generate ``n`` tokens autoregressively with this stage's own model; returns n."""
+        if self.dev.deferred_reads and not self._marks_guesses:
+            return self._draft_run(n)
         span = self.span
         for _ in range(n):
             t = time.perf_counter()
@@ -167,12 +169,44 @@ class Sequencer:
             except NonFiniteLogitsError as e:
                 raise StageError(self.label, e) from e
             span.append(tok, row if self.keep_rows else None, self._proposal_confident())
-            dt = time.perf_counter() - t
             if not catch_up:
-                self.draft_cost_s = dt if self.draft_cost_s is None else \
-                    0.8 * self.draft_cost_s + 0.2 * dt
+                self._note_draft_cost(time.perf_counter() - t)
         self.stats.drafted += n
         return n
+
+    def _draft_run(self, n: int) -> int:
+        """:meth:`draft` with one host read for the whole run (``dev.deferred_reads``): each
+        drawn token stays on the device and is the next forward's input; the ``n`` ids and
+        the run's finiteness come to the host together at the end. The same tokens, rows and
+        random stream as drawing them one by one."""
+        if n <= 0:
+            return 0
+        t = time.perf_counter()
+        feed = self.span.tokens[self.stage.cache_len :]
+        catch_up = len(feed) > self.CATCH_UP
+        ids = self.dev.upload(feed)
+        toks, rows, oks = [], [], []
+        for j in range(n):
+            tf = time.perf_counter()
+            kind = "prefill" if catch_up and j == 0 else "draft"
+            logits = self.stage.forward(ids, last_n=1)  # [1, V]
+            self.stats.record_forward(kind, ids.shape[0], tf, time.perf_counter(), self.t0)
+            ids, row, ok = self.sampler.draw_on_device(logits)
+            toks.append(ids)
+            rows.append(row if self.keep_rows else None)
+            oks.append(ok)
+        *got, ok = self.dev.read(*toks, torch.stack(oks).all())  # the run's one host sync
+        if not ok:
+            e = NonFiniteLogitsError(NON_FINITE)
+            raise StageError(self.label, e) from e
+        self.span.extend(TokenSpan(got, rows))
+        if not catch_up:
+            self._note_draft_cost((time.perf_counter() - t) / n)
+        self.stats.drafted += n
+        return n
+
+    def _note_draft_cost(self, dt: float) -> None:
+        self.draft_cost_s = dt if self.draft_cost_s is None else 0.8 * self.draft_cost_s + 0.2 * dt
 
     def _proposal_confident(self) -> bool:
         """Model stages' proposals always are; a stage that marks guesses
@@ -181,12 +215,14 @@ class Sequencer:
             return True
         return self.stage.last_match_len >= self.stage.min_confident_match
 
-    def verify(self, drafts: list[int], draft_probs: list[torch.Tensor] | None) -> int:
+    def verify(self, drafts: list[int], draft_probs: list[torch.Tensor] | None,
+               ready=None) -> int:
         """Verify a chain of draft tokens in one forward and commit the outcome.
 
         Appends the accepted drafts plus the verifier's own next token (the correction on a
         rejection, the bonus when all were accepted) to ``seq``. Returns the number accepted.
-        ``draft_probs`` (sampling only) are the ``[V]`` rows the drafts were drawn from.
+        ``draft_probs`` (sampling only) are the ``[V]`` rows the drafts were drawn from;
+        ``ready`` the event after which they are complete (CUDA, ``StageDevice.rows_here``).
         """
         n = len(drafts)
         base = self.stage.cache_len
@@ -197,7 +233,7 @@ class Sequencer:
             return self._step_alone(feed, t)
         ids = self.dev.upload(feed)
         logits = self.stage.forward(ids, last_n=n + 1)  # [n + 1, V]
-        q = self.dev.rows_here(draft_probs) if n and not self.params.greedy else None
+        q = self.dev.rows_here(draft_probs, ready) if n and not self.params.greedy else None
         num, nxt, finite, p = self.sampler.accept(ids[uncached:], logits, q)
         num_i, nxt_i, ok = self.dev.to_host(num, nxt, finite)  # the step's one host sync
         if not ok:

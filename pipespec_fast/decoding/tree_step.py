@@ -23,7 +23,6 @@ import time
 
 import torch
 
-from pipespec_fast import reference
 from pipespec_fast.decoding.sampling import NON_FINITE
 from pipespec_fast.errors import NonFiniteLogitsError, StageError
 from pipespec_fast.stages.tree import DraftTree
@@ -36,8 +35,7 @@ def draft_tree(seqr, budget: int, max_depth: int, decay: float = 1.0) -> DraftTr
     acceptance, ordering the nodes). The sequence does not change."""
     stage, seq = seqr.stage, seqr.seq
     if stage.cache_len < len(seq):
-        ids = torch.tensor(seq[stage.cache_len :], dtype=torch.int64, device=seqr.dev.device)
-        stage.forward(ids, last_n=0)
+        stage.forward(seqr.dev.upload(seq[stage.cache_len :]), last_n=0)
     tree = stage.propose_tree(budget, max_depth, decay)
     seqr.stats.drafted += len(tree)
     return tree
@@ -49,7 +47,8 @@ def tree_rows(seqr, tree: DraftTree) -> torch.Tensor | None:
     greedy."""
     if seqr.params.greedy:
         return None
-    return tree.one_hot_rows(seqr.stage.vocab_size, seqr.dev.device)
+    dev = seqr.dev
+    return tree.one_hot_rows(seqr.stage.vocab_size, dev.device, ids=dev.upload(list(tree.tokens)))
 
 
 def worth_verifying(policy, tree: DraftTree, uncached: int) -> int:
@@ -90,21 +89,22 @@ def verify_tree(seqr, tree: DraftTree, rows: torch.Tensor | None = None) -> int:
     rows = rows if rows is None else rows[:n]
     if tree.is_chain:  # no masks, no compaction: the chain step
         return seqr.verify(list(tree.tokens), None if rows is None else list(rows.unbind(0)))
-    stage, dev = seqr.stage, seqr.dev.device
+    stage, dev = seqr.stage, seqr.dev
     uncached = seqr.span.tokens[base:]
     u = len(uncached)
     t = time.perf_counter()
-    ids = torch.tensor(uncached + list(tree.tokens), dtype=torch.int64, device=dev)
-    tree_parents = tree.parents_tensor(dev)
-    parents = torch.cat([reference.chain_parents(u, dev).to(torch.int64),
-                         tree.parents_tensor(dev, offset=u)])
+    # ids, the tree's parents and the block's (the uncached chain, then the tree below its
+    # last token): host lists, uploaded without blocking
+    ids = dev.upload(uncached + list(tree.tokens))
+    both = dev.upload(list(range(-1, u - 1)) + [p + u for p in tree.parents] + list(tree.parents))
+    parents, tree_parents = both[: u + n], both[u + n :]
     logits = stage.forward(ids, parents=parents, last_n=n + 1)  # [n + 1, V]
     path, num, nxt, finite, p = seqr.sampler.accept_tree(ids[u:], tree_parents, logits, rows)
-    num_i, nxt_i, ok = seqr.dev.to_host(num, nxt, finite)  # the step's host sync ...
+    num_i, nxt_i, ok, *path_ids = dev.read(num, nxt, finite, path)  # the step's one host sync
     if not ok:
         e = NonFiniteLogitsError(NON_FINITE)
         raise StageError(seqr.label, e) from e
-    kept = path[:num_i].tolist()  # ... and the path's node ids (a second read on CUDA)
+    kept = path_ids[:num_i]
     stage.keep_path(base + u, path, num_i, chain=kept == list(range(num_i)))
     now = time.perf_counter()
     seqr.stats.record_forward("tree", u + n, t, now, seqr.t0)  # a verify, over a tree
@@ -114,7 +114,7 @@ def verify_tree(seqr, tree: DraftTree, rows: torch.Tensor | None = None) -> int:
     committed.append(nxt_i)
     keep = None
     if p is not None and seqr.keep_rows:
-        keep = p[torch.tensor([0] + [c + 1 for c in kept], device=p.device)].unbind(0)
+        keep = p.index_select(0, dev.upload([0] + [c + 1 for c in kept])).unbind(0)
     seqr.span.extend_known(committed, keep)
     # the walk ended in a rejection unless it reached a leaf: the per-depth acceptance the
     # window rule reads counts the path's levels tried, not the branches never reached

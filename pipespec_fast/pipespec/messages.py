@@ -16,10 +16,13 @@ from pipespec_fast.decoding.span import TokenSpan
 @dataclass(slots=True)
 class Chunk:
     """Stage i-1 -> stage i: "my sequence is now ``seq[:start] + span``" (new drafts with the
-    rows they were drawn from, or tokens it adopted from a sync)."""
+    rows they were drawn from, or tokens it adopted from a sync). ``ready``: on CUDA, an
+    event recorded on stage i-1's stream after the rows were made; stage i's stream waits for
+    it before reading them."""
 
     start: int
     span: TokenSpan
+    ready: object = None
 
 
 @dataclass(slots=True)

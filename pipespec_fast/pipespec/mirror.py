@@ -19,12 +19,15 @@ class Mirror:
     def __init__(self, prompt: list[int]) -> None:
         self.span = TokenSpan.known(prompt)
         self.agree = len(prompt)
+        self.ready = None  # the event of the latest Chunk that had one (CUDA, ``Chunk.ready``)
 
     def apply(self, c: Chunk) -> None:
         """Stage i-1's sequence is now ``seq[:c.start] + c.span``."""
         self.span.truncate(c.start)
         self.span.extend(c.span)
         self.agree = min(self.agree, c.start)
+        if c.ready is not None:  # recorded after every row so far, on stage i-1's one stream
+            self.ready = c.ready
 
     def own_changed(self, pos: int) -> None:
         """Stage i's own sequence changed from ``pos`` on (it adopted a sync from above)."""

@@ -139,7 +139,7 @@ class _Verifier(StageWorker):
         self._waited_s = 0.0
         start = len(self.s.seq)
         if tree is None:
-            self.s.verify(drafts, rows)
+            self.s.verify(drafts, rows, ready=self.mirror.ready if from_below else None)
         else:
             verify_tree(self.s, tree)
         self._publish(start)

@@ -38,11 +38,11 @@ class StageWorker:
         matmul_threads: our kernels' threads for this worker (``threads.CpuThreads``).
         idle: run this worker's thread at idle priority (``SCHED_IDLE``, Linux).
 
-    Subclasses implement :meth:`step`: one unit of work, ``False`` when there is nothing to
-    do until a message arrives.
-    """
+    Subclasses implement :meth:`step`: one unit of work, ``False`` when nothing is to do
+    until a message arrives."""
 
     POLL_S = 0.05
+    DRAFT_RUN = 4  # CUDA: 4 SmolLM2-sized tokens < one 8B-sized verify (estimated)
 
     def __init__(self, seqr: Sequencer, index: int, max_lead: int, stop: threading.Event,
                  out: queue.SimpleQueue, threads: int | None = None,
@@ -157,7 +157,7 @@ class StageWorker:
     def _publish(self, start: int) -> None:
         """Our sequence changed from ``start`` on (a draft or a verification)."""
         if self.above is not None:
-            self.above.inbox.put(Chunk(start, self.s.span[start:]))
+            self.above.inbox.put(Chunk(start, self.s.span[start:], self.s.dev.ready()))
 
     # ------------------------------------------------------------------ shared work
 
@@ -166,9 +166,11 @@ class StageWorker:
         return self.wanted and len(self.s.seq) - self.upper_len < self.max_lead
 
     def _draft(self) -> None:
-        """Extend our sequence with our own model: a model-free stage fills its whole lead at
-        once; a model drafts one token per step, so that rollbacks reach it between tokens."""
-        s = self.s
-        start = len(s.seq)
-        s.draft(max(1, self.max_lead - (start - self.upper_len)) if self._model_free else 1)
+        """Extend our sequence: a model-free stage fills its whole lead; a model drafts one
+        token per step on the CPU (rollbacks reach it between tokens), a run of up to
+        ``DRAFT_RUN`` where reads are deferred (CUDA: one host sync per run, not per token)."""
+        s, start = self.s, len(self.s.seq)
+        lead = max(1, self.max_lead - (start - self.upper_len))
+        s.draft(lead if self._model_free else min(lead, self.DRAFT_RUN)
+                if s.dev.deferred_reads else 1)
         self._publish(start)

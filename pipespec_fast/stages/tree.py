@@ -69,16 +69,19 @@ class DraftTree:
             return torch.tensor(self.parents, dtype=torch.int64, device=device)
         return torch.tensor([p + offset for p in self.parents], dtype=torch.int64, device=device)
 
-    def one_hot_rows(self, vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    def one_hot_rows(self, vocab_size: int, device: torch.device | str = "cpu",
+                     ids: torch.Tensor | None = None) -> torch.Tensor:
         """``[n, V]`` fp32: each node's draft distribution when the drafter is deterministic
         (a point mass at its token). These are the rows an n-gram chain gets from its
         ``0 / -inf`` logits under any temperature / top-k / top-p; with them recursive
         rejection sampling over siblings accepts child ``x`` with probability ``r(x) /
         sum(r)`` and removes ``x`` from the residual on rejection: sampling without
-        replacement from the verifier's distribution, hence lossless."""
+        replacement from the verifier's distribution, hence lossless. ``ids``: the tokens
+        already on ``device`` (uploaded without blocking, ``StageDevice.upload``)."""
         n = len(self.tokens)
         rows = torch.zeros(n, vocab_size, dtype=torch.float32, device=device)
         if n:
-            rows[torch.arange(n, device=device),
-                 torch.tensor(self.tokens, dtype=torch.int64, device=device)] = 1.0
+            if ids is None:
+                ids = torch.tensor(self.tokens, dtype=torch.int64, device=device)
+            rows[torch.arange(n, device=device), ids] = 1.0
         return rows

@@ -1,0 +1,100 @@
+"""Warm-up at load: rehearse on a stage every kind of step a generation will run, so that no
+kernel is compiled mid-generation.
+
+Why: Triton compiles a kernel variant the first time it is launched with a new combination of
+constexprs and argument specialisations, which takes a second or more and stalls the whole
+pipeline; cuBLAS and the caching allocator likewise do their first-use work then. The
+variants a generation needs do not depend on the cache length or the block size themselves
+(``do_not_specialize``, docs/KERNELS.md) but do on:
+
+* attention split or not: an eager step with a host-int cache length of at most
+  ``MIN_SPLIT_KEYS`` runs unsplit, a longer one split (partials + combine);
+* chain or tree, and the acceptance kernels' node block (16, 32 or 64 nodes);
+* greedy or sampled acceptance (the vocabulary-chunked passes);
+* whether a slice of the block's ids starts 16-byte aligned (Triton specialises pointers on
+  it): the verifier's uncached tokens before the drafts are one or two.
+
+So the rehearsal prefills a dummy prompt longer than ``MIN_SPLIT_KEYS`` (when the cache has
+room for it), drafts, verifies chains of 1, 17 and 33 drafts and (a tree verifier) trees of 3,
+17 and 33 nodes, each greedy and sampled, after one and two uncached tokens, and finally
+empties the cache. Its outputs are
+discarded: it runs on dummy tokens, so it touches nothing a generation reads.
+
+``FastPipeline`` runs it once per CUDA stage when it is built (``warm_up=None``); on the CPU
+nothing is compiled at run time and it is skipped unless asked for (tests).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import torch
+
+from pipespec_fast.decoding.sampling import SamplingParams
+from pipespec_fast.decoding.sequence import Sequencer
+from pipespec_fast.decoding.tree_step import verify_tree
+from pipespec_fast.stages.tree import DraftTree
+
+SPLIT_KEYS = 256  # csrc_triton/verify_attention.py MIN_SPLIT_KEYS: longer prefixes run split
+BLOCKS = (1, 17, 33)  # one block of each acceptance node-block size (16, 32, 64)
+
+_warmed: weakref.WeakSet = weakref.WeakSet()
+
+
+def should_warm_up(stage, requested: bool | None) -> bool:
+    """Whether to warm ``stage`` up: ``requested`` when given, else a CUDA stage with a model
+    (model-free stages launch no kernels) not warmed up before."""
+    if requested is not None:
+        return requested
+    caps = stage.capabilities
+    return (stage.device.type == "cuda" and not caps.model_free and stage not in _warmed)
+
+
+def _tree(n: int) -> DraftTree:
+    """A tree of ``n`` nodes with two roots and branching below them (not a chain)."""
+    parents = tuple([-1, -1] + [i // 2 for i in range(n - 2)])[:n]
+    return DraftTree(tokens=tuple(1 + i % 7 for i in range(n)), parents=parents,
+                     weights=tuple(1.0 / (1 + i) for i in range(n)))
+
+
+def _rehearse(stage, params: SamplingParams, prompt: list[int]) -> None:
+    s = Sequencer(stage, params, index=0, adaptive=False, keep_rows=False)
+    s.start(prompt)
+    s.draft(2)
+    base = len(s.seq)
+    V, dev = stage.vocab_size, stage.device
+    uniform = None if params.greedy else torch.full((V,), 1.0 / V, device=dev)
+
+    def back() -> None:  # to the drafted sequence, its last token uncached (as after a step)
+        s.truncate(base)
+        stage.rollback(min(stage.cache_len, base - 1))
+
+    for n in BLOCKS:
+        for extra in (0, 1):  # one or two uncached tokens before the drafts
+            back()
+            s.span.extend_known([1] * extra)
+            s.verify([2] * n, None if uniform is None else [uniform] * n)
+            if stage.capabilities.trees:
+                m = max(n, 3)
+                back()
+                s.span.extend_known([1] * extra)
+                verify_tree(s, _tree(m), None if uniform is None else uniform.expand(m, V))
+    stage.rollback(0)
+
+
+def warm_up(stage) -> float:
+    """Rehearse a generation's steps on ``stage`` (module doc) and leave its cache empty;
+    returns the seconds it took. The stage must be idle (no generation running on it)."""
+    t = time.perf_counter()
+    room = stage.max_len - 2 * max(BLOCKS) - 72  # a step after the prompt, bucket padding
+    length = min(SPLIT_KEYS + 16, room)
+    if length < 2:
+        raise ValueError(f"warm_up: stage {stage.name!r} max_len {stage.max_len} is too short "
+                         "to rehearse a step")
+    prompt = [1 + i % 5 for i in range(length)]
+    with torch.inference_mode():
+        for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=0)):
+            _rehearse(stage, params, prompt)
+    _warmed.add(stage)
+    return time.perf_counter() - t

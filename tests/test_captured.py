@@ -38,7 +38,7 @@ def two_caches(m, prefix: int, max_len: int = 200):
         caches.append(c)
     toks = torch.randint(0, VOCAB, (prefix,), generator=torch.Generator().manual_seed(prefix))
     for c in caches:
-        m(toks, c)
+        m(toks.to(c.k.device), c)
     return caches
 
 
@@ -106,15 +106,20 @@ def test_subset_draft_and_tied_head():
 
 
 def test_padded_step_through_the_triton_kernel(configure):
-    """The kernel CUDA runs (here in Triton's interpreter) takes the length as a tensor and
-    masks the padding rows out of the real ones: close to the eager unpadded forward (its
-    tiles follow the block's size, so not bit for bit)."""
-    configure(backend="triton", triton_interpret=True)
-    m = model(seed=4)
+    """The kernel CUDA runs (compiled where CUDA exists, else in Triton's interpreter:
+    ``kernel_device``) takes the length as a tensor and masks the padding rows out of the real
+    ones: close to the eager unpadded forward (its tiles follow the block's size, so not bit
+    for bit)."""
+    from kernel_device import CHOICE
+
+    configure(backend="triton", triton_interpret=CHOICE.interpret)
+    m = model(seed=4).to(CHOICE.device)
     eager, cache = two_caches(m, 11)
     steps = StaticSteps(m, cache, capture=False)
     for n, parents in ((5, None), (12, random_parents(12, 3)), (1, None)):
         toks = torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n))
+        toks = toks.to(CHOICE.device)
+        parents = None if parents is None else parents.to(CHOICE.device)
         want = m(toks, eager, parents=parents)
         got = steps.forward(toks, parents=parents)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -196,6 +196,9 @@ def model_checks(sec: Section, sz: Sizes) -> None:
     from gpu_check_graphs import check_captured_steps
 
     sec.run("captured_steps/float32", "correctness", check_captured_steps, sz, torch.float32)
+    from gpu_check_syncs import check_host_syncs
+
+    sec.run("host_syncs/float32", "correctness", check_host_syncs, sz, torch.float32)
 
 
 def model_benchmarks(sec: Section, sz: Sizes) -> None:

@@ -128,6 +128,21 @@ def test_a_chain_verify_reads_once(params):
 
 
 @pytest.mark.parametrize("params", PARAMS, ids=["greedy", "sampled"])
+def test_a_step_without_drafts_reads_once_through_the_stage_device(params):
+    """An autoregressive step (and a verifier's step alone) reads its token with the event
+    wait of ``StageDevice.read``, not a synchronising ``.tolist()`` of a device tensor."""
+    ref = _sequencer(params, deferred=False)
+    ref.verify([], None)
+    s = _sequencer(params, deferred=True)
+    calls = counted_device(s)
+    with counted_reads() as counts:
+        s.verify([], None)
+    assert calls == ["read"] and s.seq == ref.seq
+    sites = engine_read_sites(counts)
+    assert sites and all(f.endswith("device.py") for f in sites)
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=["greedy", "sampled"])
 def test_a_tree_verify_reads_once_path_included(params):
     """The accepted path's node ids come with the step's result ints (they decide the KV
     compaction and the committed tokens): one read, where there used to be two."""
@@ -196,7 +211,15 @@ def test_warm_up_runs_by_default_on_cuda_stages_only(monkeypatch):
     assert warm.should_warm_up(stages[0], True)
 
 
-def test_warm_up_refuses_a_cache_too_short_to_rehearse():
-    st = LlamaStage(family(1)[0], max_len=100)
-    with pytest.raises(ValueError, match="max_len 100"):
-        warm.warm_up(st)
+@pytest.mark.parametrize("max_len", [16, 40, 100])
+def test_warm_up_on_a_short_cache_rehearses_what_fits(max_len):
+    """A stage built with a small cache is warmed up within it (a generation on it cannot
+    run larger steps either), never refused."""
+    st = LlamaStage(family(1)[0], max_len=max_len)
+    sizes = []
+    f = st.forward
+    st.forward = lambda ids, parents=None, last_n=None: (sizes.append(ids.shape[0]),
+                                                         f(ids, parents, last_n))[1]
+    warm.warm_up(st)
+    assert st.cache_len == 0 and sizes and max(sizes) < max_len
+    assert (17 + 1 in sizes) == (max_len >= 100)

@@ -58,7 +58,15 @@ def _tree(n: int) -> DraftTree:
                      weights=tuple(1.0 / (1 + i) for i in range(n)))
 
 
-def _rehearse(stage, params: SamplingParams, prompt: list[int]) -> None:
+def _room(n: int) -> int:
+    """Cache slots a verify of ``n`` drafts (or a tree of ``max(n, 3)`` nodes) may take after
+    the drafted sequence: the block, two uncached tokens, and a captured step's padding to the
+    next power of two."""
+    return 2 * max(n, 3) + 4
+
+
+def _rehearse(stage, params: SamplingParams, prompt: list[int], blocks: tuple[int, ...]
+              ) -> None:
     s = Sequencer(stage, params, index=0, adaptive=False, keep_rows=False)
     s.start(prompt)
     s.draft(2)
@@ -70,7 +78,7 @@ def _rehearse(stage, params: SamplingParams, prompt: list[int]) -> None:
         s.truncate(base)
         stage.rollback(min(stage.cache_len, base - 1))
 
-    for n in BLOCKS:
+    for n in blocks:
         for extra in (0, 1):  # one or two uncached tokens before the drafts
             back()
             s.span.extend_known([1] * extra)
@@ -85,16 +93,16 @@ def _rehearse(stage, params: SamplingParams, prompt: list[int]) -> None:
 
 def warm_up(stage) -> float:
     """Rehearse a generation's steps on ``stage`` (module doc) and leave its cache empty;
-    returns the seconds it took. The stage must be idle (no generation running on it)."""
+    returns the seconds it took. The stage must be idle (no generation running on it). A
+    cache too short for the long prompt or the large blocks rehearses what it can hold: a
+    generation on it cannot reach the rest either."""
     t = time.perf_counter()
-    room = stage.max_len - 2 * max(BLOCKS) - 72  # a step after the prompt, bucket padding
-    length = min(SPLIT_KEYS + 16, room)
-    if length < 2:
-        raise ValueError(f"warm_up: stage {stage.name!r} max_len {stage.max_len} is too short "
-                         "to rehearse a step")
-    prompt = [1 + i % 5 for i in range(length)]
-    with torch.inference_mode():
-        for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=0)):
-            _rehearse(stage, params, prompt)
+    blocks = tuple(n for n in BLOCKS if 4 + 2 + _room(n) <= stage.max_len)
+    if blocks:
+        length = min(SPLIT_KEYS + 16, stage.max_len - 2 - _room(blocks[-1]))
+        prompt = [1 + i % 5 for i in range(length)]
+        with torch.inference_mode():
+            for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=0)):
+                _rehearse(stage, params, prompt, blocks)
     _warmed.add(stage)
     return time.perf_counter() - t

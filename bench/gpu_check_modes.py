@@ -71,13 +71,23 @@ def build(sz: Sizes, dtype: torch.dtype, seed: int = 11) -> tuple[LlamaStage, Ll
     if sz.cuda:
         try:
             for s in stages:
-                s.use_captured_steps()  # every bucket captured now, as PIPESPEC_GRAPHS=1 does
+                if s.steps is None:  # (PIPESPEC_GRAPHS=1 has captured them at construction)
+                    s.use_captured_steps()  # every bucket captured now, as that flag does
             graphs = True
         except Exception as exc:  # recorded; the benchmark runs eagerly
             for s in stages:
                 s.steps = None
             graphs = f"{type(exc).__name__}: {exc}"[:500]
     return stages[0], stages[1], graphs
+
+
+def greedy_margin(model: Transformer, tokens: list[int]) -> float:
+    """The smallest gap between the first and second logit over the positions of ``tokens``
+    (one prefill on a cache of its own): what rounding would have to overcome to flip a greedy
+    token of the decisive target."""
+    cache = model.new_cache(len(tokens))
+    top2 = model(torch.tensor(tokens, device=cache.k.device), cache).topk(2, dim=-1).values
+    return round(float((top2[:, 0] - top2[:, 1]).min()), 3)
 
 
 def _params(stage: LlamaStage) -> int:
@@ -105,6 +115,7 @@ class ModesBench:
                 "draft": {**self.sz.bench_draft, "params": _params(self.draft)},
                 "target": {"n_layers": self.sz.bench_target_layers, **self.sz.model,
                            "params": _params(self.target)},
+                "target_greedy_margin_min": greedy_margin(self.target.model, self.reference),
                 "ar": self.baseline}
 
     def _timed(self, pipe: FastPipeline, mode: str) -> dict:

@@ -115,3 +115,37 @@ def test_the_gpu_benchmark_pairs_a_smollm2_135m_shape_with_llama3_8b():
     assert modes.draft_config(FULL).vocab_size == FULL.model["vocab_size"] == 128256
     assert FULL.bench_target_layers == 32 and FULL.model["dim"] == 4096
     assert FULL.acceptances[0] == 0.7
+
+
+class _Fake:
+    """A stand-in inner stage: random logits, a cache length that moves."""
+
+    name, vocab_size, max_len, device = "fake", 40, 64, torch.device("cpu")
+
+    def __init__(self):
+        from pipespec_fast.stages.base import StageCapabilities
+
+        self.capabilities = StageCapabilities(num_params=7)
+        self.cache_len = 0
+
+    def forward(self, tokens, parents=None, last_n=None):
+        self.cache_len += tokens.shape[0]
+        return torch.randn(last_n or tokens.shape[0], self.vocab_size)
+
+
+def test_the_oracle_reads_no_tensor_on_the_host(monkeypatch):
+    """No host synchronisation: the forward's rows are chosen from host integers and written
+    on the device (any read of a tensor's value would raise here)."""
+    inner = _Fake()
+    oracle = OracleDraft(inner, list(range(30)), 0.5, seed=1)
+
+    def refuse(*_):
+        raise AssertionError("a host read of a tensor")
+
+    for method in ("item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, method, refuse)
+    rows = [oracle.forward(torch.zeros(n, dtype=torch.int64), last_n=k)
+            for n, k in ((5, 1), (3, None), (4, 2))]
+    monkeypatch.undo()
+    want = oracle_tokens(list(range(30)), 0.5, 40, 65, seed=1)
+    assert [r.argmax(-1).tolist() for r in rows] == [want[5:6], want[6:9], want[11:13]]

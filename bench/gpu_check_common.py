@@ -40,6 +40,13 @@ class Sizes:
     prompt: int  # prompt tokens of the generation checks
     new_tokens: int
     iters: int  # timed iterations per benchmark (after 3 warm-ups)
+    # the modes benchmark (gpu_check_modes.py): its target's layers (``model``'s shape), its
+    # draft's shape (LlamaConfig fields; the vocabulary is ``model``'s), the tokens each mode
+    # generates, and the oracle draft's acceptance rates (the first is the issue's goal)
+    bench_target_layers: int = 2
+    bench_draft: dict = field(default_factory=dict)
+    bench_new_tokens: int = 8
+    acceptances: tuple = (0.7,)
 
     @property
     def cuda(self) -> bool:
@@ -54,6 +61,12 @@ FULL = Sizes(
     model=dict(vocab_size=128256, dim=4096, n_heads=32, n_kv_heads=8, head_dim=128,
                intermediate_size=14336),
     target_layers=4, draft_layers=1, prompt=128, new_tokens=96, iters=20,
+    # Llama-3-8B's 32 layers: the draft/target cost ratio of the issue's goal
+    bench_target_layers=32, bench_new_tokens=256, acceptances=(0.7, 0.5, 0.9),
+    # SmolLM2-135M: 30 layers of width 576, 9 heads, 3 kv heads, tied embeddings (the shipped
+    # models/drafts/SmolLM2-135M-draft is a 3-layer cut of it: its config.json has the rest)
+    bench_draft=dict(n_layers=30, dim=576, n_heads=9, n_kv_heads=3, head_dim=64,
+                     intermediate_size=1536, tie_word_embeddings=True, rope_theta=100000.0),
 )
 DRY = Sizes(
     device="cpu", heads=HEADS_DRY, dtypes=(torch.float32, torch.float16),  # no bf16 in numpy
@@ -62,6 +75,9 @@ DRY = Sizes(
     model=dict(vocab_size=96, dim=32, n_heads=4, n_kv_heads=2, head_dim=8,
                intermediate_size=64),
     target_layers=2, draft_layers=1, prompt=12, new_tokens=8, iters=2,
+    bench_target_layers=2, bench_new_tokens=8, acceptances=(0.7,),
+    bench_draft=dict(n_layers=3, dim=24, n_heads=3, n_kv_heads=1, head_dim=8,
+                     intermediate_size=48, tie_word_embeddings=True, rope_theta=100000.0),
 )
 
 

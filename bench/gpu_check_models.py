@@ -1,12 +1,12 @@
 """The model parts of ``gpu_check.py``: random-weight LLaMA models of realistic shapes built on
-the device, greedy equality of pipespec / sync / ar, forward time (device and host enqueue) and
-tokens/s per mode.
+the device, greedy equality of pipespec / sync / ar, forward time (device and host enqueue);
+tokens/s per mode is ``gpu_check_modes.py`` (a SmolLM2-shaped oracle draft).
 
-The target has Llama-3-8B's width, heads and vocabulary but few layers; the draft is a noisy
-copy of the target's embedding, head and first layer(s). The target's deeper layers write into
-the residual stream at a small scale (``DEEP_SCALE``), so the target is close to its first
-layers and the draft's noise sets the acceptance rate: controlled acceptance without a
-checkpoint or a download.
+For the correctness checks the target has Llama-3-8B's width, heads and vocabulary but few
+layers; the draft is a noisy copy of the target's embedding, head and first layer(s). The
+target's deeper layers write into the residual stream at a small scale (``DEEP_SCALE``), so the
+target is close to its first layers and the draft's noise sets the acceptance rate: real drafts
+that agree often, without a checkpoint or a download.
 """
 
 from __future__ import annotations
@@ -156,12 +156,6 @@ def _summary(res: dict) -> dict:
     return {m: {k: v for k, v in r.items() if k != "tokens"} for m, r in res.items()}
 
 
-def bench_modes(sz: Sizes, dtype: torch.dtype) -> dict:
-    """Tokens/s per mode in the production dtype, and whether the tokens still equal ar's."""
-    res = run_modes(sz, dtype, 1, adaptive=True)
-    return {"dtype": str(dtype).removeprefix("torch."), **_summary(res)}
-
-
 def bench_forward(sz: Sizes, dtype: torch.dtype) -> dict:
     """One target forward of n = 1 and n = 9 new tokens after ``FORWARD_CONTEXT`` cached ones
     (contents random): device time, and host enqueue time of the same call (eager); under
@@ -204,4 +198,6 @@ def model_checks(sec: Section, sz: Sizes) -> None:
 def model_benchmarks(sec: Section, sz: Sizes) -> None:
     dt = torch.bfloat16 if sz.cuda else torch.float32
     sec.run(f"forward/{str(dt).removeprefix('torch.')}", "benchmark", bench_forward, sz, dt)
-    sec.run(f"modes/{str(dt).removeprefix('torch.')}", "benchmark", bench_modes, sz, dt)
+    from gpu_check_modes import modes_benchmarks
+
+    modes_benchmarks(sec, sz, dt)

@@ -111,8 +111,19 @@ def test_dry_run_records_the_benchmark_figures(dry_run):
         g = graphs[f"n{n}"]
         assert g["eager"]["median_ms"] > 0 and g["graphs"]["host_enqueue_median_ms"] > 0
         assert g["graphs_speedup"] > 0 and g["graphs_host_share"] > 0
-    modes = models["modes/float32"]["result"]
-    assert all(modes[m]["tokens_per_s"] > 0 for m in ("ar", "sync", "pipespec"))
+    setup = models["modes/float32/setup_and_ar"]["result"]
+    assert setup["draft"]["n_layers"] == DRY.bench_draft["n_layers"]
+    assert setup["target"]["n_layers"] == DRY.bench_target_layers
+    assert setup["target"]["params"] > setup["draft"]["params"] and setup["graphs"] is False
+    assert setup["ar"]["tokens_per_s"] > 0
+    a = DRY.acceptances[0]
+    for name in [f"oracle_a{x}" for x in DRY.acceptances] + [f"ngram_oracle_a{a}"]:
+        res = models[f"modes/float32/{name}"]["result"]  # a pass: every mode emitted ar's
+        for m in ("ar", "sync", "pipespec", "sync_fixed", "pipespec_fixed"):
+            assert res[m]["tokens_per_s"] > 0 and res[m]["first_difference_from_ar"] is None
+        assert res["pipespec_over_ar"] > 0 and res["pipespec_over_sync"] > 0
+        assert res["sync_fixed"]["proposed"] > 0 and 0 < res["measured_acceptance"] <= 1
+    assert models[f"modes/float32/ngram_oracle_a{a}"]["result"]["stages"][0] == "ngram"
 
 
 def test_a_failing_or_raising_check_is_recorded_and_the_run_goes_on():

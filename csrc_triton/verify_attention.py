@@ -93,15 +93,63 @@ def _prefix_range(acc, m_i, l_i, q, kc_base, vc_base, lo, hi, s_kct, s_kcd, s_vc
 
 
 @triton.jit
-def _split_layout(cache_len, num_splits, min_split, BLOCK_N: tl.constexpr):
+def _split_layout(cache_len, n, num_splits, min_split, BLOCK_N: tl.constexpr,
+                  ALIGNED: tl.constexpr):
     """``(split_len, used)``: the prefix is cut into ``used`` ranges of ``split_len`` keys (a
     multiple of ``BLOCK_N``, at least ``min_split``), the last one shorter. A pure function of
     ``cache_len`` and the launch's fixed ``num_splits`` / ``min_split``: the split kernel and
-    the combine compute the same layout, and no row's layout depends on ``n``."""
-    per = tl.maximum(tl.cdiv(cache_len, num_splits), min_split)
-    split_len = tl.cdiv(per, BLOCK_N) * BLOCK_N
-    used = tl.maximum(tl.cdiv(cache_len, split_len), 1)
+    the combine compute the same layout, and no row's layout depends on ``n``.
+
+    ``ALIGNED``: the ranges cut every key of the block, prefix and new tokens alike, at the
+    fixed multiples of ``min_split`` (the host's :func:`aligned_split_len`), so a key's range
+    depends only on its slot."""
+    if ALIGNED:
+        split_len = min_split
+        used = tl.maximum(tl.cdiv(cache_len + n, split_len), 1)
+    else:
+        per = tl.maximum(tl.cdiv(cache_len, num_splits), min_split)
+        split_len = tl.cdiv(per, BLOCK_N) * BLOCK_N
+        used = tl.maximum(tl.cdiv(cache_len, split_len), 1)
     return split_len, used
+
+
+@triton.jit
+def _aligned_range(acc, m_i, l_i, q, node, row_ok, kc_base, vc_base, kn_base, vn_base,
+                   anc_ptr, cache_len, n, lo, hi, s_kct, s_kcd, s_vct, s_vcd, s_knn, s_knd,
+                   s_vnn, s_vnd, s_an, s_aw, qk_scale, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Keys ``[lo, hi)`` by absolute slot (exact mode): tiles start at multiples of
+    ``BLOCK_N`` of the slot, a lane below ``cache_len`` reads the cache and one above reads
+    ``k_new``/``v_new``, and every tile is masked (prefix: visible; new: ancestor bits). A row
+    then meets each of its keys in the same lane of the same tile whether it is decoded alone
+    or verified anywhere in a chain, and a tile past its last key changes nothing (its
+    weights are exact zeros, its rescale factor exactly 1), so its bits cannot depend on the
+    block. (A tree's row meets masked siblings between its ancestors: not invariant.)"""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_j = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        t = start + offs_j
+        in_c = t < cache_len
+        in_n = (t >= cache_len) & (t < cache_len + n)
+        j = tl.where(in_n, t - cache_len, 0)  # the new token's index (0 where not one)
+        cm = in_c[:, None] & d_ok[None, :]
+        nm = in_n[:, None] & d_ok[None, :]
+        t64 = t.to(tl.int64)
+        k = tl.where(cm, tl.load(kc_base + t64[:, None] * s_kct + offs_d[None, :] * s_kcd,
+                                 mask=cm, other=0.0),
+                     tl.load(kn_base + j[:, None] * s_knn + offs_d[None, :] * s_knd, mask=nm,
+                             other=0.0).to(kc_base.dtype.element_ty))
+        v = tl.where(cm, tl.load(vc_base + t64[:, None] * s_vct + offs_d[None, :] * s_vcd,
+                                 mask=cm, other=0.0),
+                     tl.load(vn_base + j[:, None] * s_vnn + offs_d[None, :] * s_vnd, mask=nm,
+                             other=0.0).to(vc_base.dtype.element_ty))
+        words = tl.load(anc_ptr + node[:, None] * s_an + (j // 32)[None, :] * s_aw,
+                        mask=row_ok[:, None] & in_n[None, :], other=0)
+        bit = (words >> (j % 32)[None, :]) & 1
+        seen = in_c[None, :] | (in_n[None, :] & (bit != 0))
+        acc, m_i, l_i = _online_block(acc, m_i, l_i, q, k, v, seen, qk_scale, DOT_PREC)
+    return acc, m_i, l_i
 
 
 # 46 of its lines are the signature: a base pointer and its strides per tensor, so any layout
@@ -158,6 +206,7 @@ def _verify_attention_kernel(
     DOT_PREC: tl.constexpr,
     LEN_PTR: tl.constexpr,
     SPLIT: tl.constexpr,
+    ALIGNED: tl.constexpr = False,
 ):
     pid_r = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -193,7 +242,7 @@ def _verify_attention_kernel(
                 mask=jm,
             )
 
-    split_len, used = _split_layout(cache_len, num_splits, min_split, BLOCK_N)
+    split_len, used = _split_layout(cache_len, n, num_splits, min_split, BLOCK_N, ALIGNED)
     if split < used:
         # ---- this program's query rows: (node, g) flattened, query head kvh * GROUP + g.
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -210,33 +259,41 @@ def _verify_attention_kernel(
         l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
 
-        # ---- this split's range of the prefix (the whole prefix when there is one split).
         lo = split * split_len
-        hi = tl.minimum(lo + split_len, cache_len)
-        acc, m_i, l_i = _prefix_range(acc, m_i, l_i, q, kc_base, vc_base, lo, hi, s_kct,
-                                      s_kcd, s_vct, s_vcd, qk_scale, HEAD_DIM, BLOCK_D,
-                                      BLOCK_N, DOT_PREC)
+        last_node = tl.minimum((pid_r * BLOCK_R + BLOCK_R - 1) // GROUP, n - 1)
+        if ALIGNED:  # ---- exact mode: this split's range of every key, by absolute slot
+            hi = tl.minimum(lo + split_len, cache_len + last_node + 1)
+            acc, m_i, l_i = _aligned_range(acc, m_i, l_i, q, node, row_ok, kc_base, vc_base,
+                                           kn_base, vn_base, anc_ptr, cache_len, n, lo, hi,
+                                           s_kct, s_kcd, s_vct, s_vcd, s_knn, s_knd, s_vnn,
+                                           s_vnd, s_an, s_aw, qk_scale, HEAD_DIM, BLOCK_D,
+                                           BLOCK_N, DOT_PREC)
+        else:  # ---- this split's range of the prefix (all of it when there is one split)
+            hi = tl.minimum(lo + split_len, cache_len)
+            acc, m_i, l_i = _prefix_range(acc, m_i, l_i, q, kc_base, vc_base, lo, hi, s_kct,
+                                          s_kcd, s_vct, s_vcd, qk_scale, HEAD_DIM, BLOCK_D,
+                                          BLOCK_N, DOT_PREC)
 
         # ---- new tokens (by the last used split, whose prefix range is the shortest),
         # masked by the ancestor bits; node i only sees j <= i.
-        if split == used - 1:
-            last_node = tl.minimum((pid_r * BLOCK_R + BLOCK_R - 1) // GROUP, n - 1)
-            for start in range(0, last_node + 1, BLOCK_N):
-                j = start + offs_j
-                j_ok = j < n
-                jm = j_ok[:, None] & d_ok[None, :]
-                k = tl.load(kn_base + j[:, None] * s_knn + offs_d[None, :] * s_knd, mask=jm,
-                            other=0.0)
-                v = tl.load(vn_base + j[:, None] * s_vnn + offs_d[None, :] * s_vnd, mask=jm,
-                            other=0.0)
-                words = tl.load(
-                    anc_ptr + node[:, None] * s_an + (j // 32)[None, :] * s_aw,
-                    mask=row_ok[:, None] & j_ok[None, :],
-                    other=0,
-                )
-                bit = (words >> (j % 32)[None, :]) & 1
-                acc, m_i, l_i = _online_block(acc, m_i, l_i, q, k, v, bit != 0, qk_scale,
-                                              DOT_PREC)
+        if not ALIGNED:  # (exact mode took the new tokens above)
+            if split == used - 1:
+                for start in range(0, last_node + 1, BLOCK_N):
+                    j = start + offs_j
+                    j_ok = j < n
+                    jm = j_ok[:, None] & d_ok[None, :]
+                    k = tl.load(kn_base + j[:, None] * s_knn + offs_d[None, :] * s_knd, mask=jm,
+                                other=0.0)
+                    v = tl.load(vn_base + j[:, None] * s_vnn + offs_d[None, :] * s_vnd, mask=jm,
+                                other=0.0)
+                    words = tl.load(
+                        anc_ptr + node[:, None] * s_an + (j // 32)[None, :] * s_aw,
+                        mask=row_ok[:, None] & j_ok[None, :],
+                        other=0,
+                    )
+                    bit = (words >> (j % 32)[None, :]) & 1
+                    acc, m_i, l_i = _online_block(acc, m_i, l_i, q, k, v, bit != 0, qk_scale,
+                                                  DOT_PREC)
 
         o_ptrs = (out_ptr + split * s_os + node[:, None] * s_on + head[:, None] * s_oh
                   + offs_d[None, :] * s_od)
@@ -278,14 +335,17 @@ def _combine_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     LEN_PTR: tl.constexpr,
+    ALIGNED: tl.constexpr = False,
 ):
     """Merge the used splits' ``(m, l, acc)`` rows in split order: a fixed order, so a row's
-    result is deterministic and independent of ``n`` and of the other rows."""
+    result is deterministic and independent of ``n`` and of the other rows. (A split that
+    saw none of a row's keys holds ``m = -1e30, l = 0, acc = 0``: merging it scales by
+    exactly 1 and adds exact zeros.)"""
     pid_r = tl.program_id(0)
     kvh = tl.program_id(1)
     if LEN_PTR:
         cache_len = tl.load(cache_len).to(tl.int32)
-    _, used = _split_layout(cache_len, num_splits, min_split, BLOCK_N)
+    _, used = _split_layout(cache_len, n, num_splits, min_split, BLOCK_N, ALIGNED)
     offs_d = tl.arange(0, BLOCK_D)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     node = rows // GROUP
@@ -339,6 +399,7 @@ def verify_attention(
     block_n: int | None = None,
     num_splits: int | None = None,
     min_split: int = MIN_SPLIT_KEYS,
+    aligned: bool = False,
 ) -> torch.Tensor:
     """Triton twin of :func:`pipespec_fast.reference.verify_attention` (one launch, two with a
     split over the prefix).
@@ -352,6 +413,10 @@ def verify_attention(
     SM count: tests pass it), ``min_split`` the shortest split. Arguments are validated by
     :func:`pipespec_fast.ops.verify_attention`. No host synchronisation: every size is a host
     int taken from shapes.
+
+    ``aligned`` (exact mode, ``ops.verify_attention_static``): keys in tiles and splits at
+    absolute slots (:func:`_aligned_range`), the split count from shapes alone, so a chain
+    row's result is the same bits wherever its block starts and however long it is.
     """
     n, n_heads, head_dim = q.shape
     kv_heads = k_cache.shape[0]
@@ -364,13 +429,17 @@ def verify_attention(
     len_ptr = isinstance(cache_len, torch.Tensor)
     cl = cache_len if len_ptr else int(cache_len)
     block_r, block_d, block_n = _tile_sizes(n * group, head_dim, block_r, block_n)
-    if num_splits is None:
+    if num_splits is None and aligned:  # from shapes alone, whatever n and cache_len
+        num_splits = kv_splits(1, kv_heads, k_cache.shape[1], _sm_count(q.device), min_split)
+    elif num_splits is None:
         num_splits = _auto_splits(n, kv_heads, k_cache.shape[1], q.device, cl, min_split)
+    if aligned:  # the ranges' fixed length, passed where the kernels take min_split
+        min_split = aligned_split_len(k_cache.shape[1], num_splits, block_n, min_split)
     split = num_splits > 1
     row_blocks = triton.cdiv(n * group, block_r)
     part, ml, part_strides, ml_strides = _partials(out, num_splits)
     tiles = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_r,
-                 BLOCK_N=block_n, LEN_PTR=len_ptr)
+                 BLOCK_N=block_n, LEN_PTR=len_ptr, ALIGNED=aligned)
     _verify_attention_kernel[(row_blocks, kv_heads, num_splits)](
         q, k_new, v_new, k_cache, v_cache, anc_bits, part, ml,
         n, cl, num_splits, min_split, float(scale) * _LOG2E,
@@ -385,6 +454,15 @@ def verify_attention(
             *out.stride(), num_warps=4, **dict(tiles, BLOCK_R=COMBINE_ROWS),
         )
     return out
+
+
+def aligned_split_len(max_len: int, num_splits: int, block_n: int, min_split: int) -> int:
+    """The keys of one split in aligned mode: ``max_len`` cut into ``num_splits`` ranges (at
+    least ``min_split`` keys, a multiple of ``block_n``), fixed by shapes, so a key's split
+    depends on its slot alone. Short contexts use the first splits only (the price of
+    exactness: less parallelism than the default layout, which cuts the used prefix)."""
+    per = max(triton.cdiv(max_len, num_splits), min_split)
+    return triton.cdiv(per, block_n) * block_n
 
 
 def _auto_splits(n: int, kv_heads: int, max_len: int, device: torch.device,

@@ -53,7 +53,7 @@ def buckets(max_n: int = MAX_N) -> tuple[int, ...]:
 
 def static_step(model, tokens: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor,
                 cache_len: torch.Tensor, n_valid: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor) -> torch.Tensor:
+                v: torch.Tensor, aligned: bool = False) -> torch.Tensor:
     """One forward of a block of ``B`` tokens whose shapes are all fixed by ``B``.
 
     Args:
@@ -65,6 +65,8 @@ def static_step(model, tokens: torch.Tensor, depths: torch.Tensor, bits: torch.T
         n_valid: 0-d int32 tensor on the device: the real rows (the rest are padding).
         k, v: the cache's ``[n_layers, kv_heads, max_len, head_dim]`` storage; slots
             ``[cache_len, cache_len + B)`` are written.
+        aligned: exact mode's attention (``ops.verify_attention_static``): a chain row's
+            bits depend on neither the block's start nor its length.
 
     Returns ``[B, vocab_size]`` fp32 logits. Nothing here reads a tensor's value on the host
     or branches on one, so the step can be captured as a CUDA graph and traced whole by
@@ -74,7 +76,7 @@ def static_step(model, tokens: torch.Tensor, depths: torch.Tensor, bits: torch.T
     rows = tokens if model.vocab is None else model.vocab.embedding_rows(tokens)
     x = model.tok_embeddings(rows)
     for i, layer in enumerate(model.layers):
-        x = layer(x, cos, sin, k[i], v[i], (cache_len, n_valid), bits)
+        x = layer(x, cos, sin, k[i], v[i], (cache_len, n_valid, aligned), bits)
     return model.head(x)
 
 
@@ -235,7 +237,7 @@ class StaticSteps:
             if out is not None:
                 return out
         return static_step(self.model, b.tokens, b.depths, b.bits, self.length, self.valid,
-                           c.k, c.v)
+                           c.k, c.v, aligned=self.exact)
 
     def _run(self, b: _Bucket) -> torch.Tensor:
         if b.graph is None:

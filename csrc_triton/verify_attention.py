@@ -133,17 +133,16 @@ def _aligned_range(acc, m_i, l_i, q, node, row_ok, kc_base, vc_base, kn_base, vn
         in_c = t < cache_len
         in_n = (t >= cache_len) & (t < cache_len + n)
         j = tl.where(in_n, t - cache_len, 0)  # the new token's index (0 where not one)
-        cm = in_c[:, None] & d_ok[None, :]
-        nm = in_n[:, None] & d_ok[None, :]
-        t64 = t.to(tl.int64)
-        k = tl.where(cm, tl.load(kc_base + t64[:, None] * s_kct + offs_d[None, :] * s_kcd,
-                                 mask=cm, other=0.0),
-                     tl.load(kn_base + j[:, None] * s_knn + offs_d[None, :] * s_knd, mask=nm,
-                             other=0.0).to(kc_base.dtype.element_ty))
-        v = tl.where(cm, tl.load(vc_base + t64[:, None] * s_vct + offs_d[None, :] * s_vcd,
-                                 mask=cm, other=0.0),
-                     tl.load(vn_base + j[:, None] * s_vnn + offs_d[None, :] * s_vnd, mask=nm,
-                             other=0.0).to(vc_base.dtype.element_ty))
+        # one load per tile: each lane's pointer into the cache or into k_new / v_new (one
+        # dtype: ops validates it), masked where the lane holds no key
+        tc = tl.where(in_c, t, 0).to(tl.int64)[:, None]
+        lane = ((in_c | in_n)[:, None]) & d_ok[None, :]
+        k = tl.load(tl.where(in_c[:, None], kc_base + tc * s_kct + offs_d[None, :] * s_kcd,
+                             kn_base + j[:, None] * s_knn + offs_d[None, :] * s_knd),
+                    mask=lane, other=0.0)
+        v = tl.load(tl.where(in_c[:, None], vc_base + tc * s_vct + offs_d[None, :] * s_vcd,
+                             vn_base + j[:, None] * s_vnn + offs_d[None, :] * s_vnd),
+                    mask=lane, other=0.0)
         words = tl.load(anc_ptr + node[:, None] * s_an + (j // 32)[None, :] * s_aw,
                         mask=row_ok[:, None] & in_n[None, :], other=0)
         bit = (words >> (j % 32)[None, :]) & 1

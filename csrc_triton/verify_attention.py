@@ -28,6 +28,11 @@ Per program:
   program's last node are visited (a node only sees itself and its ancestors, which have
   smaller indices).
 
+Exact mode (``ALIGNED``, :func:`_aligned_range`) replaces the last two passes by one walk over
+every key of the program's range by absolute slot (prefix lanes from the cache, the block's
+lanes from ``k_new``/``v_new``), with split ranges at fixed slots, so a chain row gets the
+same bits whatever block it is verified in (docs/KERNELS.md, "GPU numerics").
+
 The running max starts at a finite ``-1e30`` so a row whose current block is fully masked
 contributes ``exp2(-inf) = 0`` instead of ``NaN``; every real row sees at least itself, so its
 final sum is positive. fp32 ``tl.dot`` uses ``input_precision="ieee"``; fp16/bf16 inputs use
@@ -400,8 +405,7 @@ def verify_attention(
     min_split: int = MIN_SPLIT_KEYS,
     aligned: bool = False,
 ) -> torch.Tensor:
-    """Triton twin of :func:`pipespec_fast.reference.verify_attention` (one launch, two with a
-    split over the prefix).
+    """Triton twin of :func:`pipespec_fast.reference.verify_attention` (two launches if split).
 
     ``cache_len`` is a host int or a 0-d int32 tensor on ``q``'s device, read by the kernels
     (what CUDA-graph capture needs: the launch then does not depend on its value). Neither
@@ -411,11 +415,7 @@ def verify_attention(
     ``>= 16``), for tests. ``num_splits`` overrides :func:`kv_splits` (the interpreter has no
     SM count: tests pass it), ``min_split`` the shortest split. Arguments are validated by
     :func:`pipespec_fast.ops.verify_attention`. No host synchronisation: every size is a host
-    int taken from shapes.
-
-    ``aligned`` (exact mode, ``ops.verify_attention_static``): keys in tiles and splits at
-    absolute slots (:func:`_aligned_range`), the split count from shapes alone, so a chain
-    row's result is the same bits wherever its block starts and however long it is.
+    int taken from shapes. ``aligned``: exact mode's layout (:func:`_aligned_range`).
     """
     n, n_heads, head_dim = q.shape
     kv_heads = k_cache.shape[0]
@@ -428,12 +428,8 @@ def verify_attention(
     len_ptr = isinstance(cache_len, torch.Tensor)
     cl = cache_len if len_ptr else int(cache_len)
     block_r, block_d, block_n = _tile_sizes(n * group, head_dim, block_r, block_n)
-    if num_splits is None and aligned:  # from shapes alone, whatever n and cache_len
-        num_splits = kv_splits(1, kv_heads, k_cache.shape[1], _sm_count(q.device), min_split)
-    elif num_splits is None:
-        num_splits = _auto_splits(n, kv_heads, k_cache.shape[1], q.device, cl, min_split)
-    if aligned:  # the ranges' fixed length, passed where the kernels take min_split
-        min_split = aligned_split_len(k_cache.shape[1], num_splits, block_n, min_split)
+    num_splits, min_split = _split_plan(n, kv_heads, k_cache.shape[1], q.device, cl,
+                                        num_splits, min_split, block_n, aligned)
     split = num_splits > 1
     row_blocks = triton.cdiv(n * group, block_r)
     part, ml, part_strides, ml_strides = _partials(out, num_splits)
@@ -453,6 +449,21 @@ def verify_attention(
             *out.stride(), num_warps=4, **dict(tiles, BLOCK_R=COMBINE_ROWS),
         )
     return out
+
+
+def _split_plan(n: int, kv_heads: int, max_len: int, device: torch.device,
+                cache_len: int | torch.Tensor, num_splits: int | None, min_split: int,
+                block_n: int, aligned: bool) -> tuple[int, int]:
+    """``(num_splits, min_split)`` for a launch: ``num_splits`` as given, else
+    :func:`_auto_splits`; aligned, the count from shapes alone (whatever ``n`` and the cache
+    length) and, in ``min_split``'s place, the ranges' fixed length."""
+    if aligned:
+        if num_splits is None:
+            num_splits = kv_splits(1, kv_heads, max_len, _sm_count(device), min_split)
+        return num_splits, aligned_split_len(max_len, num_splits, block_n, min_split)
+    if num_splits is None:
+        num_splits = _auto_splits(n, kv_heads, max_len, device, cache_len, min_split)
+    return num_splits, min_split
 
 
 def aligned_split_len(max_len: int, num_splits: int, block_n: int, min_split: int) -> int:

@@ -152,6 +152,16 @@ def test_the_setting_turns_it_on_for_every_model_stage(configure):
     assert LlamaStage(model("fused"), max_len=64).steps is None
 
 
+def test_exact_mode_refuses_trees_on_cuda_only(monkeypatch):
+    """On CUDA a tree's attention is not batch invariant (masked siblings between a node's
+    ancestors), so an exact CUDA stage offers no trees; a CPU one does (checked above)."""
+    stage = LlamaStage(model("fused"), max_len=64, exact=True)
+    assert stage.capabilities.trees
+    monkeypatch.setattr(LlamaStage, "device", property(lambda self: torch.device("cuda")))
+    assert not stage.capabilities.trees
+    assert LlamaStage(model("fused"), max_len=64).capabilities.trees  # not exact: trees
+
+
 def test_torch_layers_differ_without_exact_mode():
     """Why the mode exists: the torch layers' block forward differs from decoding alone in
     some row (their attention rounds a block's softmax differently)."""

@@ -2,7 +2,8 @@
 
 Checks the compiled Triton kernels against the torch references (chains and trees;
 SmolLM2-, Llama-3-8B- and 70B-shaped heads; fp32, fp16, bf16), greedy equality of pipespec /
-sync / ar with random-weight models of realistic shapes, the stochastic kernel's output
+sync / ar with random-weight models of realistic shapes (and, bit for bit, in exact mode:
+``gpu_check_exact.py``), the stochastic kernel's output
 distribution (chi-square), and measures attention against ``scaled_dot_product_attention``
 (with the share of measured memory bandwidth), acceptance latency, forward time (device and
 host enqueue) and tokens/s per mode.
@@ -30,12 +31,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "results" / "gpu_check.json"
-# Seconds per section, in run order: 430 s in all, under the 8-minute goal with start-up.
+# Seconds per section, in run order: 460 s in all, under the 8-minute goal with start-up.
 BUDGETS = {"kernels": 150, "sampling": 25, "models": 90, "kernel_benchmarks": 60,
-           "model_benchmarks": 105}
+           "model_benchmarks": 105, "exact": 30}
 # Budgets are checked between checks; a check that hangs (a deadlocked pipeline) is caught by
 # this watchdog instead, so the run still ends inside 8 minutes with its JSON written.
-DEADLINE_S = 460
+DEADLINE_S = 470
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,6 +87,7 @@ def summary(sections: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    import gpu_check_exact as exact
     import gpu_check_kernels as kernels
     import gpu_check_models as models
     import torch
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace) -> dict:
               "sections": {}}
     plan = [("kernels", kernels.kernel_checks), ("sampling", _sampling(kernels)),
             ("models", models.model_checks), ("kernel_benchmarks", kernels.kernel_benchmarks),
-            ("model_benchmarks", models.model_benchmarks)]
+            ("model_benchmarks", models.model_benchmarks), ("exact", exact.exact_checks)]
     t0 = time.perf_counter()
     live: dict = {}
     watchdog = threading.Timer(args.deadline, _abort, (args, report, live))

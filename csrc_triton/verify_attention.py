@@ -28,6 +28,11 @@ Per program:
   program's last node are visited (a node only sees itself and its ancestors, which have
   smaller indices).
 
+Exact mode (``ALIGNED``, :func:`_aligned_range`) replaces the last two passes by one walk over
+every key of the program's range by absolute slot (prefix lanes from the cache, the block's
+lanes from ``k_new``/``v_new``), with split ranges at fixed slots, so a chain row gets the
+same bits whatever block it is verified in (docs/KERNELS.md, "GPU numerics").
+
 The running max starts at a finite ``-1e30`` so a row whose current block is fully masked
 contributes ``exp2(-inf) = 0`` instead of ``NaN``; every real row sees at least itself, so its
 final sum is positive. fp32 ``tl.dot`` uses ``input_precision="ieee"``; fp16/bf16 inputs use
@@ -93,15 +98,62 @@ def _prefix_range(acc, m_i, l_i, q, kc_base, vc_base, lo, hi, s_kct, s_kcd, s_vc
 
 
 @triton.jit
-def _split_layout(cache_len, num_splits, min_split, BLOCK_N: tl.constexpr):
+def _split_layout(cache_len, n, num_splits, min_split, BLOCK_N: tl.constexpr,
+                  ALIGNED: tl.constexpr):
     """``(split_len, used)``: the prefix is cut into ``used`` ranges of ``split_len`` keys (a
     multiple of ``BLOCK_N``, at least ``min_split``), the last one shorter. A pure function of
     ``cache_len`` and the launch's fixed ``num_splits`` / ``min_split``: the split kernel and
-    the combine compute the same layout, and no row's layout depends on ``n``."""
-    per = tl.maximum(tl.cdiv(cache_len, num_splits), min_split)
-    split_len = tl.cdiv(per, BLOCK_N) * BLOCK_N
-    used = tl.maximum(tl.cdiv(cache_len, split_len), 1)
+    the combine compute the same layout, and no row's layout depends on ``n``.
+
+    ``ALIGNED``: the ranges cut every key of the block, prefix and new tokens alike, at the
+    fixed multiples of ``min_split`` (the host's :func:`aligned_split_len`), so a key's range
+    depends only on its slot."""
+    if ALIGNED:
+        split_len = min_split
+        used = tl.maximum(tl.cdiv(cache_len + n, split_len), 1)
+    else:
+        per = tl.maximum(tl.cdiv(cache_len, num_splits), min_split)
+        split_len = tl.cdiv(per, BLOCK_N) * BLOCK_N
+        used = tl.maximum(tl.cdiv(cache_len, split_len), 1)
     return split_len, used
+
+
+@triton.jit
+def _aligned_range(acc, m_i, l_i, q, node, row_ok, kc_base, vc_base, kn_base, vn_base,
+                   anc_ptr, cache_len, n, lo, hi, s_kct, s_kcd, s_vct, s_vcd, s_knn, s_knd,
+                   s_vnn, s_vnd, s_an, s_aw, qk_scale, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Keys ``[lo, hi)`` by absolute slot (exact mode): tiles start at multiples of
+    ``BLOCK_N`` of the slot, a lane below ``cache_len`` reads the cache and one above reads
+    ``k_new``/``v_new``, and every tile is masked (prefix: visible; new: ancestor bits). A row
+    then meets each of its keys in the same lane of the same tile whether it is decoded alone
+    or verified anywhere in a chain, and a tile past its last key changes nothing (its
+    weights are exact zeros, its rescale factor exactly 1), so its bits cannot depend on the
+    block. (A tree's row meets masked siblings between its ancestors: not invariant.)"""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_j = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        t = start + offs_j
+        in_c = t < cache_len
+        in_n = (t >= cache_len) & (t < cache_len + n)
+        j = tl.where(in_n, t - cache_len, 0)  # the new token's index (0 where not one)
+        # one load per tile: each lane's pointer into the cache or into k_new / v_new (one
+        # dtype: ops validates it), masked where the lane holds no key
+        tc = tl.where(in_c, t, 0).to(tl.int64)[:, None]
+        lane = ((in_c | in_n)[:, None]) & d_ok[None, :]
+        k = tl.load(tl.where(in_c[:, None], kc_base + tc * s_kct + offs_d[None, :] * s_kcd,
+                             kn_base + j[:, None] * s_knn + offs_d[None, :] * s_knd),
+                    mask=lane, other=0.0)
+        v = tl.load(tl.where(in_c[:, None], vc_base + tc * s_vct + offs_d[None, :] * s_vcd,
+                             vn_base + j[:, None] * s_vnn + offs_d[None, :] * s_vnd),
+                    mask=lane, other=0.0)
+        words = tl.load(anc_ptr + node[:, None] * s_an + (j // 32)[None, :] * s_aw,
+                        mask=row_ok[:, None] & in_n[None, :], other=0)
+        bit = (words >> (j % 32)[None, :]) & 1
+        seen = in_c[None, :] | (in_n[None, :] & (bit != 0))
+        acc, m_i, l_i = _online_block(acc, m_i, l_i, q, k, v, seen, qk_scale, DOT_PREC)
+    return acc, m_i, l_i
 
 
 # 46 of its lines are the signature: a base pointer and its strides per tensor, so any layout
@@ -158,6 +210,7 @@ def _verify_attention_kernel(
     DOT_PREC: tl.constexpr,
     LEN_PTR: tl.constexpr,
     SPLIT: tl.constexpr,
+    ALIGNED: tl.constexpr = False,
 ):
     pid_r = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -193,7 +246,7 @@ def _verify_attention_kernel(
                 mask=jm,
             )
 
-    split_len, used = _split_layout(cache_len, num_splits, min_split, BLOCK_N)
+    split_len, used = _split_layout(cache_len, n, num_splits, min_split, BLOCK_N, ALIGNED)
     if split < used:
         # ---- this program's query rows: (node, g) flattened, query head kvh * GROUP + g.
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -210,33 +263,41 @@ def _verify_attention_kernel(
         l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
 
-        # ---- this split's range of the prefix (the whole prefix when there is one split).
         lo = split * split_len
-        hi = tl.minimum(lo + split_len, cache_len)
-        acc, m_i, l_i = _prefix_range(acc, m_i, l_i, q, kc_base, vc_base, lo, hi, s_kct,
-                                      s_kcd, s_vct, s_vcd, qk_scale, HEAD_DIM, BLOCK_D,
-                                      BLOCK_N, DOT_PREC)
+        last_node = tl.minimum((pid_r * BLOCK_R + BLOCK_R - 1) // GROUP, n - 1)
+        if ALIGNED:  # ---- exact mode: this split's range of every key, by absolute slot
+            hi = tl.minimum(lo + split_len, cache_len + last_node + 1)
+            acc, m_i, l_i = _aligned_range(acc, m_i, l_i, q, node, row_ok, kc_base, vc_base,
+                                           kn_base, vn_base, anc_ptr, cache_len, n, lo, hi,
+                                           s_kct, s_kcd, s_vct, s_vcd, s_knn, s_knd, s_vnn,
+                                           s_vnd, s_an, s_aw, qk_scale, HEAD_DIM, BLOCK_D,
+                                           BLOCK_N, DOT_PREC)
+        else:  # ---- this split's range of the prefix (all of it when there is one split)
+            hi = tl.minimum(lo + split_len, cache_len)
+            acc, m_i, l_i = _prefix_range(acc, m_i, l_i, q, kc_base, vc_base, lo, hi, s_kct,
+                                          s_kcd, s_vct, s_vcd, qk_scale, HEAD_DIM, BLOCK_D,
+                                          BLOCK_N, DOT_PREC)
 
         # ---- new tokens (by the last used split, whose prefix range is the shortest),
         # masked by the ancestor bits; node i only sees j <= i.
-        if split == used - 1:
-            last_node = tl.minimum((pid_r * BLOCK_R + BLOCK_R - 1) // GROUP, n - 1)
-            for start in range(0, last_node + 1, BLOCK_N):
-                j = start + offs_j
-                j_ok = j < n
-                jm = j_ok[:, None] & d_ok[None, :]
-                k = tl.load(kn_base + j[:, None] * s_knn + offs_d[None, :] * s_knd, mask=jm,
-                            other=0.0)
-                v = tl.load(vn_base + j[:, None] * s_vnn + offs_d[None, :] * s_vnd, mask=jm,
-                            other=0.0)
-                words = tl.load(
-                    anc_ptr + node[:, None] * s_an + (j // 32)[None, :] * s_aw,
-                    mask=row_ok[:, None] & j_ok[None, :],
-                    other=0,
-                )
-                bit = (words >> (j % 32)[None, :]) & 1
-                acc, m_i, l_i = _online_block(acc, m_i, l_i, q, k, v, bit != 0, qk_scale,
-                                              DOT_PREC)
+        if not ALIGNED:  # (exact mode took the new tokens above)
+            if split == used - 1:
+                for start in range(0, last_node + 1, BLOCK_N):
+                    j = start + offs_j
+                    j_ok = j < n
+                    jm = j_ok[:, None] & d_ok[None, :]
+                    k = tl.load(kn_base + j[:, None] * s_knn + offs_d[None, :] * s_knd, mask=jm,
+                                other=0.0)
+                    v = tl.load(vn_base + j[:, None] * s_vnn + offs_d[None, :] * s_vnd, mask=jm,
+                                other=0.0)
+                    words = tl.load(
+                        anc_ptr + node[:, None] * s_an + (j // 32)[None, :] * s_aw,
+                        mask=row_ok[:, None] & j_ok[None, :],
+                        other=0,
+                    )
+                    bit = (words >> (j % 32)[None, :]) & 1
+                    acc, m_i, l_i = _online_block(acc, m_i, l_i, q, k, v, bit != 0, qk_scale,
+                                                  DOT_PREC)
 
         o_ptrs = (out_ptr + split * s_os + node[:, None] * s_on + head[:, None] * s_oh
                   + offs_d[None, :] * s_od)
@@ -278,14 +339,17 @@ def _combine_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     LEN_PTR: tl.constexpr,
+    ALIGNED: tl.constexpr = False,
 ):
     """Merge the used splits' ``(m, l, acc)`` rows in split order: a fixed order, so a row's
-    result is deterministic and independent of ``n`` and of the other rows."""
+    result is deterministic and independent of ``n`` and of the other rows. (A split that
+    saw none of a row's keys holds ``m = -1e30, l = 0, acc = 0``: merging it scales by
+    exactly 1 and adds exact zeros.)"""
     pid_r = tl.program_id(0)
     kvh = tl.program_id(1)
     if LEN_PTR:
         cache_len = tl.load(cache_len).to(tl.int32)
-    _, used = _split_layout(cache_len, num_splits, min_split, BLOCK_N)
+    _, used = _split_layout(cache_len, n, num_splits, min_split, BLOCK_N, ALIGNED)
     offs_d = tl.arange(0, BLOCK_D)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     node = rows // GROUP
@@ -339,9 +403,9 @@ def verify_attention(
     block_n: int | None = None,
     num_splits: int | None = None,
     min_split: int = MIN_SPLIT_KEYS,
+    aligned: bool = False,
 ) -> torch.Tensor:
-    """Triton twin of :func:`pipespec_fast.reference.verify_attention` (one launch, two with a
-    split over the prefix).
+    """Triton twin of :func:`pipespec_fast.reference.verify_attention` (two launches if split).
 
     ``cache_len`` is a host int or a 0-d int32 tensor on ``q``'s device, read by the kernels
     (what CUDA-graph capture needs: the launch then does not depend on its value). Neither
@@ -351,7 +415,7 @@ def verify_attention(
     ``>= 16``), for tests. ``num_splits`` overrides :func:`kv_splits` (the interpreter has no
     SM count: tests pass it), ``min_split`` the shortest split. Arguments are validated by
     :func:`pipespec_fast.ops.verify_attention`. No host synchronisation: every size is a host
-    int taken from shapes.
+    int taken from shapes. ``aligned``: exact mode's layout (:func:`_aligned_range`).
     """
     n, n_heads, head_dim = q.shape
     kv_heads = k_cache.shape[0]
@@ -364,13 +428,13 @@ def verify_attention(
     len_ptr = isinstance(cache_len, torch.Tensor)
     cl = cache_len if len_ptr else int(cache_len)
     block_r, block_d, block_n = _tile_sizes(n * group, head_dim, block_r, block_n)
-    if num_splits is None:
-        num_splits = _auto_splits(n, kv_heads, k_cache.shape[1], q.device, cl, min_split)
+    num_splits, min_split = _split_plan(n, kv_heads, k_cache.shape[1], q.device, cl,
+                                        num_splits, min_split, block_n, aligned)
     split = num_splits > 1
     row_blocks = triton.cdiv(n * group, block_r)
     part, ml, part_strides, ml_strides = _partials(out, num_splits)
     tiles = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_r,
-                 BLOCK_N=block_n, LEN_PTR=len_ptr)
+                 BLOCK_N=block_n, LEN_PTR=len_ptr, ALIGNED=aligned)
     _verify_attention_kernel[(row_blocks, kv_heads, num_splits)](
         q, k_new, v_new, k_cache, v_cache, anc_bits, part, ml,
         n, cl, num_splits, min_split, float(scale) * _LOG2E,
@@ -385,6 +449,30 @@ def verify_attention(
             *out.stride(), num_warps=4, **dict(tiles, BLOCK_R=COMBINE_ROWS),
         )
     return out
+
+
+def _split_plan(n: int, kv_heads: int, max_len: int, device: torch.device,
+                cache_len: int | torch.Tensor, num_splits: int | None, min_split: int,
+                block_n: int, aligned: bool) -> tuple[int, int]:
+    """``(num_splits, min_split)`` for a launch: ``num_splits`` as given, else
+    :func:`_auto_splits`; aligned, the count from shapes alone (whatever ``n`` and the cache
+    length) and, in ``min_split``'s place, the ranges' fixed length."""
+    if aligned:
+        if num_splits is None:
+            num_splits = kv_splits(1, kv_heads, max_len, _sm_count(device), min_split)
+        return num_splits, aligned_split_len(max_len, num_splits, block_n, min_split)
+    if num_splits is None:
+        num_splits = _auto_splits(n, kv_heads, max_len, device, cache_len, min_split)
+    return num_splits, min_split
+
+
+def aligned_split_len(max_len: int, num_splits: int, block_n: int, min_split: int) -> int:
+    """The keys of one split in aligned mode: ``max_len`` cut into ``num_splits`` ranges (at
+    least ``min_split`` keys, a multiple of ``block_n``), fixed by shapes, so a key's split
+    depends on its slot alone. Short contexts use the first splits only (the price of
+    exactness: less parallelism than the default layout, which cuts the used prefix)."""
+    per = max(triton.cdiv(max_len, num_splits), min_split)
+    return triton.cdiv(per, block_n) * block_n
 
 
 def _auto_splits(n: int, kv_heads: int, max_len: int, device: torch.device,

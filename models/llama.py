@@ -171,18 +171,19 @@ class Attention(nn.Module):
         self.wo = Linear(self.q_out, cfg.dim)
 
     def forward(self, x, cos, sin, k_cache, v_cache, cache_len, anc_bits):
-        """``cache_len``: the cached slots, an int; or a captured step's ``(length, n_valid)``,
-        0-d int tensors on the device (``decoding/captured.py``: rows from ``n_valid`` on are
-        padding)."""
+        """``cache_len``: the cached slots, an int; or a captured step's ``(length, n_valid,
+        aligned)``: 0-d int tensors on the device (``decoding/captured.py``: rows from
+        ``n_valid`` on are padding) and exact mode's flag (``ops.verify_attention_static``)."""
         n = x.shape[0]
         qkv = self.wqkv(x)
         q = qkv[:, : self.q_out].view(n, self.n_heads, self.head_dim)
         k = qkv[:, self.q_out : self.q_out + self.kv_out].view(n, self.n_kv, self.head_dim)
         v = qkv[:, self.q_out + self.kv_out :].view(n, self.n_kv, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if isinstance(cache_len, tuple):  # a captured step's (length, real rows) on device
-            out = torch.ops.pipespec.verify_attention_static(q, k, v, k_cache, v_cache,
-                                                             cache_len[0], anc_bits, cache_len[1])
+        if isinstance(cache_len, tuple):  # a captured step's (length, real rows, aligned)
+            length, n_valid, aligned = cache_len
+            out = torch.ops.pipespec.verify_attention_static(q, k, v, k_cache, v_cache, length,
+                                                             anc_bits, n_valid, aligned=aligned)
         else:
             out = ops.verify_attention(q, k, v, k_cache, v_cache, cache_len, anc_bits)
         return self.wo(out.reshape(n, self.q_out))

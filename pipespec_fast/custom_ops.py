@@ -11,8 +11,10 @@ Importing this module registers::
         # pick this overload for a tensor by themselves; code traced by torch.compile must
         # name it (dynamo tries the int overload first and fails on the tensor).
     torch.ops.pipespec.verify_attention_static(q, k_new, v_new, k_cache, v_cache, cache_len,
-                                               anc_bits, n_valid, scale=None) -> Tensor
-        # the same on a captured step's padded block: cache_len and n_valid 0-d int tensors
+                                               anc_bits, n_valid, scale=None,
+                                               aligned=False) -> Tensor
+        # the same on a captured step's padded block: cache_len and n_valid 0-d int tensors;
+        # aligned: exact mode's row-invariant form
     torch.ops.pipespec.linear(x, w) -> Tensor   # x @ w.T as the model computes it on CPU
     torch.ops.pipespec.kv_compact(k_cache, v_cache, src, dst_start) -> ()  # mutates both caches
     torch.ops.pipespec.greedy_accept(draft_tokens, parents, target_ids) -> (Tensor, Tensor, Tensor)
@@ -95,18 +97,19 @@ def verify_attention_static(
     anc_bits: torch.Tensor,
     n_valid: torch.Tensor,
     scale: float | None = None,
+    aligned: bool = False,
 ) -> torch.Tensor:
     """:func:`pipespec_fast.ops.verify_attention_static`: the length and the real rows as
     device tensors, so a captured step's shapes and arguments are the same at every length
-    and block size of its bucket (``decoding/captured.py``)."""
+    and block size of its bucket (``decoding/captured.py``); ``aligned``: exact mode's."""
     out = ops.verify_attention_static(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits,
-                                      n_valid, scale)
+                                      n_valid, scale, aligned)
     return out.contiguous()
 
 
 @verify_attention_static.register_fake
 def _verify_attention_static_fake(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits,
-                                  n_valid, scale=None):
+                                  n_valid, scale=None, aligned=False):
     return _attention_out(q)
 
 

@@ -29,11 +29,11 @@ def backend_for(t: torch.Tensor) -> str:
 _INTERPRETER_LOCK = threading.Lock()
 
 
-def _run_triton(kernel, *args):
+def _run_triton(kernel, *args, **kwargs):
     if config.current().triton_interpret:
         with _INTERPRETER_LOCK:
-            return kernel(*args)
-    return kernel(*args)
+            return kernel(*args, **kwargs)
+    return kernel(*args, **kwargs)
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -120,11 +120,14 @@ def verify_attention(
     cache_len: int | torch.Tensor,
     anc_bits: torch.Tensor,
     scale: float | None = None,
+    *,
+    aligned: bool = False,
 ) -> torch.Tensor:
     """See :func:`pipespec_fast.reference.verify_attention`. ``cache_len`` is a host int or a
     0-d int32 tensor on ``q``'s device (the form CUDA-graph capture needs: the Triton kernels
     read it on the device, so neither the launch nor a compiled variant depends on its
-    value; docs/KERNELS.md)."""
+    value; docs/KERNELS.md). ``aligned``: exact mode's row-invariant form
+    (:func:`verify_attention_static`)."""
     sig = (q.shape, q.dtype, q.device, k_new.shape, k_new.dtype, k_new.device, v_new.shape,
            v_new.dtype, v_new.device, k_cache.shape, k_cache.dtype, k_cache.device,
            v_cache.shape, v_cache.dtype, v_cache.device, anc_bits.shape, anc_bits.dtype,
@@ -140,7 +143,11 @@ def verify_attention(
         if len(_VALID_ATTENTION_SIGS) < 4096:
             _VALID_ATTENTION_SIGS.add(sig)
     if backend_for(q) == "triton":
-        return _attention_triton(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale)
+        return _attention_triton(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale,
+                                 aligned)
+    if aligned:
+        return reference.verify_attention_aligned(q, k_new, v_new, k_cache, v_cache,
+                                                  int(cache_len), anc_bits, scale)
     return reference.verify_attention(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits,
                                       scale)
 
@@ -148,7 +155,8 @@ def verify_attention(
 def verify_attention_static(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                             k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cache_len: torch.Tensor, anc_bits: torch.Tensor,
-                            n_valid: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+                            n_valid: torch.Tensor, scale: float | None = None,
+                            aligned: bool = False) -> torch.Tensor:
     """:func:`verify_attention` on a captured step's block (``decoding/captured.py``): the
     cache length and the number of real rows are 0-d int tensors on ``q``'s device, and the
     rows from ``n_valid`` on are padding (roots of their own, ancestor of no real row).
@@ -157,21 +165,29 @@ def verify_attention_static(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
     the padding rows out of the real ones. The reference (the CPU) reads both on the host
     (free there) and computes the real rows alone, exactly as an unpadded block, so a padded
     step's real rows are the eager forward's bit for bit: a softmax over more (masked) keys
-    can round differently. Its padding rows come out zero and write no cache slot."""
+    can round differently. Its padding rows come out zero and write no cache slot.
+
+    ``aligned`` (exact mode): a chain row's bits depend on its inputs only, never on where
+    the block starts or how long it is. The Triton kernel walks the keys in tiles and splits
+    at absolute slots (``kernels.verify_attention``); the reference computes each real row as
+    one-token decoding does (:func:`reference.verify_attention_aligned`, trees too)."""
     if backend_for(q) == "triton":
-        return verify_attention(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale)
+        return verify_attention(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale,
+                                aligned=aligned)
     n = int(n_valid)
     _check(0 <= n <= q.shape[0], "n_valid", f"{n} outside [0, {q.shape[0]}]")
     out = q.new_zeros(q.shape)
     out[:n] = verify_attention(q[:n], k_new[:n], v_new[:n], k_cache, v_cache, int(cache_len),
-                               anc_bits[:n, : (n + 31) // 32], scale)
+                               anc_bits[:n, : (n + 31) // 32], scale, aligned=aligned)
     return out
 
 
-def _attention_triton(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale):
+def _attention_triton(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale,
+                      aligned):
     from pipespec_fast.kernels.verify_attention import verify_attention as kernel
 
-    return _run_triton(kernel, q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale)
+    return _run_triton(kernel, q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits, scale,
+                       aligned=aligned)
 
 
 # ----------------------------------------------------------------------------- kv cache

@@ -152,6 +152,37 @@ def verify_attention(
     return out.reshape(n, n_heads, head_dim).to(q.dtype)
 
 
+def verify_attention_aligned(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                             k_cache: torch.Tensor, v_cache: torch.Tensor, cache_len: int,
+                             anc_bits: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """:func:`verify_attention` with every row computed exactly as one-token decoding computes
+    it once its path is in the cache (the contract of exact mode, ``decoding/captured.py``):
+    node ``i`` at depth ``d`` gets :func:`verify_attention` of its one query over the prefix and
+    its ancestors' keys at slots ``cache_len .. cache_len + d``, so its bits depend on neither
+    the block nor the node's place in it. Chain rows read the cache in place; a tree row whose
+    ancestors are not its block's first nodes reads a copy with its path compacted (slow, but
+    this is the CPU's reference: the fused C stack serves real models there)."""
+    n = q.shape[0]
+    k_cache[:, cache_len : cache_len + n] = k_new.transpose(0, 1).to(k_cache.dtype)
+    v_cache[:, cache_len : cache_len + n] = v_new.transpose(0, 1).to(v_cache.dtype)
+    out = q.new_empty(q.shape)
+    one = torch.ones((1, 1), dtype=torch.int32, device=q.device)
+    visible = unpack_bits(anc_bits, n)
+    for i in range(n):
+        path = visible[i].nonzero().flatten()  # ancestors and i, in slot order
+        d = path.shape[0] - 1
+        kc, vc = k_cache, v_cache
+        if d != i:  # not the block's first nodes: the path compacted, in a copy
+            kc, vc = torch.empty_like(k_cache), torch.empty_like(v_cache)
+            kc[:, : cache_len + d] = torch.cat([k_cache[:, :cache_len],
+                                                k_cache[:, cache_len + path[:-1]]], 1)
+            vc[:, : cache_len + d] = torch.cat([v_cache[:, :cache_len],
+                                                v_cache[:, cache_len + path[:-1]]], 1)
+        out[i : i + 1] = verify_attention(q[i : i + 1], k_new[i : i + 1], v_new[i : i + 1], kc, vc,
+                                          cache_len + d, one, scale)
+    return out
+
+
 def unpack_bits(anc_bits: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of :func:`ancestor_bits`: ``[n, words]`` int32 -> ``[n, n]`` bool."""
     j = torch.arange(n, device=anc_bits.device)

@@ -126,6 +126,23 @@ def test_dry_run_records_the_benchmark_figures(dry_run):
     assert models[f"modes/float32/ngram_oracle_a{a}"]["result"]["stages"][0] == "ngram"
 
 
+def test_dry_run_runs_the_exact_mode_checks(dry_run):
+    """The exact section runs its code; bit-identical rows are required on CUDA only (the
+    CPU's BLAS and the interpreter's dot round a row by its place: recorded here)."""
+    _, report = dry_run
+    exact = _checks(report, "exact")
+    rows = exact["exact/rows"]["result"]
+    assert rows["required"] is False and rows["captured"] is False
+    assert set(rows) >= {"chain9", "chain70", "bit_identical"}
+    greedy = exact["exact/greedy"]["result"]
+    for mode in ("sync", "pipespec"):
+        assert greedy[mode]["first_difference_from_exact_ar"] is None
+    assert greedy["sync"]["accepted"] + greedy["pipespec"]["accepted"] > 0
+    assert all(greedy["tokens_per_s"][k] > 0 for k in ("ar_default", "ar_graphs", "ar_exact"))
+    fwd = greedy["forward_one_token"]
+    assert fwd["exact"]["median_ms"] > 0 and fwd["exact_over_default"] > 0
+
+
 def test_a_failing_or_raising_check_is_recorded_and_the_run_goes_on():
     sec = Section("s", budget_s=60)
     sec.run("good", "correctness", lambda: {"ok": True, "x": 1})

@@ -460,14 +460,15 @@ def test_kernel_compiles_for_sm80_and_sm90_without_a_gpu():
             fixed = {p.name for p in k.params if p.do_not_specialize}
             assert {"n", "cache_len"} <= fixed, fixed
         for arch in (80, 90):
-            for dt, hd, group, split, len_ptr in (
-                ("fp32", 64, 3, False, False), ("fp16", 128, 1, True, False),
-                ("bf16", 128, 4, True, True), ("bf16", 64, 3, True, True),
-                ("bf16", 24, 8, False, True),
+            for dt, hd, group, split, len_ptr, aligned in (
+                ("fp32", 64, 3, False, False, False), ("fp16", 128, 1, True, False, False),
+                ("bf16", 128, 4, True, True, False), ("bf16", 64, 3, True, True, False),
+                ("bf16", 24, 8, False, True, False),
+                ("bf16", 128, 4, True, True, True), ("fp32", 64, 3, False, True, True),
             ):
                 block_r, block_d, block_n = V._tile_sizes(16, hd, None, None)
                 consts = dict(GROUP=group, HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_N=block_n,
-                              LEN_PTR=len_ptr)
+                              LEN_PTR=len_ptr, ALIGNED=aligned)
                 kernels = [(V._verify_attention_kernel, V.ATTENTION_WARPS, dict(
                     consts, BLOCK_R=block_r, DOT_PREC="ieee" if dt == "fp32" else "tf32",
                     SPLIT=split))]
@@ -479,7 +480,8 @@ def test_kernel_compiles_for_sm80_and_sm90_without_a_gpu():
                                          options=dict(num_warps=warps))
                     assert "cubin" in out.asm, (arch, dt, k)
                     regs, spill = spills(out.asm["ptx"], arch)
-                    print(arch, k.__name__, dt, hd, split, regs, spill, out.metadata.shared)
+                    print(arch, k.__name__, dt, hd, split, aligned, regs, spill,
+                          out.metadata.shared)
                     if arch == 90 and dt != "fp32":
                         assert spill == 0, (k.__name__, dt, hd, regs, spill)
         print("OK")

@@ -35,7 +35,9 @@ import torch
 
 import pipespec_fast.custom_ops  # noqa: F401  (registers torch.ops.pipespec.*)
 from pipespec_fast import ops, reference
+from pipespec_fast.cpu.linear import current_threads
 from pipespec_fast.kv_cache import KVCache
+from pipespec_fast.models import packed as packed_weights
 from pipespec_fast.models.llama import rope_tables
 
 MAX_N = 64  # the largest bucket: verify blocks (MAX_WINDOW drafts, trees of 64 nodes) fit
@@ -51,7 +53,7 @@ def buckets(max_n: int = MAX_N) -> tuple[int, ...]:
 
 def static_step(model, tokens: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor,
                 cache_len: torch.Tensor, n_valid: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor) -> torch.Tensor:
+                v: torch.Tensor, aligned: bool = False) -> torch.Tensor:
     """One forward of a block of ``B`` tokens whose shapes are all fixed by ``B``.
 
     Args:
@@ -63,6 +65,8 @@ def static_step(model, tokens: torch.Tensor, depths: torch.Tensor, bits: torch.T
         n_valid: 0-d int32 tensor on the device: the real rows (the rest are padding).
         k, v: the cache's ``[n_layers, kv_heads, max_len, head_dim]`` storage; slots
             ``[cache_len, cache_len + B)`` are written.
+        aligned: exact mode's attention (``ops.verify_attention_static``): a chain row's
+            bits depend on neither the block's start nor its length.
 
     Returns ``[B, vocab_size]`` fp32 logits. Nothing here reads a tensor's value on the host
     or branches on one, so the step can be captured as a CUDA graph and traced whole by
@@ -72,7 +76,23 @@ def static_step(model, tokens: torch.Tensor, depths: torch.Tensor, bits: torch.T
     rows = tokens if model.vocab is None else model.vocab.embedding_rows(tokens)
     x = model.tok_embeddings(rows)
     for i, layer in enumerate(model.layers):
-        x = layer(x, cos, sin, k[i], v[i], (cache_len, n_valid), bits)
+        x = layer(x, cos, sin, k[i], v[i], (cache_len, n_valid, aligned), bits)
+    return model.head(x)
+
+
+def fused_step(model, tokens: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor,
+               start: int, cache: KVCache) -> torch.Tensor | None:
+    """:func:`static_step` on the CPU's fused C layer stack, where the eager forward would
+    use it (fp32 on CPU, ``model.use_fused``), else ``None``. The stack is batch invariant
+    (``tests/test_cpu_decoder.py``), so the real rows are the eager unpadded forward's bit for
+    bit, trees included; the head runs on every row, as on CUDA."""
+    cos, sin = rope_tables(start + depths, model.inv_freq, model.norm.weight.dtype)
+    rows = tokens if model.vocab is None else model.vocab.embedding_rows(tokens)
+    x = model.tok_embeddings(rows).contiguous()
+    plan = packed_weights.fused_plan(model, x, cache, x.shape[0])
+    if plan is None:
+        return None
+    plan.run(x, cos, sin, bits, cache.k, cache.v, start, current_threads())
     return model.head(x)
 
 
@@ -115,13 +135,15 @@ class StaticSteps:
     same step runs eagerly."""
 
     def __init__(self, model, cache: KVCache, max_n: int = MAX_N,
-                 capture: bool | None = None) -> None:
+                 capture: bool | None = None, exact: bool = False) -> None:
         self.model, self.cache = model, cache
         self.device = cache.k.device
         if capture is None:  # the reference reads lengths on the host: not capturable
             capture = self.device.type == "cuda" and ops.backend_for(cache.k) == "triton"
         self.capture = capture
-        self.sizes = buckets(max_n)
+        # exact mode: one bucket, so every product of the stage has one shape (M = max_n)
+        self.exact = exact
+        self.sizes = (max_n,) if exact else buckets(max_n)
         self.length = torch.zeros((), dtype=torch.int32, device=self.device)
         self.valid = torch.ones((), dtype=torch.int32, device=self.device)
         self._buckets: dict[int, _Bucket] = {}
@@ -131,9 +153,10 @@ class StaticSteps:
         return next((b for b in self.sizes if b >= n), None)
 
     def fits(self, n: int) -> bool:
-        """Whether a block of ``n`` tokens runs here now: a bucket holds it and the cache
-        has room for its padding rows too."""
-        b = self.bucket_for(n)
+        """Whether a block of ``n`` tokens runs here now: a bucket holds it (exact mode: any
+        ``n``, in chunks of the one bucket) and the cache has room for its padding rows too."""
+        top = self.sizes[-1]
+        b = -(-n // top) * top if self.exact else self.bucket_for(n)
         return n > 0 and b is not None and self.cache.length + b <= self.cache.max_len
 
     @torch.inference_mode()
@@ -148,6 +171,35 @@ class StaticSteps:
         if not self.fits(n):
             raise ValueError(f"captured step: a block of {n} tokens does not fit (buckets "
                              f"{self.sizes}, cache {self.cache.length}/{self.cache.max_len})")
+        if n > self.sizes[-1]:
+            return self._chunked(tokens, parents, last_n)
+        return self._block(tokens, parents, last_n)
+
+    def _chunked(self, tokens: torch.Tensor, parents: torch.Tensor | None,
+                 last_n: int | None) -> torch.Tensor:
+        """Exact mode's long chain (a prefill): chunks of the one bucket in order, each
+        chunk's logits kept where they fall in the last ``last_n`` rows (copied: the next
+        chunk reuses the bucket's output buffer). A failure restores the cache's length."""
+        if parents is not None:
+            raise ValueError(f"captured step: a tree of {tokens.shape[0]} nodes does not fit "
+                             f"the bucket of {self.sizes[-1]}")
+        n, top, start = tokens.shape[0], self.sizes[-1], self.cache.length
+        first = n - (n if last_n is None else last_n)  # the first row whose logits are kept
+        kept = []
+        try:
+            for lo in range(0, n, top):
+                hi = min(lo + top, n)
+                out = self._block(tokens[lo:hi], None, max(0, hi - max(lo, first)))
+                if hi > first:
+                    kept.append(out.clone())
+        except BaseException:
+            self.cache.length = start
+            raise
+        return torch.cat(kept) if kept else out  # last_n = 0: the last chunk's empty rows
+
+    def _block(self, tokens: torch.Tensor, parents: torch.Tensor | None,
+               last_n: int | None) -> torch.Tensor:
+        n = tokens.shape[0]
         b = self._bucket(self.bucket_for(n))
         start = self.cache.reserve(n)
         try:
@@ -180,8 +232,12 @@ class StaticSteps:
 
     def _step(self, b: _Bucket) -> torch.Tensor:
         c = self.cache
+        if self.device.type == "cpu":
+            out = fused_step(self.model, b.tokens, b.depths, b.bits, int(self.length), c)
+            if out is not None:
+                return out
         return static_step(self.model, b.tokens, b.depths, b.bits, self.length, self.valid,
-                           c.k, c.v)
+                           c.k, c.v, aligned=self.exact)
 
     def _run(self, b: _Bucket) -> torch.Tensor:
         if b.graph is None:

@@ -114,9 +114,13 @@ def test_seeded_sampling_windows_ignore_timings() -> None:
     """Seeded sampling must reproduce its draws: the window then follows acceptance only."""
     (m,) = family(1, seed=0)
     s = Sequencer(LlamaStage(m, max_len=64), SamplingParams(temperature=1.0, seed=3), index=1)
-    # latencies that would switch speculation off
-    s.policy.set_state(6.0, 3.0, {2: (0.007, 1.0), 4: (0.010, 1.0)})
-    assert s.window(6) == 5  # a = 7/11: the smallest g with a^g <= 0.15
+    # latencies that would switch speculation off, then ones that would make it pay: the
+    # window is the one of the fixed cost line L(n) = 0.92 + 0.08 n with drafts at 0.3 L(1)
+    for lat in ({2: (0.007, 1.0), 4: (0.010, 1.0)}, {2: (0.001, 1.0), 4: (0.0011, 1.0)}):
+        s.policy.set_state(6.0, 3.0, lat)
+        assert s.window(6) == 1  # a = 7/11: 1.64 / 1.38 beats 2.04 / 1.76 and alone's 1
+        s.policy.set_state(18.0, 2.0, lat)
+        assert s.window(6) == 3  # a = 19/22: 3.25 / 2.14, where g = 2 and 4 give 1.48, 1.51
     # an acceptance under 0.5 decodes alone (no clock needed), exploring after 8 steps
     s.policy.set_state(1.0, 8.0, {2: (0.001, 1.0), 4: (0.0011, 1.0)})
     assert [s.window(6) for _ in range(8)] == [0] * 7 + [1]
@@ -146,7 +150,8 @@ def test_seeded_ar_and_sync_stay_reproducible_beside_timed_pipespec() -> None:
 class OldRule:
     """The window rule as ``Sequencer`` implemented it before it moved onto
     ``pipespec_fast.analysis`` (its own weighted line fit and truncated geometric sum), kept
-    here verbatim as the reference the policy must agree with."""
+    here as the reference the policy must agree with (verbatim but for the seeded rule's
+    fixed costs, added since)."""
 
     def __init__(self, timed: bool) -> None:
         self.timed, self.acc, self.rej, self.lat = timed, 0.0, 0.0, {}
@@ -189,7 +194,10 @@ class OldRule:
                 return max_n
             if not self.timed and a < 0.5:
                 return 0
-            return max(1, min(max_n, math.ceil(math.log(0.15) / math.log(a))))
+            if self.timed:
+                return max(1, min(max_n, math.ceil(math.log(0.15) / math.log(a))))
+            # seeded ar/sync since: the timed rule on a fixed line, drafts at 0.3 of a step
+            line, cost = (0.92, 0.08), 0.3
         c0, c1 = line
         best, best_rate, expected = 0, 1.0 / (c0 + c1), 1.0
         for g in range(1, max(1, max_n) + 1):
@@ -220,7 +228,8 @@ class OldRule:
     (10e-3, 0.05e-3, 0.85, 0.0, 12, True),  # rows nearly free (memory-bound): long windows
     (5e-3, 0.8e-3, 0.7, 2e-3, 8, True),  # drafting costs (synchronous decoding)
     (3e-3, 0.3e-3, 0.6, 0.4e-3, 48, True),  # the widest window allowed
-    (4e-3, 1.5e-3, 0.4, 0.0, 6, False),  # seeded sampling: acceptance only
+    (4e-3, 1.5e-3, 0.4, 0.0, 6, False),  # seeded sampling: acceptance and fixed costs
+    (4e-3, 1.5e-3, 0.8, 0.0, 6, False),
 ])
 def test_policy_decides_as_the_old_rule_on_recorded_steps(c0, c1, alpha, cost, max_n, timed):
     """Latencies with noise and Bernoulli acceptances, fed step by step to the policy and to

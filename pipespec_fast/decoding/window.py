@@ -12,8 +12,11 @@ compute-bound verifier, a draft that keeps it waiting), with one exploratory dra
 16, 32, 64 steps alone to keep ``a``, ``L`` and ``d`` current. Until two block sizes have been
 timed, and always for seeded sampling in a reproducible mode (ar, sync: their draws must not
 depend on timings), the rule is
-acceptance only: the smallest ``g`` with ``a^g <= 0.15``; without timings ever (seeded sync),
-``g = 0`` below an acceptance of 0.5, with the same explorations.
+acceptance only: the smallest ``g`` with ``a^g <= 0.15``. Without timings ever (seeded sync),
+``g = 0`` below an acceptance of 0.5, with the same explorations, and above it the rule on
+fixed costs instead of measured ones (``UNTIMED_LINE``, ``UNTIMED_DRAFT_COST``): the
+acceptance-only rule's long windows (6 drafts at ``a = 0.74``) kept seeded sync at 0.83x of AR
+on HumanEval at T = 0.7, drafting through the easy start of an answer and on after it.
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ class WindowPolicy:
     # at T = 0.7 ran at 0.83-0.89x of AR with the target accepting ~0.3 per token (a sampled
     # step's drafts, rows and acceptance cost ~25% of L(1) on the default hierarchy)
     UNTIMED_MIN_ACCEPTANCE = 0.5
+    # ... and above it sizes its window by fixed costs instead of measured ones (relative to
+    # one step alone): L(n) = 0.92 + 0.08 n (the default int8 target: 4.07 ms + 0.32 ms per
+    # extra token, README) and a sampled draft, its row and its acceptance at 0.3 L(1)
+    UNTIMED_LINE = (0.92, 0.08)
+    UNTIMED_DRAFT_COST = 0.3
 
     def __init__(self, timed: bool, adaptive: bool = True) -> None:
         self.timed = timed
@@ -168,8 +176,11 @@ class WindowPolicy:
                 return None
             if a >= 0.999:
                 return max_n
-            if not self.timed and a < self.UNTIMED_MIN_ACCEPTANCE:
-                return 0
+            if not self.timed:
+                if a < self.UNTIMED_MIN_ACCEPTANCE:
+                    return 0
+                c0, c1 = self.UNTIMED_LINE
+                return best_window_linear(c0, c1, a, self.UNTIMED_DRAFT_COST, max(1, max_n))[0]
             g = math.ceil(math.log(self.BEFORE_TIMINGS_TAIL) / math.log(a))
             return max(1, min(max_n, g))
         return best_window_linear(line[0], line[1], a, draft_cost_s, max(1, max_n))[0]

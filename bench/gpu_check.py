@@ -2,7 +2,7 @@
 
 Checks the compiled Triton kernels against the torch references (chains and trees;
 SmolLM2-, Llama-3-8B- and 70B-shaped heads; fp32, fp16, bf16), greedy equality of pipespec /
-sync / ar with random-weight models of realistic shapes (and, bit for bit, in exact mode:
+sync / ar with random-weight models of realistic shapes (and, bit for bit, in batch-invariant mode:
 ``gpu_check_exact.py``), the stochastic kernel's output
 distribution (chi-square), and measures attention against ``scaled_dot_product_attention``
 (with the share of measured memory bandwidth), acceptance latency, forward time (device and

@@ -1,5 +1,5 @@
-"""Exact mode's part of ``gpu_check.py`` (``PIPESPEC_EXACT=1``; docs/KERNELS.md, "GPU
-numerics"): model stages that run every forward in 64-row blocks (captured graphs) with the
+"""Batch-invariant mode's part of ``gpu_check.py`` (``PIPESPEC_BATCH_INVARIANT=1``; docs/KERNELS.md,
+"GPU numerics"): model stages that run every forward in 64-row blocks (captured graphs) with the
 aligned attention.
 
 * ``exact/rows``: on the realistic-shape random target, a token's logits are the same bits
@@ -33,7 +33,7 @@ def _dtype(sz: Sizes) -> torch.dtype:
 
 def _exact(stage: LlamaStage) -> LlamaStage:
     """The same model as an exact stage (its own cache, one bucket of 64 captured now)."""
-    return LlamaStage(stage.model, name=stage.name, max_len=stage.max_len, exact=True)
+    return LlamaStage(stage.model, name=stage.name, max_len=stage.max_len, batch_invariant=True)
 
 
 def check_exact_rows(sz: Sizes) -> dict:

@@ -53,7 +53,7 @@ def _default_cache() -> Path:
 class RuntimeConfig:
     """The engine's runtime knobs. Each field's metadata names its environment variable.
 
-    Process-wide: ``backend`` .. ``exact``. Per pipeline: ``cpu_threads`` ..
+    Process-wide: ``backend`` .. ``batch_invariant``. Per pipeline: ``cpu_threads`` ..
     ``idle_drafters`` (``None``: the thread policy decides, ``pipespec_fast.threads``).
     """
 
@@ -71,7 +71,7 @@ class RuntimeConfig:
     dist_peer_timeout: float = field(default=3.0,
                                      metadata={"env": "PIPESPEC_DIST_PEER_TIMEOUT"})
     graphs: bool = field(default=False, metadata={"env": "PIPESPEC_GRAPHS"})
-    exact: bool = field(default=False, metadata={"env": "PIPESPEC_EXACT"})
+    batch_invariant: bool = field(default=False, metadata={"env": "PIPESPEC_BATCH_INVARIANT"})
     cpu_threads: int | None = field(default=None, metadata={"env": "PIPESPEC_CPU_THREADS"})
     torch_threads: int = field(default=1, metadata={"env": "PIPESPEC_TORCH_THREADS"})
     stage_threads: tuple[int, ...] | None = field(default=None,
@@ -98,7 +98,7 @@ class RuntimeConfig:
 
 PROCESS_FIELDS = ("backend", "triton_interpret", "c_kernels", "skinny_isa", "int8_isa", "cc",
                   "cache_dir", "packed", "fused", "cpu_linear", "dist_rows",
-                  "dist_peer_timeout", "graphs", "exact")
+                  "dist_peer_timeout", "graphs", "batch_invariant")
 
 
 def _is_int(v) -> bool:
@@ -131,7 +131,7 @@ _CHECKS: dict[str, Callable] = {
     "dist_rows": _choice(DIST_ROWS),
     "dist_peer_timeout": lambda v: (_is_seconds(v), f"seconds >= {MIN_PEER_TIMEOUT_S:g}"),
     "graphs": lambda v: (isinstance(v, bool), "a bool"),
-    "exact": lambda v: (isinstance(v, bool), "a bool"),
+    "batch_invariant": lambda v: (isinstance(v, bool), "a bool"),
     "cpu_threads": lambda v: (v is None or (_is_int(v) and v >= 1), "None or an int >= 1"),
     "torch_threads": lambda v: (_is_int(v) and v >= 1, "an int >= 1"),
     "stage_threads": lambda v: (v is None or (isinstance(v, tuple) and len(v) > 0 and all(
@@ -220,7 +220,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "dist_rows": _lower_choice(DIST_ROWS),
     "dist_peer_timeout": _seconds,
     "graphs": _bool01,
-    "exact": _bool01,
+    "batch_invariant": _bool01,
     "cpu_threads": _positive_int,
     "torch_threads": _positive_int,
     "stage_threads": _int_list,

@@ -14,7 +14,7 @@ Importing this module registers::
                                                anc_bits, n_valid, scale=None,
                                                aligned=False) -> Tensor
         # the same on a captured step's padded block: cache_len and n_valid 0-d int tensors;
-        # aligned: exact mode's row-invariant form
+        # aligned: batch-invariant mode's row-invariant form
     torch.ops.pipespec.linear(x, w) -> Tensor   # x @ w.T as the model computes it on CPU
     torch.ops.pipespec.kv_compact(k_cache, v_cache, src, dst_start) -> ()  # mutates both caches
     torch.ops.pipespec.greedy_accept(draft_tokens, parents, target_ids) -> (Tensor, Tensor, Tensor)
@@ -101,7 +101,7 @@ def verify_attention_static(
 ) -> torch.Tensor:
     """:func:`pipespec_fast.ops.verify_attention_static`: the length and the real rows as
     device tensors, so a captured step's shapes and arguments are the same at every length
-    and block size of its bucket (``decoding/captured.py``); ``aligned``: exact mode's."""
+    and block size of its bucket (``decoding/captured.py``); ``aligned``: batch-invariant mode's."""
     out = ops.verify_attention_static(q, k_new, v_new, k_cache, v_cache, cache_len, anc_bits,
                                       n_valid, scale, aligned)
     return out.contiguous()

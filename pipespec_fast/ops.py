@@ -126,7 +126,7 @@ def verify_attention(
     """See :func:`pipespec_fast.reference.verify_attention`. ``cache_len`` is a host int or a
     0-d int32 tensor on ``q``'s device (the form CUDA-graph capture needs: the Triton kernels
     read it on the device, so neither the launch nor a compiled variant depends on its
-    value; docs/KERNELS.md). ``aligned``: exact mode's row-invariant form
+    value; docs/KERNELS.md). ``aligned``: batch-invariant mode's row-invariant form
     (:func:`verify_attention_static`)."""
     sig = (q.shape, q.dtype, q.device, k_new.shape, k_new.dtype, k_new.device, v_new.shape,
            v_new.dtype, v_new.device, k_cache.shape, k_cache.dtype, k_cache.device,
@@ -167,7 +167,7 @@ def verify_attention_static(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
     step's real rows are the eager forward's bit for bit: a softmax over more (masked) keys
     can round differently. Its padding rows come out zero and write no cache slot.
 
-    ``aligned`` (exact mode): a chain row's bits depend on its inputs only, never on where
+    ``aligned`` (batch-invariant mode): a chain row's bits depend on its inputs only, never on where
     the block starts or how long it is. The Triton kernel walks the keys in tiles and splits
     at absolute slots (``kernels.verify_attention``); the reference computes each real row as
     one-token decoding does (:func:`reference.verify_attention_aligned`, trees too)."""

@@ -155,12 +155,12 @@ def verify_attention(
 def verify_attention_aligned(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                              k_cache: torch.Tensor, v_cache: torch.Tensor, cache_len: int,
                              anc_bits: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """:func:`verify_attention` with every row computed exactly as one-token decoding computes
-    it once its path is in the cache (the contract of exact mode, ``decoding/captured.py``):
-    node ``i`` at depth ``d`` gets :func:`verify_attention` of its one query over the prefix and
-    its ancestors' keys at slots ``cache_len .. cache_len + d``, so its bits depend on neither
-    the block nor the node's place in it. Chain rows read the cache in place; a tree row whose
-    ancestors are not its block's first nodes reads a copy with its path compacted (slow, but
+    """:func:`verify_attention` with every row computed exactly as one-token decoding computes it
+    once its path is in the cache (the contract of batch-invariant mode, ``decoding/captured.py``):
+    node ``i`` at depth ``d`` gets :func:`verify_attention` of its one query over the prefix and its
+    ancestors' keys at slots ``cache_len .. cache_len + d``, so its bits depend on neither the block
+    nor the node's place in it. Chain rows read the cache in place; a tree row whose ancestors are
+    not its block's first nodes reads a copy with its path compacted (slow, but
     this is the CPU's reference: the fused C stack serves real models there)."""
     n = q.shape[0]
     k_cache[:, cache_len : cache_len + n] = k_new.transpose(0, 1).to(k_cache.dtype)

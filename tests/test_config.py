@@ -41,8 +41,8 @@ PARSED = [
     ("PIPESPEC_DIST_PEER_TIMEOUT", " 1.5", "dist_peer_timeout", 1.5),
     ("PIPESPEC_GRAPHS", "1", "graphs", True),
     ("PIPESPEC_GRAPHS", "0", "graphs", False),
-    ("PIPESPEC_EXACT", "1", "exact", True),
-    ("PIPESPEC_EXACT", "0", "exact", False),
+    ("PIPESPEC_BATCH_INVARIANT", "1", "batch_invariant", True),
+    ("PIPESPEC_BATCH_INVARIANT", "0", "batch_invariant", False),
     ("PIPESPEC_CPU_THREADS", "6", "cpu_threads", 6),
     ("PIPESPEC_TORCH_THREADS", "2", "torch_threads", 2),
     ("PIPESPEC_STAGE_THREADS", "1,1,2", "stage_threads", (1, 1, 2)),
@@ -68,7 +68,7 @@ REJECTED = [
     ("PIPESPEC_DIST_PEER_TIMEOUT", "inf", "seconds >= 1"),
     ("PIPESPEC_DIST_PEER_TIMEOUT", "nan", "seconds >= 1"),
     ("PIPESPEC_GRAPHS", "on", "0 or 1"),
-    ("PIPESPEC_EXACT", "true", "0 or 1"),
+    ("PIPESPEC_BATCH_INVARIANT", "true", "0 or 1"),
     ("PIPESPEC_CPU_THREADS", "0", "an integer >= 1"),
     ("PIPESPEC_CPU_THREADS", "two", "an integer >= 1"),
     ("PIPESPEC_TORCH_THREADS", "-1", "an integer >= 1"),
@@ -91,8 +91,8 @@ def test_defaults():
     assert (cfg.backend, cfg.triton_interpret, cfg.c_kernels, cfg.skinny_isa, cfg.int8_isa,
             cfg.cc) == ("auto", False, True, "auto", "auto", "gcc")
     assert cfg.cache_dir == Path.home() / ".cache" / "pipespec-fast"
-    assert (cfg.packed, cfg.fused, cfg.cpu_linear, cfg.dist_rows, cfg.graphs, cfg.exact) == \
-        (True, True, "skinny", "auto", False, False)
+    assert (cfg.packed, cfg.fused, cfg.cpu_linear, cfg.dist_rows, cfg.graphs,
+            cfg.batch_invariant) == (True, True, "skinny", "auto", False, False)
     assert cfg.dist_peer_timeout == 3.0
     assert (cfg.cpu_threads, cfg.torch_threads, cfg.stage_threads, cfg.idle_drafters) == \
         (None, 1, None, None)

@@ -1,8 +1,8 @@
-"""Exact mode's attention (``aligned``): a chain row's output is the same bits whether the row
-is decoded alone or verified at any place of a block of any length, with one split or several
-(Triton: compiled on CUDA, the interpreter elsewhere; the reference on CPU, trees too). The
-default layout is not: its new-token tiles start at the block, so the check that it differs
-shows this test can fail.
+"""Batch-invariant mode's attention (``aligned``): a chain row's output is the same bits whether the
+row is decoded alone or verified at any place of a block of any length, with one split or several
+(Triton: compiled on CUDA, the interpreter elsewhere; the reference on CPU, trees too). The default
+layout is not: its new-token tiles start at the block, so the check that it differs shows this test
+can fail.
 
 In Triton's interpreter ``tl.dot`` is numpy's ``matmul`` (OpenBLAS), whose result for a row
 depends on the row's place in the matrix; a GPU's dot computes every output element the same

@@ -1,11 +1,11 @@
-"""Exact mode (``PIPESPEC_EXACT=1``, ``LlamaStage(exact=True)``): every forward of a model
-stage runs in blocks of exactly 64 rows (longer ones chunked), so a token's logits are the same
-bits computed alone, as any row of a chain block of any length, or as a tree node; greedy
-speculative decoding then equals AR token for token.
+"""Batch-invariant mode (``PIPESPEC_BATCH_INVARIANT=1``, ``LlamaStage(batch_invariant=True)``):
+every forward of a model stage runs in blocks of exactly 64 rows (longer ones chunked), so a token's
+logits are the same bits computed alone, as any row of a chain block of any length, or as a tree
+node; greedy speculative decoding then equals AR token for token.
 
-Both CPU paths are checked: the fused C stack (the CPU default, batch invariant by itself) and
-the torch layers with the aligned reference attention (``use_fused=False``: the code CUDA runs,
-with the CPU's GEMM and attention). The torch layers without exact mode are not batch invariant
+Both CPU paths are checked: the fused C stack (the CPU default, batch invariant by itself) and the
+torch layers with the aligned reference attention (``use_fused=False``: the code CUDA runs, with the
+CPU's GEMM and attention). The torch layers without batch-invariant mode are not batch invariant
 (SDPA's softmax over a block), which :func:`test_torch_layers_differ_without_exact_mode` shows,
 so these tests can fail."""
 
@@ -49,7 +49,7 @@ def feed(stage: LlamaStage, toks: torch.Tensor, start: int) -> None:
 
 @pytest.mark.parametrize("path", PATHS)
 def test_a_tokens_logits_are_the_same_alone_in_any_chain_block_and_chunked(path):
-    stage = LlamaStage(model(path), max_len=256, exact=True)
+    stage = LlamaStage(model(path), max_len=256, batch_invariant=True)
     toks = tokens(200)
     alone = decoded_alone(stage, toks)
     for start, n in [(0, 1), (3, 2), (10, 33), (0, 64), (70, 64), (5, 65), (3, 150), (40, 128)]:
@@ -58,14 +58,14 @@ def test_a_tokens_logits_are_the_same_alone_in_any_chain_block_and_chunked(path)
         assert out.shape == (n, VOCAB) and stage.cache_len == start + n
         for i in range(n):
             assert torch.equal(out[i], alone[start + i]), (start, n, i)
-    assert stage.steps.exact and stage.steps.sizes == (MAX_N,)
+    assert stage.steps.batch_invariant and stage.steps.sizes == (MAX_N,)
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_a_tree_nodes_logits_are_its_path_decoded_alone(path):
     """Node ``i`` of a tree whose depth-``d`` nodes all carry token ``toks[start + d]`` has the
     path ``toks[start : start + d + 1]``: its logits are that position's, decoded alone."""
-    stage = LlamaStage(model(path), max_len=256, exact=True)
+    stage = LlamaStage(model(path), max_len=256, batch_invariant=True)
     toks = tokens(80, seed=4)
     alone = decoded_alone(stage, toks)
     parents = torch.tensor([-1, 0, 0, 1, 2, 3, 3, 6, 4, -1, 9, 7, 11, 12])
@@ -91,7 +91,7 @@ def test_chunked_prefill_leaves_the_cache_of_token_by_token_decoding(path):
     slots are those of feeding the tokens one at a time, and the fused path's are also the
     eager unchunked forward's."""
     toks = tokens(150, seed=2)
-    stage = LlamaStage(model(path), max_len=256, exact=True)
+    stage = LlamaStage(model(path), max_len=256, batch_invariant=True)
     feed(stage, toks, 150)
     want_k, want_v = stage.cache.k[:, :, :150].clone(), stage.cache.v[:, :, :150].clone()
     stage.rollback(0)
@@ -108,7 +108,7 @@ def test_chunked_prefill_leaves_the_cache_of_token_by_token_decoding(path):
 
 
 def test_last_n_across_chunks_and_a_failure_restores_the_cache():
-    stage = LlamaStage(model("fused"), max_len=256, exact=True)
+    stage = LlamaStage(model("fused"), max_len=256, batch_invariant=True)
     toks = tokens(150, seed=5)
     full = stage.forward(toks)
     for last_n in (0, 1, 20, 86, 87, 150):
@@ -134,7 +134,7 @@ def test_last_n_across_chunks_and_a_failure_restores_the_cache():
 def test_the_last_slots_of_the_context_run_in_exact_blocks_too():
     """The cache holds 63 spare slots for the padding rows, so a stage fills its whole
     ``max_len`` in exact blocks (never the eager path), and its reported context is unchanged."""
-    stage = LlamaStage(model("fused"), max_len=100, exact=True)
+    stage = LlamaStage(model("fused"), max_len=100, batch_invariant=True)
     assert stage.max_len == 100 and stage.cache.max_len == 100 + MAX_N - 1
     toks = tokens(100, seed=6)
     stage.forward(toks[:90])
@@ -145,17 +145,18 @@ def test_the_last_slots_of_the_context_run_in_exact_blocks_too():
 
 
 def test_the_setting_turns_it_on_for_every_model_stage(configure):
-    configure(exact=True)
+    configure(batch_invariant=True)
     stage = LlamaStage(model("fused"), max_len=64)
-    assert stage.exact and stage.steps.exact and stage.capabilities.trees  # CPU: trees exact
-    configure(exact=False)
+    assert stage.batch_invariant and stage.steps.batch_invariant
+    assert stage.capabilities.trees  # CPU: trees are exact
+    configure(batch_invariant=False)
     assert LlamaStage(model("fused"), max_len=64).steps is None
 
 
 def test_exact_mode_refuses_trees_on_cuda_only(monkeypatch):
     """On CUDA a tree's attention is not batch invariant (masked siblings between a node's
     ancestors), so an exact CUDA stage offers no trees; a CPU one does (checked above)."""
-    stage = LlamaStage(model("fused"), max_len=64, exact=True)
+    stage = LlamaStage(model("fused"), max_len=64, batch_invariant=True)
     assert stage.capabilities.trees
     monkeypatch.setattr(LlamaStage, "device", property(lambda self: torch.device("cuda")))
     assert not stage.capabilities.trees
@@ -180,7 +181,7 @@ def test_greedy_speculative_decoding_equals_autoregressive(path, mode, k):
     models = family(k, noise=0.05, seed=9, vocab=VOCAB, dim=64)
     for m in models:
         m.use_fused = path == "fused"
-    stages = [LlamaStage(m, name=f"m{i}", max_len=512, exact=True)
+    stages = [LlamaStage(m, name=f"m{i}", max_len=512, batch_invariant=True)
               for i, m in enumerate(models)]
     ar = FastPipeline(stages[-1:])
     pipe = FastPipeline(stages, mode=mode, adaptive_windows=False, regimes=False,
@@ -195,7 +196,7 @@ def test_greedy_speculative_decoding_equals_autoregressive(path, mode, k):
 
 def test_trees_in_exact_mode_equal_autoregressive():
     """n-gram token trees verified by an exact target (the CPU: trees are batch invariant)."""
-    target = LlamaStage(model("torch", seed=3), name="t", max_len=512, exact=True)
+    target = LlamaStage(model("torch", seed=3), name="t", max_len=512, batch_invariant=True)
     pipe = FastPipeline([NGramStage(VOCAB), target], tree_budget=8)
     prompt = [2, 7, 2, 7, 2, 7, 2, 9, 4, 2, 7, 2]
     want = FastPipeline([target]).generate(prompt, 50, ignore_eos=True).token_ids

@@ -65,7 +65,7 @@ def static_step(model, tokens: torch.Tensor, depths: torch.Tensor, bits: torch.T
         n_valid: 0-d int32 tensor on the device: the real rows (the rest are padding).
         k, v: the cache's ``[n_layers, kv_heads, max_len, head_dim]`` storage; slots
             ``[cache_len, cache_len + B)`` are written.
-        aligned: exact mode's attention (``ops.verify_attention_static``): a chain row's
+        aligned: batch-invariant mode's attention (``ops.verify_attention_static``): a chain row's
             bits depend on neither the block's start nor its length.
 
     Returns ``[B, vocab_size]`` fp32 logits. Nothing here reads a tensor's value on the host
@@ -135,15 +135,18 @@ class StaticSteps:
     same step runs eagerly."""
 
     def __init__(self, model, cache: KVCache, max_n: int = MAX_N,
-                 capture: bool | None = None, exact: bool = False) -> None:
+                 capture: bool | None = None, batch_invariant: bool = False,
+                 limit: int | None = None) -> None:
         self.model, self.cache = model, cache
+        # the stage's context: real tokens stop here, padding rows may use the slots past it
+        self.limit = cache.max_len if limit is None else limit
         self.device = cache.k.device
         if capture is None:  # the reference reads lengths on the host: not capturable
             capture = self.device.type == "cuda" and ops.backend_for(cache.k) == "triton"
         self.capture = capture
-        # exact mode: one bucket, so every product of the stage has one shape (M = max_n)
-        self.exact = exact
-        self.sizes = (max_n,) if exact else buckets(max_n)
+        # batch-invariant mode: one bucket, so every product has one shape (M = max_n)
+        self.batch_invariant = batch_invariant
+        self.sizes = (max_n,) if batch_invariant else buckets(max_n)
         self.length = torch.zeros((), dtype=torch.int32, device=self.device)
         self.valid = torch.ones((), dtype=torch.int32, device=self.device)
         self._buckets: dict[int, _Bucket] = {}
@@ -153,11 +156,13 @@ class StaticSteps:
         return next((b for b in self.sizes if b >= n), None)
 
     def fits(self, n: int) -> bool:
-        """Whether a block of ``n`` tokens runs here now: a bucket holds it (exact mode: any
-        ``n``, in chunks of the one bucket) and the cache has room for its padding rows too."""
-        top = self.sizes[-1]
-        b = -(-n // top) * top if self.exact else self.bucket_for(n)
-        return n > 0 and b is not None and self.cache.length + b <= self.cache.max_len
+        """Whether a block of ``n`` tokens runs here now: a bucket holds it (batch-invariant
+        mode: any ``n``, in chunks of the one bucket), its tokens stay within the stage's
+        context (``limit``) and the cache has room for its padding rows too."""
+        top, length = self.sizes[-1], self.cache.length
+        b = -(-n // top) * top if self.batch_invariant else self.bucket_for(n)
+        return (n > 0 and b is not None and length + n <= self.limit
+                and length + b <= self.cache.max_len)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, parents: torch.Tensor | None = None,
@@ -170,14 +175,14 @@ class StaticSteps:
         n = tokens.shape[0]
         if not self.fits(n):
             raise ValueError(f"captured step: a block of {n} tokens does not fit (buckets "
-                             f"{self.sizes}, cache {self.cache.length}/{self.cache.max_len})")
+                             f"{self.sizes}, cache {self.cache.length}/{self.limit})")
         if n > self.sizes[-1]:
             return self._chunked(tokens, parents, last_n)
         return self._block(tokens, parents, last_n)
 
     def _chunked(self, tokens: torch.Tensor, parents: torch.Tensor | None,
                  last_n: int | None) -> torch.Tensor:
-        """Exact mode's long chain (a prefill): chunks of the one bucket in order, each
+        """Batch-invariant mode's long chain (a prefill): chunks of the one bucket in order, each
         chunk's logits kept where they fall in the last ``last_n`` rows (copied: the next
         chunk reuses the bucket's output buffer). A failure restores the cache's length."""
         if parents is not None:
@@ -237,7 +242,7 @@ class StaticSteps:
             if out is not None:
                 return out
         return static_step(self.model, b.tokens, b.depths, b.bits, self.length, self.valid,
-                           c.k, c.v, aligned=self.exact)
+                           c.k, c.v, aligned=self.batch_invariant)
 
     def _run(self, b: _Bucket) -> torch.Tensor:
         if b.graph is None:

@@ -15,23 +15,24 @@ class LlamaStage:
     """Our LLaMA (``models.llama.Transformer``) with a preallocated :class:`KVCache`."""
 
     def __init__(self, model, name: str = "llama", max_len: int | None = None,
-                 exact: bool | None = None) -> None:
-        """``exact`` (default: ``PIPESPEC_EXACT``): every forward in 64-row blocks
-        (:meth:`use_captured_steps`); the cache then holds ``MAX_N - 1`` slots past
-        ``max_len`` for the last block's padding rows."""
+                 batch_invariant: bool | None = None) -> None:
+        """``batch_invariant`` (default: ``PIPESPEC_BATCH_INVARIANT``): every forward in
+        64-row blocks (:meth:`use_captured_steps`); the cache then holds ``MAX_N - 1`` slots
+        past ``max_len`` for the last block's padding rows."""
         from pipespec_fast.decoding.captured import MAX_N
 
         self.model = model
         self.name = name
         self.vocab_size = model.config.vocab_size
         cfg = runtime_config.current()
-        self.exact = cfg.exact if exact is None else exact
+        self.batch_invariant = cfg.batch_invariant if batch_invariant is None else batch_invariant
         self.max_len = max_len or model.config.max_position_embeddings
-        self.cache: KVCache = model.new_cache(self.max_len + (MAX_N - 1 if self.exact else 0))
+        spare = MAX_N - 1 if self.batch_invariant else 0  # the last block's padding rows
+        self.cache: KVCache = model.new_cache(self.max_len + spare)
         self.model_dir: Path | None = None
         self.steps = None  # captured steps (decoding/captured.py), when in use
-        if self.exact or (self.device.type == "cuda" and cfg.graphs):
-            self.use_captured_steps(exact=self.exact)
+        if self.batch_invariant or (self.device.type == "cuda" and cfg.graphs):
+            self.use_captured_steps(batch_invariant=self.batch_invariant)
 
     @classmethod
     def from_pretrained(
@@ -52,9 +53,10 @@ class LlamaStage:
     @property
     def capabilities(self) -> StageCapabilities:
         """Trees (verification attention by ancestor mask, ``KVCache.keep_path``; not in
-        exact mode on CUDA, where a tree's attention is not batch invariant: docs/KERNELS.md,
-        "GPU numerics"); the eos ids of the model's config, read when a pipeline is built."""
-        return StageCapabilities(trees=not (self.exact and self.device.type == "cuda"),
+        batch-invariant mode on CUDA, where a tree's attention is not batch invariant:
+        docs/KERNELS.md, "GPU numerics"); the eos ids of the model's config, read when a
+        pipeline is built."""
+        return StageCapabilities(trees=not (self.batch_invariant and self.device.type == "cuda"),
                                  eos_token_ids=tuple(self.model.config.eos_token_ids),
                                  num_params=sum(p.numel() for p in self.model.parameters()))
 
@@ -67,24 +69,26 @@ class LlamaStage:
         return self.cache.k.device
 
     def use_captured_steps(self, capture: bool | None = None, warm_up: bool = True,
-                           exact: bool = False) -> None:
+                           batch_invariant: bool = False) -> None:
         """Run blocks of up to 64 tokens as captured steps from now on (``PIPESPEC_GRAPHS=1``
         does this for CUDA stages at load): static shapes in power-of-two buckets, replayed as
         CUDA graphs (``capture``, default on CUDA); ``warm_up`` captures every bucket now, so
         none is captured mid-generation. On the CPU the same steps run eagerly (tests).
 
-        ``exact`` (``PIPESPEC_EXACT=1`` at load): one bucket of 64 and every block through
-        it, longer ones in chunks, so every product has one shape (docs/KERNELS.md, "GPU
-        numerics"); a block that does not fit raises instead of running eagerly."""
+        ``batch_invariant`` (``PIPESPEC_BATCH_INVARIANT=1`` at load): one bucket of 64 and
+        every block through it, longer ones in chunks, so every product has one shape
+        (docs/KERNELS.md, "GPU numerics"); a block that does not fit raises instead of running
+        eagerly."""
         from pipespec_fast.decoding.captured import StaticSteps
 
-        self.steps = StaticSteps(self.model, self.cache, capture=capture, exact=exact)
+        self.steps = StaticSteps(self.model, self.cache, capture=capture,
+                                 batch_invariant=batch_invariant, limit=self.max_len)
         if warm_up:
             self.steps.warm_up()
 
     def forward(self, tokens, parents=None, last_n=None):
         steps = self.steps
-        if steps is not None and (steps.exact or steps.fits(tokens.shape[0])):
+        if steps is not None and (steps.batch_invariant or steps.fits(tokens.shape[0])):
             return steps.forward(tokens, parents=parents, last_n=last_n)
         return self.model(tokens, self.cache, parents=parents, last_n=last_n)
 

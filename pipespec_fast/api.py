@@ -114,6 +114,8 @@ class FastPipeline:
         warm_up: bool | None = None,
     ) -> None:
         _check_config(config)
+        if warm_up is not None and not isinstance(warm_up, bool):
+            raise ValueError(f"warm_up: expected True, False or None, got {warm_up!r}")
         self.config = config
         self.placement = placement
         _check_stages(stages, placement)

@@ -144,6 +144,19 @@ def test_the_last_slots_of_the_context_run_in_exact_blocks_too():
     assert stage.cache_len == 100 and stage.steps.replays == replays + 10
 
 
+def test_no_real_token_goes_past_max_len():
+    """The spare slots take padding rows only: a block that would carry a real token past
+    ``max_len`` is refused, as the eager path refuses a cache overflow, and nothing moves."""
+    stage = LlamaStage(model("fused"), max_len=100, batch_invariant=True)
+    toks = tokens(100, seed=6)
+    stage.forward(toks[:99])
+    with pytest.raises(ValueError, match="does not fit"):
+        stage.forward(toks[99:].repeat(2))
+    assert stage.cache_len == 99
+    stage.forward(toks[99:])
+    assert stage.cache_len == 100
+
+
 def test_the_setting_turns_it_on_for_every_model_stage(configure):
     configure(batch_invariant=True)
     stage = LlamaStage(model("fused"), max_len=64)
@@ -202,3 +215,28 @@ def test_trees_in_exact_mode_equal_autoregressive():
     want = FastPipeline([target]).generate(prompt, 50, ignore_eos=True).token_ids
     assert pipe.generate(prompt, 50, ignore_eos=True).token_ids == want
     pipe.close()
+
+
+@pytest.mark.parametrize("path", ["fused", "torch"])
+def test_a_big_tree_after_a_long_catch_up_fits_one_block(path):
+    """A middle stage catching up on 21 tokens then verifying a 48-node tree: the catch-up is
+    fed first and the tree cut to the rows left in one 64-row block (it used to raise in
+    batch-invariant mode); the committed tokens are a plain stage's."""
+    from pipespec_fast.decoding.sampling import SamplingParams
+    from pipespec_fast.decoding.sequence import Sequencer
+    from pipespec_fast.decoding.tree_step import verify_tree
+    from pipespec_fast.stages.tree import DraftTree
+
+    parents = tuple([-1] + [(i - 1) // 2 for i in range(1, 48)])
+    tree = DraftTree(tokens=tuple(int(t) for t in tokens(48, seed=9)), parents=parents,
+                     weights=tuple(1.0 / (1 + i) for i in range(48)))
+    got = []
+    for invariant in (True, False):
+        s = Sequencer(LlamaStage(model(path), max_len=256, batch_invariant=invariant),
+                      SamplingParams(), index=1, adaptive=False)
+        s.start(tokens(10, seed=3).tolist())
+        s.span.extend_known(tokens(21, seed=4).tolist())  # adopted from above, not cached
+        verify_tree(s, tree)
+        assert s.stage.cache_len == len(s.seq) - 1
+        got.append(s.seq)
+    assert got[0] == got[1]

@@ -21,6 +21,7 @@ import torch
 from tiny import family
 
 from pipespec_fast import FastPipeline, LlamaStage
+from pipespec_fast import ops as kv_ops
 from pipespec_fast.decoding import warm_up as warm
 from pipespec_fast.decoding.device import StageDevice
 from pipespec_fast.decoding.sampling import SamplingParams
@@ -112,6 +113,7 @@ def test_a_draft_run_refuses_a_non_finite_row_with_the_stage_named():
     with pytest.raises(Exception, match="non-finite") as e:
         s.draft(4)
     assert "0 (" in str(e.value) and len(s.seq) == len(PROMPT)  # nothing committed
+    assert stage.cache_len == len(PROMPT) - 1  # ... nor cached: the invariant holds
 
 
 @pytest.mark.parametrize("params", PARAMS, ids=["greedy", "sampled"])
@@ -180,7 +182,7 @@ def test_pipespec_with_deferred_reads_equals_autoregressive(monkeypatch, k):
         assert res.stage_stats[0].drafted > 0 and res.stage_stats[-1].accepted > 0
 
 
-def test_warm_up_rehearses_and_leaves_the_stage_as_it_was():
+def test_warm_up_rehearses_and_leaves_the_stage_as_it_was(monkeypatch):
     models = family(2, noise=0.05, seed=4)
     stages = [LlamaStage(m) for m in models]
     ref = FastPipeline(stages, adaptive_windows=False).generate(PROMPT, 40, ignore_eos=True)
@@ -190,8 +192,11 @@ def test_warm_up_rehearses_and_leaves_the_stage_as_it_was():
         f = st.forward
         st.forward = lambda ids, parents=None, last_n=None, f=f: (
             forwards.append((ids.shape[0], parents is not None)), f(ids, parents, last_n))[1]
+    compactions = []
+    compact = kv_ops.kv_compact
+    monkeypatch.setattr(kv_ops, "kv_compact", lambda *a: (compactions.append(1), compact(*a)))
     pipe = FastPipeline(fresh, adaptive_windows=False, warm_up=True)
-    assert all(st.cache_len == 0 for st in fresh)
+    assert all(st.cache_len == 0 for st in fresh) and len(compactions) >= len(fresh)
     # a prefill past the split threshold, chains and trees of each acceptance block size
     assert max(n for n, _ in forwards) > warm.SPLIT_KEYS
     assert {n for n, tree in forwards if tree} >= {3 + 1, 17 + 1, 33 + 1}
@@ -209,6 +214,8 @@ def test_warm_up_runs_by_default_on_cuda_stages_only(monkeypatch):
     assert ran == stages
     assert not warm.should_warm_up(stages[0], None)
     assert warm.should_warm_up(stages[0], True)
+    with pytest.raises(ValueError, match="^warm_up: "):
+        FastPipeline(stages, warm_up="yes")
 
 
 @pytest.mark.parametrize("max_len", [16, 40, 100])

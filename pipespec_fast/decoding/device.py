@@ -71,6 +71,13 @@ class StageDevice:
         a, b, ok = self.read(num, nxt, finite)
         return a, b, bool(ok)
 
+    def finish(self) -> None:
+        """Wait for this stage's queued work (CUDA): a PipeSpec worker ends a generation with
+        kernels queued after its last read (a compaction, kept rows), which the next
+        generation's work on other streams must not overlap."""
+        if self.cuda:
+            self.stream.synchronize()
+
     def ready(self) -> torch.cuda.Event | None:
         """An event recorded on the current stream after the work queued so far (CUDA; else
         ``None``): a stage publishing rows hands it on, and the stage reading them waits for
@@ -93,13 +100,19 @@ class StageDevice:
         if ready is not None:
             stream.wait_event(ready)
         src = rows[0].device
-        if any(r.device != src for r in rows):  # rows from several devices: gather them here
-            rows = [r.to(self.device, non_blocking=True) for r in rows]
-            src = self.device
-        if src == self.device:
+        if src == self.device and all(r.device == src for r in rows):
             for r in rows:
                 r.record_stream(stream)
             return torch.stack(rows)
-        block = torch.stack(rows)
-        return (block.pin_memory() if src.type == "cpu" else block).to(self.device,
-                                                                       non_blocking=True)
+        if src.type == "cpu" and all(r.device == src for r in rows):
+            return torch.stack(rows).pin_memory().to(self.device, non_blocking=True)
+        # rows on another GPU (or several devices): each is read there by the copy, on that
+        # device's current stream, which must wait for the rows too and keep them alive
+        for d in {r.device for r in rows if r.device.type == "cuda" and r.device != self.device}:
+            there = torch.cuda.current_stream(d)
+            if ready is not None:
+                there.wait_event(ready)
+            for r in rows:
+                if r.device == d:
+                    r.record_stream(there)
+        return torch.stack([r.to(self.device, non_blocking=True) for r in rows])

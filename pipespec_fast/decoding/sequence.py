@@ -179,7 +179,8 @@ class Sequencer:
         if n <= 0:
             return 0
         t = time.perf_counter()
-        feed = self.span.tokens[self.stage.cache_len :]
+        before = self.stage.cache_len
+        feed = self.span.tokens[before:]
         catch_up = len(feed) > self.CATCH_UP
         ids = self.dev.upload(feed)
         toks, rows, oks = [], [], []
@@ -193,7 +194,8 @@ class Sequencer:
             rows.append(row if self.keep_rows else None)
             oks.append(ok)
         *got, ok = self.dev.read(*toks, torch.stack(oks).all())  # the run's one host sync
-        if not ok:
+        if not ok:  # nothing of the run is committed: its cached K/V goes too
+            self.stage.rollback(before)
             e = NonFiniteLogitsError(NON_FINITE)
             raise StageError(self.label, e) from e
         self.span.extend(TokenSpan(got, rows))

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from pipespec_fast.decoding.captured import MAX_N as MAX_BLOCK
 from pipespec_fast.decoding.sampling import NON_FINITE
 from pipespec_fast.errors import NonFiniteLogitsError, StageError
 from pipespec_fast.stages.tree import DraftTree
@@ -80,16 +81,22 @@ def worth_verifying(policy, tree: DraftTree, uncached: int) -> int:
 def verify_tree(seqr, tree: DraftTree, rows: torch.Tensor | None = None) -> int:
     """Verify ``tree`` with ``seqr``'s stage in one forward and commit the outcome (module
     doc); returns the number of drafts accepted. ``rows`` ``[n, V]`` (sampling): the
-    distributions the nodes were drawn from (default: :func:`tree_rows`)."""
-    base = seqr.stage.cache_len
-    tree = tree.prefix(worth_verifying(seqr.policy, tree, len(seqr.seq) - base))
+    distributions the nodes were drawn from (default: :func:`tree_rows`). A block stays within
+    ``MAX_BLOCK`` rows (one captured step; batch-invariant mode takes no larger tree): a long
+    catch-up is fed first, and the tree is cut to fit after the tokens still uncached."""
+    stage, dev = seqr.stage, seqr.dev
+    base = stage.cache_len
+    if len(seqr.seq) - base > 1 and len(seqr.seq) - base + len(tree) > MAX_BLOCK:
+        stage.forward(dev.upload(seqr.seq[base:-1]), last_n=1)  # logits unused
+        base = stage.cache_len
+    fit = MAX_BLOCK - (len(seqr.seq) - base)
+    tree = tree.prefix(min(fit, worth_verifying(seqr.policy, tree, len(seqr.seq) - base)))
     n = len(tree)
     if rows is None:
         rows = tree_rows(seqr, tree)
     rows = rows if rows is None else rows[:n]
     if tree.is_chain:  # no masks, no compaction: the chain step
         return seqr.verify(list(tree.tokens), None if rows is None else list(rows.unbind(0)))
-    stage, dev = seqr.stage, seqr.dev
     uncached = seqr.span.tokens[base:]
     u = len(uncached)
     t = time.perf_counter()

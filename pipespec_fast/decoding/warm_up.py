@@ -27,7 +27,6 @@ nothing is compiled at run time and it is skipped unless asked for (tests).
 from __future__ import annotations
 
 import time
-import weakref
 
 import torch
 
@@ -39,7 +38,9 @@ from pipespec_fast.stages.tree import DraftTree
 SPLIT_KEYS = 256  # csrc_triton/verify_attention.py MIN_SPLIT_KEYS: longer prefixes run split
 BLOCKS = (1, 17, 33)  # one block of each acceptance node-block size (16, 32, 64)
 
-_warmed: weakref.WeakSet = weakref.WeakSet()
+# ids of the stages warmed up (any object can be a stage: no weak reference, no hash needed;
+# an id reused by a later stage only skips a warm-up, which costs time, never a token)
+_warmed: set[int] = set()
 
 
 def should_warm_up(stage, requested: bool | None) -> bool:
@@ -48,7 +49,7 @@ def should_warm_up(stage, requested: bool | None) -> bool:
     if requested is not None:
         return requested
     caps = stage.capabilities
-    return (stage.device.type == "cuda" and not caps.model_free and stage not in _warmed)
+    return stage.device.type == "cuda" and not caps.model_free and id(stage) not in _warmed
 
 
 def _tree(n: int) -> DraftTree:
@@ -88,6 +89,9 @@ def _rehearse(stage, params: SamplingParams, prompt: list[int], blocks: tuple[in
                 back()
                 s.span.extend_known([1] * extra)
                 verify_tree(s, _tree(m), None if uniform is None else uniform.expand(m, V))
+    if stage.capabilities.trees:  # a branch accepted (above, chance decides): kv_compact
+        back()
+        stage.keep_path(stage.cache_len - 2, torch.ones(1, dtype=torch.int64, device=dev), 1)
     stage.rollback(0)
 
 
@@ -104,5 +108,7 @@ def warm_up(stage) -> float:
         with torch.inference_mode():
             for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=0)):
                 _rehearse(stage, params, prompt, blocks)
-    _warmed.add(stage)
+    if stage.device.type == "cuda":  # nothing of the rehearsal left queued
+        torch.cuda.synchronize(stage.device)
+    _warmed.add(id(stage))
     return time.perf_counter() - t

@@ -30,28 +30,22 @@ class WindowPolicy:
     """One stage's window rule and the measurements it decides from.
 
     Args:
-        timed: the rule may use latencies (greedy, unseeded sampling, or any PipeSpec run);
-            ``False`` keeps windows, and so a seeded ar/sync generation's draws, independent of
-            timings.
+        timed: the rule may use latencies (greedy, unseeded sampling, any PipeSpec run);
+            ``False`` keeps a seeded ar/sync generation's windows, and draws, timing-free.
         adaptive: ``False`` always answers the largest window allowed.
 
-    The rule is re-evaluated only after a new measurement (``note_*``): between two
-    verifications a worker may ask for its window once per message it receives.
-    """
+    The rule is re-evaluated only after a new measurement (``note_*``): a worker may ask for
+    its window once per message it receives."""
 
-    EXPLORE_EVERY = 8  # after this many steps without drafts, verify one to re-measure ...
-    EXPLORE_MAX = 64  # ... and twice as many after each exploration that changed nothing
+    EXPLORE_EVERY, EXPLORE_MAX = 8, 64  # one draft after 8 steps alone, doubling up to 64
     VERIFY_MAX_N = 64  # block sizes above this (a prompt fed with drafts) are not verify steps
     DECAY_COUNTS = 0.9  # per verification, of the acceptance counts
     DECAY_LATENCY = 0.95  # per verification, of each block size's weight in the fit
     BEFORE_TIMINGS_TAIL = 0.15  # acceptance-only rule: smallest g with a^g <= this
-    # a seeded ar/sync generation (no clock) decodes alone below this acceptance: seeded sync
-    # at T = 0.7 ran at 0.83-0.89x of AR with the target accepting ~0.3 per token (a sampled
-    # step's drafts, rows and acceptance cost ~25% of L(1) on the default hierarchy)
+    # seeded ar/sync (no clock): decode alone below this acceptance (seeded sync at T = 0.7 ran
+    # at 0.83-0.89x of AR accepting ~0.3), above it the window of fixed costs relative to L(1):
+    # L(n) = 0.92 + 0.08 n (the default int8 target, README) and a sampled draft at 0.3
     UNTIMED_MIN_ACCEPTANCE = 0.5
-    # ... and above it sizes its window by fixed costs instead of measured ones (relative to
-    # one step alone): L(n) = 0.92 + 0.08 n (the default int8 target: 4.07 ms + 0.32 ms per
-    # extra token, README) and a sampled draft, its row and its acceptance at 0.3 L(1)
     UNTIMED_LINE = (0.92, 0.08)
     UNTIMED_DRAFT_COST = 0.3
 
@@ -176,11 +170,9 @@ class WindowPolicy:
                 return None
             if a >= 0.999:
                 return max_n
-            if not self.timed:
-                if a < self.UNTIMED_MIN_ACCEPTANCE:
-                    return 0
-                c0, c1 = self.UNTIMED_LINE
-                return best_window_linear(c0, c1, a, self.UNTIMED_DRAFT_COST, max(1, max_n))[0]
+            if not self.timed:  # seeded ar/sync: the rule on fixed costs
+                return 0 if a < self.UNTIMED_MIN_ACCEPTANCE else best_window_linear(
+                    *self.UNTIMED_LINE, a, self.UNTIMED_DRAFT_COST, max(1, max_n))[0]
             g = math.ceil(math.log(self.BEFORE_TIMINGS_TAIL) / math.log(a))
             return max(1, min(max_n, g))
         return best_window_linear(line[0], line[1], a, draft_cost_s, max(1, max_n))[0]

@@ -83,6 +83,7 @@ class StageWorker:
             with self.s.on_stream():  # CUDA: this stage's own stream, overlapping the others
                 self._begin(prompt)
                 self._loop()
+                self.s.dev.finish()  # its last kernels, before the next generation's own
         except BaseException as e:  # surfaced to the caller by the output queue
             e.add_note(f"in PipeSpec stage {self.s.label}:\n"
                        + "".join(traceback.format_tb(e.__traceback__)))
@@ -100,8 +101,7 @@ class StageWorker:
             except OSError:  # refused (a sandbox): run at normal priority
                 self.idle = False
 
-    def _begin(self, prompt: list[int]) -> None:
-        """Reset the stage to ``prompt`` (prefill), in the worker's thread."""
+    def _begin(self, prompt: list[int]) -> None:  # reset to the prompt (and prefill)
         self.s.start(prompt, prefill=not self.defer_prefill)
 
     def _loop(self) -> None:

@@ -230,3 +230,11 @@ def test_warm_up_on_a_short_cache_rehearses_what_fits(max_len):
     warm.warm_up(st)
     assert st.cache_len == 0 and sizes and max(sizes) < max_len
     assert (17 + 1 in sizes) == (max_len >= 100)
+
+
+def test_warm_up_knows_the_kernels_split_threshold():
+    """The rehearsal's long prompt must pass the attention's split threshold, which it keeps
+    as its own constant (importing the kernels would import Triton with the engine)."""
+    from pipespec_fast.kernels.verify_attention import MIN_SPLIT_KEYS
+
+    assert warm.SPLIT_KEYS == MIN_SPLIT_KEYS

@@ -35,7 +35,7 @@ from pipespec_fast.decoding.sequence import Sequencer
 from pipespec_fast.decoding.tree_step import verify_tree
 from pipespec_fast.stages.tree import DraftTree
 
-SPLIT_KEYS = 256  # csrc_triton/verify_attention.py MIN_SPLIT_KEYS: longer prefixes run split
+SPLIT_KEYS = 256  # the kernels' MIN_SPLIT_KEYS (tested equal): longer prefixes run split
 BLOCKS = (1, 17, 33)  # one block of each acceptance node-block size (16, 32, 64)
 
 # ids of the stages warmed up (any object can be a stage: no weak reference, no hash needed;

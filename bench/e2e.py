@@ -10,6 +10,8 @@ Systems (``--systems``, comma separated):
   ours_ar      FastPipeline mode="ar" (the target alone)
   ours_sync    FastPipeline mode="sync" over the whole hierarchy (chained draft-verify)
   ours_sync2   FastPipeline mode="sync" over [draft -> target] (classic speculative decoding)
+  ours_sync2_tree  the same with the draft's token trees (its greedy chain, siblings where it
+               is unsure: ``stages/model_tree.py``)
   ours_pipespec_ngram FastPipeline mode="pipespec" over [n-gram -> target]
   ours_sync_ngram      FastPipeline mode="sync" over [n-gram -> target] (chains)
   ours_sync_ngram_tree the same with token trees (``--tree-budget`` nodes) instead of chains
@@ -539,7 +541,7 @@ def _default_target() -> str:
     return str(default_model_dirs()[-1])
 
 
-_MODES = {"ours_ar": "ar", "ours_sync": "sync", "ours_sync2": "sync",
+_MODES = {"ours_ar": "ar", "ours_sync": "sync", "ours_sync2": "sync", "ours_sync2_tree": "sync",
           "ours_pipespec_ngram": "pipespec", "ours_pipespec2": "pipespec",
           "ours_pipespec": "pipespec", "ours_pipespec_split": "pipespec",
           "ours_sync_ngram": "sync", "ours_sync_ngram_tree": "sync",
@@ -568,7 +570,7 @@ def _sub_pipeline(pipe, name: str, tree_budget: int = 16):
         raise SystemExit(f"unknown system {name!r}: choose from hf_*, {', '.join(_MODES)}")
     stages = pipe.stages
     models = [s for s in stages if not is_model_free(s)]
-    if name in ("ours_sync2", "ours_pipespec2"):  # the smallest model and the target
+    if name in ("ours_sync2", "ours_sync2_tree", "ours_pipespec2"):  # smallest model, target
         if len(models) < 2:
             return None
         stages = [models[0], stages[-1]]
@@ -578,11 +580,13 @@ def _sub_pipeline(pipe, name: str, tree_budget: int = 16):
         stages = [stages[0], stages[-1]]
     cfg = _system_config(name, len(stages))
     trees = tree_budget if name.endswith("_tree") else 0
-    if trees and not stages[0].capabilities.tree_drafts:
-        return None
+    if trees and (not stages[0].capabilities.tree_drafts
+                  or (_MODES[name] == "pipespec" and not is_model_free(stages[0]))):
+        return None  # PipeSpec trees come from the n-gram drafter only
     if stages is pipe.stages and cfg is None and not trees:
         return pipe
-    return FastPipeline(list(stages), tokenizer=pipe.tokenizer, config=cfg, tree_budget=trees)
+    return FastPipeline(list(stages), tokenizer=pipe.tokenizer, config=cfg, tree_budget=trees,
+                        mode=_MODES[name])
 
 
 def _draft_dir(pipe) -> str | None:

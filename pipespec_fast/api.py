@@ -28,7 +28,7 @@ from pipespec_fast.pipespec.distributed import DistributedRun
 from pipespec_fast.pipespec.placement import Placement
 from pipespec_fast.pipespec.run import PipeSpecRun
 from pipespec_fast.pipespec.topology import PipeSpecSettings
-from pipespec_fast.stages import Stage, check_stage, is_model_free
+from pipespec_fast.stages import Stage, check_stage, check_tree_drafter, is_model_free
 from pipespec_fast.stages import check_order as check_stage_order
 from pipespec_fast.text import Detokenizer, Output
 from pipespec_fast.threads import CpuThreads
@@ -86,10 +86,12 @@ class FastPipeline:
             ``pipespec.placement``; made by ``from_pretrained(..., distributed=True)``): then
             ``stages`` are this rank's only, and ``windows`` / ``max_leads`` cover them all.
         tree_budget: ``0`` (default): drafts are chains. ``N > 0``: a lowest stage that drafts
-            trees (the n-gram drafter: every continuation of the matched suffix) proposes
-            token trees of up to ``N`` nodes, as deep as the window, and the stage above it
-            (and, in PipeSpec, the target through its skip-level copy) verifies each in one
-            forward (``decoding/tree_step.py``). Lossless either way.
+            trees (the n-gram drafter: every continuation of the matched suffix; a model
+            drafter, ``mode="sync"`` only: its greedy chain with siblings where it is unsure,
+            ``stages/model_tree.py``) proposes token trees of up to ``N`` nodes, as deep as the
+            window, and the stage above it (and, in PipeSpec, the target through its
+            skip-level copy) verifies each in one forward (``decoding/tree_step.py``).
+            Lossless either way.
         warm_up: rehearse every kind of step on each model stage now, so that no kernel is
             compiled mid-generation (``decoding/warm_up.py``). ``None`` (default): on CUDA
             stages (once per stage), not on the CPU, which compiles nothing at run time.
@@ -137,6 +139,7 @@ class FastPipeline:
         self.regimes = bool(regimes)
         self.skip_level_drafts = skip_level_drafts
         self.tree_budget = _check_tree_budget(tree_budget, self.stages)
+        _check_tree_mode(self.mode, self.tree_budget, self.stages, "mode")
         if eos_token_ids is None:
             eos_token_ids = _default_eos(tokenizer, stages[-1], placement)
         self.eos_token_ids = set(eos_token_ids)
@@ -382,13 +385,29 @@ def _check_tree_budget(budget, stages: list[Stage]) -> int:
     """A budget in range, and with trees on, a lowest stage that drafts them below one that
     verifies them."""
     budget = validate.tree_budget(budget)
-    if budget and (len(stages) < 2 or not stages[0].capabilities.tree_drafts):
-        raise ValueError(f"tree_budget={budget}: the lowest stage must draft trees "
-                         "(capabilities.tree_drafts: the n-gram drafter, ngram=True)")
+    if budget and len(stages) < 2:
+        raise ValueError(f"tree_budget={budget}: the lowest stage must draft trees for a "
+                         "stage above it")
+    if budget:
+        try:
+            check_tree_drafter(stages[0], 0)
+        except ValueError as e:
+            raise ValueError(f"tree_budget={budget}: the lowest stage must draft trees: "
+                             f"{e}") from None
     if budget and not stages[1].capabilities.trees:
         raise ValueError(f"tree_budget={budget}: stage 1 {stages[1].name!r} cannot verify "
                          "trees (capabilities.trees)")
     return budget
+
+
+def _check_tree_mode(mode: str, budget: int, stages: list[Stage], arg: str) -> None:
+    """Trees from a model drafter are grown by the stage above it, step by step (sync); in
+    PipeSpec a model drafter runs on its own thread and hands up chains."""
+    if mode == "pipespec" and budget and not is_model_free(stages[0]):
+        raise ValueError(f"{arg}: tree_budget={budget} with a model drafter as the lowest stage "
+                         f"({stages[0].name!r}) needs mode='sync' (in PipeSpec it drafts "
+                         "chains on its own thread); trees in PipeSpec come from the n-gram "
+                         "drafter")
 
 
 def _default_eos(tokenizer, target: Stage, placement: Placement | None = None) -> list[int]:
@@ -424,6 +443,7 @@ def _check_request(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_
                         mode if mode is not None else pipe.mode, timeout_s)
     params = SamplingParams(temperature, top_k, top_p, seed)
     mode = mode or pipe.mode
+    _check_tree_mode(mode, pipe.tree_budget, pipe.stages, "mode")
     if pipe.placement is not None and mode != "pipespec":
         raise ValueError(f"mode: a distributed pipeline runs pipespec only, not {mode!r}")
     stop = validate.stop(stop)

@@ -74,9 +74,9 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         raise UsageError("--prompt must not be empty")
     if args.ngram and not args.models:
         raise UsageError("--ngram goes with --models (the default hierarchy has one already)")
-    if args.tree_budget and args.models and not args.ngram:
-        raise UsageError("--tree-budget needs --ngram with --models (the n-gram drafter makes "
-                         "the trees)")
+    if args.tree_budget and args.models and not args.ngram and args.mode != "sync":
+        raise UsageError("--tree-budget with --models needs --ngram (the n-gram drafter makes "
+                         "the trees) or --mode sync (the first model's trees)")
     if args.no_draft and args.models:
         raise UsageError("--no-draft applies to the default hierarchy, not to --models")
     if not args.distributed:  # a rank checks its own folder only (_check_own_model_dir)
@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: int8 for a model with such weights (the default target), "
                         "exact otherwise")
     g.add_argument("--tree-budget", type=int, default=0,
-                   help="nodes of the n-gram drafter's token trees (0: chains)")
+                   help="nodes of the lowest drafter's token trees (0: chains): the n-gram "
+                        "drafter's, or with --models and --mode sync the first model's")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="weights and KV cache; default: bfloat16 on CUDA, float32 elsewhere")

@@ -83,7 +83,7 @@ MAX_TREE_BUDGET = 48
 
 
 def tree_budget(b) -> int:
-    """Nodes of the n-gram drafter's token trees: 0 (chains) to :data:`MAX_TREE_BUDGET`."""
+    """Nodes of the lowest drafter's token trees: 0 (chains) to :data:`MAX_TREE_BUDGET`."""
     if not is_int(b) or not 0 <= b <= MAX_TREE_BUDGET:
         raise ValueError(f"tree_budget must be an integer in [0, {MAX_TREE_BUDGET}] (0: chains), "
                          f"got {b!r}")

@@ -39,6 +39,18 @@ def test_make_systems_ours_pipelines_share_the_loaded_stages() -> None:
     pipe.close()
 
 
+def test_the_model_tree_system_runs_sync_with_the_drafts_trees() -> None:
+    pipe = _pipe(2)
+    args = e2e._parser().parse_args(["--systems", "ours_sync2_tree", "--tree-budget", "6"])
+    systems, skipped = e2e.make_systems(args, pipe)
+    sub = systems["ours_sync2_tree"].pipe
+    assert (sub.mode, sub.tree_budget) == ("sync", 6) and not skipped
+    assert sub.stages == [pipe.stages[0], pipe.stages[-1]]
+    run = systems["ours_sync2_tree"].run([3, 1, 4, 1, 5, 9, 2, 6], 40, 0.0, seed=0)
+    assert run["tokens"] == 40 and run["stages"][-1]["proposed"] > 0
+    pipe.close()
+
+
 def test_a_system_run_reports_its_regimes_and_the_summary_their_share() -> None:
     pipe = _pipe(2)
     args = e2e._parser().parse_args(["--systems", "ours_sync2"])

@@ -46,7 +46,7 @@ def _one_line_error(capsys, *needles: str) -> str:
     (["--compute", "fp8"], "--compute"),
     (["--tree-budget", "-1"], "--tree-budget must be an integer in [0, 48]"),
     (["--tree-budget", "49"], "--tree-budget"),
-    (["--models", ".", "--tree-budget", "4"], "--tree-budget needs --ngram"),
+    (["--models", ".", "--tree-budget", "4"], "--tree-budget with --models needs --ngram"),
 ])
 def test_bad_arguments_exit_2_before_any_model_loads(args, needle, capsys, no_model_load):
     assert cli.main(["generate", "--prompt", "hi", *args]) == cli.EXIT_USAGE

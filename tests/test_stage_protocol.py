@@ -3,6 +3,7 @@ error a stage missing something gets at construction, and pausing the stage belo
 message."""
 
 import pytest
+import torch
 from tiny import family
 
 from pipespec_fast import FastPipeline, HFStage, LlamaStage, NGramStage, StageCapabilities
@@ -34,7 +35,8 @@ def test_each_stage_declares_what_the_engine_reads():
     m.config.eos_token_ids = [7, 9]
     llama = LlamaStage(m, max_len=64)
     n_params = sum(p.numel() for p in m.parameters())
-    assert llama.capabilities == StageCapabilities(trees=True, eos_token_ids=(7, 9),
+    assert llama.capabilities == StageCapabilities(trees=True, tree_drafts=True,
+                                                   eos_token_ids=(7, 9),
                                                    num_params=n_params)
     assert NGramStage(64).capabilities == StageCapabilities(model_free=True, confidence=True,
                                                             clone=True, tree_drafts=True)
@@ -55,7 +57,6 @@ def test_each_stage_declares_what_the_engine_reads():
     (Bare(None), "missing capabilities"),
     (Bare({"model_free": True}), "missing capabilities as a StageCapabilities (got dict)"),
     (Bare(StageCapabilities(clone=True)), "missing clone (declares clone=True)"),
-    (Bare(StageCapabilities(tree_drafts=True)), "missing propose_tree (declares tree_drafts=True)"),
     (Bare(StageCapabilities(confidence=True)),
      "missing last_match_len (declares confidence=True), min_confident_match (declares "
      "confidence=True)"),
@@ -136,3 +137,21 @@ def test_a_sync_past_the_sequence_is_ignored_in_pipespec_and_refused_when_strict
     with pytest.raises(ValueError, match="start 6 is past this stage's 4 tokens"):
         s.apply_sync(6, [9, 9], strict=True)
     assert s.apply_sync(4, [5]) == 4 and s.seq == [1, 2, 3, 4, 5]
+
+
+def test_a_tree_drafter_without_propose_tree_is_refused_where_trees_are_used():
+    """Declared but not offered: harmless with chains (a wrapper forwarding a LlamaStage's
+    capabilities), refused at construction with ``tree_budget > 0``."""
+    class Drafter(Bare):
+        device = torch.device("cpu")
+
+    (m,) = family(1, vocab=Bare.vocab_size)
+    target = LlamaStage(m, max_len=128)
+    drafter = Drafter(StageCapabilities(tree_drafts=True))
+    check_stage(drafter, 0)
+    FastPipeline([drafter, target], mode="sync")
+    with pytest.raises(ValueError, match=r"^tree_budget=4: the lowest stage must draft trees: "
+                       r"stages\[0\] 'bare' .*missing propose_tree \(declares tree_drafts=True\)$"):
+        FastPipeline([drafter, target], mode="sync", tree_budget=4)
+    with pytest.raises(ValueError, match=r"stages\[0\] 'bare' does not draft trees"):
+        FastPipeline([Drafter(), target], mode="sync", tree_budget=4)

@@ -4,6 +4,7 @@ output exactly the target's distribution (chi-square over siblings at depth 2)."
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -251,6 +252,11 @@ def test_seeded_sync_with_trees_is_reproducible():
     (-1, "tree_budget must be an integer in"), (49, "tree_budget must be"),
     (True, "tree_budget must be"), (4, "lowest stage must draft trees")])
 def test_tree_budget_is_checked(budget, match):
+    class ChainsOnly(LlamaStage):  # a model stage that declares no tree drafts
+        capabilities = property(lambda self: dataclasses.replace(
+            LlamaStage.capabilities.fget(self), tree_drafts=False))
+
     target = LlamaStage(family(1)[0], max_len=64)
     with pytest.raises(ValueError, match=match):
-        FastPipeline([target, target], tree_budget=budget)
+        FastPipeline([ChainsOnly(target.model, max_len=64), target], mode="sync",
+                     tree_budget=budget)

@@ -167,7 +167,7 @@ class Sequencer:
             tok, row = self._draw(logits)
             span.append(tok, row if self.keep_rows else None, self._proposal_confident())
             if not catch_up:
-                self._note_draft_cost(time.perf_counter() - t)
+                self.note_draft_cost(time.perf_counter() - t)
         self.stats.drafted += n
         return n
 
@@ -200,7 +200,7 @@ class Sequencer:
             raise StageError(self.label, e) from e
         self.span.extend(TokenSpan(got, rows))
         if not catch_up:
-            self._note_draft_cost((time.perf_counter() - t) / n)
+            self.note_draft_cost((time.perf_counter() - t) / n)
         self.stats.drafted += n
         return n
 
@@ -219,7 +219,7 @@ class Sequencer:
         except NonFiniteLogitsError as e:
             raise StageError(self.label, e) from e
 
-    def _note_draft_cost(self, dt: float) -> None:
+    def note_draft_cost(self, dt: float) -> None:
         self.draft_cost_s = dt if self.draft_cost_s is None else 0.8 * self.draft_cost_s + 0.2 * dt
 
     def _proposal_confident(self) -> bool:

@@ -31,13 +31,32 @@ from pipespec_fast.stages.tree import DraftTree
 
 def draft_tree(seqr, budget: int, max_depth: int, decay: float = 1.0) -> DraftTree:
     """A tree drafter's proposal after all of ``seqr``'s sequence (its stage declares
-    ``tree_drafts``): the uncached tokens are fed first (no rows: a model-free drafter's
-    forward is its history), then ``propose_tree`` (``decay``: the verifier's per-level
-    acceptance, ordering the nodes). The sequence does not change."""
+    ``tree_drafts``): the uncached tokens are fed first, then ``propose_tree`` (``decay``: the
+    verifier's per-level acceptance, ordering the nodes). A model-free drafter's forward is
+    its history (no rows); a model drafter's tree grows from the row after the sequence's
+    last token, so that token is fed (again, when cached) with its row kept. The sequence
+    does not change."""
     stage, seq = seqr.stage, seqr.seq
-    if stage.cache_len < len(seq):
-        stage.forward(seqr.dev.upload(seq[stage.cache_len :]), last_n=0)
-    tree = stage.propose_tree(budget, max_depth, decay)
+    model = not stage.capabilities.model_free
+    t = time.perf_counter()
+    if model and stage.cache_len == len(seq):
+        stage.rollback(len(seq) - 1)
+    fed = len(seq) - stage.cache_len
+    if fed:
+        stage.forward(seqr.dev.upload(seq[stage.cache_len :]), last_n=1 if model else 0)
+        if model:  # the tree's first level (or a catch-up on what the stage above committed)
+            kind = "prefill" if fed > seqr.CATCH_UP else "draft"
+            seqr.stats.record_forward(kind, fed, t, time.perf_counter(), seqr.t0)
+    try:
+        tree = stage.propose_tree(budget, max_depth, decay)
+    except NonFiniteLogitsError as e:
+        raise StageError(seqr.label, e) from e
+    if model:  # the chain's forwards, one per level after the first (LlamaStage)
+        steps = getattr(stage, "tree_step_times", ())
+        for a, b in steps:
+            seqr.stats.record_forward("draft", 1, a, b, seqr.t0)
+        if tree and fed <= seqr.CATCH_UP:
+            seqr.note_draft_cost((time.perf_counter() - t) / (1 + len(steps)))
     seqr.stats.drafted += len(tree)
     return tree
 

@@ -5,6 +5,7 @@ from pipespec_fast.stages.base import (
     StageCapabilities,
     check_order,
     check_stage,
+    check_tree_drafter,
     is_model_free,
 )
 from pipespec_fast.stages.hf import HFStage
@@ -12,4 +13,4 @@ from pipespec_fast.stages.llama import LlamaStage
 from pipespec_fast.stages.ngram import NGramStage
 
 __all__ = ["HFStage", "LlamaStage", "NGramStage", "Stage", "StageCapabilities", "check_order",
-           "check_stage", "is_model_free"]
+           "check_stage", "check_tree_drafter", "is_model_free"]

@@ -44,7 +44,9 @@ class StageCapabilities:
         tree_drafts: ``propose_tree(budget, max_depth, decay)`` returns a
             :class:`~pipespec_fast.stages.tree.DraftTree` continuing the stage's whole
             history (its ``cache_len`` tokens), nodes best first (``decay``: the verifier's
-            per-level acceptance): a drafter of token trees.
+            per-level acceptance): a drafter of token trees (the n-gram drafter; a
+            ``LlamaStage``, in sync mode). Checked when a pipeline uses trees
+            (``tree_budget > 0``), not at every construction.
         eos_token_ids: the model's end-of-sequence ids: the target's are the default of
             ``FastPipeline(eos_token_ids=...)`` (with the tokenizer's).
         num_params: the model's parameter count (``None``: not declared). A pipeline checks
@@ -85,9 +87,10 @@ class Stage(Protocol):
 
 _MEMBERS = ("name", "vocab_size", "max_len", "capabilities", "cache_len", "device", "forward",
             "rollback", "keep_path")
-# what each capability obliges the stage to offer as well
-_NEEDS = {"confidence": ("last_match_len", "min_confident_match"), "clone": ("clone",),
-          "tree_drafts": ("propose_tree",)}
+# what each capability obliges the stage to offer as well (``tree_drafts``' ``propose_tree``:
+# checked only where trees are used, ``check_tree_drafter``: a wrapper that forwards a
+# ``LlamaStage``'s capabilities without it keeps working with chains)
+_NEEDS = {"confidence": ("last_match_len", "min_confident_match"), "clone": ("clone",)}
 
 
 def check_stage(stage: object, index: int) -> None:
@@ -104,6 +107,19 @@ def check_stage(stage: object, index: int) -> None:
         name = getattr(stage, "name", None) or type(stage).__name__
         raise ValueError(f"stages[{index}] {name!r} does not implement the Stage protocol "
                          f"(pipespec_fast.stages.Stage): missing {', '.join(missing)}")
+
+
+def check_tree_drafter(stage: object, index: int) -> None:
+    """Raise a one-line ``ValueError`` unless ``stages[index]`` declares ``tree_drafts`` and
+    offers ``propose_tree`` (a pipeline with ``tree_budget > 0`` asks it for trees)."""
+    name = getattr(stage, "name", None) or type(stage).__name__
+    if not stage.capabilities.tree_drafts:
+        raise ValueError(f"stages[{index}] {name!r} does not draft trees "
+                         "(capabilities.tree_drafts: the n-gram drafter, a LlamaStage)")
+    if not hasattr(stage, "propose_tree"):
+        raise ValueError(f"stages[{index}] {name!r} does not implement the Stage protocol "
+                         "(pipespec_fast.stages.Stage): missing propose_tree (declares "
+                         "tree_drafts=True)")
 
 
 def check_order(stages: list[Stage]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -9,6 +10,8 @@ import torch
 from pipespec_fast import config as runtime_config
 from pipespec_fast.kv_cache import KVCache
 from pipespec_fast.stages.base import StageCapabilities
+from pipespec_fast.stages.model_tree import chain_tree
+from pipespec_fast.stages.tree import DraftTree
 
 
 class LlamaStage:
@@ -31,6 +34,12 @@ class LlamaStage:
         self.cache: KVCache = model.new_cache(self.max_len + spare)
         self.model_dir: Path | None = None
         self.steps = None  # captured steps (decoding/captured.py), when in use
+        # the logits of the last forward's last row and the cache length after it, while the
+        # cache has not changed since (propose_tree's root)
+        self._last_row: torch.Tensor | None = None
+        self._last_at = -1
+        # (start, end) perf_counter times of the last propose_tree's chain forwards (stats)
+        self.tree_step_times: list[tuple[float, float]] = []
         if self.batch_invariant or (self.device.type == "cuda" and cfg.graphs):
             self.use_captured_steps(batch_invariant=self.batch_invariant)
 
@@ -54,9 +63,10 @@ class LlamaStage:
     def capabilities(self) -> StageCapabilities:
         """Trees (verification attention by ancestor mask, ``KVCache.keep_path``; not in
         batch-invariant mode on CUDA, where a tree's attention is not batch invariant:
-        docs/KERNELS.md, "GPU numerics"); the eos ids of the model's config, read when a
-        pipeline is built."""
+        docs/KERNELS.md, "GPU numerics"); tree drafts (:meth:`propose_tree`); the eos ids of
+        the model's config, read when a pipeline is built."""
         return StageCapabilities(trees=not (self.batch_invariant and self.device.type == "cuda"),
+                                 tree_drafts=True,
                                  eos_token_ids=tuple(self.model.config.eos_token_ids),
                                  num_params=sum(p.numel() for p in self.model.parameters()))
 
@@ -87,13 +97,47 @@ class LlamaStage:
             self.steps.warm_up()
 
     def forward(self, tokens, parents=None, last_n=None):
+        self._last_at = -1
         steps = self.steps
         if steps is not None and (steps.batch_invariant or steps.fits(tokens.shape[0])):
-            return steps.forward(tokens, parents=parents, last_n=last_n)
-        return self.model(tokens, self.cache, parents=parents, last_n=last_n)
+            logits = steps.forward(tokens, parents=parents, last_n=last_n)
+        else:
+            logits = self.model(tokens, self.cache, parents=parents, last_n=last_n)
+        if parents is None and logits.shape[0] == 1:  # a tree's root, when one is asked for
+            self._last_row, self._last_at = logits[0], self.cache.length
+        return logits
 
     def rollback(self, length: int) -> None:
+        self._last_at = -1
         self.cache.rollback(length)
 
     def keep_path(self, start, path, num, chain=False):
+        self._last_at = -1
         self.cache.keep_path(start, path, num, chain)
+
+    def propose_tree(self, budget: int, max_depth: int, decay: float = 1.0) -> DraftTree:
+        """A token tree continuing the whole history: the model's greedy chain of
+        ``max_depth`` tokens with siblings where it is unsure (:func:`chain_tree`), at most
+        ``budget`` nodes. Its root is the last forward's last row, which must have fed the
+        history's last token (``tree_step.draft_tree`` does; else ``RuntimeError``). The
+        chain's K/V are rolled back afterwards: the cache holds the history only."""
+        if self._last_at != self.cache.length or self._last_row is None:
+            raise RuntimeError(f"{self.name}: propose_tree needs the logits of a forward that "
+                               "fed the history's last token (last_n >= 1), none since")
+        start = self.cache.length
+        root = self._last_row.clone()  # a captured step's output buffer is reused
+        self.tree_step_times = times = []
+
+        # one host read per level (the chain's next token; on CUDA a sync each: trees from a
+        # model drafter are meant for the CPU, where a verify row is not free but a read is)
+        def step(token: int) -> torch.Tensor:
+            t = time.perf_counter()
+            ids = torch.tensor([token], dtype=torch.int64, device=self.device)
+            row = self.forward(ids, last_n=1)[0]
+            times.append((t, time.perf_counter()))
+            return row
+
+        try:  # no deeper than the budget: deeper chain nodes could not be kept
+            return chain_tree(step, root, budget, min(max_depth, budget), decay)
+        finally:
+            self.rollback(start)

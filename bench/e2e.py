@@ -44,6 +44,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# draft steps the latency probe times after a target forward (a synchronous window's drafting)
+AFTER_VERIFY = 4
+# the speedups over AR the speculation goals ask for: the acceptance each needs is reported
+GOAL_SPEEDUPS = (1.2, 1.3, 1.6)
 sys.path.insert(0, str(ROOT))
 
 
@@ -232,7 +236,8 @@ def main(argv=None) -> int:
             "compute": [getattr(getattr(s, "model", None), "compute", None)
                         for s in pipe.stages],
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "peak_rss_mb": peak_rss_mb(), "command": " ".join(sys.argv), "skipped": skipped}
+            "peak_rss_mb": peak_rss_mb(), "command": " ".join(sys.argv), "skipped": skipped,
+            "alpha_needed": needed(latency, max_gamma=pipe.windows[-1])}
     llama = next((s for s in systems.values() if hasattr(s, "bin_dir")), None)
     if llama is not None:
         meta["llamacpp"] = {"build": str(llama.bin_dir.parent.name), "gguf": str(llama.gguf),
@@ -357,10 +362,14 @@ def _llamacpp_system(name: str, args, pipe):
     return LlamaCppSystem(name, bin_dir, gguf, pipe.tokenizer, threads, args.llamacpp_draft)
 
 
-def probe_latency(pipe, ctx: int = 160, ns=(1, 2, 3, 4, 5, 7), reps: int = 25) -> dict:
+def probe_latency(pipe, ctx: int = 160, ns=(1, 2, 3, 4, 5, 7), reps: int = 25,
+                  after: int = AFTER_VERIFY) -> dict:
     """Milliseconds per forward of the target (``n`` new tokens after a ``ctx``-token prefix)
     and of the smallest model (one token), alone on the machine with every core: the clean
-    ``L(n)`` the speculation ceiling is computed from."""
+    ``L(n)`` the speculation ceiling is computed from. ``draft_after_verify``: the ``i``-th
+    draft step (``i = 1 .. after``) right after a target forward of ``after + 1`` tokens, as a
+    synchronous window drafts (the target's forward streams its weights through the caches
+    and evicts the draft's: its first step reads them back from memory)."""
     import os
 
     from model_forward import time_forwards
@@ -373,39 +382,97 @@ def probe_latency(pipe, ctx: int = 160, ns=(1, 2, 3, 4, 5, 7), reps: int = 25) -
     old = linear.set_threads(len(os.sched_getaffinity(0)))
     vocab = min(1000, models[-1].vocab_size)  # ordinary ids, valid for any vocabulary
     prompt = torch.randint(0, vocab, (ctx,), generator=torch.Generator().manual_seed(0))
-    out = {}
+    roles = {"target": models[-1], "draft": models[0]} if len(models) > 1 else \
+        {"target": models[-1]}
+    out: dict = {}
     try:
-        for role, st, sizes in (("target", models[-1], ns), ("draft", models[0], (1,))):
-            if role == "draft" and len(models) < 2:
-                break
-            m = st.model
-            cache = m.new_cache(ctx + max(sizes) + 1)
-            m(prompt, cache, last_n=1)
+        caches = {}
+        for role, st in roles.items():
+            caches[role] = st.model.new_cache(ctx + max(max(ns), after + 1) + 1)
+            st.model(prompt, caches[role], last_n=1)
+        for role, sizes in (("target", ns), ("draft", (1,))):
+            if role not in roles:
+                continue
+            m = {role: roles[role].model}
             # sizes interleaved, one forward each per round: a slow spell of a shared machine
             # then touches every size alike instead of bending the line
             times: dict[int, list[float]] = {n: [] for n in sizes}
             for r in range(reps + 1):  # round 0 warms up
                 for n in sizes:
-                    t = time_forwards({role: m}, {role: cache}, n, 1, warmup=0)[role]
+                    t = time_forwards(m, {role: caches[role]}, n, 1, warmup=0)[role]
                     if r:
                         times[n].append(t)
             out[role] = {n: statistics.median(v) for n, v in times.items()}
+        if "draft" in roles and after > 0:
+            out["draft_after_verify"] = _after_verify(roles, caches, after, reps)
     finally:
         linear.set_threads(old)
     return out
 
 
-def ceiling(latency: dict, alpha: float, max_gamma: int, model_drafts: bool = True) -> dict:
-    """The speculation ceiling (``analysis.speculation_ceiling``) for a target whose drafts are
-    accepted with per-token probability ``alpha``: target line fitted to the probe; a draft
-    costs the small model's probed step, or nothing for a model-free (n-gram) drafter."""
-    from pipespec_fast.analysis import LatencyModel, speculation_ceiling
+def _after_verify(roles: dict, caches: dict, after: int, reps: int) -> dict[int, float]:
+    """Median ms of the ``i``-th one-token draft step after a target forward of ``after + 1``
+    tokens, rounds of one such forward then ``after`` draft steps."""
+    from model_forward import time_forwards
+
+    target, draft = {"target": roles["target"].model}, {"draft": roles["draft"].model}
+    times: dict[int, list[float]] = {i: [] for i in range(1, after + 1)}
+    for r in range(reps + 1):  # round 0 warms up
+        time_forwards(target, {"target": caches["target"]}, after + 1, 1, warmup=0)
+        for i in times:
+            t = time_forwards(draft, {"draft": caches["draft"]}, 1, 1, warmup=0)["draft"]
+            if r:
+                times[i].append(t)
+    return {i: statistics.median(v) for i, v in times.items()}
+
+
+def draft_steps_s(latency: dict, model_drafts: bool = True) -> list[float]:
+    """Seconds per draft step as a synchronous window pays them: the probed steps after a
+    verify where the probe has them, else the draft's step alone; ``[0.0]`` for a model-free
+    (n-gram) drafter."""
+    if not model_drafts:
+        return [0.0]
+    after = latency.get("draft_after_verify")
+    if after:
+        return [after[i] / 1e3 for i in sorted(after, key=int)]
+    return [latency.get("draft", {}).get(1, 0.0) / 1e3]
+
+
+def target_line(latency: dict):
+    """The target's ``L(n)`` (seconds) fitted to the probe."""
+    from pipespec_fast.analysis import LatencyModel
 
     tgt = latency["target"]
-    line = LatencyModel.fit(list(tgt), [v / 1e3 for v in tgt.values()])
-    draft_s = latency.get("draft", {}).get(1, 0.0) / 1e3 if model_drafts else 0.0
-    c = speculation_ceiling(line, alpha, draft_s, max_gamma)
-    return {**c.to_dict(), "target_ms": [line.a * 1e3, line.b * 1e3], "draft_ms": draft_s * 1e3}
+    return LatencyModel.fit([int(n) for n in tgt], [v / 1e3 for v in tgt.values()])
+
+
+def ceiling(latency: dict, alpha: float, max_gamma: int, model_drafts: bool = True) -> dict:
+    """The speculation ceiling (``analysis.speculation_ceiling``) for a target whose drafts are
+    accepted with per-token probability ``alpha``: target line fitted to the probe; drafts
+    cost the small model's probed steps (:func:`draft_steps_s`), or nothing for a model-free
+    (n-gram) drafter."""
+    from pipespec_fast.analysis import speculation_ceiling
+
+    line = target_line(latency)
+    steps = draft_steps_s(latency, model_drafts)
+    c = speculation_ceiling(line, alpha, steps, max_gamma)
+    return {**c.to_dict(), "target_ms": [line.a * 1e3, line.b * 1e3],
+            "draft_ms": [d * 1e3 for d in steps]}
+
+
+def needed(latency: dict, speedups=GOAL_SPEEDUPS, max_gamma: int = 6) -> dict:
+    """Per goal speedup over AR: the least per-token acceptance whose ceiling reaches it
+    (``analysis.alpha_needed``; ``None``: unreachable) with the model draft's probed steps
+    (``sync``) and with free, ready drafts (``free``: the bound of every pipeline)."""
+    from pipespec_fast.analysis import alpha_needed
+
+    line = target_line(latency)
+    out: dict = {}
+    for s in speedups:
+        out[f"{s:g}"] = {"free": alpha_needed(line, s, 0.0, max_gamma)}
+        if "draft" in latency:
+            out[f"{s:g}"]["sync"] = alpha_needed(line, s, draft_steps_s(latency), max_gamma)
+    return out
 
 
 def summarize(rows: dict, latency: dict | None = None, max_gamma: int = 6) -> dict:
@@ -520,7 +587,7 @@ def table(summary: dict, meta: dict) -> str:
         regimes = ", ".join(f"{a} {s:.0%}" for a, s in d.get("regime_share", {}).items()) or "-"
         lines.append(f"| {name} | {d['median_tokens_per_s']:.1f} | {sp} | {acc} | {mal} | "
                      f"{pred} | {same} | {mem} | {busy} | {regimes} |")
-    from readme_tables import ceiling_table, depth_table, rates_table, time_table
+    from readme_tables import ceiling_table, depth_table, needed_table, rates_table, time_table
 
     runs = [{"meta": meta, "summary": summary}]
     lines += ["", "prefill and decode rates (medians; llama.cpp: the tools' own counters)", "",
@@ -530,6 +597,8 @@ def table(summary: dict, meta: dict) -> str:
               *time_table(runs, greedy_only=False), "",
               "speculation ceiling (analysis.speculation_ceiling; alpha = the target's per-token "
               "acceptance in that system)", "", *ceiling_table(runs, greedy_only=False), "",
+              "the acceptance each goal needs (analysis.alpha_needed)", "",
+              *needed_table(runs, greedy_only=False), "",
               "the target's acceptance per draft depth (pooled over the prompts)", "",
               *depth_table(runs)]
     return "\n".join(lines)

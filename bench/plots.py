@@ -16,6 +16,8 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def speedup_chart(out: Path) -> Path | None:
+    """Horizontal bars: each system's median tokens/s over our AR's in the same run, one bar
+    per task and temperature (a system a run did not measure has no bar)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,23 +27,31 @@ def speedup_chart(out: Path) -> Path | None:
     if not files:
         return None
     data = [json.loads(f.read_text()) for f in files]
-    systems = list(dict.fromkeys(s for d in data for s in d["summary"]))
-    fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / len(data)
+    systems = [s for s in dict.fromkeys(s for d in data for s in d["summary"]) if s != "ours_ar"]
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(systems) + 1.5))
+    height = 0.8 / len(data)
     for j, d in enumerate(data):
-        m = d["meta"]
-        label = f"{m['task']} T={m['temperature']:g}"
-        ys = [d["summary"].get(s, {}).get("speedup_vs_hf_ar") or 0 for s in systems]
-        xs = [i + j * width for i in range(len(systems))]
-        bars = ax.bar(xs, ys, width, label=label)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xticks([i + width * (len(data) - 1) / 2 for i in range(len(systems))], systems)
-    ax.set_ylabel("tokens/s relative to transformers AR")
-    ax.set_title("Decoding speed, SmolLM2-135M-Instruct fp32, 2-core CPU")
-    ax.legend(fontsize=8)
+        m, summ = d["meta"], d["summary"]
+        ar = summ.get("ours_ar", {}).get("median_tokens_per_s")
+        pts = [(i, summ[s]["median_tokens_per_s"] / ar) for i, s in enumerate(systems)
+               if ar and s in summ]
+        if not pts:
+            continue
+        bars = ax.barh([i + j * height for i, _ in pts], [r for _, r in pts], height,
+                       label=f"{m['task']} T={m['temperature']:g}")
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+    ax.axvline(1.0, color="grey", lw=0.8)
+    ax.set_yticks([i + height * (len(data) - 1) / 2 for i in range(len(systems))], systems,
+                  fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("tokens/s relative to our AR (target alone) in the same run")
+    compute = (data[0]["meta"].get("compute") or [None])[-1] or "default"
+    ax.set_title(f"Decoding speed, SmolLM2-135M-Instruct ({compute} compute), 2-core CPU",
+                 fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+    plt.close(fig)
     return out
 
 
@@ -64,7 +74,8 @@ def _timeline_panel(ax, res, title: str) -> None:
     trees = res.stage_stats[-1].tree_steps
     ax.set_title(f"{title}: {res.stats['new_tokens']} tokens, "
                  f"{res.stats['tokens_per_s']:.1f} tokens/s"
-                 + (f", {trees} tree verifies by the target" if trees else ""), fontsize=9)
+                 + (f", {trees} tree verif{'y' if trees == 1 else 'ies'} by the target"
+                    if trees else ""), fontsize=9)
     handles, labels = ax.get_legend_handles_labels()
     uniq = dict(zip(labels, handles, strict=False))
     ax.legend(uniq.values(), uniq.keys(), loc="upper right", fontsize=7)

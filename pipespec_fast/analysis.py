@@ -46,6 +46,7 @@ __all__ = [
     "predict_from_stats",
     "predict_pipeline",
     "SpeculationCeiling",
+    "alpha_needed",
     "speculation_ceiling",
     "sync_sd_speedup",
     "verify_probability",
@@ -822,7 +823,7 @@ class SpeculationCeiling:
 
     alpha: float
     ar_tokens_per_s: float  # 1 / L(1)
-    sync_tokens_per_s: float  # max over g of A(alpha, g) / (L(g+1) + g * draft_s), g = 0 is AR
+    sync_tokens_per_s: float  # max over g of A(alpha, g) / (L(g+1) + cost of g drafts); g = 0: AR
     sync_gamma: int
     free_draft_tokens_per_s: float  # max over g of A(alpha, g) / L(g+1): drafts free and ready
     free_draft_gamma: int
@@ -844,28 +845,84 @@ class SpeculationCeiling:
 
 
 def speculation_ceiling(
-    target: LatencyModel, alpha: float, draft_s: float, max_gamma: int = 16
+    target: LatencyModel, alpha: float, draft_s: float | Sequence[float], max_gamma: int = 16
 ) -> SpeculationCeiling:
     """Upper bounds on speculative decoding for one target (see ``docs/ANALYSIS.md``).
 
     A verification of ``g`` drafts costs ``L(g+1)`` and commits ``A(alpha, g)`` tokens on
-    average. Synchronous decoding also pays ``g * draft_s`` to draft them first; its best
-    window (``g = 0``: decode alone) gives ``sync_tokens_per_s``. A pipeline can at most hide
-    the drafting entirely: ``A / L(g+1)`` at its best ``g`` bounds every PipeSpec schedule
-    whose drafts come from the same stage below (it keeps the target busy verifying, never
-    waiting, with drafts that cost it nothing). Where ``L(n)`` grows with ``n`` (a verify
-    bound by arithmetic, not by reading weights), this bound is close to AR whatever the
-    pipeline does.
+    average. Synchronous decoding also pays for drafting them first: ``g * draft_s``, or, where
+    ``draft_s`` is a sequence, the sum of its first ``g`` entries (the cost of the ``i``-th draft
+    step after a verification: the first one after the target's forward reads the draft's
+    weights back from memory; its last entry repeats). Its best window (``g = 0``: decode
+    alone) gives ``sync_tokens_per_s``. A pipeline can at most hide the drafting entirely:
+    ``A / L(g+1)`` at its best ``g`` bounds every PipeSpec schedule whose drafts come from the
+    same stage below (it keeps the target busy verifying, never waiting, with drafts that cost
+    it nothing). Where ``L(n)`` grows with ``n`` (a verify bound by arithmetic, not by reading
+    weights), this bound is close to AR whatever the pipeline does.
     """
     a = _check_alpha(alpha)
-    d = _real(draft_s, "draft_s")
-    if d < 0.0:
-        raise ValueError(f"draft_s must be >= 0, got {draft_s!r}")
+    costs = _draft_costs(draft_s)
     gmax = _check_int_gamma(max_gamma, "max_gamma")
-    sync_g, sync_rate = best_window(target, a, d, gmax)
+    if len(costs) == 1:
+        sync_g, sync_rate = best_window(target, a, costs[0], gmax)
+    else:
+        sync_g, sync_rate = _best_window_steps(target, a, costs, gmax)
     free_g, free_rate = best_window(target, a, 0.0, gmax)
     return SpeculationCeiling(a, 1.0 / target.latency_s(1), sync_rate, sync_g, free_rate,
                               free_g)
+
+
+def alpha_needed(target: LatencyModel, speedup: float, draft_s: float | Sequence[float] = 0.0,
+                 max_gamma: int = 16) -> float | None:
+    """The least per-token acceptance at which :func:`speculation_ceiling`'s synchronous bound
+    reaches ``speedup`` times AR (``1 / L(1)``) with drafts costing ``draft_s`` (``0``: free,
+    ready drafts, the bound of every pipeline); ``None`` where even ``alpha = 1`` cannot. The
+    bound grows with ``alpha``, so a bisection finds it (to ``1e-6``)."""
+    s = _real(speedup, "speedup")
+    if s <= 0.0:
+        raise ValueError(f"speedup must be > 0, got {speedup!r}")
+    costs = _draft_costs(draft_s)
+    gmax = _check_int_gamma(max_gamma, "max_gamma")
+
+    def reaches(a: float) -> bool:
+        c = speculation_ceiling(target, a, costs, gmax)
+        return c.sync_tokens_per_s >= s * c.ar_tokens_per_s
+
+    if not reaches(1.0):
+        return None
+    if reaches(0.0):
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while hi - lo > 1e-6:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
+    return hi
+
+
+def _draft_costs(draft_s: Any) -> tuple[float, ...]:
+    """``draft_s`` as per-step costs: one number (every step alike) or a non-empty sequence."""
+    if isinstance(draft_s, Sequence) and not isinstance(draft_s, str):
+        if not draft_s:
+            raise ValueError("draft_s: an empty sequence")
+        costs = tuple(_real(x, "draft_s", i) for i, x in enumerate(draft_s))
+    else:
+        costs = (_real(draft_s, "draft_s"),)
+    if min(costs) < 0.0:
+        raise ValueError(f"draft_s must be >= 0, got {draft_s!r}")
+    return costs
+
+
+def _best_window_steps(target: LatencyModel, alpha: float, costs: tuple[float, ...],
+                       max_gamma: int) -> tuple[int, float]:
+    """:func:`best_window` with the ``i``-th draft step costing ``costs[i]`` (the last repeats)."""
+    best, best_rate = 0, 1.0 / target.latency_s(1)
+    drafting = 0.0
+    for g in range(1, max_gamma + 1):
+        drafting += costs[min(g, len(costs)) - 1]
+        rate = _accepted(alpha, g) / (target.latency_s(g + 1) + drafting)
+        if rate > best_rate:
+            best, best_rate = g, rate
+    return best, best_rate
 
 
 def best_window(target: LatencyModel, alpha: float, draft_s: float, max_gamma: int

@@ -12,6 +12,7 @@ from pipespec_fast.analysis import (
     Prediction,
     StageProfile,
     alpha_from_mean_accepted,
+    alpha_needed,
     estimate_alpha,
     expected_accepted,
     expected_tokens_per_step,
@@ -598,6 +599,52 @@ def test_ceiling_useless_drafts_mean_decoding_alone():
     assert (c.sync_gamma, c.free_draft_gamma) == (0, 0)
     assert c.sync_tokens_per_s == c.free_draft_tokens_per_s == pytest.approx(1 / 4e-3)
     assert c.free_draft_vs_sync == 1.0
+
+
+def test_ceiling_per_step_draft_costs_sum_the_first_g_steps():
+    # L(n) = 3 + 0.25 n ms; the first draft step after a verify costs 1.1 ms (the draft's
+    # weights read back from memory), the next ones 0.5 and 0.4 ms (the last repeats)
+    line = LatencyModel.linear(3e-3, 0.25e-3)
+    steps = [1.1e-3, 0.5e-3, 0.4e-3]
+    c = speculation_ceiling(line, 0.6, steps, max_gamma=5)
+    rates = {g: expected_accepted(0.6, g) / (3e-3 + 0.25e-3 * (g + 1) + d)
+             for g, d in ((1, 1.1e-3), (2, 1.6e-3), (3, 2.0e-3), (4, 2.4e-3), (5, 2.8e-3))}
+    best = max(rates, key=rates.get)
+    assert rates[best] > 1 / 3.25e-3  # speculation pays at this alpha: the bound is a window
+    assert c.sync_gamma == best and c.sync_tokens_per_s == pytest.approx(rates[best])
+    # a one-entry sequence is the scalar cost; a dearer first step lowers the bound
+    one = speculation_ceiling(line, 0.6, [0.4e-3], max_gamma=5)
+    assert one == speculation_ceiling(line, 0.6, 0.4e-3, max_gamma=5)
+    assert c.sync_tokens_per_s < one.sync_tokens_per_s
+    assert c.free_draft_tokens_per_s == one.free_draft_tokens_per_s  # drafting not counted
+
+
+def test_alpha_needed_is_where_the_bound_reaches_the_speedup():
+    line = LatencyModel.linear(3e-3, 0.25e-3)
+    for speedup, draft in ((1.2, 0.0), (1.6, 0.0), (1.2, 0.4e-3), (1.3, [1.1e-3, 0.4e-3])):
+        a = alpha_needed(line, speedup, draft, max_gamma=8)
+        assert a is not None and 0.0 < a < 1.0
+        def ratio(x, draft=draft):
+            return speculation_ceiling(line, x, draft, 8).sync_tokens_per_s * 3.25e-3
+
+        assert ratio(a) >= speedup > ratio(a - 1e-4)
+    # dearer drafts need more acceptance; free drafts bound every pipeline
+    assert alpha_needed(line, 1.3, 0.0) < alpha_needed(line, 1.3, 0.5e-3)
+    assert alpha_needed(line, 1.0) == 0.0  # AR itself
+    # a verify of 9 tokens costs 5.5 ms: at most 9 tokens per 5.5 ms, 5.3x a 3.25 ms step
+    assert alpha_needed(line, 5.0, 0.0, max_gamma=8) is not None
+    assert alpha_needed(line, 5.6, 0.0, max_gamma=8) is None
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"speedup": 0.0}, "speedup"), ({"speedup": float("nan")}, "speedup"),
+    ({"draft_s": []}, "draft_s"), ({"draft_s": [1e-3, -1e-3]}, "draft_s"),
+    ({"max_gamma": 0}, "max_gamma"),
+])
+def test_alpha_needed_rejects_bad_arguments(kwargs, match):
+    args = {"target": LatencyModel.constant(1e-3), "speedup": 1.2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        alpha_needed(**args)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -22,11 +22,55 @@ def _pipe(k: int = 2) -> FastPipeline:
 
 def test_probe_latency_times_every_size_of_target_and_draft() -> None:
     pipe = _pipe()
-    out = e2e.probe_latency(pipe, ctx=24, ns=(1, 2, 4), reps=2)
-    assert set(out) == {"target", "draft"}
+    out = e2e.probe_latency(pipe, ctx=24, ns=(1, 2, 4), reps=2, after=3)
+    assert set(out) == {"target", "draft", "draft_after_verify"}
     assert set(out["target"]) == {1, 2, 4} and set(out["draft"]) == {1}
+    assert set(out["draft_after_verify"]) == {1, 2, 3}
     assert all(v > 0 for role in out.values() for v in role.values())
+    # the probe leaves the stages' own caches alone
+    assert all(s.cache.length == 0 for s in pipe.stages)
     pipe.close()
+
+
+def test_the_ceiling_charges_a_window_the_draft_steps_probed_after_a_verify() -> None:
+    from pipespec_fast.analysis import LatencyModel, speculation_ceiling
+
+    lat = {"target": {1: 3.0, 2: 3.25, 4: 3.75, 5: 4.0}, "draft": {1: 0.4},
+           "draft_after_verify": {1: 1.1, 2: 0.5, 3: 0.4, 4: 0.4}}
+    assert e2e.draft_steps_s(lat) == [1.1e-3, 0.5e-3, 0.4e-3, 0.4e-3]
+    assert e2e.draft_steps_s(lat, model_drafts=False) == [0.0]
+    assert e2e.draft_steps_s({"target": lat["target"], "draft": {1: 0.4}}) == [0.4e-3]
+    line = LatencyModel.fit([1, 2, 4, 5], [3e-3, 3.25e-3, 3.75e-3, 4e-3])
+    c = e2e.ceiling(lat, 0.7, 6)
+    ref = speculation_ceiling(line, 0.7, [1.1e-3, 0.5e-3, 0.4e-3, 0.4e-3], 6)
+    assert c["sync_tokens_per_s"] == ref.sync_tokens_per_s and c["draft_ms"][0] == 1.1
+    # the steps after a verify cost more than the step alone: the bound is lower
+    assert c["sync_tokens_per_s"] < speculation_ceiling(line, 0.7, 0.4e-3, 6).sync_tokens_per_s
+    # JSON turns the sizes into strings: the same numbers from a results file
+    import json
+
+    assert e2e.ceiling(json.loads(json.dumps(lat)), 0.7, 6) == c
+
+
+def test_needed_and_its_table_give_the_acceptance_each_goal_needs() -> None:
+    import readme_tables
+
+    from pipespec_fast.analysis import alpha_needed
+
+    lat = {"target": {1: 3.0, 2: 3.25, 4: 3.75, 5: 4.0}, "draft": {1: 0.4},
+           "draft_after_verify": {1: 1.1, 2: 0.5}}
+    need = e2e.needed(lat, speedups=(1.2, 9.0), max_gamma=6)
+    line = e2e.target_line(lat)
+    assert need["1.2"]["free"] == alpha_needed(line, 1.2, 0.0, 6)
+    assert need["1.2"]["sync"] == alpha_needed(line, 1.2, [1.1e-3, 0.5e-3], 6)
+    assert 0 < need["1.2"]["free"] < need["1.2"]["sync"] < 1
+    assert need["9"] == {"free": None, "sync": None}  # 7 tokens per 4.5 ms at best
+    meta = {"task": "mtbench", "temperature": 0, "alpha_needed": need}
+    summary = {"ours_sync": {"ceiling": {"alpha": 0.31}}}
+    rows = readme_tables.needed_table([{"meta": meta, "summary": summary}])
+    assert rows[2] == (f"| mtbench | 0 | 1.2x | {need['1.2']['sync']:.2f} | "
+                       f"{need['1.2']['free']:.2f} | 0.31 | - |")
+    assert rows[3] == "| mtbench | 0 | 9x | unreachable | unreachable | 0.31 | - |"
 
 
 def test_make_systems_ours_pipelines_share_the_loaded_stages() -> None:

@@ -614,7 +614,8 @@ _MODES = {"ours_ar": "ar", "ours_sync": "sync", "ours_sync2": "sync", "ours_sync
           "ours_pipespec_ngram": "pipespec", "ours_pipespec2": "pipespec",
           "ours_pipespec": "pipespec", "ours_pipespec_split": "pipespec",
           "ours_sync_ngram": "sync", "ours_sync_ngram_tree": "sync",
-          "ours_pipespec_ngram_tree": "pipespec", "ours_pipespec_tree": "pipespec"}
+          "ours_pipespec_ngram_tree": "pipespec", "ours_pipespec_tree": "pipespec",
+          "ours_pipespec_lookup": "pipespec"}
 
 
 def _system_config(name: str, n_stages: int):
@@ -647,6 +648,10 @@ def _sub_pipeline(pipe, name: str, tree_budget: int = 16):
         if not is_model_free(stages[0]):
             return None
         stages = [stages[0], stages[-1]]
+    elif name == "ours_pipespec_lookup":  # prompt lookup alone: the drafter without its store
+        if not getattr(stages[0], "store", None):
+            return None
+        stages = [stages[0].without_store(), stages[-1]]
     cfg = _system_config(name, len(stages))
     trees = tree_budget if name.endswith("_tree") else 0
     if trees and (not stages[0].capabilities.tree_drafts

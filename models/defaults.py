@@ -96,6 +96,9 @@ def default_target_dir(progress: bool = True) -> Path:
 
 
 DRAFT_DIR = Path(__file__).resolve().parent / "drafts" / "SmolLM2-135M-draft"
+# the default target's answers to prompts outside the benchmarks, for the n-gram drafter
+# (``pipespec_fast.stages.ngram_store``; made by ``tools/ngram_store.py``)
+NGRAM_STORE_DIR = Path(__file__).resolve().parent / "drafts" / "SmolLM2-135M-ngram"
 
 
 def default_draft_dir() -> Path:

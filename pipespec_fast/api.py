@@ -158,12 +158,14 @@ class FastPipeline:
                         dtype: torch.dtype | None = None,
                         devices: Sequence[str | torch.device] | None = None,
                         max_len: int = 2048, ngram: bool = False, compute: str | None = None,
-                        distributed: bool = False, **kwargs) -> FastPipeline:
+                        distributed: bool = False, ngram_store=None, **kwargs) -> FastPipeline:
         """Load LLaMA checkpoints (HF layout), smallest first; the last path is the target. All must
         share one tokenizer; ``ngram=True`` adds an n-gram drafter as stage 0
-        (:func:`pipespec_fast.loading.load_stages`). ``dtype`` ``None``: bf16 on CUDA, fp32
-        elsewhere, per stage device (:func:`pipespec_fast.loading.default_dtype`). ``compute``
-        (every model: ``models.packed.set_compute``): ``"exact"`` is the converted checkpoints' fp32
+        (:func:`pipespec_fast.loading.load_stages`), and ``ngram_store`` (a folder saved by
+        ``NGramStore.save``, or a store) the target's answers it also draws on. ``dtype``
+        ``None``: bf16 on CUDA, fp32 elsewhere, per stage device
+        (:func:`pipespec_fast.loading.default_dtype`). ``compute`` (every model:
+        ``models.packed.set_compute``): ``"exact"`` is the converted checkpoints' fp32
         arithmetic (greedy equals transformers); ``"int8"`` computes products on Q4_1 / Q8_0 weights
         with int8 activations (greedy speculative decoding equals int8 greedy AR, not transformers).
         Default (``None``): ``int8`` for a target holding Q4_1 / Q8_0 packed weights on CPU (the
@@ -181,7 +183,7 @@ class FastPipeline:
         ``config.use(...replace(dist_peer_timeout=...))`` around this call) is declared
         dead: raise it across hosts and where a first forward compiles
         (``docs/CONFIGURATION.md``)."""
-        from pipespec_fast.loading import default_dtype, load_stages
+        from pipespec_fast.loading import default_dtype, load_stages, load_store
         from pipespec_fast.models.packed import (
             default_modes,
             release_freed_memory,
@@ -198,10 +200,11 @@ class FastPipeline:
                 raise ValueError("devices: one device per rank with distributed=True; pass "
                                  "device= (each rank's own)")
             dtype = default_dtype(device) if dtype is None else dtype
+            store = load_store(ngram_store, paths[-1], ngram)
             stages, tok, placement = load_local_stages(paths, device, dtype, max_len, ngram,
-                                                       compute)
+                                                       compute, store)
             return cls(stages, tokenizer=tok, placement=placement, **kwargs)
-        stages, tok = load_stages(paths, device, dtype, devices, max_len, ngram)
+        stages, tok = load_stages(paths, device, dtype, devices, max_len, ngram, ngram_store)
         models = [st.model for st in stages if hasattr(getattr(st, "model", None), "compute")]
         modes = default_modes(models) if compute is None else [compute] * len(models)
         for i, (model, mode) in enumerate(zip(models, modes, strict=True)):
@@ -217,10 +220,14 @@ class FastPipeline:
         ``pipespec-fast models`` (the distilled draft, then the target). ``draft=False``
         leaves the draft out: ``[n-gram -> target]``, faster on a 2-core CPU (README). Its
         target and draft compute in int8 unless ``compute="exact"`` is asked for
-        (:meth:`from_pretrained`; the draft's fp16 matrices get Q8_0 copies)."""
-        from pipespec_fast.models.defaults import default_model_dirs
+        (:meth:`from_pretrained`; the draft's fp16 matrices get Q8_0 copies). The n-gram
+        drafter draws on the embedded store of the target's own answers (``ngram_store=None``
+        leaves it out)."""
+        from pipespec_fast.models.defaults import NGRAM_STORE_DIR, default_model_dirs
 
         kwargs.setdefault("ngram", True)
+        if kwargs["ngram"]:
+            kwargs.setdefault("ngram_store", NGRAM_STORE_DIR)
         dirs = default_model_dirs()
         return cls.from_pretrained([str(p) for p in (dirs if draft else dirs[-1:])], **kwargs)
 

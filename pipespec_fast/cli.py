@@ -79,6 +79,12 @@ def _check_generate_args(args: argparse.Namespace) -> None:
                          "the trees) or --mode sync (the first model's trees)")
     if args.no_draft and args.models:
         raise UsageError("--no-draft applies to the default hierarchy, not to --models")
+    if args.ngram_store is not None and args.models and not args.ngram:
+        raise UsageError("--ngram-store with --models needs --ngram (the drafter that reads it)")
+    if args.ngram_store not in (None, "none"):
+        store = Path(args.ngram_store)
+        if not (store / "store.json").is_file():
+            raise UsageError(f"--ngram-store: {store}: no store.json in this folder")
     if not args.distributed:  # a rank checks its own folder only (_check_own_model_dir)
         for m in args.models or []:
             _check_model_dir(m)
@@ -126,6 +132,8 @@ def _generate(args: argparse.Namespace) -> int:
     }[args.dtype]
     kw = dict(device=args.device, dtype=dtype, mode=args.mode, max_len=args.max_len,
               compute=args.compute, tree_budget=args.tree_budget)
+    if args.ngram_store is not None:  # "none": the default hierarchy's drafter without one
+        kw["ngram_store"] = None if args.ngram_store == "none" else args.ngram_store
     if args.distributed:
         return _generate_distributed(args, kw)
     if args.models:
@@ -297,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the embedded default hierarchy)")
     g.add_argument("--ngram", action="store_true",
                    help="with --models: put an n-gram prompt-lookup drafter below them")
+    g.add_argument("--ngram-store", metavar="DIR|none",
+                   help="the n-gram drafter's store of the target's answers (a folder made by "
+                   "tools/ngram_store.py; default: the embedded one for the default hierarchy, "
+                   "none with --models; 'none': without)")
     g.add_argument("--no-draft", action="store_true",
                    help="default hierarchy without the distilled draft: n-gram -> target")
     g.add_argument("--max-new-tokens", type=int, default=128)

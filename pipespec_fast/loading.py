@@ -26,7 +26,7 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 def load_stages(paths: Sequence[str | Path], device: str | torch.device = "cpu",
                 dtype: torch.dtype | None = None,
                 devices: Sequence[str | torch.device] | None = None, max_len: int = 2048,
-                ngram: bool = False) -> tuple[list[Stage], object | None]:
+                ngram: bool = False, ngram_store=None) -> tuple[list[Stage], object | None]:
     """LLaMA checkpoints (HF layout), smallest first, as ``LlamaStage`` s, and the target's
     tokenizer (``None`` when the directories hold none).
 
@@ -34,8 +34,9 @@ def load_stages(paths: Sequence[str | Path], device: str | torch.device = "cpu",
     ``ValueError`` that names both stages, before any weights load. ``ngram=True`` puts a
     model-free prompt-lookup drafter (``NGramStage``) below the models as stage 0, on the
     CPU whatever the models' device: its work is host-side lookups, and its proposals on a GPU
-    would cost uploads and host reads (three syncs per token) for nothing. ``dtype`` ``None``:
-    each stage gets :func:`default_dtype` of its own device.
+    would cost uploads and host reads (three syncs per token) for nothing; ``ngram_store``
+    gives it a store of the target's answers (:func:`load_store`, read before any model).
+    ``dtype`` ``None``: each stage gets :func:`default_dtype` of its own device.
     """
     if not paths:
         raise ValueError("paths: at least one model directory is required")
@@ -43,6 +44,7 @@ def load_stages(paths: Sequence[str | Path], device: str | torch.device = "cpu",
     if len(devices) != len(paths):
         raise ValueError(f"devices: {len(devices)} given for {len(paths)} stages")
     tok = check_tokenizers(paths)
+    store = load_store(ngram_store, paths[-1], ngram)
     names = [Path(p).name for p in paths]
     stages: list[Stage] = [
         LlamaStage.from_pretrained(p, dtype=default_dtype(d) if dtype is None else dtype,
@@ -51,8 +53,36 @@ def load_stages(paths: Sequence[str | Path], device: str | torch.device = "cpu",
     ]
     if ngram:
         t = stages[-1]
-        stages.insert(0, NGramStage(t.vocab_size, max_len=t.max_len, device="cpu"))
+        stages.insert(0, NGramStage(t.vocab_size, max_len=t.max_len, device="cpu",
+                                    store=store))
     return stages, tok
+
+
+def load_store(store, target_dir: str | Path, ngram: bool = True):
+    """``store`` as an :class:`~pipespec_fast.stages.ngram_store.NGramStore` for the target in
+    ``target_dir``: ``None``, a store, or the folder of a saved one. A folder's store must have
+    been made with the target's tokenizer (its recorded SHA-256 of ``tokenizer.json`` against
+    the target folder's, where both exist) and vocabulary; a ``ValueError`` names the folder.
+    ``ngram=False`` with a store is refused: only the n-gram drafter reads it."""
+    import hashlib
+
+    from pipespec_fast.stages.ngram_store import NGramStore
+
+    if store is None:
+        return None
+    if not ngram:
+        raise ValueError("ngram_store: only the n-gram drafter uses it (pass ngram=True)")
+    if isinstance(store, NGramStore):
+        return store
+    if not isinstance(store, (str, Path)):
+        raise TypeError(f"ngram_store: a folder or an NGramStore, got {type(store).__name__}")
+    loaded = NGramStore.load(store)
+    want = loaded.meta.get("tokenizer_sha256")
+    tok_file = Path(target_dir) / "tokenizer.json"
+    if want and tok_file.is_file() and hashlib.sha256(tok_file.read_bytes()).hexdigest() != want:
+        raise ValueError(f"ngram_store: {store} was made with another tokenizer than the "
+                         f"target's ({tok_file})")
+    return loaded
 
 
 def check_tokenizers(paths: Sequence[str | Path]):

@@ -47,6 +47,8 @@ def _one_line_error(capsys, *needles: str) -> str:
     (["--tree-budget", "-1"], "--tree-budget must be an integer in [0, 48]"),
     (["--tree-budget", "49"], "--tree-budget"),
     (["--models", ".", "--tree-budget", "4"], "--tree-budget with --models needs --ngram"),
+    (["--models", ".", "--ngram-store", "none"], "--ngram-store with --models needs --ngram"),
+    (["--ngram-store", "/nonexistent-store"], "--ngram-store: /nonexistent-store: no store.json"),
 ])
 def test_bad_arguments_exit_2_before_any_model_loads(args, needle, capsys, no_model_load):
     assert cli.main(["generate", "--prompt", "hi", *args]) == cli.EXIT_USAGE
@@ -72,6 +74,13 @@ def test_compute_mode_reaches_the_pipeline(monkeypatch) -> None:
     assert seen["tree_budget"] == 0
     cli.main(["generate", "--prompt", "hi", "--tree-budget", "12"])
     assert seen["tree_budget"] == 12
+    assert "ngram_store" not in seen  # the default hierarchy's own store
+    cli.main(["generate", "--prompt", "hi", "--ngram-store", "none"])
+    assert seen["ngram_store"] is None
+    from pipespec_fast.models.defaults import NGRAM_STORE_DIR
+
+    cli.main(["generate", "--prompt", "hi", "--ngram-store", str(NGRAM_STORE_DIR)])
+    assert seen["ngram_store"] == str(NGRAM_STORE_DIR)
 
 
 def test_cuda_device_without_cuda_is_a_usage_error(monkeypatch, capsys, no_model_load):

@@ -78,3 +78,36 @@ def test_ops_stochastic_accept_equals_the_reference(parents) -> None:
         got = ops.stochastic_accept(toks, par, q, p, 5, trial)
         want = reference.stochastic_accept(toks, par, q, p, 5, trial)
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), trial
+
+
+# ----------------------------------------------------------------------------- rows_max
+
+@pytest.mark.parametrize("n, V", [(1, 49152), (5, 49152), (3, 17), (2, 16), (4, 33), (1, 1),
+                                  (7, 100)])
+def test_rows_max_equals_torch_max(n, V) -> None:
+    g = torch.Generator().manual_seed(n * 1000 + V)
+    for x in (torch.randn(n, V, generator=g),
+              torch.randint(-3, 3, (n, V), generator=g).float()):  # many ties
+        want = x.max(-1)
+        got = race.rows_max(x)
+        assert torch.equal(got[0], want.values) and torch.equal(got[1], want.indices)
+
+
+def test_rows_max_non_finite_rows_and_strided_rows() -> None:
+    x = torch.zeros(4, 50)
+    x[0, [5, 20, 45]] = 2.0  # ties: the first
+    x[1] = float("-inf")  # all -inf: index 0, as torch
+    x[2, 40] = float("inf")
+    x[3, [44, 30]] = float("nan")  # the first NaN, in the tail and in a full block
+    x[3, 10] = 5.0
+    got, want = race.rows_max(x), x.max(-1)
+    assert torch.equal(got[1], want.indices) and got[1].tolist() == [5, 0, 40, 30]
+    assert torch.equal(got[0][:3], want.values[:3]) and got[0][3].isnan()
+    wide = torch.randn(3, 80)
+    view = wide[:, 7:60]  # row stride 80, unit column stride
+    got, want = race.rows_max(view), view.max(-1)
+    assert torch.equal(got[0], want.values) and torch.equal(got[1], want.indices)
+    for bad in (torch.zeros(2, 4, dtype=torch.float64), torch.zeros(4), wide.t()):
+        with pytest.raises(ValueError, match="rows_max"):
+            race.rows_max(bad)
+    assert race.rows_max(torch.zeros(0, 5))[1].shape == (0,)

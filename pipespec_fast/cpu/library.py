@@ -101,6 +101,8 @@ SIGNATURES: dict[str, tuple] = {
     "race_uniforms": (None, [c_void_p, c_longlong, c_uint32, c_longlong]),
     # w, V, key, index0
     "race_argmax": (c_longlong, [c_void_p, c_longlong, c_uint32, c_longlong]),
+    # x, n, V, ld, val, idx
+    "rows_max": (None, [c_void_p, c_longlong, c_longlong, c_longlong, c_void_p, c_void_p]),
     "decoder_abi_version": (c_int, []),
     "decoder_supported": (c_int, []),
     "decoder_set_avx512": (c_int, [c_int]),

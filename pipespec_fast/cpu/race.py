@@ -56,3 +56,20 @@ def race_argmax(w: torch.Tensor, key_: int, index0: int = 0) -> int:
                          f"{tuple(w.shape)} on {w.device}")
     w = w.contiguous()
     return int(library.load().race_argmax(w.data_ptr(), w.shape[0], key_ & _M32, index0))
+
+
+def rows_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, indices)`` of ``x: [n, V]`` fp32 on CPU along its last dimension, as
+    ``x.max(-1)`` gives them (the first of equal maxima; a row with a NaN: NaN and the first
+    NaN's index), in one C pass per row plus one to find the index: the greedy choice of a
+    verify step, ~10x faster than torch's single-threaded reduction on a 49k vocabulary."""
+    if x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu" or x.stride(-1) != 1:
+        raise ValueError(f"rows_max: x must be [n, V] fp32 on CPU with unit stride, got "
+                         f"{x.dtype} {tuple(x.shape)} on {x.device}")
+    n, v = x.shape
+    val = torch.empty(n, dtype=torch.float32)
+    idx = torch.empty(n, dtype=torch.int64)
+    if n:
+        library.load().rows_max(x.data_ptr(), n, v, x.stride(0), val.data_ptr(), idx.data_ptr())
+    return val, idx
+

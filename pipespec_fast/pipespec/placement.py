@@ -188,7 +188,7 @@ def rank_device(device):
 
 
 def load_local_stages(paths: Sequence[str | Path], device, dtype, max_len: int, ngram: bool,
-                      compute: str | None):
+                      compute: str | None, store=None):
     """This rank's stages (``paths[rank]``'s model, with an n-gram drafter on rank 0 and on
     the target's rank when ``ngram``), the shared tokenizer, and the placement. Only
     ``paths[rank]`` is read (``rank_files.py``: a host needs only its ranks' folders); a
@@ -222,18 +222,20 @@ def load_local_stages(paths: Sequence[str | Path], device, dtype, max_len: int, 
         requantize_fp16(stage.model)  # a draft: as FastPipeline.from_pretrained does
     set_compute(stage.model, mode)
     release_freed_memory()
-    stages = with_drafter(stage, rank, world, ngram)
+    stages = with_drafter(stage, rank, world, ngram, store)
     return stages, tok, make_placement(stages, ngram)
 
 
-def with_drafter(stage, rank: int, world: int, ngram: bool) -> list:
+def with_drafter(stage, rank: int, world: int, ngram: bool, store=None) -> list:
     """This rank's stages: its model ``stage``, with the n-gram drafter below it on rank 0
     (which runs it inline) and on the target's rank (its copy for skip-level drafts), when
     ``ngram``. The drafter stays on the CPU whatever the rank's device, as in one process
     (``loading.load_stages``): its work is host-side lookups, and on a GPU its proposals
-    would cost uploads and host reads (three syncs per token) for nothing."""
+    would cost uploads and host reads (three syncs per token) for nothing. ``store``: the
+    drafter's ``NGramStore`` (``loading.load_store``)."""
     from pipespec_fast.stages import NGramStage
 
     if not ngram or rank not in (0, world - 1):
         return [stage]
-    return [NGramStage(stage.vocab_size, max_len=stage.max_len, device="cpu"), stage]
+    return [NGramStage(stage.vocab_size, max_len=stage.max_len, device="cpu", store=store),
+            stage]

@@ -6,9 +6,12 @@ It implements the :class:`~pipespec_fast.stages.Stage` protocol with the token h
 
 Proposal for a position ``p`` (what follows ``history[: p + 1]``): for ``n`` from ``max_ngram``
 down to ``min_ngram``, take the suffix ``history[p - n + 1 : p + 1]``; if it occurred earlier
-(ending at some ``e < p``), propose ``history[e + 1]`` of the most recent such occurrence. When
-no suffix matches, fall back to the token that most often followed ``history[p]`` so far (a
-bigram count over ``history[: p + 1]``, ties to the smallest id), else to ``history[p]`` itself.
+(ending at some ``e < p``), propose ``history[e + 1]`` of the most recent such occurrence. With
+a ``store`` (the target's own answers to other prompts, ``stages/ngram_store.py``), a suffix
+of two or more tokens still comes first, then the store's longest matching context, then a
+one-token suffix (``stages/ngram_index.py``). When nothing matches, fall back to the token
+that most often followed ``history[p]`` so far (a bigram count over ``history[: p + 1]``, ties
+to the smallest id), else to ``history[p]`` itself.
 
 A logits row is ``0.0`` at the proposal and ``-inf`` elsewhere: greedy takes it and, under
 sampling, ``probs_from_logits`` gives a one-hot ``q`` at any temperature / top-k / top-p, with
@@ -27,6 +30,7 @@ import torch
 
 from pipespec_fast.stages.base import StageCapabilities
 from pipespec_fast.stages.ngram_index import SuffixIndex
+from pipespec_fast.stages.ngram_store import NGramStore
 from pipespec_fast.stages.ngram_tree import ngram_tree
 from pipespec_fast.stages.tree import DraftTree
 
@@ -43,6 +47,9 @@ class NGramStage:
         max_len: most tokens the history may hold (like a KV cache's capacity).
         max_ngram, min_ngram: longest / shortest suffix tried (``1 <= min <= max``).
         name, device: stage name; device the logits are returned on.
+        store: an :class:`~pipespec_fast.stages.ngram_store.NGramStore` (the target's own
+            answers to other prompts) consulted where this text has no match of two tokens or
+            more (``ngram_index``); shared, read only, by clones.
 
     After each ``forward``, ``last_match_len`` is the suffix length that produced the last
     row's proposal (``0`` for a fallback) and ``last_proposals`` the proposed token per
@@ -64,17 +71,9 @@ class NGramStage:
         name: str = "ngram",
         device: torch.device | str = "cpu",
         min_confident_match: int = 1,
+        store: NGramStore | None = None,
     ) -> None:
-        if not isinstance(vocab_size, int) or vocab_size < 1:
-            raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
-        if not isinstance(max_len, int) or max_len < 1:
-            raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
-        if not isinstance(min_ngram, int) or min_ngram < 1:
-            raise ValueError(f"min_ngram must be an integer >= 1, got {min_ngram!r}")
-        if not isinstance(max_ngram, int) or max_ngram < min_ngram:
-            raise ValueError(
-                f"max_ngram must be an integer >= min_ngram ({min_ngram}), got {max_ngram!r}"
-            )
+        _check_args(vocab_size, max_len, max_ngram, min_ngram, store)
         self.name = name
         self.vocab_size = vocab_size
         self.max_len = max_len
@@ -83,16 +82,23 @@ class NGramStage:
         # proposals from a match shorter than this are guesses, never sent for verification
         self.min_confident_match = min_confident_match
         self._device = torch.device(device)
-        self.index = SuffixIndex(min_ngram, max_ngram)  # the history and its n-gram lookup
+        self.store = store
+        self.index = SuffixIndex(min_ngram, max_ngram, store)  # the history and its lookup
         self.last_match_len = 0
         self.last_proposals: list[int] = []
         self.proposals = 0
         self.matched = 0
 
-    def clone(self) -> NGramStage:
-        """A drafter with the same settings and an empty history."""
+    def clone(self, store: NGramStore | None | bool = True) -> NGramStage:
+        """A drafter with the same settings and an empty history (``store``: ``True`` shares
+        this one's, else the store to use)."""
         return NGramStage(self.vocab_size, self.max_len, self.max_ngram, self.min_ngram,
-                          self.name, self._device, self.min_confident_match)
+                          self.name, self._device, self.min_confident_match,
+                          self.store if store is True else store)
+
+    def without_store(self) -> NGramStage:
+        """:meth:`clone` with no store: prompt lookup alone."""
+        return self.clone(store=None)
 
     # ------------------------------------------------------------------ Stage protocol
 
@@ -179,3 +185,23 @@ class NGramStage:
     def propose_at(self, p: int) -> tuple[int, int]:
         """``(token, match_len)`` to follow ``history[: p + 1]`` (``match_len`` 0: fallback)."""
         return self.index.propose_at(p)
+
+
+def _check_args(vocab_size, max_len, max_ngram, min_ngram, store) -> None:
+    """``NGramStage``'s arguments, each refused with an error naming it."""
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+    if not isinstance(max_len, int) or max_len < 1:
+        raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
+    if not isinstance(min_ngram, int) or min_ngram < 1:
+        raise ValueError(f"min_ngram must be an integer >= 1, got {min_ngram!r}")
+    if not isinstance(max_ngram, int) or max_ngram < min_ngram:
+        raise ValueError(
+            f"max_ngram must be an integer >= min_ngram ({min_ngram}), got {max_ngram!r}"
+        )
+    if store is not None:
+        if not isinstance(store, NGramStore):
+            raise TypeError(f"store must be an NGramStore, got {type(store).__name__}")
+        if store.vocab_size != vocab_size:
+            raise ValueError(f"store: made for a vocabulary of {store.vocab_size} tokens, "
+                             f"the drafter's is {vocab_size}")

@@ -13,11 +13,20 @@ the answer is kept ready instead:
 Appending a token adds ``max_n - min_n + 1`` positions and one count. Truncation is the other
 way round: the positions to drop are always the largest of their lists, so they are popped from
 the back. A lookup is ``O(max_n)`` dict probes plus a bisect, whatever the sequence's length.
+
+With a ``store`` (:class:`~pipespec_fast.stages.ngram_store.NGramStore`, the target's own
+answers to other prompts), a suffix of at least :data:`CONTEXT_FIRST` tokens that occurred
+earlier in this text still proposes first; where none did, the store's longest matching
+context proposes before a one-token suffix of this text does. On held-out answers (not the
+benchmarks') this order guessed best among the rules tried (``docs/DRAFT.md``).
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
+
+# a suffix of this text at least this long proposes before the store does
+CONTEXT_FIRST = 2
 
 
 class SuffixIndex:
@@ -26,11 +35,14 @@ class SuffixIndex:
     Args:
         min_n, max_n: shortest / longest suffix indexed (``1 <= min_n <= max_n``; checked by
             the caller).
+        store: an ``NGramStore`` consulted when no suffix of ``CONTEXT_FIRST`` tokens or more
+            occurred earlier (read only; clones share it).
     """
 
-    def __init__(self, min_n: int, max_n: int) -> None:
+    def __init__(self, min_n: int, max_n: int, store=None) -> None:
         self.min_n = min_n
         self.max_n = max_n
+        self.store = store
         self.tokens: list[int] = []
         self.ends: list[dict[tuple[int, ...], list[int]]] = [{} for _ in range(min_n, max_n + 1)]
         self.followers: dict[int, dict[int, int]] = {}
@@ -92,13 +104,21 @@ class SuffixIndex:
         """``(token, match_len)`` to follow ``tokens[: p + 1]`` (``match_len`` 0: fallback).
 
         The longest suffix ending at ``p`` (``max_n`` down to ``min_n``) that also ended
-        earlier proposes what followed its most recent earlier occurrence."""
+        earlier proposes what followed its most recent earlier occurrence; the store (if any)
+        comes before suffixes shorter than ``CONTEXT_FIRST``, its context length then being
+        ``match_len``."""
         h = self.tokens
         if not 0 <= p < len(h):
             raise ValueError(f"position {p} outside the history [0, {len(h)})")
         last = len(h) - 1
         lo = self.min_n
+        store = self.store
         for n in range(min(self.max_n, p + 1), lo - 1, -1):
+            if store is not None and n < CONTEXT_FIRST:
+                tok, m = store.lookup(h, p + 1)
+                if m:
+                    return tok, m
+                store = None
             lst = self.ends[n - lo].get(tuple(h[p - n + 1 : p + 1]))
             if lst is None:
                 continue
@@ -109,6 +129,10 @@ class SuffixIndex:
             i = bisect_left(lst, p)
             if i:
                 return h[lst[i - 1] + 1], n
+        if store is not None:
+            tok, m = store.lookup(h, p + 1)
+            if m:
+                return tok, m
         return self._fallback(p), 0
 
     def _fallback(self, p: int) -> int:

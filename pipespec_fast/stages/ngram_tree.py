@@ -26,13 +26,17 @@ Construction, from a :class:`~pipespec_fast.stages.ngram_index.SuffixIndex`:
    most likely ones, each kept only with its parent, listed parents first and siblings most
    likely first: the order the acceptance kernels expect, and every prefix of the list is the
    best smaller tree.
+
+With a store (``SuffixIndex.store``) and no suffix of ``CONTEXT_FIRST`` tokens that occurred
+before, the store's chain (:func:`store_chain`) goes in as the most recent continuation, the
+bet, with the continuations of this text's one-token suffix beside it.
 """
 
 from __future__ import annotations
 
 import heapq
 
-from pipespec_fast.stages.ngram_index import SuffixIndex
+from pipespec_fast.stages.ngram_index import CONTEXT_FIRST, SuffixIndex
 from pipespec_fast.stages.tree import DraftTree
 
 EMPTY = DraftTree((), (), ())
@@ -117,4 +121,25 @@ def ngram_tree(index: SuffixIndex, budget: int, max_depth: int, max_occurrences:
     ``budget`` nodes and ``max_depth`` levels; empty with ``match_len == 0`` when no suffix of
     length ``>= min_match`` occurred before."""
     conts, n = matched_continuations(index, max_depth, max_occurrences, min_match)
+    if index.store is not None and n < CONTEXT_FIRST:
+        chain, m = store_chain(index, max_depth)
+        if chain:  # the store's bet first, as the chain drafter would propose it
+            conts, n = [chain, *conts], max(n, m)
     return continuation_trie(conts, budget, decay), n
+
+
+def store_chain(index: SuffixIndex, max_depth: int) -> tuple[list[int], int]:
+    """``(tokens, match_len)``: up to ``max_depth`` tokens after the end of ``index.tokens``,
+    each the store's proposal for the text so far (``index.store``); ``match_len``: the
+    context length of the first (``([], 0)``: the store holds none)."""
+    text = list(index.tokens)
+    out: list[int] = []
+    first = 0
+    for _ in range(max_depth):
+        tok, m = index.store.lookup(text)
+        if not m:
+            break
+        first = first or m
+        out.append(tok)
+        text.append(tok)
+    return out, first

@@ -178,3 +178,77 @@ int64_t race_argmax(const float *w, int64_t V, uint32_t key, int64_t index0) {
     float best;
     return argmax_scalar(w, V, key, index0, 0, &best);
 }
+
+/* ----------------------------------------------------------------------- rows_max */
+
+static void row_max_scalar(const float *x, int64_t V, float *val, int64_t *idx) {
+    int64_t best = 0;
+    for (int64_t v = 0; v < V; ++v) {
+        if (x[v] != x[v]) { /* NaN: torch.max reports the first one */
+            *val = x[v];
+            *idx = v;
+            return;
+        }
+        if (x[v] > x[best]) best = v;
+    }
+    *val = x[best];
+    *idx = best;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) static void row_max_512(const float *x, int64_t V, float *val,
+                                                           int64_t *idx) {
+    const __m512 lo = _mm512_set1_ps(-INFINITY);
+    __m512 m = lo;
+    __mmask16 nan = 0;
+    int64_t v = 0;
+    for (; v + 16 <= V; v += 16) {
+        const __m512 a = _mm512_loadu_ps(x + v);
+        nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+        m = _mm512_max_ps(m, a);
+    }
+    const __mmask16 tail = (__mmask16)((1u << (V - v)) - 1u);
+    if (tail) {
+        const __m512 a = _mm512_mask_loadu_ps(lo, tail, x + v);
+        nan |= _mm512_mask_cmp_ps_mask(tail, a, a, _CMP_UNORD_Q);
+        m = _mm512_max_ps(m, a);
+    }
+    if (nan) { /* the first NaN, as torch reports it */
+        row_max_scalar(x, V, val, idx);
+        return;
+    }
+    const float top = _mm512_reduce_max_ps(m);
+    const __m512 t = _mm512_set1_ps(top);
+    for (v = 0; v + 16 <= V; v += 16) {
+        const __mmask16 eq = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + v), t, _CMP_EQ_OQ);
+        if (eq) {
+            *val = top;
+            *idx = v + __builtin_ctz((unsigned)eq);
+            return;
+        }
+    }
+    for (; v < V; ++v)
+        if (x[v] == top) break;
+    *val = top;
+    *idx = v;
+}
+#endif
+
+void rows_max(const float *x, int64_t n, int64_t V, int64_t ld, float *val, int64_t *idx) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float *row = x + i * ld;
+        if (V <= 0) {
+            val[i] = -INFINITY;
+            idx[i] = -1;
+            continue;
+        }
+#if defined(__x86_64__) && defined(__GNUC__)
+        if (has_512()) {
+            row_max_512(row, V, val + i, idx + i);
+            continue;
+        }
+#endif
+        row_max_scalar(row, V, val + i, idx + i);
+    }
+}
+

@@ -15,4 +15,10 @@ void race_uniforms(float *out, int64_t n, uint32_t key, int64_t index0);
  * C) computes the same E_v and returns the same index. */
 int64_t race_argmax(const float *w, int64_t V, uint32_t key, int64_t index0);
 
+/* Greedy choice per row of x[n][V] (row i at x + i * ld): val[i] the row's maximum, idx[i] the
+ * index of its first occurrence (torch.max(-1)'s answer). A row holding a NaN gets val NaN and
+ * the first NaN's index, as torch's: the caller refuses a non-finite maximum. One pass to find
+ * the maximum, one to find where it first is; AVX-512F where the CPU has it. */
+void rows_max(const float *x, int64_t n, int64_t V, int64_t ld, float *val, int64_t *idx);
+
 #endif

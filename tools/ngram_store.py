@@ -1,0 +1,62 @@
+"""Build the default target's n-gram store (``pipespec_fast.stages.ngram_store``) from the
+answers of the draft's distillation data (``tools/draft_data.py``: the target's greedy and
+sampled answers to prompts that are not in any benchmark).
+
+    .venv/bin/python -m tools.ngram_store DATA_DIR [DATA_DIR ...] \\
+        [--out models/drafts/SmolLM2-135M-ngram]
+
+Each ``DATA_DIR`` holds ``shard-*.pt`` files of rows with the answer's ``tokens``; only the
+answers go in (not the prompts). The tokenizer recorded is the default draft folder's (the
+target's, byte for byte).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def answers(dirs: list[Path]) -> list[list[int]]:
+    """Every row's answer tokens, the directories and their shards in order."""
+    out = []
+    for d in dirs:
+        shards = sorted(d.glob("shard-*.pt"))
+        if not shards:
+            raise SystemExit(f"{d}: no shard-*.pt files")
+        for f in shards:
+            for r in torch.load(f, weights_only=True)["rows"]:
+                t = r["tokens"]
+                out.append([int(x) for x in (t.tolist() if hasattr(t, "tolist") else t)])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("data", nargs="+", type=Path, help="distillation data folders")
+    ap.add_argument("--out", type=Path, default=ROOT / "models/drafts/SmolLM2-135M-ngram")
+    ap.add_argument("--max-order", type=int, default=6)
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from pipespec_fast.models.defaults import DRAFT_DIR
+    from pipespec_fast.stages.ngram_store import NGramStore
+
+    tok = DRAFT_DIR / "tokenizer.json"
+    cfg = __import__("json").loads((DRAFT_DIR / "config.json").read_text())
+    seqs = answers(args.data)
+    meta = {"tokenizer_sha256": hashlib.sha256(tok.read_bytes()).hexdigest(),
+            "made_by": "tools/ngram_store.py: the answers (not the prompts) of "
+                       + ", ".join(p.name for p in args.data)}
+    store = NGramStore(seqs, cfg["vocab_size"], 2, args.max_order, meta)
+    store.save(args.out)
+    print(f"{store.sequences} answers, {store.tokens} tokens, {len(store)} contexts -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -237,7 +237,7 @@ def main(argv=None) -> int:
                         for s in pipe.stages],
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "peak_rss_mb": peak_rss_mb(), "command": " ".join(sys.argv), "skipped": skipped,
-            "alpha_needed": needed(latency, max_gamma=pipe.windows[-1])}
+            "alpha_needed": needed(latency, max_gamma=max(pipe.windows[-1], 1))}
     llama = next((s for s in systems.values() if hasattr(s, "bin_dir")), None)
     if llama is not None:
         meta["llamacpp"] = {"build": str(llama.bin_dir.parent.name), "gguf": str(llama.gguf),
@@ -649,7 +649,7 @@ def _sub_pipeline(pipe, name: str, tree_budget: int = 16):
             return None
         stages = [stages[0], stages[-1]]
     elif name == "ours_pipespec_lookup":  # prompt lookup alone: the drafter without its store
-        if not getattr(stages[0], "store", None):
+        if getattr(stages[0], "store", None) is None:
             return None
         stages = [stages[0].without_store(), stages[-1]]
     cfg = _system_config(name, len(stages))

@@ -158,7 +158,8 @@ class FastPipeline:
                         dtype: torch.dtype | None = None,
                         devices: Sequence[str | torch.device] | None = None,
                         max_len: int = 2048, ngram: bool = False, compute: str | None = None,
-                        distributed: bool = False, ngram_store=None, **kwargs) -> FastPipeline:
+                        distributed: bool = False, ngram_store: str | Path | None = None,
+                        **kwargs) -> FastPipeline:
         """Load LLaMA checkpoints (HF layout), smallest first; the last path is the target. All must
         share one tokenizer; ``ngram=True`` adds an n-gram drafter as stage 0
         (:func:`pipespec_fast.loading.load_stages`), and ``ngram_store`` (a folder saved by
@@ -183,7 +184,7 @@ class FastPipeline:
         ``config.use(...replace(dist_peer_timeout=...))`` around this call) is declared
         dead: raise it across hosts and where a first forward compiles
         (``docs/CONFIGURATION.md``)."""
-        from pipespec_fast.loading import default_dtype, load_stages, load_store
+        from pipespec_fast.loading import default_dtype, load_stages
         from pipespec_fast.models.packed import (
             default_modes,
             release_freed_memory,
@@ -200,9 +201,8 @@ class FastPipeline:
                 raise ValueError("devices: one device per rank with distributed=True; pass "
                                  "device= (each rank's own)")
             dtype = default_dtype(device) if dtype is None else dtype
-            store = load_store(ngram_store, paths[-1], ngram)
             stages, tok, placement = load_local_stages(paths, device, dtype, max_len, ngram,
-                                                       compute, store)
+                                                       compute, ngram_store)
             return cls(stages, tokenizer=tok, placement=placement, **kwargs)
         stages, tok = load_stages(paths, device, dtype, devices, max_len, ngram, ngram_store)
         models = [st.model for st in stages if hasattr(getattr(st, "model", None), "compute")]

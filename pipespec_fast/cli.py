@@ -81,7 +81,7 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         raise UsageError("--no-draft applies to the default hierarchy, not to --models")
     if args.ngram_store is not None and args.models and not args.ngram:
         raise UsageError("--ngram-store with --models needs --ngram (the drafter that reads it)")
-    if args.ngram_store not in (None, "none"):
+    if args.ngram_store not in (None, "none") and not args.distributed:  # a rank: its own
         store = Path(args.ngram_store)
         if not (store / "store.json").is_file():
             raise UsageError(f"--ngram-store: {store}: no store.json in this folder")

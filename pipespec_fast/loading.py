@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from pipespec_fast.stages import LlamaStage, NGramStage, Stage
+from pipespec_fast.stages.ngram_store import NGramStore
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
@@ -26,7 +27,8 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 def load_stages(paths: Sequence[str | Path], device: str | torch.device = "cpu",
                 dtype: torch.dtype | None = None,
                 devices: Sequence[str | torch.device] | None = None, max_len: int = 2048,
-                ngram: bool = False, ngram_store=None) -> tuple[list[Stage], object | None]:
+                ngram: bool = False, ngram_store: str | Path | NGramStore | None = None
+                ) -> tuple[list[Stage], object | None]:
     """LLaMA checkpoints (HF layout), smallest first, as ``LlamaStage`` s, and the target's
     tokenizer (``None`` when the directories hold none).
 
@@ -44,7 +46,7 @@ def load_stages(paths: Sequence[str | Path], device: str | torch.device = "cpu",
     if len(devices) != len(paths):
         raise ValueError(f"devices: {len(devices)} given for {len(paths)} stages")
     tok = check_tokenizers(paths)
-    store = load_store(ngram_store, paths[-1], ngram)
+    store = load_store(ngram_store, paths[-1], ngram, tok)
     names = [Path(p).name for p in paths]
     stages: list[Stage] = [
         LlamaStage.from_pretrained(p, dtype=default_dtype(d) if dtype is None else dtype,
@@ -58,30 +60,40 @@ def load_stages(paths: Sequence[str | Path], device: str | torch.device = "cpu",
     return stages, tok
 
 
-def load_store(store, target_dir: str | Path, ngram: bool = True):
+def load_store(store: str | Path | NGramStore | None, target_dir: str | Path | None,
+               ngram: bool = True, tokenizer=None) -> NGramStore | None:
     """``store`` as an :class:`~pipespec_fast.stages.ngram_store.NGramStore` for the target in
-    ``target_dir``: ``None``, a store, or the folder of a saved one. A folder's store must have
-    been made with the target's tokenizer (its recorded SHA-256 of ``tokenizer.json`` against
-    the target folder's, where both exist) and vocabulary; a ``ValueError`` names the folder.
-    ``ngram=False`` with a store is refused: only the n-gram drafter reads it."""
-    import hashlib
+    ``target_dir``: ``None``, a store, or the folder of a saved one. Checked before any model
+    loads, each mismatch a ``ValueError`` naming the store: its vocabulary size against the
+    target folder's ``config.json`` (where the folder is at hand), and the vocabulary it was
+    made with (``vocab_sha256``, :func:`~pipespec_fast.stages.ngram_store.vocab_fingerprint`)
+    against ``tokenizer``'s, where both exist. ``ngram=False`` with a store is refused: only
+    the n-gram drafter reads it."""
+    import json
 
-    from pipespec_fast.stages.ngram_store import NGramStore
+    from pipespec_fast.stages.ngram_store import NGramStore, vocab_fingerprint
 
     if store is None:
         return None
     if not ngram:
         raise ValueError("ngram_store: only the n-gram drafter uses it (pass ngram=True)")
-    if isinstance(store, NGramStore):
-        return store
-    if not isinstance(store, (str, Path)):
+    if not isinstance(store, (str, Path, NGramStore)):
         raise TypeError(f"ngram_store: a folder or an NGramStore, got {type(store).__name__}")
-    loaded = NGramStore.load(store)
-    want = loaded.meta.get("tokenizer_sha256")
-    tok_file = Path(target_dir) / "tokenizer.json"
-    if want and tok_file.is_file() and hashlib.sha256(tok_file.read_bytes()).hexdigest() != want:
-        raise ValueError(f"ngram_store: {store} was made with another tokenizer than the "
-                         f"target's ({tok_file})")
+    loaded = store if isinstance(store, NGramStore) else NGramStore.load(store)
+    name = "the store" if isinstance(store, NGramStore) else str(store)
+    cfg = Path(target_dir) / "config.json" if target_dir is not None else None
+    if cfg is not None and cfg.is_file():
+        try:
+            vocab = json.loads(cfg.read_text()).get("vocab_size")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            vocab = None  # the model's own loading reports a broken config.json
+        if isinstance(vocab, int) and vocab != loaded.vocab_size:
+            raise ValueError(f"ngram_store: {name} holds ids of a {loaded.vocab_size}-token "
+                             f"vocabulary; the target ({target_dir}) has {vocab}")
+    want = loaded.meta.get("vocab_sha256")
+    if want and tokenizer is not None and vocab_fingerprint(tokenizer.get_vocab()) != want:
+        raise ValueError(f"ngram_store: {name} was made with another vocabulary than the "
+                         "target's tokenizer")
     return loaded
 
 

@@ -60,6 +60,7 @@ def main() -> int:
         dirs = spec["dirs_by_rank"][rank] if "dirs_by_rank" in spec else spec["dirs"]
         pipe = FastPipeline.from_pretrained(dirs, distributed=True, max_len=256,
                                             ngram=spec.get("ngram", False),
+                                            ngram_store=spec.get("ngram_store"),
                                             adaptive_windows=spec.get("adaptive", False))
         if rank in (spec.get("raise_rank"), spec.get("kill_rank"), spec.get("stop_rank"),
                     spec.get("interrupt_rank")):

@@ -111,3 +111,18 @@ def test_rows_max_non_finite_rows_and_strided_rows() -> None:
         with pytest.raises(ValueError, match="rows_max"):
             race.rows_max(bad)
     assert race.rows_max(torch.zeros(0, 5))[1].shape == (0,)
+
+
+def test_sampling_takes_the_c_row_max_for_cpu_fp32_rows_only(monkeypatch) -> None:
+    from pipespec_fast.decoding import sampling
+
+    calls = []
+    real = race.rows_max
+    monkeypatch.setattr(race, "rows_max", lambda x: calls.append(x.shape) or real(x))
+    x = torch.randn(3, 40)
+    for rows, c_path in ((x, True), (x.bfloat16(), False), (x.t().contiguous().t(), False),
+                         (x[:, ::2], False)):
+        calls.clear()
+        got, want = sampling.max_rows(rows), rows.max(-1)
+        assert bool(calls) == c_path
+        assert torch.equal(got[0], want.values) and torch.equal(got[1], want.indices)

@@ -99,16 +99,22 @@ def _reference(models, prompts) -> list[list[int]]:
 
 @pytest.mark.parametrize("k,ngram,rows", [(2, False, "auto"), (3, False, "auto"),
                                           (2, True, "auto"), (3, True, "auto"),
-                                          (3, False, "split")])
+                                          (3, "store", "auto"), (3, False, "split")])
 def test_greedy_output_identical_to_the_single_process_pipeline(tmp_path, k, ngram, rows):
     """``rows="split"``: every link has a gloo group of its own for rows (none under greedy),
     made and connected at start-up as NCCL's would be; its ranks are also given a peer
-    timeout (``PIPESPEC_DIST_PEER_TIMEOUT``), which every rank's links take."""
-    dirs, models = _family_dirs(tmp_path, k, seed=k + 3 * ngram)
+    timeout (``PIPESPEC_DIST_PEER_TIMEOUT``), which every rank's links take. ``"store"``: the
+    n-gram drafter with a store of the target's own answers (loaded by ranks 0 and 2)."""
+    dirs, models = _family_dirs(tmp_path, k, seed=k + 3 * bool(ngram))
     want = _reference(models, PROMPTS)
+    spec = {"dirs": dirs, "prompts": PROMPTS, "n": N, "ngram": bool(ngram)}
+    if ngram == "store":
+        from pipespec_fast.stages.ngram_store import NGramStore
+
+        spec["ngram_store"] = str(NGramStore(want, models[-1].config.vocab_size)
+                                  .save(tmp_path / "store"))
     timeout = "7.5" if rows == "split" else ""  # empty: the default
-    codes, results, _ = _run_ranks(tmp_path, k, {"dirs": dirs, "prompts": PROMPTS, "n": N,
-                                                 "ngram": ngram},
+    codes, results, _ = _run_ranks(tmp_path, k, spec,
                                    env={"PIPESPEC_DIST_ROWS": rows,
                                         "PIPESPEC_DIST_PEER_TIMEOUT": timeout})
     assert codes == [0] * k, results

@@ -293,6 +293,10 @@ def test_the_n_gram_drafter_stays_on_the_cpu_on_a_gpu_rank(rank, drafter):
         assert isinstance(stages[0], NGramStage)
         assert stages[0].device == torch.device("cpu")
         assert (stages[0].vocab_size, stages[0].max_len) == (50, 96)
+        from pipespec_fast.stages.ngram_store import NGramStore
+
+        store = NGramStore([[1, 2, 3]], 50)
+        assert with_drafter(model, rank, 3, ngram=True, store=store)[0].store is store
     assert with_drafter(model, rank, 3, ngram=False) == [model]
 
 

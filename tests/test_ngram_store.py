@@ -4,7 +4,6 @@ loading."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections import Counter
@@ -18,7 +17,7 @@ from pipespec_fast import FastPipeline, LlamaStage
 from pipespec_fast.loading import load_store
 from pipespec_fast.stages.ngram import NGramStage
 from pipespec_fast.stages.ngram_index import SuffixIndex
-from pipespec_fast.stages.ngram_store import NGramStore
+from pipespec_fast.stages.ngram_store import NGramStore, vocab_fingerprint
 from pipespec_fast.stages.ngram_tree import ngram_tree
 
 
@@ -87,8 +86,10 @@ def _saved(tmp_path):
      "tokens.npy is not a token array"),
     (lambda d: np.save(d / "tokens.npy", np.array([[1, 2]], dtype=np.uint16)), "1-D"),
     (lambda d: np.save(d / "tokens.npy", np.array([1, 2], dtype=np.uint16)), "no separator"),
-    (lambda d: np.save(d / "tokens.npy", np.array([1, 12, 65535], dtype=np.uint16)),
+    (lambda d: np.save(d / "tokens.npy", np.array([1, 2, 12, 65535], dtype=np.uint16)),
      r"ids outside \[0, 10\)"),
+    (lambda d: np.save(d / "tokens.npy", np.array([1, 2, 65535], dtype=np.uint16)),
+     "holds 1 sequences of 2 tokens"),
 ])
 def test_a_damaged_store_is_refused_naming_its_file(tmp_path, damage, match):
     d = _saved(tmp_path)
@@ -158,6 +159,20 @@ def test_tree_without_a_text_match_starts_with_the_stores_chain():
     assert tree.tokens[0] == 9 and n == 2 and 22 not in tree.tokens
 
 
+def test_tree_respects_a_higher_confidence_threshold():
+    store = NGramStore(STORE_SEQS * 2, 64, 2, 4)
+    idx = SuffixIndex(1, 4, store)
+    for t in [20, 21, 9, 20, 21]:  # a 2-token match in the text, the store's 2-token context
+        idx.append(t)
+    tree, n = ngram_tree(idx, budget=8, max_depth=4, min_match=3)
+    assert len(tree) == 0 and n == 0  # neither reaches 3 tokens: no guesses in a tree
+    idx = SuffixIndex(1, 4, store)
+    for t in [5, 20, 21, 22]:  # the store holds [20, 21, 22] -> 23: 3 tokens
+        idx.append(t)
+    tree, n = ngram_tree(idx, budget=8, max_depth=4, min_match=3)
+    assert tree.tokens[:1] == (23,) and n == 3
+
+
 @pytest.mark.parametrize("mode", ["pipespec", "sync"])
 def test_a_drafter_with_a_store_is_lossless(mode):
     """The store holds the target's own greedy answers (its proposals are mostly right) and
@@ -177,30 +192,57 @@ def test_a_drafter_with_a_store_is_lossless(mode):
             ref = ref or greedy([target], p, 40).token_ids
             res = greedy(stages, p, 40, mode)
             assert res.token_ids == ref
+            if stages[1] is target:  # the n-gram drafter's trees, the store's chain first
+                tree = FastPipeline(stages, mode=mode, adaptive_windows=False, tree_budget=6)
+                assert tree.generate(p, 40, ignore_eos=True).token_ids == ref
     assert res.stage_stats[-1].accepted > 0 and stages[0].matched > 0
 
 
 # ----------------------------------------------------------------------------- loading
 
-def test_load_store_checks_the_tokenizer_and_the_drafter(tmp_path):
+class _Tok:
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+
+def test_load_store_checks_vocabulary_and_drafter(tmp_path):
     target_dir = tmp_path / "target"
     target_dir.mkdir()
-    (target_dir / "tokenizer.json").write_text('{"v": 1}')
-    good = hashlib.sha256(b'{"v": 1}').hexdigest()
-    d = NGramStore([[1, 2, 3]], 10, meta={"tokenizer_sha256": good}).save(tmp_path / "s")
-    assert load_store(d, target_dir).lookup([1, 2]) == (3, 2)
+    (target_dir / "config.json").write_text('{"vocab_size": 10}')
+    vocab = {f"t{i}": i for i in range(10)}
+    meta = {"vocab_sha256": vocab_fingerprint(vocab)}
+    d = NGramStore([[1, 2, 3]], 10, meta=meta).save(tmp_path / "s")
+    assert load_store(d, target_dir, tokenizer=_Tok(vocab)).lookup([1, 2]) == (3, 2)
     assert load_store(None, target_dir) is None
-    meta = json.loads((d / "store.json").read_text())
-    (d / "store.json").write_text(json.dumps({**meta, "tokenizer_sha256": "0" * 64}))
-    with pytest.raises(ValueError, match="made with another tokenizer"):
+    # the same vocabulary in another order of the dict: the same fingerprint
+    assert vocab_fingerprint(dict(reversed(vocab.items()))) == meta["vocab_sha256"]
+    with pytest.raises(ValueError, match="made with another vocabulary"):
+        load_store(d, target_dir, tokenizer=_Tok({**vocab, "t9": 10, "x": 9}))
+    (target_dir / "config.json").write_text('{"vocab_size": 12}')
+    with pytest.raises(ValueError, match=r"ids of a 10-token vocabulary; the target .* has 12"):
         load_store(d, target_dir)
     with pytest.raises(ValueError, match="ngram=True"):
         load_store(d, target_dir, ngram=False)
     with pytest.raises(TypeError, match="ngram_store"):
         load_store(3, target_dir)
+    assert load_store(d, None).vocab_size == 10  # no folder at hand (a distributed rank 0)
 
 
-def test_from_pretrained_refuses_a_missing_store_before_loading(tmp_path, monkeypatch):
+def test_store_file_counts_and_orders_are_checked(tmp_path):
+    d = NGramStore([[1, 2, 3], [4, 5]], 10).save(tmp_path / "s")
+    meta = json.loads((d / "store.json").read_text())
+    (d / "store.json").write_text(json.dumps({**meta, "tokens": 7}))
+    with pytest.raises(ValueError, match="holds 2 sequences of 5 tokens.*says 2 of 7"):
+        NGramStore.load(d)
+    (d / "store.json").write_text(json.dumps({**meta, "max_order": 1000}))
+    with pytest.raises(ValueError, match=r"max_order must be an integer in \[1, 16\]"):
+        NGramStore.load(d)
+
+
+def test_from_pretrained_refuses_a_bad_store_before_loading(tmp_path, monkeypatch):
     from pipespec_fast.stages import llama
 
     def no_load(*a, **k):
@@ -209,16 +251,22 @@ def test_from_pretrained_refuses_a_missing_store_before_loading(tmp_path, monkey
     monkeypatch.setattr(llama.LlamaStage, "from_pretrained", no_load)
     target_dir = tmp_path / "m"
     target_dir.mkdir()
+    (target_dir / "config.json").write_text('{"vocab_size": 20}')
     with pytest.raises(ValueError, match="ngram store: .*store.json not found"):
         FastPipeline.from_pretrained([target_dir], ngram=True, ngram_store=tmp_path / "none")
+    other = NGramStore([[1, 2]], 10).save(tmp_path / "s10")
+    with pytest.raises(ValueError, match="10-token vocabulary; the target"):
+        FastPipeline.from_pretrained([target_dir], ngram=True, ngram_store=other)
 
 
 def test_the_embedded_store_is_the_default_targets():
+    from pipespec_fast.loading import load_tokenizers
     from pipespec_fast.models.defaults import DRAFT_DIR, NGRAM_STORE_DIR
 
     meta = json.loads((NGRAM_STORE_DIR / "store.json").read_text())
-    tok = hashlib.sha256((DRAFT_DIR / "tokenizer.json").read_bytes()).hexdigest()
+    vocab = load_tokenizers([DRAFT_DIR])[0].get_vocab()  # the target's, by check_tokenizers
     cfg = json.loads((DRAFT_DIR / "config.json").read_text())
-    assert meta["tokenizer_sha256"] == tok and meta["vocab_size"] == cfg["vocab_size"]
+    assert meta["vocab_sha256"] == vocab_fingerprint(vocab)
+    assert meta["vocab_size"] == cfg["vocab_size"]
     store = NGramStore.load(NGRAM_STORE_DIR)
     assert store.tokens == meta["tokens"] > 500_000 and len(store) > 1_000_000

@@ -13,7 +13,7 @@ target's, byte for byte).
 from __future__ import annotations
 
 import argparse
-import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -41,17 +41,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("data", nargs="+", type=Path, help="distillation data folders")
     ap.add_argument("--out", type=Path, default=ROOT / "models/drafts/SmolLM2-135M-ngram")
     ap.add_argument("--max-order", type=int, default=6)
+    ap.add_argument("--answers", nargs="*", type=Path, default=[],
+                    help="more answers: files of a list of token-id lists (torch.save)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    from pipespec_fast.loading import load_tokenizers
     from pipespec_fast.models.defaults import DRAFT_DIR
-    from pipespec_fast.stages.ngram_store import NGramStore
+    from pipespec_fast.stages.ngram_store import NGramStore, vocab_fingerprint
 
-    tok = DRAFT_DIR / "tokenizer.json"
-    cfg = __import__("json").loads((DRAFT_DIR / "config.json").read_text())
-    seqs = answers(args.data)
-    meta = {"tokenizer_sha256": hashlib.sha256(tok.read_bytes()).hexdigest(),
+    tok = load_tokenizers([DRAFT_DIR])[0]
+    cfg = json.loads((DRAFT_DIR / "config.json").read_text())
+    seqs = answers(args.data) + [a for f in args.answers for a in torch.load(f)]
+    meta = {"vocab_sha256": vocab_fingerprint(tok.get_vocab()),
             "made_by": "tools/ngram_store.py: the answers (not the prompts) of "
-                       + ", ".join(p.name for p in args.data)}
+                       + ", ".join([p.name for p in args.data] + [p.name for p in args.answers])}
     store = NGramStore(seqs, cfg["vocab_size"], 2, args.max_order, meta)
     store.save(args.out)
     print(f"{store.sequences} answers, {store.tokens} tokens, {len(store)} contexts -> {args.out}")

@@ -188,14 +188,17 @@ def rank_device(device):
 
 
 def load_local_stages(paths: Sequence[str | Path], device, dtype, max_len: int, ngram: bool,
-                      compute: str | None, store=None):
+                      compute: str | None, ngram_store=None):
     """This rank's stages (``paths[rank]``'s model, with an n-gram drafter on rank 0 and on
     the target's rank when ``ngram``), the shared tokenizer, and the placement. Only
     ``paths[rank]`` is read (``rank_files.py``: a host needs only its ranks' folders); a
     rank failing to read or load it ends every rank naming it.
 
     Compute modes follow ``models.packed.default_modes`` across ranks: a draft holding packed
-    weights follows an int8 target (the target's mode is gathered)."""
+    weights follows an int8 target (the target's mode is gathered). ``ngram_store``: the
+    n-gram drafter's (``loading.load_store``: a folder or a store), read on the ranks with a
+    drafter, before any model."""
+    from pipespec_fast.loading import load_store
     from pipespec_fast.models.packed import (
         default_compute,
         draft_compute,
@@ -212,6 +215,12 @@ def load_local_stages(paths: Sequence[str | Path], device, dtype, max_len: int, 
     tok = rank_tokenizer(paths, rank)
     device = rank_device(device)
     path = paths[rank]
+    # the n-gram drafter's store: read only on the ranks that run a drafter (0 and the
+    # target's), each failure reported on every rank
+    drafts = ngram and rank in (0, world - 1)
+    target_dir = path if rank == world - 1 else None  # rank 0 checks by its tokenizer alone
+    store = together("loading the n-gram store", lambda: load_store(
+        ngram_store, target_dir, ngram, tok) if drafts else None)
     stage = together("loading its model", lambda: LlamaStage.from_pretrained(
         path, dtype=dtype, device=device, max_len=max_len, name=Path(path).name))
     modes = [None] * world
@@ -222,7 +231,8 @@ def load_local_stages(paths: Sequence[str | Path], device, dtype, max_len: int, 
         requantize_fp16(stage.model)  # a draft: as FastPipeline.from_pretrained does
     set_compute(stage.model, mode)
     release_freed_memory()
-    stages = with_drafter(stage, rank, world, ngram, store)
+    stages = together("adding the n-gram drafter",
+                      lambda: with_drafter(stage, rank, world, ngram, store))
     return stages, tok, make_placement(stages, ngram)
 
 

@@ -25,6 +25,7 @@ adapts it to the Stage protocol.
 from __future__ import annotations
 
 import operator
+from typing import Literal
 
 import torch
 
@@ -82,16 +83,20 @@ class NGramStage:
         # proposals from a match shorter than this are guesses, never sent for verification
         self.min_confident_match = min_confident_match
         self._device = torch.device(device)
-        self.store = store
         self.index = SuffixIndex(min_ngram, max_ngram, store)  # the history and its lookup
         self.last_match_len = 0
         self.last_proposals: list[int] = []
         self.proposals = 0
         self.matched = 0
 
-    def clone(self, store: NGramStore | None | bool = True) -> NGramStage:
+    @property
+    def store(self) -> NGramStore | None:
+        """The store the drafter consults (its index's; read only)."""
+        return self.index.store
+
+    def clone(self, store: NGramStore | None | Literal[True] = True) -> NGramStage:
         """A drafter with the same settings and an empty history (``store``: ``True`` shares
-        this one's, else the store to use)."""
+        this one's, else the store to use, ``None`` for none)."""
         return NGramStage(self.vocab_size, self.max_len, self.max_ngram, self.min_ngram,
                           self.name, self._device, self.min_confident_match,
                           self.store if store is True else store)

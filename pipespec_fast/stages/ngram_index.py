@@ -12,7 +12,8 @@ the answer is kept ready instead:
 
 Appending a token adds ``max_n - min_n + 1`` positions and one count. Truncation is the other
 way round: the positions to drop are always the largest of their lists, so they are popped from
-the back. A lookup is ``O(max_n)`` dict probes plus a bisect, whatever the sequence's length.
+the back. A lookup is ``O(max_n)`` dict probes plus a bisect, whatever the sequence's length
+(and, with a store, its own ``O(max_order)`` hashes and bisects).
 
 With a ``store`` (:class:`~pipespec_fast.stages.ngram_store.NGramStore`, the target's own
 answers to other prompts), a suffix of at least :data:`CONTEXT_FIRST` tokens that occurred

@@ -8,9 +8,10 @@ matches are right 15-18% of the time. A model's phrasing repeats across answers,
 what the target itself wrote after each context of 2-6 tokens, over answers to many prompts,
 proposes the next token for free (retrieval-based drafting, REST's datastore idea, with the
 target's own answers as the data). Measured with the default target's 0.93M answer tokens
-(``docs/DRAFT.md``), teacher-forced: prompt lookup with this table behind its one-token
-matches guesses 58% / 36% of the benchmark answers' tokens (HumanEval / MT-Bench) where
-prompt lookup alone guesses 44% / 21%, and the distilled draft model 51% / 32%.
+(``docs/DRAFT.md``), teacher-forced: prompt lookup consulting this table before it falls back
+to a one-token match guesses 58% / 36% of the benchmark answers' tokens (HumanEval /
+MT-Bench) where prompt lookup alone guesses 44% / 21%, and the distilled draft model 51% /
+32%.
 
 Layout: per context length ``n`` (``min_order .. max_order``), ``keys[n]`` are the sorted
 32-bit hashes of the corpus's ``n``-token contexts and ``best[n]`` the token that most often
@@ -20,13 +21,14 @@ share a hash; that can only make a proposal wrong, never an output (the verifier
 
 On disk (:meth:`save`, :meth:`load`): ``tokens.npy``, the corpus as one array (the answers one
 after another, each followed by a separator: ``65535`` in ``uint16``, ``-1`` in ``int32``),
-read with ``allow_pickle=False``; ``store.json``, the vocabulary size, the tokenizer it was
-made with (SHA-256 of its ``tokenizer.json``) and how it was made. The table is rebuilt from
+read with ``allow_pickle=False``; ``store.json``, the vocabulary size, the vocabulary it was
+made with (:func:`vocab_fingerprint`) and how it was made. The table is rebuilt from
 the tokens at load (about a second for 0.93M tokens).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,8 +37,16 @@ import numpy as np
 
 _MULT = 1000003
 _MASK = (1 << 64) - 1
+MAX_ORDER = 16  # the longest context a store may keep (a file asking for more is refused)
 FORMAT = 1
 TOKENS_FILE, META_FILE = "tokens.npy", "store.json"
+
+
+def vocab_fingerprint(vocab: dict[str, int]) -> str:
+    """SHA-256 of a tokenizer's vocabulary (``get_vocab()``: token -> id, added tokens
+    included), independent of how its files are written: what a store's ids mean."""
+    text = "\n".join(f"{i}\t{t}" for t, i in sorted(vocab.items(), key=lambda kv: (kv[1], kv[0])))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _fold(h: int) -> int:
@@ -59,8 +69,8 @@ class NGramStore:
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
         for name, v in (("min_order", min_order), ("max_order", max_order)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_ORDER:
+                raise ValueError(f"{name} must be an integer in [1, {MAX_ORDER}], got {v!r}")
         if max_order < min_order:
             raise ValueError(f"max_order ({max_order}) must be >= min_order ({min_order})")
         self.vocab_size, self.min_order, self.max_order = vocab_size, min_order, max_order
@@ -147,6 +157,11 @@ class NGramStore:
         if flat.size and (cuts.size == 0 or cuts[-1] != flat.size - 1):
             raise ValueError(f"ngram store: {tok_path}: the last sequence has no separator")
         seqs = np.split(flat, cuts + 1)[:-1] if flat.size else []
+        counts = (meta.get("sequences"), meta.get("tokens"))
+        if counts != (len(seqs), int(flat.size - len(seqs))):
+            raise ValueError(f"ngram store: {tok_path} holds {len(seqs)} sequences of "
+                             f"{flat.size - len(seqs)} tokens; {meta_path} says {counts[0]} of "
+                             f"{counts[1]}")
         try:
             return cls([s[:-1] for s in seqs], meta.get("vocab_size"),
                        meta.get("min_order", 2), meta.get("max_order", 6), meta)

@@ -118,13 +118,22 @@ def continuation_trie(continuations: list[list[int]], budget: int, decay: float 
 def ngram_tree(index: SuffixIndex, budget: int, max_depth: int, max_occurrences: int = 32,
                min_match: int = 1, decay: float = 1.0) -> tuple[DraftTree, int]:
     """``(tree, match_len)``: the tree after the end of ``index.tokens`` (module doc), at most
-    ``budget`` nodes and ``max_depth`` levels; empty with ``match_len == 0`` when no suffix of
-    length ``>= min_match`` occurred before."""
+    ``budget`` nodes and ``max_depth`` levels; empty with ``match_len == 0`` when neither a
+    suffix of length ``>= min_match`` occurred before nor the store (if any) holds a context
+    of that length."""
+    if index.store is None:
+        conts, n = matched_continuations(index, max_depth, max_occurrences, min_match)
+        return continuation_trie(conts, budget, decay), n
+    # with a store: the text's own matches of CONTEXT_FIRST tokens or more come first, then
+    # the store's chain (a context of at least min_match tokens) beside the text's shorter ones
+    conts, n = matched_continuations(index, max_depth, max_occurrences,
+                                     max(min_match, CONTEXT_FIRST))
+    if n:
+        return continuation_trie(conts, budget, decay), n
     conts, n = matched_continuations(index, max_depth, max_occurrences, min_match)
-    if index.store is not None and n < CONTEXT_FIRST:
-        chain, m = store_chain(index, max_depth)
-        if chain:  # the store's bet first, as the chain drafter would propose it
-            conts, n = [chain, *conts], max(n, m)
+    chain, m = store_chain(index, max_depth)
+    if chain and m >= min_match:  # the store's bet first, as the chain drafter proposes it
+        conts, n = [chain, *conts], max(n, m)
     return continuation_trie(conts, budget, decay), n
 
 

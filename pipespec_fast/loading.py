@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from pipespec_fast import config
 from pipespec_fast.stages import LlamaStage, NGramStage, Stage
 from pipespec_fast.stages.ngram_store import NGramStore
 
@@ -79,7 +80,8 @@ def load_store(store: str | Path | NGramStore | None, target_dir: str | Path | N
         raise ValueError("ngram_store: only the n-gram drafter uses it (pass ngram=True)")
     if not isinstance(store, (str, Path, NGramStore)):
         raise TypeError(f"ngram_store: a folder or an NGramStore, got {type(store).__name__}")
-    loaded = store if isinstance(store, NGramStore) else NGramStore.load(store)
+    loaded = store if isinstance(store, NGramStore) else \
+        NGramStore.load(store, config.current().cache_dir / "ngram")
     name = "the store" if isinstance(store, NGramStore) else str(store)
     cfg = Path(target_dir) / "config.json" if target_dir is not None else None
     if cfg is not None and cfg.is_file():

@@ -270,3 +270,27 @@ def test_the_embedded_store_is_the_default_targets():
     assert meta["vocab_size"] == cfg["vocab_size"]
     store = NGramStore.load(NGRAM_STORE_DIR)
     assert store.tokens == meta["tokens"] > 500_000 and len(store) > 1_000_000
+
+
+def test_load_keeps_the_built_tables_in_a_cache(tmp_path):
+    rng = random.Random(5)
+    seqs = [[rng.randrange(30) for _ in range(50)] for _ in range(20)]
+    d = NGramStore(seqs, 30).save(tmp_path / "s")
+    cache = tmp_path / "cache"
+    first = NGramStore.load(d, cache)
+    (f,) = cache.glob("ngram-store-*.npz")
+    second = NGramStore.load(d, cache)
+    assert (first.from_cache, second.from_cache) == (False, True)
+    for s in seqs[:4]:
+        for end in range(len(s)):
+            assert second.lookup(s, end) == first.lookup(s, end)
+    # a damaged cache, or one whose arrays do not fit the store, is rebuilt and rewritten
+    f.write_bytes(b"not an npz")
+    assert not NGramStore.load(d, cache).from_cache and NGramStore.load(d, cache).from_cache
+    np.savez(f, **{**first.tables(), "best2": first.best[2].astype(np.int64)})
+    assert not NGramStore.load(d, cache).from_cache
+    np.savez(f, **{**first.tables(), "keys3": first.keys[3][::-1].copy()})  # not sorted
+    assert not NGramStore.load(d, cache).from_cache
+    # another store's files make another cache entry
+    NGramStore.load(NGramStore(seqs[:5], 30).save(tmp_path / "t"), cache)
+    assert len(list(cache.glob("ngram-store-*.npz"))) == 2

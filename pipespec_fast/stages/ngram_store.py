@@ -7,10 +7,10 @@ matches are right 15-18% of the time. A model's phrasing repeats across answers,
 ("Here's a Python function that", a docstring's layout, a closing sentence), so a table of
 what the target itself wrote after each context of 2-6 tokens, over answers to many prompts,
 proposes the next token for free (retrieval-based drafting, REST's datastore idea, with the
-target's own answers as the data). Measured with the default target's 0.93M answer tokens
+target's own answers as the data). Measured with the default target's 1.9M answer tokens
 (``docs/DRAFT.md``), teacher-forced: prompt lookup consulting this table before it falls back
-to a one-token match guesses 58% / 36% of the benchmark answers' tokens (HumanEval /
-MT-Bench) where prompt lookup alone guesses 44% / 21%, and the distilled draft model 51% /
+to a one-token match guesses 58% / 34% of the benchmark answers' tokens (HumanEval /
+MT-Bench) where prompt lookup alone guesses 44% / 21%, and the distilled draft model 52% /
 32%.
 
 Layout: per context length ``n`` (``min_order .. max_order``), ``keys[n]`` are the sorted
@@ -23,7 +23,7 @@ On disk (:meth:`save`, :meth:`load`): ``tokens.npy``, the corpus as one array (t
 after another, each followed by a separator: ``65535`` in ``uint16``, ``-1`` in ``int32``),
 read with ``allow_pickle=False``; ``store.json``, the vocabulary size, the vocabulary it was
 made with (:func:`vocab_fingerprint`) and how it was made. The tables are built from the
-tokens at load (about a second for 0.93M tokens) and kept in a cache folder for the next load
+tokens at load (about 1.5 s for 1.9M tokens) and kept in a cache folder for the next load
 (~50 ms).
 """
 

@@ -62,6 +62,7 @@ def main() -> int:
                                             ngram=spec.get("ngram", False),
                                             ngram_store=spec.get("ngram_store"),
                                             adaptive_windows=spec.get("adaptive", False))
+        out["has_store"] = any(getattr(s, "store", None) is not None for s in pipe.stages)
         if rank in (spec.get("raise_rank"), spec.get("kill_rank"), spec.get("stop_rank"),
                     spec.get("interrupt_rank")):
             _break_stage(pipe, spec, rank)

@@ -63,7 +63,7 @@ def test_cli_passes_no_dtype_unless_asked(monkeypatch):
 def test_from_pretrained_default_reaches_load_stages_as_none(monkeypatch, tmp_path):
     seen = {}
 
-    def fake_load_stages(paths, device, dtype, devices, max_len, ngram):
+    def fake_load_stages(paths, device, dtype, devices, max_len, ngram, ngram_store=None):
         seen.update(device=device, dtype=dtype)
         raise KeyboardInterrupt
 

@@ -128,6 +128,9 @@ def test_greedy_output_identical_to_the_single_process_pipeline(tmp_path, k, ngr
     assert target["proposed"] > 0 and 0 < target["accepted"] < target["proposed"]
     if ngram:  # rank 0 runs the n-gram drafter inline: two stages there
         assert [s["name"] for s in results[0]["stats"]][0] == "ngram"
+    # the drafters of ranks 0 and k - 1 read the store; no other rank loads it
+    assert [r["has_store"] for r in results] == [ngram == "store", *[False] * (k - 2),
+                                                 ngram == "store"]
 
 
 @pytest.mark.slow

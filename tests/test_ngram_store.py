@@ -272,7 +272,10 @@ def test_the_embedded_store_is_the_default_targets():
     assert store.tokens == meta["tokens"] > 500_000 and len(store) > 1_000_000
 
 
-def test_load_keeps_the_built_tables_in_a_cache(tmp_path):
+def test_load_keeps_the_built_tables_in_a_cache(tmp_path, monkeypatch):
+    from pipespec_fast.stages import ngram_store
+
+    monkeypatch.setattr(ngram_store, "CACHE_MIN_TOKENS", 0)  # cache even this small store
     rng = random.Random(5)
     seqs = [[rng.randrange(30) for _ in range(50)] for _ in range(20)]
     d = NGramStore(seqs, 30).save(tmp_path / "s")
@@ -291,6 +294,29 @@ def test_load_keeps_the_built_tables_in_a_cache(tmp_path):
     assert not NGramStore.load(d, cache).from_cache
     np.savez(f, **{**first.tables(), "keys3": first.keys[3][::-1].copy()})  # not sorted
     assert not NGramStore.load(d, cache).from_cache
-    # another store's files make another cache entry
+    tables = first.tables()
+    damaged = [
+        {k: v for k, v in tables.items() if k != "keys4"},  # an order missing
+        {**tables, "keys2": np.sort(np.r_[tables["keys2"], tables["keys2"][:1]]),
+         "best2": np.r_[tables["best2"], tables["best2"][:1]]},  # a key twice
+        {**tables, "best5": np.full_like(tables["best5"], 30)},  # ids outside [0, 30)
+    ]
+    for bad in damaged:
+        np.savez(f, **bad)
+        assert not NGramStore.load(d, cache).from_cache
+    assert NGramStore.load(d, cache).from_cache  # rewritten whole
+    whole = f.read_bytes()
+    for broken in (whole[: len(whole) // 2],  # truncated
+                   whole[:-30] + bytes([whole[-30] ^ 0xFF]) + whole[-29:],  # a bit flipped
+                   b"PK\x03\x04" + whole[4:200]):  # a zip header and little else
+        f.write_bytes(broken)
+        store = NGramStore.load(d, cache)
+        assert not store.from_cache and store.lookup(seqs[0], 10) == first.lookup(seqs[0], 10)
+        assert NGramStore.load(d, cache).from_cache
+    assert not list(cache.glob("*.tmp"))
+    # another store's files make another cache entry; a store under the size bar makes none
     NGramStore.load(NGramStore(seqs[:5], 30).save(tmp_path / "t"), cache)
+    assert len(list(cache.glob("ngram-store-*.npz"))) == 2
+    monkeypatch.setattr(ngram_store, "CACHE_MIN_TOKENS", 10_000)
+    NGramStore.load(NGramStore(seqs[:6], 30).save(tmp_path / "u"), cache)
     assert len(list(cache.glob("ngram-store-*.npz"))) == 2

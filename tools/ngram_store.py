@@ -1,13 +1,15 @@
-"""Build the default target's n-gram store (``pipespec_fast.stages.ngram_store``) from the
-answers of the draft's distillation data (``tools/draft_data.py``: the target's greedy and
-sampled answers to prompts that are not in any benchmark).
+"""Build the default target's n-gram store (``pipespec_fast.stages.ngram_store``) from its own
+answers: those of the draft's distillation data (``tools/draft_data.py``: the target's greedy
+and sampled answers to prompts that are not in any benchmark) and, with ``--answers``, more of
+them (``tools/target_answers.py``: the int8 target's greedy answers, as this engine decodes
+them).
 
-    .venv/bin/python -m tools.ngram_store DATA_DIR [DATA_DIR ...] \\
-        [--out models/drafts/SmolLM2-135M-ngram]
+    .venv/bin/python -m tools.ngram_store DATA_DIR [DATA_DIR ...] [--answers FILE ...] \
+        [--out models/drafts/SmolLM2-135M-ngram] [--max-order 6]
 
 Each ``DATA_DIR`` holds ``shard-*.pt`` files of rows with the answer's ``tokens``; only the
-answers go in (not the prompts). The tokenizer recorded is the default draft folder's (the
-target's, byte for byte).
+answers go in (not the prompts). The store records the fingerprint of the default draft
+folder's vocabulary (the target's: ``loading.check_tokenizers`` holds them equal).
 """
 
 from __future__ import annotations
@@ -36,6 +38,15 @@ def answers(dirs: list[Path]) -> list[list[int]]:
     return out
 
 
+def answer_file(path: Path) -> list[list[int]]:
+    """A ``--answers`` file: a list of token-id lists (``tools/target_answers.py``)."""
+    data = torch.load(path, weights_only=True)
+    if not isinstance(data, list) or not all(
+            isinstance(a, list) and all(isinstance(t, int) for t in a) for a in data):
+        raise SystemExit(f"--answers: {path} is not a list of token-id lists")
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("data", nargs="+", type=Path, help="distillation data folders")
@@ -51,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tok = load_tokenizers([DRAFT_DIR])[0]
     cfg = json.loads((DRAFT_DIR / "config.json").read_text())
-    seqs = answers(args.data) + [a for f in args.answers for a in torch.load(f)]
+    seqs = answers(args.data) + [a for f in args.answers for a in answer_file(f)]
     meta = {"vocab_sha256": vocab_fingerprint(tok.get_vocab()),
             "made_by": "tools/ngram_store.py: the answers (not the prompts) of "
                        + ", ".join([p.name for p in args.data] + [p.name for p in args.answers])}

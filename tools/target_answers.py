@@ -5,14 +5,15 @@ for the n-gram store (``tools/ngram_store.py --answers``).
     .venv/bin/python -m tools.target_answers DATA_DIR [DATA_DIR ...] --out answers.pt \\
         [--max-new-tokens 128] [--limit N]
 
-The prompts are taken in a fixed shuffled order (seed 0), so ``--limit`` keeps a reproducible
-subset; the file (a list of token-id lists, ``torch.save``) is rewritten every 100 answers, so
-an interrupted run keeps what it made.
+The distinct prompts are taken in a fixed shuffled order (seed 0), so ``--limit`` keeps a
+reproducible subset; the file (a list of token-id lists, ``torch.save``) is replaced whole
+every 100 answers (written aside, then renamed), so an interrupted run keeps what it made.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
@@ -22,8 +23,8 @@ import torch
 
 
 def prompts_of(dirs: list[Path]) -> list[list[int]]:
-    """Every distinct prompt of the data folders' rows (their token ids, padding dropped), in a
-    fixed shuffled order."""
+    """Every distinct prompt of the data folders' rows (their token ids), in a fixed shuffled
+    order."""
     seen, out = set(), []
     for d in dirs:
         shards = sorted(d.glob("shard-*.pt"))
@@ -32,7 +33,7 @@ def prompts_of(dirs: list[Path]) -> list[list[int]]:
         for f in shards:
             for r in torch.load(f, weights_only=True)["rows"]:
                 p = r["prompt"]
-                ids = tuple(int(x) for x in (p.tolist() if hasattr(p, "tolist") else p) if x >= 0)
+                ids = tuple(int(x) for x in (p.tolist() if hasattr(p, "tolist") else p))
                 if ids not in seen:
                     seen.add(ids)
                     out.append(list(ids))
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         out.append(pipe.generate(p, args.max_new_tokens).token_ids)
         tokens += len(out[-1])
         if (i + 1) % 100 == 0 or i + 1 == len(prompts):
-            torch.save(out, args.out)
+            tmp = args.out.with_name(args.out.name + ".tmp")
+            torch.save(out, tmp)
+            os.replace(tmp, args.out)
             print(f"{i + 1}/{len(prompts)} answers, {tokens} tokens, "
                   f"{tokens / (time.time() - t0):.0f} tokens/s", flush=True)
     return 0

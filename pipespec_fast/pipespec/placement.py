@@ -209,6 +209,8 @@ def load_local_stages(paths: Sequence[str | Path], device, dtype, max_len: int, 
     from pipespec_fast.stages import LlamaStage
 
     rank, world = _group_state()
+    if ngram_store is not None and not ngram:  # every rank: the same arguments, the same error
+        raise ValueError("ngram_store: only the n-gram drafter uses it (pass ngram=True)")
     if len(paths) != world:
         raise ValueError(f"distributed: {len(paths)} models for {world} ranks (one rank per "
                          "model, the target last)")

@@ -9,7 +9,14 @@ from pipespec_fast.errors import (
     PipelineClosedError,
     StageError,
 )
-from pipespec_fast.stages import HFStage, LlamaStage, NGramStage, Stage, StageCapabilities
+from pipespec_fast.stages import (
+    HFStage,
+    LlamaStage,
+    NGramStage,
+    NGramStore,
+    Stage,
+    StageCapabilities,
+)
 
 __all__ = [
     "FastPipeline",
@@ -18,6 +25,7 @@ __all__ = [
     "HFStage",
     "LlamaStage",
     "NGramStage",
+    "NGramStore",
     "NonFiniteLogitsError",
     "PipelineClosedError",
     "RuntimeConfig",

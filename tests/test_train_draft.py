@@ -184,3 +184,26 @@ def test_reading_tasks_constrained_chat_and_typed_code_prompts(tmp_path):
     assert typed == [CODE_PREFIX + 'def typed(xs: list[int], k: int) -> int:\n    """Return '
                      'the k-th largest of xs, counting from one, after sorting a copy."""\n']
     assert len(code_prompts(5, root=tmp_path)) == 3  # untyped: functions and methods too
+
+
+def test_the_store_tools_read_the_rows_training_keeps(tmp_path):
+    """``tools/ngram_store.py`` and ``tools/target_answers.py`` read the data through
+    ``kept_rows``: a prompt resembling a benchmark question is left out, as training leaves it
+    out, and a folder without shards is a one-line error."""
+    from tools.ngram_store import answers
+    from tools.target_answers import prompts_of
+    from tools.train_draft import kept_rows
+
+    rows = [{"prompt": [1, 2], "text": "Name three colours.", "tokens": torch.tensor([5, 6])},
+            {"prompt": [3], "text": "Compose an engaging travel blog post about a recent trip.",
+             "tokens": torch.tensor([7])},
+            {"prompt": [1, 2], "text": "Name three colours.", "tokens": torch.tensor([8])}]
+    (tmp_path / "d").mkdir()
+    torch.save({"rows": rows}, tmp_path / "d" / "shard-0000.pt")
+    kept = kept_rows([tmp_path / "d"])
+    assert [r["tokens"].tolist() for r in kept] == [[5, 6], [8]]  # the MT-Bench lookalike out
+    assert answers([tmp_path / "d"]) == [[5, 6], [8]]
+    assert prompts_of([tmp_path / "d"]) == [[1, 2]]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no shard-"):
+        kept_rows([tmp_path / "empty"])

@@ -8,8 +8,10 @@ them).
         [--out models/drafts/SmolLM2-135M-ngram] [--max-order 6]
 
 Each ``DATA_DIR`` holds ``shard-*.pt`` files of rows with the answer's ``tokens``; only the
-answers go in (not the prompts). The store records the fingerprint of the default draft
-folder's vocabulary (the target's: ``loading.check_tokenizers`` holds them equal).
+answers go in (not the prompts), and only of the rows the draft's training keeps
+(``train_draft.load_rows``: none whose prompt resembles a benchmark question). The store
+records the fingerprint of the default draft folder's vocabulary (the target's:
+``loading.check_tokenizers`` holds them equal).
 """
 
 from __future__ import annotations
@@ -25,17 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def answers(dirs: list[Path]) -> list[list[int]]:
-    """Every row's answer tokens, the directories and their shards in order."""
-    out = []
-    for d in dirs:
-        shards = sorted(d.glob("shard-*.pt"))
-        if not shards:
-            raise SystemExit(f"{d}: no shard-*.pt files")
-        for f in shards:
-            for r in torch.load(f, weights_only=True)["rows"]:
-                t = r["tokens"]
-                out.append([int(x) for x in (t.tolist() if hasattr(t, "tolist") else t)])
-    return out
+    """Every kept row's answer tokens (``train_draft.kept_rows``), in order."""
+    from tools.train_draft import kept_rows
+
+    return [[int(x) for x in (r["tokens"].tolist() if hasattr(r["tokens"], "tolist")
+                              else r["tokens"])] for r in kept_rows(dirs)]
 
 
 def answer_file(path: Path) -> list[list[int]]:

@@ -23,20 +23,17 @@ import torch
 
 
 def prompts_of(dirs: list[Path]) -> list[list[int]]:
-    """Every distinct prompt of the data folders' rows (their token ids), in a fixed shuffled
-    order."""
+    """Every distinct prompt of the data folders' kept rows (``train_draft.kept_rows``), as
+    token ids, in a fixed shuffled order."""
+    from tools.train_draft import kept_rows
+
     seen, out = set(), []
-    for d in dirs:
-        shards = sorted(d.glob("shard-*.pt"))
-        if not shards:
-            raise SystemExit(f"{d}: no shard-*.pt files")
-        for f in shards:
-            for r in torch.load(f, weights_only=True)["rows"]:
-                p = r["prompt"]
-                ids = tuple(int(x) for x in (p.tolist() if hasattr(p, "tolist") else p))
-                if ids not in seen:
-                    seen.add(ids)
-                    out.append(list(ids))
+    for r in kept_rows(dirs):
+        p = r["prompt"]
+        ids = tuple(int(x) for x in (p.tolist() if hasattr(p, "tolist") else p))
+        if ids not in seen:
+            seen.add(ids)
+            out.append(list(ids))
     random.Random(0).shuffle(out)
     return out
 

@@ -65,6 +65,23 @@ def load_rows(data_dir: Path, tokenizer=None) -> list[dict]:
     return keep
 
 
+def kept_rows(dirs: list[Path]) -> list[dict]:
+    """:func:`load_rows` of each folder in turn, prompts decoded with the default draft's
+    tokenizer where a shard carries no text; a folder without shards ends the tool with its
+    one-line error."""
+    from pipespec_fast.loading import load_tokenizers
+    from pipespec_fast.models.defaults import DRAFT_DIR
+
+    tok = load_tokenizers([DRAFT_DIR])[0]
+    rows: list[dict] = []
+    for d in dirs:
+        try:
+            rows += load_rows(Path(d), tok)
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from None
+    return rows
+
+
 def choose_subset(rows: list[dict], size: int, always: list[int]) -> torch.Tensor:
     """The ``size`` most frequent generated tokens (plus ``always``), ascending ids."""
     counts = Counter(t for r in rows for t in r["tokens"])

@@ -89,10 +89,7 @@ class NGramStage:
         self.proposals = 0
         self.matched = 0
 
-    @property
-    def store(self) -> NGramStore | None:
-        """The store the drafter consults (its index's; read only)."""
-        return self.index.store
+    store = property(lambda self: self.index.store, doc="The store it consults (read only).")
 
     def clone(self, store: NGramStore | None | Literal[True] = True) -> NGramStage:
         """A drafter with the same settings and an empty history (``store``: ``True`` shares

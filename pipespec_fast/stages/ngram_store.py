@@ -96,28 +96,14 @@ class NGramStore:
         self._pow = [pow(_MULT, i, 1 << 64) for i in range(max_order)]
         self.keys: dict[int, np.ndarray] = {}
         self.best: dict[int, np.ndarray] = {}
-        self.from_cache = tables is not None and self._take(tables)  # else built here
-        if self.from_cache:
+        taken = _valid_tables(tables, min_order, max_order, vocab_size)
+        self.from_cache = taken is not None  # else built here
+        if taken is not None:
+            self.keys, self.best = taken
             return
         best_dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
         for n in range(min_order, max_order + 1):
             self.keys[n], self.best[n] = _table(flat, n, best_dtype)
-
-    def _take(self, tables) -> bool:
-        """Use ``tables`` (``keys<n>`` / ``best<n>`` arrays, a cache's) if they are well
-        formed for this store's orders and vocabulary; ``False`` (nothing taken) if not."""
-        keys, best = {}, {}
-        for n in range(self.min_order, self.max_order + 1):
-            k, b = tables.get(f"keys{n}"), tables.get(f"best{n}")
-            if not isinstance(k, np.ndarray) or not isinstance(b, np.ndarray) or \
-                    k.dtype != np.uint32 or k.ndim != 1 or b.shape != k.shape or \
-                    b.dtype not in (np.uint16, np.int32) or \
-                    (k.size > 1 and not bool((k[1:] > k[:-1]).all())) or \
-                    (b.size and (int(b.min()) < 0 or int(b.max()) >= self.vocab_size)):
-                return False
-            keys[n], best[n] = k, b
-        self.keys, self.best = keys, best
-        return True
 
     def tables(self) -> dict[str, np.ndarray]:
         """The lookup tables as named arrays (what :meth:`load` caches)."""
@@ -282,3 +268,23 @@ def _write_tables(path: Path, tables: dict[str, np.ndarray]) -> None:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def _valid_tables(tables, min_order: int, max_order: int, vocab_size: int):
+    """``(keys, best)`` from ``tables`` (``keys<n>`` / ``best<n>`` arrays, a cache's) when they
+    are well formed for these orders and vocabulary (every order, keys strictly ascending
+    uint32, ids in range), else ``None`` (nothing taken)."""
+    if tables is None:
+        return None
+    keys, best = {}, {}
+    for n in range(min_order, max_order + 1):
+        k, b = tables.get(f"keys{n}"), tables.get(f"best{n}")
+        if not isinstance(k, np.ndarray) or not isinstance(b, np.ndarray) or \
+                k.dtype != np.uint32 or k.ndim != 1 or b.shape != k.shape or \
+                b.dtype not in (np.uint16, np.int32) or \
+                (k.size > 1 and not bool((k[1:] > k[:-1]).all())) or \
+                (b.size and (int(b.min()) < 0 or int(b.max()) >= vocab_size)):
+            return None
+        keys[n], best[n] = k, b
+    return keys, best
+

@@ -47,6 +47,10 @@ def _break_stage(pipe, spec, rank) -> None:
 
 
 def main() -> int:
+    # Ctrl-C raises KeyboardInterrupt here, as in a rank torchrun starts, even when the test
+    # run itself was started in the background (``nohup pytest &``: SIGINT ignored, and an
+    # ignored signal stays ignored in every child)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     rank, world, port, spec_path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), \
         sys.argv[4]
     spec = json.load(open(spec_path))

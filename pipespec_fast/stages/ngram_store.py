@@ -90,9 +90,9 @@ class NGramStore:
         flat = np.concatenate([np.append(s, -1) for s in parts]) if parts else \
             np.zeros(0, np.int64)
         self.sequences, self.tokens = len(parts), int(flat.size - len(parts))
-        self._small = vocab_size < 65535  # save()'s format: uint16 with 65535 separators
-        self._flat = np.where(flat < 0, 65535 if self._small else -1, flat).astype(
-            np.uint16 if self._small else np.int32)  # kept for save(), in that format
+        small = vocab_size < 65535  # save()'s format: uint16 with 65535 separators
+        self._flat = np.where(flat < 0, 65535 if small else -1, flat).astype(
+            np.uint16 if small else np.int32)  # kept for save(), in that format
         self._pow = [pow(_MULT, i, 1 << 64) for i in range(max_order)]
         self.keys: dict[int, np.ndarray] = {}
         self.best: dict[int, np.ndarray] = {}

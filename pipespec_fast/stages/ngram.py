@@ -90,6 +90,8 @@ class NGramStage:
         self.matched = 0
 
     store = property(lambda self: self.index.store, doc="The store it consults (read only).")
+    kinds = property(lambda self: self.index.kinds, doc="Position -> kind of its proposal "
+                     "(``ngram_index.proposal_kind``): what made each token it drafted.")
 
     def clone(self, store: NGramStore | None | Literal[True] = True) -> NGramStage:
         """A drafter with the same settings and an empty history (``store``: ``True`` shares
@@ -101,8 +103,6 @@ class NGramStage:
     def without_store(self) -> NGramStage:
         """:meth:`clone` with no store: prompt lookup alone."""
         return self.clone(store=None)
-
-    # ------------------------------------------------------------------ Stage protocol
 
     @property
     def history(self) -> list[int]:

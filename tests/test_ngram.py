@@ -11,6 +11,7 @@ from scipy.stats import chisquare
 from tiny import family
 
 from pipespec_fast import FastPipeline, LlamaStage, Stage
+from pipespec_fast.decoding.sampling import SamplingParams
 from pipespec_fast.decoding.sequence import Sequencer
 from pipespec_fast.reference import probs_from_logits
 from pipespec_fast.stages.ngram import NGramStage
@@ -190,6 +191,64 @@ def test_stage_contract_and_errors():
         NGramStage(10, max_ngram=1, min_ngram=2)
     with pytest.raises(ValueError):
         NGramStage(10, min_ngram=0)
+
+
+@pytest.mark.parametrize("with_store", [False, True])
+def test_propose_is_forwards_argmax_without_the_row(with_store):
+    """The greedy fast path: the same token as the argmax of ``forward``'s last row, and the
+    same state after it (history, counters, match length), through rollbacks."""
+    from pipespec_fast.stages.ngram_store import NGramStore
+
+    rng = random.Random(11)
+    vocab = 7
+    store = NGramStore([[rng.randrange(vocab) for _ in range(50)] for _ in range(10)], vocab) \
+        if with_store else None
+    fast, slow = NGramStage(vocab, max_len=400, store=store), NGramStage(vocab, max_len=400,
+                                                                         store=store)
+    for step in range(150):
+        feed = [rng.randrange(vocab) for _ in range(rng.choice([1, 1, 1, 3]))]
+        tok = fast.propose(feed)
+        assert tok == rows_to_tokens(fed(slow, feed, last_n=1))[0]
+        assert (fast.history, fast.last_match_len, fast.proposals, fast.matched) == \
+            (slow.history, slow.last_match_len, slow.proposals, slow.matched)
+        if step % 17 == 16:
+            cut = rng.randrange(len(fast.history) + 1)
+            fast.rollback(cut)
+            slow.rollback(cut)
+    with pytest.raises(ValueError, match="vocab"):
+        fast.propose([vocab])
+    with pytest.raises(ValueError, match="last_n"):
+        fast.propose([])
+
+
+def test_greedy_drafting_takes_the_proposal_and_sampling_the_row(monkeypatch):
+    """``Sequencer.draft``: greedy from a model-free stage calls ``propose`` (no row is built),
+    sampling draws from ``forward``'s one-hot row; the tokens are the same either way."""
+    calls = {"forward": 0, "propose": 0}
+    for name in calls:
+        orig = getattr(NGramStage, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **kw):
+            calls[_name] += 1
+            return _orig(self, *a, **kw)
+
+        monkeypatch.setattr(NGramStage, name, counted)
+    drafted = {}
+    for temperature in (0.0, 0.8):
+        s = Sequencer(NGramStage(16, max_len=64), SamplingParams(temperature=temperature,
+                                                                  seed=1), 0)
+        s.start(REPETITIVE[:12])
+        before = dict(calls)
+        s.draft(6)
+        drafted[temperature] = s.seq[12:]
+        used = {k: calls[k] - before[k] for k in calls}
+        if temperature == 0.0:
+            assert used["propose"] == 6 and used["forward"] == 0
+            assert all(r is None for r in s.span.rows[12:])
+        else:
+            assert used["propose"] == 0 and used["forward"] >= 6
+            assert all(r is not None for r in s.span.rows[12:])
+    assert drafted[0.0] == drafted[0.8] and len(drafted[0.0]) == 6
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.3, 1.0, 2.5])

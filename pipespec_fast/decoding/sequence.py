@@ -157,14 +157,22 @@ class Sequencer:
         if self.dev.deferred_reads and not self._marks_guesses:
             return self._draft_run(n)
         span = self.span
+        # greedy from a model-free stage that proposes without a row (the n-gram drafter):
+        # its token directly, the argmax of the one-hot row it would otherwise build
+        propose = getattr(self.stage, "propose", None) if (
+            self.params.greedy and self.stage.capabilities.model_free) else None
         for _ in range(n):
             t = time.perf_counter()
             feed = span.tokens[self.stage.cache_len :]
             # more than a correction or two to feed: a deferred prefill, or the catch-up on
             # what the stage above committed while this stage was left out
             catch_up = len(feed) > self.CATCH_UP
-            logits = self._forward(feed, last_n=1, kind="prefill" if catch_up else "draft")
-            tok, row = self._draw(logits)
+            kind = "prefill" if catch_up else "draft"
+            if propose is not None:
+                tok, row = propose(feed), None
+                self.stats.record_forward(kind, len(feed), t, time.perf_counter(), self.t0)
+            else:
+                tok, row = self._draw(self._forward(feed, last_n=1, kind=kind))
             span.append(tok, row if self.keep_rows else None, self._proposal_confident())
             if not catch_up:
                 self.note_draft_cost(time.perf_counter() - t)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 
 from pipespec_fast.analysis import acceptance_estimate, best_window_linear, weighted_line
-from pipespec_fast.decoding.kind_window import UNTIMED_LINE, KindAcceptance
 
 
 class WindowPolicy:
@@ -36,8 +35,7 @@ class WindowPolicy:
         adaptive: ``False`` always answers the largest window allowed.
 
     The rule is re-evaluated only after a new measurement (``note_*``): a worker may ask for
-    its window once per message it receives. ``kinds``: acceptance per draft kind (chains
-    from a drafter that names them, ``decoding/kind_window.py``)."""
+    its window once per message it receives."""
 
     EXPLORE_EVERY, EXPLORE_MAX = 8, 64  # one draft after 8 steps alone, doubling up to 64
     VERIFY_MAX_N = 64  # block sizes above this (a prompt fed with drafts) are not verify steps
@@ -47,7 +45,9 @@ class WindowPolicy:
     # seeded ar/sync (no clock): decode alone below this acceptance (seeded sync at T = 0.7 ran
     # at 0.83-0.89x of AR accepting ~0.3), above it the window of fixed costs relative to L(1):
     # L(n) = 0.92 + 0.08 n (the default int8 target, README) and a sampled draft at 0.3
-    UNTIMED_MIN_ACCEPTANCE, UNTIMED_LINE, UNTIMED_DRAFT_COST = 0.5, UNTIMED_LINE, 0.3
+    UNTIMED_MIN_ACCEPTANCE = 0.5
+    UNTIMED_LINE = (0.92, 0.08)
+    UNTIMED_DRAFT_COST = 0.3
 
     def __init__(self, timed: bool, adaptive: bool = True) -> None:
         self.timed = timed
@@ -59,7 +59,6 @@ class WindowPolicy:
         self._line: tuple[float, float] | None = None
         self._line_stale = False  # a latency was noted since the line was fitted
         self._alone_steps = 0  # consecutive choose() == 0 answers
-        self.kinds = KindAcceptance()
         self._explore_every = self.EXPLORE_EVERY  # doubles while explorations keep failing
         # plan() answers by (max_n, draft cost), valid until the next measurement (a target
         # with skip-level drafts asks for two costs per step: one entry would thrash)

@@ -29,7 +29,6 @@ class InlineDrafter(Protocol):
     """
 
     mirror: Mirror
-    names_kinds: bool  # kinds() tells what made each draft (the n-gram drafter)
 
     def start(self, prompt: list[int]) -> None:
         """Reset to ``prompt`` (and make a fresh ``mirror``)."""
@@ -47,10 +46,6 @@ class InlineDrafter(Protocol):
         (``decay``: the verifier's per-level acceptance), when the drafter's sequence is
         exactly ``upper_seq``; empty otherwise."""
 
-    def kinds(self, start: int, n: int) -> list[int]:
-        """The kinds of the drafter's tokens at ``start .. start + n - 1`` that it holds
-        (``stages/ngram_index.proposal_kind``; ``[]`` when it does not name them)."""
-
 
 class InlineStage:
     """:class:`InlineDrafter` over a stage's :class:`Sequencer`.
@@ -62,8 +57,6 @@ class InlineStage:
     def __init__(self, seqr: Sequencer) -> None:
         self.s = seqr
         self.mirror = Mirror([])
-        self._kinds = getattr(seqr.stage, "kinds", None)  # position -> kind, or None
-        self.names_kinds = self._kinds is not None
 
     def _named(self, e: BaseException) -> BaseException:
         e.pipespec_stage = self.s.label
@@ -99,12 +92,6 @@ class InlineStage:
             return draft_tree(s, budget, depth, decay)
         except Exception as e:
             raise self._named(e)  # noqa: B904
-
-    def kinds(self, start: int, n: int) -> list[int]:
-        kinds = self._kinds
-        if kinds is None:
-            return []
-        return [kinds.get(p, 0) for p in range(start, min(start + n, len(self.s.seq)))]
 
     def _fill(self, upper_seq: list[int], want: int) -> None:
         s, up = self.s, len(upper_seq)

@@ -27,7 +27,6 @@ import torch
 from pipespec_fast.decoding.regime import ALONE, FULL
 from pipespec_fast.decoding.tree_step import verify_tree
 from pipespec_fast.pipespec.inline import InlineDrafter
-from pipespec_fast.pipespec.kind_chain import kind_drafts
 from pipespec_fast.pipespec.messages import PAUSE, RESUME, Emit, Sync
 from pipespec_fast.pipespec.mirror import Mirror
 from pipespec_fast.pipespec.worker import StageWorker
@@ -92,30 +91,12 @@ class _Verifier(StageWorker):
     def _window(self) -> int:
         """Our window for the drafts below now (0: speculation does not pay now, drafts cost
         more waiting than they give); pauses or resumes a model stage below to match, and
-        lets an inline drafter fill it. An inline drafter that names its drafts' kinds is
-        cut by kind instead (:meth:`_chain`): the whole window is allowed here."""
-        if self._by_kind(self.inline):
-            return self.window
+        lets an inline drafter fill it."""
         n = self.s.window(self.window, self.wait_per_draft_s)
         self._set_below_wanted(n > 0)
         if self.inline is not None and not self.tree_budget:
             self.inline.fill(self.s.seq, n)
         return n
-
-    def _by_kind(self, drafter: InlineDrafter | None) -> bool:
-        """Chains from ``drafter`` (run inline) are cut by their drafts' kinds."""
-        return drafter is not None and drafter.names_kinds and not self.tree_budget
-
-    def _chain(self, n: int) -> tuple[list[int], list[torch.Tensor] | None, bool,
-                                       list[int] | None]:
-        """``(drafts, rows, spoke, kinds)``: up to ``n`` drafts from below (:meth:`_offered`),
-        or from an inline drafter that names kinds, cut by them (``kind_chain``; ``spoke``:
-        it always has, so no draft means decode alone)."""
-        if self._by_kind(self.inline):
-            drafts, rows, kinds = kind_drafts(self.s, self.inline, n)
-            return drafts, rows, True, kinds
-        drafts, rows, spoke = self._offered(n)
-        return drafts, rows, spoke, None
 
     def _set_below_wanted(self, wanted: bool) -> None:
         """Resume the model stage below (``wanted``) or pause it (it then leaves us the cores
@@ -146,10 +127,9 @@ class _Verifier(StageWorker):
         return (mirror or self.mirror).offer(self.s.seq, n, not self.s.params.greedy)
 
     def _verify(self, drafts: list[int], rows: list[torch.Tensor] | None,
-                from_below: bool, tree: DraftTree | None = None,
-                kinds: list[int] | None = None) -> None:
+                from_below: bool, tree: DraftTree | None = None) -> None:
         """Verify ``drafts`` (none: decode one token alone) or ``tree``, publish, sync the
-        stage below; ``kinds``: the drafts' kinds, whose acceptance the outcome updates."""
+        stage below."""
         count = len(drafts) if tree is None else len(tree)
         if count and from_below and self._after_resume:
             self._after_resume = False
@@ -159,9 +139,7 @@ class _Verifier(StageWorker):
         self._waited_s = 0.0
         start = len(self.s.seq)
         if tree is None:
-            num = self.s.verify(drafts, rows, ready=self.mirror.ready if from_below else None)
-            if kinds:
-                self.s.policy.kinds.note(kinds, num)
+            self.s.verify(drafts, rows, ready=self.mirror.ready if from_below else None)
         else:
             verify_tree(self.s, tree)
         self._publish(start)
@@ -203,11 +181,11 @@ class MiddleWorker(_Verifier):
             if tree is not None:
                 self._verify([], None, from_below=True, tree=tree)
                 return True
-            drafts, rows, kinds = [], None, None
+            drafts, rows = [], None
         else:
-            drafts, rows, _, kinds = self._chain(n)
+            drafts, rows, _ = self._offered(n)
         if drafts:
-            self._verify(drafts, rows, from_below=True, kinds=kinds)
+            self._verify(drafts, rows, from_below=True)
         else:
             self._draft()
             self._sync_down()
@@ -263,7 +241,7 @@ class TargetWorker(_Verifier):
         room = self.limit - len(s.seq)
         if self.tree_budget and self.inline is not None:  # trees from the drafter below
             return self._tree_step(min(n, room), room)
-        drafts, rows, spoke, kinds = self._chain(min(n, room))
+        drafts, rows, spoke = self._offered(min(n, room))
         skip = not drafts and self.skip is not None and regime != ALONE
         if skip and self.tree_budget:
             tree = self._skip_tree(room)
@@ -272,10 +250,10 @@ class TargetWorker(_Verifier):
                 return True
             drafts, rows = [], None
         elif skip:
-            drafts, rows, kinds = self._skip_drafts(room)
+            drafts, rows = self._skip_drafts(room)
         # go on alone when the stage below only offers guesses, or when our window is 0
         if drafts or ((spoke or n == 0) and room > 0):
-            self._verify(drafts, rows, from_below=not skip, kinds=kinds)
+            self._verify(drafts, rows, from_below=not skip)
             return True
         return False
 
@@ -299,22 +277,17 @@ class TargetWorker(_Verifier):
         tree = sk.tree(s.seq, self.tree_budget, g, s.policy.acceptance)
         return tree if len(tree) else None
 
-    def _skip_drafts(self, room: int
-                     ) -> tuple[list[int], list[torch.Tensor] | None, list[int] | None]:
-        """``(drafts, rows, kinds)`` from the skip-level drafter: free, so the window is the
-        one for drafts that cost nothing (``WindowPolicy.plan``, no exploration state), or
-        the cut by kind of a drafter that names them (``kind_chain``)."""
+    def _skip_drafts(self, room: int) -> tuple[list[int], list[torch.Tensor] | None]:
+        """Drafts from the skip-level drafter: free, so the window is the one for drafts that
+        cost nothing (``WindowPolicy.plan``, no exploration state)."""
         s, sk = self.s, self.skip
-        by_kind = self._by_kind(sk)
-        g = self.window if by_kind else s.policy.plan(self.window, 0.0)
+        g = s.policy.plan(self.window, 0.0)
         if not g:
-            return [], None, None
+            return [], None
         self._last_skip_sync = self._send_sync(sk.sync, sk.mirror, self._last_skip_sync)
-        if by_kind:
-            return kind_drafts(s, sk, min(g, room))
         sk.fill(s.seq, g)
         drafts, rows, _ = self._offered(min(g, room), sk.mirror)
-        return drafts, rows, None
+        return drafts, rows
 
     def _publish(self, start: int) -> None:
         """Send the tokens verified since the last Emit to the caller when they are due

@@ -31,7 +31,9 @@ class StageCapabilities:
     Attributes:
         model_free: proposals cost next to nothing (no model: the n-gram drafter). The stage
             gets no thread and no cores: the worker above runs it inline and it fills its
-            whole lead at once instead of drafting one token per step.
+            whole lead at once instead of drafting one token per step. Such a stage may also
+            offer ``propose(tokens) -> int``: ``forward(tokens, last_n=1)``'s argmax without
+            the row, which greedy drafting then takes instead.
         confidence: the stage marks weak proposals. After each ``forward`` it exposes
             ``last_match_len`` and ``min_confident_match``; the last row's proposal is a guess,
             never sent for verification, when ``last_match_len < min_confident_match``.

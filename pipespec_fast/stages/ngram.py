@@ -90,8 +90,6 @@ class NGramStage:
         self.matched = 0
 
     store = property(lambda self: self.index.store, doc="The store it consults (read only).")
-    kinds = property(lambda self: self.index.kinds, doc="Position -> kind of its proposal "
-                     "(``ngram_index.proposal_kind``): what made each token it drafted.")
 
     def clone(self, store: NGramStore | None | Literal[True] = True) -> NGramStage:
         """A drafter with the same settings and an empty history (``store``: ``True`` shares
@@ -121,21 +119,27 @@ class NGramStage:
         """Append ``tokens`` and return ``[last_n or n, vocab_size]`` fp32 rows (0 / -inf)."""
         if parents is not None:
             raise NotImplementedError("NGramStage drafts chains only (parents=None)")
-        if isinstance(tokens, torch.Tensor):
-            if tokens.dim() != 1:
-                raise ValueError(f"tokens: expected a 1-D tensor, got shape {tuple(tokens.shape)}")
-            toks = tokens.tolist()
-        else:
-            toks = [int(t) for t in tokens]
-        n = len(toks)
-        rows = n if last_n is None else last_n
-        if not 0 <= rows <= n:
-            raise ValueError(f"last_n must be in [0, {n}] for {n} tokens, got {last_n!r}")
-        if n and (min(toks) < 0 or max(toks) >= self.vocab_size):
-            raise ValueError(f"tokens: ids outside the vocab [0, {self.vocab_size})")
+        if isinstance(tokens, torch.Tensor) and tokens.dim() != 1:
+            raise ValueError(f"tokens: expected a 1-D tensor, got shape {tuple(tokens.shape)}")
+        toks = tokens.tolist() if isinstance(tokens, torch.Tensor) else [int(t) for t in tokens]
+        props = self._extend(toks, len(toks) if last_n is None else last_n)
+        rows = len(props)
+        out = torch.full((rows, self.vocab_size), NEG_INF, dtype=torch.float32, device=self._device)
+        if rows == 1:
+            out[0, props[0]] = 0.0
+        elif rows:
+            out[torch.arange(rows), torch.tensor(props, device=self._device)] = 0.0
+        return out
+
+    def propose(self, tokens: list[int]) -> int:
+        """``forward(tokens, last_n=1)``'s proposal without its row (the greedy fast path of
+        ``Sequencer.draft``: no vocabulary-wide row to build and take the argmax of)."""
+        return self._extend([int(t) for t in tokens], 1)[0]
+
+    def _extend(self, toks: list[int], rows: int) -> list[int]:
+        """Append ``toks``; the proposals after each of the last ``rows`` positions."""
         index = self.index
-        if len(index) + n > self.max_len:
-            raise ValueError(f"history overflow: {len(index)} + {n} > max_len {self.max_len}")
+        _check_feed(toks, rows, self.vocab_size, len(index), self.max_len)
         for t in toks:
             index.append(t)
         end = len(index)
@@ -147,14 +151,8 @@ class NGramStage:
             self.matched += match > 0
         self.proposals += rows
         self.last_proposals = props
-        if rows:
-            self.last_match_len = match
-        out = torch.full((rows, self.vocab_size), NEG_INF, dtype=torch.float32, device=self._device)
-        if rows == 1:
-            out[0, props[0]] = 0.0
-        elif rows:
-            out[torch.arange(rows), torch.tensor(props, device=self._device)] = 0.0
-        return out
+        self.last_match_len = match if rows else self.last_match_len
+        return props
 
     def rollback(self, length: int) -> None:
         """Forget the history at and after ``length``."""
@@ -187,6 +185,17 @@ class NGramStage:
     def propose_at(self, p: int) -> tuple[int, int]:
         """``(token, match_len)`` to follow ``history[: p + 1]`` (``match_len`` 0: fallback)."""
         return self.index.propose_at(p)
+
+
+def _check_feed(toks: list[int], rows: int, vocab_size: int, have: int, max_len: int) -> None:
+    """``forward``'s tokens and ``last_n`` (``rows``) for a history of ``have`` tokens."""
+    n = len(toks)
+    if not 0 <= rows <= n:
+        raise ValueError(f"last_n must be in [0, {n}] for {n} tokens, got {rows!r}")
+    if n and (min(toks) < 0 or max(toks) >= vocab_size):
+        raise ValueError(f"tokens: ids outside the vocab [0, {vocab_size})")
+    if have + n > max_len:
+        raise ValueError(f"history overflow: {have} + {n} > max_len {max_len}")
 
 
 def _check_args(vocab_size, max_len, max_ngram, min_ngram, store) -> None:

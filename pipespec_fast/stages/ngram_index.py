@@ -28,15 +28,6 @@ from bisect import bisect_left
 
 # a suffix of this text at least this long proposes before the store does
 CONTEXT_FIRST = 2
-# a proposal's kind: 0 for the bigram fallback (a guess), n for a suffix of n tokens of this
-# text, STORE_KIND + m for the store's context of m tokens (max_n and m stay below it)
-STORE_KIND = 100
-
-
-def proposal_kind(match_len: int, from_store: bool) -> int:
-    """The kind of a proposal (what made it): what the verifier's window weighs it by, each
-    kind accepting at its own rate (``decoding/window.py``)."""
-    return STORE_KIND + match_len if from_store else match_len
 
 
 class SuffixIndex:
@@ -56,9 +47,6 @@ class SuffixIndex:
         self.tokens: list[int] = []
         self.ends: list[dict[tuple[int, ...], list[int]]] = [{} for _ in range(min_n, max_n + 1)]
         self.followers: dict[int, dict[int, int]] = {}
-        # position -> kind of the latest proposal made for it (propose_at); a drafter's own
-        # tokens past the verifier's sequence are exactly its proposals, so this is their kind
-        self.kinds: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -89,7 +77,6 @@ class SuffixIndex:
         h = self.tokens
         if length == 0:
             h.clear()
-            self.kinds.clear()
             for d in self.ends:
                 d.clear()
             self.followers.clear()
@@ -120,14 +107,7 @@ class SuffixIndex:
         The longest suffix ending at ``p`` (``max_n`` down to ``min_n``) that also ended
         earlier proposes what followed its most recent earlier occurrence; the store (if any)
         comes before suffixes shorter than ``CONTEXT_FIRST``, its context length then being
-        ``match_len``. The proposal's kind (:func:`proposal_kind`) is kept in
-        ``kinds[p + 1]``."""
-        tok, n, from_store = self._propose(p)
-        self.kinds[p + 1] = proposal_kind(n, from_store)
-        return tok, n
-
-    def _propose(self, p: int) -> tuple[int, int, bool]:
-        """:meth:`propose_at`'s proposal, its match length and whether the store made it."""
+        ``match_len``."""
         h = self.tokens
         if not 0 <= p < len(h):
             raise ValueError(f"position {p} outside the history [0, {len(h)})")
@@ -138,23 +118,23 @@ class SuffixIndex:
             if store is not None and n < CONTEXT_FIRST:
                 tok, m = store.lookup(h, p + 1)
                 if m:
-                    return tok, m, True
+                    return tok, m
                 store = None
             lst = self.ends[n - lo].get(tuple(h[p - n + 1 : p + 1]))
             if lst is None:
                 continue
             if p == last:  # the common case: p itself is the largest position stored
                 if len(lst) > 1:
-                    return h[lst[-2] + 1], n, False
+                    return h[lst[-2] + 1], n
                 continue
             i = bisect_left(lst, p)
             if i:
-                return h[lst[i - 1] + 1], n, False
+                return h[lst[i - 1] + 1], n
         if store is not None:
             tok, m = store.lookup(h, p + 1)
             if m:
-                return tok, m, True
-        return self._fallback(p), 0, False
+                return tok, m
+        return self._fallback(p), 0
 
     def _fallback(self, p: int) -> int:
         """The token that most often followed ``tokens[p]`` within ``tokens[: p + 1]`` (ties to

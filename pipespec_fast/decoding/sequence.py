@@ -157,10 +157,11 @@ class Sequencer:
         if self.dev.deferred_reads and not self._marks_guesses:
             return self._draft_run(n)
         span = self.span
-        # greedy from a model-free stage that proposes without a row (the n-gram drafter):
-        # its token directly, the argmax of the one-hot row it would otherwise build
-        propose = getattr(self.stage, "propose", None) if (
-            self.params.greedy and self.stage.capabilities.model_free) else None
+        # a model-free stage that proposes without a row (the n-gram drafter): its token
+        # directly, what a draw from its one-hot row gives at any temperature / top-k / top-p
+        # (sampling keeps that row, for the stage above to verify the draft against)
+        propose = getattr(self.stage, "propose", None) if self.stage.capabilities.model_free \
+            else None
         for _ in range(n):
             t = time.perf_counter()
             feed = span.tokens[self.stage.cache_len :]
@@ -169,7 +170,8 @@ class Sequencer:
             catch_up = len(feed) > self.CATCH_UP
             kind = "prefill" if catch_up else "draft"
             if propose is not None:
-                tok, row = propose(feed), None
+                tok = propose(feed)
+                row = None if self.params.greedy or not self.keep_rows else self._one_hot(tok)
                 self.stats.record_forward(kind, len(feed), t, time.perf_counter(), self.t0)
             else:
                 tok, row = self._draw(self._forward(feed, last_n=1, kind=kind))
@@ -178,6 +180,12 @@ class Sequencer:
                 self.note_draft_cost(time.perf_counter() - t)
         self.stats.drafted += n
         return n
+
+    def _one_hot(self, tok: int) -> torch.Tensor:
+        """The ``[V]`` probabilities of a one-hot logits row at ``tok`` (exactly 1 there)."""
+        row = torch.zeros(self.stage.vocab_size, dtype=torch.float32, device=self.stage.device)
+        row[tok] = 1.0
+        return row
 
     def _draft_run(self, n: int) -> int:
         """:meth:`draft` with one host read for the whole run (``dev.deferred_reads``): each

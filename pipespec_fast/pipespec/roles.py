@@ -239,9 +239,10 @@ class TargetWorker(_Verifier):
         s.use_regime_policy()
         n = self._window() if regime == FULL else self._pause_below()
         room = self.limit - len(s.seq)
+        # at most room - 1 drafts: a verification commits its own token after those accepted
         if self.tree_budget and self.inline is not None:  # trees from the drafter below
-            return self._tree_step(min(n, room), room)
-        drafts, rows, spoke = self._offered(min(n, room))
+            return self._tree_step(min(n, room - 1), room)
+        drafts, rows, spoke = self._offered(max(0, min(n, room - 1)))
         skip = not drafts and self.skip is not None and regime != ALONE
         if skip and self.tree_budget:
             tree = self._skip_tree(room)
@@ -270,7 +271,7 @@ class TargetWorker(_Verifier):
         """A tree from the skip-level drafter (free: the window for free drafts, as
         :meth:`_skip_drafts`), or ``None``."""
         s, sk = self.s, self.skip
-        g = min(s.policy.plan(self.window, 0.0) or 0, room)
+        g = min(s.policy.plan(self.window, 0.0) or 0, room - 1)
         if g <= 0:
             return None
         self._last_skip_sync = self._send_sync(sk.sync, sk.mirror, self._last_skip_sync)
@@ -286,7 +287,7 @@ class TargetWorker(_Verifier):
             return [], None
         self._last_skip_sync = self._send_sync(sk.sync, sk.mirror, self._last_skip_sync)
         sk.fill(s.seq, g)
-        drafts, rows, _ = self._offered(min(g, room), sk.mirror)
+        drafts, rows, _ = self._offered(max(0, min(g, room - 1)), sk.mirror)
         return drafts, rows
 
     def _publish(self, start: int) -> None:

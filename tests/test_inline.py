@@ -113,7 +113,7 @@ def test_a_failure_names_the_inline_stage():
     def boom(*a, **kw):
         raise RuntimeError("injected")
 
-    d.s.stage.forward = d.s.stage.propose = boom  # (greedy drafting calls propose)
+    d.s.stage.forward = d.s.stage.propose = boom  # (drafting calls propose)
     with pytest.raises(RuntimeError, match="injected") as ei:
         d.fill(list(PROMPT), 2)
     assert ei.value.pipespec_stage == "0 (ngram)"

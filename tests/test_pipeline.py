@@ -481,3 +481,26 @@ def test_stage_threads_setting_is_validated_and_only_used_by_pipespec():
     with pytest.raises(ValueError, match="config"):
         FastPipeline(stages, config={"stage_threads": (1, 1, 2)})
     assert FastPipeline(stages).generate(PROMPT, 24, ignore_eos=True).token_ids == ref
+
+
+@pytest.mark.parametrize("mode", ["sync", "pipespec"])
+@pytest.mark.parametrize("tree_budget", [0, 6])
+@pytest.mark.parametrize("max_new", [1, 2, 3, 7])
+def test_the_target_never_commits_past_the_limit(mode, tree_budget, max_new):
+    """Drafts the target always accepts (an n-gram drafter on a periodic prompt under a draft
+    that is the target's exact copy): its steps commit exactly ``max_new`` tokens (accepted
+    drafts plus one of its own per step), none past the limit, and the output is AR's."""
+    from pipespec_fast import NGramStage
+
+    draft_m, target_m = family(2, noise=0.0, seed=12)  # noise 0: the same weights
+    stages = [LlamaStage(draft_m, name="copy", max_len=128),
+              LlamaStage(target_m, name="target", max_len=128)]
+    prompt = [4, 9, 2, 4, 9, 2, 4, 9, 2, 4, 9]
+    ref = FastPipeline(stages[-1:]).generate(prompt, max_new, ignore_eos=True).token_ids
+    pipe = FastPipeline([NGramStage(stages[-1].vocab_size, max_len=128)] + stages, mode=mode,
+                        tree_budget=tree_budget, regimes=False)
+    for _ in range(3):  # the windows grow with the acceptance measured
+        res = pipe.generate(prompt, max_new, ignore_eos=True)
+        assert res.token_ids == ref
+        st = res.stage_stats[-1]
+        assert st.accepted + st.verify_steps == max_new, st

@@ -104,10 +104,10 @@ def _steps(pipe: FastPipeline, prompts, n: int, skip: int = 0) -> dict[str, int]
 @pytest.mark.parametrize("mode,most", [("sync", 0.25), ("pipespec", 0.3)])
 def test_a_draft_that_only_costs_is_left_out(mode, most, monkeypatch):
     """A draft whose every forward takes 20 ms, under a target of ~1 ms, makes the full
-    hierarchy the slowest regime: after their first tries the target runs lean or alone, and
-    every output equals the target's own. (``most``: 5-17% of the target's steps ran the full
-    hierarchy, its retries, beside 3 busy loops on 2 cores; a bandit choosing at random would
-    give a third.)"""
+    hierarchy the slower regime: after its first tries the target runs lean, and every output
+    equals the target's own. (``most``: 5-17% of the target's steps ran the full hierarchy,
+    its retries, beside 3 busy loops on 2 cores; a bandit choosing at random would give a
+    half.)"""
     pipe = FastPipeline(_hierarchy(draft_sleep_s=0.02, monkeypatch=monkeypatch), mode=mode)
     steps = _steps(pipe, [PROMPT, PROMPT[::-1], PROMPT[5:]], 150, skip=1)
     assert steps.get(FULL, 0) < most * sum(steps.values()), steps

@@ -124,7 +124,8 @@ def synchronous(levels: list[Sequencer], gamma: list[int], limit: int, tree_budg
             levels[0].apply_sync(start, target.seq[start:], strict=True)
         else:
             lv, gm = (levels, gamma) if regime == FULL else (lean, lean_gamma)
-            g = min(target.window(gm[-1], _draft_cost(lv[:-1])), limit - start)
+            # at most limit - start - 1 drafts: the verification's own token follows them
+            g = min(target.window(gm[-1], _draft_cost(lv[:-1])), limit - start - 1)
             _verify_from_below(lv, len(lv) - 1, g, start, gm, limit, tree_budget)
         if regimes is not None:
             regimes.note_step(len(target.seq) - start, time.perf_counter())

@@ -237,13 +237,16 @@ class TargetWorker(_Verifier):
         s = self.s
         regime = self._regime()
         s.use_regime_policy()
-        n = self._window() if regime == FULL else self._pause_below()
         room = self.limit - len(s.seq)
+        if room <= 0:
+            return False
         # at most room - 1 drafts: a verification commits its own token after those accepted
+        # (the last token: no window, no drafts to ask for or wait for)
+        n = self._window() if regime == FULL and room > 1 else self._pause_below()
         if self.tree_budget and self.inline is not None:  # trees from the drafter below
             return self._tree_step(min(n, room - 1), room)
-        drafts, rows, spoke = self._offered(max(0, min(n, room - 1)))
-        skip = not drafts and self.skip is not None and regime != ALONE
+        drafts, rows, spoke = self._offered(min(n, room - 1))
+        skip = not drafts and self.skip is not None and regime != ALONE and room > 1
         if skip and self.tree_budget:
             tree = self._skip_tree(room)
             if tree is not None:
@@ -253,7 +256,7 @@ class TargetWorker(_Verifier):
         elif skip:
             drafts, rows = self._skip_drafts(room)
         # go on alone when the stage below only offers guesses, or when our window is 0
-        if drafts or ((spoke or n == 0) and room > 0):
+        if drafts or spoke or n == 0:
             self._verify(drafts, rows, from_below=not skip)
             return True
         return False
@@ -287,7 +290,7 @@ class TargetWorker(_Verifier):
             return [], None
         self._last_skip_sync = self._send_sync(sk.sync, sk.mirror, self._last_skip_sync)
         sk.fill(s.seq, g)
-        drafts, rows, _ = self._offered(max(0, min(g, room - 1)), sk.mirror)
+        drafts, rows, _ = self._offered(min(g, room - 1), sk.mirror)
         return drafts, rows
 
     def _publish(self, start: int) -> None:

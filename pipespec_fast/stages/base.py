@@ -32,8 +32,10 @@ class StageCapabilities:
         model_free: proposals cost next to nothing (no model: the n-gram drafter). The stage
             gets no thread and no cores: the worker above runs it inline and it fills its
             whole lead at once instead of drafting one token per step. Such a stage may also
-            offer ``propose(tokens) -> int``: ``forward(tokens, last_n=1)``'s argmax without
-            the row, which greedy drafting then takes instead.
+            offer ``propose(tokens) -> int``: the token of ``forward(tokens, last_n=1)``'s
+            row, which must be one-hot (0 there, ``-inf`` elsewhere), without building it:
+            drafting then takes it (and, sampling, the one-hot probability row a draw from
+            that row gives).
         confidence: the stage marks weak proposals. After each ``forward`` it exposes
             ``last_match_len`` and ``min_confident_match``; the last row's proposal is a guess,
             never sent for verification, when ``last_match_len < min_confident_match``.

@@ -132,8 +132,8 @@ class NGramStage:
         return out
 
     def propose(self, tokens: list[int]) -> int:
-        """``forward(tokens, last_n=1)``'s proposal without its row (the greedy fast path of
-        ``Sequencer.draft``: no vocabulary-wide row to build and take the argmax of)."""
+        """``forward(tokens, last_n=1)``'s proposal without its row (``Sequencer.draft``'s
+        fast path: no vocabulary-wide row to build, then take the argmax of or draw from)."""
         return self._extend([int(t) for t in tokens], 1)[0]
 
     def _extend(self, toks: list[int], rows: int) -> list[int]:

@@ -58,7 +58,12 @@ class Sequencer:
         self.sampler = StageSampler(params, index)
         self.policy = policy_for(params, reproducible, adaptive)
         self.draft_cost_s: float | None = None  # decayed mean time of drafting one token
-        self._marks_guesses = stage.capabilities.confidence
+        caps = stage.capabilities  # (read once: a stage may build them per read)
+        self._marks_guesses = caps.confidence
+        # a model-free stage that proposes without a row (the n-gram drafter): its token
+        # directly, what a draw from its one-hot row gives at any temperature / top-k / top-p
+        # (sampling keeps that row, for the stage above to verify the draft against)
+        self._proposes = caps.model_free and getattr(stage, "propose", None) is not None
         self.t0 = time.perf_counter() if t0 is None else t0
         self.dev = StageDevice(stage.device)
         # the target's regime bandit (which draft sources pay, end to end), when the mode has
@@ -157,11 +162,7 @@ class Sequencer:
         if self.dev.deferred_reads and not self._marks_guesses:
             return self._draft_run(n)
         span = self.span
-        # a model-free stage that proposes without a row (the n-gram drafter): its token
-        # directly, what a draw from its one-hot row gives at any temperature / top-k / top-p
-        # (sampling keeps that row, for the stage above to verify the draft against)
-        propose = getattr(self.stage, "propose", None) if self.stage.capabilities.model_free \
-            else None
+        propose = self.stage.propose if self._proposes else None
         for _ in range(n):
             t = time.perf_counter()
             feed = span.tokens[self.stage.cache_len :]

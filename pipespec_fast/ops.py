@@ -300,10 +300,15 @@ def stochastic_accept(draft_tokens: torch.Tensor, parents: torch.Tensor,
 
         return _run_triton(kernel, draft_tokens, parents, draft_probs, target_probs, seed, offset)
     race = _c_race(target_probs)
+    if race is None:
+        return reference.stochastic_accept(draft_tokens, parents, draft_probs, target_probs,
+                                           seed, offset)
     return reference.stochastic_accept(
         draft_tokens, parents, draft_probs, target_probs, seed, offset,
-        residual_race=None if race is None else
-        lambda r, s, o: race.race_argmax(r, race.key(s, o, reference.STREAM_RESIDUAL)))
+        residual_race=lambda r, s, o: race.race_argmax(r, race.key(s, o,
+                                                                   reference.STREAM_RESIDUAL)),
+        accept_uniforms=race.uniforms(max(n, 1), race.key(seed, offset,
+                                                          reference.STREAM_ACCEPT)))
 
 
 def sample_from_probs(probs: torch.Tensor, seed: int, offset: int) -> torch.Tensor:

@@ -360,7 +360,7 @@ def stochastic_accept(
     target_probs: torch.Tensor,
     seed: int,
     offset: int,
-    residual_race=None,
+    residual_race=None, accept_uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lossless speculative sampling over a chain or tree (recursive rejection sampling).
 
@@ -379,17 +379,18 @@ def stochastic_accept(
     acceptance descend: ``r = target_probs[c + 1]``. On rejection ``r = max(r - q_c *
     sum(r), 0)`` and try the next sibling. When no child is accepted (or a leaf is reached) the
     extra token is ``argmax_v r(v) / E(v)``, ``E = -log U`` of stream ``STREAM_RESIDUAL``
-    index ``v``. Each sibling step is a standard speculative sampling step aimed at the
-    current residual, so the emitted tokens are distributed exactly as the verifier's.
+    index ``v``. Each sibling step is a standard speculative sampling step aimed at the current
+    residual: the emitted tokens are distributed exactly as the verifier's.
 
-    ``residual_race(r, seed, offset) -> int``: that race computed elsewhere (ops: the C race).
+    ``residual_race(r, seed, offset) -> int``, ``accept_uniforms`` ``[max(n, 1)]``: that race
+    and the accept tests' uniforms computed elsewhere (ops: in C, the same uniforms).
     Returns ``(path, num_accepted, next_token)`` as :func:`greedy_accept`.
     """
     n, V = draft_probs.shape
     dev = draft_tokens.device
-    toks = draft_tokens.tolist()
-    par = [int(p) for p in parents.tolist()]
-    u_acc = counter_uniform(seed, offset, STREAM_ACCEPT, torch.arange(max(n, 1), device=dev))
+    toks, par = draft_tokens.tolist(), [int(p) for p in parents.tolist()]
+    u_acc = accept_uniforms if accept_uniforms is not None else counter_uniform(
+        seed, offset, STREAM_ACCEPT, torch.arange(max(n, 1), device=dev))
     path: list[int] = []
     cur = -1
     r = target_probs[0].float().clone()

@@ -46,7 +46,8 @@ from pathlib import Path
 from pipespec_fast import config
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
-KERNELS = ("skinny_gemm", "quant_gemm", "int8_gemm", "cpu_decoder", "thread_pool", "race")
+KERNELS = ("skinny_gemm", "quant_gemm", "int8_gemm", "cpu_decoder", "thread_pool", "race",
+           "sample")
 SOURCES = tuple(SOURCE_DIR / f"{name}.c" for name in KERNELS)
 HEADERS = tuple(SOURCE_DIR / f"{name}.h" for name in KERNELS)
 CFLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off")
@@ -103,6 +104,15 @@ SIGNATURES: dict[str, tuple] = {
     "race_argmax": (c_longlong, [c_void_p, c_longlong, c_uint32, c_longlong]),
     # x, n, V, ld, val, idx
     "rows_max": (None, [c_void_p, c_longlong, c_longlong, c_longlong, c_void_p, c_void_p]),
+    "sample_set_avx512": (c_int, [c_int]),
+    # x, V, inv_t, p
+    "sample_softmax": (c_int, [c_void_p, c_longlong, c_float, c_void_p]),
+    # x, V, inv_t, key, index0, p
+    "sample_row": (c_longlong, [c_void_p, c_longlong, c_float, c_uint32, c_longlong, c_void_p]),
+    # logits, n, V, ld, inv_t, drafts, q, ldq, key_accept, key_residual, p, work, next
+    "sample_accept_chain": (c_longlong, [c_void_p, c_longlong, c_longlong, c_longlong, c_float,
+                                         c_void_p, c_void_p, c_longlong, c_uint32, c_uint32,
+                                         c_void_p, c_void_p, c_void_p]),
     "decoder_abi_version": (c_int, []),
     "decoder_supported": (c_int, []),
     "decoder_set_avx512": (c_int, [c_int]),

@@ -10,6 +10,7 @@ import torch
 
 from pipespec_fast import ops, reference, validate
 from pipespec_fast.cpu import race
+from pipespec_fast.cpu import sample as csample
 from pipespec_fast.errors import NonFiniteLogitsError
 
 NON_FINITE = ("non-finite logits (NaN or +inf, or a row without a finite value): no token can "
@@ -64,10 +65,16 @@ def max_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     is finite. On CPU fp32 in C (``cpu/race.py``; with AVX-512 ~2-3 us a row against torch's
     25-100 for a 49k vocabulary in a pipeline, paid on every decoding and verify step), else
     torch's; the same values and indices (the first of equal maxima)."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 \
-            and logits.stride(-1) == 1 and race.available():
+    if _rows_on_host(logits):
         return race.rows_max(logits)
     return logits.max(-1)
+
+
+def _rows_on_host(logits: torch.Tensor) -> bool:
+    """Whether ``logits`` ``[n, V]`` are rows :func:`max_rows` reads in C (fp32 CPU, unit
+    stride)."""
+    return (logits.device.type == "cpu" and logits.dtype == torch.float32
+            and logits.dim() == 2 and logits.stride(-1) == 1 and race.available())
 
 
 class StageSampler:
@@ -97,6 +104,12 @@ class StageSampler:
             if not math.isfinite(best_f):
                 raise NonFiniteLogitsError(NON_FINITE)
             return tok_i, None
+        if self._sampled_on_host(logits):  # C: the same uniforms, fewer passes (cpu/sample.py)
+            tok_i, row = csample.draw(logits[:1], self.params.temperature, self.seed,
+                                      self._next_offset())
+            if tok_i < 0:
+                raise NonFiniteLogitsError(NON_FINITE)
+            return tok_i, row
         tok, row, finite = self.draw_on_device(logits)
         ok, tok_i = _read_pair(finite, tok[0])  # a NaN row samples some index: refused here
         if not ok:
@@ -117,17 +130,60 @@ class StageSampler:
         tok = ops.sample_from_probs(p, self.seed, self._next_offset())
         return tok.view(1).long(), p[0], finite
 
-    def accept(self, drafts: torch.Tensor, logits: torch.Tensor, q: torch.Tensor | None
+    def accept(self, drafts: torch.Tensor, logits: torch.Tensor, q: torch.Tensor | None,
+               on_host: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The acceptance op on a chain of ``drafts`` ``[n]`` given the verifier's ``logits``
         ``[n + 1, V]``; ``q`` ``[n, V]`` (sampling, ``n > 0``): the rows the drafts were drawn
         from. Returns device tensors ``(num_accepted, next_token, finite)`` (``finite``: 0-d
         bool, every row has a finite maximum: read with the step's one host sync, and the
         step's outcome is refused when it is false) and the verifier's ``[n + 1, V]``
-        probabilities (``None`` when greedy)."""
+        probabilities (``None`` when greedy). ``on_host`` (the caller reads results on the host
+        at once: not a deferred-read device): on CPU rows the outcome is computed in C and
+        returned as host values (:meth:`_greedy_chain_on_host`,
+        :meth:`_sampled_chain_on_host`)."""
+        if on_host and self.params.greedy and _rows_on_host(logits):
+            return self._greedy_chain_on_host(drafts, logits)
+        if on_host and drafts.shape[0] and self._sampled_on_host(logits) and _rows_on_host(q):
+            return self._sampled_chain_on_host(drafts, logits, q)
         parents = reference.chain_parents(drafts.shape[0], drafts.device)
         _, num, nxt, finite, p = self.accept_tree(drafts, parents, logits, q)
         return num, nxt, finite, p
+
+    @staticmethod
+    def _greedy_chain_on_host(drafts: torch.Tensor, logits: torch.Tensor
+                              ) -> tuple[int, int, bool, None]:
+        """:meth:`accept` for a greedy chain on CPU, as plain host values: the verifier's
+        argmax per row in C (:func:`max_rows`), then the acceptance op's rule for a chain on
+        the host (each draft is accepted while it equals the argmax before it; the next token
+        is the argmax after the last accepted). The same outcome as ``ops.greedy_accept``
+        without its checks and tensors: in a pipeline, right after a forward that streamed
+        the weights through the caches, those cost ~0.1 ms a verify step."""
+        best, ids = race.rows_max(logits)
+        want, got = ids.tolist(), drafts.tolist()
+        num = 0
+        while num < len(got) and got[num] == want[num]:
+            num += 1
+        return num, want[num], all(map(math.isfinite, best.tolist())), None
+
+    def _sampled_on_host(self, logits: torch.Tensor) -> bool:
+        """Whether sampling from ``logits`` runs in C (:mod:`pipespec_fast.cpu.sample`):
+        fp32 CPU rows, no top-k / top-p."""
+        pr = self.params
+        return (not pr.greedy and pr.top_k is None and pr.top_p is None
+                and _rows_on_host(logits))
+
+    def _sampled_chain_on_host(self, drafts: torch.Tensor, logits: torch.Tensor,
+                               q: torch.Tensor) -> tuple[int, int, bool, torch.Tensor]:
+        """:meth:`accept` under sampling on CPU, in C (``cpu/sample.py``: the acceptance op's
+        rule and uniforms on the tempered softmax, computed only for the rows it visits), as
+        host values; the returned rows past ``num_accepted`` are not filled."""
+        out = csample.accept_chain(logits, self.params.temperature, drafts.tolist(), q,
+                                   self.seed, self._next_offset())
+        if out is None:
+            return 0, 0, False, logits
+        num, nxt, p = out
+        return num, nxt, True, p
 
     def accept_tree(self, drafts: torch.Tensor, parents: torch.Tensor, logits: torch.Tensor,
                     q: torch.Tensor | None) -> tuple[torch.Tensor, ...]:

@@ -265,7 +265,8 @@ class Sequencer:
         ids = self.dev.upload(feed)
         logits = self.stage.forward(ids, last_n=n + 1)  # [n + 1, V]
         q = self.dev.rows_here(draft_probs, ready) if n and not self.params.greedy else None
-        num, nxt, finite, p = self.sampler.accept(ids[uncached:], logits, q)
+        num, nxt, finite, p = self.sampler.accept(ids[uncached:], logits, q,
+                                                  on_host=not self.dev.deferred_reads)
         num_i, nxt_i, ok = self.dev.to_host(num, nxt, finite)  # the step's one host sync
         if not ok:
             e = NonFiniteLogitsError(NON_FINITE)

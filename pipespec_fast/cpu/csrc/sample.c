@@ -1,0 +1,246 @@
+/*
+ * Sampled decoding from a verifier's logits on CPU: the tempered softmax, one token's draw and
+ * speculative sampling over a chain of drafts (sample.h).
+ *
+ * Why: pipespec_fast.reference states these in torch, a dozen vocabulary-wide tensor operations
+ * per verify step (temperature, softmax, the row maxima, the residual's subtraction and clamp,
+ * the sum it is tested against) plus ~40 small ones (the accept tests' uniforms, the loop's 0-d
+ * comparisons). Measured in a pipeline, where each runs right after a forward that streamed the
+ * weights through the caches: ~0.37 ms per sampled verify of one or two drafts against ~0.18 ms
+ * for a draw alone, so a draft accepted a third of the time did not pay. Here one pass finds a
+ * row's maximum, one writes its exponentials, one normalises them, and only the rows the
+ * acceptance visits (those of the accepted drafts and of the next token) are computed; every row's
+ * maximum is still checked.
+ *
+ * exp(a) for a <= 0: Cody-Waite reduction a = k ln2 + r (k = rint(a log2 e), ln2 in two parts),
+ * exp(r) as its Taylor polynomial to r^7 (|r| <= 0.35: truncation < 1e-8 relative), times 2^k
+ * built in the exponent bits; a < -87 (incl. -inf) gives 0 (exp(-87) is 1.6e-38). Sums run in 16
+ * double lanes (lane l: elements l, l + 16, ...; a tail adds to its first lanes) reduced in lane
+ * order (fp32 lanes left the 49k-entry sums ~4e-6 off).
+ * The AVX-512F path and the portable one run the same operations (explicit fmas, no
+ * contraction), so they give the same bits.
+ *
+ * Acceptance (reference.stochastic_accept, chains): draft i with token x is accepted iff
+ * U_i * q_i[x] * sum(p_i) < p_i[x], in that order of fp32 operations; at the first rejection the
+ * residual max(p_i - q_i * sum(p_i), 0) races for the next token, after n acceptances p_n does.
+ * The uniforms are reference.counter_uniform's (race.c). The probabilities differ from
+ * torch.softmax's by float rounding, so a decision or a race can differ from the torch
+ * reference's where it is decided by the last bits; the distribution is the verifier's to fp32
+ * precision (tests/test_cpu_sample.py: chi-square, and agreement with the reference).
+ *
+ * Built with -ffp-contract=off: no fusing beyond the fmas written here.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "race.h"
+#include "sample.h"
+
+#define LOG2E 1.44269504088896341f
+#define LN2_HI 0.693359375f       /* ln 2 = LN2_HI - LN2_LO, LN2_HI with 9 significant bits */
+#define LN2_LO 2.12194440e-4f
+#define EXP_MIN (-87.0f)          /* below: 0 */
+/* 1/7!, 1/6!, ..., 1/2!, 1, 1: exp(r) ~ sum r^j / j! */
+static const float EXP_C[8] = {1.98412698e-4f, 1.38888889e-3f, 8.33333333e-3f, 4.16666667e-2f,
+                               1.66666667e-1f, 0.5f, 1.0f, 1.0f};
+
+#define LANES 16
+
+static inline float exp_neg(float a) {
+    if (!(a >= EXP_MIN)) return 0.0f;
+    const float k = rintf(a * LOG2E);
+    float r = fmaf(-k, LN2_HI, a);
+    r = fmaf(k, LN2_LO, r);
+    float p = EXP_C[0];
+    for (int j = 1; j < 8; ++j) p = fmaf(p, r, EXP_C[j]);
+    const uint32_t bits = (uint32_t)((int32_t)k + 127) << 23;
+    float two_k;
+    memcpy(&two_k, &bits, 4);
+    return p * two_k;
+}
+
+static float lanes_sum(const double *acc) {
+    double s = acc[0];
+    for (int l = 1; l < LANES; ++l) s += acc[l];
+    return (float)s;
+}
+
+/* p[v] = exp((x[v] - m) * inv_t); returns the lane sum. */
+static float exps_scalar(const float *x, int64_t V, float m, float inv_t, float *p) {
+    double acc[LANES] = {0};
+    for (int64_t v = 0; v < V; ++v) {
+        p[v] = exp_neg((x[v] - m) * inv_t);
+        acc[v % LANES] += (double)p[v];
+    }
+    return lanes_sum(acc);
+}
+
+/* p[v] *= inv; returns the lane sum of the results. */
+static float scale_scalar(float *p, int64_t V, float inv) {
+    double acc[LANES] = {0};
+    for (int64_t v = 0; v < V; ++v) {
+        p[v] *= inv;
+        acc[v % LANES] += (double)p[v];
+    }
+    return lanes_sum(acc);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+__attribute__((target("avx512f"))) static inline __m512 exp_neg16(__m512 a) {
+    const __mmask16 keep = _mm512_cmp_ps_mask(a, _mm512_set1_ps(EXP_MIN), _CMP_GE_OQ);
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(a, _mm512_set1_ps(LOG2E)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(LN2_HI), a);
+    r = _mm512_fmadd_ps(k, _mm512_set1_ps(LN2_LO), r);
+    __m512 p = _mm512_set1_ps(EXP_C[0]);
+    for (int j = 1; j < 8; ++j) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_C[j]));
+    const __m512i bits = _mm512_slli_epi32(
+        _mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(bits));
+}
+
+/* acc[0] (lanes 0-7) and acc[1] (lanes 8-15) += the 16 floats of e, widened. */
+__attribute__((target("avx512f"))) static inline void add_lanes(__m512d *acc, __m512 e) {
+    const __m512i b = _mm512_castps_si512(e);
+    acc[0] = _mm512_add_pd(acc[0], _mm512_cvtps_pd(_mm256_castsi256_ps(_mm512_castsi512_si256(b))));
+    acc[1] = _mm512_add_pd(acc[1], _mm512_cvtps_pd(_mm256_castsi256_ps(_mm512_extracti64x4_epi64(b, 1))));
+}
+
+__attribute__((target("avx512f"))) static float reduce_lanes(const __m512d *acc) {
+    double lanes[LANES];
+    _mm512_storeu_pd(lanes, acc[0]);
+    _mm512_storeu_pd(lanes + 8, acc[1]);
+    return lanes_sum(lanes);
+}
+
+__attribute__((target("avx512f"))) static float exps_512(const float *x, int64_t V, float m,
+                                                        float inv_t, float *p) {
+    const __m512 mv = _mm512_set1_ps(m), it = _mm512_set1_ps(inv_t);
+    __m512d acc[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
+    int64_t v = 0;
+    for (; v + LANES <= V; v += LANES) {
+        const __m512 e = exp_neg16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + v), mv), it));
+        _mm512_storeu_ps(p + v, e);
+        add_lanes(acc, e);
+    }
+    const __mmask16 tail = (__mmask16)((1u << (V - v)) - 1u);
+    if (tail) {
+        const __m512 a = _mm512_mask_loadu_ps(mv, tail, x + v); /* absent lanes: 0 */
+        const __m512 e = exp_neg16(_mm512_mul_ps(_mm512_sub_ps(a, mv), it));
+        _mm512_mask_storeu_ps(p + v, tail, e);
+        add_lanes(acc, _mm512_maskz_mov_ps(tail, e));
+    }
+    return reduce_lanes(acc);
+}
+
+__attribute__((target("avx512f"))) static float scale_512(float *p, int64_t V, float inv) {
+    const __m512 iv = _mm512_set1_ps(inv);
+    __m512d acc[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
+    int64_t v = 0;
+    for (; v + LANES <= V; v += LANES) {
+        const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(p + v), iv);
+        _mm512_storeu_ps(p + v, s);
+        add_lanes(acc, s);
+    }
+    const __mmask16 tail = (__mmask16)((1u << (V - v)) - 1u);
+    if (tail) {
+        const __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, p + v), iv);
+        _mm512_mask_storeu_ps(p + v, tail, s);
+        add_lanes(acc, _mm512_maskz_mov_ps(tail, s));
+    }
+    return reduce_lanes(acc);
+}
+
+static int has_512(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx512f") ? 1 : 0;
+    }
+    return cached;
+}
+#endif
+
+static int allow_512 = 1; /* sample_set_avx512 (tests compare the two paths) */
+
+int sample_set_avx512(int on) {
+    allow_512 = on != 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+    return allow_512 && has_512();
+#else
+    return 0;
+#endif
+}
+
+static int use_512(int64_t V) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return allow_512 && has_512() && V < ((int64_t)1 << 31);
+#else
+    (void)V;
+    return 0;
+#endif
+}
+
+/* The row's maximum; 0 when it is not finite. */
+static int row_max(const float *x, int64_t V, float *m) {
+    int64_t idx;
+    rows_max(x, 1, V, V, m, &idx);
+    return V > 0 && isfinite(*m);
+}
+
+/* p = softmax((x - m) * inv_t) for the row's finite maximum m; returns sum(p) (~1). */
+static float softmax_at(const float *x, int64_t V, float m, float inv_t, float *p) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (use_512(V)) return scale_512(p, V, 1.0f / exps_512(x, V, m, inv_t, p));
+#endif
+    return scale_scalar(p, V, 1.0f / exps_scalar(x, V, m, inv_t, p));
+}
+
+int sample_softmax(const float *x, int64_t V, float inv_t, float *p) {
+    float m;
+    if (!row_max(x, V, &m)) return 0;
+    softmax_at(x, V, m, inv_t, p);
+    return 1;
+}
+
+int64_t sample_row(const float *x, int64_t V, float inv_t, uint32_t key, int64_t index0,
+                   float *p) {
+    if (!sample_softmax(x, V, inv_t, p)) return -1;
+    return race_argmax(p, V, key, index0);
+}
+
+#define CHAIN_MAX 256 /* drafts of one chain, at most (reference.MAX_TREE_NODES) */
+
+int64_t sample_accept_chain(const float *logits, int64_t n, int64_t V, int64_t ld, float inv_t,
+                            const int64_t *drafts, const float *q, int64_t ldq,
+                            uint32_t key_accept, uint32_t key_residual, float *p, float *work,
+                            int64_t *next) {
+    float m[CHAIN_MAX + 1];
+    if (n < 0 || n > CHAIN_MAX || V <= 0) return -1;
+    for (int64_t i = 0; i <= n; ++i)
+        if (!row_max(logits + i * ld, V, &m[i])) return -1;
+    for (int64_t i = 0;; ++i) {
+        float *pi = p + i * V;
+        const float mass = softmax_at(logits + i * ld, V, m[i], inv_t, pi);
+        if (i == n) {
+            *next = race_argmax(pi, V, key_residual, 0);
+            return n;
+        }
+        const int64_t x = drafts[i];
+        const float *qi = q + i * ldq;
+        float u;
+        race_uniforms(&u, 1, key_accept, i);
+        if (x >= 0 && x < V && u * qi[x] * mass < pi[x]) continue;
+        for (int64_t v = 0; v < V; ++v) { /* the residual: max(p - q * mass, 0) */
+            const float d = pi[v] - qi[v] * mass;
+            work[v] = d > 0.0f ? d : 0.0f;
+        }
+        *next = race_argmax(work, V, key_residual, 0);
+        return i;
+    }
+}

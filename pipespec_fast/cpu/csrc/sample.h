@@ -1,0 +1,40 @@
+/* Sampled decoding from a verifier's logits on CPU (sample.c): the tempered softmax, one token's
+ * draw and speculative sampling over a chain of drafts, in C. The same rules as
+ * pipespec_fast.reference (probs_from_logits without top-k / top-p, sample_from_probs,
+ * stochastic_accept on a chain) with the same counter-based uniforms (race.h); the
+ * probabilities differ from torch.softmax's by float rounding only. Called through ctypes by
+ * pipespec_fast/cpu/sample.py (signatures in pipespec_fast/cpu/library.py). */
+#ifndef PIPESPEC_SAMPLE_H
+#define PIPESPEC_SAMPLE_H
+
+#include <stdint.h>
+
+/* p[v] = exp((x[v] - max x) * inv_t) / sum, for v < V (inv_t = 1 / temperature > 0). Returns 1,
+ * or 0 when the row has no finite maximum (a NaN, +inf, or every value -inf; p is then not
+ * written). The AVX-512F path and the portable one give the same bits. */
+int sample_softmax(const float *x, int64_t V, float inv_t, float *p);
+
+/* One token from the tempered softmax of x[V]: the exponential race (race_argmax) over p under
+ * key (reference.rng_key(seed, offset, STREAM_DRAFT)), counters index0 + v. p: [V] out (the
+ * distribution drawn from). Returns the token, or -1 when the row has no finite maximum. */
+int64_t sample_row(const float *x, int64_t V, float inv_t, uint32_t key, int64_t index0,
+                   float *p);
+
+/* Speculative sampling over a chain of n drafts (reference.stochastic_accept with chain parents):
+ * row i of logits (row i at logits + i * ld, i <= n) is the verifier's after the chain's first i
+ * drafts, row i of q (at q + i * ldq) the distribution drafts[i] was drawn from. Draft i is
+ * accepted iff U(key_accept, i) * q_i[x] * sum(p_i) < p_i[x] (x = drafts[i]); at the first
+ * rejection the residual max(p_i - q_i * sum(p_i), 0) races (key_residual, counters from 0) for
+ * the next token, after n acceptances p_n does. p: [(n + 1), V] out, rows 0 .. num written (the
+ * verifier's distributions at the accepted drafts and at the next token); work: [V] scratch.
+ * Returns num (0 .. n) and *next, or -1 when some row of logits has no finite maximum (every
+ * row is checked, visited or not). */
+int64_t sample_accept_chain(const float *logits, int64_t n, int64_t V, int64_t ld, float inv_t,
+                            const int64_t *drafts, const float *q, int64_t ldq,
+                            uint32_t key_accept, uint32_t key_residual, float *p, float *work,
+                            int64_t *next);
+
+/* Allow (1, the default) or forbid (0) the AVX-512F path; returns whether it is used now. */
+int sample_set_avx512(int on);
+
+#endif

@@ -1,0 +1,100 @@
+"""Sampled decoding from logits on CPU in C (``csrc/sample.c``): the tempered softmax, one
+token's draw and speculative sampling over a chain of drafts.
+
+Why: the torch statements of :mod:`pipespec_fast.reference` (``probs_from_logits``,
+``sample_from_probs``, ``stochastic_accept``) take a dozen vocabulary-wide tensor operations and
+~40 small ones per sampled verify step; in a pipeline, right after a forward that streamed the
+weights through the caches, that was ~0.37 ms per verify of one or two drafts against ~0.18 ms
+for a draw alone. The C versions take three passes per row and compute only the rows the
+acceptance visits, with the same counter-based uniforms; their probabilities differ from
+torch's softmax by float rounding (``tests/test_cpu_sample.py``). Top-k / top-p sampling keeps
+the torch path. :class:`~pipespec_fast.decoding.sampling.StageSampler` uses these for fp32 CPU
+logits when the C library is loaded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipespec_fast import reference
+from pipespec_fast.cpu import library, race
+
+
+def available() -> bool:
+    """Whether the C library is loaded (built and not disabled)."""
+    return library.load() is not None
+
+
+def set_avx512(on: bool) -> bool:
+    """Allow or forbid the AVX-512F path (both give the same bits; for tests); returns whether
+    it is in use now."""
+    return bool(library.load().sample_set_avx512(int(on)))
+
+
+def _rows(x: torch.Tensor, what: str) -> None:
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError(f"{what}: expected [n, V] fp32 rows on CPU with unit stride, got "
+                         f"{x.dtype} {tuple(x.shape)} on {x.device}")
+
+
+def softmax(x: torch.Tensor, temperature: float) -> torch.Tensor | None:
+    """``softmax(x / temperature)`` of one ``[V]`` fp32 CPU row, or ``None`` when the row has no
+    finite maximum."""
+    x = x.contiguous()
+    p = torch.empty_like(x)
+    ok = library.load().sample_softmax(x.data_ptr(), x.shape[0], 1.0 / temperature,
+                                       p.data_ptr())
+    return p if ok else None
+
+
+def draw(logits: torch.Tensor, temperature: float, seed: int, offset: int
+         ) -> tuple[int, torch.Tensor]:
+    """A token from row 0 of ``logits`` ``[1, V]`` (``reference.sample_from_probs`` of its
+    tempered softmax: stream ``STREAM_DRAFT``, counters from 0) and the ``[V]`` distribution it
+    was drawn from; the token is -1 when the row has no finite maximum."""
+    _rows(logits, "draw")
+    V = logits.shape[1]
+    p = torch.empty(V, dtype=torch.float32)
+    tok = library.load().sample_row(logits.data_ptr(), V, 1.0 / temperature,
+                                    race.key(seed, offset, reference.STREAM_DRAFT), 0,
+                                    p.data_ptr())
+    return int(tok), p
+
+
+def accept_chain(logits: torch.Tensor, temperature: float, drafts: list[int],
+                 q: torch.Tensor, seed: int, offset: int
+                 ) -> tuple[int, int, torch.Tensor] | None:
+    """Speculative sampling over a chain (``reference.stochastic_accept`` with chain parents on
+    the tempered softmax of ``logits``).
+
+    Args:
+        logits: ``[n + 1, V]`` fp32 verifier logits: row ``i`` after the chain's first ``i``
+            drafts.
+        drafts: the ``n`` draft tokens.
+        q: ``[n, V]`` fp32, row ``i`` the distribution ``drafts[i]`` was drawn from.
+        seed, offset: the acceptance step's key (streams ``STREAM_ACCEPT``, ``STREAM_RESIDUAL``).
+
+    Returns ``(num_accepted, next_token, p)`` with ``p`` ``[n + 1, V]`` the verifier's
+    distributions, rows ``0 .. num_accepted`` filled (the others are not computed); ``None``
+    when a row of ``logits`` has no finite maximum."""
+    _rows(logits, "accept_chain: logits")
+    n, V = len(drafts), logits.shape[1]
+    if logits.shape[0] != n + 1:
+        raise ValueError(f"accept_chain: logits has {logits.shape[0]} rows for {n} drafts")
+    if n:
+        _rows(q, "accept_chain: q")
+        if tuple(q.shape) != (n, V):
+            raise ValueError(f"accept_chain: q expected [{n}, {V}], got {tuple(q.shape)}")
+    if not all(0 <= t < V for t in drafts):
+        raise ValueError(f"accept_chain: draft tokens outside [0, {V}): {drafts}")
+    ids = torch.tensor(drafts, dtype=torch.int64)
+    p = torch.empty((n + 1, V), dtype=torch.float32)
+    work = torch.empty(V, dtype=torch.float32)
+    nxt = torch.zeros(1, dtype=torch.int64)
+    num = library.load().sample_accept_chain(
+        logits.data_ptr(), n, V, logits.stride(0), 1.0 / temperature, ids.data_ptr(),
+        q.data_ptr() if n else 0, q.stride(0) if n else 0,
+        race.key(seed, offset, reference.STREAM_ACCEPT),
+        race.key(seed, offset, reference.STREAM_RESIDUAL), p.data_ptr(), work.data_ptr(),
+        nxt.data_ptr())
+    return None if num < 0 else (int(num), int(nxt), p)

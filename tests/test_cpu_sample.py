@@ -1,0 +1,162 @@
+"""Sampled decoding from logits in C (``pipespec_fast.cpu.sample``) against the torch
+reference: the tempered softmax to float rounding, the same bits on both C paths, draws and
+chain acceptances equal to the reference's on the same inputs, and their distributions by
+chi-square (fixed seeds: deterministic)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from pipespec_fast import reference
+from pipespec_fast.cpu import race, sample
+from pipespec_fast.decoding.sampling import SamplingParams, StageSampler
+
+pytestmark = pytest.mark.skipif(not sample.available(), reason="the C library needs gcc")
+
+P_MIN = 1e-3
+
+
+@pytest.fixture
+def on_path(request):
+    """Run a test body on the AVX-512F path, then on the portable one."""
+    yield sample.set_avx512
+    sample.set_avx512(True)
+
+
+def _logits(n: int, V: int, seed: int, scale: float = 3.0) -> torch.Tensor:
+    return torch.randn(n, V, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@pytest.mark.parametrize("V", [5, 17, 1000, 49152])
+@pytest.mark.parametrize("temperature", [0.3, 0.7, 1.5])
+def test_softmax_is_the_references_to_float_rounding_and_sums_to_one(V, temperature):
+    x = _logits(1, V, V)[0]
+    x[V // 2] = float("-inf")  # a masked entry gets probability 0
+    p = sample.softmax(x, temperature)
+    want = reference.probs_from_logits(x, temperature)
+    assert p[V // 2] == 0.0
+    torch.testing.assert_close(p, want, rtol=2e-5, atol=1e-7)
+    assert abs(p.double().sum().item() - 1.0) < 1e-6
+
+
+def test_rows_without_a_finite_maximum_are_refused():
+    for bad in (float("nan"), float("inf")):
+        x = torch.zeros(40)
+        x[7] = bad
+        assert sample.softmax(x, 0.7) is None
+        assert sample.draw(x.view(1, -1), 0.7, 1, 2)[0] == -1
+    assert sample.softmax(torch.full((40,), float("-inf")), 0.7) is None
+
+
+@pytest.mark.parametrize("V", [3, 16, 33, 49152])
+def test_avx512_and_portable_paths_give_the_same_bits(on_path, V):
+    logits = _logits(3, V, 7)
+    q = torch.softmax(_logits(2, V, 8), -1)
+    out = {}
+    for fast in (True, False):
+        on_path(fast)
+        p = sample.softmax(logits[0], 0.7)
+        tok, row = sample.draw(logits[:1], 0.7, 5, 9)
+        acc = [sample.accept_chain(logits, 0.7, [1, 2], q, 11, off) for off in range(20)]
+        out[fast] = (p, tok, row, acc)
+    (p1, t1, r1, a1), (p2, t2, r2, a2) = out[True], out[False]
+    assert torch.equal(p1, p2) and t1 == t2 and torch.equal(r1, r2)
+    for x, y in zip(a1, a2, strict=True):
+        assert x[:2] == y[:2] and torch.equal(x[2][: x[0] + 1], y[2][: y[0] + 1])
+
+
+def test_a_draw_is_the_exponential_race_over_its_own_row():
+    logits = _logits(1, 49152, 3)
+    for offset in range(5):
+        tok, p = sample.draw(logits, 0.7, 42, offset)
+        torch.testing.assert_close(p, reference.probs_from_logits(logits[0], 0.7),
+                                   rtol=2e-5, atol=1e-7)
+        assert tok == race.race_argmax(p, race.key(42, offset, reference.STREAM_DRAFT))
+
+
+def test_draws_follow_the_tempered_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, float("-inf")]])
+    p = torch.softmax(logits[0] / 0.7, -1)
+    counts = torch.zeros(6)
+    for offset in range(20000):
+        counts[sample.draw(logits, 0.7, 3, offset)[0]] += 1
+    assert counts[5] == 0
+    assert chisquare(counts[:5].numpy(), (p[:5] * counts.sum()).numpy()).pvalue > P_MIN
+
+
+@pytest.mark.parametrize("one_hot", [True, False], ids=["one-hot q", "full q"])
+def test_chain_acceptance_equals_the_reference_on_its_own_probabilities(one_hot):
+    """Given the same verifier rows (the C softmax's), the accept tests, the residual and the
+    races are the reference's: the same number accepted, next token and rows."""
+    V, n = 300, 3
+    for trial in range(200):
+        logits = _logits(n + 1, V, trial, scale=1.5)
+        drafts = torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(trial))
+        q = (torch.nn.functional.one_hot(drafts, V).float() if one_hot
+             else torch.softmax(_logits(n, V, 1000 + trial, scale=1.5), -1))
+        num, nxt, p = sample.accept_chain(logits, 0.8, drafts.tolist(), q, 7, trial)
+        probs = torch.stack([sample.softmax(row, 0.8) for row in logits])
+        torch.testing.assert_close(p[: num + 1], probs[: num + 1], rtol=0, atol=0)
+        _, ref_num, ref_next = reference.stochastic_accept(
+            drafts, reference.chain_parents(n), q, probs, 7, trial)
+        assert (num, nxt) == (int(ref_num), int(ref_next)), trial
+
+
+def test_chain_acceptance_emits_the_verifiers_distribution():
+    """First two tokens of a 2-draft chain with a draft distribution far from the verifier's:
+    the first follows p_0, the second (after the first draft was accepted) p_1."""
+    V = 6
+    logits = torch.tensor([[1.0, 0.5, 0.0, -0.5, -1.0, -2.0],
+                           [0.0, 1.5, -1.0, 0.3, 0.2, -0.4],
+                           [0.1, 0.1, 0.1, 0.1, 0.1, 0.1]])
+    q = torch.tensor([[0.05, 0.05, 0.6, 0.1, 0.1, 0.1], [0.4, 0.1, 0.1, 0.1, 0.1, 0.2]])
+    p = torch.softmax(logits / 0.9, -1)
+    first, second = torch.zeros(V), torch.zeros(V)
+    g = torch.Generator().manual_seed(0)
+    for offset in range(20000):
+        drafts = [int(torch.multinomial(q[0], 1, generator=g)),
+                  int(torch.multinomial(q[1], 1, generator=g))]
+        num, nxt, _ = sample.accept_chain(logits, 0.9, drafts, q, 1, offset)
+        first[drafts[0] if num >= 1 else nxt] += 1
+        if num >= 1:
+            second[drafts[1] if num == 2 else nxt] += 1
+    assert chisquare(first.numpy(), (p[0] * first.sum()).numpy()).pvalue > P_MIN
+    assert chisquare(second.numpy(), (p[1] * second.sum()).numpy()).pvalue > P_MIN
+
+
+def test_a_non_finite_row_refuses_the_step_even_past_a_rejection():
+    logits = _logits(3, 50, 1)
+    logits[2, 4] = float("nan")  # a row the acceptance would not visit after a rejection
+    q = torch.nn.functional.one_hot(torch.tensor([49, 48]), 50).float()
+    assert sample.accept_chain(logits, 0.7, [49, 48], q, 1, 0) is None
+
+
+def test_bad_arguments_are_refused_naming_them():
+    logits = _logits(3, 50, 1)
+    q = torch.softmax(_logits(2, 50, 2), -1)
+    with pytest.raises(ValueError, match="accept_chain: logits has 3 rows for 1 drafts"):
+        sample.accept_chain(logits, 0.7, [1], q[:1], 1, 0)
+    with pytest.raises(ValueError, match=r"accept_chain: q expected \[2, 50\]"):
+        sample.accept_chain(logits, 0.7, [1, 2], q[:1], 1, 0)
+    with pytest.raises(ValueError, match="outside"):
+        sample.accept_chain(logits, 0.7, [1, 50], q, 1, 0)
+    with pytest.raises(ValueError, match="accept_chain: logits: expected"):
+        sample.accept_chain(logits.double(), 0.7, [1, 2], q, 1, 0)
+
+
+def test_the_sampler_uses_c_on_host_and_torch_for_top_k_and_deferred_reads():
+    """``StageSampler.accept`` on host CPU rows returns the C outcome; top-k sampling and a
+    deferred-read caller (``on_host=False``) keep the torch acceptance op."""
+    logits = _logits(3, 64, 4)
+    drafts = torch.tensor([3, 9])
+    q = torch.softmax(_logits(2, 64, 5), -1)
+    s = StageSampler(SamplingParams(temperature=0.7, seed=1), 0)
+    num, nxt, ok, p = s.accept(drafts, logits, q, on_host=True)
+    want = sample.accept_chain(logits, 0.7, [3, 9], q, s.seed, 1)
+    assert ok and (num, nxt) == want[:2] and isinstance(num, int)
+    dev = StageSampler(SamplingParams(temperature=0.7, seed=1), 0).accept(drafts, logits, q)
+    assert all(isinstance(t, torch.Tensor) for t in dev[:3])
+    top_k = StageSampler(SamplingParams(temperature=0.7, top_k=5, seed=1), 0)
+    assert isinstance(top_k.accept(drafts, logits, q, on_host=True)[0], torch.Tensor)

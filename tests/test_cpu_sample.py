@@ -126,6 +126,49 @@ def test_chain_acceptance_emits_the_verifiers_distribution():
     assert chisquare(second.numpy(), (p[1] * second.sum()).numpy()).pvalue > P_MIN
 
 
+def _random_tree(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [int(torch.randint(-1, c, (1,), generator=g)) if c else -1 for c in range(n)]
+
+
+@pytest.mark.parametrize("one_hot", [True, False], ids=["one-hot q", "full q"])
+def test_tree_acceptance_equals_the_reference_on_its_own_probabilities(one_hot):
+    """Siblings tried in index order against the residual, acceptances descending: the
+    reference's path, next token and rows, on random trees of 6 nodes."""
+    V, n = 200, 6
+    for trial in range(200):
+        parents = _random_tree(n, trial)
+        logits = _logits(n + 1, V, trial, scale=1.5)
+        g = torch.Generator().manual_seed(500 + trial)
+        q = torch.softmax(_logits(n, V, 2000 + trial, scale=1.5), -1)
+        tokens = [int(torch.multinomial(q[c], 1, generator=g)) for c in range(n)]
+        if one_hot:
+            q = torch.nn.functional.one_hot(torch.tensor(tokens), V).float()
+        path, num, nxt, p = sample.accept_tree(logits, 0.8, tokens, parents, q, 3, trial)
+        probs = torch.stack([sample.softmax(row, 0.8) for row in logits])
+        ref_path, ref_num, ref_next = reference.stochastic_accept(
+            torch.tensor(tokens), torch.tensor(parents), q, probs, 3, trial)
+        assert (num, nxt) == (int(ref_num), int(ref_next)) and torch.equal(path, ref_path), trial
+        for row in [0] + [c + 1 for c in path[:num].tolist()]:
+            assert torch.equal(p[row], probs[row]), (trial, row)
+
+
+def test_tree_acceptance_emits_the_verifiers_distribution():
+    """Three siblings at the root drawn from one draft distribution far from the verifier's:
+    the first token follows p_0 (each rejection leaves the residual for the next sibling)."""
+    V = 6
+    logits = torch.tensor([[1.0, 0.5, 0.0, -0.5, -1.0, -2.0]] + [[0.0] * V] * 3)
+    q = torch.tensor([[0.05, 0.05, 0.6, 0.1, 0.1, 0.1]] * 3)
+    p = torch.softmax(logits[0] / 0.9, -1)
+    counts = torch.zeros(V)
+    g = torch.Generator().manual_seed(1)
+    for offset in range(20000):
+        tokens = [int(torch.multinomial(q[0], 1, generator=g)) for _ in range(3)]
+        path, num, nxt, _ = sample.accept_tree(logits, 0.9, tokens, [-1, -1, -1], q, 2, offset)
+        counts[tokens[int(path[0])] if num else nxt] += 1
+    assert chisquare(counts.numpy(), (p * counts.sum()).numpy()).pvalue > P_MIN
+
+
 def test_a_non_finite_row_refuses_the_step_even_past_a_rejection():
     logits = _logits(3, 50, 1)
     logits[2, 4] = float("nan")  # a row the acceptance would not visit after a rejection
@@ -144,6 +187,8 @@ def test_bad_arguments_are_refused_naming_them():
         sample.accept_chain(logits, 0.7, [1, 50], q, 1, 0)
     with pytest.raises(ValueError, match="accept_chain: logits: expected"):
         sample.accept_chain(logits.double(), 0.7, [1, 2], q, 1, 0)
+    with pytest.raises(ValueError, match="accept_tree: parents must give"):
+        sample.accept_tree(logits, 0.7, [1, 2], [-1, 1], q, 1, 0)
 
 
 def test_the_sampler_uses_c_on_host_and_torch_for_top_k_and_deferred_reads():

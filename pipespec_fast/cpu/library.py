@@ -113,6 +113,11 @@ SIGNATURES: dict[str, tuple] = {
     "sample_accept_chain": (c_longlong, [c_void_p, c_longlong, c_longlong, c_longlong, c_float,
                                          c_void_p, c_void_p, c_longlong, c_uint32, c_uint32,
                                          c_void_p, c_void_p, c_void_p]),
+    # logits, n, V, ld, inv_t, tokens, parents, q, ldq, key_accept, key_residual, p, work,
+    # path, next
+    "sample_accept_tree": (c_longlong, [c_void_p, c_longlong, c_longlong, c_longlong, c_float,
+                                        c_void_p, c_void_p, c_void_p, c_longlong, c_uint32,
+                                        c_uint32, c_void_p, c_void_p, c_void_p, c_void_p]),
     "decoder_abi_version": (c_int, []),
     "decoder_supported": (c_int, []),
     "decoder_set_avx512": (c_int, [c_int]),

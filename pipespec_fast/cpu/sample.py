@@ -6,10 +6,11 @@ Why: the torch statements of :mod:`pipespec_fast.reference` (``probs_from_logits
 ~40 small ones per sampled verify step; in a pipeline, right after a forward that streamed the
 weights through the caches, that was ~0.37 ms per verify of one or two drafts against ~0.18 ms
 for a draw alone. The C versions take three passes per row and compute only the rows the
-acceptance visits, with the same counter-based uniforms; their probabilities differ from
-torch's softmax by float rounding (``tests/test_cpu_sample.py``). Top-k / top-p sampling keeps
-the torch path. :class:`~pipespec_fast.decoding.sampling.StageSampler` uses these for fp32 CPU
-logits when the C library is loaded.
+acceptance visits (chains and trees), with the same counter-based uniforms; their
+probabilities differ from torch's softmax by float rounding (``tests/test_cpu_sample.py``).
+Top-k / top-p sampling keeps the torch path.
+:class:`~pipespec_fast.decoding.sampling.StageSampler` uses these for fp32 CPU logits read on
+the host when the C library is loaded.
 """
 
 from __future__ import annotations
@@ -77,16 +78,8 @@ def accept_chain(logits: torch.Tensor, temperature: float, drafts: list[int],
     Returns ``(num_accepted, next_token, p)`` with ``p`` ``[n + 1, V]`` the verifier's
     distributions, rows ``0 .. num_accepted`` filled (the others are not computed); ``None``
     when a row of ``logits`` has no finite maximum."""
-    _rows(logits, "accept_chain: logits")
-    n, V = len(drafts), logits.shape[1]
-    if logits.shape[0] != n + 1:
-        raise ValueError(f"accept_chain: logits has {logits.shape[0]} rows for {n} drafts")
-    if n:
-        _rows(q, "accept_chain: q")
-        if tuple(q.shape) != (n, V):
-            raise ValueError(f"accept_chain: q expected [{n}, {V}], got {tuple(q.shape)}")
-    if not all(0 <= t < V for t in drafts):
-        raise ValueError(f"accept_chain: draft tokens outside [0, {V}): {drafts}")
+    V = _check_drafts("accept_chain", logits, drafts, q)
+    n = len(drafts)
     ids = torch.tensor(drafts, dtype=torch.int64)
     p = torch.empty((n + 1, V), dtype=torch.float32)
     work = torch.empty(V, dtype=torch.float32)
@@ -98,3 +91,49 @@ def accept_chain(logits: torch.Tensor, temperature: float, drafts: list[int],
         race.key(seed, offset, reference.STREAM_RESIDUAL), p.data_ptr(), work.data_ptr(),
         nxt.data_ptr())
     return None if num < 0 else (int(num), int(nxt), p)
+
+
+def accept_tree(logits: torch.Tensor, temperature: float, tokens: list[int], parents: list[int],
+                q: torch.Tensor, seed: int, offset: int
+                ) -> tuple[torch.Tensor, int, int, torch.Tensor] | None:
+    """:func:`accept_chain` over a tree (``reference.stochastic_accept``): node ``c`` has token
+    ``tokens[c]`` and parent ``parents[c]`` (-1: the root; ``-1 <= parents[c] < c``), row
+    ``c + 1`` of ``logits`` follows it, row ``c`` of ``q`` is what it was drawn from. Returns
+    ``(path, num_accepted, next_token, p)``: ``path`` ``[n]`` int64 the accepted nodes in order
+    then -1, ``p`` rows 0 and ``c + 1`` of each accepted ``c`` filled; ``None`` when a row of
+    ``logits`` has no finite maximum."""
+    V = _check_drafts("accept_tree", logits, tokens, q)
+    n = len(tokens)
+    if len(parents) != n or any(not -1 <= parents[c] < c for c in range(n)):
+        raise ValueError(f"accept_tree: parents must give -1 <= parents[c] < c for each of the "
+                         f"{n} nodes, got {parents}")
+    ids = torch.tensor(tokens + parents, dtype=torch.int64)
+    p = torch.empty((n + 1, V), dtype=torch.float32)
+    work = torch.empty(V, dtype=torch.float32)
+    path = torch.empty(n, dtype=torch.int64)
+    nxt = torch.zeros(1, dtype=torch.int64)
+    num = library.load().sample_accept_tree(
+        logits.data_ptr(), n, V, logits.stride(0), 1.0 / temperature, ids.data_ptr(),
+        ids.data_ptr() + 8 * n, q.data_ptr() if n else 0, q.stride(0) if n else 0,
+        race.key(seed, offset, reference.STREAM_ACCEPT),
+        race.key(seed, offset, reference.STREAM_RESIDUAL), p.data_ptr(), work.data_ptr(),
+        path.data_ptr(), nxt.data_ptr())
+    return None if num < 0 else (path, int(num), int(nxt), p)
+
+
+def _check_drafts(what: str, logits: torch.Tensor, drafts: list[int], q: torch.Tensor) -> int:
+    """``ValueError`` naming the argument unless ``logits`` has ``len(drafts) + 1`` rows, ``q``
+    ``len(drafts)`` of the same width and every draft is a token; returns the width."""
+    _rows(logits, f"{what}: logits")
+    n, V = len(drafts), logits.shape[1]
+    if logits.shape[0] != n + 1:
+        raise ValueError(f"{what}: logits has {logits.shape[0]} rows for {n} drafts")
+    if n:
+        _rows(q, f"{what}: q")
+        if tuple(q.shape) != (n, V):
+            raise ValueError(f"{what}: q expected [{n}, {V}], got {tuple(q.shape)}")
+    if not all(0 <= t < V for t in drafts):
+        raise ValueError(f"{what}: draft tokens outside [0, {V}): {drafts}")
+    if n > reference.MAX_TREE_NODES:
+        raise ValueError(f"{what}: at most {reference.MAX_TREE_NODES} drafts, got {n}")
+    return V

@@ -186,16 +186,27 @@ class StageSampler:
         return num, nxt, True, p
 
     def accept_tree(self, drafts: torch.Tensor, parents: torch.Tensor, logits: torch.Tensor,
-                    q: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+                    q: torch.Tensor | None, on_host: bool = False) -> tuple[torch.Tensor, ...]:
         """:meth:`accept` on a tree of ``drafts`` (``parents`` ``[n]``, topological; logits row
         ``i + 1`` follows node ``i``). Returns ``(path, num_accepted, next_token, finite, p)``:
         ``path`` ``[n]`` the accepted nodes in order (padded with -1), the rest as
-        :meth:`accept`."""
+        :meth:`accept` (tensors; ``on_host``: CPU rows are decided in C / on the host, and
+        under sampling only ``p``'s rows 0 and ``c + 1`` of each accepted ``c`` are filled)."""
         n = drafts.shape[0]
         if self.params.greedy:
             best, target_ids = max_rows(logits)
-            path, num, nxt = ops.greedy_accept(drafts, parents, target_ids)
+            accept = (reference.greedy_accept if on_host and _rows_on_host(logits)
+                      else ops.greedy_accept)  # on the host: the tree was checked when built
+            path, num, nxt = accept(drafts, parents, target_ids)
             return path, num, nxt, torch.isfinite(best).all(), None
+        if on_host and n and self._sampled_on_host(logits) and _rows_on_host(q):
+            out = csample.accept_tree(logits, self.params.temperature, drafts.tolist(),
+                                      parents.tolist(), q, self.seed, self._next_offset())
+            if out is None:
+                return torch.full((n,), -1), torch.tensor(0), torch.tensor(0), \
+                    torch.tensor(False), None
+            path, num, nxt, p = out
+            return path, torch.tensor(num), torch.tensor(nxt), torch.tensor(True), p
         finite = torch.isfinite(logits.amax(-1)).all()
         p = self.params.probs(logits)
         path, num, nxt = ops.stochastic_accept(drafts, parents, q if n else p[:0], p, self.seed,

@@ -125,7 +125,8 @@ def verify_tree(seqr, tree: DraftTree, rows: torch.Tensor | None = None) -> int:
     both = dev.upload(list(range(-1, u - 1)) + [p + u for p in tree.parents] + list(tree.parents))
     parents, tree_parents = both[: u + n], both[u + n :]
     logits = stage.forward(ids, parents=parents, last_n=n + 1)  # [n + 1, V]
-    path, num, nxt, finite, p = seqr.sampler.accept_tree(ids[u:], tree_parents, logits, rows)
+    path, num, nxt, finite, p = seqr.sampler.accept_tree(ids[u:], tree_parents, logits, rows,
+                                                         on_host=not dev.deferred_reads)
     num_i, nxt_i, ok, *path_ids = dev.read(num, nxt, finite, path)  # the step's one host sync
     if not ok:
         e = NonFiniteLogitsError(NON_FINITE)

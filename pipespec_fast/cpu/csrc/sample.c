@@ -214,16 +214,33 @@ int64_t sample_row(const float *x, int64_t V, float inv_t, uint32_t key, int64_t
     return race_argmax(p, V, key, index0);
 }
 
-#define CHAIN_MAX 256 /* drafts of one chain, at most (reference.MAX_TREE_NODES) */
+#define CHAIN_MAX 256 /* drafts of one chain or tree, at most (reference.MAX_TREE_NODES) */
+
+/* work = max(r - q * mass, 0) (the reference's clamp(r - q * mass, min=0)); returns its sum,
+ * in the lanes of the softmax's sums. */
+static float residual(const float *r, const float *q, float mass, int64_t V, float *work) {
+    double acc[LANES] = {0};
+    for (int64_t v = 0; v < V; ++v) {
+        const float d = r[v] - q[v] * mass;
+        work[v] = d > 0.0f ? d : 0.0f;
+        acc[v % LANES] += (double)work[v];
+    }
+    return lanes_sum(acc);
+}
+
+/* Every row's maximum, into m; 0 when one is not finite. */
+static int rows_finite(const float *logits, int64_t rows, int64_t V, int64_t ld, float *m) {
+    for (int64_t i = 0; i < rows; ++i)
+        if (!row_max(logits + i * ld, V, &m[i])) return 0;
+    return 1;
+}
 
 int64_t sample_accept_chain(const float *logits, int64_t n, int64_t V, int64_t ld, float inv_t,
                             const int64_t *drafts, const float *q, int64_t ldq,
                             uint32_t key_accept, uint32_t key_residual, float *p, float *work,
                             int64_t *next) {
     float m[CHAIN_MAX + 1];
-    if (n < 0 || n > CHAIN_MAX || V <= 0) return -1;
-    for (int64_t i = 0; i <= n; ++i)
-        if (!row_max(logits + i * ld, V, &m[i])) return -1;
+    if (n < 0 || n > CHAIN_MAX || V <= 0 || !rows_finite(logits, n + 1, V, ld, m)) return -1;
     for (int64_t i = 0;; ++i) {
         float *pi = p + i * V;
         const float mass = softmax_at(logits + i * ld, V, m[i], inv_t, pi);
@@ -236,11 +253,42 @@ int64_t sample_accept_chain(const float *logits, int64_t n, int64_t V, int64_t l
         float u;
         race_uniforms(&u, 1, key_accept, i);
         if (x >= 0 && x < V && u * qi[x] * mass < pi[x]) continue;
-        for (int64_t v = 0; v < V; ++v) { /* the residual: max(p - q * mass, 0) */
-            const float d = pi[v] - qi[v] * mass;
-            work[v] = d > 0.0f ? d : 0.0f;
-        }
+        residual(pi, qi, mass, V, work);
         *next = race_argmax(work, V, key_residual, 0);
         return i;
     }
+}
+
+int64_t sample_accept_tree(const float *logits, int64_t n, int64_t V, int64_t ld, float inv_t,
+                           const int64_t *tokens, const int64_t *parents, const float *q,
+                           int64_t ldq, uint32_t key_accept, uint32_t key_residual, float *p,
+                           float *work, int64_t *path, int64_t *next) {
+    float m[CHAIN_MAX + 1];
+    if (n < 0 || n > CHAIN_MAX || V <= 0 || !rows_finite(logits, n + 1, V, ld, m)) return -1;
+    for (int64_t i = 0; i < n; ++i) path[i] = -1;
+    int64_t cur = -1, num = 0;
+    const float *r = p; /* the residual: row cur + 1 of p, then work after a rejection */
+    float mass = softmax_at(logits, V, m[0], inv_t, p);
+    for (;;) {
+        int64_t taken = -1;
+        for (int64_t c = cur + 1; c < n && taken < 0; ++c) {
+            if (parents[c] != cur) continue;
+            const int64_t x = tokens[c];
+            const float *qc = q + c * ldq;
+            float u;
+            race_uniforms(&u, 1, key_accept, c);
+            if (x >= 0 && x < V && u * qc[x] * mass < r[x]) {
+                taken = c;
+            } else {
+                mass = residual(r, qc, mass, V, work);
+                r = work;
+            }
+        }
+        if (taken < 0) break;
+        path[num++] = cur = taken;
+        r = p + (cur + 1) * V;
+        mass = softmax_at(logits + (cur + 1) * ld, V, m[cur + 1], inv_t, p + (cur + 1) * V);
+    }
+    *next = race_argmax(r, V, key_residual, 0);
+    return num;
 }

@@ -34,6 +34,17 @@ int64_t sample_accept_chain(const float *logits, int64_t n, int64_t V, int64_t l
                             uint32_t key_accept, uint32_t key_residual, float *p, float *work,
                             int64_t *next);
 
+/* The same over a tree (reference.stochastic_accept): node c has token tokens[c] and parent
+ * parents[c] (-1: the root; topological), row c + 1 of logits follows it and row c of q is the
+ * distribution it was drawn from. The children of the current node are tried in index order
+ * against the residual (a rejection subtracts q_c * sum and tries the next sibling); an
+ * acceptance descends. path: [n] out, the accepted nodes in order then -1; p rows 0 and c + 1
+ * for each accepted c written. Returns the number accepted and *next, or -1 as above. */
+int64_t sample_accept_tree(const float *logits, int64_t n, int64_t V, int64_t ld, float inv_t,
+                           const int64_t *tokens, const int64_t *parents, const float *q,
+                           int64_t ldq, uint32_t key_accept, uint32_t key_residual, float *p,
+                           float *work, int64_t *path, int64_t *next);
+
 /* Allow (1, the default) or forbid (0) the AVX-512F path; returns whether it is used now. */
 int sample_set_avx512(int on);
 

@@ -20,6 +20,7 @@ Conventions shared by all ops
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -360,7 +361,8 @@ def stochastic_accept(
     target_probs: torch.Tensor,
     seed: int,
     offset: int,
-    residual_race=None, accept_uniforms: torch.Tensor | None = None,
+    residual_race: Callable[[torch.Tensor, int, int], int] | None = None,
+    accept_uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lossless speculative sampling over a chain or tree (recursive rejection sampling).
 
@@ -386,12 +388,11 @@ def stochastic_accept(
     and the accept tests' uniforms computed elsewhere (ops: in C, the same uniforms).
     Returns ``(path, num_accepted, next_token)`` as :func:`greedy_accept`.
     """
-    n, V = draft_probs.shape
-    dev = draft_tokens.device
+    n, dev = draft_probs.shape[0], draft_tokens.device
     toks, par = draft_tokens.tolist(), [int(p) for p in parents.tolist()]
     u_acc = accept_uniforms if accept_uniforms is not None else counter_uniform(
         seed, offset, STREAM_ACCEPT, torch.arange(max(n, 1), device=dev))
-    path: list[int] = []
+    path: list[int] = []  # the accepted nodes; cur: the last of them (-1: the root)
     cur = -1
     r = target_probs[0].float().clone()
     while True:

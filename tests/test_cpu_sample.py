@@ -5,6 +5,8 @@ chi-square (fixed seeds: deterministic)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -19,8 +21,11 @@ P_MIN = 1e-3
 
 
 @pytest.fixture
-def on_path(request):
-    """Run a test body on the AVX-512F path, then on the portable one."""
+def on_path():
+    """``on_path(True / False)`` selects the AVX-512F / portable path (skipped where the CPU
+    has no AVX-512F: there is one path); the AVX-512F path afterwards."""
+    if not sample.set_avx512(True):
+        pytest.skip("no AVX-512F here: the portable path is the only one")
     yield sample.set_avx512
     sample.set_avx512(True)
 
@@ -60,11 +65,26 @@ def test_avx512_and_portable_paths_give_the_same_bits(on_path, V):
         p = sample.softmax(logits[0], 0.7)
         tok, row = sample.draw(logits[:1], 0.7, 5, 9)
         acc = [sample.accept_chain(logits, 0.7, [1, 2], q, 11, off) for off in range(20)]
-        out[fast] = (p, tok, row, acc)
-    (p1, t1, r1, a1), (p2, t2, r2, a2) = out[True], out[False]
+        tree = [sample.accept_tree(logits, 0.7, [1, 2], [-1, -1], q, 11, off)
+                for off in range(20)]  # two siblings: rejections leave residuals
+        out[fast] = (p, tok, row, acc, tree)
+    (p1, t1, r1, a1, e1), (p2, t2, r2, a2, e2) = out[True], out[False]
     assert torch.equal(p1, p2) and t1 == t2 and torch.equal(r1, r2)
     for x, y in zip(a1, a2, strict=True):
         assert x[:2] == y[:2] and torch.equal(x[2][: x[0] + 1], y[2][: y[0] + 1])
+    for x, y in zip(e1, e2, strict=True):
+        assert torch.equal(x[0], y[0]) and x[1:3] == y[1:3] and torch.equal(x[3][0], y[3][0])
+
+
+def test_exp_is_within_two_ulp_of_float64():
+    """Two-entry rows ``[0, a]``: the second probability is ``e^a / (1 + e^a)``; over a grid
+    of ``a`` down to -87 the C value is within 2.5e-7 relative of float64's."""
+    worst = 0.0
+    for a in torch.linspace(-87.0, 0.0, 4001).tolist():
+        p = sample.softmax(torch.tensor([0.0, a]), 1.0)
+        e = math.exp(float(torch.tensor(a)))
+        worst = max(worst, abs(p[1].item() / (e / (1.0 + e)) - 1.0))
+    assert worst < 2.5e-7
 
 
 def test_a_draw_is_the_exponential_race_over_its_own_row():
@@ -176,6 +196,62 @@ def test_a_non_finite_row_refuses_the_step_even_past_a_rejection():
     assert sample.accept_chain(logits, 0.7, [49, 48], q, 1, 0) is None
 
 
+def test_a_non_finite_row_refuses_a_tree_step():
+    logits = _logits(4, 50, 3)
+    logits[3, 0] = float("inf")
+    q = torch.nn.functional.one_hot(torch.tensor([49, 48, 47]), 50).float()
+    assert sample.accept_tree(logits, 0.7, [49, 48, 47], [-1, 0, -1], q, 1, 0) is None
+    s = StageSampler(SamplingParams(temperature=0.7, seed=1), 0)
+    out = s.accept_tree(torch.tensor([49, 48, 47]), torch.tensor([-1, 0, -1]), logits, q,
+                        on_host=True)
+    assert not bool(out[3])
+
+
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+def test_greedy_on_the_host_equals_the_acceptance_op(tree):
+    """The host paths (a chain compared on the host, a tree through the reference) against
+    ``ops.greedy_accept``: all accepted with the bonus token, a rejection, a tie at the
+    maximum (the first index wins), a NaN row."""
+    V = 40
+    s = StageSampler(SamplingParams(), 0)
+    for trial in range(60):
+        logits = _logits(4, V, trial)
+        best = logits.argmax(-1)
+        drafts = best[:3].clone()
+        if trial % 3 == 1:
+            drafts[trial % 2] = (drafts[trial % 2] + 1) % V
+        if trial % 5 == 2:  # a tie at the maximum of row 1
+            logits[1, (best[1] + 3) % V] = logits[1, best[1]]
+        if trial % 7 == 3:
+            logits[2, 5] = float("nan")
+        parents = torch.tensor([-1, 0, 1]) if tree else None
+        if tree:
+            fast = s.accept_tree(drafts, parents, logits, None, on_host=True)
+            slow = s.accept_tree(drafts, parents, logits, None, on_host=False)
+            assert torch.equal(fast[0], slow[0])
+            fast, slow = fast[1:4], slow[1:4]
+        else:
+            fast = s.accept(drafts, logits, None, on_host=True)[:3]
+            slow = s.accept(drafts, logits, None, on_host=False)[:3]
+        assert [int(x) for x in fast] == [int(x) for x in slow], trial
+
+
+def test_the_sampler_keeps_torch_where_c_does_not_apply():
+    """Top-k, top-p and non-fp32 rows keep the torch ops (tensors back, all rows of ``p``)."""
+    logits = _logits(3, 64, 4)
+    drafts = torch.tensor([3, 9])
+    q = torch.softmax(_logits(2, 64, 5), -1)
+    for params in (SamplingParams(temperature=0.7, top_k=5, seed=1),
+                   SamplingParams(temperature=0.7, top_p=0.9, seed=1)):
+        out = StageSampler(params, 0).accept(drafts, logits, q, on_host=True)
+        assert isinstance(out[0], torch.Tensor) and out[3].shape == (3, 64)
+    plain = StageSampler(SamplingParams(temperature=0.7, seed=1), 0)
+    assert isinstance(plain.accept(drafts, logits.double(), q, on_host=True)[0], torch.Tensor)
+    tok, row = StageSampler(SamplingParams(temperature=0.7, top_k=5, seed=1), 0).draw(
+        logits[:1])
+    assert int((row > 0).sum()) == 5 and row[tok] > 0  # torch's top-k row
+
+
 def test_bad_arguments_are_refused_naming_them():
     logits = _logits(3, 50, 1)
     q = torch.softmax(_logits(2, 50, 2), -1)
@@ -193,7 +269,8 @@ def test_bad_arguments_are_refused_naming_them():
 
 def test_the_sampler_uses_c_on_host_and_torch_for_top_k_and_deferred_reads():
     """``StageSampler.accept`` on host CPU rows returns the C outcome; top-k sampling and a
-    deferred-read caller (``on_host=False``) keep the torch acceptance op."""
+    deferred-read caller (``on_host=False``) keep the torch acceptance op; so does a CPU
+    without the AVX-512F path (``sample.fast``)."""
     logits = _logits(3, 64, 4)
     drafts = torch.tensor([3, 9])
     q = torch.softmax(_logits(2, 64, 5), -1)
@@ -205,3 +282,9 @@ def test_the_sampler_uses_c_on_host_and_torch_for_top_k_and_deferred_reads():
     assert all(isinstance(t, torch.Tensor) for t in dev[:3])
     top_k = StageSampler(SamplingParams(temperature=0.7, top_k=5, seed=1), 0)
     assert isinstance(top_k.accept(drafts, logits, q, on_host=True)[0], torch.Tensor)
+    assert not sample.set_avx512(False)
+    try:
+        assert not sample.fast()
+        assert isinstance(s.accept(drafts, logits, q, on_host=True)[0], torch.Tensor)
+    finally:
+        sample.set_avx512(True)

@@ -31,7 +31,10 @@ from pipespec_fast.stages.tree import DraftTree
 
 READS = ("tolist", "item", "__int__", "__bool__", "__float__", "__index__")
 ENGINE = ("/pipespec_fast/decoding/", "/pipespec_fast/pipespec/", "/pipespec_fast/stages/")
-PARAMS = [SamplingParams(), SamplingParams(temperature=0.8, top_k=20, seed=3)]
+# greedy; top-k sampling (torch's ops); plain temperature (on CPU, C's: cpu/sample.py)
+PARAMS = [SamplingParams(), SamplingParams(temperature=0.8, top_k=20, seed=3),
+          SamplingParams(temperature=0.8, seed=3)]
+IDS = ["greedy", "top-k", "sampled"]
 PROMPT = [1, 5, 9, 2, 7, 3]
 
 
@@ -80,7 +83,7 @@ def _sequencer(params, deferred: bool, model=None) -> Sequencer:
     return s
 
 
-@pytest.mark.parametrize("params", PARAMS, ids=["greedy", "sampled"])
+@pytest.mark.parametrize("params", PARAMS, ids=IDS)
 def test_a_draft_run_reads_once_and_draws_what_token_by_token_drawing_draws(params):
     one_by_one = _sequencer(params, deferred=False)
     one_by_one.draft(5)
@@ -116,7 +119,7 @@ def test_a_draft_run_refuses_a_non_finite_row_with_the_stage_named():
     assert stage.cache_len == len(PROMPT) - 1  # ... nor cached: the invariant holds
 
 
-@pytest.mark.parametrize("params", PARAMS, ids=["greedy", "sampled"])
+@pytest.mark.parametrize("params", PARAMS, ids=IDS)
 def test_a_chain_verify_reads_once(params):
     d, t = family(2)
     s = _sequencer(params, deferred=True, model=t)
@@ -129,7 +132,7 @@ def test_a_chain_verify_reads_once(params):
     assert sites and all(f.endswith("device.py") for f in sites)
 
 
-@pytest.mark.parametrize("params", PARAMS, ids=["greedy", "sampled"])
+@pytest.mark.parametrize("params", PARAMS, ids=IDS)
 def test_a_step_without_drafts_reads_once_through_the_stage_device(params):
     """An autoregressive step (and a verifier's step alone) reads its token with the event
     wait of ``StageDevice.read``, not a synchronising ``.tolist()`` of a device tensor."""
@@ -144,7 +147,7 @@ def test_a_step_without_drafts_reads_once_through_the_stage_device(params):
     assert sites and all(f.endswith("device.py") for f in sites)
 
 
-@pytest.mark.parametrize("params", PARAMS, ids=["greedy", "sampled"])
+@pytest.mark.parametrize("params", PARAMS, ids=IDS)
 def test_a_tree_verify_reads_once_path_included(params):
     """The accepted path's node ids come with the step's result ints (they decide the KV
     compaction and the committed tokens): one read, where there used to be two."""

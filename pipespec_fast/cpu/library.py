@@ -105,6 +105,7 @@ SIGNATURES: dict[str, tuple] = {
     # x, n, V, ld, val, idx
     "rows_max": (None, [c_void_p, c_longlong, c_longlong, c_longlong, c_void_p, c_void_p]),
     "sample_set_avx512": (c_int, [c_int]),
+    "sample_fast": (c_int, []),
     # x, V, inv_t, p
     "sample_softmax": (c_int, [c_void_p, c_longlong, c_float, c_void_p]),
     # x, V, inv_t, key, index0, p

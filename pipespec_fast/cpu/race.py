@@ -42,7 +42,7 @@ def key(seed: int, offset: int, stream: int) -> int:
 
 def uniforms(n: int, key_: int, index0: int = 0) -> torch.Tensor:
     """``[n]`` fp32: ``reference.counter_uniform`` for counters ``index0 ..`` under
-    ``key_`` (for tests)."""
+    ``key_`` (the same bits; ``ops.stochastic_accept``'s accept tests on CPU)."""
     out = torch.empty(n, dtype=torch.float32)
     library.load().race_uniforms(out.data_ptr(), n, key_ & _M32, index0)
     return out

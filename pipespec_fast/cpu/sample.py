@@ -1,16 +1,17 @@
 """Sampled decoding from logits on CPU in C (``csrc/sample.c``): the tempered softmax, one
-token's draw and speculative sampling over a chain of drafts.
+token's draw and speculative sampling over a chain or a tree of drafts.
 
 Why: the torch statements of :mod:`pipespec_fast.reference` (``probs_from_logits``,
 ``sample_from_probs``, ``stochastic_accept``) take a dozen vocabulary-wide tensor operations and
 ~40 small ones per sampled verify step; in a pipeline, right after a forward that streamed the
-weights through the caches, that was ~0.37 ms per verify of one or two drafts against ~0.18 ms
-for a draw alone. The C versions take three passes per row and compute only the rows the
-acceptance visits (chains and trees), with the same counter-based uniforms; their
-probabilities differ from torch's softmax by float rounding (``tests/test_cpu_sample.py``).
-Top-k / top-p sampling keeps the torch path.
-:class:`~pipespec_fast.decoding.sampling.StageSampler` uses these for fp32 CPU logits read on
-the host when the C library is loaded.
+weights through the caches, that was ~0.37 ms per verify of one or two drafts against
+~0.16-0.18 ms for a draw alone. The C versions read each row a few times (its maximum, its
+exponentials, their normalisation) and compute only the rows the acceptance visits, with the
+same counter-based uniforms; their probabilities differ from torch's softmax by float rounding
+(``tests/test_cpu_sample.py``). Top-k / top-p sampling keeps the torch path, and so does a CPU
+without AVX-512F (:func:`fast`: the portable C path is exact but slower than torch).
+:class:`~pipespec_fast.decoding.sampling.StageSampler` uses these for fp32 CPU logits when the
+C library is loaded.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ from pipespec_fast.cpu import library, race
 def available() -> bool:
     """Whether the C library is loaded (built and not disabled)."""
     return library.load() is not None
+
+
+def fast() -> bool:
+    """Whether the C library is loaded and runs its AVX-512F path (where the engine uses it)."""
+    lib = library.load()
+    return lib is not None and bool(lib.sample_fast())
 
 
 def set_avx512(on: bool) -> bool:
@@ -41,7 +48,10 @@ def _rows(x: torch.Tensor, what: str) -> None:
 def softmax(x: torch.Tensor, temperature: float) -> torch.Tensor | None:
     """``softmax(x / temperature)`` of one ``[V]`` fp32 CPU row, or ``None`` when the row has no
     finite maximum."""
+    if x.dim() != 1:
+        raise ValueError(f"softmax: expected one [V] row, got shape {tuple(x.shape)}")
     x = x.contiguous()
+    _rows(x.view(1, -1), "softmax")
     p = torch.empty_like(x)
     ok = library.load().sample_softmax(x.data_ptr(), x.shape[0], 1.0 / temperature,
                                        p.data_ptr())
@@ -90,7 +100,7 @@ def accept_chain(logits: torch.Tensor, temperature: float, drafts: list[int],
         race.key(seed, offset, reference.STREAM_ACCEPT),
         race.key(seed, offset, reference.STREAM_RESIDUAL), p.data_ptr(), work.data_ptr(),
         nxt.data_ptr())
-    return None if num < 0 else (int(num), int(nxt), p)
+    return None if _failed(num) else (int(num), int(nxt), p)
 
 
 def accept_tree(logits: torch.Tensor, temperature: float, tokens: list[int], parents: list[int],
@@ -118,7 +128,15 @@ def accept_tree(logits: torch.Tensor, temperature: float, tokens: list[int], par
         race.key(seed, offset, reference.STREAM_ACCEPT),
         race.key(seed, offset, reference.STREAM_RESIDUAL), p.data_ptr(), work.data_ptr(),
         path.data_ptr(), nxt.data_ptr())
-    return None if num < 0 else (path, int(num), int(nxt), p)
+    return None if _failed(num) else (path, int(num), int(nxt), p)
+
+
+def _failed(code: int) -> bool:
+    """A C acceptance's return code: ``True`` for a row without a finite maximum (-1); -2 (bad
+    sizes, refused by the argument checks before) is a bug here."""
+    if code == -2:
+        raise RuntimeError("sample.c refused the sizes it was given (n > 256 or V <= 0)")
+    return code < 0
 
 
 def _check_drafts(what: str, logits: torch.Tensor, drafts: list[int], q: torch.Tensor) -> int:

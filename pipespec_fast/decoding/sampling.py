@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -125,22 +126,25 @@ class StageSampler:
         if self.params.greedy:
             best, tok = max_rows(logits[:1])
             return tok, None, torch.isfinite(best[0])
+        if self._sampled_on_host(logits):  # draw()'s draw: a run draws what one by one does
+            tok_i, row = csample.draw(logits[:1], self.params.temperature, self.seed,
+                                      self._next_offset())
+            return torch.tensor([max(tok_i, 0)]), row, torch.tensor(tok_i >= 0)
         finite = torch.isfinite(logits.amax(-1)).all()
         p = self.params.probs(logits)
         tok = ops.sample_from_probs(p, self.seed, self._next_offset())
         return tok.view(1).long(), p[0], finite
 
     def accept(self, drafts: torch.Tensor, logits: torch.Tensor, q: torch.Tensor | None,
-               on_host: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+               on_host: bool = False) -> tuple[Any, Any, Any, torch.Tensor | None]:
         """The acceptance op on a chain of ``drafts`` ``[n]`` given the verifier's ``logits``
         ``[n + 1, V]``; ``q`` ``[n, V]`` (sampling, ``n > 0``): the rows the drafts were drawn
-        from. Returns device tensors ``(num_accepted, next_token, finite)`` (``finite``: 0-d
+        from. Returns ``(num_accepted, next_token, finite)`` as device tensors (``finite``: 0-d
         bool, every row has a finite maximum: read with the step's one host sync, and the
         step's outcome is refused when it is false) and the verifier's ``[n + 1, V]``
         probabilities (``None`` when greedy). ``on_host`` (the caller reads results on the host
-        at once: not a deferred-read device): on CPU rows the outcome is computed in C and
-        returned as host values (:meth:`_greedy_chain_on_host`,
+        at once: not a deferred-read device): on CPU rows the outcome is computed in C and the
+        three come as host values ``int, int, bool`` (:meth:`_greedy_chain_on_host`,
         :meth:`_sampled_chain_on_host`)."""
         if on_host and self.params.greedy and _rows_on_host(logits):
             return self._greedy_chain_on_host(drafts, logits)
@@ -158,7 +162,7 @@ class StageSampler:
         the host (each draft is accepted while it equals the argmax before it; the next token
         is the argmax after the last accepted). The same outcome as ``ops.greedy_accept``
         without its checks and tensors: in a pipeline, right after a forward that streamed
-        the weights through the caches, those cost ~0.1 ms a verify step."""
+        the weights through the caches, those cost ~0.15 ms a verify step."""
         best, ids = race.rows_max(logits)
         want, got = ids.tolist(), drafts.tolist()
         num = 0
@@ -168,10 +172,10 @@ class StageSampler:
 
     def _sampled_on_host(self, logits: torch.Tensor) -> bool:
         """Whether sampling from ``logits`` runs in C (:mod:`pipespec_fast.cpu.sample`):
-        fp32 CPU rows, no top-k / top-p."""
+        fp32 CPU rows, no top-k / top-p, the C library's AVX-512F path."""
         pr = self.params
         return (not pr.greedy and pr.top_k is None and pr.top_p is None
-                and _rows_on_host(logits))
+                and _rows_on_host(logits) and csample.fast())
 
     def _sampled_chain_on_host(self, drafts: torch.Tensor, logits: torch.Tensor,
                                q: torch.Tensor) -> tuple[int, int, bool, torch.Tensor]:
@@ -181,7 +185,7 @@ class StageSampler:
         out = csample.accept_chain(logits, self.params.temperature, drafts.tolist(), q,
                                    self.seed, self._next_offset())
         if out is None:
-            return 0, 0, False, logits
+            return 0, 0, False, None
         num, nxt, p = out
         return num, nxt, True, p
 

@@ -1,29 +1,31 @@
 /*
  * Sampled decoding from a verifier's logits on CPU: the tempered softmax, one token's draw and
- * speculative sampling over a chain of drafts (sample.h).
+ * speculative sampling over a chain or a tree of drafts (sample.h).
  *
  * Why: pipespec_fast.reference states these in torch, a dozen vocabulary-wide tensor operations
  * per verify step (temperature, softmax, the row maxima, the residual's subtraction and clamp,
  * the sum it is tested against) plus ~40 small ones (the accept tests' uniforms, the loop's 0-d
  * comparisons). Measured in a pipeline, where each runs right after a forward that streamed the
- * weights through the caches: ~0.37 ms per sampled verify of one or two drafts against ~0.18 ms
- * for a draw alone, so a draft accepted a third of the time did not pay. Here one pass finds a
- * row's maximum, one writes its exponentials, one normalises them, and only the rows the
- * acceptance visits (those of the accepted drafts and of the next token) are computed; every row's
- * maximum is still checked.
+ * weights through the caches: ~0.37 ms per sampled verify of one or two drafts against
+ * ~0.16-0.18 ms for a draw alone, so a draft accepted a third of the time did not pay. Here a
+ * row takes rows_max's scans for its maximum (race.c), one pass writing its exponentials and
+ * one normalising them, and only the rows the acceptance visits (those of the accepted drafts
+ * and of the next token) are computed; every row's maximum is still checked.
  *
  * exp(a) for a <= 0: Cody-Waite reduction a = k ln2 + r (k = rint(a log2 e), ln2 in two parts),
  * exp(r) as its Taylor polynomial to r^7 (|r| <= 0.35: truncation < 1e-8 relative), times 2^k
  * built in the exponent bits; a < -87 (incl. -inf) gives 0 (exp(-87) is 1.6e-38). Sums run in 16
  * double lanes (lane l: elements l, l + 16, ...; a tail adds to its first lanes) reduced in lane
- * order (fp32 lanes left the 49k-entry sums ~4e-6 off).
- * The AVX-512F path and the portable one run the same operations (explicit fmas, no
- * contraction), so they give the same bits.
+ * order (fp32 lanes left the 49k-entry sums ~4e-6 off). The AVX-512F path and the portable one
+ * run the same operations (explicit fmas, no contraction), so they give the same bits; the
+ * portable one calls libm's fmaf per operation, so sample_fast() tells the engine whether the
+ * AVX-512F path runs (else it keeps torch's vectorised ops).
  *
- * Acceptance (reference.stochastic_accept, chains): draft i with token x is accepted iff
- * U_i * q_i[x] * sum(p_i) < p_i[x], in that order of fp32 operations; at the first rejection the
- * residual max(p_i - q_i * sum(p_i), 0) races for the next token, after n acceptances p_n does.
- * The uniforms are reference.counter_uniform's (race.c). The probabilities differ from
+ * Acceptance (reference.stochastic_accept): node c with token x is accepted iff
+ * U_c * q_c[x] * sum(r) < r[x], in that order of fp32 operations, r being the verifier's row
+ * after c's parent or, after a rejected sibling, the residual max(r - q * sum(r), 0); when no
+ * child is accepted (or a leaf or the chain's end is reached) r races for the next token. The
+ * uniforms are reference.counter_uniform's (race.c). The probabilities differ from
  * torch.softmax's by float rounding, so a decision or a race can differ from the torch
  * reference's where it is decided by the last bits; the distribution is the verifier's to fp32
  * precision (tests/test_cpu_sample.py: chi-square, and agreement with the reference).
@@ -107,8 +109,10 @@ __attribute__((target("avx512f"))) static inline __m512 exp_neg16(__m512 a) {
 /* acc[0] (lanes 0-7) and acc[1] (lanes 8-15) += the 16 floats of e, widened. */
 __attribute__((target("avx512f"))) static inline void add_lanes(__m512d *acc, __m512 e) {
     const __m512i b = _mm512_castps_si512(e);
-    acc[0] = _mm512_add_pd(acc[0], _mm512_cvtps_pd(_mm256_castsi256_ps(_mm512_castsi512_si256(b))));
-    acc[1] = _mm512_add_pd(acc[1], _mm512_cvtps_pd(_mm256_castsi256_ps(_mm512_extracti64x4_epi64(b, 1))));
+    const __m256 lo = _mm256_castsi256_ps(_mm512_castsi512_si256(b));
+    const __m256 hi = _mm256_castsi256_ps(_mm512_extracti64x4_epi64(b, 1));
+    acc[0] = _mm512_add_pd(acc[0], _mm512_cvtps_pd(lo));
+    acc[1] = _mm512_add_pd(acc[1], _mm512_cvtps_pd(hi));
 }
 
 __attribute__((target("avx512f"))) static float reduce_lanes(const __m512d *acc) {
@@ -156,6 +160,31 @@ __attribute__((target("avx512f"))) static float scale_512(float *p, int64_t V, f
     return reduce_lanes(acc);
 }
 
+/* residual() on 16 lanes: the same operations (max(d, 0) keeps +0 where d is -0, as d > 0 ? d
+ * : 0 does), the same lane sums. */
+__attribute__((target("avx512f"))) static float residual_512(const float *r, const float *q,
+                                                            float mass, int64_t V, float *work) {
+    const __m512 mv = _mm512_set1_ps(mass), zero = _mm512_setzero_ps();
+    __m512d acc[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
+    int64_t v = 0;
+    for (; v + LANES <= V; v += LANES) {
+        const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(r + v),
+                                       _mm512_mul_ps(_mm512_loadu_ps(q + v), mv));
+        const __m512 w = _mm512_max_ps(d, zero);
+        _mm512_storeu_ps(work + v, w);
+        add_lanes(acc, w);
+    }
+    const __mmask16 tail = (__mmask16)((1u << (V - v)) - 1u);
+    if (tail) {
+        const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(tail, r + v),
+                                       _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, q + v), mv));
+        const __m512 w = _mm512_maskz_max_ps(tail, d, zero);
+        _mm512_mask_storeu_ps(work + v, tail, w);
+        add_lanes(acc, w);
+    }
+    return reduce_lanes(acc);
+}
+
 static int has_512(void) {
     static int cached = -1;
     if (cached < 0) {
@@ -177,6 +206,8 @@ int sample_set_avx512(int on) {
 #endif
 }
 
+/* The AVX-512F path for rows of V floats (the tail mask and lane counters are 32-bit, as in
+ * race.c's argmax). */
 static int use_512(int64_t V) {
 #if defined(__x86_64__) && defined(__GNUC__)
     return allow_512 && has_512() && V < ((int64_t)1 << 31);
@@ -185,6 +216,8 @@ static int use_512(int64_t V) {
     return 0;
 #endif
 }
+
+int sample_fast(void) { return use_512(1); }
 
 /* The row's maximum; 0 when it is not finite. */
 static int row_max(const float *x, int64_t V, float *m) {
@@ -214,11 +247,14 @@ int64_t sample_row(const float *x, int64_t V, float inv_t, uint32_t key, int64_t
     return race_argmax(p, V, key, index0);
 }
 
-#define CHAIN_MAX 256 /* drafts of one chain or tree, at most (reference.MAX_TREE_NODES) */
+#define CHAIN_MAX 256 /* nodes of one chain or tree, at most (>= reference.MAX_TREE_NODES) */
 
 /* work = max(r - q * mass, 0) (the reference's clamp(r - q * mass, min=0)); returns its sum,
  * in the lanes of the softmax's sums. */
 static float residual(const float *r, const float *q, float mass, int64_t V, float *work) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (use_512(V)) return residual_512(r, q, mass, V, work);
+#endif
     double acc[LANES] = {0};
     for (int64_t v = 0; v < V; ++v) {
         const float d = r[v] - q[v] * mass;
@@ -240,7 +276,8 @@ int64_t sample_accept_chain(const float *logits, int64_t n, int64_t V, int64_t l
                             uint32_t key_accept, uint32_t key_residual, float *p, float *work,
                             int64_t *next) {
     float m[CHAIN_MAX + 1];
-    if (n < 0 || n > CHAIN_MAX || V <= 0 || !rows_finite(logits, n + 1, V, ld, m)) return -1;
+    if (n < 0 || n > CHAIN_MAX || V <= 0) return -2;
+    if (!rows_finite(logits, n + 1, V, ld, m)) return -1;
     for (int64_t i = 0;; ++i) {
         float *pi = p + i * V;
         const float mass = softmax_at(logits + i * ld, V, m[i], inv_t, pi);
@@ -264,7 +301,8 @@ int64_t sample_accept_tree(const float *logits, int64_t n, int64_t V, int64_t ld
                            int64_t ldq, uint32_t key_accept, uint32_t key_residual, float *p,
                            float *work, int64_t *path, int64_t *next) {
     float m[CHAIN_MAX + 1];
-    if (n < 0 || n > CHAIN_MAX || V <= 0 || !rows_finite(logits, n + 1, V, ld, m)) return -1;
+    if (n < 0 || n > CHAIN_MAX || V <= 0) return -2;
+    if (!rows_finite(logits, n + 1, V, ld, m)) return -1;
     for (int64_t i = 0; i < n; ++i) path[i] = -1;
     int64_t cur = -1, num = 0;
     const float *r = p; /* the residual: row cur + 1 of p, then work after a rejection */

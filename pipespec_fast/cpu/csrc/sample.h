@@ -1,7 +1,7 @@
 /* Sampled decoding from a verifier's logits on CPU (sample.c): the tempered softmax, one token's
- * draw and speculative sampling over a chain of drafts, in C. The same rules as
+ * draw and speculative sampling over a chain or a tree of drafts, in C. The same rules as
  * pipespec_fast.reference (probs_from_logits without top-k / top-p, sample_from_probs,
- * stochastic_accept on a chain) with the same counter-based uniforms (race.h); the
+ * stochastic_accept) with the same counter-based uniforms (race.h); the
  * probabilities differ from torch.softmax's by float rounding only. Called through ctypes by
  * pipespec_fast/cpu/sample.py (signatures in pipespec_fast/cpu/library.py). */
 #ifndef PIPESPEC_SAMPLE_H
@@ -27,8 +27,8 @@ int64_t sample_row(const float *x, int64_t V, float inv_t, uint32_t key, int64_t
  * rejection the residual max(p_i - q_i * sum(p_i), 0) races (key_residual, counters from 0) for
  * the next token, after n acceptances p_n does. p: [(n + 1), V] out, rows 0 .. num written (the
  * verifier's distributions at the accepted drafts and at the next token); work: [V] scratch.
- * Returns num (0 .. n) and *next, or -1 when some row of logits has no finite maximum (every
- * row is checked, visited or not). */
+ * Returns num (0 .. n) and *next, -1 when some row of logits has no finite maximum (every row is
+ * checked, visited or not), -2 for n outside [0, 256] or V <= 0. */
 int64_t sample_accept_chain(const float *logits, int64_t n, int64_t V, int64_t ld, float inv_t,
                             const int64_t *drafts, const float *q, int64_t ldq,
                             uint32_t key_accept, uint32_t key_residual, float *p, float *work,
@@ -39,7 +39,7 @@ int64_t sample_accept_chain(const float *logits, int64_t n, int64_t V, int64_t l
  * distribution it was drawn from. The children of the current node are tried in index order
  * against the residual (a rejection subtracts q_c * sum and tries the next sibling); an
  * acceptance descends. path: [n] out, the accepted nodes in order then -1; p rows 0 and c + 1
- * for each accepted c written. Returns the number accepted and *next, or -1 as above. */
+ * for each accepted c written. Returns the number accepted and *next, or -1 / -2 as above. */
 int64_t sample_accept_tree(const float *logits, int64_t n, int64_t V, int64_t ld, float inv_t,
                            const int64_t *tokens, const int64_t *parents, const float *q,
                            int64_t ldq, uint32_t key_accept, uint32_t key_residual, float *p,
@@ -47,5 +47,9 @@ int64_t sample_accept_tree(const float *logits, int64_t n, int64_t V, int64_t ld
 
 /* Allow (1, the default) or forbid (0) the AVX-512F path; returns whether it is used now. */
 int sample_set_avx512(int on);
+
+/* Whether the AVX-512F path runs (the portable one calls libm's fmaf per operation: slower than
+ * torch's vectorised ops, which the engine keeps then). */
+int sample_fast(void);
 
 #endif

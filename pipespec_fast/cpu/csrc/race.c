@@ -170,6 +170,14 @@ static int has_512(void) {
 }
 #endif
 
+int race_cpu_avx512f(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return has_512();
+#else
+    return 0;
+#endif
+}
+
 int64_t race_argmax(const float *w, int64_t V, uint32_t key, int64_t index0) {
     if (V <= 0) return -1;
 #if defined(__x86_64__) && defined(__GNUC__)

@@ -21,4 +21,7 @@ int64_t race_argmax(const float *w, int64_t V, uint32_t key, int64_t index0);
  * the maximum, one to find where it first is; AVX-512F where the CPU has it. */
 void rows_max(const float *x, int64_t n, int64_t V, int64_t ld, float *val, int64_t *idx);
 
+/* Whether this CPU has AVX-512F (checked once; sample.c's paths ask too). */
+int race_cpu_avx512f(void);
+
 #endif

@@ -185,14 +185,6 @@ __attribute__((target("avx512f"))) static float residual_512(const float *r, con
     return reduce_lanes(acc);
 }
 
-static int has_512(void) {
-    static int cached = -1;
-    if (cached < 0) {
-        __builtin_cpu_init();
-        cached = __builtin_cpu_supports("avx512f") ? 1 : 0;
-    }
-    return cached;
-}
 #endif
 
 static int allow_512 = 1; /* sample_set_avx512 (tests compare the two paths) */
@@ -200,7 +192,7 @@ static int allow_512 = 1; /* sample_set_avx512 (tests compare the two paths) */
 int sample_set_avx512(int on) {
     allow_512 = on != 0;
 #if defined(__x86_64__) && defined(__GNUC__)
-    return allow_512 && has_512();
+    return allow_512 && race_cpu_avx512f();
 #else
     return 0;
 #endif
@@ -210,7 +202,7 @@ int sample_set_avx512(int on) {
  * race.c's argmax). */
 static int use_512(int64_t V) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    return allow_512 && has_512() && V < ((int64_t)1 << 31);
+    return allow_512 && race_cpu_avx512f() && V < ((int64_t)1 << 31);
 #else
     (void)V;
     return 0;

@@ -106,8 +106,7 @@ class StageSampler:
                 raise NonFiniteLogitsError(NON_FINITE)
             return tok_i, None
         if self._sampled_on_host(logits):  # C: the same uniforms, fewer passes (cpu/sample.py)
-            tok_i, row = csample.draw(logits[:1], self.params.temperature, self.seed,
-                                      self._next_offset())
+            tok_i, row = self._draw_on_host(logits)
             if tok_i < 0:
                 raise NonFiniteLogitsError(NON_FINITE)
             return tok_i, row
@@ -127,8 +126,7 @@ class StageSampler:
             best, tok = max_rows(logits[:1])
             return tok, None, torch.isfinite(best[0])
         if self._sampled_on_host(logits):  # draw()'s draw: a run draws what one by one does
-            tok_i, row = csample.draw(logits[:1], self.params.temperature, self.seed,
-                                      self._next_offset())
+            tok_i, row = self._draw_on_host(logits)
             return torch.tensor([max(tok_i, 0)]), row, torch.tensor(tok_i >= 0)
         finite = torch.isfinite(logits.amax(-1)).all()
         p = self.params.probs(logits)
@@ -176,6 +174,10 @@ class StageSampler:
         pr = self.params
         return (not pr.greedy and pr.top_k is None and pr.top_p is None
                 and _rows_on_host(logits) and csample.fast())
+
+    def _draw_on_host(self, logits: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """A draw from row 0 in C (the token -1 when it has no finite maximum) and its row."""
+        return csample.draw(logits[:1], self.params.temperature, self.seed, self._next_offset())
 
     def _sampled_chain_on_host(self, drafts: torch.Tensor, logits: torch.Tensor,
                                q: torch.Tensor) -> tuple[int, int, bool, torch.Tensor]:

@@ -110,10 +110,6 @@ SIGNATURES: dict[str, tuple] = {
     "sample_softmax": (c_int, [c_void_p, c_longlong, c_float, c_void_p]),
     # x, V, inv_t, key, index0, p
     "sample_row": (c_longlong, [c_void_p, c_longlong, c_float, c_uint32, c_longlong, c_void_p]),
-    # logits, n, V, ld, inv_t, drafts, q, ldq, key_accept, key_residual, p, work, next
-    "sample_accept_chain": (c_longlong, [c_void_p, c_longlong, c_longlong, c_longlong, c_float,
-                                         c_void_p, c_void_p, c_longlong, c_uint32, c_uint32,
-                                         c_void_p, c_void_p, c_void_p]),
     # logits, n, V, ld, inv_t, tokens, parents, q, ldq, key_accept, key_residual, p, work,
     # path, next
     "sample_accept_tree": (c_longlong, [c_void_p, c_longlong, c_longlong, c_longlong, c_float,

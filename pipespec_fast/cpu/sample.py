@@ -88,19 +88,9 @@ def accept_chain(logits: torch.Tensor, temperature: float, drafts: list[int],
     Returns ``(num_accepted, next_token, p)`` with ``p`` ``[n + 1, V]`` the verifier's
     distributions, rows ``0 .. num_accepted`` filled (the others are not computed); ``None``
     when a row of ``logits`` has no finite maximum."""
-    V = _check_drafts("accept_chain", logits, drafts, q)
-    n = len(drafts)
-    ids = torch.tensor(drafts, dtype=torch.int64)
-    p = torch.empty((n + 1, V), dtype=torch.float32)
-    work = torch.empty(V, dtype=torch.float32)
-    nxt = torch.zeros(1, dtype=torch.int64)
-    num = library.load().sample_accept_chain(
-        logits.data_ptr(), n, V, logits.stride(0), 1.0 / temperature, ids.data_ptr(),
-        q.data_ptr() if n else 0, q.stride(0) if n else 0,
-        race.key(seed, offset, reference.STREAM_ACCEPT),
-        race.key(seed, offset, reference.STREAM_RESIDUAL), p.data_ptr(), work.data_ptr(),
-        nxt.data_ptr())
-    return None if _failed(num) else (int(num), int(nxt), p)
+    _check_drafts("accept_chain", logits, drafts, q)
+    out = _accept(logits, temperature, drafts, list(range(-1, len(drafts) - 1)), q, seed, offset)
+    return None if out is None else out[1:]
 
 
 def accept_tree(logits: torch.Tensor, temperature: float, tokens: list[int], parents: list[int],
@@ -112,11 +102,19 @@ def accept_tree(logits: torch.Tensor, temperature: float, tokens: list[int], par
     ``(path, num_accepted, next_token, p)``: ``path`` ``[n]`` int64 the accepted nodes in order
     then -1, ``p`` rows 0 and ``c + 1`` of each accepted ``c`` filled; ``None`` when a row of
     ``logits`` has no finite maximum."""
-    V = _check_drafts("accept_tree", logits, tokens, q)
+    _check_drafts("accept_tree", logits, tokens, q)
     n = len(tokens)
     if len(parents) != n or any(not -1 <= parents[c] < c for c in range(n)):
         raise ValueError(f"accept_tree: parents must give -1 <= parents[c] < c for each of the "
                          f"{n} nodes, got {parents}")
+    return _accept(logits, temperature, tokens, parents, q, seed, offset)
+
+
+def _accept(logits: torch.Tensor, temperature: float, tokens: list[int], parents: list[int],
+            q: torch.Tensor, seed: int, offset: int
+            ) -> tuple[torch.Tensor, int, int, torch.Tensor] | None:
+    """``sample_accept_tree`` on checked arguments (:func:`accept_tree`'s result)."""
+    n, V = len(tokens), logits.shape[1]
     ids = torch.tensor(tokens + parents, dtype=torch.int64)
     p = torch.empty((n + 1, V), dtype=torch.float32)
     work = torch.empty(V, dtype=torch.float32)
@@ -139,9 +137,9 @@ def _failed(code: int) -> bool:
     return code < 0
 
 
-def _check_drafts(what: str, logits: torch.Tensor, drafts: list[int], q: torch.Tensor) -> int:
+def _check_drafts(what: str, logits: torch.Tensor, drafts: list[int], q: torch.Tensor) -> None:
     """``ValueError`` naming the argument unless ``logits`` has ``len(drafts) + 1`` rows, ``q``
-    ``len(drafts)`` of the same width and every draft is a token; returns the width."""
+    ``len(drafts)`` of the same width and every draft is a token."""
     _rows(logits, f"{what}: logits")
     n, V = len(drafts), logits.shape[1]
     if logits.shape[0] != n + 1:
@@ -154,4 +152,3 @@ def _check_drafts(what: str, logits: torch.Tensor, drafts: list[int], q: torch.T
         raise ValueError(f"{what}: draft tokens outside [0, {V}): {drafts}")
     if n > reference.MAX_TREE_NODES:
         raise ValueError(f"{what}: at most {reference.MAX_TREE_NODES} drafts, got {n}")
-    return V

@@ -263,31 +263,6 @@ static int rows_finite(const float *logits, int64_t rows, int64_t V, int64_t ld,
     return 1;
 }
 
-int64_t sample_accept_chain(const float *logits, int64_t n, int64_t V, int64_t ld, float inv_t,
-                            const int64_t *drafts, const float *q, int64_t ldq,
-                            uint32_t key_accept, uint32_t key_residual, float *p, float *work,
-                            int64_t *next) {
-    float m[CHAIN_MAX + 1];
-    if (n < 0 || n > CHAIN_MAX || V <= 0) return -2;
-    if (!rows_finite(logits, n + 1, V, ld, m)) return -1;
-    for (int64_t i = 0;; ++i) {
-        float *pi = p + i * V;
-        const float mass = softmax_at(logits + i * ld, V, m[i], inv_t, pi);
-        if (i == n) {
-            *next = race_argmax(pi, V, key_residual, 0);
-            return n;
-        }
-        const int64_t x = drafts[i];
-        const float *qi = q + i * ldq;
-        float u;
-        race_uniforms(&u, 1, key_accept, i);
-        if (x >= 0 && x < V && u * qi[x] * mass < pi[x]) continue;
-        residual(pi, qi, mass, V, work);
-        *next = race_argmax(work, V, key_residual, 0);
-        return i;
-    }
-}
-
 int64_t sample_accept_tree(const float *logits, int64_t n, int64_t V, int64_t ld, float inv_t,
                            const int64_t *tokens, const int64_t *parents, const float *q,
                            int64_t ldq, uint32_t key_accept, uint32_t key_residual, float *p,

@@ -1,5 +1,5 @@
 /* Sampled decoding from a verifier's logits on CPU (sample.c): the tempered softmax, one token's
- * draw and speculative sampling over a chain or a tree of drafts, in C. The same rules as
+ * draw and speculative sampling over a tree (or chain) of drafts, in C. The same rules as
  * pipespec_fast.reference (probs_from_logits without top-k / top-p, sample_from_probs,
  * stochastic_accept) with the same counter-based uniforms (race.h); the
  * probabilities differ from torch.softmax's by float rounding only. Called through ctypes by
@@ -20,26 +20,18 @@ int sample_softmax(const float *x, int64_t V, float inv_t, float *p);
 int64_t sample_row(const float *x, int64_t V, float inv_t, uint32_t key, int64_t index0,
                    float *p);
 
-/* Speculative sampling over a chain of n drafts (reference.stochastic_accept with chain parents):
- * row i of logits (row i at logits + i * ld, i <= n) is the verifier's after the chain's first i
- * drafts, row i of q (at q + i * ldq) the distribution drafts[i] was drawn from. Draft i is
- * accepted iff U(key_accept, i) * q_i[x] * sum(p_i) < p_i[x] (x = drafts[i]); at the first
- * rejection the residual max(p_i - q_i * sum(p_i), 0) races (key_residual, counters from 0) for
- * the next token, after n acceptances p_n does. p: [(n + 1), V] out, rows 0 .. num written (the
- * verifier's distributions at the accepted drafts and at the next token); work: [V] scratch.
- * Returns num (0 .. n) and *next, -1 when some row of logits has no finite maximum (every row is
- * checked, visited or not), -2 for n outside [0, 256] or V <= 0. */
-int64_t sample_accept_chain(const float *logits, int64_t n, int64_t V, int64_t ld, float inv_t,
-                            const int64_t *drafts, const float *q, int64_t ldq,
-                            uint32_t key_accept, uint32_t key_residual, float *p, float *work,
-                            int64_t *next);
-
-/* The same over a tree (reference.stochastic_accept): node c has token tokens[c] and parent
- * parents[c] (-1: the root; topological), row c + 1 of logits follows it and row c of q is the
- * distribution it was drawn from. The children of the current node are tried in index order
- * against the residual (a rejection subtracts q_c * sum and tries the next sibling); an
- * acceptance descends. path: [n] out, the accepted nodes in order then -1; p rows 0 and c + 1
- * for each accepted c written. Returns the number accepted and *next, or -1 / -2 as above. */
+/* Speculative sampling over a tree of n drafts (reference.stochastic_accept; a chain is the tree
+ * with parents[c] = c - 1): node c has token tokens[c] and parent parents[c] (-1: the root;
+ * topological), row c + 1 of logits (rows at logits + i * ld) is the verifier's after it and row
+ * c of q (at q + c * ldq) the distribution it was drawn from. The children of the current node
+ * are tried in index order: child c with token x is accepted iff
+ * U(key_accept, c) * q_c[x] * sum(r) < r[x], r being the verifier's row after the current node
+ * or, after a rejected sibling, the residual max(r - q_c * sum(r), 0); an acceptance descends.
+ * When no child is accepted (or a leaf is reached) r races for the next token (key_residual,
+ * counters from 0). path: [n] out, the accepted nodes in order then -1; p: [(n + 1), V] out,
+ * rows 0 and c + 1 of each accepted c written; work: [V] scratch. Returns the number accepted
+ * and *next, -1 when some row of logits has no finite maximum (every row is checked, visited or
+ * not), -2 for n outside [0, 256] or V <= 0. */
 int64_t sample_accept_tree(const float *logits, int64_t n, int64_t V, int64_t ld, float inv_t,
                            const int64_t *tokens, const int64_t *parents, const float *q,
                            int64_t ldq, uint32_t key_accept, uint32_t key_residual, float *p,

@@ -457,6 +457,14 @@ class StageProfile:
     forward) then replace ``A`` and ``gamma + 1``; ``alpha`` and ``gamma`` still give the
     share of verification steps and the chance that a window breaks.
 
+    ``verify_share``: the share of this stage's steps that verified drafts, measured. The
+    paper's two-state chain derives it from ``alpha`` and ``gamma`` (``verify_probability``):
+    after a broken window the drafts in flight are void and the stage decodes alone until
+    new ones arrive. A stage whose drafts come from an inline drafter (the n-gram's, which
+    proposes again at once) or from a drafter that runs ahead has drafts at most steps; the
+    measured share replaces the chain's, and since it already counts the steps a stage
+    decoded alone for want of drafts, the supply limit is not applied again.
+
     ``step_overhead_s``: host time a step of this stage spends outside its forward (the
     engine's bookkeeping, messages, the caller's tokens), added to every step's latency.
     """
@@ -467,6 +475,7 @@ class StageProfile:
     gamma: int = 1
     accepted_per_verify: float | None = None
     verify_tokens: float | None = None
+    verify_share: float | None = None
     step_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -479,6 +488,9 @@ class StageProfile:
             v = getattr(self, key)
             if v is not None:
                 object.__setattr__(self, key, _check_gamma(v, key))  # a real >= 1
+        if self.verify_share is not None:  # a share in [0, 1], as alpha is
+            object.__setattr__(self, "verify_share", _check_alpha(self.verify_share,
+                                                                  "verify_share"))
         o = _real(self.step_overhead_s, "step_overhead_s")
         if o < 0:
             raise ValueError(f"step_overhead_s must be >= 0, got {self.step_overhead_s!r}")
@@ -517,6 +529,8 @@ class StageProfile:
             gamma = _check_int_gamma(d.get("gamma", 1), f"{name}['gamma']")
             extra = {k: _check_gamma(d[k], f"{name}[{k!r}]")
                      for k in ("accepted_per_verify", "verify_tokens") if d.get(k) is not None}
+            if d.get("verify_share") is not None:
+                extra["verify_share"] = _check_alpha(d["verify_share"], f"{name}['verify_share']")
             if d.get("step_overhead_s"):
                 extra["step_overhead_s"] = _real(d["step_overhead_s"], f"{name}['step_overhead_s']")
         except TypeError as e:
@@ -531,7 +545,7 @@ class StageProfile:
             "gamma": self.gamma,
             "latency": self.latency.to_dict(),
         }
-        for k in ("accepted_per_verify", "verify_tokens"):
+        for k in ("accepted_per_verify", "verify_tokens", "verify_share"):
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
         if self.step_overhead_s:
@@ -633,6 +647,20 @@ def _paper_stage(
     else:
         out = cap * (v / v_cap)
     return rho, en, t, cap, out, v, v_cap * g, True
+
+
+def _share_stage(
+    rho: float, g: int, big_a: float, l1: float, lv: float, supply: float
+) -> tuple[float, float, float, float, float, float, float, bool]:
+    """Never-wait policy with a measured share ``rho`` of verification steps
+    (``StageProfile.verify_share``): the two-state chain's step mix with ``rho`` given. The
+    share already counts the steps decoded alone for want of drafts, so the rate is the
+    capacity at that share; ``starved`` tells whether the stage below delivers fewer drafts
+    than those steps consume."""
+    en = (1.0 - rho) + rho * big_a
+    t = (1.0 - rho) * l1 + rho * lv
+    v = rho / t
+    return rho, en, t, en / t, en / t, v, v * g, supply < v * g
 
 
 def _wait_stage(
@@ -757,7 +785,10 @@ def _verifier_prediction(st: StageProfile, supply: float, policy: str, step_mode
     g = st.gamma
     big_a = st.accepted()
     lv = st.latency_s(st.verify_n)
-    if policy == "paper":
+    if policy == "paper" and st.verify_share is not None:
+        l1 = st.latency_s(1) if step_model == "mixed" else lv
+        res = _share_stage(st.verify_share, g, big_a, l1, lv, supply)
+    elif policy == "paper":
         l1 = st.latency_s(1) if step_model == "mixed" else lv
         res = _paper_stage(a, g, big_a, l1, lv, supply, on_starve)
     else:

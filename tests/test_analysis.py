@@ -436,6 +436,30 @@ def test_a_tree_verifier_is_priced_at_its_nodes_and_credited_its_measured_length
         StageProfile("t", target, alpha=0.7, verify_tokens=0.5)
 
 
+def test_a_measured_verify_share_replaces_the_chains_and_is_not_supply_limited():
+    """A verifier that verified drafts at 90% of its steps: ``rho = 0.9``, not the chain's
+    ``verify_probability``; its rate is ``E[N] / T`` at that share even where the chain's
+    supply limit would starve it (the measured share already counts such steps)."""
+    target = LatencyModel.linear(0.03, 0.001)
+    for l_draft in (0.001, 0.05):  # a fast drafter, and one the chain would call starving
+        st = _two_stage(alpha=0.6, gamma=3, l_draft=l_draft, target=target)
+        st[-1] = StageProfile("target", target, alpha=0.6, gamma=3, verify_share=0.9)
+        p = predict_pipeline(st)
+        en = 0.1 + 0.9 * expected_accepted(0.6, 3)
+        t = 0.1 * 0.031 + 0.9 * 0.034
+        assert p.stages[-1].rho == 0.9 and p.pipespec_tokens_per_s == pytest.approx(en / t)
+        assert p.stages[-1].starved is (l_draft == 0.05)
+        chain = predict_pipeline(_two_stage(alpha=0.6, gamma=3, l_draft=l_draft, target=target))
+        assert chain.stages[-1].rho == pytest.approx(verify_probability(0.6, 3))
+    d = st[-1].to_dict()
+    assert d["verify_share"] == 0.9 and StageProfile.from_dict(d) == st[-1]
+    assert "verify_share" not in _two_stage()[-1].to_dict()
+    with pytest.raises(ValueError, match="verify_share"):
+        StageProfile("t", target, alpha=0.7, verify_share=1.5)
+    with pytest.raises(ValueError, match=r"\['verify_share'\]"):
+        StageProfile.from_dict({"latency": 0.01, "alpha": 0.5, "verify_share": -0.1})
+
+
 def test_a_step_overhead_is_added_to_every_step_of_the_stage():
     """The target's host time per step (bookkeeping, messages) lengthens its one-token and
     its verify steps alike: the wait policy's cycle, AR and sync SD all pay it."""

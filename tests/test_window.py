@@ -301,7 +301,7 @@ def test_depth_acceptance_counts_the_depths_each_walk_tried():
     assert d["depth_acceptance"] == [0.75, 1.0, 0.5, 1.0]
 
 
-def test_analysis_input_takes_step_sized_forwards_the_mean_window_and_a_trees_figures():
+def test_analysis_input_takes_step_sized_forwards_the_mean_window_the_verify_share_and_trees():
     from pipespec_fast.decoding.stats import StageStats, analysis_input
 
     draft, chain, tree = StageStats("d"), StageStats("c"), StageStats("t")
@@ -318,10 +318,13 @@ def test_analysis_input_takes_step_sized_forwards_the_mean_window_and_a_trees_fi
     assert out[0]["latency"] == {"n": [1, 5], "s": [0.010, 0.014]}
     assert out[1]["gamma"] == 3 and out[1]["alpha"] == 4 / 5  # (4 + 2) / 2 windows
     assert "accepted_per_verify" not in out[1]
+    assert out[1]["verify_share"] == 2 / 3  # two of its three steps had drafts
     t = analysis_input([draft, tree], [1, 6])["stages"][1]
     assert (t["gamma"], t["accepted_per_verify"], t["verify_tokens"]) == (8, 3.0, 9.0)
+    assert t["verify_share"] == 1.0
     fresh = analysis_input([draft, StageStats("x")], [1, 6])["stages"][1]
     assert fresh["gamma"] == 6  # verified nothing yet: its configured window
+    assert "verify_share" not in fresh  # no step yet: the chain's share
 
 
 def test_step_overhead_is_the_targets_time_outside_forwards_and_waits_per_step():

@@ -24,12 +24,16 @@ the same A/B on the default hierarchy: -2% to +9%, +3% in the mean over both tas
 and T = 0.7). ``alone`` stays an arm against a model draft straight under the target.
 
 The target's steps are grouped into epochs of :data:`Regimes.EPOCH_STEPS` steps; each epoch
-runs one regime and adds its tokens and seconds to that regime's decayed totals. Each regime
-is tried once; then the best runs, and every other is tried again for one epoch after a wait
-that doubles (quadruples when it was over 15% slower; up to :data:`Regimes.MAX_WAIT` epochs)
-each time it loses again. The totals
-outlive a generation (``FastPipeline`` keeps them, ``PolicyMemory``), so a pipeline that
-serves many requests pays for its exploration once.
+runs one regime and adds its tokens and seconds to that regime's totals, decayed by half
+per epoch since that regime last ran (a retry is judged on the text of now). Each regime
+is tried once; then the best runs, and every other is tried again for one epoch (half of
+one when it was over 15% slower: a retry of a regime far behind is mostly a cost) after a
+wait that doubles (quadruples when it was over 15% slower; up to :data:`Regimes.MAX_WAIT` epochs)
+each time it loses a comparison, the best it was until a challenger won included. Waits are
+never reset: a lucky epoch of a regime far behind does not bring back frequent
+explorations. A generation's last epoch, cut short, counts when it ran half its steps. The
+totals and waits outlive a generation (``FastPipeline`` keeps them, ``PolicyMemory``), so a
+pipeline that serves many requests pays for its exploration once.
 
 Only timed policies use it (greedy, unseeded sampling, any PipeSpec run): a seeded ``sync``
 generation must repeat its draws, so its regime never depends on a clock.
@@ -56,7 +60,7 @@ class Regimes:
     # it resumes catch up on the tokens decoded without them (a deferred prefill at first);
     # a cost paid once per switch, not the regime's rate while it runs
     SETTLE_STEPS = 2
-    DECAY = 0.5  # per epoch of a regime, of its token and second totals
+    DECAY = 0.5  # of a regime's token and second totals, per epoch (any regime's) since it ran
     FIRST_WAIT = 4  # epochs before a losing regime is tried again ...
     MAX_WAIT = 64  # ... doubling up to this many
     MARGIN = 0.03  # a challenger must beat the best by this fraction to take over
@@ -76,11 +80,16 @@ class Regimes:
     _settle: int = 0  # steps left before the epoch's clock starts
     _epoch_tokens: int = 0
     _epoch_start: float | None = None
+    _last: float | None = None  # the end of the epoch's last timed step
+    _epoch_len: int = 0  # timed steps of the current epoch (``_length``)
+    _closed: int = 0  # epochs closed, every regime's
+    _closed_at: dict[str, int] = field(default_factory=dict)  # per regime: its last epoch's
 
     def __post_init__(self) -> None:
         if not self.arms or self.arms[0] != FULL:
             raise ValueError(f"Regimes: arms must start with {FULL!r}, got {self.arms!r}")
         self.arm = self.best = FULL
+        self._epoch_len = self.EPOCH_STEPS
 
     def rate(self, arm: str) -> float | None:
         """Measured tokens per second of ``arm`` (decayed), ``None`` before its first epoch."""
@@ -89,8 +98,12 @@ class Regimes:
 
     def begin(self, now: float) -> None:
         """A generation's first step starts now (after its prefill): the epoch clock starts
-        here, the epoch's counts restart (the previous generation's last, partial epoch is
-        dropped: its end was not a step boundary)."""
+        here, the epoch's counts restart. The previous generation's last, partial epoch
+        counts, timed to its last step, when it ran at least half an epoch's steps (else it
+        is dropped): an exploration cut short by a generation's end would otherwise run
+        again, from its start, in the next generation."""
+        if self._steps >= self._epoch_len // 2 and self._last is not None:
+            self.arm = self._close_epoch(self._last)
         self._epoch_start, self._steps, self._epoch_tokens = now, 0, 0
         self._settle = self.SETTLE_STEPS
         self.steps = {}
@@ -108,18 +121,39 @@ class Regimes:
             return False
         self._steps += 1
         self._epoch_tokens += tokens
-        if self._steps < self.EPOCH_STEPS:
+        self._last = now
+        if self._steps < self._epoch_len:
             return False
-        arm, dt = self.arm, now - self._epoch_start
-        self.tokens[arm] = self.DECAY * self.tokens.get(arm, 0.0) + self._epoch_tokens
-        self.seconds[arm] = self.DECAY * self.seconds.get(arm, 0.0) + max(dt, 1e-9)
-        self.epochs[arm] = self.epochs.get(arm, 0) + 1
-        self._epoch_start, self._steps, self._epoch_tokens = now, 0, 0
-        nxt = self._choose(arm)
-        changed, self.arm = nxt != arm, nxt
+        nxt = self._close_epoch(now)
+        changed, self.arm = nxt != self.arm, nxt
         if changed:
             self._settle = self.SETTLE_STEPS
         return changed
+
+    def _close_epoch(self, now: float) -> str:
+        """The current epoch ends at ``now``: its tokens and seconds join its regime's decayed
+        totals. Returns the regime of the next epoch."""
+        arm, dt = self.arm, now - self._epoch_start
+        self._closed += 1
+        # the old totals decay per epoch since the regime last ran, any regime's epoch: a
+        # retry after a wait is judged on what it does now, not on the text of long ago
+        decay = self.DECAY ** (self._closed - self._closed_at.get(arm, self._closed - 1))
+        self._closed_at[arm] = self._closed
+        self.tokens[arm] = decay * self.tokens.get(arm, 0.0) + self._epoch_tokens
+        self.seconds[arm] = decay * self.seconds.get(arm, 0.0) + max(dt, 1e-9)
+        self.epochs[arm] = self.epochs.get(arm, 0) + 1
+        self._epoch_start, self._steps, self._epoch_tokens, self._last = now, 0, 0, None
+        nxt = self._choose(arm)
+        self._epoch_len = self._length(nxt)
+        return nxt
+
+    def _length(self, arm: str) -> int:
+        """Steps of an epoch of ``arm``: half of :data:`EPOCH_STEPS` to retry a regime far
+        behind the best (such a retry is mostly a cost), else all of them."""
+        r, best = self.rate(arm), self.rate(self.best)
+        if arm != self.best and r is not None and best and r < best * (1 - self.FAR_BEHIND):
+            return max(1, self.EPOCH_STEPS // 2)
+        return self.EPOCH_STEPS
 
     def _choose(self, ran: str) -> str:
         untried = [a for a in self.arms if a not in self.seconds]
@@ -128,16 +162,12 @@ class Regimes:
         rates = {a: self.rate(a) for a in self.arms}
         if ran != self.best:  # an exploration ended: did it win?
             if rates[ran] > rates[self.best] * (1 + self.MARGIN):
-                self.best = ran
-                self.wait = {}
-                self.countdown = {}
-            else:  # it lost again: wait twice as long (four times, when it lost by far)
-                grow = 4 if rates[ran] < rates[self.best] * (1 - self.FAR_BEHIND) else 2
-                self.wait[ran] = min(self.MAX_WAIT, grow * self.wait.get(ran, self.FIRST_WAIT))
-                self.countdown[ran] = self.wait[ran]
+                self._take_over(ran, rates)
+            else:
+                self._lost(ran, rates)
         best = max(self.arms, key=lambda a: rates[a])
         if best != self.best and rates[best] > rates[self.best] * (1 + self.MARGIN):
-            self.best = best  # the best's own rate fell (the text changed)
+            self._take_over(best, rates)  # the best's own rate fell (the text changed)
         for a in self.arms:
             if a != self.best:
                 self.countdown[a] = self.countdown.get(a, self.FIRST_WAIT) - 1
@@ -147,6 +177,19 @@ class Regimes:
             self.countdown[a] = self.wait.get(a, self.FIRST_WAIT)
             return a
         return self.best
+
+    def _take_over(self, arm: str, rates: dict) -> None:
+        """``arm`` is the new best; the one it displaced waits as a loser. Waits are not reset
+        (else one lucky epoch brings back a slow regime's retries every few epochs)."""
+        old, self.best = self.best, arm
+        self.countdown.pop(arm, None)
+        self._lost(old, rates)
+
+    def _lost(self, arm: str, rates: dict) -> None:
+        """``arm`` lost to the best: its wait doubles (quadruples when it lost by far)."""
+        grow = 4 if rates[arm] < rates[self.best] * (1 - self.FAR_BEHIND) else 2
+        self.wait[arm] = min(self.MAX_WAIT, grow * self.wait.get(arm, self.FIRST_WAIT))
+        self.countdown[arm] = self.wait[arm]
 
     def summary(self) -> dict:
         """This generation's target steps per regime; epochs run, measured tokens/s per regime

@@ -154,6 +154,8 @@ def analysis_input(stats: list[StageStats], windows: list[int], overhead_s: floa
             with_drafts = s.depth_tried[0] if s.depth_tried else 0  # verifies that had drafts
             gamma = round(s.proposed / with_drafts) if with_drafts else windows[i]
             d.update(alpha=s.alpha, gamma=max(1, gamma))
+            if s.verify_steps:  # every step of a verifier is a verify, with drafts or alone
+                d["verify_share"] = with_drafts / s.verify_steps
             if s.tree_steps and with_drafts:
                 d.update(accepted_per_verify=1 + s.accepted / with_drafts,
                          verify_tokens=1 + s.proposed / with_drafts)

@@ -41,6 +41,26 @@ DRAFT_MAX = 3  # llama-lookup's default draft length (common_params_speculative_
 CTX = 2048  # context positions, as our preallocated KV caches
 
 
+def has_amx(cpuinfo: str) -> bool:
+    """Whether ``/proc/cpuinfo``'s text lists Intel AMX (``amx_int8``: Sapphire Rapids on)."""
+    return any(line.startswith("flags") and "amx_int8" in line.split()
+               for line in cpuinfo.splitlines())
+
+
+def _repack_args() -> list[str]:
+    """``--no-repack`` on a CPU with AMX: there the tools repack the Q4_1 weights for ggml's
+    AMX matmul, which crashed (SIGSEGV in ``ggml_backend_amx_mul_mat``, a 2-core Xeon VM, this
+    version); without repacking they run their AVX-512 VNNI kernels on the GGUF's layout.
+    Nothing elsewhere: on other CPUs the tools run as built."""
+    try:
+        return ["--no-repack"] if has_amx(Path("/proc/cpuinfo").read_text()) else []
+    except OSError:
+        return []
+
+
+REPACK_ARGS = _repack_args()
+
+
 def find_binaries(cache_dir: Path) -> Path | None:
     """The folder of a finished build for this version and CPU (the build script's own check,
     so the two never disagree), or ``None`` when there is none."""
@@ -55,7 +75,7 @@ def _common_args(gguf: Path, prompt: str, max_new: int, temperature: float, seed
         "--temp", repr(float(temperature)), "--top-k", "0", "--top-p", "1", "--min-p", "0"]
     return ["-m", str(gguf), "-p", prompt, "--no-escape", "-n", str(max_new), "--ignore-eos",
             "-t", str(threads), "-tb", str(threads), "-c", str(ctx), "-s", str(seed),
-            *sampling]
+            *sampling, *REPACK_ARGS]
 
 
 def completion_command(bin_dir: Path, gguf: Path, prompt: str, max_new: int,

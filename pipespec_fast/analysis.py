@@ -650,17 +650,16 @@ def _paper_stage(
 
 
 def _share_stage(
-    rho: float, g: int, big_a: float, l1: float, lv: float, supply: float
+    rho: float, g: int, big_a: float, l1: float, lv: float
 ) -> tuple[float, float, float, float, float, float, float, bool]:
     """Never-wait policy with a measured share ``rho`` of verification steps
     (``StageProfile.verify_share``): the two-state chain's step mix with ``rho`` given. The
     share already counts the steps decoded alone for want of drafts, so the rate is the
-    capacity at that share; ``starved`` tells whether the stage below delivers fewer drafts
-    than those steps consume."""
+    capacity at that share, never starved."""
     en = (1.0 - rho) + rho * big_a
     t = (1.0 - rho) * l1 + rho * lv
     v = rho / t
-    return rho, en, t, en / t, en / t, v, v * g, supply < v * g
+    return rho, en, t, en / t, en / t, v, v * g, False
 
 
 def _wait_stage(
@@ -692,7 +691,8 @@ def predict_pipeline(
     invalidated (a rejection inside it, or a mismatch at the bonus position).
 
     ``policy="paper"`` (default; the paper's never-wait model): a stage with valid drafts
-    verifies, otherwise it decodes one token itself, so steps follow the two-state chain.
+    verifies, else it decodes a token itself: the two-state chain (``verify_share`` replaces
+    its ``rho``, with no supply limit: ``StageProfile``).
 
     * mean step time ``T = (1 - rho) * L_i(1) + rho * Lv`` (``step_model="mixed"``), or
       ``Lv`` for every step (``"verify"``); capacity ``C_i = E[N] / T``, with ``rho / T``
@@ -702,6 +702,7 @@ def predict_pipeline(
     * ``v = min(rho / T, v_sup)``; the remaining time goes to one-token steps
       (``on_starve="fill"``: ``R_i = v * A + (1 - v * Lv) / L_i(1)``) or idles
       (``"idle"``: ``R_i = C_i * v / (rho / T)``).
+
 
     ``policy="wait"``: every step verifies a full window; after a broken window the stage
     waits for ``gamma_i`` fresh drafts: ``R_i = A / (Lv + p * g/R_{i-1} + (1 - p) *
@@ -787,7 +788,7 @@ def _verifier_prediction(st: StageProfile, supply: float, policy: str, step_mode
     lv = st.latency_s(st.verify_n)
     if policy == "paper" and st.verify_share is not None:
         l1 = st.latency_s(1) if step_model == "mixed" else lv
-        res = _share_stage(st.verify_share, g, big_a, l1, lv, supply)
+        res = _share_stage(st.verify_share, g, big_a, l1, lv)
     elif policy == "paper":
         l1 = st.latency_s(1) if step_model == "mixed" else lv
         res = _paper_stage(a, g, big_a, l1, lv, supply, on_starve)

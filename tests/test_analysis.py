@@ -448,7 +448,7 @@ def test_a_measured_verify_share_replaces_the_chains_and_is_not_supply_limited()
         en = 0.1 + 0.9 * expected_accepted(0.6, 3)
         t = 0.1 * 0.031 + 0.9 * 0.034
         assert p.stages[-1].rho == 0.9 and p.pipespec_tokens_per_s == pytest.approx(en / t)
-        assert p.stages[-1].starved is (l_draft == 0.05)
+        assert not p.stages[-1].starved and p.bottleneck == "target" and not p.notes
         chain = predict_pipeline(_two_stage(alpha=0.6, gamma=3, l_draft=l_draft, target=target))
         assert chain.stages[-1].rho == pytest.approx(verify_probability(0.6, 3))
     d = st[-1].to_dict()

@@ -121,14 +121,18 @@ def test_command_lines():
     cmd = lc.completion_command(b, g, PROMPT, 96, seed=3)
     assert cmd == ["/opt/lc/bin/llama-completion", "-m", "/m/model.gguf", "-p", PROMPT,
                    "--no-escape", "-n", "96", "--ignore-eos", "-t", "2", "-tb", "2",
-                   "-c", "2048", "-s", "3", "--temp", "0", "-no-cnv", "--no-display-prompt",
-                   "--simple-io"]
+                   "-c", "2048", "-s", "3", "--temp", "0", *lc.REPACK_ARGS, "-no-cnv",
+                   "--no-display-prompt", "--simple-io"]
     sampled = lc.lookup_command(b, g, PROMPT, 32, temperature=0.7, threads=1, ctx=4096,
                                 draft_max=5)
     assert sampled == ["/opt/lc/bin/llama-lookup", "-m", "/m/model.gguf", "-p", PROMPT,
                        "--no-escape", "-n", "32", "--ignore-eos", "-t", "1", "-tb", "1",
                        "-c", "4096", "-s", "0", "--temp", "0.7", "--top-k", "0", "--top-p",
-                       "1", "--min-p", "0", "--spec-draft-n-max", "5"]
+                       "1", "--min-p", "0", *lc.REPACK_ARGS, "--spec-draft-n-max", "5"]
+    # repacking is off exactly where the CPU has AMX (ggml's AMX matmul crashed there)
+    amx = "flags\t\t: fpu avx512f avx512_vnni amx_tile amx_int8\n"
+    assert lc.has_amx(amx) and not lc.has_amx(amx.replace(" amx_int8", ""))
+    assert not lc.has_amx("bugs\t\t: amx_int8\n")  # only the flags line counts
     assert lc.tokenize_command(b, g, PROMPT) == [
         "/opt/lc/bin/llama-tokenize", "-m", "/m/model.gguf", "-p", PROMPT, "--no-escape",
         "--ids", "--log-disable"]

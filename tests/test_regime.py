@@ -209,6 +209,7 @@ def _cycle_regimes(monkeypatch, arms: list[str], epoch_steps: int) -> None:
         return own[(own.index(ran) + 1) % len(own)]
 
     monkeypatch.setattr(Regimes, "_choose", choose)
+    monkeypatch.setattr(Regimes, "_length", lambda self, arm: self.EPOCH_STEPS)
 
 
 @pytest.mark.parametrize("mode", ["sync", "pipespec"])
@@ -273,6 +274,31 @@ def test_a_regime_far_behind_waits_longer(slow, wait):
     assert ran[2:] == [ALONE] * (wait - 1) + [FULL]
     grow = 4 if slow < 200.0 * (1 - Regimes.FAR_BEHIND) else 2
     assert reg.wait[FULL] == min(Regimes.MAX_WAIT, grow * wait)
+
+
+@pytest.mark.parametrize("slow,wait,steps", [(100.0, 16, Regimes.EPOCH_STEPS // 2),
+                                             (190.0, 8, Regimes.EPOCH_STEPS)])
+def test_a_retry_of_a_regime_far_behind_runs_half_an_epoch(slow, wait, steps):
+    """The retry of a regime over 15% behind the best is half an epoch (it is mostly a
+    cost); one closer runs a whole epoch."""
+    reg = Regimes((FULL, ALONE))
+    run_epochs(reg, {FULL: slow, ALONE: 200.0}, 2 + wait - 1)
+    assert reg.arm == FULL  # its retry is next
+    done, now, n = sum(reg.epochs.values()), 1e3, 0
+    while sum(reg.epochs.values()) == done:
+        now += 1.0 / slow
+        reg.note_step(1, now)
+        n += 1
+    assert n == Regimes.SETTLE_STEPS + steps
+
+
+def test_every_regime_the_first_tries_did_not_pick_waits_as_a_loser():
+    """Three regimes: the first tries compare the last one with the first only; the middle
+    one, slower than the best by far, still waits 4x the first wait."""
+    reg = Regimes((FULL, LEAN, ALONE))
+    run_epochs(reg, {FULL: 150.0, LEAN: 100.0, ALONE: 200.0}, 3)
+    assert reg.best == ALONE and reg.wait[LEAN] == 4 * Regimes.FIRST_WAIT
+    assert reg.wait[FULL] == 4 * Regimes.FIRST_WAIT  # displaced, 25% slower
 
 
 def test_a_lucky_epoch_does_not_reset_the_waits():

@@ -61,8 +61,8 @@ class Regimes:
     # a cost paid once per switch, not the regime's rate while it runs
     SETTLE_STEPS = 2
     DECAY = 0.5  # of a regime's token and second totals, per epoch (any regime's) since it ran
-    FIRST_WAIT = 4  # epochs before a losing regime is tried again ...
-    MAX_WAIT = 64  # ... doubling up to this many
+    FIRST_WAIT = 4  # a loser's first wait is this, doubled (or 4x): epochs until retried ...
+    MAX_WAIT = 64  # ... growing with each loss up to this many
     MARGIN = 0.03  # a challenger must beat the best by this fraction to take over
     FAR_BEHIND = 0.15  # a loser this much slower than the best waits 4x longer, not 2x
 
@@ -97,13 +97,12 @@ class Regimes:
         return None if not s else self.tokens[arm] / s
 
     def begin(self, now: float) -> None:
-        """A generation's first step starts now (after its prefill): the epoch clock starts
-        here, the epoch's counts restart. The previous generation's last, partial epoch
-        counts, timed to its last step, when it ran at least half an epoch's steps (else it
-        is dropped): an exploration cut short by a generation's end would otherwise run
-        again, from its start, in the next generation."""
-        if self._steps >= self._epoch_len // 2 and self._last is not None:
+        """A generation's first step starts now (after its prefill): the epoch restarts. The
+        last one, cut short, counts (to its last step) when it ran half an epoch's steps:
+        else an exploration cut short would rerun whole in the next generation."""
+        if 2 * self._steps >= self.EPOCH_STEPS and self._last is not None:
             self.arm = self._close_epoch(self._last)
+        self._last = None
         self._epoch_start, self._steps, self._epoch_tokens = now, 0, 0
         self._settle = self.SETTLE_STEPS
         self.steps = {}
@@ -135,8 +134,7 @@ class Regimes:
         totals. Returns the regime of the next epoch."""
         arm, dt = self.arm, now - self._epoch_start
         self._closed += 1
-        # the old totals decay per epoch since the regime last ran, any regime's epoch: a
-        # retry after a wait is judged on what it does now, not on the text of long ago
+        # decay per epoch since the regime last ran: a retry is judged on the text of now
         decay = self.DECAY ** (self._closed - self._closed_at.get(arm, self._closed - 1))
         self._closed_at[arm] = self._closed
         self.tokens[arm] = decay * self.tokens.get(arm, 0.0) + self._epoch_tokens
@@ -168,6 +166,9 @@ class Regimes:
         best = max(self.arms, key=lambda a: rates[a])
         if best != self.best and rates[best] > rates[self.best] * (1 + self.MARGIN):
             self._take_over(best, rates)  # the best's own rate fell (the text changed)
+        for a in self.arms:  # one never compared yet (a middle one of the first tries)
+            if a != self.best and a not in self.wait:
+                self._lost(a, rates)
         for a in self.arms:
             if a != self.best:
                 self.countdown[a] = self.countdown.get(a, self.FIRST_WAIT) - 1
@@ -179,8 +180,7 @@ class Regimes:
         return self.best
 
     def _take_over(self, arm: str, rates: dict) -> None:
-        """``arm`` is the new best; the one it displaced waits as a loser. Waits are not reset
-        (else one lucky epoch brings back a slow regime's retries every few epochs)."""
+        """``arm`` is the new best; the one it displaced waits as a loser (no wait resets)."""
         old, self.best = self.best, arm
         self.countdown.pop(arm, None)
         self._lost(old, rates)

@@ -19,7 +19,7 @@ class StageStats:
     rejected: int = 0  # verification steps that ended in a rejection
     rollbacks: int = 0  # times a sync from above truncated this stage's sequence
     forwards: int = 0  # model forward calls
-    verify_steps: int = 0  # forward calls that verified drafts
+    verify_steps: int = 0  # verify steps, those without drafts (a token alone) included
     tree_steps: int = 0  # of those, over a tree with branches (decoding/tree_step.py)
     busy_s: float = 0.0
     idle_s: float = 0.0
@@ -140,8 +140,9 @@ def analysis_input(stats: list[StageStats], windows: list[int], overhead_s: floa
                    ) -> dict:
     """``analysis.predict_from_stats``'s input from a generation's measured stages: per stage
     the median latency of each forward size up to ``VERIFY_MAX_N`` (a prompt's prefill is not
-    a step), and for a verifier its ``alpha`` and the mean window it verified (its configured
-    window before it verified any); a verifier of trees adds its measured tokens per
+    a step), and for a verifier its ``alpha``, the mean window it verified (its configured
+    window before it verified any) and the share of its steps that had drafts
+    (``verify_share``, once it stepped); a verifier of trees adds its measured tokens per
     verification and positions per verify forward (``analysis.StageProfile``); ``overhead_s``:
     the last stage's host time per step outside its forwards (``step_overhead_s``)."""
     stages = []

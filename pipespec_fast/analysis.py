@@ -690,9 +690,8 @@ def predict_pipeline(
     and ``p = 1 - alpha_i^(gamma_i+1)`` is the probability that drafts beyond a window are
     invalidated (a rejection inside it, or a mismatch at the bonus position).
 
-    ``policy="paper"`` (default; the paper's never-wait model): a stage with valid drafts
-    verifies, else it decodes a token itself: the two-state chain (``verify_share`` replaces
-    its ``rho``, with no supply limit: ``StageProfile``).
+    ``policy="paper"`` (default, the paper's never-wait model): with valid drafts a stage
+    verifies, else it decodes alone: the two-state chain (``StageProfile.verify_share``).
 
     * mean step time ``T = (1 - rho) * L_i(1) + rho * Lv`` (``step_model="mixed"``), or
       ``Lv`` for every step (``"verify"``); capacity ``C_i = E[N] / T``, with ``rho / T``

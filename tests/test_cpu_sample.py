@@ -173,6 +173,38 @@ def test_tree_acceptance_equals_the_reference_on_its_own_probabilities(one_hot):
             assert torch.equal(p[row], probs[row]), (trial, row)
 
 
+@pytest.mark.parametrize("V", [37, 200, 49152])
+def test_point_mass_drafts_equal_their_one_hot_rows(on_path, V):
+    """``q=None`` (a deterministic drafter: no rows built or read) gives the outcome, the
+    next token and the rows of the same drafts with one-hot ``q`` rows, bit for bit, on both
+    C paths, chains and trees (siblings: residuals after point masses), drafts in a row's
+    16-wide tail included."""
+    for fast in (True, False):
+        on_path(fast)
+        for trial in range(60):
+            n = 1 + trial % 5
+            parents = _random_tree(n, trial) if trial % 2 else list(range(-1, n - 1))
+            logits = _logits(n + 1, V, trial, scale=1.5)
+            g = torch.Generator().manual_seed(trial)
+            tokens = [int(t) for t in torch.randint(0, V, (n,), generator=g)]
+            if trial % 3 == 0:  # likely drafts (p 0.55-0.95): acceptances, and rejections
+                tokens[-1] = V - 1  # whose residual keeps some of the draft's mass; the tail
+                for c, x in enumerate(tokens):
+                    want_p = 0.55 + 0.4 * ((trial + c) % 5) / 4
+                    rest = torch.cat([logits[c, :x], logits[c, x + 1:]]) / 0.7
+                    logits[c, x] = 0.7 * (math.log(want_p / (1 - want_p))
+                                          + torch.logsumexp(rest, 0).item())
+            q = torch.nn.functional.one_hot(torch.tensor(tokens), V).float()
+            want = sample.accept_tree(logits, 0.7, tokens, parents, q, 5, trial)
+            got = sample.accept_tree(logits, 0.7, tokens, parents, None, 5, trial)
+            assert torch.equal(got[0], want[0]) and got[1:3] == want[1:3], (fast, trial)
+            for row in [0] + [c + 1 for c in want[0][: want[1]].tolist()]:
+                assert torch.equal(got[3][row], want[3][row]), (fast, trial, row)
+            chain = sample.accept_chain(logits, 0.7, tokens, None, 5, trial)
+            one_hot = sample.accept_chain(logits, 0.7, tokens, q, 5, trial)
+            assert chain[:2] == one_hot[:2], (fast, trial)
+
+
 def test_tree_acceptance_emits_the_verifiers_distribution():
     """Three siblings at the root drawn from one draft distribution far from the verifier's:
     the first token follows p_0 (each rejection leaves the residual for the next sibling)."""
@@ -288,3 +320,37 @@ def test_the_sampler_uses_c_on_host_and_torch_for_top_k_and_deferred_reads():
         assert isinstance(s.accept(drafts, logits, q, on_host=True)[0], torch.Tensor)
     finally:
         sample.set_avx512(True)
+
+
+@pytest.mark.parametrize("top_k", [None, 20], ids=["C", "torch top-k"])
+def test_a_verify_of_point_masses_commits_what_their_one_hot_rows_commit(top_k):
+    """``Sequencer.verify`` with :data:`POINT_MASS` rows (all of them: the C path reads none;
+    or among real rows: those become one-hot) commits the tokens and keeps the rows that the
+    same drafts with their one-hot rows give, on the same random stream; top-k takes torch's
+    path, which builds the one-hot rows."""
+    from tiny import family
+
+    from pipespec_fast import LlamaStage
+    from pipespec_fast.decoding.sampling import POINT_MASS
+    from pipespec_fast.decoding.sequence import Sequencer
+
+    model = family(1)[0]
+    V = model.config.vocab_size
+    params = SamplingParams(temperature=0.8, top_k=top_k, seed=3)
+    g = torch.Generator().manual_seed(0)
+    real = torch.softmax(torch.randn(V, generator=g), -1)
+    for trial in range(12):
+        drafts = [int(t) for t in torch.randint(0, V, (1 + trial % 4,), generator=g)]
+        one_hot = [torch.nn.functional.one_hot(torch.tensor(t), V).float() for t in drafts]
+        marks = [POINT_MASS] * len(drafts)
+        if trial % 3 == 2:  # mixed: a real row first
+            one_hot[0] = marks[0] = real
+        out = []
+        for rows in (one_hot, marks):
+            s = Sequencer(LlamaStage(model), params, index=0)
+            s.start([1, 5, 9, 2, 7, 3])
+            s.sampler.rng_offset = trial  # the same step of the same stream for both
+            s.verify(list(drafts), list(rows))
+            out.append((s.seq, s.span.rows[6:]))
+        assert out[0][0] == out[1][0], trial
+        assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1], strict=True)), trial

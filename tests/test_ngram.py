@@ -11,7 +11,7 @@ from scipy.stats import chisquare
 from tiny import family
 
 from pipespec_fast import FastPipeline, LlamaStage, Stage
-from pipespec_fast.decoding.sampling import SamplingParams
+from pipespec_fast.decoding.sampling import SamplingParams, is_point_mass
 from pipespec_fast.decoding.sequence import Sequencer
 from pipespec_fast.reference import probs_from_logits
 from pipespec_fast.stages.ngram import NGramStage
@@ -225,7 +225,8 @@ def test_propose_is_forwards_argmax_without_the_row(with_store):
                          [(0.0, None, None), (0.8, None, None), (1.3, 5, 0.9)])
 def test_drafting_takes_the_proposal_and_the_row_a_draw_would_give(temperature, top_k, top_p):
     """``Sequencer.draft`` from a model-free stage: ``propose``'s token, and under sampling
-    the one-hot row a draw from ``forward``'s row gives (exactly), without ``forward``."""
+    the point-mass marker for the one-hot row a draw from ``forward``'s row gives (exactly),
+    without ``forward``."""
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=1)
     fast_stage, slow_stage = NGramStage(16, max_len=64), NGramStage(16, max_len=64)
     slow_stage.propose = None  # (read with getattr: the path through forward and a draw)
@@ -241,8 +242,12 @@ def test_drafting_takes_the_proposal_and_the_row_a_draw_would_give(temperature, 
     slow.draft(6)
     assert fast.seq == slow.seq and len(fast.seq) == 18
     assert fast.span.confident == slow.span.confident
-    for a, b in zip(fast.span.rows[12:], slow.span.rows[12:], strict=True):
-        assert (a is None and b is None) if params.greedy else torch.equal(a, b)
+    for tok, a, b in zip(fast.seq[12:], fast.span.rows[12:], slow.span.rows[12:], strict=True):
+        if params.greedy:
+            assert a is None and b is None
+        else:  # the marker stands for exactly the row the draw gives
+            assert is_point_mass(a) and torch.equal(b, torch.nn.functional.one_hot(
+                torch.tensor(tok), 16).float())
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.3, 1.0, 2.5])

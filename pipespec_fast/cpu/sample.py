@@ -73,7 +73,7 @@ def draw(logits: torch.Tensor, temperature: float, seed: int, offset: int
 
 
 def accept_chain(logits: torch.Tensor, temperature: float, drafts: list[int],
-                 q: torch.Tensor, seed: int, offset: int
+                 q: torch.Tensor | None, seed: int, offset: int
                  ) -> tuple[int, int, torch.Tensor] | None:
     """Speculative sampling over a chain (``reference.stochastic_accept`` with chain parents on
     the tempered softmax of ``logits``).
@@ -82,7 +82,9 @@ def accept_chain(logits: torch.Tensor, temperature: float, drafts: list[int],
         logits: ``[n + 1, V]`` fp32 verifier logits: row ``i`` after the chain's first ``i``
             drafts.
         drafts: the ``n`` draft tokens.
-        q: ``[n, V]`` fp32, row ``i`` the distribution ``drafts[i]`` was drawn from.
+        q: ``[n, V]`` fp32, row ``i`` the distribution ``drafts[i]`` was drawn from; ``None``:
+            every draft a point mass (a deterministic drafter: the same outcome as one-hot
+            rows, without building or reading them).
         seed, offset: the acceptance step's key (streams ``STREAM_ACCEPT``, ``STREAM_RESIDUAL``).
 
     Returns ``(num_accepted, next_token, p)`` with ``p`` ``[n + 1, V]`` the verifier's
@@ -94,11 +96,12 @@ def accept_chain(logits: torch.Tensor, temperature: float, drafts: list[int],
 
 
 def accept_tree(logits: torch.Tensor, temperature: float, tokens: list[int], parents: list[int],
-                q: torch.Tensor, seed: int, offset: int
+                q: torch.Tensor | None, seed: int, offset: int
                 ) -> tuple[torch.Tensor, int, int, torch.Tensor] | None:
     """:func:`accept_chain` over a tree (``reference.stochastic_accept``): node ``c`` has token
     ``tokens[c]`` and parent ``parents[c]`` (-1: the root; ``-1 <= parents[c] < c``), row
-    ``c + 1`` of ``logits`` follows it, row ``c`` of ``q`` is what it was drawn from. Returns
+    ``c + 1`` of ``logits`` follows it, row ``c`` of ``q`` is what it was drawn from (``None``:
+    point masses, as :func:`accept_chain`). Returns
     ``(path, num_accepted, next_token, p)``: ``path`` ``[n]`` int64 the accepted nodes in order
     then -1, ``p`` rows 0 and ``c + 1`` of each accepted ``c`` filled; ``None`` when a row of
     ``logits`` has no finite maximum."""
@@ -111,7 +114,7 @@ def accept_tree(logits: torch.Tensor, temperature: float, tokens: list[int], par
 
 
 def _accept(logits: torch.Tensor, temperature: float, tokens: list[int], parents: list[int],
-            q: torch.Tensor, seed: int, offset: int
+            q: torch.Tensor | None, seed: int, offset: int
             ) -> tuple[torch.Tensor, int, int, torch.Tensor] | None:
     """``sample_accept_tree`` on checked arguments (:func:`accept_tree`'s result)."""
     n, V = len(tokens), logits.shape[1]
@@ -122,7 +125,8 @@ def _accept(logits: torch.Tensor, temperature: float, tokens: list[int], parents
     nxt = torch.zeros(1, dtype=torch.int64)
     num = library.load().sample_accept_tree(
         logits.data_ptr(), n, V, logits.stride(0), 1.0 / temperature, ids.data_ptr(),
-        ids.data_ptr() + 8 * n, q.data_ptr() if n else 0, q.stride(0) if n else 0,
+        ids.data_ptr() + 8 * n, q.data_ptr() if n and q is not None else 0,
+        q.stride(0) if n and q is not None else 0,
         race.key(seed, offset, reference.STREAM_ACCEPT),
         race.key(seed, offset, reference.STREAM_RESIDUAL), p.data_ptr(), work.data_ptr(),
         path.data_ptr(), nxt.data_ptr())
@@ -137,14 +141,15 @@ def _failed(code: int) -> bool:
     return code < 0
 
 
-def _check_drafts(what: str, logits: torch.Tensor, drafts: list[int], q: torch.Tensor) -> None:
+def _check_drafts(what: str, logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None
+                  ) -> None:
     """``ValueError`` naming the argument unless ``logits`` has ``len(drafts) + 1`` rows, ``q``
-    ``len(drafts)`` of the same width and every draft is a token."""
+    (unless ``None``) ``len(drafts)`` of the same width and every draft is a token."""
     _rows(logits, f"{what}: logits")
     n, V = len(drafts), logits.shape[1]
     if logits.shape[0] != n + 1:
         raise ValueError(f"{what}: logits has {logits.shape[0]} rows for {n} drafts")
-    if n:
+    if n and q is not None:
         _rows(q, f"{what}: q")
         if tuple(q.shape) != (n, V):
             raise ValueError(f"{what}: q expected [{n}, {V}], got {tuple(q.shape)}")

@@ -16,6 +16,16 @@ from pipespec_fast.errors import NonFiniteLogitsError
 
 NON_FINITE = ("non-finite logits (NaN or +inf, or a row without a finite value): no token can "
               "be chosen")
+# The row of a token a deterministic (model-free) drafter proposed: a point mass at that token.
+# Kept as this empty marker instead of a [V] one-hot row (building, stacking and reading those
+# took ~0.1-0.15 ms a sampled verify step); the acceptance treats it as the one-hot row, in C
+# without ever building it (``cpu/sample.py``, ``q=None``). Never modified.
+POINT_MASS = torch.empty(0)
+
+
+def is_point_mass(row: torch.Tensor | None) -> bool:
+    """Whether a draft's row is :data:`POINT_MASS` (any empty row, so that a copy counts)."""
+    return row is not None and row.numel() == 0
 
 
 @dataclass(frozen=True)
@@ -137,8 +147,9 @@ class StageSampler:
                on_host: bool = False) -> tuple[Any, Any, Any, torch.Tensor | None]:
         """The acceptance op on a chain of ``drafts`` ``[n]`` given the verifier's ``logits``
         ``[n + 1, V]``; ``q`` ``[n, V]`` (sampling, ``n > 0``): the rows the drafts were drawn
-        from. Returns ``(num_accepted, next_token, finite)`` as device tensors (``finite``: 0-d
-        bool, every row has a finite maximum: read with the step's one host sync, and the
+        from, or :data:`POINT_MASS` when every draft is a point mass. Returns
+        ``(num_accepted, next_token, finite)`` as device tensors (``finite``: 0-d bool, every
+        row has a finite maximum: read with the step's one host sync, and the
         step's outcome is refused when it is false) and the verifier's ``[n + 1, V]``
         probabilities (``None`` when greedy). ``on_host`` (the caller reads results on the host
         at once: not a deferred-read device): on CPU rows the outcome is computed in C and the
@@ -146,9 +157,13 @@ class StageSampler:
         :meth:`_sampled_chain_on_host`)."""
         if on_host and self.params.greedy and _rows_on_host(logits):
             return self._greedy_chain_on_host(drafts, logits)
-        if on_host and drafts.shape[0] and self._sampled_on_host(logits) and _rows_on_host(q):
-            return self._sampled_chain_on_host(drafts, logits, q)
-        parents = reference.chain_parents(drafts.shape[0], drafts.device)
+        n = drafts.shape[0]
+        if on_host and n and self._sampled_on_host(logits) and (
+                is_point_mass(q) or _rows_on_host(q)):
+            return self._sampled_chain_on_host(drafts, logits, None if is_point_mass(q) else q)
+        if is_point_mass(q):  # the torch path: the one-hot rows themselves
+            q = torch.nn.functional.one_hot(drafts, logits.shape[-1]).to(logits.dtype)
+        parents = reference.chain_parents(n, drafts.device)
         _, num, nxt, finite, p = self.accept_tree(drafts, parents, logits, q)
         return num, nxt, finite, p
 
@@ -180,10 +195,11 @@ class StageSampler:
         return csample.draw(logits[:1], self.params.temperature, self.seed, self._next_offset())
 
     def _sampled_chain_on_host(self, drafts: torch.Tensor, logits: torch.Tensor,
-                               q: torch.Tensor) -> tuple[int, int, bool, torch.Tensor]:
+                               q: torch.Tensor | None) -> tuple[int, int, bool, torch.Tensor]:
         """:meth:`accept` under sampling on CPU, in C (``cpu/sample.py``: the acceptance op's
         rule and uniforms on the tempered softmax, computed only for the rows it visits), as
-        host values; the returned rows past ``num_accepted`` are not filled."""
+        host values; the returned rows past ``num_accepted`` are not filled. ``q`` ``None``:
+        point masses."""
         out = csample.accept_chain(logits, self.params.temperature, drafts.tolist(), q,
                                    self.seed, self._next_offset())
         if out is None:

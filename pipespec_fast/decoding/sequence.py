@@ -19,7 +19,13 @@ import torch
 
 from pipespec_fast.decoding.device import StageDevice
 from pipespec_fast.decoding.regime import Regimes
-from pipespec_fast.decoding.sampling import NON_FINITE, SamplingParams, StageSampler
+from pipespec_fast.decoding.sampling import (
+    NON_FINITE,
+    POINT_MASS,
+    SamplingParams,
+    StageSampler,
+    is_point_mass,
+)
 from pipespec_fast.decoding.span import TokenSpan
 from pipespec_fast.decoding.stats import StageStats
 from pipespec_fast.decoding.window import WindowPolicy, policy_for
@@ -172,7 +178,7 @@ class Sequencer:
             kind = "prefill" if catch_up else "draft"
             if propose is not None:
                 tok = propose(feed)
-                row = None if self.params.greedy or not self.keep_rows else self._one_hot(tok)
+                row = None if self.params.greedy or not self.keep_rows else POINT_MASS
                 self.stats.record_forward(kind, len(feed), t, time.perf_counter(), self.t0)
             else:
                 tok, row = self._draw(self._forward(feed, last_n=1, kind=kind))
@@ -181,6 +187,18 @@ class Sequencer:
                 self.note_draft_cost(time.perf_counter() - t)
         self.stats.drafted += n
         return n
+
+    def _draft_rows(self, drafts: list[int], rows: list[torch.Tensor], ready=None
+                    ) -> torch.Tensor:
+        """The ``[n, V]`` rows the drafts were drawn from, on this stage's device, or
+        :data:`POINT_MASS` when every one is a point mass (a model-free drafter's); point
+        masses among other rows become their one-hot rows."""
+        if all(map(is_point_mass, rows)):
+            return POINT_MASS
+        if any(map(is_point_mass, rows)):
+            rows = [self._one_hot(t) if is_point_mass(r) else r
+                    for t, r in zip(drafts, rows, strict=True)]
+        return self.dev.rows_here(rows, ready)
 
     def _one_hot(self, tok: int) -> torch.Tensor:
         """The ``[V]`` probabilities of a one-hot logits row at ``tok`` (exactly 1 there)."""
@@ -264,7 +282,8 @@ class Sequencer:
             return self._step_alone(feed, t)
         ids = self.dev.upload(feed)
         logits = self.stage.forward(ids, last_n=n + 1)  # [n + 1, V]
-        q = self.dev.rows_here(draft_probs, ready) if n and not self.params.greedy else None
+        q = self._draft_rows(drafts, draft_probs, ready) if n and not self.params.greedy \
+            else None
         num, nxt, finite, p = self.sampler.accept(ids[uncached:], logits, q,
                                                   on_host=not self.dev.deferred_reads)
         num_i, nxt_i, ok = self.dev.to_host(num, nxt, finite)  # the step's one host sync

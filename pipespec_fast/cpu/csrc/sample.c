@@ -160,16 +160,25 @@ __attribute__((target("avx512f"))) static float scale_512(float *p, int64_t V, f
     return reduce_lanes(acc);
 }
 
+/* 16 values of q from v on: q's own, or (q NULL: a point mass at x) 1 at x and 0 elsewhere. */
+__attribute__((target("avx512f"))) static __m512 q_at(const float *q, int64_t x, int64_t v,
+                                                     __mmask16 lanes) {
+    if (q) return _mm512_maskz_loadu_ps(lanes, q + v);
+    const __mmask16 at = (x >= v && x < v + LANES) ? (__mmask16)(1u << (x - v)) : 0;
+    return _mm512_maskz_mov_ps((__mmask16)(at & lanes), _mm512_set1_ps(1.0f));
+}
+
 /* residual() on 16 lanes: the same operations (max(d, 0) keeps +0 where d is -0, as d > 0 ? d
  * : 0 does), the same lane sums. */
 __attribute__((target("avx512f"))) static float residual_512(const float *r, const float *q,
-                                                            float mass, int64_t V, float *work) {
+                                                            int64_t x, float mass, int64_t V,
+                                                            float *work) {
     const __m512 mv = _mm512_set1_ps(mass), zero = _mm512_setzero_ps();
     __m512d acc[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
     int64_t v = 0;
     for (; v + LANES <= V; v += LANES) {
         const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(r + v),
-                                       _mm512_mul_ps(_mm512_loadu_ps(q + v), mv));
+                                       _mm512_mul_ps(q_at(q, x, v, 0xFFFF), mv));
         const __m512 w = _mm512_max_ps(d, zero);
         _mm512_storeu_ps(work + v, w);
         add_lanes(acc, w);
@@ -177,7 +186,7 @@ __attribute__((target("avx512f"))) static float residual_512(const float *r, con
     const __mmask16 tail = (__mmask16)((1u << (V - v)) - 1u);
     if (tail) {
         const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(tail, r + v),
-                                       _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, q + v), mv));
+                                       _mm512_mul_ps(q_at(q, x, v, tail), mv));
         const __m512 w = _mm512_maskz_max_ps(tail, d, zero);
         _mm512_mask_storeu_ps(work + v, tail, w);
         add_lanes(acc, w);
@@ -242,14 +251,17 @@ int64_t sample_row(const float *x, int64_t V, float inv_t, uint32_t key, int64_t
 #define CHAIN_MAX 256 /* nodes of one chain or tree, at most (>= reference.MAX_TREE_NODES) */
 
 /* work = max(r - q * mass, 0) (the reference's clamp(r - q * mass, min=0)); returns its sum,
- * in the lanes of the softmax's sums. */
-static float residual(const float *r, const float *q, float mass, int64_t V, float *work) {
+ * in the lanes of the softmax's sums. q NULL: a point mass at x (a deterministic drafter's
+ * row, one-hot at its token), the same operations on the same values as that row. */
+static float residual(const float *r, const float *q, int64_t x, float mass, int64_t V,
+                      float *work) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (use_512(V)) return residual_512(r, q, mass, V, work);
+    if (use_512(V)) return residual_512(r, q, x, mass, V, work);
 #endif
     double acc[LANES] = {0};
     for (int64_t v = 0; v < V; ++v) {
-        const float d = r[v] - q[v] * mass;
+        const float qv = q ? q[v] : (v == x ? 1.0f : 0.0f);
+        const float d = r[v] - qv * mass;
         work[v] = d > 0.0f ? d : 0.0f;
         acc[v % LANES] += (double)work[v];
     }
@@ -279,13 +291,13 @@ int64_t sample_accept_tree(const float *logits, int64_t n, int64_t V, int64_t ld
         for (int64_t c = cur + 1; c < n && taken < 0; ++c) {
             if (parents[c] != cur) continue;
             const int64_t x = tokens[c];
-            const float *qc = q + c * ldq;
+            const float *qc = q ? q + c * ldq : NULL; /* NULL: a point mass at x */
             float u;
             race_uniforms(&u, 1, key_accept, c);
-            if (x >= 0 && x < V && u * qc[x] * mass < r[x]) {
+            if (x >= 0 && x < V && u * (qc ? qc[x] : 1.0f) * mass < r[x]) {
                 taken = c;
             } else {
-                mass = residual(r, qc, mass, V, work);
+                mass = residual(r, qc, x, mass, V, work);
                 r = work;
             }
         }

@@ -23,7 +23,8 @@ int64_t sample_row(const float *x, int64_t V, float inv_t, uint32_t key, int64_t
 /* Speculative sampling over a tree of n drafts (reference.stochastic_accept; a chain is the tree
  * with parents[c] = c - 1): node c has token tokens[c] and parent parents[c] (-1: the root;
  * topological), row c + 1 of logits (rows at logits + i * ld) is the verifier's after it and row
- * c of q (at q + c * ldq) the distribution it was drawn from. The children of the current node
+ * c of q (at q + c * ldq) the distribution it was drawn from (q NULL: every node a point mass
+ * at its token, a deterministic drafter's one-hot rows, without reading them). The children of the current node
  * are tried in index order: child c with token x is accepted iff
  * U(key_accept, c) * q_c[x] * sum(r) < r[x], r being the verifier's row after the current node
  * or, after a rejected sibling, the residual max(r - q_c * sum(r), 0); an acceptance descends.

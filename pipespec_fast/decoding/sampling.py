@@ -221,14 +221,18 @@ class StageSampler:
                       else ops.greedy_accept)  # on the host: the tree was checked when built
             path, num, nxt = accept(drafts, parents, target_ids)
             return path, num, nxt, torch.isfinite(best).all(), None
-        if on_host and n and self._sampled_on_host(logits) and _rows_on_host(q):
+        point = is_point_mass(q)
+        if on_host and n and self._sampled_on_host(logits) and (point or _rows_on_host(q)):
             out = csample.accept_tree(logits, self.params.temperature, drafts.tolist(),
-                                      parents.tolist(), q, self.seed, self._next_offset())
+                                      parents.tolist(), None if point else q, self.seed,
+                                      self._next_offset())
             if out is None:
                 return torch.full((n,), -1), torch.tensor(0), torch.tensor(0), \
                     torch.tensor(False), None
             path, num, nxt, p = out
             return path, torch.tensor(num), torch.tensor(nxt), torch.tensor(True), p
+        if point:  # the torch path: the one-hot rows themselves
+            q = torch.nn.functional.one_hot(drafts, logits.shape[-1]).to(logits.dtype)
         finite = torch.isfinite(logits.amax(-1)).all()
         p = self.params.probs(logits)
         path, num, nxt = ops.stochastic_accept(drafts, parents, q if n else p[:0], p, self.seed,

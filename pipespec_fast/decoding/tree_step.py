@@ -24,7 +24,7 @@ import time
 import torch
 
 from pipespec_fast.decoding.captured import MAX_N as MAX_BLOCK
-from pipespec_fast.decoding.sampling import NON_FINITE
+from pipespec_fast.decoding.sampling import NON_FINITE, POINT_MASS, is_point_mass
 from pipespec_fast.errors import NonFiniteLogitsError, StageError
 from pipespec_fast.stages.tree import DraftTree
 
@@ -62,13 +62,11 @@ def draft_tree(seqr, budget: int, max_depth: int, decay: float = 1.0) -> DraftTr
 
 
 def tree_rows(seqr, tree: DraftTree) -> torch.Tensor | None:
-    """The ``[n, V]`` rows ``tree``'s nodes were drawn from, on ``seqr``'s device (sampling):
-    point masses, the drafter being deterministic (``DraftTree.one_hot_rows``); ``None`` when
-    greedy."""
-    if seqr.params.greedy:
-        return None
-    dev = seqr.dev
-    return tree.one_hot_rows(seqr.stage.vocab_size, dev.device, ids=dev.upload(list(tree.tokens)))
+    """What ``tree``'s nodes were drawn from (sampling): point masses, the drafter being
+    deterministic: :data:`~pipespec_fast.decoding.sampling.POINT_MASS`, which the acceptance
+    reads as the one-hot rows (``DraftTree.one_hot_rows``) without building them; ``None``
+    when greedy."""
+    return None if seqr.params.greedy else POINT_MASS
 
 
 def worth_verifying(policy, tree: DraftTree, uncached: int) -> int:
@@ -113,9 +111,11 @@ def verify_tree(seqr, tree: DraftTree, rows: torch.Tensor | None = None) -> int:
     n = len(tree)
     if rows is None:
         rows = tree_rows(seqr, tree)
-    rows = rows if rows is None else rows[:n]
+    point = is_point_mass(rows)
+    rows = rows if rows is None or point else rows[:n]
     if tree.is_chain:  # no masks, no compaction: the chain step
-        return seqr.verify(list(tree.tokens), None if rows is None else list(rows.unbind(0)))
+        return seqr.verify(list(tree.tokens), None if rows is None else
+                           [POINT_MASS] * n if point else list(rows.unbind(0)))
     uncached = seqr.span.tokens[base:]
     u = len(uncached)
     t = time.perf_counter()

@@ -174,26 +174,27 @@ def test_tree_acceptance_equals_the_reference_on_its_own_probabilities(one_hot):
 
 
 @pytest.mark.parametrize("V", [37, 200, 49152])
-def test_point_mass_drafts_equal_their_one_hot_rows(on_path, V):
+def test_point_mass_drafts_equal_their_one_hot_rows(V):
     """``q=None`` (a deterministic drafter: no rows built or read) gives the outcome, the
-    next token and the rows of the same drafts with one-hot ``q`` rows, bit for bit, on both
-    C paths, chains and trees (siblings: residuals after point masses), drafts in a row's
-    16-wide tail included."""
-    for fast in (True, False):
-        on_path(fast)
+    next token and the rows of the same drafts with one-hot ``q`` rows, bit for bit, on each
+    C path this CPU has, chains and trees (siblings: residuals after point masses), drafts in
+    a row's 16-wide tail included."""
+    paths = (True, False) if sample.set_avx512(True) else (False,)
+    for fast in paths:
+        sample.set_avx512(fast)
         for trial in range(60):
             n = 1 + trial % 5
             parents = _random_tree(n, trial) if trial % 2 else list(range(-1, n - 1))
             logits = _logits(n + 1, V, trial, scale=1.5)
             g = torch.Generator().manual_seed(trial)
             tokens = [int(t) for t in torch.randint(0, V, (n,), generator=g)]
-            if trial % 3 == 0:  # likely drafts (p 0.55-0.95): acceptances, and rejections
-                tokens[-1] = V - 1  # whose residual keeps some of the draft's mass; the tail
-                for c, x in enumerate(tokens):
-                    want_p = 0.55 + 0.4 * ((trial + c) % 5) / 4
-                    rest = torch.cat([logits[c, :x], logits[c, x + 1:]]) / 0.7
-                    logits[c, x] = 0.7 * (math.log(want_p / (1 - want_p))
-                                          + torch.logsumexp(rest, 0).item())
+            if trial % 3 == 0:  # likely drafts (p 0.55-0.95 in their verifier's row, that
+                tokens[-1] = V - 1  # after their parent): acceptances, and rejections of a
+                for c, x in enumerate(tokens):  # likely draft; the last one in the tail
+                    row, want_p = parents[c] + 1, 0.55 + 0.4 * ((trial + c) % 5) / 4
+                    rest = torch.cat([logits[row, :x], logits[row, x + 1:]]) / 0.7
+                    logits[row, x] = 0.7 * (math.log(want_p / (1 - want_p))
+                                            + torch.logsumexp(rest, 0).item())
             q = torch.nn.functional.one_hot(torch.tensor(tokens), V).float()
             want = sample.accept_tree(logits, 0.7, tokens, parents, q, 5, trial)
             got = sample.accept_tree(logits, 0.7, tokens, parents, None, 5, trial)
@@ -203,6 +204,7 @@ def test_point_mass_drafts_equal_their_one_hot_rows(on_path, V):
             chain = sample.accept_chain(logits, 0.7, tokens, None, 5, trial)
             one_hot = sample.accept_chain(logits, 0.7, tokens, q, 5, trial)
             assert chain[:2] == one_hot[:2], (fast, trial)
+    sample.set_avx512(True)
 
 
 def test_tree_acceptance_emits_the_verifiers_distribution():

@@ -395,4 +395,8 @@ def test_messages_survive_the_wire_format_bit_for_bit():
                 assert (a is None and b is None) or torch.equal(a, b)
         else:
             assert got == msg
+    # a point-mass marker (a model-free drafter's row) never crosses processes: refused
+    from pipespec_fast.decoding.sampling import POINT_MASS
+    with pytest.raises(ValueError, match="point-mass"):
+        wire.encode(Chunk(0, TokenSpan([3, 4], [span.rows[1], POINT_MASS], [True, True])))
 

@@ -31,7 +31,8 @@ one when it was over 15% slower: a retry of a regime far behind is mostly a cost
 wait that doubles (quadruples when it was over 15% slower; up to :data:`Regimes.MAX_WAIT` epochs)
 each time it loses a comparison, the best it was until a challenger won included. Waits are
 never reset: a lucky epoch of a regime far behind does not bring back frequent
-explorations. A generation's last epoch, cut short, counts when it ran half its steps. The
+explorations. A generation's last epoch, cut short, counts when it ran at least half a full
+epoch's steps. The
 totals and waits outlive a generation (``FastPipeline`` keeps them, ``PolicyMemory``), so a
 pipeline that serves many requests pays for its exploration once.
 

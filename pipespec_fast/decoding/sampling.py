@@ -162,7 +162,7 @@ class StageSampler:
                 is_point_mass(q) or _rows_on_host(q)):
             return self._sampled_chain_on_host(drafts, logits, None if is_point_mass(q) else q)
         if is_point_mass(q):  # the torch path: the one-hot rows themselves
-            q = torch.nn.functional.one_hot(drafts, logits.shape[-1]).to(logits.dtype)
+            q = torch.nn.functional.one_hot(drafts, logits.shape[-1]).to(torch.float32)
         parents = reference.chain_parents(n, drafts.device)
         _, num, nxt, finite, p = self.accept_tree(drafts, parents, logits, q)
         return num, nxt, finite, p
@@ -232,7 +232,7 @@ class StageSampler:
             path, num, nxt, p = out
             return path, torch.tensor(num), torch.tensor(nxt), torch.tensor(True), p
         if point:  # the torch path: the one-hot rows themselves
-            q = torch.nn.functional.one_hot(drafts, logits.shape[-1]).to(logits.dtype)
+            q = torch.nn.functional.one_hot(drafts, logits.shape[-1]).to(torch.float32)
         finite = torch.isfinite(logits.amax(-1)).all()
         p = self.params.probs(logits)
         path, num, nxt = ops.stochastic_accept(drafts, parents, q if n else p[:0], p, self.seed,

@@ -140,6 +140,9 @@ def decode(head: torch.Tensor, control: list[torch.Tensor], rows: list[torch.Ten
 
 def _pack_span(span: TokenSpan) -> tuple[list[int], list[torch.Tensor]]:
     rows = [r for r in span.rows if r is not None]
+    if any(r.numel() == 0 for r in rows):  # (decoding.sampling.POINT_MASS)
+        raise ValueError("a Chunk between processes carries a point-mass row marker: model-free "
+                         "drafters run inline in their verifier's process, never as a rank")
     toks = [t | (_ROW_FLAG if r is not None else 0) | (0 if c else _GUESS_FLAG)
             for t, r, c in zip(span.tokens, span.rows, span.confident, strict=True)]
     return toks, rows

@@ -73,10 +73,12 @@ class FastPipeline:
         max_leads: per stage i < k-1, how many tokens it may run ahead of the stage above.
         threads: per stage, torch intra-op threads of its worker (``None``: leave as is).
         eos_token_ids: tokens that end generation (default: the tokenizer's / target's).
-        skip_level_drafts: PipeSpec with a model-free lowest stage below two or more model
-            stages: the target also runs a copy of that drafter on its own sequence and
-            verifies its (free) proposals whenever the model stage below has nothing usable
-            ready or is not worth waiting for. Lossless either way: every draft is verified.
+        skip_level_drafts: with a model-free lowest stage below two or more model stages,
+            the target also verifies that drafter's (free) proposals straight: in PipeSpec a
+            copy of it runs on the target's own sequence, used whenever the model stage below
+            has nothing usable ready or is not worth waiting for; in sync, at each step whose
+            window for the model stages' drafts is 0. Lossless either way: every draft is
+            verified.
         config: the per-pipeline knobs (CPU threads, ``docs/CONFIGURATION.md``); default
             (``None``): the process configuration, ``pipespec_fast.config.current()``, at each
             generation.
@@ -484,8 +486,10 @@ def _generation(pipe: FastPipeline, prompt, max_new_tokens, temperature, top_k, 
     index = list(range(len(stages))) if pipe.placement is None else pipe.placement.indices(
         stages)
     seqrs = [Sequencer(st, params, i, t0, adaptive=pipe.adaptive_windows,
-                       reproducible=mode != "pipespec", keep_rows=i < len(pipe.windows) - 1)
-             for i, st in zip(index, stages, strict=True)]
+                       reproducible=mode != "pipespec", keep_rows=i < len(pipe.windows) - 1,
+                       free_drafts=pipe.placement is None and j > 0
+                       and is_model_free(stages[j - 1]))
+             for j, (i, st) in enumerate(zip(index, stages, strict=True))]
     memory_key = _attach_memory(pipe, seqrs, mode, stages)
     # text is decoded as it comes only when someone reads it (stream) or stop strings
     # need it; generate() decodes once at the end (decoding is O(text) per call and would
@@ -584,7 +588,8 @@ def _verified_chunks(pipe: FastPipeline, mode: str, seqrs: list[Sequencer], ids:
         s.start(ids, prefill=s is seqrs[-1])
     if len(seqrs) == 1:
         return baselines.autoregressive(seqrs[0], limit), None
-    return baselines.synchronous(seqrs, pipe.windows, limit, pipe.tree_budget), None
+    return baselines.synchronous(seqrs, pipe.windows, limit, pipe.tree_budget,
+                                 pipe.skip_level_drafts), None
 
 
 def _result(out: Output, mode: str, elapsed: float, stats: list[StageStats],

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pipespec_fast.decoding.regime import ALONE, FULL
 from pipespec_fast.decoding.sequence import Sequencer
 from pipespec_fast.decoding.tree_step import draft_tree, verify_tree
+from pipespec_fast.stages import is_model_free
 
 
 def autoregressive(target: Sequencer, limit: int) -> Iterator[list[int]]:
@@ -90,8 +91,8 @@ def _draft_cost(levels: list[Sequencer]) -> float:
     return (levels[0].draft_cost_s or 0.0) if len(levels) == 1 else 0.0
 
 
-def synchronous(levels: list[Sequencer], gamma: list[int], limit: int, tree_budget: int = 0
-                ) -> Iterator[list[int]]:
+def synchronous(levels: list[Sequencer], gamma: list[int], limit: int, tree_budget: int = 0,
+                skip_level: bool = False) -> Iterator[list[int]]:
     """Synchronous speculative decoding: the stage below drafts the target's window of tokens
     (itself speculatively when it has a stage below), the target verifies them in one forward,
     the drafters roll back to the target's sequence, repeat. A window of 0
@@ -100,10 +101,15 @@ def synchronous(levels: list[Sequencer], gamma: list[int], limit: int, tree_budg
     With a regime bandit on the target (``decoding/regime.py``) each step runs the levels of
     its regime: all of them (``full``), the lowest (n-gram) drafter straight under the target
     (``lean``), or the target alone (``alone``); the levels left out catch up on the target's
-    sequence when they are used again."""
+    sequence when they are used again.
+
+    ``skip_level`` (with a model-free lowest level under model levels): a ``full`` step whose
+    window for the model drafts is 0 verifies the lowest level's free drafts straight instead,
+    as PipeSpec's target does with its skip-level drafts (:func:`_skip_level_step`)."""
     target = levels[-1]
     regimes = target.regimes
     lean, lean_gamma = [levels[0], target], [gamma[0], gamma[-1]]
+    skip_level = skip_level and _lean_differs(levels)
     left_at: int | None = None  # the target's length when the full hierarchy was left
     if regimes is not None:
         regimes.begin(time.perf_counter())
@@ -115,7 +121,7 @@ def synchronous(levels: list[Sequencer], gamma: list[int], limit: int, tree_budg
             left_at = None
         elif regime != FULL and left_at is None:
             left_at = start
-            levels[0].truncate(start)  # drop what the level above proposed through it
+            levels[0].rewind(start)  # drop what the level above proposed through it
         target.use_regime_policy()
         if regime == ALONE:
             target.verify([], None)
@@ -125,11 +131,42 @@ def synchronous(levels: list[Sequencer], gamma: list[int], limit: int, tree_budg
         else:
             lv, gm = (levels, gamma) if regime == FULL else (lean, lean_gamma)
             # at most limit - start - 1 drafts: the verification's own token follows them
-            g = min(target.window(gm[-1], _draft_cost(lv[:-1])), limit - start - 1)
-            _verify_from_below(lv, len(lv) - 1, g, start, gm, limit, tree_budget)
+            cost = _draft_cost(lv[:-1])
+            g = min(target.window(gm[-1], cost), limit - start - 1)
+            # (a plan of None: the step alone that times L(1) for the window)
+            if (g == 0 and regime == FULL and skip_level and limit - start > 1
+                    and target.policy.plan(gm[-1], cost) is not None):
+                _skip_level_step(levels, lean_gamma, start, limit, tree_budget)
+            else:
+                _verify_from_below(lv, len(lv) - 1, g, start, gm, limit, tree_budget)
         if regimes is not None:
             regimes.note_step(len(target.seq) - start, time.perf_counter())
         yield target.seq[start:]
+
+
+def _lean_differs(levels: list[Sequencer]) -> bool:
+    """The lowest level is model-free and a model level sits between it and the target."""
+    free = [is_model_free(lv.stage) for lv in levels]
+    return len(levels) > 2 and free[0] and not all(free[1:-1])
+
+
+def _skip_level_step(levels: list[Sequencer], lean_gamma: list[int], start: int, limit: int,
+                     tree_budget: int) -> None:
+    """A ``full`` step at ``start`` whose window for the model levels' drafts is 0: the target
+    verifies the lowest (model-free) level's drafts itself, sized by its policy for those
+    (``Sequencer.skip_level_policy``: they cost it nothing), or decodes alone under that
+    policy when they do not pay either (it times its own ``L(1)``); every level below then
+    rolls to the target's sequence (the model levels feed the new tokens at their next
+    forward)."""
+    target = levels[-1]
+    full, target.policy = target.policy, target.skip_level_policy()
+    try:
+        g = min(target.window(lean_gamma[-1], 0.0), limit - start - 1)
+        levels[0].rewind(start)  # its proposals through the model levels: not for us
+        _verify_from_below([levels[0], target], 1, g, start, lean_gamma, limit, tree_budget)
+    finally:
+        target.policy = full
+    _sync_down(levels, len(levels) - 1, start)
 
 
 def _catch_up(levels: list[Sequencer], since: int) -> None:

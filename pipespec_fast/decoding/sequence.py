@@ -18,7 +18,7 @@ import time
 import torch
 
 from pipespec_fast.decoding.device import StageDevice
-from pipespec_fast.decoding.regime import Regimes
+from pipespec_fast.decoding.regime import LEAN, Regimes
 from pipespec_fast.decoding.sampling import (
     NON_FINITE,
     POINT_MASS,
@@ -48,13 +48,15 @@ class Sequencer:
             sampling then keeps timing-free windows. ``False`` (PipeSpec) lets them adapt.
         keep_rows: keep the row each token was drawn from until the stage above has seen it
             (sampling); ``False`` for the target, whose tokens nobody verifies.
+        free_drafts: the stage below is model-free (its drafts cost this stage nothing, which
+            the timing-free windows of seeded sync then know).
     """
 
     CATCH_UP = 4  # a draft forward feeding more tokens than this is a (deferred) prefill
 
     def __init__(self, stage, params: SamplingParams, index: int, t0: float | None = None,
-                 adaptive: bool = True, reproducible: bool = True, keep_rows: bool = True
-                 ) -> None:
+                 adaptive: bool = True, reproducible: bool = True, keep_rows: bool = True,
+                 free_drafts: bool = False) -> None:
         self.stage = stage
         self.params = params
         self.index = index
@@ -62,7 +64,8 @@ class Sequencer:
         self.span = TokenSpan()
         self.stats = StageStats(stage.name)
         self.sampler = StageSampler(params, index)
-        self.policy = policy_for(params, reproducible, adaptive)
+        self.policy = policy_for(params, reproducible, adaptive, free_drafts)
+        self._skip_policy: WindowPolicy | None = None  # skip_level_policy()'s, without regimes
         self.draft_cost_s: float | None = None  # decayed mean time of drafting one token
         caps = stage.capabilities  # (read once: a stage may build them per read)
         self._marks_guesses = caps.confidence
@@ -100,6 +103,13 @@ class Sequencer:
         self.span.truncate(length)
         if self.stage.cache_len > length:
             self.stage.rollback(length)
+
+    def rewind(self, length: int) -> None:
+        """:meth:`truncate` to ``length`` tokens, ready to draft after them: the last one is
+        left uncached (a forward feeds at least one token)."""
+        self.truncate(length)
+        if 0 < length <= self.stage.cache_len:
+            self.stage.rollback(length - 1)
 
     def apply_sync(self, start: int, tokens: list[int], strict: bool = False) -> int | None:
         """Adopt ``seq[:start] + tokens`` from the stage above where it differs from ours.
@@ -145,9 +155,23 @@ class Sequencer:
         if pol is None:
             first = not r.policies
             pol = r.policies[r.arm] = self.policy if first else WindowPolicy(
-                self.policy.timed, self.policy.adaptive)
+                self.policy.timed, self.policy.adaptive, free=r.arm == LEAN)
         self.policy = pol
         self.stats.set_arm(r.arm)
+
+    def skip_level_policy(self) -> WindowPolicy:
+        """The window policy for the model-free lowest stage's drafts verified by this target
+        straight, past the model stages between (synchronous skip-level steps): the ``lean``
+        regime's, which verifies the same drafts, when a bandit runs; else one of its own for
+        the generation. Those drafts cost the target nothing."""
+        r, p = self.regimes, self.policy
+        if r is not None:
+            if LEAN not in r.policies:
+                r.policies[LEAN] = WindowPolicy(p.timed, p.adaptive, free=True)
+            return r.policies[LEAN]
+        if self._skip_policy is None:
+            self._skip_policy = WindowPolicy(p.timed, p.adaptive, free=True)
+        return self._skip_policy
 
     def window(self, max_n: int, draft_cost_s: float = 0.0) -> int:
         """How many drafts to verify in the next forward (0: decode one token alone):

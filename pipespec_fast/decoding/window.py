@@ -14,9 +14,12 @@ timed, and always for seeded sampling in a reproducible mode (ar, sync: their dr
 depend on timings), the rule is
 acceptance only: the smallest ``g`` with ``a^g <= 0.15``. Without timings ever (seeded sync),
 ``g = 0`` below an acceptance of 0.5, with the same explorations, and above it the rule on
-fixed costs instead of measured ones (``UNTIMED_LINE``, ``UNTIMED_DRAFT_COST``): the
+fixed costs instead of measured ones (:func:`untimed_window`): the
 acceptance-only rule's long windows (6 drafts at ``a = 0.74``) kept seeded sync at 0.83x of AR
-on HumanEval at T = 0.7, drafting through the easy start of an answer and on after it.
+on HumanEval at T = 0.7, drafting through the easy start of an answer and on after it. Drafts
+that cost the verifier nothing (``free``: a model-free drafter's, the n-gram drafter run on the
+verifier's thread) have no such floor: the fixed line alone decides (one draft pays from an
+acceptance of 0.08 on it).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class WindowPolicy:
         timed: the rule may use latencies (greedy, unseeded sampling, any PipeSpec run);
             ``False`` keeps a seeded ar/sync generation's windows, and draws, timing-free.
         adaptive: ``False`` always answers the largest window allowed.
+        free: its drafts cost it nothing (a model-free drafter's; :func:`untimed_window`).
 
     The rule is re-evaluated only after a new measurement (``note_*``): a worker may ask for
     its window once per message it receives."""
@@ -42,16 +46,11 @@ class WindowPolicy:
     DECAY_COUNTS = 0.9  # per verification, of the acceptance counts
     DECAY_LATENCY = 0.95  # per verification, of each block size's weight in the fit
     BEFORE_TIMINGS_TAIL = 0.15  # acceptance-only rule: smallest g with a^g <= this
-    # seeded ar/sync (no clock): decode alone below this acceptance (seeded sync at T = 0.7 ran
-    # at 0.83-0.89x of AR accepting ~0.3), above it the window of fixed costs relative to L(1):
-    # L(n) = 0.92 + 0.08 n (the default int8 target, README) and a sampled draft at 0.3
-    UNTIMED_MIN_ACCEPTANCE = 0.5
-    UNTIMED_LINE = (0.92, 0.08)
-    UNTIMED_DRAFT_COST = 0.3
 
-    def __init__(self, timed: bool, adaptive: bool = True) -> None:
+    def __init__(self, timed: bool, adaptive: bool = True, free: bool = False) -> None:
         self.timed = timed
         self.adaptive = adaptive
+        self.free = free
         self.accepted = 0.0  # decayed count of accepted drafts
         self.rejections = 0.0  # decayed count of verifications that ended in a rejection
         # block size n -> (decayed mean latency in s, decayed weight)
@@ -171,17 +170,35 @@ class WindowPolicy:
             if a >= 0.999:
                 return max_n
             if not self.timed:  # seeded ar/sync: the rule on fixed costs
-                return 0 if a < self.UNTIMED_MIN_ACCEPTANCE else best_window_linear(
-                    *self.UNTIMED_LINE, a, self.UNTIMED_DRAFT_COST, max(1, max_n))[0]
+                return untimed_window(a, self.free, max_n)
             g = math.ceil(math.log(self.BEFORE_TIMINGS_TAIL) / math.log(a))
             return max(1, min(max_n, g))
         return best_window_linear(line[0], line[1], a, draft_cost_s, max(1, max_n))[0]
 
 
-def policy_for(params, reproducible: bool, adaptive: bool = True) -> WindowPolicy:
+# seeded ar/sync (no clock): model drafts are not verified below this acceptance (seeded sync
+# at T = 0.7 ran at 0.83-0.89x of AR accepting ~0.3); above it, and for free drafts at any
+# acceptance, the window of fixed costs relative to L(1): L(n) = 0.92 + 0.08 n (the default
+# int8 target, README) and a sampled model draft at 0.3, a free one at 0
+UNTIMED_MIN_ACCEPTANCE = 0.5
+UNTIMED_LINE = (0.92, 0.08)
+UNTIMED_DRAFT_COST = 0.3
+
+
+def untimed_window(a: float, free: bool, max_n: int) -> int:
+    """The timing-free window (seeded ar/sync) at acceptance ``a`` of drafts that cost the
+    verifier nothing (``free``) or a model draft's step."""
+    if not free and a < UNTIMED_MIN_ACCEPTANCE:
+        return 0
+    cost = 0.0 if free else UNTIMED_DRAFT_COST
+    return best_window_linear(*UNTIMED_LINE, a, cost, max(1, max_n))[0]
+
+
+def policy_for(params, reproducible: bool, adaptive: bool = True, free: bool = False
+               ) -> WindowPolicy:
     """The policy for a generation with these ``SamplingParams``. Seeded sampling in a
     ``reproducible`` mode (ar, sync) keeps timing-free windows, so that its random draws
     repeat; a seeded PipeSpec run depends on thread timing anyway (which drafts arrive when),
     so it adapts like greedy and unseeded runs."""
     timed = params.greedy or params.seed is None or not reproducible
-    return WindowPolicy(timed=timed, adaptive=adaptive)
+    return WindowPolicy(timed=timed, adaptive=adaptive, free=free)

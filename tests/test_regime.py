@@ -268,10 +268,11 @@ def test_a_regime_far_behind_waits_longer(slow, wait):
     waits 4x the first wait when it was over 15% slower, 2x when 5% slower; a retry that
     loses again multiplies that wait again, up to MAX_WAIT."""
     reg = Regimes((FULL, ALONE))
-    ran = run_epochs(reg, {FULL: slow, ALONE: 200.0}, 2 + wait)
-    assert ran[:2] == [FULL, ALONE] and reg.best == ALONE
-    # the wait counts from the epoch that lost (ALONE's first): then the retry loses again
-    assert ran[2:] == [ALONE] * (wait - 1) + [FULL]
+    ran = run_epochs(reg, {FULL: slow, ALONE: 200.0}, 3 + wait)
+    # ALONE, ahead after its first try, runs once more before it takes over
+    assert ran[:3] == [FULL, ALONE, ALONE] and reg.best == ALONE
+    # the wait counts from the epoch that lost (ALONE's second): then the retry loses again
+    assert ran[3:] == [ALONE] * (wait - 1) + [FULL]
     grow = 4 if slow < 200.0 * (1 - Regimes.FAR_BEHIND) else 2
     assert reg.wait[FULL] == min(Regimes.MAX_WAIT, grow * wait)
 
@@ -282,7 +283,7 @@ def test_a_retry_of_a_regime_far_behind_runs_half_an_epoch(slow, wait, steps):
     """The retry of a regime over 15% behind the best is half an epoch (it is mostly a
     cost); one closer runs a whole epoch."""
     reg = Regimes((FULL, ALONE))
-    run_epochs(reg, {FULL: slow, ALONE: 200.0}, 2 + wait - 1)
+    run_epochs(reg, {FULL: slow, ALONE: 200.0}, 3 + wait - 1)
     assert reg.arm == FULL  # its retry is next
     done, now, n = sum(reg.epochs.values()), 1e3, 0
     while sum(reg.epochs.values()) == done:
@@ -296,20 +297,35 @@ def test_every_regime_the_first_tries_did_not_pick_waits_as_a_loser():
     """Three regimes: the first tries compare the last one with the first only; the middle
     one, slower than the best by far, still waits 4x the first wait."""
     reg = Regimes((FULL, LEAN, ALONE))
-    run_epochs(reg, {FULL: 150.0, LEAN: 100.0, ALONE: 200.0}, 3)
+    ran = run_epochs(reg, {FULL: 150.0, LEAN: 100.0, ALONE: 200.0}, 4)
+    assert ran == [FULL, LEAN, ALONE, ALONE]  # the last: ALONE confirms its lead
     assert reg.best == ALONE and reg.wait[LEAN] == 4 * Regimes.FIRST_WAIT
     assert reg.wait[FULL] == 4 * Regimes.FIRST_WAIT  # displaced, 25% slower
 
 
-def test_a_lucky_epoch_does_not_reset_the_waits():
-    """A regime far behind that wins one lucky epoch takes over, loses its lead on its next
-    epochs, and then waits longer than before its luck (waits are never reset)."""
+def test_one_lucky_epoch_does_not_take_over():
+    """A regime far behind whose retry is lucky (10x faster) runs once more; back to its
+    usual rate it stays a loser, and waits 4x longer."""
     reg = Regimes((FULL, ALONE))
-    run_epochs(reg, {FULL: 100.0, ALONE: 200.0}, 2)
-    assert reg.best == ALONE and reg.wait[FULL] == 16
-    ran = run_epochs(reg, {FULL: 2000.0, ALONE: 200.0}, 16)  # its retry, lucky
-    assert ran[-1] == FULL and reg.best == FULL
     run_epochs(reg, {FULL: 100.0, ALONE: 200.0}, 3)
+    assert reg.best == ALONE and reg.wait[FULL] == 16
+    ran = run_epochs(reg, {FULL: 100.0, ALONE: 200.0}, 15)
+    assert reg.arm == FULL and ran[-1] == ALONE  # its retry is next
+    assert run_epochs(reg, {FULL: 2000.0, ALONE: 200.0}, 1) == [FULL]  # lucky
+    assert reg.arm == FULL and reg.best == ALONE  # ahead: once more
+    run_epochs(reg, {FULL: 100.0, ALONE: 200.0}, 1)
+    assert reg.best == ALONE and reg.arm == ALONE and reg.wait[FULL] == 64
+
+
+def test_a_regime_lucky_twice_takes_over_and_its_waits_are_not_reset():
+    """Two lucky epochs in a row take over; when the lead is lost again, the regime waits
+    longer than before its luck (waits are never reset)."""
+    reg = Regimes((FULL, ALONE))
+    run_epochs(reg, {FULL: 100.0, ALONE: 200.0}, 18)
+    assert reg.arm == FULL and reg.wait[FULL] == 16
+    ran = run_epochs(reg, {FULL: 2000.0, ALONE: 200.0}, 2)
+    assert ran == [FULL, FULL] and reg.best == FULL
+    ran = run_epochs(reg, {FULL: 100.0, ALONE: 200.0}, 4)
     assert reg.best == ALONE and reg.wait[FULL] == min(Regimes.MAX_WAIT, 4 * 16)
 
 

@@ -26,14 +26,17 @@ and T = 0.7). ``alone`` stays an arm against a model draft straight under the ta
 The target's steps are grouped into epochs of :data:`Regimes.EPOCH_STEPS` steps; each epoch
 runs one regime and adds its tokens and seconds to that regime's totals, decayed by half
 per epoch since that regime last ran (a retry is judged on the text of now). Each regime
-is tried once; then the best runs, and every other is tried again for one epoch (half of
-one when it was over 15% slower: a retry of a regime far behind is mostly a cost) after a
-wait that doubles (quadruples when it was over 15% slower; up to :data:`Regimes.MAX_WAIT` epochs)
-each time it loses a comparison, the best it was until a challenger won included. Waits are
-never reset: a lucky epoch of a regime far behind does not bring back frequent
-explorations. A generation's last epoch, cut short, counts when it ran at least half a full
-epoch's steps. The
-totals and waits outlive a generation (``FastPipeline`` keeps them, ``PolicyMemory``), so a
+is tried once. A regime ahead of the best by :data:`Regimes.MARGIN` (after its try, a
+retry, or because the best's own rate fell) runs one more epoch and takes over only if still
+ahead then: one lucky epoch, on a stretch of easy text, had the default hierarchy leave a
+regime 14% faster for the rest of a run. The best runs, and every other is tried again for
+one epoch (half of one when it was over 15% slower: a retry of a regime far behind is mostly
+a cost) after a wait that doubles (quadruples when it was over 15% slower; up to
+:data:`Regimes.MAX_WAIT` epochs) each time it loses a comparison, the best it was until a
+challenger won included. Waits are never reset: a regime far behind that got lucky does not
+come back to frequent explorations. A generation's last epoch, cut short, counts when it ran
+at least half a full epoch's steps. The totals and waits outlive a generation
+(``FastPipeline`` keeps them, ``PolicyMemory``), so a
 pipeline that serves many requests pays for its exploration once.
 
 Only timed policies use it (greedy, unseeded sampling, any PipeSpec run): a seeded ``sync``
@@ -49,17 +52,13 @@ FULL, LEAN, ALONE = "full", "lean", "alone"
 
 @dataclass
 class Regimes:
-    """The regime bandit of one pipeline and mode.
-
-    Args:
-        arms: the regimes available, in the order they are first tried (``full`` first).
-    """
+    """The regime bandit of one pipeline and mode; ``arms``: the regimes available, in the
+    order they are first tried (``full`` first)."""
 
     arms: tuple[str, ...]
     EPOCH_STEPS = 12  # target steps per epoch (one regime per epoch)
-    # steps of a regime not timed after it starts (a switch, a generation's start): the stages
-    # it resumes catch up on the tokens decoded without them (a deferred prefill at first);
-    # a cost paid once per switch, not the regime's rate while it runs
+    # steps of a regime not timed after it starts (a switch, a generation's start): its stages
+    # catch up (a deferred prefill at first), a cost per switch, not the regime's rate
     SETTLE_STEPS = 2
     DECAY = 0.5  # of a regime's token and second totals, per epoch (any regime's) since it ran
     FIRST_WAIT = 4  # a loser's first wait is this, doubled (or 4x): epochs until retried ...
@@ -85,6 +84,7 @@ class Regimes:
     _epoch_len: int = 0  # timed steps of the current epoch (``_length``)
     _closed: int = 0  # epochs closed, every regime's
     _closed_at: dict[str, int] = field(default_factory=dict)  # per regime: its last epoch's
+    _confirming: str | None = None  # a regime ahead of the best, running its second epoch
 
     def __post_init__(self) -> None:
         if not self.arms or self.arms[0] != FULL:
@@ -159,19 +159,22 @@ class Regimes:
         if untried:
             return untried[0]
         rates = {a: self.rate(a) for a in self.arms}
-        if ran != self.best:  # an exploration ended: did it win?
-            if rates[ran] > rates[self.best] * (1 + self.MARGIN):
-                self._take_over(ran, rates)
-            else:
+        rival = max((a for a in self.arms if a != self.best), key=lambda a: rates[a])
+        ahead = rates[rival] > rates[self.best] * (1 + self.MARGIN)
+        if ahead and ran == rival == self._confirming:
+            self._take_over(rival, rates)  # ahead after two epochs of its own in a row
+        elif ahead:  # an exploration won, or the best's own rate fell (the text changed):
+            if ran not in (self.best, rival):
                 self._lost(ran, rates)
-        best = max(self.arms, key=lambda a: rates[a])
-        if best != self.best and rates[best] > rates[self.best] * (1 + self.MARGIN):
-            self._take_over(best, rates)  # the best's own rate fell (the text changed)
-        for a in self.arms:  # one never compared yet (a middle one of the first tries)
-            if a != self.best and a not in self.wait:
-                self._lost(a, rates)
+            self._confirming = rival  # one epoch more before it takes over (luck is no win)
+            return rival
+        elif ran != self.best:  # an exploration (or a confirmation) lost
+            self._lost(ran, rates)
+        self._confirming = None
         for a in self.arms:
             if a != self.best:
+                if a not in self.wait:  # never compared yet (a middle one of the first tries)
+                    self._lost(a, rates)
                 self.countdown[a] = self.countdown.get(a, self.FIRST_WAIT) - 1
         due = [a for a in self.arms if a != self.best and self.countdown[a] <= 0]
         if due:
@@ -195,8 +198,7 @@ class Regimes:
     def summary(self) -> dict:
         """This generation's target steps per regime; epochs run, measured tokens/s per regime
         and the current best over the pipeline's life (for stats)."""
-        return {"best": self.best, "steps": dict(self.steps),
-                "epochs": dict(self.epochs),
+        return {"best": self.best, "steps": dict(self.steps), "epochs": dict(self.epochs),
                 "tokens_per_s": {a: r for a in self.arms if (r := self.rate(a)) is not None}}
 
 

@@ -535,7 +535,26 @@ def summarize(rows: dict, latency: dict | None = None, max_gamma: int = 6) -> di
             d["identical_greedy_output"] = all(r["identical_to_first"] for r in rs)
         d.update(_rates(rs))
         out[name] = d
+    _whole_run(rows, out)
     return out
+
+
+def _whole_run(rows: dict, out: dict) -> None:
+    """Each system's whole-run tokens/s, its ratio to our AR on the same prompts with a 90%
+    interval (``bench/ratios.py``) and the whole run's predicted tokens/s."""
+    from ratios import paired_ratio, predicted_run_rate, run_rate
+
+    ref = rows.get("ours_ar")
+    for name, rs in rows.items():
+        if not rs or any("tokens" not in r or "seconds" not in r for r in rs):
+            continue
+        d = out[name]
+        d["run_tokens_per_s"] = run_rate(rs)
+        if ref is not None and len(ref) == len(rs):
+            d["vs_ours_ar"] = list(paired_ratio(rs, ref))
+        pred = predicted_run_rate(rs)
+        if pred is not None:
+            d["predicted_run_tokens_per_s"] = pred
 
 
 def _pooled_depths(stages, depths: int = 8) -> list[float]:
@@ -580,10 +599,10 @@ def table(summary: dict, meta: dict) -> str:
     lines = [f"task {meta['task']}, {meta['prompts']} prompts, {meta['max_new_tokens']} new "
              f"tokens, temperature {meta['temperature']}, stages {meta['stages']}, compute "
              f"{meta.get('compute', '-')}", "",
-             "| system | tokens/s (median) | vs hf_ar | acceptance per stage | mean accepted "
-             "length | predicted tokens/s | same greedy output | MB: weights (+ our KV cache) | "
-             "busy share per stage | target steps per regime |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| system | tokens/s (median) | vs hf_ar | vs ours_ar, whole run [90%] | acceptance "
+             "per stage | mean accepted length | predicted tokens/s | same greedy output | MB: "
+             "weights (+ our KV cache) | busy share per stage | target steps per regime |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, d in summary.items():
         sp = f"{d['speedup_vs_hf_ar']:.2f}x" if d.get("speedup_vs_hf_ar") else "-"
         acc = ", ".join(f"{a:.0%}" for a in d.get("acceptance", [])) or "-"
@@ -593,7 +612,8 @@ def table(summary: dict, meta: dict) -> str:
         mem = f"{d['memory_mb']:.0f}" if d.get("memory_mb") else "-"
         busy = ", ".join(f"{b:.0%}" for b in d.get("busy_fraction", [])) or "-"
         regimes = ", ".join(f"{a} {s:.0%}" for a, s in d.get("regime_share", {}).items()) or "-"
-        lines.append(f"| {name} | {d['median_tokens_per_s']:.1f} | {sp} | {acc} | {mal} | "
+        vs = "-" if "vs_ours_ar" not in d else "{:.2f}x [{:.2f}-{:.2f}]".format(*d["vs_ours_ar"])
+        lines.append(f"| {name} | {d['median_tokens_per_s']:.1f} | {sp} | {vs} | {acc} | {mal} | "
                      f"{pred} | {same} | {mem} | {busy} | {regimes} |")
     from readme_tables import ceiling_table, depth_table, needed_table, rates_table, time_table
 

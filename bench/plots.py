@@ -33,7 +33,8 @@ def speedup_chart(out: Path) -> Path | None:
     for j, d in enumerate(data):
         m, summ = d["meta"], d["summary"]
         ar = summ.get("ours_ar", {}).get("median_tokens_per_s")
-        pts = [(i, summ[s]["median_tokens_per_s"] / ar) for i, s in enumerate(systems)
+        pts = [(i, summ[s]["vs_ours_ar"][0] if "vs_ours_ar" in summ[s]
+                else summ[s]["median_tokens_per_s"] / ar) for i, s in enumerate(systems)
                if ar and s in summ]
         if not pts:
             continue

@@ -43,12 +43,12 @@ def ceiling_table(runs: list[dict], greedy_only: bool = True) -> list[str]:
             continue
         lat = m["latency_ms"]
         tgt = ", ".join(f"{v:.1f}" for v in lat["target"].values())
-        sync = summ.get("ours_sync", {}).get("median_tokens_per_s")
+        sync = run_or_median(summ["ours_sync"]) if "ours_sync" in summ else None
         for name, d in summ.items():
             c = d.get("ceiling")
             if not c:
                 continue
-            vs = f"{d['median_tokens_per_s'] / sync:.2f}x" if sync else "-"
+            vs = f"{run_or_median(d) / sync:.2f}x" if sync else "-"
             lines.append(f"| {m['task']} | {m['temperature']:g} | {tgt} | {_draft_ms(lat)} | "
                          f"{name} | {c['alpha']:.2f} | {c['sync_tokens_per_s']:.0f} "
                          f"({c['sync_gamma']}) | {c['free_draft_tokens_per_s']:.0f} "
@@ -152,6 +152,21 @@ def depth_table(runs: list[dict], greedy_only: bool = False) -> list[str]:
     return lines
 
 
+def run_or_median(d: dict) -> float:
+    """A system's tokens/s: over the whole run (``bench/ratios.py``), or, in results written
+    before it was recorded, the median over prompts."""
+    return d.get("run_tokens_per_s", d["median_tokens_per_s"])
+
+
+def vs_ours_ar(d: dict, summ: dict) -> str:
+    """The ratio to our AR in the same run, with its 90% interval when recorded."""
+    if "vs_ours_ar" in d:
+        ratio, lo, hi = d["vs_ours_ar"]
+        return f"{ratio:.2f}x [{lo:.2f}-{hi:.2f}]"
+    ar = summ.get("ours_ar", {}).get("median_tokens_per_s")
+    return f"{d['median_tokens_per_s'] / ar:.2f}x" if ar else "-"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
@@ -164,18 +179,18 @@ def main(argv=None) -> int:
     if not runs:
         raise SystemExit(f"no e2e-*.json under {args.results}: run ./scripts/bench.sh first")
 
-    print("| task | T | system | tokens/s | vs hf_ar | vs ours_ar | acceptance | mean accepted "
-          "length | predicted tokens/s | greedy = AR | target steps: full / lean / alone | MB |")
+    print("| task | T | system | tokens/s | vs hf_ar | vs ours_ar [90% interval] | acceptance "
+          "| mean accepted length | predicted tokens/s | greedy = AR | target steps: full / "
+          "lean / alone | MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         m, summ = r["meta"], r["summary"]
-        ar = summ.get("ours_ar", {}).get("median_tokens_per_s")
         for name, d in summ.items():
-            tps = d["median_tokens_per_s"]
-            sp = f"{d['speedup_vs_hf_ar']:.2f}x" if d.get("speedup_vs_hf_ar") else "-"
-            vs = f"{tps / ar:.2f}x" if ar else "-"
+            tps = run_or_median(d)
+            sp = f"{tps / run_or_median(summ['hf_ar']):.2f}x" if "hf_ar" in summ else "-"
+            vs = vs_ours_ar(d, summ)
             mal = f"{d['mean_accepted_length']:.2f}" if "mean_accepted_length" in d else "-"
-            pred = d.get("predicted_tokens_per_s")
+            pred = d.get("predicted_run_tokens_per_s", d.get("predicted_tokens_per_s"))
             pred = f"{pred:.1f} ({pred / tps - 1:+.0%})" if pred else "-"
             same = {True: "yes", False: "NO"}.get(d.get("identical_greedy_output"), "-")
             same = "ref" if name in REFERENCES and same == "yes" else same

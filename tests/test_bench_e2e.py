@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))  # the bench scripts import each other as modules
 
 import e2e  # noqa: E402
+import pytest  # noqa: E402
 from tiny import family  # noqa: E402
 
 from pipespec_fast import FastPipeline, LlamaStage  # noqa: E402
@@ -125,3 +126,25 @@ def test_summary_pools_the_targets_acceptance_per_depth_and_the_table_shows_it()
     rows = readme_tables.depth_table([{"meta": {"task": "humaneval", "temperature": 0.7},
                                        "summary": {"ours_pipespec2": d}}])
     assert rows[2] == "| humaneval | 0.7 | ours_pipespec2 | 2.0 | 0% | 62%, 40%, 0% |"
+
+
+def test_whole_run_ratio_and_its_interval_resample_the_prompts_in_pairs() -> None:
+    from ratios import paired_ratio, predicted_run_rate, run_rate
+
+    ar = [{"tokens": 96, "seconds": s, "tokens_per_s": 96 / s} for s in (0.5, 0.6, 0.4, 0.5)]
+    # twice as fast on every prompt: every resample gives 2, the interval is a point
+    fast = [dict(r, seconds=r["seconds"] / 2, tokens_per_s=2 * r["tokens_per_s"]) for r in ar]
+    assert paired_ratio(fast, ar) == (2.0, 2.0, 2.0)
+    # faster on two prompts, slower on two: the interval holds 1
+    mixed = [dict(r, seconds=r["seconds"] * f)
+             for r, f in zip(ar, (0.5, 2.0, 0.5, 2.0), strict=True)]
+    ratio, lo, hi = paired_ratio(mixed, ar)
+    assert ratio == run_rate(mixed) / run_rate(ar) and lo < 1.0 < hi
+    assert run_rate(ar) == 4 * 96 / 2.0
+    pred = [dict(r, predicted_tokens_per_s=96 / r["seconds"]) for r in ar]
+    assert predicted_run_rate(pred) == run_rate(ar) and predicted_run_rate(ar) is None
+    with pytest.raises(ValueError, match="3 runs against 4"):
+        paired_ratio(ar[:3], ar)
+    d = e2e.summarize({"ours_ar": ar, "ours_sync": fast})
+    assert d["ours_sync"]["vs_ours_ar"] == [2.0, 2.0, 2.0]
+    assert d["ours_sync"]["run_tokens_per_s"] == 2 * run_rate(ar)

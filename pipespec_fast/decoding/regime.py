@@ -57,8 +57,8 @@ class Regimes:
 
     arms: tuple[str, ...]
     EPOCH_STEPS = 12  # target steps per epoch (one regime per epoch)
-    # steps of a regime not timed after it starts (a switch, a generation's start): its stages
-    # catch up (a deferred prefill at first), a cost per switch, not the regime's rate
+    # steps of a regime not timed after a switch: the stages it resumes catch up, a cost per
+    # switch, not the regime's rate (a generation's first steps are timed: see begin)
     SETTLE_STEPS = 2
     DECAY = 0.5  # of a regime's token and second totals, per epoch (any regime's) since it ran
     FIRST_WAIT = 4  # a loser's first wait is this, doubled (or 4x): epochs until retried ...
@@ -98,14 +98,15 @@ class Regimes:
         return None if not s else self.tokens[arm] / s
 
     def begin(self, now: float) -> None:
-        """A generation's first step starts now (after its prefill): the epoch restarts. The
-        last one, cut short, counts (to its last step) when it ran half an epoch's steps:
-        else an exploration cut short would rerun whole in the next generation."""
+        """A generation's first step starts now (after its prefill): the epoch restarts, timed
+        from it (the deferred prefills a regime pays each generation are its cost). The last
+        one counts (to its last step) when it ran half an epoch: an exploration cut short
+        would rerun whole in the next generation."""
         if 2 * self._steps >= self.EPOCH_STEPS and self._last is not None:
             self.arm = self._close_epoch(self._last)
         self._last = None
         self._epoch_start, self._steps, self._epoch_tokens = now, 0, 0
-        self._settle = self.SETTLE_STEPS
+        self._settle = 0
         self.steps = {}
 
     def note_step(self, tokens: int, now: float) -> bool:

@@ -16,8 +16,9 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def speedup_chart(out: Path) -> Path | None:
-    """Horizontal bars: each system's median tokens/s over our AR's in the same run, one bar
-    per task and temperature (a system a run did not measure has no bar)."""
+    """Horizontal bars: each system's whole-run tokens/s over our AR's in the same run
+    (``bench/ratios.py``; older results: the medians'), one bar per task and temperature (a
+    system a run did not measure has no bar)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -44,4 +44,4 @@ def paired_ratio(rows: list[dict], ref: list[dict], seed: int = 0
         samples.append(run_rate([rows[i] for i in pick]) / run_rate([ref[i] for i in pick]))
     samples.sort()
     tail = (1 - LEVEL) / 2
-    return ratio, samples[int(tail * BOOTSTRAP)], samples[int((1 - tail) * BOOTSTRAP) - 1]
+    return ratio, samples[round(tail * BOOTSTRAP)], samples[round((1 - tail) * BOOTSTRAP) - 1]

@@ -161,32 +161,21 @@ def test_seeded_sync_has_no_bandit_and_repeats_after_other_generations():
     assert again.token_ids == first.token_ids
 
 
-def test_regime_epochs_restart_at_each_generation_timed_from_its_first_step():
-    """A new generation drops the last epoch's few steps and times its own from its first
-    step (the deferred prefills of the stages its regime resumes are part of its rate); after
-    a switch inside a generation, the first steps are not timed (the stages' catch-up)."""
+def test_regime_epochs_restart_at_each_generation():
     reg = Regimes((FULL, ALONE))
     reg.begin(0.0)
     for i in range(5):
         reg.note_step(1, 0.001 * (i + 1))
     reg.begin(1.0)  # a new generation: the partial epoch is dropped ...
     assert reg.steps == {}
-    for i in range(Regimes.EPOCH_STEPS - 1):  # ... and 11 steps do not end an epoch
-        reg.note_step(1, 1.0 + 0.5 * (i == 0) + 0.01 * (i + 1))
-    assert reg.epochs == {} and reg.steps == {FULL: Regimes.EPOCH_STEPS - 1}
-    reg.note_step(1, 1.5 + 0.01 * Regimes.EPOCH_STEPS)
-    # 12 tokens over 0.62 s: the slow first step (a deferred prefill) counts
-    assert reg.epochs == {FULL: 1}
-    assert reg.rate(FULL) == pytest.approx(12 / (0.5 + 0.01 * Regimes.EPOCH_STEPS))
-    assert reg.arm == ALONE  # its first try, after a switch: its first steps are not timed
-    t = 2.0
-    for _ in range(Regimes.SETTLE_STEPS):
-        t += 1.0
-        reg.note_step(1, t)
-    for _ in range(Regimes.EPOCH_STEPS):
-        t += 0.01
-        reg.note_step(1, t)
-    assert reg.rate(ALONE) == pytest.approx(100.0)
+    n = Regimes.SETTLE_STEPS + Regimes.EPOCH_STEPS - 1
+    for i in range(n):  # ... so the settling steps and 11 more do not end an epoch
+        reg.note_step(1, 1.0 + 0.5 * (i < Regimes.SETTLE_STEPS) + 0.001 * i)
+    assert reg.epochs == {} and reg.steps == {FULL: n}
+    t_settled = 1.5 + 0.001 * (Regimes.SETTLE_STEPS - 1)
+    reg.note_step(1, t_settled + 0.1)
+    # 12 timed tokens over 0.1 s: the settling steps' slow catch-up (0.5 s) is not counted
+    assert reg.epochs == {FULL: 1} and reg.rate(FULL) == pytest.approx(12 / 0.1)
 
 
 def _check_per_regime_stats(pipe: FastPipeline, res) -> None:
@@ -351,7 +340,7 @@ def test_a_partial_epoch_of_half_the_steps_counts_at_the_next_generation():
     for timed, counted in ((half, True), (half - 1, False)):
         reg = Regimes((FULL, ALONE))
         reg.begin(0.0)
-        for i in range(timed):  # (a generation's first steps are timed)
+        for i in range(Regimes.SETTLE_STEPS + timed):
             reg.note_step(2, 0.01 * (i + 1))
         reg.begin(5.0)  # the next generation, long after
         assert (reg.epochs == {FULL: 1}) is counted

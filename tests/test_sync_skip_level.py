@@ -114,3 +114,36 @@ def test_free_drafts_have_no_acceptance_floor_without_timings():
         p.set_state(3.0, 6.0, lat)
     assert costly.plan(6) == 0
     assert free.plan(6) == 2  # 1.49 / 1.16 beats 1.36 / 1.08 and 1.54 / 1.24
+
+
+def test_no_skip_level_step_while_the_full_window_times_its_step_alone(monkeypatch):
+    """A window of 0 that only asks for a step alone to time L(1) (a plan of ``None``) is that
+    step, under the full hierarchy's policy: a skip-level step would leave it untimed, and
+    the full hierarchy's window at 0 for good."""
+    seen = _count_skip_steps(monkeypatch)
+    real = WindowPolicy._evaluate
+    monkeypatch.setattr(WindowPolicy, "_evaluate",
+                        lambda self, max_n, cost: real(self, max_n, cost) if self.free else None)
+    pipe = FastPipeline(_stages(3), mode="sync", regimes=False)
+    res = pipe.generate(PROMPT, 30, ignore_eos=True)
+    assert seen == [] and res.stage_stats[-1].proposed == 0  # every step alone
+
+
+@pytest.mark.parametrize("extra", [0, 1, 2])
+def test_rewind_leaves_the_last_token_uncached(extra):
+    """``Sequencer.rewind(n)`` keeps ``n`` tokens with at most ``n - 1`` of them cached (a
+    forward feeds at least one token), whether the cache held ``n - 1``, ``n`` or ``n + 1``
+    before; the drafter then proposes after them."""
+    from pipespec_fast.decoding.sampling import SamplingParams
+    from pipespec_fast.decoding.sequence import Sequencer
+
+    s = Sequencer(NGramStage(64), SamplingParams(0.0), index=0)
+    s.start([1, 2, 3, 1, 2], prefill=True)
+    s.draft(3)
+    assert len(s.seq) == 8 and s.stage.cache_len == 7
+    s.stage.rollback(4 + extra)
+    s.rewind(5)
+    assert s.seq == [1, 2, 3, 1, 2] and s.stage.cache_len == 4
+    assert s.draft(1) == 1 and s.seq[5] == 3  # it proposes after them: 1, 2 -> 3
+    s.rewind(0)
+    assert s.seq == [] and s.stage.cache_len == 0

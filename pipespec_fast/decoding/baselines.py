@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from pipespec_fast.decoding.regime import ALONE, FULL
+from pipespec_fast.decoding.regime import ALONE, FULL, has_lean
 from pipespec_fast.decoding.sequence import Sequencer
 from pipespec_fast.decoding.tree_step import draft_tree, verify_tree
 from pipespec_fast.stages import is_model_free
@@ -109,7 +109,7 @@ def synchronous(levels: list[Sequencer], gamma: list[int], limit: int, tree_budg
     target = levels[-1]
     regimes = target.regimes
     lean, lean_gamma = [levels[0], target], [gamma[0], gamma[-1]]
-    skip_level = skip_level and _lean_differs(levels)
+    skip_level = skip_level and has_lean([is_model_free(lv.stage) for lv in levels])
     left_at: int | None = None  # the target's length when the full hierarchy was left
     if regimes is not None:
         regimes.begin(time.perf_counter())
@@ -144,24 +144,18 @@ def synchronous(levels: list[Sequencer], gamma: list[int], limit: int, tree_budg
         yield target.seq[start:]
 
 
-def _lean_differs(levels: list[Sequencer]) -> bool:
-    """The lowest level is model-free and a model level sits between it and the target."""
-    free = [is_model_free(lv.stage) for lv in levels]
-    return len(levels) > 2 and free[0] and not all(free[1:-1])
-
-
 def _skip_level_step(levels: list[Sequencer], lean_gamma: list[int], start: int, limit: int,
                      tree_budget: int) -> None:
     """A ``full`` step at ``start`` whose window for the model levels' drafts is 0: the target
     verifies the lowest (model-free) level's drafts itself, sized by its policy for those
-    (``Sequencer.skip_level_policy``: they cost it nothing), or decodes alone under that
-    policy when they do not pay either (it times its own ``L(1)``); every level below then
-    rolls to the target's sequence (the model levels feed the new tokens at their next
-    forward)."""
+    (``Sequencer.skip_level_policy``; a draft costs what a ``lean`` step's does), or decodes
+    alone under that policy when they do not pay either (it times its own ``L(1)``); every
+    level below then rolls to the target's sequence (the model levels feed the new tokens at
+    their next forward)."""
     target = levels[-1]
     full, target.policy = target.policy, target.skip_level_policy()
     try:
-        g = min(target.window(lean_gamma[-1], 0.0), limit - start - 1)
+        g = min(target.window(lean_gamma[-1], _draft_cost(levels[:1])), limit - start - 1)
         levels[0].rewind(start)  # its proposals through the model levels: not for us
         _verify_from_below([levels[0], target], 1, g, start, lean_gamma, limit, tree_budget)
     finally:

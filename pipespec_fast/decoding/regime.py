@@ -57,8 +57,8 @@ class Regimes:
 
     arms: tuple[str, ...]
     EPOCH_STEPS = 12  # target steps per epoch (one regime per epoch)
-    # steps of a regime not timed after a switch: the stages it resumes catch up, a cost per
-    # switch, not the regime's rate (a generation's first steps are timed: see begin)
+    # steps of a regime not timed after it starts (a switch, a generation's start): its stages
+    # catch up (a deferred prefill at first), a cost per switch, not the regime's rate
     SETTLE_STEPS = 2
     DECAY = 0.5  # of a regime's token and second totals, per epoch (any regime's) since it ran
     FIRST_WAIT = 4  # a loser's first wait is this, doubled (or 4x): epochs until retried ...
@@ -98,15 +98,14 @@ class Regimes:
         return None if not s else self.tokens[arm] / s
 
     def begin(self, now: float) -> None:
-        """A generation's first step starts now (after its prefill): the epoch restarts, timed
-        from it (the deferred prefills a regime pays each generation are its cost). The last
-        one counts (to its last step) when it ran half an epoch: an exploration cut short
-        would rerun whole in the next generation."""
+        """A generation's first step starts now (after its prefill): the epoch restarts. The
+        last one, cut short, counts (to its last step) when it ran half an epoch's steps:
+        else an exploration cut short would rerun whole in the next generation."""
         if 2 * self._steps >= self.EPOCH_STEPS and self._last is not None:
             self.arm = self._close_epoch(self._last)
         self._last = None
         self._epoch_start, self._steps, self._epoch_tokens = now, 0, 0
-        self._settle = 0
+        self._settle = self.SETTLE_STEPS
         self.steps = {}
 
     def note_step(self, tokens: int, now: float) -> bool:
@@ -213,7 +212,13 @@ def arms_for(mode: str, model_free: list[bool], skip_level_drafts: bool) -> tupl
     under the target)."""
     if mode == "ar" or len(model_free) < 2 or all(model_free[:-1]):
         return ()
-    lean = model_free[0] and len(model_free) > 2 and not all(model_free[1:-1])
+    lean = has_lean(model_free)
     if mode == "pipespec" and not skip_level_drafts:
         lean = False
     return (FULL, LEAN) if lean else (FULL, ALONE)
+
+
+def has_lean(model_free: list[bool]) -> bool:
+    """Leaving the model stages out differs from the whole hierarchy: the lowest stage is
+    model-free and a model stage sits between it and the target (stages lowest first)."""
+    return len(model_free) > 2 and model_free[0] and not all(model_free[1:-1])

@@ -29,7 +29,7 @@ per epoch since that regime last ran (a retry is judged on the text of now). Eac
 is tried once. A regime ahead of the best by :data:`Regimes.MARGIN` (after its try, a
 retry, or because the best's own rate fell) runs one more epoch and takes over only if still
 ahead then: one lucky epoch, on a stretch of easy text, had the default hierarchy leave a
-regime 14% faster for the rest of a run. The best runs, and every other is tried again for
+regime ~10% faster for the rest of a run. The best runs, and every other is tried again for
 one epoch (half of one when it was over 15% slower: a retry of a regime far behind is mostly
 a cost) after a wait that doubles (quadruples when it was over 15% slower; up to
 :data:`Regimes.MAX_WAIT` epochs) each time it loses a comparison, the best it was until a

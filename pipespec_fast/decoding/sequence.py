@@ -151,25 +151,28 @@ class Sequencer:
         r = self.regimes
         if r is None:
             return
-        pol = r.policies.get(r.arm)
-        if pol is None:
-            first = not r.policies
-            pol = r.policies[r.arm] = self.policy if first else WindowPolicy(
-                self.policy.timed, self.policy.adaptive, free=r.arm == LEAN)
-        self.policy = pol
+        self.policy = self._arm_policy(r.arm)
         self.stats.set_arm(r.arm)
+
+    def _arm_policy(self, arm: str) -> WindowPolicy:
+        """The bandit's policy for ``arm``, made when first needed: the first one made is the
+        generation's own policy; ``lean``'s drafts cost the target nothing."""
+        r = self.regimes
+        if arm not in r.policies:
+            r.policies[arm] = self.policy if not r.policies else WindowPolicy(
+                self.policy.timed, self.policy.adaptive, free=arm == LEAN)
+        return r.policies[arm]
 
     def skip_level_policy(self) -> WindowPolicy:
         """The window policy for the model-free lowest stage's drafts verified by this target
-        straight, past the model stages between (synchronous skip-level steps): the ``lean``
-        regime's, which verifies the same drafts, when a bandit runs; else one of its own for
-        the generation. Those drafts cost the target nothing."""
-        r, p = self.regimes, self.policy
-        if r is not None:
-            if LEAN not in r.policies:
-                r.policies[LEAN] = WindowPolicy(p.timed, p.adaptive, free=True)
-            return r.policies[LEAN]
+        straight, past the model stages between (synchronous skip-level steps, after
+        :meth:`use_regime_policy`): the ``lean`` regime's, which verifies the same drafts, when
+        a bandit runs; else one of its own for the generation. Those drafts cost the target
+        nothing."""
+        if self.regimes is not None:
+            return self._arm_policy(LEAN)
         if self._skip_policy is None:
+            p = self.policy
             self._skip_policy = WindowPolicy(p.timed, p.adaptive, free=True)
         return self._skip_policy
 

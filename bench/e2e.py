@@ -19,6 +19,10 @@ Systems (``--systems``, comma separated):
   ours_pipespec_tree   ours_pipespec with token trees (the n-gram's, verified by the draft and,
                as skip-level drafts, by the target)
   ours_pipespec2 FastPipeline mode="pipespec" over [draft -> target]
+  ours_sync_head       FastPipeline mode="sync" over [n-gram -> feature head -> target]
+               (``--head``: a one-layer draft reading the target's features,
+               ``models/feature_head.py``)
+  ours_pipespec_head   the same in mode="pipespec"
   ours_pipespec FastPipeline mode="pipespec" over the whole hierarchy (3 stages by default)
   ours_pipespec_split  the same with one core per model stage (no idle-priority drafters, one
                matmul thread per stage: its own ``config=``) instead of the default policy on
@@ -211,6 +215,7 @@ def main(argv=None) -> int:
         pipe = FastPipeline.from_pretrained(args.models, compute=args.compute)
     else:
         pipe = FastPipeline.from_default(compute=args.compute)
+    pipe.feature_head = _feature_head(args.head, pipe)
     systems, skipped = make_systems(args, pipe)
     prompts = [pipe.chat_prompt(p) for p in load_prompts(args.task, args.prompts)]
     latency = probe_latency(pipe)
@@ -270,6 +275,8 @@ def _parser() -> argparse.ArgumentParser:
                     "ours_pipespec_ngram,ours_pipespec2,ours_pipespec,ours_pipespec_split,"
                     "llamacpp_ar,llamacpp_lookup")
     ap.add_argument("--models", nargs="+", help="stage dirs (default: the default hierarchy)")
+    ap.add_argument("--head", default=_default_head(),
+                    help="the *_head systems' feature head folder (default: the embedded one)")
     ap.add_argument("--compute", choices=["exact", "int8"],
                     help="our compute mode (default: the pipeline's, int8 for the default "
                     "target; exact: greedy equal to transformers')")
@@ -632,6 +639,12 @@ def table(summary: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _default_head() -> str | None:
+    from pipespec_fast.models.defaults import HEAD_DIR
+
+    return str(HEAD_DIR) if HEAD_DIR.is_dir() else None
+
+
 def _default_target() -> str:
     from pipespec_fast.models.defaults import default_model_dirs
 
@@ -643,7 +656,8 @@ _MODES = {"ours_ar": "ar", "ours_sync": "sync", "ours_sync2": "sync", "ours_sync
           "ours_pipespec": "pipespec", "ours_pipespec_split": "pipespec",
           "ours_sync_ngram": "sync", "ours_sync_ngram_tree": "sync",
           "ours_pipespec_ngram_tree": "pipespec", "ours_pipespec_tree": "pipespec",
-          "ours_pipespec_lookup": "pipespec"}
+          "ours_pipespec_lookup": "pipespec", "ours_sync_head": "sync",
+          "ours_pipespec_head": "pipespec"}
 
 
 def _system_config(name: str, n_stages: int):
@@ -676,6 +690,11 @@ def _sub_pipeline(pipe, name: str, tree_budget: int = 16):
         if not is_model_free(stages[0]):
             return None
         stages = [stages[0], stages[-1]]
+    elif name.endswith("_head"):  # the n-gram drafter, the feature head, the target
+        head = getattr(pipe, "feature_head", None)
+        if head is None or not is_model_free(stages[0]):
+            return None
+        stages = [stages[0], head, stages[-1]]
     elif name == "ours_pipespec_lookup":  # prompt lookup alone: the drafter without its store
         if getattr(stages[0], "store", None) is None:
             return None
@@ -689,6 +708,22 @@ def _sub_pipeline(pipe, name: str, tree_budget: int = 16):
         return pipe
     return FastPipeline(list(stages), tokenizer=pipe.tokenizer, config=cfg, tree_budget=trees,
                         mode=_MODES[name])
+
+
+def _feature_head(path: str | None, pipe):
+    """The ``*_head`` systems' feature head over the pipeline's target, computing as the
+    target does (``None``: no head folder)."""
+    if not path:
+        return None
+    from pipespec_fast.loading import feature_head_stage
+    from pipespec_fast.models.packed import requantize_fp16, set_compute
+
+    target = pipe.stages[-1]
+    st = feature_head_stage(path, target)
+    if target.model.compute == "int8":
+        requantize_fp16(st.model)
+    set_compute(st.model, target.model.compute)
+    return st
 
 
 def _draft_dir(pipe) -> str | None:

@@ -99,6 +99,8 @@ DRAFT_DIR = Path(__file__).resolve().parent / "drafts" / "SmolLM2-135M-draft"
 # the default target's answers to prompts outside the benchmarks, for the n-gram drafter
 # (``pipespec_fast.stages.ngram_store``; made by ``tools/ngram_store.py``)
 NGRAM_STORE_DIR = Path(__file__).resolve().parent / "drafts" / "SmolLM2-135M-ngram"
+# the feature head over the default target (models/feature_head.py, tools/train_feature_head.py)
+HEAD_DIR = Path(__file__).resolve().parent / "drafts" / "SmolLM2-135M-head"
 
 
 def default_draft_dir() -> Path:

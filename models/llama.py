@@ -356,7 +356,7 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ forward
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, parents: torch.Tensor | None = None,
-                last_n: int | None = None) -> torch.Tensor:
+                last_n: int | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
         """Run ``n`` new tokens through the model, appending their K/V to ``cache``.
 
         Args:
@@ -365,6 +365,9 @@ class Transformer(nn.Module):
                 ``cache.length`` grows by ``n`` (roll back or ``keep_path`` afterwards).
             parents: ``[n]`` tree parents (``reference`` module doc); ``None`` for a chain.
             last_n: compute logits only for the last ``last_n`` tokens (default: all).
+            features: ``[>= cache.length, dim]`` fp32; rows ``[start, start + n)`` get the
+                last layer's output after the final norm (what a feature head reads:
+                ``models/feature_head.py``).
 
         Returns ``[last_n, vocab_size]`` fp32 logits.
         """
@@ -377,6 +380,8 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(pos, self.inv_freq, self.norm.weight.dtype)
             rows = tokens if self.vocab is None else self.vocab.embedding_rows(tokens)
             x = self._layers(self.tok_embeddings(rows), cos, sin, bits, cache, start)
+            if features is not None:
+                features[start : start + n] = self.norm(x)
             return self.head(x if last_n is None else x[n - last_n :])
         except BaseException:
             cache.length = start

@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 from pipespec_fast import config
+from pipespec_fast.models.feature_head import FeatureHead, is_feature_head
 from pipespec_fast.stages import LlamaStage, NGramStage, Stage
+from pipespec_fast.stages.feature_head import FeatureHeadStage
 from pipespec_fast.stages.ngram_store import NGramStore
 
 
@@ -49,16 +51,37 @@ def load_stages(paths: Sequence[str | Path], device: str | torch.device = "cpu",
     tok = check_tokenizers(paths)
     store = load_store(ngram_store, paths[-1], ngram, tok)
     names = [Path(p).name for p in paths]
+    heads = [is_feature_head(p) for p in paths]
+    _check_heads(paths, heads, devices)
     stages: list[Stage] = [
         LlamaStage.from_pretrained(p, dtype=default_dtype(d) if dtype is None else dtype,
                                    device=d, max_len=max_len, name=n)
-        for p, d, n in zip(paths, devices, names, strict=True)
+        for p, d, n, h in zip(paths, devices, names, heads, strict=True) if not h
     ]
+    if heads[-2:-1] == [True]:  # a feature head, right below the target it reads
+        stages.insert(len(stages) - 1, feature_head_stage(paths[-2], stages[-1]))
     if ngram:
         t = stages[-1]
         stages.insert(0, NGramStage(t.vocab_size, max_len=t.max_len, device="cpu",
                                     store=store))
     return stages, tok
+
+
+def feature_head_stage(path: str | Path, target: LlamaStage) -> FeatureHeadStage:
+    """The feature head in ``path`` (``models/feature_head.py``) as the stage below ``target``,
+    whose features it reads (the target keeps them from now on)."""
+    head = FeatureHead.from_pretrained(path, target.model)
+    return FeatureHeadStage(head, target, name=Path(path).name)
+
+
+def _check_heads(paths, heads: list[bool], devices) -> None:
+    """A feature head (``models/feature_head.py``) sits right below the target, on the CPU."""
+    for i, (p, h) in enumerate(zip(paths, heads, strict=True)):
+        if h and i != len(paths) - 2:
+            raise ValueError(f"paths: {p} is a feature head: it goes right below the target "
+                             "(second to last), whose features it reads")
+        if h and torch.device(devices[i]).type != "cpu":
+            raise ValueError(f"devices: the feature head {p} runs on the CPU only")
 
 
 def load_store(store: str | Path | NGramStore | None, target_dir: str | Path | None,

@@ -97,6 +97,9 @@ class Sequencer:
         self.span = TokenSpan.known(prompt)
         if prefill and len(prompt) > 1:
             self._forward(self.span.tokens[:-1], last_n=1, kind="prefill")
+            # the prompt is kept: a stage that publishes what it has committed (a target's
+            # features, read by a feature head) learns it here, not at its next forward
+            self.stage.rollback(len(prompt) - 1)
 
     def truncate(self, length: int) -> None:
         """Drop tokens at and after ``length`` (and their cached K/V)."""

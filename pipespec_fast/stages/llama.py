@@ -43,6 +43,10 @@ class LlamaStage:
         self._last_at = -1
         # (start, end) perf_counter times of the last propose_tree's chain forwards (stats)
         self.tree_step_times: list[tuple[float, float]] = []
+        # the last layer's normalised outputs per cache slot, for a feature head below
+        # (keep_features); rows [0, features_valid) are committed: never written again
+        self.features: torch.Tensor | None = None
+        self.features_valid = 0
         if self.batch_invariant or (self.device.type == "cuda" and cfg.graphs):
             self.use_captured_steps(batch_invariant=self.batch_invariant)
 
@@ -99,13 +103,27 @@ class LlamaStage:
         if warm_up:
             self.steps.warm_up()
 
+    def keep_features(self) -> torch.Tensor:
+        """Keep every forward's normalised last-layer outputs, one row per cache slot, for a
+        feature head (``stages/feature_head.py``); returns the ``[slots, dim]`` buffer."""
+        if self.steps is not None:
+            raise ValueError(f"{self.name}: a feature head needs eager forwards, not captured "
+                             "steps (PIPESPEC_GRAPHS=0, PIPESPEC_BATCH_INVARIANT=0)")
+        if self.features is None:
+            self.features = torch.zeros(self.cache.k.shape[2], self.model.config.dim,
+                                        device=self.device)
+        return self.features
+
     def forward(self, tokens, parents=None, last_n=None):
         self._last_at = -1
         steps = self.steps
+        if self.features is not None:  # what the cache holds before a forward is committed
+            self.features_valid = self.cache.length
         if steps is not None and (steps.batch_invariant or steps.fits(tokens.shape[0])):
             logits = steps.forward(tokens, parents=parents, last_n=last_n)
         else:
-            logits = self.model(tokens, self.cache, parents=parents, last_n=last_n)
+            logits = self.model(tokens, self.cache, parents=parents, last_n=last_n,
+                                features=self.features)
         if parents is None and logits.shape[0] == 1:  # a tree's root, when one is asked for
             self._last_row, self._last_at = logits[0], self.cache.length
         return logits
@@ -113,10 +131,15 @@ class LlamaStage:
     def rollback(self, length: int) -> None:
         self._last_at = -1
         self.cache.rollback(length)
+        self.features_valid = length
 
     def keep_path(self, start, path, num, chain=False):
         self._last_at = -1
         self.cache.keep_path(start, path, num, chain)
+        if self.features is not None and num > 0 and not chain:
+            src = path[:num].to(torch.int64) + start
+            self.features[start:start + num] = self.features[src]
+        self.features_valid = start + num
 
     def propose_tree(self, budget: int, max_depth: int, decay: float = 1.0) -> DraftTree:
         """A token tree continuing the whole history: the model's greedy chain of

@@ -1,0 +1,142 @@
+"""The feature head (``models/feature_head.py``, ``stages/feature_head.py``): a one-layer draft
+reading the target's features. Its rows drafted from its own estimates are computed again from
+the target's features once committed, leaving its cache as a fresh run's; every pipeline with
+it gives the target's own greedy output, and seeded sampling follows the target's
+distribution."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from tiny import build, random_hf_state, tiny_config
+
+from pipespec_fast import FastPipeline, LlamaStage
+from pipespec_fast.models.feature_head import FeatureHead
+from pipespec_fast.stages.feature_head import FeatureHeadStage
+from pipespec_fast.stages.ngram import NGramStage
+
+PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6]
+
+
+def _target(vocab: int = 24, seed: int = 5):
+    cfg = tiny_config(vocab=vocab, n_layers=2)
+    return build(cfg, random_hf_state(cfg, seed))
+
+
+def _head(target, seed: int = 7, mix: float = 0.5) -> FeatureHead:
+    """A head whose layer is the target's last one, fed a mix of the token's embedding and
+    the previous feature: a weak but far-from-random draft of the target."""
+    cfg = replace(target.config, n_layers=1)
+    sd = random_hf_state(cfg, seed)
+    body = build(cfg, sd)
+    with torch.no_grad():
+        body.layers[0].load_state_dict(target.layers[-1].state_dict())
+        body.norm.weight.copy_(target.norm.weight)
+        body.output.weight.copy_(target.output.weight)
+    d = cfg.dim
+    fc_w = torch.cat([torch.eye(d), mix * torch.eye(d)], 1)
+    return FeatureHead(body, fc_w, torch.zeros(d), target.tok_embeddings)
+
+
+def _stages(ngram: bool = False, vocab: int = 24):
+    target = LlamaStage(_target(vocab), name="target", max_len=256)
+    head = FeatureHeadStage(_head(target.model), target, name="head")
+    return ([NGramStage(target.vocab_size)] if ngram else []) + [head, target]
+
+
+def test_recomputed_rows_leave_the_cache_of_a_fresh_run():
+    """Rows the head drafted from its own estimates are computed again from the target's
+    features once it committed them: the head's K/V then equal a fresh head's fed the same
+    tokens after the target's features, and so do its logits."""
+    head, target = _stages()
+    seq = torch.tensor(PROMPT)
+    target.forward(seq[:12])  # the target commits 12 rows
+    target.rollback(12)
+    head.forward(seq[:16], last_n=1)  # rows 13..15 run on the head's own estimates
+    assert head._real == 13
+    target.forward(seq[12:18])
+    target.rollback(18)  # now committed up to 18: the head redoes rows 13..15 first
+    got = head.forward(seq[16:19], last_n=3)
+    assert head._real == 19 and head.cache_len == 19
+    fresh = FeatureHeadStage(head.head, target, name="fresh")
+    want = fresh.forward(seq[:19], last_n=3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(head.cache.k[:, :, :19], fresh.cache.k[:, :, :19])
+    torch.testing.assert_close(head.cache.v[:, :, :19], fresh.cache.v[:, :, :19])
+
+
+def test_rows_past_the_targets_run_one_by_one_on_own_estimates():
+    """Past what the target committed, row q reads the head's own ĝ of row q - 1: the same
+    logits as feeding the rows one at a time."""
+    head, target = _stages()
+    seq = torch.tensor(PROMPT)
+    target.forward(seq[:8])
+    target.rollback(8)
+    block = head.forward(seq[:14], last_n=6)
+    other = FeatureHeadStage(head.head, target, name="other")
+    other.forward(seq[:9], last_n=1)
+    rows = [other.forward(seq[i:i + 1], last_n=1) for i in range(9, 14)]
+    torch.testing.assert_close(block[1:], torch.cat(rows), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,ngram", [("sync", False), ("sync", True), ("pipespec", False),
+                                        ("pipespec", True)])
+def test_greedy_output_is_the_targets(mode, ngram):
+    """Fixed windows (the tiny head costs what the tiny target does: adaptive ones would
+    find that its drafts do not pay)."""
+    stages = _stages(ngram=ngram)
+    pipe = FastPipeline(stages, mode=mode, adaptive_windows=False, regimes=False)
+    ref = FastPipeline(stages[-1:])
+    accepted = 0
+    for prompt in (PROMPT, [2, 7, 2, 7, 2, 7, 2], [1, 2]):
+        res = pipe.generate(prompt, 48, ignore_eos=True)
+        assert res.token_ids == ref.generate(prompt, 48, ignore_eos=True).token_ids
+        accepted += res.stage_stats[-1].accepted
+    assert accepted > 0  # the head's drafts were verified, and some accepted
+    pipe.close()
+
+
+def test_trees_are_refused_by_name():
+    head, _target_stage = _stages()
+    with pytest.raises(ValueError, match="head: a feature head drafts chains"):
+        head.forward(torch.tensor([1, 2]), parents=torch.tensor([-1, 0]))
+
+
+def _write_checkpoint(path, model, words):
+    """A tiny checkpoint folder with a word-level tokenizer over ``words``."""
+    from tiny import hf_state_of
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from pipespec_fast.models.checkpoint import save_state_dict
+
+    save_state_dict(path, hf_state_of(model), model.config)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0]).save_pretrained(path)
+
+
+def test_an_exported_head_loads_below_its_target_and_nowhere_else(tmp_path):
+    """``tools/train_feature_head.export`` writes a folder ``from_pretrained`` puts below the
+    target (the target's tokenizer, a vocabulary subset, fc beside the checkpoint); greedy
+    output is the target's. Anywhere else in the list it is refused by name."""
+    from tools.train_feature_head import TrainHead, export
+
+    target = _target(vocab=64)
+    words = ["<unk>"] + [f"w{i}" for i in range(63)]
+    _write_checkpoint(tmp_path / "target", target, words)
+    torch.manual_seed(0)
+    ids = torch.arange(0, 64, 2)
+    export(TrainHead(target.config), tmp_path / "target", target, ids, tmp_path / "head", {})
+    pipe = FastPipeline.from_pretrained([tmp_path / "head", tmp_path / "target"], max_len=256,
+                                        mode="sync", adaptive_windows=False, regimes=False)
+    assert [type(s).__name__ for s in pipe.stages] == ["FeatureHeadStage", "LlamaStage"]
+    ref = FastPipeline([LlamaStage(target, max_len=256)])
+    res = pipe.generate("w1 w5 w7 w9", 24, ignore_eos=True)
+    ids_in = pipe.tokenizer.encode("w1 w5 w7 w9", add_special_tokens=False)
+    assert res.token_ids == ref.generate(ids_in, 24, ignore_eos=True).token_ids
+    assert res.stage_stats[-1].proposed > 0
+    with pytest.raises(ValueError, match=r"paths: .*head is a feature head: it goes right below"):
+        FastPipeline.from_pretrained([tmp_path / "head", tmp_path / "target", tmp_path / "target"])

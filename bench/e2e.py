@@ -309,6 +309,8 @@ def make_systems(args, pipe) -> tuple[dict, dict[str, str]]:
                     else "no draft model in the hierarchy")
         elif name.startswith("hf_"):
             made = HFSystem(target_dir, name)
+        elif name.endswith("_head") and getattr(pipe, "feature_head", None) is None:
+            made = "no feature head (--head DIR, made by tools/train_feature_head.py)"
         else:
             sub = _sub_pipeline(pipe, name, args.tree_budget)
             made = (OursSystem(sub, _MODES[name]) if sub is not None

@@ -96,6 +96,33 @@ def test_the_model_tree_system_runs_sync_with_the_drafts_trees() -> None:
     pipe.close()
 
 
+def test_head_systems_put_the_feature_head_between_the_ngram_drafter_and_the_target() -> None:
+    """``ours_*_head``: [n-gram -> feature head -> target] over the loaded stages; skipped,
+    with the reason, when no head was loaded."""
+    from test_feature_head import _head
+
+    from pipespec_fast.stages.feature_head import FeatureHeadStage
+    from pipespec_fast.stages.ngram import NGramStage
+
+    target = LlamaStage(family(1, seed=1)[0], name="t", max_len=256)
+    pipe = FastPipeline([NGramStage(target.vocab_size), target])
+    args = e2e._parser().parse_args(["--systems", "ours_sync_head,ours_pipespec_head",
+                                     "--head", ""])
+    pipe.feature_head = None
+    systems, skipped = e2e.make_systems(args, pipe)
+    assert not systems and "tools/train_feature_head.py" in skipped["ours_sync_head"]
+    pipe.feature_head = FeatureHeadStage(_head(target.model), target, name="h")
+    systems, skipped = e2e.make_systems(args, pipe)
+    assert not skipped
+    for name, mode in (("ours_sync_head", "sync"), ("ours_pipespec_head", "pipespec")):
+        sub = systems[name].pipe
+        assert sub.mode == mode
+        assert sub.stages == [pipe.stages[0], pipe.feature_head, target]
+    run = systems["ours_sync_head"].run([3, 1, 4, 1, 5, 9, 2, 6], 24, 0.0, seed=0)
+    assert run["tokens"] == 24
+    pipe.close()
+
+
 def test_a_system_run_reports_its_regimes_and_the_summary_their_share() -> None:
     pipe = _pipe(2)
     args = e2e._parser().parse_args(["--systems", "ours_sync2"])

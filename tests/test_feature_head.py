@@ -98,6 +98,33 @@ def test_greedy_output_is_the_targets(mode, ngram):
     pipe.close()
 
 
+def test_seeded_sampling_repeats_and_follows_the_targets_distribution():
+    """Seeded sync over [feature head -> target] with fixed windows: the same seed gives the
+    same tokens, and the first two tokens (a verification of the head's drafts) follow the
+    target's joint distribution (chi-square over 1500 seeds)."""
+    from test_ngram import chi_square_p
+    from test_tree_decoding import exact_joint
+
+    from pipespec_fast.decoding.sampling import SamplingParams
+
+    V, n = 6, 1500
+    stages = _stages(vocab=V)
+    prompt = [1, 5, 2, 3, 1, 5, 2]
+    joint = exact_joint(stages[-1], prompt, SamplingParams(0.9))
+    pipe = FastPipeline(stages, mode="sync", adaptive_windows=False, regimes=False)
+    first = pipe.generate(prompt, 30, temperature=0.9, seed=5, ignore_eos=True).token_ids
+    assert pipe.generate(prompt, 30, temperature=0.9, seed=5, ignore_eos=True).token_ids == first
+    counts = torch.zeros(V * V, dtype=torch.float64)
+    accepted = 0
+    for seed in range(n):
+        res = pipe.generate(prompt, 2, temperature=0.9, seed=seed, ignore_eos=True)
+        a, b = res.token_ids
+        counts[a * V + b] += 1
+        accepted += res.stage_stats[-1].accepted
+    assert accepted > n // 10  # the head's drafts decided many of the pairs
+    assert chi_square_p(counts, joint.flatten() * n) > 1e-3
+
+
 def test_trees_are_refused_by_name():
     head, _target_stage = _stages()
     with pytest.raises(ValueError, match="head: a feature head drafts chains"):
@@ -140,3 +167,38 @@ def test_an_exported_head_loads_below_its_target_and_nowhere_else(tmp_path):
     assert res.stage_stats[-1].proposed > 0
     with pytest.raises(ValueError, match=r"paths: .*head is a feature head: it goes right below"):
         FastPipeline.from_pretrained([tmp_path / "head", tmp_path / "target", tmp_path / "target"])
+
+
+def test_training_batches_losses_and_a_continued_heads_weights(tmp_path):
+    """The training tool's batches pair (token p, feature p - 1) with targets at p inside an
+    answer only; both losses (and the unrolled pass) are finite and reach every weight; an
+    exported head loads back into training unchanged."""
+    from tools.train_feature_head import Batches, TrainHead, export, load_head, losses
+
+    target = _target(vocab=64)
+    _write_checkpoint(tmp_path / "target", target, ["<unk>"] + [f"w{i}" for i in range(63)])
+    g = torch.Generator().manual_seed(0)
+    lens = [7, 12, 5]
+    data = {"x": torch.randn(sum(lens), 32, generator=g).half(),
+            "tok": torch.randint(0, 64, (sum(lens),), generator=g),
+            "off": torch.tensor([0, 7, 19, 24])}
+    emb = target.tok_embeddings.weight.detach()
+    norm_w = target.norm.weight.detach()
+    b = Batches(data, emb, norm_w, 1e-5, length=16).make([0, 1, 2])
+    e, g_in, pos, mask, g_out, valid = b
+    assert int(valid.sum()) == sum(n - 1 for n in lens)
+    first = valid.float().argmax(1)  # each row's first answer starts at its position 1
+    assert int(pos[0, first[0]]) == 1
+    torch.testing.assert_close(g_in[valid], data["x"][torch.cat(
+        [torch.arange(a, b - 1) for a, b in ((0, 7), (7, 19), (19, 24))])].float())
+    head = TrainHead(target.config)
+    sub = emb[torch.arange(0, 64, 2)]
+    ce, reg = losses(head, b, norm_w, sub, 0.2, unroll=True)
+    (ce + reg).backward()
+    assert torch.isfinite(ce) and torch.isfinite(reg)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    export(head, tmp_path / "target", target, torch.arange(0, 64, 2), tmp_path / "head", {})
+    again = TrainHead(target.config)
+    load_head(again, tmp_path / "head")
+    for (name, p), q in zip(head.state_dict().items(), again.state_dict().values(), strict=True):
+        torch.testing.assert_close(q, p.half().float(), msg=name)

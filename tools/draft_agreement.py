@@ -21,14 +21,29 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_draft(path: str):
+def _load_draft(path: str, target):
+    """A draft folder as the pipeline runs it: a model, or a feature head over ``target``
+    (``models/feature_head.py``: it reads the target's features, here the teacher-forced
+    ones of the target's answer)."""
+    from pipespec_fast.models.feature_head import FeatureHead, is_feature_head
     from pipespec_fast.models.llama import Transformer
     from pipespec_fast.models.packed import requantize_fp16, set_compute
 
-    m = Transformer.from_pretrained(path)
+    head = FeatureHead.from_pretrained(path, target) if is_feature_head(path) else None
+    m = head.body if head is not None else Transformer.from_pretrained(path)
     requantize_fp16(m)
     set_compute(m, "int8")
-    return m
+    if head is None:
+        return m
+
+    def run(seq: torch.Tensor, cache) -> torch.Tensor:
+        feats = torch.zeros(len(seq) + 1, target.config.dim)
+        target(seq, target.new_cache(len(seq) + 1), features=feats)
+        prev = torch.cat([torch.zeros(1, target.config.dim), feats[: len(seq) - 1]])
+        return head.forward(seq, prev, cache, last_n=len(seq))[0]
+
+    run.new_cache = head.new_cache
+    return run
 
 
 def agreement(pipe, drafts: dict, prompts: list[list[int]], tokens: int) -> dict[str, float]:
@@ -60,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(d) / "config.json").is_file():
             raise SystemExit(f"drafts: {d} is not a model folder (no config.json)")
     pipe = FastPipeline.from_default(draft=False)
-    drafts = {d: _load_draft(d) for d in args.drafts}
+    drafts = {d: _load_draft(d, pipe.stages[-1].model) for d in args.drafts}
     with torch.inference_mode():
         for task in ("humaneval", "mtbench"):
             prompts = [pipe.chat_prompt(p) for p in load_prompts(task, args.prompts)]

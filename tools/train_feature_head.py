@@ -182,17 +182,35 @@ class Batches:
         return emb, g_in, pos, mask[:, None], g_out, valid
 
 
-def losses(head, batch, norm_w, sub_emb, noise: float):
+def _soft_ce(est, g_out, sub_emb):
+    """Soft cross-entropy of the head's ``est`` logits against the target's distribution
+    (over the subset) at the same rows, and the features' smooth L1."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = est @ sub_emb.T
+    with torch.no_grad():
+        soft = torch.softmax(g_out @ sub_emb.T, -1)
+    ce = -(soft * torch.log_softmax(logits.float(), -1)).sum(-1).mean()
+    return ce, F.smooth_l1_loss(est.float(), g_out)
+
+
+def losses(head, batch, norm_w, sub_emb, noise: float, unroll: bool = False):
+    """``(ce, reg)`` of a batch; ``unroll``: plus a second pass where every row reads the
+    head's own estimate of the row before (what drafting at depth 2 and deeper reads),
+    averaged with the first."""
     emb, g_in, pos, mask, g_out, valid = batch
     g_in = g_in + (torch.rand_like(g_in) - 0.5) * noise
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        est = head(emb, g_in, pos, mask, norm_w)[valid]
-        logits = est @ sub_emb.T
-    with torch.no_grad():
-        soft = torch.softmax(g_out[valid] @ sub_emb.T, -1)
-    ce = -(soft * torch.log_softmax(logits.float(), -1)).sum(-1).mean()
-    reg = F.smooth_l1_loss(est.float(), g_out[valid])
-    return ce, reg
+        est = head(emb, g_in, pos, mask, norm_w)
+    ce, reg = _soft_ce(est[valid], g_out[valid], sub_emb)
+    if not unroll:
+        return ce, reg
+    # row p + 1 of the same answer reads est_p (kept in the graph: the first pass learns to
+    # give estimates the second can read)
+    pair = mask[:, 0, 1:, :-1].diagonal(dim1=1, dim2=2)  # [B, L - 1]: p, p + 1 in one answer
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        est2 = head(emb[:, 1:], est[:, :-1], pos[:, 1:], mask[:, :, 1:, 1:], norm_w)
+    ce2, reg2 = _soft_ce(est2[pair], g_out[:, 1:][pair], sub_emb)
+    return (ce + ce2) / 2, (reg + reg2) / 2
 
 
 @torch.no_grad()
@@ -223,6 +241,29 @@ def agreement(head, batches: Batches, answers: list[int], norm_w, sub_emb, ids) 
 # ---------------------------------------------------------------------------------- export
 
 
+def _names() -> dict[str, str]:
+    """:class:`TrainHead` parameter -> the HF name of layer 0's tensor."""
+    from pipespec_fast.models import hf_names
+
+    return {"q.weight": hf_names.Q, "k.weight": hf_names.K, "v.weight": hf_names.V,
+            "o.weight": hf_names.O, "gate.weight": hf_names.GATE, "up.weight": hf_names.UP,
+            "down.weight": hf_names.DOWN, "n1": hf_names.ATTN_NORM, "n2": hf_names.FFN_NORM}
+
+
+def load_head(head: TrainHead, folder: Path) -> None:
+    """Continue from an exported head: its layer and fc into ``head``."""
+    from safetensors.torch import load_file
+
+    from pipespec_fast.models import hf_names
+    from pipespec_fast.models.feature_head import FC_FILE
+
+    sd = load_file(str(folder / "model.safetensors"))
+    fc = load_file(str(folder / FC_FILE))
+    state = {ours: sd[hf_names.layer(0, hf)].float() for ours, hf in _names().items()}
+    state.update({"fc.weight": fc["fc.weight"].float(), "fc.bias": fc["fc.bias"].float()})
+    head.load_state_dict(state)
+
+
 def export(head: TrainHead, target_dir: Path, target, ids: torch.Tensor, out: Path,
            info: dict) -> None:
     """The head as a model folder: a one-layer LLaMA checkpoint over the subset (embedding
@@ -241,9 +282,7 @@ def export(head: TrainHead, target_dir: Path, target, ids: torch.Tensor, out: Pa
     cfg[CONFIG_KEY] = {"target": target_dir.name, "features": "final-norm output"}
     emb = target.tok_embeddings(torch.arange(target.config.vocab_size)).float()
     h = {k: v.detach().half() for k, v in head.state_dict().items()}
-    names = {"q.weight": hf_names.Q, "k.weight": hf_names.K, "v.weight": hf_names.V,
-             "o.weight": hf_names.O, "gate.weight": hf_names.GATE, "up.weight": hf_names.UP,
-             "down.weight": hf_names.DOWN, "n1": hf_names.ATTN_NORM, "n2": hf_names.FFN_NORM}
+    names = _names()
     sd = {hf_names.EMBED: torch.cat([emb[ids], emb.mean(0, keepdim=True)]).half(),
           hf_names.FINAL_NORM: target.norm.weight.detach().half(), VOCAB_SUBSET_IDS: ids,
           **{hf_names.layer(0, hf): h[ours] for ours, hf in names.items()}}
@@ -275,6 +314,9 @@ def main(argv=None) -> None:
     ap.add_argument("--noise", type=float, default=0.2, help="input feature noise (uniform)")
     ap.add_argument("--held-out", type=int, default=200, help="answers kept for evaluation")
     ap.add_argument("--features", help="a feature file (default: cached by settings)")
+    ap.add_argument("--init", help="an exported head to continue from")
+    ap.add_argument("--unroll", action="store_true",
+                    help="also train on the head's own estimates (depth 2 and deeper)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -299,6 +341,8 @@ def main(argv=None) -> None:
     sub_emb = emb[ids].contiguous()
     cfg = LlamaConfig.from_dir(target_dir)
     head = TrainHead(cfg)
+    if args.init:
+        load_head(head, Path(args.init))
     batches = Batches(data, emb, norm_w, cfg.rms_norm_eps)
     n_answers = len(data["off"]) - 1
     held = list(range(min(args.held_out, n_answers // 4)))
@@ -315,7 +359,7 @@ def main(argv=None) -> None:
                 warm = min(1.0, (step + 1) / 50)
                 pg["lr"] = args.lr * warm * 0.5 * (1 + math.cos(math.pi * frac))
             ce, reg = losses(head, batches.make(train[c:c + args.answers_per_batch]), norm_w,
-                             sub_emb, args.noise)
+                             sub_emb, args.noise, args.unroll)
             opt.zero_grad()
             (ce + reg).backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)

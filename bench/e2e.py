@@ -215,7 +215,8 @@ def main(argv=None) -> int:
         pipe = FastPipeline.from_pretrained(args.models, compute=args.compute)
     else:
         pipe = FastPipeline.from_default(compute=args.compute)
-    pipe.feature_head = _feature_head(args.head, pipe)
+    heads = any(name.endswith("_head") for name in args.systems.split(","))
+    pipe.feature_head = _feature_head(args.head, pipe) if heads else None
     systems, skipped = make_systems(args, pipe)
     prompts = [pipe.chat_prompt(p) for p in load_prompts(args.task, args.prompts)]
     latency = probe_latency(pipe)
@@ -721,7 +722,11 @@ def _feature_head(path: str | None, pipe):
     from pipespec_fast.models.packed import requantize_fp16, set_compute
 
     target = pipe.stages[-1]
-    st = feature_head_stage(path, target)
+    try:
+        st = feature_head_stage(path, target)
+    except ValueError as e:  # the target keeps no features (captured steps, a GPU)
+        print(f"--head {path}: {e}", file=sys.stderr)
+        return None
     if target.model.compute == "int8":
         requantize_fp16(st.model)
     set_compute(st.model, target.model.compute)

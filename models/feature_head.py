@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from pipespec_fast.models.llama import Transformer, block_layout, rope_tables
 
 FC_FILE = "feature_head.safetensors"
-CONFIG_KEY = "feature_head"  # config.json: {"dim": ..., "target_vocab_size": ...}
+CONFIG_KEY = "feature_head"  # config.json: {"target": its name, "features": what it reads}
 
 
 def is_feature_head(model_dir: str | Path) -> bool:
@@ -86,7 +86,10 @@ class FeatureHead:
         missing = {"fc.weight", "fc.bias"} - set(fc)
         if missing:
             raise ValueError(f"{fc_path}: missing {sorted(missing)}")
-        return cls(body, fc["fc.weight"], fc["fc.bias"], target.tok_embeddings)
+        try:
+            return cls(body, fc["fc.weight"], fc["fc.bias"], target.tok_embeddings)
+        except ValueError as e:
+            raise ValueError(f"{model_dir}: {e}") from None
 
     def new_cache(self, max_len: int):
         return self.body.new_cache(max_len)
@@ -96,8 +99,8 @@ class FeatureHead:
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run ``tokens: [n]`` at slots ``[cache.length, + n)`` with ``feats: [n, dim]`` (row
         ``i``: the target's normalised feature at the position before token ``i``, or the
-        head's own estimate of it). Returns ``([last_n, vocab_size]`` fp32 logits, ``[n, dim]``
-        the head's feature estimates ``ĝ``)."""
+        head's own estimate of it). Returns ``([last_n, vocab_size]`` fp32 logits (none
+        computed for ``last_n = 0``), ``[n, dim]`` the head's feature estimates ``ĝ``)."""
         body = self.body
         n = tokens.shape[0]
         start = cache.reserve(n)
@@ -108,13 +111,10 @@ class FeatureHead:
                          self.fc_weight, self.fc_bias)
             x = body._layers(z.contiguous(), cos, sin, bits, cache, start)
             g = body.norm(x)
+            if last_n == 0:
+                return x.new_empty(0, self.config.vocab_size), g
             return body.head(x[n - last_n:]), g
         except BaseException:
             cache.length = start
             raise
 
-
-def normalise(target: Transformer, x: torch.Tensor) -> torch.Tensor:
-    """The target's final norm of its last layer's output ``x: [n, dim]``: the features a head
-    reads (what the target's LM head reads)."""
-    return target.norm(x)

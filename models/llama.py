@@ -365,7 +365,7 @@ class Transformer(nn.Module):
                 ``cache.length`` grows by ``n`` (roll back or ``keep_path`` afterwards).
             parents: ``[n]`` tree parents (``reference`` module doc); ``None`` for a chain.
             last_n: compute logits only for the last ``last_n`` tokens (default: all).
-            features: ``[>= cache.length, dim]`` fp32; rows ``[start, start + n)`` get the
+            features: ``[>= cache.length + n, dim]`` fp32; rows ``[start, start + n)`` get the
                 last layer's output after the final norm (what a feature head reads:
                 ``models/feature_head.py``).
 

@@ -75,13 +75,15 @@ def feature_head_stage(path: str | Path, target: LlamaStage) -> FeatureHeadStage
 
 
 def _check_heads(paths, heads: list[bool], devices) -> None:
-    """A feature head (``models/feature_head.py``) sits right below the target, on the CPU."""
+    """A feature head (``models/feature_head.py``) sits right below the target, and both run
+    on the CPU (the head reads the target's features in host memory)."""
     for i, (p, h) in enumerate(zip(paths, heads, strict=True)):
         if h and i != len(paths) - 2:
             raise ValueError(f"paths: {p} is a feature head: it goes right below the target "
                              "(second to last), whose features it reads")
-        if h and torch.device(devices[i]).type != "cpu":
-            raise ValueError(f"devices: the feature head {p} runs on the CPU only")
+        if h and {torch.device(devices[i]).type, torch.device(devices[-1]).type} != {"cpu"}:
+            raise ValueError(f"devices: the feature head {p} and its target run on the CPU "
+                             "(it reads the target's features in host memory)")
 
 
 def load_store(store: str | Path | NGramStore | None, target_dir: str | Path | None,

@@ -67,6 +67,56 @@ def test_recomputed_rows_leave_the_cache_of_a_fresh_run():
     torch.testing.assert_close(head.cache.v[:, :, :19], fresh.cache.v[:, :, :19])
 
 
+def _reference_logits(head: FeatureHead, target, seq: torch.Tensor) -> torch.Tensor:
+    """The head over ``seq`` straight from the model: the target's features of every row
+    (a fresh forward), row ``q`` fed the one of row ``q - 1``."""
+    feats = torch.zeros(len(seq) + 1, target.config.dim)
+    target(seq, target.new_cache(len(seq) + 1), features=feats)
+    prev = torch.cat([torch.zeros(1, target.config.dim), feats[: len(seq) - 1]])
+    return head.forward(seq, prev, head.new_cache(len(seq) + 1), last_n=len(seq))[0]
+
+
+@pytest.mark.parametrize("committed", [13, 16, 18])
+def test_a_recompute_gives_the_logits_of_the_model_on_the_targets_features(committed):
+    """Drafted rows, then the target commits some: the head recomputes what the target's
+    features reach, and of the two new rows, those they reach (none, one, both) have the
+    logits of the model over the target's features (not the stage against itself); the
+    others run on the head's own estimates."""
+    head, target = _stages()
+    seq = torch.tensor(PROMPT)
+    target.forward(seq[:10])
+    target.rollback(10)
+    head.forward(seq[:16], last_n=1)  # rows 11..15 on the head's own estimates
+    target.forward(seq[10:committed])
+    target.rollback(committed)
+    got = head.forward(seq[16:18], last_n=2)
+    assert head._real == min(committed + 1, 18)
+    want = _reference_logits(head.head, target.model, seq[:18])
+    reach = min(2, committed + 1 - 16)  # of the two new rows, those the target's features reach
+    if reach > 0:
+        torch.testing.assert_close(got[:reach], want[16:16 + reach], rtol=1e-5, atol=1e-5)
+    if reach < 2:
+        assert not torch.allclose(got[-1], want[17], atol=1e-3)  # own estimates differ
+
+
+def test_tree_verification_keeps_the_accepted_paths_features():
+    """``keep_path`` moves the accepted nodes' features with their K/V: the rows equal a chain
+    forward of the accepted tokens."""
+    _head_stage, target = _stages()
+    seq = torch.tensor(PROMPT[:8])
+    target.forward(seq)
+    target.rollback(8)
+    tree = torch.tensor([4, 9, 7, 2, 11])
+    parents = torch.tensor([-1, 0, 0, 2, 3])  # accepted path: nodes 0, 2, 3
+    target.forward(tree, parents=parents)
+    target.keep_path(8, torch.tensor([0, 2, 3]), 3)
+    assert target.features_valid == 11
+    chain = LlamaStage(target.model, name="chain", max_len=256)
+    chain.keep_features()
+    chain.forward(torch.cat([seq, torch.tensor([4, 7, 2])]))
+    torch.testing.assert_close(target.features[:11], chain.features[:11], rtol=1e-5, atol=1e-5)
+
+
 def test_rows_past_the_targets_run_one_by_one_on_own_estimates():
     """Past what the target committed, row q reads the head's own ĝ of row q - 1: the same
     logits as feeding the rows one at a time."""
@@ -127,8 +177,10 @@ def test_seeded_sampling_repeats_and_follows_the_targets_distribution():
 
 def test_trees_are_refused_by_name():
     head, _target_stage = _stages()
-    with pytest.raises(ValueError, match="head: a feature head drafts chains"):
+    with pytest.raises(NotImplementedError, match="head: a feature head runs chains"):
         head.forward(torch.tensor([1, 2]), parents=torch.tensor([-1, 0]))
+    with pytest.raises(NotImplementedError, match="head: a feature head keeps chains"):
+        head.keep_path(0, torch.tensor([0]), 1)
 
 
 def _write_checkpoint(path, model, words):
@@ -167,6 +219,37 @@ def test_an_exported_head_loads_below_its_target_and_nowhere_else(tmp_path):
     assert res.stage_stats[-1].proposed > 0
     with pytest.raises(ValueError, match=r"paths: .*head is a feature head: it goes right below"):
         FastPipeline.from_pretrained([tmp_path / "head", tmp_path / "target", tmp_path / "target"])
+    with pytest.raises(ValueError, match=r"devices: the feature head .*head and its target run"):
+        FastPipeline.from_pretrained([tmp_path / "head", tmp_path / "target"],
+                                     devices=["cpu", "cuda"])
+
+
+def test_the_trained_layer_is_the_exported_heads_forward(tmp_path):
+    """``TrainHead`` (training, plain torch) and the exported folder loaded as a
+    ``FeatureHead`` (our model) compute the same estimates and logits."""
+    from tools.train_feature_head import TrainHead, export
+
+    target = _target(vocab=64)
+    _write_checkpoint(tmp_path / "target", target, ["<unk>"] + [f"w{i}" for i in range(63)])
+    torch.manual_seed(3)
+    train = TrainHead(target.config)
+    with torch.no_grad():
+        for p in train.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.arange(0, 64, 2)
+    export(train, tmp_path / "target", target, ids, tmp_path / "head", {})
+    head = FeatureHead.from_pretrained(tmp_path / "head", target)
+    seq = torch.tensor(PROMPT)
+    g = torch.Generator().manual_seed(1)
+    feats = target.norm(torch.randn(len(seq), target.config.dim, generator=g))
+    logits, est = head.forward(seq, feats, head.new_cache(64), last_n=len(seq))
+    n = len(seq)
+    mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    want = train(target.tok_embeddings(seq)[None], feats[None], torch.arange(n)[None], mask,
+                 target.norm.weight)[0]
+    torch.testing.assert_close(est, want, rtol=2e-2, atol=2e-2)  # fp16 weights on disk
+    sub = target.tok_embeddings.weight[ids]
+    assert (logits[:, ids].argmax(-1) == (want @ sub.T).argmax(-1)).float().mean() > 0.9
 
 
 def test_training_batches_losses_and_a_continued_heads_weights(tmp_path):
@@ -189,8 +272,12 @@ def test_training_batches_losses_and_a_continued_heads_weights(tmp_path):
     assert int(valid.sum()) == sum(n - 1 for n in lens)
     first = valid.float().argmax(1)  # each row's first answer starts at its position 1
     assert int(pos[0, first[0]]) == 1
-    torch.testing.assert_close(g_in[valid], data["x"][torch.cat(
-        [torch.arange(a, b - 1) for a, b in ((0, 7), (7, 19), (19, 24))])].float())
+    spans = ((0, 7), (7, 19), (19, 24))
+    before = torch.cat([torch.arange(a, b - 1) for a, b in spans])  # feature p - 1
+    at = torch.cat([torch.arange(a + 1, b) for a, b in spans])  # token and targets at p
+    torch.testing.assert_close(g_in[valid], data["x"][before].float())
+    torch.testing.assert_close(g_out[valid], data["x"][at].float())
+    torch.testing.assert_close(e[valid], emb[data["tok"][at]])
     head = TrainHead(target.config)
     sub = emb[torch.arange(0, 64, 2)]
     ce, reg = losses(head, b, norm_w, sub, 0.2, unroll=True)

@@ -53,14 +53,13 @@ def store_answers(store_dir: Path) -> list[np.ndarray]:
 
 
 @torch.inference_mode()
-def target_features(target, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([n, dim]`` the target's normalised last-layer outputs, ``[n]`` its greedy tokens)
-    over ``ids``."""
+def target_features(target, ids: list[int]) -> torch.Tensor:
+    """``[n, dim]``: the target's normalised last-layer outputs over ``ids``."""
     t = torch.tensor(ids)
     cache = target.new_cache(len(ids) + 1)
     feats = torch.zeros(len(ids) + 1, target.config.dim)
-    logits = target(t, cache, features=feats)
-    return feats[: len(ids)], logits.argmax(-1)
+    target(t, cache, last_n=1, features=feats)
+    return feats[: len(ids)]
 
 
 def dump(pipe, answers: list[np.ndarray], budget: int, seed: int, path: Path) -> dict:
@@ -73,7 +72,7 @@ def dump(pipe, answers: list[np.ndarray], budget: int, seed: int, path: Path) ->
         ids = list(prefix) + answers[j][:400].tolist()
         if len(ids) < 8:
             continue
-        x, _ = target_features(target, ids)
+        x = target_features(target, ids)
         xs.append(x.half())
         toks.append(torch.tensor(ids))
         offs.append(offs[-1] + len(ids))
@@ -205,10 +204,11 @@ def losses(head, batch, norm_w, sub_emb, noise: float, unroll: bool = False):
     if not unroll:
         return ce, reg
     # row p + 1 of the same answer reads est_p (kept in the graph: the first pass learns to
-    # give estimates the second can read)
+    # give estimates the second can read); an answer's first row keeps the target's
     pair = mask[:, 0, 1:, :-1].diagonal(dim1=1, dim2=2)  # [B, L - 1]: p, p + 1 in one answer
+    g2 = torch.where(pair[..., None], est[:, :-1].float(), g_in[:, 1:])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        est2 = head(emb[:, 1:], est[:, :-1], pos[:, 1:], mask[:, :, 1:, 1:], norm_w)
+        est2 = head(emb[:, 1:], g2, pos[:, 1:], mask[:, :, 1:, 1:], norm_w)
     ce2, reg2 = _soft_ce(est2[pair], g_out[:, 1:][pair], sub_emb)
     return (ce + ce2) / 2, (reg + reg2) / 2
 
@@ -221,19 +221,18 @@ def agreement(head, batches: Batches, answers: list[int], norm_w, sub_emb, ids) 
     hit1 = tot1 = hit2 = tot2 = 0
     for i in answers:
         emb, g_in, pos, mask, g_out, valid = batches.make([i])
-        n = int(valid.sum())
-        emb, g_in, pos, g_out = emb[:, :n], g_in[:, :n], pos[:, :n], g_out[:, :n]
-        mask = mask[:, :, :n, :n]
-        want = ids[(g_out[0] @ sub_emb.T).argmax(-1)]
-        est = head(emb, g_in, pos, mask, norm_w)
-        got1 = ids[(est[0] @ sub_emb.T).argmax(-1)]
-        ok1 = got1 == want
-        # depth 2: row p + 1 reads the head's estimate of row p instead of the target's
-        est2 = head(emb[:, 1:], est[:, :-1], pos[:, 1:], mask[:, :, 1:, 1:], norm_w)
-        got2 = ids[(est2[0] @ sub_emb.T).argmax(-1)]
-        ok2 = (got2 == want[1:]) & ok1[:-1]
-        hit1, tot1 = hit1 + int(ok1.sum()), tot1 + n
-        hit2, tot2 = hit2 + int(ok2.sum()), tot2 + int(ok1[:-1].sum())
+        for r in range(emb.shape[0]):  # a long answer spans rows: each scored on its own
+            n = int(valid[r].sum())
+            e, g, p, o = emb[r:r + 1, :n], g_in[r:r + 1, :n], pos[r:r + 1, :n], g_out[r, :n]
+            m = mask[r:r + 1, :, :n, :n]
+            want = ids[(o @ sub_emb.T).argmax(-1)]
+            est = head(e, g, p, m, norm_w)
+            ok1 = ids[(est[0] @ sub_emb.T).argmax(-1)] == want
+            # depth 2: row p + 1 reads the head's estimate of row p instead of the target's
+            est2 = head(e[:, 1:], est[:, :-1], p[:, 1:], m[:, :, 1:, 1:], norm_w)
+            ok2 = (ids[(est2[0] @ sub_emb.T).argmax(-1)] == want[1:]) & ok1[:-1]
+            hit1, tot1 = hit1 + int(ok1.sum()), tot1 + n
+            hit2, tot2 = hit2 + int(ok2.sum()), tot2 + int(ok1[:-1].sum())
     head.train()
     return {"depth1": round(hit1 / max(tot1, 1), 4), "depth2": round(hit2 / max(tot2, 1), 4)}
 

@@ -199,6 +199,7 @@ def load_local_stages(paths: Sequence[str | Path], device, dtype, max_len: int, 
     n-gram drafter's (``loading.load_store``: a folder or a store), read on the ranks with a
     drafter, before any model."""
     from pipespec_fast.loading import load_store
+    from pipespec_fast.models.feature_head import is_feature_head
     from pipespec_fast.models.packed import (
         default_compute,
         draft_compute,
@@ -214,6 +215,10 @@ def load_local_stages(paths: Sequence[str | Path], device, dtype, max_len: int, 
     if len(paths) != world:
         raise ValueError(f"distributed: {len(paths)} models for {world} ranks (one rank per "
                          "model, the target last)")
+    heads = [p for p in paths if is_feature_head(p)]
+    if heads:  # every rank: the same arguments, the same error
+        raise ValueError(f"paths: {heads[0]} is a feature head: it reads its target's features "
+                         "in the target's process (distributed=False)")
     tok = rank_tokenizer(paths, rank)
     device = rank_device(device)
     path = paths[rank]

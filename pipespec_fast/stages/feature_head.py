@@ -26,6 +26,10 @@ class FeatureHeadStage:
     ``LlamaStage``, the stage it drafts for: its features feed the head)."""
 
     def __init__(self, head, target, name: str = "feature-head") -> None:
+        if target.device.type != "cpu":  # its features are read from host memory, unsynced
+            raise ValueError(f"{name}: a feature head reads its target's features in host "
+                             f"memory: the target {target.name!r} must run on the CPU (it is "
+                             f"on {target.device})")
         self.head = head
         self.model = head.body  # compute modes and weights: set like any draft's
         self.target = target
@@ -61,7 +65,7 @@ class FeatureHeadStage:
         cached from the head's own estimates whose target features are committed now are
         computed again first."""
         if parents is not None:
-            raise ValueError(f"{self.name}: a feature head drafts chains, not trees")
+            raise NotImplementedError(f"{self.name}: a feature head runs chains, not trees")
         n = tokens.shape[0]
         last_n = n if last_n is None else last_n
         start = self.cache.length
@@ -72,40 +76,48 @@ class FeatureHeadStage:
             ids = torch.cat([self._ids[redo:start], tokens.cpu()])
         else:
             redo, ids = start, tokens.cpu()
-        logits = self._run(ids, redo, valid, last_n)
+        try:
+            logits = self._run(ids, redo, valid, last_n)
+        except BaseException:  # keep the rows before the failed ones, as they were
+            self.rollback(min(redo, self.cache.length))
+            raise
         return logits.to(tokens.device)
 
     def _run(self, ids: torch.Tensor, at: int, valid: int, last_n: int) -> torch.Tensor:
-        """Rows ``[at, at + len(ids))``: a block while the target's features reach, then one
-        row at a time on the head's own estimates; the last ``last_n`` rows' logits."""
+        """Rows ``[at, at + len(ids))`` (``ids: [m]``): a block while the target's committed
+        features reach, then one row at a time on the head's own estimates; returns the last
+        ``last_n`` rows' logits ``[last_n, vocab_size]``."""
         m = ids.shape[0]
         known = max(0, min(m, valid + 1 - at))  # rows q with q - 1 < valid (or q = 0)
         out = []
         if known:
-            out.append(self._block(ids[:known], at, real=True, last_n=min(known, last_n)))
+            out.append(self._block(ids[:known], at, True, max(0, last_n - (m - known))))
         for i in range(known, m):
-            keep = 1 if m - i <= last_n else 0
-            out.append(self._block(ids[i:i + 1], at + i, real=False, last_n=keep))
-        rows = torch.cat(out)
-        return rows[rows.shape[0] - last_n:]
+            out.append(self._block(ids[i:i + 1], at + i, False, 1 if m - i <= last_n else 0))
+        return torch.cat(out)
 
     def _block(self, ids: torch.Tensor, at: int, real: bool, last_n: int) -> torch.Tensor:
+        """One head forward of rows ``[at, at + n)`` (``ids: [n]``) reading the target's
+        features (``real``) or the head's own ``ĝ`` of each row before; returns the last
+        ``last_n`` rows' logits (none computed for 0)."""
         n = ids.shape[0]
         src = self.features if real else self._own
         prev = src[max(at - 1, 0):at - 1 + n]
         feats = prev if at > 0 else torch.cat([self._zero, prev])
-        logits, g = self.head.forward(ids, feats, self.cache, last_n=max(last_n, 1))
+        logits, g = self.head.forward(ids, feats, self.cache, last_n=last_n)
         self._own[at:at + n] = g
         self._ids[at:at + n] = ids
         if real and self._real >= at:
             self._real = at + n
-        return logits[logits.shape[0] - last_n:] if last_n else logits[:0]
+        return logits
 
     def rollback(self, length: int) -> None:
+        """Forget rows at and after ``length`` (and that they were computed at all)."""
         self.cache.rollback(length)
         self._real = min(self._real, length)
 
     def keep_path(self, start, path, num, chain=False):
+        """Chains only: keep ``num`` rows from ``start`` (= ``rollback(start + num)``)."""
         if not chain:
-            raise ValueError(f"{self.name}: a feature head keeps chains only")
+            raise NotImplementedError(f"{self.name}: a feature head keeps chains, not trees")
         self.rollback(start + num)

@@ -44,7 +44,9 @@ class LlamaStage:
         # (start, end) perf_counter times of the last propose_tree's chain forwards (stats)
         self.tree_step_times: list[tuple[float, float]] = []
         # the last layer's normalised outputs per cache slot, for a feature head below
-        # (keep_features); rows [0, features_valid) are committed: never written again
+        # (keep_features); rows [0, features_valid) are committed: not written again during
+        # the generation's decoding (a new prompt, the warm-up and a tree draft's rollback
+        # rewrite them while the head is idle)
         self.features: torch.Tensor | None = None
         self.features_valid = 0
         if self.batch_invariant or (self.device.type == "cuda" and cfg.graphs):

@@ -307,12 +307,10 @@ class Transformer(nn.Module):
         return packed_weights.attach_packed(self, weights, source, reference, keep_fp32)
 
     def materialize_fp32(self) -> None:
-        """Give the matrices held only in packed form their fp32 weights back (dequantised,
-        the same values); the packed copies stay and still serve CPU fp32 matmuls."""
+        """Matrices held only in packed form get their fp32 weights back (packed copies stay)."""
         packed_weights.materialize(self)
 
-    def packed_bytes(self) -> int:
-        """Bytes held by packed weight copies (0 when none are attached)."""
+    def packed_bytes(self) -> int:  # held by packed weight copies (0 when none are attached)
         return packed_weights.packed_bytes(self)
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
@@ -357,7 +355,8 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, parents: torch.Tensor | None = None,
                 last_n: int | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
-        """Run ``n`` new tokens through the model, appending their K/V to ``cache``.
+        """Run ``n`` new tokens through the model, appending their K/V to ``cache``; returns
+        ``[last_n, vocab_size]`` fp32 logits.
 
         Args:
             tokens: ``[n]`` int64 token ids.
@@ -365,12 +364,8 @@ class Transformer(nn.Module):
                 ``cache.length`` grows by ``n`` (roll back or ``keep_path`` afterwards).
             parents: ``[n]`` tree parents (``reference`` module doc); ``None`` for a chain.
             last_n: compute logits only for the last ``last_n`` tokens (default: all).
-            features: ``[>= cache.length + n, dim]`` fp32; rows ``[start, start + n)`` get the
-                last layer's output after the final norm (what a feature head reads:
-                ``models/feature_head.py``).
-
-        Returns ``[last_n, vocab_size]`` fp32 logits.
-        """
+            features: ``[>= cache.length + n, dim]``: rows at the new slots get the final norm
+                of the last layer's output (a feature head's input)."""
         if tokens.dim() != 1:
             raise ValueError(f"tokens: expected a 1-D tensor of ids, got {tuple(tokens.shape)}")
         n = tokens.shape[0]

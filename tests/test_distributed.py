@@ -47,9 +47,9 @@ def _family_dirs(tmp_path: Path, k: int, seed: int, words: list[str] | None = No
         if words is None:
             save_state_dict(d, hf_state_of(m), m.config)
         else:
-            from test_pipeline import _write_tiny_checkpoint
+            from tiny import write_tiny_checkpoint
 
-            _write_tiny_checkpoint(d, m, words)
+            write_tiny_checkpoint(d, m, words)
         dirs.append(str(d))
     return dirs, models
 
@@ -203,10 +203,10 @@ def _hosts(tmp_path: Path, k: int, seed: int, words: list[list[str]]
     models = family(k, noise=0.05, seed=seed)
     lists = []
     for i, m in enumerate(models):
-        from test_pipeline import _write_tiny_checkpoint
+        from tiny import write_tiny_checkpoint
 
         host = tmp_path / f"host{i}"
-        _write_tiny_checkpoint(host / f"m{i}", m, words[i])
+        write_tiny_checkpoint(host / f"m{i}", m, words[i])
         lists.append([str(host / f"m{j}") for j in range(k)])
     return lists, models
 

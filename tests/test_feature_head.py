@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tiny import build, random_hf_state, tiny_config
+from tiny import build, random_hf_state, tiny_config, write_tiny_checkpoint
 
 from pipespec_fast import FastPipeline, LlamaStage
 from pipespec_fast.models.feature_head import FeatureHead
@@ -183,20 +183,6 @@ def test_trees_are_refused_by_name():
         head.keep_path(0, torch.tensor([0]), 1)
 
 
-def _write_checkpoint(path, model, words):
-    """A tiny checkpoint folder with a word-level tokenizer over ``words``."""
-    from tiny import hf_state_of
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from pipespec_fast.models.checkpoint import save_state_dict
-
-    save_state_dict(path, hf_state_of(model), model.config)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0]).save_pretrained(path)
-
-
 def test_an_exported_head_loads_below_its_target_and_nowhere_else(tmp_path):
     """``tools/train_feature_head.export`` writes a folder ``from_pretrained`` puts below the
     target (the target's tokenizer, a vocabulary subset, fc beside the checkpoint); greedy
@@ -205,7 +191,7 @@ def test_an_exported_head_loads_below_its_target_and_nowhere_else(tmp_path):
 
     target = _target(vocab=64)
     words = ["<unk>"] + [f"w{i}" for i in range(63)]
-    _write_checkpoint(tmp_path / "target", target, words)
+    write_tiny_checkpoint(tmp_path / "target", target, words)
     torch.manual_seed(0)
     ids = torch.arange(0, 64, 2)
     export(TrainHead(target.config), tmp_path / "target", target, ids, tmp_path / "head", {})
@@ -230,7 +216,7 @@ def test_the_trained_layer_is_the_exported_heads_forward(tmp_path):
     from tools.train_feature_head import TrainHead, export
 
     target = _target(vocab=64)
-    _write_checkpoint(tmp_path / "target", target, ["<unk>"] + [f"w{i}" for i in range(63)])
+    write_tiny_checkpoint(tmp_path / "target", target, ["<unk>"] + [f"w{i}" for i in range(63)])
     torch.manual_seed(3)
     train = TrainHead(target.config)
     with torch.no_grad():
@@ -259,7 +245,7 @@ def test_training_batches_losses_and_a_continued_heads_weights(tmp_path):
     from tools.train_feature_head import Batches, TrainHead, export, load_head, losses
 
     target = _target(vocab=64)
-    _write_checkpoint(tmp_path / "target", target, ["<unk>"] + [f"w{i}" for i in range(63)])
+    write_tiny_checkpoint(tmp_path / "target", target, ["<unk>"] + [f"w{i}" for i in range(63)])
     g = torch.Generator().manual_seed(0)
     lens = [7, 12, 5]
     data = {"x": torch.randn(sum(lens), 32, generator=g).half(),

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 from scipy.stats import chisquare
-from tiny import family, hf_state_of
+from tiny import family, hf_state_of, write_tiny_checkpoint
 
 from pipespec_fast import FastPipeline, HFStage, LlamaStage, StageError, config
 from pipespec_fast.reference import probs_from_logits
@@ -341,24 +341,11 @@ def test_failure_in_an_inline_ngram_drafter_names_it():
     assert not _stage_threads()
 
 
-def _write_tiny_checkpoint(path, model, words):
-    """A tiny checkpoint dir with a word-level tokenizer over ``words``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from pipespec_fast.models.checkpoint import save_state_dict
-
-    save_state_dict(path, hf_state_of(model), model.config)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0]).save_pretrained(path)
-
-
 def test_from_pretrained_text_pipeline_and_tokenizer_mismatch(tmp_path):
     draft, target = family(2, noise=0.05, seed=31)
     words = ["<unk>"] + [f"w{i}" for i in range(63)]
-    _write_tiny_checkpoint(tmp_path / "draft", draft, words)
-    _write_tiny_checkpoint(tmp_path / "target", target, words)
+    write_tiny_checkpoint(tmp_path / "draft", draft, words)
+    write_tiny_checkpoint(tmp_path / "target", target, words)
     pipe = FastPipeline.from_pretrained([tmp_path / "draft", tmp_path / "target"], max_len=256)
     res = pipe.generate("w1 w5 w7 w9", 12, ignore_eos=True)
     ids = pipe.tokenizer.encode("w1 w5 w7 w9", add_special_tokens=False)
@@ -366,7 +353,7 @@ def test_from_pretrained_text_pipeline_and_tokenizer_mismatch(tmp_path):
     assert res.text == pipe.tokenizer.decode(res.token_ids, skip_special_tokens=True)
     assert res.text.split() == [words[t] for t in res.token_ids if t != 0]
     other = ["<unk>"] + [f"v{i}" for i in range(63)]  # same size, different vocabulary
-    _write_tiny_checkpoint(tmp_path / "other", draft, other)
+    write_tiny_checkpoint(tmp_path / "other", draft, other)
     with pytest.raises(ValueError, match=r"vocab.*'other'.*'target'"):
         FastPipeline.from_pretrained([tmp_path / "other", tmp_path / "target"])
 
@@ -387,7 +374,7 @@ def test_cli_runs_a_three_stage_pipeline(tmp_path, capsys):
     words = ["<unk>"] + [f"w{i}" for i in range(63)]
     dirs = []
     for name, model in zip(("small", "mid", "big"), family(3, noise=0.05, seed=41), strict=True):
-        _write_tiny_checkpoint(tmp_path / name, model, words)
+        write_tiny_checkpoint(tmp_path / name, model, words)
         dirs.append(str(tmp_path / name))
     assert main(["generate", "--models", *dirs, "--prompt", "w1 w5 w7", "--max-new-tokens", "10",
                  "--ignore-eos", "--max-len", "128"]) == 0

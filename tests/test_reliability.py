@@ -9,7 +9,8 @@ import time
 
 import pytest
 import torch
-from test_pipeline import PROMPT, _write_tiny_checkpoint, stages_for, target_greedy
+from test_pipeline import PROMPT, stages_for, target_greedy
+from tiny import write_tiny_checkpoint
 
 from pipespec_fast import FastPipeline, StageError
 from pipespec_fast.errors import GenerationTimeout, NonFiniteLogitsError, PipelineClosedError
@@ -166,7 +167,7 @@ def test_a_generation_within_its_timeout_is_unchanged():
 def test_tokenizer_code_in_a_model_folder_is_never_run(tmp_path):
     from tiny import family
 
-    _write_tiny_checkpoint(tmp_path, family(1)[0], [f"w{i}" for i in range(64)])
+    write_tiny_checkpoint(tmp_path, family(1)[0], [f"w{i}" for i in range(64)])
     marker = tmp_path / "ran"
     (tmp_path / "evil.py").write_text(
         f"open({str(marker)!r}, 'w').write('x')\n"
@@ -186,7 +187,7 @@ def test_tokenizer_code_in_a_model_folder_is_never_run(tmp_path):
 def test_a_corrupt_tokenizer_file_is_named(tmp_path):
     from tiny import family
 
-    _write_tiny_checkpoint(tmp_path, family(1)[0], [f"w{i}" for i in range(64)])
+    write_tiny_checkpoint(tmp_path, family(1)[0], [f"w{i}" for i in range(64)])
     (tmp_path / "tokenizer.json").write_text("{ not json")
     with pytest.raises(ValueError, match="tokenizer") as info:
         load_tokenizer(tmp_path)
@@ -197,7 +198,7 @@ def test_stop_string_keeps_only_the_tokens_whose_text_is_returned(tmp_path):
     from tiny import family
 
     words = [f"w{i}" for i in range(64)]
-    _write_tiny_checkpoint(tmp_path, family(1, seed=3)[0], words)
+    write_tiny_checkpoint(tmp_path, family(1, seed=3)[0], words)
     pipe = FastPipeline.from_pretrained([tmp_path])
     full = pipe.generate(PROMPT, 12, ignore_eos=True)
     decode = lambda ids: pipe.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731

@@ -85,3 +85,16 @@ def subset_draft(model: Transformer, ids: list[int] | torch.Tensor,
     m = Transformer(cfg)
     m.load_hf_state_dict(sd)
     return m.eval()
+
+
+def write_tiny_checkpoint(path, model: Transformer, words: list[str]) -> None:
+    """A tiny checkpoint folder with a word-level tokenizer over ``words``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from pipespec_fast.models.checkpoint import save_state_dict
+
+    save_state_dict(path, hf_state_of(model), model.config)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0]).save_pretrained(path)

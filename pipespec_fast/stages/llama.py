@@ -33,8 +33,7 @@ class LlamaStage:
         spare = MAX_N - 1 if self.batch_invariant else 0  # the last block's padding rows
         self.cache: KVCache = model.new_cache(self.max_len + spare)
         self.model_dir: Path | None = None
-        # read by every pipeline check and some steps: counted once, not per read (~0.4 ms
-        # over 270 tensors, paid per token when a stage asked for it in a decode loop)
+        # counted once, not per read (~0.4 ms over 270 tensors: per token in a decode loop)
         self._num_params = sum(p.numel() for p in model.parameters())
         self.steps = None  # captured steps (decoding/captured.py), when in use
         # the logits of the last forward's last row and the cache length after it, while the
@@ -43,10 +42,8 @@ class LlamaStage:
         self._last_at = -1
         # (start, end) perf_counter times of the last propose_tree's chain forwards (stats)
         self.tree_step_times: list[tuple[float, float]] = []
-        # the last layer's normalised outputs per cache slot, for a feature head below
-        # (keep_features); rows [0, features_valid) are committed: not written again during
-        # the generation's decoding (a new prompt, the warm-up and a tree draft's rollback
-        # rewrite them while the head is idle)
+        # keep_features: rows [0, features_valid) are committed (rewritten only while a head
+        # is idle: a new prompt, the warm-up, a tree draft's rollback)
         self.features: torch.Tensor | None = None
         self.features_valid = 0
         if self.batch_invariant or (self.device.type == "cuda" and cfg.graphs):
@@ -119,8 +116,7 @@ class LlamaStage:
     def forward(self, tokens, parents=None, last_n=None):
         self._last_at = -1
         steps = self.steps
-        if self.features is not None:  # what the cache holds before a forward is committed
-            self.features_valid = self.cache.length
+        self.features_valid = self.cache.length  # what it holds before a forward is committed
         if steps is not None and (steps.batch_invariant or steps.fits(tokens.shape[0])):
             logits = steps.forward(tokens, parents=parents, last_n=last_n)
         else:
@@ -139,8 +135,7 @@ class LlamaStage:
         self._last_at = -1
         self.cache.keep_path(start, path, num, chain)
         if self.features is not None and num > 0 and not chain:
-            src = path[:num].to(torch.int64) + start
-            self.features[start:start + num] = self.features[src]
+            self.features[start:start + num] = self.features[path[:num].long() + start]
         self.features_valid = start + num
 
     def propose_tree(self, budget: int, max_depth: int, decay: float = 1.0) -> DraftTree:

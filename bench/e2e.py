@@ -719,18 +719,12 @@ def _feature_head(path: str | None, pipe):
     if not path:
         return None
     from pipespec_fast.loading import feature_head_stage
-    from pipespec_fast.models.packed import requantize_fp16, set_compute
 
-    target = pipe.stages[-1]
     try:
-        st = feature_head_stage(path, target)
+        return feature_head_stage(path, pipe.stages[-1])
     except ValueError as e:  # the target keeps no features (captured steps, a GPU)
         print(f"--head {path}: {e}", file=sys.stderr)
         return None
-    if target.model.compute == "int8":
-        requantize_fp16(st.model)
-    set_compute(st.model, target.model.compute)
-    return st
 
 
 def _draft_dir(pipe) -> str | None:

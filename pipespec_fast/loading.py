@@ -69,8 +69,14 @@ def load_stages(paths: Sequence[str | Path], device: str | torch.device = "cpu",
 
 def feature_head_stage(path: str | Path, target: LlamaStage) -> FeatureHeadStage:
     """The feature head in ``path`` (``models/feature_head.py``) as the stage below ``target``,
-    whose features it reads (the target keeps them from now on)."""
+    whose features it reads (the target keeps them from now on), computing as the target
+    does now (a draft's Q8_0 blocks under int8: ``models.packed.requantize_fp16``)."""
+    from pipespec_fast.models.packed import requantize_fp16, set_compute
+
     head = FeatureHead.from_pretrained(path, target.model)
+    if target.model.compute == "int8":
+        requantize_fp16(head.body)
+    set_compute(head.body, target.model.compute)
     return FeatureHeadStage(head, target, name=Path(path).name)
 
 

@@ -38,7 +38,7 @@ def _load_draft(path: str, target):
 
     def run(seq: torch.Tensor, cache) -> torch.Tensor:
         feats = torch.zeros(len(seq) + 1, target.config.dim)
-        target(seq, target.new_cache(len(seq) + 1), features=feats)
+        target(seq, target.new_cache(len(seq) + 1), last_n=1, features=feats)
         prev = torch.cat([torch.zeros(1, target.config.dim), feats[: len(seq) - 1]])
         return head.forward(seq, prev, cache, last_n=len(seq))[0]
 

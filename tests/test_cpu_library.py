@@ -31,6 +31,34 @@ def fresh(monkeypatch, configure, tmp_path):
     return tmp_path / "build"
 
 
+# the real compiler, read before any test configures another
+GCC = library.compiler()
+
+
+@pytest.fixture(scope="module")
+def built_once(tmp_path_factory):
+    """One real compile of the library, as the builder runs it (its own test is
+    test_builds_into_the_cache_once_with_its_checksum)."""
+    out = tmp_path_factory.mktemp("built-once") / "library.so"
+    subprocess.run([GCC, *library.CFLAGS, "-o", str(out), *map(str, library.SOURCES)],
+                   check=True, capture_output=True, timeout=300)
+    return out
+
+
+@pytest.fixture
+def copying_cc(fresh, built_once, configure):
+    """The configured compiler answers ``--version`` as gcc does and "compiles" by copying
+    :func:`built_once`'s file to its ``-o`` argument: the loader's checks, checksums, renames
+    and loading run as they always do, without a ~15 s compile in every test."""
+    cc = fresh.parent / "copying-cc"
+    cc.write_text(f'#!/bin/sh\n[ "$1" = --version ] && exec "{GCC}" --version\n'
+                  f'while [ $# -gt 1 ]; do [ "$1" = -o ] && exec cp "{built_once}" "$2"; '
+                  'shift; done\nexit 1\n')
+    cc.chmod(0o755)
+    configure(cc=str(cc))
+    return fresh
+
+
 def reload(monkeypatch):
     """Forget the loaded library (as a new process would) and load again."""
     monkeypatch.setattr(library, "_lib", None)
@@ -60,7 +88,7 @@ def plant(where, marker) -> None:
     src.write_text('#include <stdio.h>\n__attribute__((constructor)) static void planted(void)'
                    f' {{ FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n')
     where.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([library.compiler(), "-shared", "-fPIC", "-o", str(where), str(src)],
+    subprocess.run([GCC, "-shared", "-fPIC", "-o", str(where), str(src)],
                    check=True, capture_output=True, timeout=120)
 
 
@@ -86,7 +114,7 @@ def test_builds_into_the_cache_once_with_its_checksum(fresh, monkeypatch):
 
 
 @needs_build
-def test_isa_setting_selects_the_path(fresh, configure):
+def test_isa_setting_selects_the_path(copying_cc, fresh, configure):
     configure(skinny_isa="avx2")
     assert gemm.isa() == "avx2"
     assert computes()
@@ -96,7 +124,7 @@ def test_isa_setting_selects_the_path(fresh, configure):
 
 
 @needs_build
-def test_planted_library_is_not_loaded(fresh, tmp_path):
+def test_planted_library_is_not_loaded(copying_cc, fresh, tmp_path):
     target, marker = library.cached_path(library.compiler()), tmp_path / "ran"
     plant(target, marker)
     with pytest.warns(RuntimeWarning, match="no recorded SHA-256"):
@@ -107,7 +135,7 @@ def test_planted_library_is_not_loaded(fresh, tmp_path):
 
 
 @needs_build
-def test_replaced_library_is_not_loaded(fresh, monkeypatch, tmp_path):
+def test_replaced_library_is_not_loaded(copying_cc, fresh, monkeypatch, tmp_path):
     library.load()
     target, marker = library.path(), tmp_path / "ran"
     plant(target, marker)  # its checksum file still holds the built library's hash
@@ -118,7 +146,7 @@ def test_replaced_library_is_not_loaded(fresh, monkeypatch, tmp_path):
 
 
 @needs_build
-def test_world_writable_library_is_rebuilt(fresh, monkeypatch):
+def test_world_writable_library_is_rebuilt(copying_cc, fresh, monkeypatch):
     library.load()
     target = library.path()
     target.chmod(0o777)
@@ -129,7 +157,7 @@ def test_world_writable_library_is_rebuilt(fresh, monkeypatch):
 
 
 @needs_build
-def test_symlink_in_the_cache_is_not_followed(fresh, tmp_path):
+def test_symlink_in_the_cache_is_not_followed(copying_cc, fresh, tmp_path):
     target, marker = library.cached_path(library.compiler()), tmp_path / "ran"
     elsewhere = tmp_path / "elsewhere.so"
     plant(elsewhere, marker)
@@ -145,7 +173,7 @@ def test_symlink_in_the_cache_is_not_followed(fresh, tmp_path):
 
 @needs_build
 @pytest.mark.skipif(os.getuid() != 0, reason="handing a file to another user needs root")
-def test_library_of_another_user_is_rebuilt(fresh, monkeypatch):
+def test_library_of_another_user_is_rebuilt(copying_cc, fresh, monkeypatch):
     library.load()
     target = library.path()
     os.chown(target, 12345, -1)
@@ -155,7 +183,7 @@ def test_library_of_another_user_is_rebuilt(fresh, monkeypatch):
 
 
 @needs_build
-def test_untrusted_build_dir_is_not_used(fresh, tmp_path):
+def test_untrusted_build_dir_is_not_used(copying_cc, fresh, tmp_path):
     """A build directory others may write to: nothing in it is loaded, even with a matching
     checksum; the library is built in a private temporary directory."""
     target, marker = library.cached_path(library.compiler()), tmp_path / "ran"

@@ -24,19 +24,3 @@ def configure():
     with contextlib.ExitStack() as stack:
         yield lambda **changes: stack.enter_context(
             config.use(config.current().replace(**changes)))
-
-
-def pytest_configure(config):
-    """Under pytest-xdist, the controller makes the files every worker reads from the shared
-    cache before the workers start: the converted default target and the C library. Each is
-    published atomically, so workers racing on a fresh machine would still be correct, but
-    each would convert and compile the same files at once."""
-    if getattr(config, "workerinput", None) is not None:
-        return  # a worker
-    if not getattr(config.option, "numprocesses", None):
-        return  # one process: each file is made when first used
-    from pipespec_fast.cpu import library
-    from pipespec_fast.models.defaults import default_target_dir
-
-    default_target_dir(progress=False)
-    library.load()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shlex
 import subprocess
 import warnings
 
@@ -39,24 +40,39 @@ GCC = library.compiler()
 def built_once(tmp_path_factory):
     """One real compile of the library, as the builder runs it (its own test is
     test_builds_into_the_cache_once_with_its_checksum)."""
+    assert GCC, "needs_build guards every test that uses this"
     out = tmp_path_factory.mktemp("built-once") / "library.so"
-    subprocess.run([GCC, *library.CFLAGS, "-o", str(out), *map(str, library.SOURCES)],
-                   check=True, capture_output=True, timeout=300)
+    res = subprocess.run([GCC, *library.CFLAGS, "-o", str(out), *map(str, library.SOURCES)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
     return out
 
 
 @pytest.fixture
 def copying_cc(fresh, built_once, configure):
     """The configured compiler answers ``--version`` as gcc does and "compiles" by copying
-    :func:`built_once`'s file to its ``-o`` argument: the loader's checks, checksums, renames
-    and loading run as they always do, without a ~15 s compile in every test."""
-    cc = fresh.parent / "copying-cc"
-    cc.write_text(f'#!/bin/sh\n[ "$1" = --version ] && exec "{GCC}" --version\n'
-                  f'while [ $# -gt 1 ]; do [ "$1" = -o ] && exec cp "{built_once}" "$2"; '
-                  'shift; done\nexit 1\n')
+    :func:`built_once`'s file to its ``-o`` argument, plus a few bytes that make each build
+    unique (a rebuild must record its own checksum): the loader's checks, checksums, renames
+    and loading run as they always do, without a ~15 s compile in every test. Every call's
+    command line must be the builder's real one, and the test must have built."""
+    cc, log = fresh.parent / "copying-cc", fresh.parent / "copying-cc.log"
+    q = shlex.quote
+    cc.write_text(
+        f'#!/bin/sh\n[ "$1" = --version ] && exec {q(GCC)} --version\n'
+        f'printf "%s\\n" "$@" --- >> {q(str(log))}\n'
+        'out=; prev=; for a in "$@"; do [ "$prev" = -o ] && out=$a; prev=$a; done\n'
+        '[ -n "$out" ] || { echo "copying-cc: no -o in: $*" >&2; exit 1; }\n'
+        f'cp -- {q(str(built_once))} "$out" && date +%s%N >> "$out"\n')
     cc.chmod(0o755)
     configure(cc=str(cc))
-    return fresh
+    yield fresh
+    calls = log.read_text().split("---\n")[:-1] if log.exists() else []
+    assert calls, "the test never built the library"
+    want = [*library.CFLAGS, "-o", "OUT", *map(str, library.SOURCES)]
+    for call in calls:
+        args = call.splitlines()
+        args[args.index("-o") + 1] = "OUT"
+        assert args == want
 
 
 def reload(monkeypatch):
@@ -138,10 +154,12 @@ def test_planted_library_is_not_loaded(copying_cc, fresh, tmp_path):
 def test_replaced_library_is_not_loaded(copying_cc, fresh, monkeypatch, tmp_path):
     library.load()
     target, marker = library.path(), tmp_path / "ran"
+    first = recorded(target)
     plant(target, marker)  # its checksum file still holds the built library's hash
     with pytest.warns(RuntimeWarning, match="does not match the SHA-256"):
         assert reload(monkeypatch) is not None
-    assert not marker.exists() and sha256(target) == recorded(target)
+    # rebuilt, and the rebuild's own checksum recorded (each copying_cc build is unique)
+    assert not marker.exists() and sha256(target) == recorded(target) != first
     assert computes()
 
 

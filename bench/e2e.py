@@ -8,6 +8,8 @@ Systems (``--systems``, comma separated):
   hf_pld       transformers ``generate(prompt_lookup_num_tokens=...)`` (prompt lookup drafting)
   hf_assisted  transformers ``generate(assistant_model=draft)``, the same draft as ours
   ours_ar      FastPipeline mode="ar" (the target alone)
+  ours_ar_again  ours_ar once more, as another system (an A/A pair: its ratio to ours_ar and
+               that ratio's interval are this run's noise, the yardstick for "below 1.0x")
   ours_sync    FastPipeline mode="sync" over the whole hierarchy (chained draft-verify)
   ours_sync2   FastPipeline mode="sync" over [draft -> target] (classic speculative decoding)
   ours_sync2_tree  the same with the draft's token trees (its greedy chain, siblings where it
@@ -654,7 +656,8 @@ def _default_target() -> str:
     return str(default_model_dirs()[-1])
 
 
-_MODES = {"ours_ar": "ar", "ours_sync": "sync", "ours_sync2": "sync", "ours_sync2_tree": "sync",
+_MODES = {"ours_ar": "ar", "ours_ar_again": "ar",
+          "ours_sync": "sync", "ours_sync2": "sync", "ours_sync2_tree": "sync",
           "ours_pipespec_ngram": "pipespec", "ours_pipespec2": "pipespec",
           "ours_pipespec": "pipespec", "ours_pipespec_split": "pipespec",
           "ours_sync_ngram": "sync", "ours_sync_ngram_tree": "sync",

@@ -13,7 +13,7 @@ N=${2:-96}
 ./scripts/build_llamacpp.sh >/dev/null \
   || echo "bench.sh: llama.cpp could not be built: its systems will be skipped" >&2
 # the systems of the README's tables; llama.cpp runs greedy only (its lookup decoding is greedy)
-OURS=ours_ar,ours_sync,ours_pipespec_lookup,ours_pipespec_ngram,ours_pipespec_ngram_tree,ours_pipespec2,ours_pipespec,ours_pipespec_tree
+OURS=ours_ar,ours_ar_again,ours_sync,ours_pipespec_lookup,ours_pipespec_ngram,ours_pipespec_ngram_tree,ours_pipespec2,ours_pipespec,ours_pipespec_tree
 for task in humaneval mtbench; do
   .venv/bin/python bench/e2e.py --task "$task" --temperature 0 --prompts "$P" \
     --max-new-tokens "$N" --systems "hf_ar,$OURS,llamacpp_ar,llamacpp_lookup"

@@ -84,6 +84,15 @@ def test_make_systems_ours_pipelines_share_the_loaded_stages() -> None:
     pipe.close()
 
 
+def test_the_a_a_system_is_our_ar_again_and_gets_its_ratio() -> None:
+    pipe = _pipe(2)
+    args = e2e._parser().parse_args(["--systems", "ours_ar,ours_ar_again"])
+    systems, skipped = e2e.make_systems(args, pipe)
+    assert not skipped and [s.mode for s in systems.values()] == ["ar", "ar"]
+    assert systems["ours_ar_again"].pipe is systems["ours_ar"].pipe is pipe
+    pipe.close()
+
+
 def test_the_model_tree_system_runs_sync_with_the_drafts_trees() -> None:
     pipe = _pipe(2)
     args = e2e._parser().parse_args(["--systems", "ours_sync2_tree", "--tree-budget", "6"])

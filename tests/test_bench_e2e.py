@@ -84,7 +84,7 @@ def test_make_systems_ours_pipelines_share_the_loaded_stages() -> None:
     pipe.close()
 
 
-def test_the_a_a_system_is_our_ar_again_and_gets_its_ratio() -> None:
+def test_the_a_a_system_runs_our_ar_again_on_the_same_pipeline() -> None:
     pipe = _pipe(2)
     args = e2e._parser().parse_args(["--systems", "ours_ar,ours_ar_again"])
     systems, skipped = e2e.make_systems(args, pipe)

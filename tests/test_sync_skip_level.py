@@ -30,11 +30,20 @@ def _count_skip_steps(monkeypatch) -> list[int]:
     return seen
 
 
-def _model_drafts_never_pay(monkeypatch) -> None:
-    """Every window for model drafts is 0 (timed or not); free drafts keep their rule."""
+def _model_drafts_never_pay(monkeypatch, free_at_least_one: bool = False) -> None:
+    """Every window for model drafts is 0 (timed or not); free drafts keep their rule, with
+    ``free_at_least_one`` verifying at least one wherever the rule decides and one fits: a timed
+    rule on a busy machine (beside another test worker) can find that no free draft pays for a
+    whole run, and a test of where the drafts go must not depend on that."""
     real = WindowPolicy._evaluate
-    monkeypatch.setattr(WindowPolicy, "_evaluate",
-                        lambda self, max_n, cost: real(self, max_n, cost) if self.free else 0)
+
+    def evaluate(self, max_n, cost):
+        if not self.free:
+            return 0
+        w = real(self, max_n, cost)
+        return w if w is None or not free_at_least_one else max(w, min(1, max_n))
+
+    monkeypatch.setattr(WindowPolicy, "_evaluate", evaluate)
 
 
 def _stages(k: int, vocab: int | None = None, noise: float = 0.05, seed: int = 9):
@@ -51,7 +60,7 @@ def test_greedy_skip_level_steps_give_the_targets_output(monkeypatch, k, tree_bu
     (chains or trees), the model stages in between catch up whenever they are used again,
     and every output equals the target's own."""
     seen = _count_skip_steps(monkeypatch)
-    _model_drafts_never_pay(monkeypatch)
+    _model_drafts_never_pay(monkeypatch, free_at_least_one=True)
     stages = _stages(k)
     pipe = FastPipeline(stages, mode="sync", tree_budget=tree_budget, regimes=regimes)
     ref = FastPipeline(stages[-1:])

@@ -18,17 +18,21 @@ from pipespec_fast.stages.ngram import NGramStage
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6]
 
 
-def run_epochs(reg: Regimes, rates: dict[str, float], epochs: int) -> list[str]:
-    """Drive ``reg`` with a clock on which regime ``a`` commits ``rates[a]`` tokens per second
-    (one token per step); returns the regime of each epoch."""
+def run_epochs(reg: Regimes, rates: dict[str, float], epochs: int,
+               per_step: dict[str, int] | None = None) -> list[str]:
+    """Drive ``reg`` with a clock on which regime ``a`` commits ``rates[a]`` tokens per second,
+    ``per_step[a]`` tokens per step (default: one alone, 16 with drafts, so that the bandit's
+    bound of tokens per step times ``alone``'s rate leaves the rates as given); returns the
+    regime of each epoch."""
     now, ran = 0.0, []
     reg.begin(now)
     for _ in range(epochs):
         ran.append(reg.arm)
         done = sum(reg.epochs.values())
+        k = (per_step or {}).get(reg.arm, 1 if reg.arm == ALONE else 16)
         while sum(reg.epochs.values()) == done:  # its settling steps, then the epoch's
-            now += 1.0 / rates[reg.arm]
-            reg.note_step(1, now)
+            now += k / rates[reg.arm]
+            reg.note_step(k, now)
     return ran
 
 
@@ -58,6 +62,26 @@ def test_the_margin_keeps_the_best_when_the_challenger_is_barely_faster():
     reg = Regimes((FULL, ALONE))
     ran = run_epochs(reg, {FULL: 200.0, ALONE: 201.0}, 60)
     assert reg.best == FULL and ran[10:].count(FULL) > 0.8 * 50
+
+
+@pytest.mark.parametrize("per_step,best", [(1, ALONE), (2, FULL)])
+def test_a_regime_of_one_token_per_step_is_never_faster_than_alone(per_step, best):
+    """Steps of the full hierarchy measured 30% faster than steps alone are the clock's
+    noise when each commits one token (verifying drafts never costs less than a step alone):
+    judged at most as fast as ``alone``, ``full`` does not take over, and its retries lose.
+    The same steps committing 2 tokens each are a real lead."""
+    reg = Regimes((FULL, ALONE))
+    ran = run_epochs(reg, {FULL: 260.0 * per_step, ALONE: 200.0}, 40, {FULL: per_step})
+    assert reg.best == best
+    assert reg.tokens_per_step(FULL) == pytest.approx(per_step)
+    assert reg.tokens_per_step(ALONE) == pytest.approx(1.0)
+    assert reg.rate(FULL) == pytest.approx(260.0 * per_step)  # measured, as it was
+    assert reg.rates()[FULL] == pytest.approx(min(260.0, 200.0) * per_step)
+    if best == ALONE:
+        assert ran[1:3] == [ALONE, ALONE] and ran[10:].count(ALONE) > 0.8 * 30
+        assert reg.wait[FULL] > Regimes.FIRST_WAIT  # its retries lost
+    else:
+        assert ran[-10:] == [FULL] * 10
 
 
 def test_arms_for_each_hierarchy():

@@ -34,7 +34,14 @@ one epoch (half of one when it was over 15% slower: a retry of a regime far behi
 a cost) after a wait that doubles (quadruples when it was over 15% slower; up to
 :data:`Regimes.MAX_WAIT` epochs) each time it loses a comparison, the best it was until a
 challenger won included. Waits are never reset: a regime far behind that got lucky does not
-come back to frequent explorations. A generation's last epoch, cut short, counts when it ran
+come back to frequent explorations. Where ``alone`` is an arm, another regime's rate is
+judged at most its tokens per step times ``alone``'s rate (:meth:`Regimes.rates`): a step
+that verifies drafts is never cheaper than a step alone, so a regime committing ~1 token per
+step cannot be faster than ``alone`` except by the clock's noise (a model draft under the
+target on 2 cores: 1.02 tokens per step at 1.14x the step time, once measured ahead). Under
+:data:`Regimes.MARGIN` more tokens per step than a step alone, it cannot lead by the margin,
+so ``alone``, cheaper, is then ahead of it. A
+generation's last epoch, cut short, counts when it ran
 at least half a full epoch's steps. The totals and waits outlive a generation
 (``FastPipeline`` keeps them, ``PolicyMemory``), so a
 pipeline that serves many requests pays for its exploration once.
@@ -68,6 +75,7 @@ class Regimes:
 
     tokens: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    timed_steps: dict[str, float] = field(default_factory=dict)  # decayed as tokens are
     wait: dict[str, int] = field(default_factory=dict)  # epochs until tried again
     countdown: dict[str, int] = field(default_factory=dict)
     arm: str = FULL  # the regime of the current epoch
@@ -96,6 +104,24 @@ class Regimes:
         """Measured tokens per second of ``arm`` (decayed), ``None`` before its first epoch."""
         s = self.seconds.get(arm)
         return None if not s else self.tokens[arm] / s
+
+    def tokens_per_step(self, arm: str) -> float | None:
+        """Measured tokens per timed step of ``arm`` (decayed), ``None`` before its first
+        epoch."""
+        n = self.timed_steps.get(arm)
+        return None if not n else self.tokens[arm] / n
+
+    def rates(self) -> dict[str, float | None]:
+        """Each regime's rate as the bandit judges it: measured, but where ``alone`` is an arm
+        and measured, no more than its tokens per step times ``alone``'s rate (a step with
+        drafts costs at least a step alone, so a faster measurement is the clock's noise)."""
+        out = {a: self.rate(a) for a in self.arms}
+        alone = out.get(ALONE)
+        if alone is not None:
+            for a, r in out.items():
+                if a != ALONE and r is not None:
+                    out[a] = min(r, self.tokens_per_step(a) * alone)
+        return out
 
     def begin(self, now: float) -> None:
         """A generation's first step starts now (after its prefill): the epoch restarts. The
@@ -140,6 +166,7 @@ class Regimes:
         self._closed_at[arm] = self._closed
         self.tokens[arm] = decay * self.tokens.get(arm, 0.0) + self._epoch_tokens
         self.seconds[arm] = decay * self.seconds.get(arm, 0.0) + max(dt, 1e-9)
+        self.timed_steps[arm] = decay * self.timed_steps.get(arm, 0.0) + max(self._steps, 1)
         self.epochs[arm] = self.epochs.get(arm, 0) + 1
         self._epoch_start, self._steps, self._epoch_tokens, self._last = now, 0, 0, None
         nxt = self._choose(arm)
@@ -149,7 +176,8 @@ class Regimes:
     def _length(self, arm: str) -> int:
         """Steps of an epoch of ``arm``: half of :data:`EPOCH_STEPS` to retry a regime far
         behind the best (such a retry is mostly a cost), else all of them."""
-        r, best = self.rate(arm), self.rate(self.best)
+        rates = self.rates()
+        r, best = rates[arm], rates[self.best]
         if arm != self.best and r is not None and best and r < best * (1 - self.FAR_BEHIND):
             return max(1, self.EPOCH_STEPS // 2)
         return self.EPOCH_STEPS
@@ -158,9 +186,10 @@ class Regimes:
         untried = [a for a in self.arms if a not in self.seconds]
         if untried:
             return untried[0]
-        rates = {a: self.rate(a) for a in self.arms}
+        rates = self.rates()
         rival = max((a for a in self.arms if a != self.best), key=lambda a: rates[a])
-        ahead = rates[rival] > rates[self.best] * (1 + self.MARGIN)
+        ahead = rates[rival] > rates[self.best] * (1 + self.MARGIN) or (
+            rival == ALONE and self.tokens_per_step(self.best) < 1 + self.MARGIN)
         if ahead and ran == rival == self._confirming:
             self._take_over(rival, rates)  # ahead after two epochs of its own in a row
         elif ahead:  # an exploration won, or the best's own rate fell (the text changed):
@@ -196,10 +225,12 @@ class Regimes:
         self.countdown[arm] = self.wait[arm]
 
     def summary(self) -> dict:
-        """This generation's target steps per regime; epochs run, measured tokens/s per regime
-        and the current best over the pipeline's life (for stats)."""
+        """This generation's target steps per regime; epochs run, measured tokens/s and tokens
+        per timed step per regime and the current best over the pipeline's life (for stats)."""
         return {"best": self.best, "steps": dict(self.steps), "epochs": dict(self.epochs),
-                "tokens_per_s": {a: r for a in self.arms if (r := self.rate(a)) is not None}}
+                "tokens_per_s": {a: r for a in self.arms if (r := self.rate(a)) is not None},
+                "tokens_per_step": {a: r for a in self.arms
+                                    if (r := self.tokens_per_step(a)) is not None}}
 
 
 def arms_for(mode: str, model_free: list[bool], skip_level_drafts: bool) -> tuple[str, ...]:

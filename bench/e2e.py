@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     if args.models:
         pipe = FastPipeline.from_pretrained(args.models, compute=args.compute)
     else:
-        pipe = FastPipeline.from_default(compute=args.compute)
+        pipe = FastPipeline.from_default(draft=True, compute=args.compute)  # every system
     heads = any(name.endswith("_head") for name in args.systems.split(","))
     pipe.feature_head = _feature_head(args.head, pipe) if heads else None
     systems, skipped = make_systems(args, pipe)
@@ -254,6 +254,11 @@ def main(argv=None) -> int:
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "peak_rss_mb": peak_rss_mb(), "command": " ".join(sys.argv), "skipped": skipped,
             "alpha_needed": needed(latency, max_gamma=max(pipe.windows[-1], 1))}
+    if not args.models:  # the system FastPipeline.from_default() is on this machine
+        from pipespec_fast.threads import default_draft_fits
+
+        meta["default_system"] = "ours_pipespec" if default_draft_fits(
+            pipe.stages[-1].device) else "ours_pipespec_ngram"
     llama = next((s for s in systems.values() if hasattr(s, "bin_dir")), None)
     if llama is not None:
         meta["llamacpp"] = {"build": str(llama.bin_dir.parent.name), "gguf": str(llama.gguf),
@@ -610,7 +615,9 @@ def _rates(rs: list[dict]) -> dict:
 def table(summary: dict, meta: dict) -> str:
     lines = [f"task {meta['task']}, {meta['prompts']} prompts, {meta['max_new_tokens']} new "
              f"tokens, temperature {meta['temperature']}, stages {meta['stages']}, compute "
-             f"{meta.get('compute', '-')}", "",
+             f"{meta.get('compute', '-')}"
+             + (f"; FastPipeline.from_default() here: {meta['default_system']}"
+                if meta.get("default_system") else ""), "",
              "| system | tokens/s (median) | vs hf_ar | vs ours_ar, whole run [90%] | acceptance "
              "per stage | mean accepted length | predicted tokens/s | same greedy output | MB: "
              "weights (+ our KV cache) | busy share per stage | target steps per regime |",

@@ -1,14 +1,14 @@
 """Resident memory of the default pipeline after a generation (not a test: a measurement).
 
-Loads ``FastPipeline.from_default()`` (n-gram -> draft -> target), generates ``--tokens`` new
-tokens (greedy, EOS ignored, so every run produces the same number) from a chat-templated
-prompt, and prints the process's resident set (``VmRSS``, split into anonymous memory and
-mapped file pages such as torch's libraries) and its peak (``VmHWM``) at each step, with the
-bytes each model holds in fp32 tensors and in packed weight copies, and at the end the resident
-set by owner: what the imports took, the weights, the KV cache slots written (the cache is
-allocated untouched: only written pages are resident), and the rest (the tokenizer, torch
-kernels paged in on first use, threads, buffers). Run it in a fresh process: RSS is per
-process, and anything loaded before counts.
+Loads ``FastPipeline.from_default(draft=True)`` (n-gram -> draft -> target; ``--no-draft``:
+n-gram -> target), generates ``--tokens`` new tokens (greedy, EOS ignored, so every run
+produces the same number) from a chat-templated prompt, and prints the process's resident set
+(``VmRSS``, split into anonymous memory and mapped file pages such as torch's libraries) and
+its peak (``VmHWM``) at each step, with the bytes each model holds in fp32 tensors and in
+packed weight copies, and at the end the resident set by owner: what the imports took, the
+weights, the KV cache slots written (the cache is allocated untouched: only written pages are
+resident), and the rest (the tokenizer, torch kernels paged in on first use, threads, buffers).
+Run it in a fresh process: RSS is per process, and anything loaded before counts.
 
     .venv/bin/python bench/memory.py [--tokens 512] [--no-draft] [--compute exact|int8]
         [--json out.json]

@@ -94,7 +94,7 @@ def timeline_chart(out: Path, max_new_tokens: int = 64) -> Path:
     from bench.e2e import load_prompts
     from pipespec_fast import FastPipeline
 
-    pipe = FastPipeline.from_default()
+    pipe = FastPipeline.from_default(draft=True)
     ids = pipe.chat_prompt(load_prompts("humaneval", 1)[0])
     trees = FastPipeline(pipe.stages, tokenizer=pipe.tokenizer, tree_budget=16)
     runs = []

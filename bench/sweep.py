@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     from bench.e2e import load_prompts
     from pipespec_fast import FastPipeline
 
-    base = FastPipeline.from_default()
+    base = FastPipeline.from_default(draft=True)
     variants = []
     for spec in args.variants:
         name, mode, kw = parse(spec)

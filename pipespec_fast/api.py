@@ -217,16 +217,26 @@ class FastPipeline:
         return cls(stages, tokenizer=tok, **kwargs)
 
     @classmethod
-    def from_default(cls, draft: bool = True, **kwargs) -> FastPipeline:
+    def from_default(cls, draft: bool | None = None, **kwargs) -> FastPipeline:
         """The embedded default hierarchy: an n-gram drafter below the models listed by
-        ``pipespec-fast models`` (the distilled draft, then the target). ``draft=False``
-        leaves the draft out: ``[n-gram -> target]``, faster on a 2-core CPU (README). Its
-        target and draft compute in int8 unless ``compute="exact"`` is asked for
-        (:meth:`from_pretrained`; the draft's fp16 matrices get Q8_0 copies). The n-gram
-        drafter draws on the embedded store of the target's own answers (``ngram_store=None``
-        leaves it out)."""
+        ``pipespec-fast models`` (the distilled draft, then the target). ``draft``: ``None``
+        (the default) includes the draft where it can run beside the target, on a GPU or on a
+        CPU with at least 4 usable cores (``threads.default_draft_fits``), and leaves it out,
+        ``[n-gram -> target]``, on fewer, where that hierarchy measured faster (README);
+        ``True`` / ``False`` decide. A distributed pipeline (one rank per model, so the
+        launcher's rank count must not depend on the machine) and one given per-stage
+        ``devices`` include it unless ``draft=False``. Its target and draft compute in int8
+        unless ``compute="exact"`` is asked for (:meth:`from_pretrained`; the draft's fp16
+        matrices get Q8_0 copies). The n-gram drafter draws on the embedded store of the
+        target's own answers (``ngram_store=None`` leaves it out)."""
         from pipespec_fast.models.defaults import NGRAM_STORE_DIR, default_model_dirs
+        from pipespec_fast.threads import default_draft_fits
 
+        if draft not in (None, True, False):
+            raise ValueError(f"draft: expected None, True or False, got {draft!r}")
+        if draft is None:  # per-stage ``devices`` name the draft's device: it is included
+            draft = kwargs.get("distributed", False) or kwargs.get("devices") is not None \
+                or default_draft_fits(kwargs.get("device", "cpu"), kwargs.get("config"))
         kwargs.setdefault("ngram", True)
         if kwargs["ngram"]:
             kwargs.setdefault("ngram_store", NGRAM_STORE_DIR)

@@ -77,8 +77,12 @@ def _check_generate_args(args: argparse.Namespace) -> None:
     if args.tree_budget and args.models and not args.ngram and args.mode != "sync":
         raise UsageError("--tree-budget with --models needs --ngram (the n-gram drafter makes "
                          "the trees) or --mode sync (the first model's trees)")
-    if args.no_draft and args.models:
-        raise UsageError("--no-draft applies to the default hierarchy, not to --models")
+    if args.no_draft and args.draft:
+        raise UsageError("--draft and --no-draft: give one of them (neither: the draft where "
+                         "the machine has 4+ cores or a GPU)")
+    if (args.no_draft or args.draft) and args.models:
+        raise UsageError(f"--{'no-' if args.no_draft else ''}draft applies to the default "
+                         "hierarchy, not to --models")
     if args.ngram_store is not None and args.models and not args.ngram:
         raise UsageError("--ngram-store with --models needs --ngram (the drafter that reads it)")
     if args.ngram_store not in (None, "none") and not args.distributed:  # a rank: its own
@@ -139,7 +143,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.models:
         pipe = FastPipeline.from_pretrained(args.models, ngram=args.ngram, **kw)
     else:
-        pipe = FastPipeline.from_default(draft=not args.no_draft, **kw)
+        pipe = FastPipeline.from_default(draft=_draft_choice(args), **kw)
     with pipe:
         tok = pipe.tokenizer
         prompt: str | list[int] = args.prompt
@@ -164,6 +168,12 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"[{res.stats['mode']}: {names}] {n} tokens, {dt:.2f} s, {n / dt:.1f} tokens/s"
               + (f", acceptance {acc}" if acc else ""))
     return 0
+
+
+def _draft_choice(args: argparse.Namespace) -> bool | None:
+    """``FastPipeline.from_default``'s ``draft``: forced by ``--draft`` / ``--no-draft``, else
+    ``None`` (its choice by the machine)."""
+    return True if args.draft else False if args.no_draft else None
 
 
 def _generate_distributed(args: argparse.Namespace, kw: dict) -> int:
@@ -231,7 +241,7 @@ def _run_pipeline(args: argparse.Namespace, kw: dict) -> None:
         pipe = FastPipeline.from_pretrained(args.models, ngram=args.ngram, distributed=True,
                                             **kw)
     else:
-        pipe = FastPipeline.from_default(draft=not args.no_draft, distributed=True, **kw)
+        pipe = FastPipeline.from_default(draft=_draft_choice(args), distributed=True, **kw)
     with pipe:
         prompt: str | list[int] = args.prompt
         if pipe.tokenizer is not None and not args.no_chat:
@@ -310,7 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "tools/ngram_store.py; default: the embedded one for the default hierarchy, "
                    "none with --models; 'none': without)")
     g.add_argument("--no-draft", action="store_true",
-                   help="default hierarchy without the distilled draft: n-gram -> target")
+                   help="default hierarchy without the distilled draft: n-gram -> target "
+                   "(the default on a CPU with fewer than 4 usable cores)")
+    g.add_argument("--draft", action="store_true",
+                   help="default hierarchy with the distilled draft whatever the cores: "
+                   "n-gram -> draft -> target (the default on a GPU or 4+ cores)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int)

@@ -49,6 +49,9 @@ def _one_line_error(capsys, *needles: str) -> str:
     (["--models", ".", "--tree-budget", "4"], "--tree-budget with --models needs --ngram"),
     (["--models", ".", "--ngram-store", "none"], "--ngram-store with --models needs --ngram"),
     (["--ngram-store", "/nonexistent-store"], "--ngram-store: /nonexistent-store: no store.json"),
+    (["--models", ".", "--draft"], "--draft applies to the default hierarchy, not to --models"),
+    (["--models", ".", "--no-draft"], "--no-draft applies to the default hierarchy"),
+    (["--draft", "--no-draft"], "--draft and --no-draft: give one of them"),
 ])
 def test_bad_arguments_exit_2_before_any_model_loads(args, needle, capsys, no_model_load):
     assert cli.main(["generate", "--prompt", "hi", *args]) == cli.EXIT_USAGE
@@ -71,6 +74,11 @@ def test_compute_mode_reaches_the_pipeline(monkeypatch) -> None:
     seen.clear()
     cli.main(["generate", "--prompt", "hi"])  # the pipeline's default: int8 where packed
     assert seen["compute"] is None
+    assert seen["draft"] is None  # from_default's choice by the machine's cores
+    for flag, draft in (("--draft", True), ("--no-draft", False)):
+        seen.clear()
+        cli.main(["generate", "--prompt", "hi", flag])
+        assert seen["draft"] is draft
     assert seen["tree_budget"] == 0
     cli.main(["generate", "--prompt", "hi", "--tree-budget", "12"])
     assert seen["tree_budget"] == 12

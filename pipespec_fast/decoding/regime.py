@@ -34,17 +34,18 @@ one epoch (half of one when it was over 15% slower: a retry of a regime far behi
 a cost) after a wait that doubles (quadruples when it was over 15% slower; up to
 :data:`Regimes.MAX_WAIT` epochs) each time it loses a comparison, the best it was until a
 challenger won included. Waits are never reset: a regime far behind that got lucky does not
-come back to frequent explorations. Where ``alone`` is an arm, another regime's rate is
-judged at most its tokens per step times ``alone``'s rate (:meth:`Regimes.rates`): a step
-that verifies drafts is never cheaper than a step alone, so a regime committing ~1 token per
-step cannot be faster than ``alone`` except by the clock's noise (a model draft under the
-target on 2 cores: 1.02 tokens per step at 1.14x the step time, once measured ahead). Under
-:data:`Regimes.MARGIN` more tokens per step than a step alone, it cannot lead by the margin,
-so ``alone``, cheaper, is then ahead of it. A
-generation's last epoch, cut short, counts when it ran
-at least half a full epoch's steps. The totals and waits outlive a generation
-(``FastPipeline`` keeps them, ``PolicyMemory``), so a
-pipeline that serves many requests pays for its exploration once.
+come back to frequent explorations.
+
+Where ``alone`` is an arm, another regime's rate is judged at most its tokens per step times
+``alone``'s rate (:meth:`Regimes.rates`): a step that verifies drafts is never cheaper than a
+step alone, so a regime committing ~1 token per step can be faster than ``alone`` only by the
+clock's noise (a model draft under the target on 2 cores: 1.02 tokens per step at 1.14x the
+step time, yet measured ahead in some epochs). With fewer than 1 + :data:`Regimes.MARGIN`
+tokens per step it cannot lead by the margin, so ``alone``, as fast and cheaper, is ahead.
+
+A generation's last epoch, cut short, counts when it ran at least half a full epoch's steps.
+The totals and waits outlive a generation (``FastPipeline`` keeps them, ``PolicyMemory``), so
+a pipeline that serves many requests pays for its exploration once.
 
 Only timed policies use it (greedy, unseeded sampling, any PipeSpec run): a seeded ``sync``
 generation must repeat its draws, so its regime never depends on a clock.

@@ -1,4 +1,4 @@
-"""Resident memory of the default pipeline after a generation (not a test: a measurement).
+"""Resident memory of [n-gram -> draft -> target] after a generation (a measurement, not a test).
 
 Loads ``FastPipeline.from_default(draft=True)`` (n-gram -> draft -> target; ``--no-draft``:
 n-gram -> target), generates ``--tokens`` new tokens (greedy, EOS ignored, so every run

@@ -116,5 +116,6 @@ def default_draft_dir() -> Path:
 
 def default_model_dirs() -> list[Path]:
     """Model directories of the default hierarchy, smallest first: the distilled draft, then
-    the target (``FastPipeline.from_default`` puts an n-gram drafter below them)."""
+    the target (``FastPipeline.from_default`` puts an n-gram drafter below them, and leaves
+    the draft out on a CPU with fewer than 4 usable cores)."""
     return [default_draft_dir(), default_target_dir()]

@@ -220,28 +220,39 @@ class FastPipeline:
     def from_default(cls, draft: bool | None = None, **kwargs) -> FastPipeline:
         """The embedded default hierarchy: an n-gram drafter below the models listed by
         ``pipespec-fast models`` (the distilled draft, then the target). ``draft``: ``None``
-        (the default) includes the draft where it can run beside the target, on a GPU or on a
-        CPU with at least 4 usable cores (``threads.default_draft_fits``), and leaves it out,
-        ``[n-gram -> target]``, on fewer, where that hierarchy measured faster (README);
-        ``True`` / ``False`` decide. A distributed pipeline (one rank per model, so the
-        launcher's rank count must not depend on the machine) and one given per-stage
-        ``devices`` include it unless ``draft=False``. Its target and draft compute in int8
-        unless ``compute="exact"`` is asked for (:meth:`from_pretrained`; the draft's fp16
-        matrices get Q8_0 copies). The n-gram drafter draws on the embedded store of the
+        (the default) includes the draft on a GPU or on a CPU with at least 4 usable cores
+        (``threads.default_draft_fits``: the target keeps 3 beside it), and leaves it out,
+        ``[n-gram -> target]``, on fewer, where that hierarchy measured faster on 2 cores
+        (``docs/BENCHMARKS.md``, "Which hierarchy by default on 2 cores"); ``True`` /
+        ``False`` decide. It is also included, unless ``draft=False``, wherever the request is
+        sized for it: a distributed pipeline (one rank per model), per-stage ``devices``,
+        ``windows``, ``max_leads`` or ``threads``, a configuration with ``stage_threads``, and
+        ``ngram=False`` (the draft is then the only drafter). Its target and draft compute in
+        int8 unless ``compute="exact"`` is asked for (:meth:`from_pretrained`; the draft's
+        fp16 matrices get Q8_0 copies). The n-gram drafter draws on the embedded store of the
         target's own answers (``ngram_store=None`` leaves it out)."""
-        from pipespec_fast.models.defaults import NGRAM_STORE_DIR, default_model_dirs
+        from pipespec_fast.models.defaults import (
+            NGRAM_STORE_DIR,
+            default_model_dirs,
+            default_target_dir,
+        )
         from pipespec_fast.threads import default_draft_fits
 
-        if draft not in (None, True, False):
-            raise ValueError(f"draft: expected None, True or False, got {draft!r}")
-        if draft is None:  # per-stage ``devices`` name the draft's device: it is included
-            draft = kwargs.get("distributed", False) or kwargs.get("devices") is not None \
-                or default_draft_fits(kwargs.get("device", "cpu"), kwargs.get("config"))
+        if draft is not None and not isinstance(draft, bool):
+            raise ValueError(f"draft: expected True, False or None, got {draft!r}")
+        cfg = kwargs.get("config")
+        _check_config(cfg)
+        if draft is None:
+            per_stage = ("devices", "windows", "max_leads", "threads")
+            staged = (cfg if cfg is not None else runtime_config.current()).stage_threads
+            draft = kwargs.get("distributed", False) or not kwargs.get("ngram", True) \
+                or any(kwargs.get(k) is not None for k in per_stage) or staged is not None \
+                or default_draft_fits(kwargs.get("device", "cpu"), cfg)
         kwargs.setdefault("ngram", True)
         if kwargs["ngram"]:
             kwargs.setdefault("ngram_store", NGRAM_STORE_DIR)
-        dirs = default_model_dirs()
-        return cls.from_pretrained([str(p) for p in (dirs if draft else dirs[-1:])], **kwargs)
+        dirs = default_model_dirs() if draft else [default_target_dir()]
+        return cls.from_pretrained([str(p) for p in dirs], **kwargs)
 
     # ------------------------------------------------------------------ public API
 

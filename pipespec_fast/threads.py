@@ -143,15 +143,18 @@ class CpuThreads:
 
 # The default hierarchy's model draft is left out on a CPU-only machine with fewer usable cores:
 # on 2 cores it runs at idle priority on the cycles the target leaves, and [n-gram -> target]
-# was level with or ahead of [n-gram -> draft -> target] in 18 of 20 same-run rows (README).
-# With 4 the draft gets a core of its own and the target keeps 3 (unmeasured: no such machine).
+# was level with or ahead of [n-gram -> draft -> target] in 18 of 20 same-run rows
+# (docs/BENCHMARKS.md, "Which hierarchy by default on 2 cores"). From 3 cores plan_threads
+# gives the draft a core of its own, but the target then loses one of its 3; from 4 it keeps
+# 3 (neither measured: no such machine here).
 DRAFT_MIN_CORES = 4
 
 
 def default_draft_fits(device, cfg: RuntimeConfig | None = None) -> bool:
-    """Whether ``FastPipeline.from_default()`` includes its model draft: on a GPU, or on CPU
-    when the process may use :data:`DRAFT_MIN_CORES` cores (``cfg.cpu_threads``, the
-    ``PIPESPEC_CPU_THREADS`` count, where set; else its affinity mask)."""
+    """Whether ``FastPipeline.from_default()`` includes its model draft by the machine: on a
+    GPU, or on CPU when the process may use :data:`DRAFT_MIN_CORES` cores (``cfg.cpu_threads``,
+    the ``PIPESPEC_CPU_THREADS`` count, where set; else its affinity mask: a CPU quota of a
+    container is not seen, set ``PIPESPEC_CPU_THREADS`` there)."""
     try:
         if torch.device(device).type != "cpu":
             return True

@@ -189,38 +189,6 @@ def test_default_without_draft_is_ngram_then_target(chat_ids):
     assert main(["generate", "--prompt", "Say hi.", "--max-new-tokens", "4", "--no-draft"]) == 0
 
 
-@pytest.mark.parametrize("cores,kwargs,with_draft", [
-    (2, {}, False), (3, {}, False), (4, {}, True), (16, {}, True),
-    (2, {"device": "cuda"}, True), (2, {"device": "cuda:1"}, True),
-    (2, {"distributed": True}, True), (2, {"devices": ["cpu", "cpu"]}, True),
-    (16, {"draft": False}, False), (2, {"draft": True}, True),
-    (2, {"config": "cpu_threads=4"}, True), (16, {"config": "cpu_threads=3"}, False)])
-def test_the_default_includes_its_draft_where_it_gets_a_core(monkeypatch, cores, kwargs,
-                                                            with_draft):
-    """``from_default()`` leaves the draft out on a CPU with fewer than 4 usable cores (the
-    affinity mask, or ``cpu_threads`` where configured), keeps it on a GPU, in a distributed
-    pipeline and where per-stage devices are given, and obeys ``draft=``."""
-    from dataclasses import replace
-
-    from pipespec_fast import FastPipeline, threads
-    from pipespec_fast.config import RuntimeConfig
-    from pipespec_fast.models import defaults
-
-    seen = {}
-    monkeypatch.setattr(threads, "_cores", lambda: cores)
-    monkeypatch.setattr(defaults, "default_model_dirs", lambda: ["/d/draft", "/d/target"])
-    monkeypatch.setattr(FastPipeline, "from_pretrained",
-                        classmethod(lambda cls, paths, **kw: seen.update(paths=paths, kw=kw)))
-    kwargs = dict(kwargs)
-    if "config" in kwargs:
-        kwargs["config"] = replace(RuntimeConfig(), cpu_threads=int(kwargs["config"][12:]))
-    FastPipeline.from_default(**kwargs)
-    assert seen["paths"] == (["/d/draft", "/d/target"] if with_draft else ["/d/target"])
-    assert seen["kw"]["ngram"] is True  # the n-gram drafter either way
-    with pytest.raises(ValueError, match="^draft: expected None, True or False"):
-        FastPipeline.from_default(draft="yes")
-
-
 @pytest.mark.parametrize("compute", ["exact", "int8"])
 def test_default_hierarchy_equals_its_own_ar_in_each_compute_mode(chat_ids, compute):
     """The default hierarchy in each compute mode asked for by name: greedy pipespec and sync

@@ -77,11 +77,25 @@ def test_a_regime_of_one_token_per_step_is_never_faster_than_alone(per_step, bes
     assert reg.tokens_per_step(ALONE) == pytest.approx(1.0)
     assert reg.rate(FULL) == pytest.approx(260.0 * per_step)  # measured, as it was
     assert reg.rates()[FULL] == pytest.approx(min(260.0, 200.0) * per_step)
+    assert reg.summary()["tokens_per_step"] == {FULL: pytest.approx(per_step), ALONE: 1.0}
     if best == ALONE:
         assert ran[1:3] == [ALONE, ALONE] and ran[10:].count(ALONE) > 0.8 * 30
-        assert reg.wait[FULL] > Regimes.FIRST_WAIT  # its retries lost
+        # retried, and lost again: the wait doubled twice (displaced, then its retry)
+        assert ran[3:].count(FULL) >= 1 and reg.wait[FULL] >= 4 * Regimes.FIRST_WAIT
+        # the drafts got good (3 tokens a step at the same step time): it wins the lead back
+        ran = run_epochs(reg, {FULL: 780.0, ALONE: 200.0}, 3 * Regimes.MAX_WAIT, {FULL: 3})
+        assert reg.best == FULL and ran[-10:] == [FULL] * 10
     else:
         assert ran[-10:] == [FULL] * 10
+
+
+def test_the_bound_needs_an_alone_arm():
+    """Without ``alone`` (a hierarchy with an n-gram drafter: ``full`` against ``lean``) the
+    rates are judged as measured, whatever the tokens per step."""
+    reg = Regimes((FULL, LEAN))
+    run_epochs(reg, {FULL: 200.0, LEAN: 260.0}, 10, {FULL: 1, LEAN: 1})
+    assert reg.rates() == {FULL: pytest.approx(200.0), LEAN: pytest.approx(260.0)}
+    assert reg.best == LEAN
 
 
 def test_arms_for_each_hierarchy():

@@ -107,3 +107,53 @@ def test_cpu_threads_applies_the_plan_and_restores(monkeypatch):
         assert linear.current_threads() == 5
     finally:
         linear.set_threads(matmul_before)
+
+
+@pytest.mark.parametrize("cores,env,kwargs,with_draft", [
+    (2, {}, {}, False), (3, {}, {}, False), (4, {}, {}, True), (16, {}, {}, True),
+    (2, {}, {"device": "cuda"}, True), (2, {}, {"device": torch.device("cuda:1")}, True),
+    (2, {}, {"distributed": True}, True), (2, {}, {"devices": ["cpu", "cpu"]}, True),
+    (2, {}, {"windows": [0, 6, 6]}, True), (2, {}, {"max_leads": [4, 4, 4]}, True),
+    (2, {}, {"threads": [1, 1, 1]}, True), (2, {}, {"ngram": False}, True),
+    (16, {}, {"draft": False}, False), (2, {}, {"draft": True}, True),
+    (2, {}, {"config": {"cpu_threads": 4}}, True), (16, {}, {"config": {"cpu_threads": 3}}, False),
+    (2, {"PIPESPEC_CPU_THREADS": "4"}, {}, True), (16, {"PIPESPEC_CPU_THREADS": "2"}, {}, False),
+    (2, {"PIPESPEC_STAGE_THREADS": "1,1,1"}, {}, True),
+    (2, {}, {"config": {"stage_threads": (1, 1, 1)}}, True)])
+def test_the_default_includes_its_draft_where_it_gets_a_core(monkeypatch, cores, env, kwargs,
+                                                            with_draft):
+    """``from_default()`` leaves the draft out on a CPU with fewer than 4 usable cores (the
+    affinity mask, or ``cpu_threads`` where configured: argument or environment), keeps it on
+    a GPU and wherever the request is sized for it (distributed, per-stage arguments, per-stage
+    threads, no n-gram drafter), and obeys ``draft=``; nothing loads here."""
+    from pipespec_fast import FastPipeline
+    from pipespec_fast import config as runtime_config
+    from pipespec_fast.models import defaults
+
+    seen = {}
+    monkeypatch.setattr(threads, "_cores", lambda: cores)
+    monkeypatch.setattr(defaults, "default_model_dirs", lambda: ["/d/draft", "/d/target"])
+    monkeypatch.setattr(defaults, "default_target_dir", lambda: "/d/target")
+    monkeypatch.setattr(FastPipeline, "from_pretrained",
+                        classmethod(lambda cls, paths, **kw: seen.update(paths=paths, kw=kw)))
+    kwargs = dict(kwargs)
+    if "config" in kwargs:
+        kwargs["config"] = RuntimeConfig().replace(**kwargs["config"])
+    with runtime_config.use(from_env(env)):  # not the environment this test runs in
+        FastPipeline.from_default(**kwargs)
+    assert seen["paths"] == (["/d/draft", "/d/target"] if with_draft else ["/d/target"])
+    assert seen["kw"]["ngram"] is kwargs.get("ngram", True)
+
+
+@pytest.mark.parametrize("draft,needle", [(1, "draft: expected True, False or None, got 1"),
+                                          ("yes", "draft: expected"),
+                                          (None, "config: expected a RuntimeConfig")])
+def test_from_default_refuses_a_bad_draft_or_config_before_loading(monkeypatch, draft, needle):
+    from pipespec_fast import FastPipeline
+
+    def refuse(cls, *a, **k):
+        raise AssertionError("loaded before the arguments were checked")
+
+    monkeypatch.setattr(FastPipeline, "from_pretrained", classmethod(refuse))
+    with pytest.raises(ValueError, match=f"^{needle}"):
+        FastPipeline.from_default(draft=draft, config={"cpu_threads": 4})

@@ -41,7 +41,9 @@ Where ``alone`` is an arm, another regime's rate is judged at most its tokens pe
 step alone, so a regime committing ~1 token per step can be faster than ``alone`` only by the
 clock's noise (a model draft under the target on 2 cores: 1.02 tokens per step at 1.14x the
 step time, yet measured ahead in some epochs). With fewer than 1 + :data:`Regimes.MARGIN`
-tokens per step it cannot lead by the margin, so ``alone``, as fast and cheaper, is ahead.
+tokens per step it cannot lead by the margin, so ``alone``, as fast and cheaper, is ahead
+(and its confirmation epoch, which cannot change the other's tokens per step, then only
+repeats the verdict).
 
 A generation's last epoch, cut short, counts when it ran at least half a full epoch's steps.
 The totals and waits outlive a generation (``FastPipeline`` keeps them, ``PolicyMemory``), so

@@ -7,7 +7,7 @@ stage drafts, the stages between verify-or-draft, the last one is the target
 
 A model-free lowest stage (the n-gram drafter) gets no thread: the stage above runs it inline
 (``pipespec_fast.pipespec.inline``), since there is nothing to overlap. In a hierarchy of two
-or more model stages over it (the default ``[n-gram -> draft -> target]``), the target also
+or more model stages over it (``[n-gram -> draft -> target]``), the target also
 runs a second copy of it (``clone()``) on its own sequence: skip-level drafts, verified when
 the model stage below has nothing usable ready or is not worth waiting for.
 """

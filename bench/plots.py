@@ -84,8 +84,9 @@ def _timeline_panel(ax, res, title: str) -> None:
 
 
 def timeline_chart(out: Path, max_new_tokens: int = 64) -> Path:
-    """The default hierarchy with chains, then with n-gram token trees, on one HumanEval
-    prompt: which stage runs what, when."""
+    """The 3-level hierarchy ``[n-gram -> draft -> target]`` (the default on a GPU or 4+
+    cores) with chains, then with n-gram token trees, on one HumanEval prompt: which stage
+    runs what, when."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,7 +99,8 @@ def timeline_chart(out: Path, max_new_tokens: int = 64) -> Path:
     ids = pipe.chat_prompt(load_prompts("humaneval", 1)[0])
     trees = FastPipeline(pipe.stages, tokenizer=pipe.tokenizer, tree_budget=16)
     runs = []
-    for p, title in ((pipe, "default (chains)"), (trees, "default with trees (tree_budget=16)")):
+    for p, title in ((pipe, "[n-gram -> draft -> target], chains"),
+                     (trees, "the same with n-gram trees (tree_budget=16)")):
         p.generate(ids, 8, ignore_eos=True)  # warm-up
         runs.append((p.generate(ids, max_new_tokens, ignore_eos=True), title))
     rows = sum(len(r.stage_stats) for r, _ in runs)

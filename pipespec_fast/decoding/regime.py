@@ -60,6 +60,8 @@ from dataclasses import dataclass, field
 FULL, LEAN, ALONE = "full", "lean", "alone"
 
 
+# long: the bandit's state (decayed totals, waits, the epoch clock) and its rules, each method
+# short; split, one decision would read across two classes
 @dataclass
 class Regimes:
     """The regime bandit of one pipeline and mode; ``arms``: the regimes available, in the
@@ -109,22 +111,14 @@ class Regimes:
         return None if not s else self.tokens[arm] / s
 
     def tokens_per_step(self, arm: str) -> float | None:
-        """Measured tokens per timed step of ``arm`` (decayed), ``None`` before its first
-        epoch."""
+        """Measured tokens per timed step of ``arm`` (decayed), ``None`` before its first."""
         n = self.timed_steps.get(arm)
         return None if not n else self.tokens[arm] / n
 
     def rates(self) -> dict[str, float | None]:
-        """Each regime's rate as the bandit judges it: measured, but where ``alone`` is an arm
-        and measured, no more than its tokens per step times ``alone``'s rate (a step with
-        drafts costs at least a step alone, so a faster measurement is the clock's noise)."""
-        out = {a: self.rate(a) for a in self.arms}
-        alone = out.get(ALONE)
-        if alone is not None:
-            for a, r in out.items():
-                if a != ALONE and r is not None:
-                    out[a] = min(r, self.tokens_per_step(a) * alone)
-        return out
+        """Each regime's rate as the bandit judges it (:func:`bounded_rates`)."""
+        return bounded_rates({a: self.rate(a) for a in self.arms},
+                             {a: self.tokens_per_step(a) for a in self.arms})
 
     def begin(self, now: float) -> None:
         """A generation's first step starts now (after its prefill): the epoch restarts. The
@@ -234,6 +228,19 @@ class Regimes:
                 "tokens_per_s": {a: r for a in self.arms if (r := self.rate(a)) is not None},
                 "tokens_per_step": {a: r for a in self.arms
                                     if (r := self.tokens_per_step(a)) is not None}}
+
+
+def bounded_rates(rates: dict[str, float | None], per_step: dict[str, float | None]
+                  ) -> dict[str, float | None]:
+    """Measured ``rates`` (tokens per second per regime, ``None``: not measured yet), each
+    but ``alone``'s bounded by its tokens ``per_step`` times ``alone``'s rate where ``alone``
+    is measured: a step with drafts costs at least a step alone, so a faster measurement is
+    the clock's noise."""
+    alone = rates.get(ALONE)
+    if alone is None:
+        return dict(rates)
+    return {a: r if a == ALONE or r is None else min(r, per_step[a] * alone)
+            for a, r in rates.items()}
 
 
 def arms_for(mode: str, model_free: list[bool], skip_level_drafts: bool) -> tuple[str, ...]:

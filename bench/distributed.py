@@ -4,7 +4,7 @@ interleaved prompt by prompt so that machine noise hits both placements alike.
 
     .venv/bin/python bench/distributed.py --prompts 4 --max-new-tokens 64
 
-Hierarchies: ``draft->target`` and ``ngram->draft->target`` (the default hierarchy; as
+Hierarchies: ``draft->target`` and ``ngram->draft->target`` (the default on a GPU or 4+ cores; as
 ranks, the n-gram drafter runs inline on the draft's rank, its copy on the target's). Models:
 ``--models`` (smallest first), by default the default ones
 (``pipespec_fast.models.defaults.default_model_dirs``). Prompts: ``--prompts`` HumanEval and

@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "none with --models; 'none': without)")
     g.add_argument("--no-draft", action="store_true",
                    help="default hierarchy without the distilled draft: n-gram -> target "
-                   "(the default on a CPU with fewer than 4 usable cores)")
+                   "(the default on a CPU with fewer than 4 usable cores, unless --distributed)")
     g.add_argument("--draft", action="store_true",
                    help="default hierarchy with the distilled draft whatever the cores: "
                    "n-gram -> draft -> target (the default on a GPU or 4+ cores)")

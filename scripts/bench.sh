@@ -28,6 +28,7 @@ done
   | tee bench/results/model_forward.md
 .venv/bin/python bench/prefill.py --paths exact,int8 | tee bench/results/prefill.md
 .venv/bin/python bench/memory.py --tokens 512 --json bench/results/memory.json
+.venv/bin/python bench/memory.py --tokens 512 --no-draft --json bench/results/memory-nodraft.json
 # what the int8 compute mode (the default) costs in quality against exact: no timings
 .venv/bin/python bench/int8_quality.py --json bench/results/int8_quality.json
 .venv/bin/python bench/plots.py

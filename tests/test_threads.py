@@ -15,7 +15,7 @@ from pipespec_fast.cpu import linear
 from pipespec_fast.threads import ThreadPlan, plan_threads
 
 DEFAULT = RuntimeConfig()
-NG_DRAFT_TARGET = (True, False, False)  # the default hierarchy: n-gram -> draft -> target
+NG_DRAFT_TARGET = (True, False, False)  # n-gram -> draft -> target
 MODELS3 = (False, False, False)
 
 # id, model_free, mode, free cores, total cores, config, expected plan

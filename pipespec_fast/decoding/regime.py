@@ -5,7 +5,7 @@ it can see: its verify latencies, its acceptance, its wait per draft. What it ca
 what speculation costs outside its own forwards: on a 2-core CPU a drafter's thread slows the
 target's forwards and the caller's Python; a resumed drafter first catches up on every token
 the target decoded meanwhile; a synchronous step pays the drafter's bookkeeping. Measured end
-to end, the default hierarchy ran at 0.89-0.96x of the target alone while its windows said
+to end, the 3-level hierarchy ran at 0.89-0.96x of the target alone while its windows said
 speculation paid.
 
 So above the windows sits a bandit over *regimes*, judged by wall-clock tokens per second,
@@ -20,7 +20,7 @@ A regime is an arm only where the window cannot price it: a target over model-fr
 alone has no bandit (its window of 0 is a step alone, and an arm that decodes alone for
 whole epochs only lost: 2-7% of tokens/s in a same-run A/B), and where ``lean`` exists it
 replaces ``alone`` (its window goes alone step by step where the n-gram's drafts do not pay;
-the same A/B on the default hierarchy: -2% to +9%, +3% in the mean over both tasks, greedy
+the same A/B on the 3-level hierarchy: -2% to +9%, +3% in the mean over both tasks, greedy
 and T = 0.7). ``alone`` stays an arm against a model draft straight under the target.
 
 The target's steps are grouped into epochs of :data:`Regimes.EPOCH_STEPS` steps; each epoch
@@ -28,7 +28,7 @@ runs one regime and adds its tokens and seconds to that regime's totals, decayed
 per epoch since that regime last ran (a retry is judged on the text of now). Each regime
 is tried once. A regime ahead of the best by :data:`Regimes.MARGIN` (after its try, a
 retry, or because the best's own rate fell) runs one more epoch and takes over only if still
-ahead then: one lucky epoch, on a stretch of easy text, had the default hierarchy leave a
+ahead then: one lucky epoch, on a stretch of easy text, had the 3-level hierarchy leave a
 regime ~10% faster for the rest of a run. The best runs, and every other is tried again for
 one epoch (half of one when it was over 15% slower: a retry of a regime far behind is mostly
 a cost) after a wait that doubles (quadruples when it was over 15% slower; up to

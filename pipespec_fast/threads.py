@@ -145,8 +145,8 @@ class CpuThreads:
 # on 2 cores it runs at idle priority on the cycles the target leaves, and [n-gram -> target]
 # was level with or ahead of [n-gram -> draft -> target] in 18 of 20 same-run rows
 # (docs/BENCHMARKS.md, "Which hierarchy by default on 2 cores"). From 3 cores plan_threads
-# gives the draft a core of its own, but the target then loses one of its 3; from 4 it keeps
-# 3 (neither measured: no such machine here).
+# gives the draft a core of its own, but the target then keeps only 2 of the 3; from 4 it
+# keeps 3 (neither measured: no such machine here).
 DRAFT_MIN_CORES = 4
 
 

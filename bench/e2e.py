@@ -33,7 +33,9 @@ Systems (``--systems``, comma separated):
   llamacpp_lookup  native llama.cpp's prompt-lookup speculative decoding (``llama-lookup``)
                (``bench/llamacpp.py``; built by ``scripts/build_llamacpp.sh``, skipped with the
                reason printed when that build is absent)
-Writes ``bench/results/e2e-<task>-<temp>.json`` and prints a Markdown table.
+Writes ``bench/results/e2e-<task>-t<temp>.json`` (``-unseeded`` before ``.json`` with
+``--unseeded``: sampled runs without a seed, prompt ``i`` otherwise draws with seed ``i``) and
+prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -114,9 +116,10 @@ class HFSystem:
             self.extra["assistant_model"] = load_hf_model(draft_dir)
             self.memory_mb += _param_mb(self.extra["assistant_model"])
 
-    def run(self, ids: list[int], max_new: int, temperature: float, seed: int) -> dict:
+    def run(self, ids: list[int], max_new: int, temperature: float, seed: int | None) -> dict:
         torch.set_num_threads(self.threads)
-        torch.manual_seed(seed)
+        if seed is not None:  # (None: --unseeded, torch's generator as it stands)
+            torch.manual_seed(seed)
         kw = dict(do_sample=temperature > 0, max_new_tokens=max_new, min_new_tokens=max_new,
                   **self.extra)
         if temperature > 0:
@@ -209,7 +212,10 @@ def _time_split(stats) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.unseeded and args.temperature == 0:
+        ap.error("--unseeded: sampling only (give --temperature > 0)")
 
     from pipespec_fast import FastPipeline
 
@@ -235,7 +241,7 @@ def main(argv=None) -> int:
         for name in names[i % len(names):] + names[: i % len(names)]:
             time.sleep(RUN_GAP_S)
             r = results[name] = systems[name].run(ids, args.max_new_tokens, args.temperature,
-                                                  seed=i)
+                                                  seed=None if args.unseeded else i)
             r["memory_mb"] = systems[name].memory_mb
             print(f"prompt {i}: {name:14s} {r['tokens_per_s']:6.1f} tok/s", file=sys.stderr)
         results = {name: results[name] for name in names}  # the systems' order (check_greedy)
@@ -248,7 +254,8 @@ def main(argv=None) -> int:
     summary = summarize(rows, latency, pipe.windows[-1])
     meta = {"latency_ms": latency, "task": args.task, "prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature, "stages": [s.name for s in pipe.stages],
+            "temperature": args.temperature, "seeded": not args.unseeded,
+            "stages": [s.name for s in pipe.stages],
             "compute": [getattr(getattr(s, "model", None), "compute", None)
                         for s in pipe.stages],
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
@@ -265,12 +272,17 @@ def main(argv=None) -> int:
                             "threads": args.llamacpp_threads, "draft_max": llama.draft_max}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"e2e-{args.task}-t{args.temperature:g}.json"
+    path = result_path(out, args.task, args.temperature, args.unseeded)
     path.write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=1))
     print(table(summary, meta))
     print(f"\nwritten: {path}")
     pipe.close()
     return 0
+
+
+def result_path(out: Path, task: str, temperature: float, unseeded: bool = False) -> Path:
+    """Where a run's JSON goes: an unseeded run never overwrites the seeded one beside it."""
+    return out / f"e2e-{task}-t{temperature:g}{'-unseeded' if unseeded else ''}.json"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -279,6 +291,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--unseeded", action="store_true",
+                    help="sampled runs draw without a seed (seed=None: no two runs alike); "
+                         "writes e2e-<task>-t<temp>-unseeded.json beside the seeded file")
     ap.add_argument("--systems", default="hf_ar,hf_pld,hf_assisted,ours_ar,ours_sync,ours_sync2,"
                     "ours_pipespec_ngram,ours_pipespec2,ours_pipespec,ours_pipespec_split,"
                     "llamacpp_ar,llamacpp_lookup")

@@ -69,12 +69,13 @@ def find_binaries(cache_dir: Path) -> Path | None:
     return Path(r.stdout.strip()) if r.returncode == 0 and r.stdout.strip() else None
 
 
-def _common_args(gguf: Path, prompt: str, max_new: int, temperature: float, seed: int,
+def _common_args(gguf: Path, prompt: str, max_new: int, temperature: float, seed: int | None,
                  threads: int, ctx: int) -> list[str]:
     sampling = ["--temp", "0"] if temperature == 0 else [
         "--temp", repr(float(temperature)), "--top-k", "0", "--top-p", "1", "--min-p", "0"]
     return ["-m", str(gguf), "-p", prompt, "--no-escape", "-n", str(max_new), "--ignore-eos",
-            "-t", str(threads), "-tb", str(threads), "-c", str(ctx), "-s", str(seed),
+            "-t", str(threads), "-tb", str(threads), "-c", str(ctx),
+            "-s", str(-1 if seed is None else seed),  # (-1: llama.cpp's random seed)
             *sampling, *REPACK_ARGS]
 
 
@@ -296,7 +297,7 @@ class LlamaCppSystem:
         return lookup_command(self.bin_dir, self.gguf, text, max_new, temperature, seed,
                               threads, ctx, self.draft_max)
 
-    def run(self, ids: list[int], max_new: int, temperature: float, seed: int) -> dict:
+    def run(self, ids: list[int], max_new: int, temperature: float, seed: int | None) -> dict:
         text = self.prompt_text(ids)
         ctx = max(CTX, len(ids) + max_new + self.draft_max + 8)
         threads = self.threads() if callable(self.threads) else self.threads

@@ -40,7 +40,8 @@ def speedup_chart(out: Path) -> Path | None:
         if not pts:
             continue
         bars = ax.barh([i + j * height for i, _ in pts], [r for _, r in pts], height,
-                       label=f"{m['task']} T={m['temperature']:g}")
+                       label=f"{m['task']} T={m['temperature']:g}"
+                             + ("" if m.get("seeded", True) else " unseeded"))
         ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
     ax.axvline(1.0, color="grey", lw=0.8)
     ax.set_yticks([i + height * (len(data) - 1) / 2 for i in range(len(systems))], systems,

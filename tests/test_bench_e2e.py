@@ -184,3 +184,12 @@ def test_whole_run_ratio_and_its_interval_resample_the_prompts_in_pairs() -> Non
     d = e2e.summarize({"ours_ar": ar, "ours_sync": fast})
     assert d["ours_sync"]["vs_ours_ar"] == [2.0, 2.0, 2.0]
     assert d["ours_sync"]["run_tokens_per_s"] == 2 * run_rate(ar)
+
+
+def test_unseeded_runs_need_sampling_and_write_their_own_file(capsys) -> None:
+    with pytest.raises(SystemExit) as e:  # refused before any model loads
+        e2e.main(["--temperature", "0", "--unseeded"])
+    assert e.value.code == 2 and "--unseeded: sampling only" in capsys.readouterr().err
+    out = Path("/r")
+    assert e2e.result_path(out, "mtbench", 0.7) == out / "e2e-mtbench-t0.7.json"
+    assert e2e.result_path(out, "mtbench", 0.7, True) == out / "e2e-mtbench-t0.7-unseeded.json"

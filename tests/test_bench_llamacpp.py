@@ -129,6 +129,9 @@ def test_command_lines():
                        "--no-escape", "-n", "32", "--ignore-eos", "-t", "1", "-tb", "1",
                        "-c", "4096", "-s", "0", "--temp", "0.7", "--top-k", "0", "--top-p",
                        "1", "--min-p", "0", *lc.REPACK_ARGS, "--spec-draft-n-max", "5"]
+    # no seed (e2e.py --unseeded): llama.cpp's own random seed
+    unseeded = lc.completion_command(b, g, PROMPT, 8, temperature=0.7, seed=None)
+    assert unseeded[unseeded.index("-s") + 1] == "-1"
     # repacking is off exactly where the CPU has AMX (ggml's AMX matmul crashed there)
     amx = "flags\t\t: fpu avx512f avx512_vnni amx_tile amx_int8\n"
     assert lc.has_amx(amx) and not lc.has_amx(amx.replace(" amx_int8", ""))

@@ -591,21 +591,18 @@ def _ptxas_versions(archs) -> str:
 
 def select(variants: list[Variant], subset: str) -> list[Variant]:
     """``full``: every variant. ``ci``: every variant a bf16 model launches on sm_90 (the
-    no-spill rule's whole domain: every tile choice), and of the others one per program form
-    (kernel, arch, dtype, head size, split, length form; the tile sizes vary less: a tile
-    choice that compiles for bf16 on sm_90 compiles elsewhere too in the full matrix): the one
-    reaching the largest ``n``, preferring a 4096-token context (a long prefix: the split path
-    where there is one); ties go to the first seen. Deterministic. (One per tile choice was
-    98 of the 127 others, ~3.5 minutes of CI on 2 cores; this is 65.)"""
+    no-spill rule's whole domain), and of the others one per tile choice (kernel, arch, model,
+    dtype, constexprs): the one reaching the largest ``n``, preferring a 4096-token context
+    (a long prefix: the split path where there is one); ties go to the first seen. Deterministic."""
     if subset == "full":
         return variants
     best: dict[tuple, Variant] = {}
     for v in variants:
         if _bf16_sm90(v):
             continue
+        models = sorted({u.model for u in v.uses})
         dtypes = sorted({u.dtype for u in v.uses})
-        form = tuple(v.tiles.get(k) for k in ("HEAD_DIM", "SPLIT", "LEN_PTR"))
-        key = (v.launcher, v.kernel, v.arch, tuple(dtypes), form)
+        key = (v.launcher, v.kernel, v.arch, tuple(models), tuple(dtypes), str(v.tiles))
         if key not in best or _weight(v) > _weight(best[key]):
             best[key] = v
     keep = {id(v) for v in best.values()}

@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     latency = probe_latency(pipe)
     # warm up every system once
     for s in systems.values():
-        s.run(prompts[0][:32], 4, args.temperature, 0)
+        s.run(prompts[0][:32], 4, args.temperature, None if args.unseeded else 0)
     rows = {name: [] for name in systems}
     names = list(systems)
     for i, ids in enumerate(prompts):

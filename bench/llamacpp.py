@@ -80,7 +80,7 @@ def _common_args(gguf: Path, prompt: str, max_new: int, temperature: float, seed
 
 
 def completion_command(bin_dir: Path, gguf: Path, prompt: str, max_new: int,
-                       temperature: float = 0.0, seed: int = 0, threads: int = THREADS,
+                       temperature: float = 0.0, seed: int | None = 0, threads: int = THREADS,
                        ctx: int = CTX) -> list[str]:
     """``llama-completion`` generating ``max_new`` tokens after ``prompt``: no chat mode (the
     prompt is already templated), only the new text on stdout."""
@@ -90,7 +90,7 @@ def completion_command(bin_dir: Path, gguf: Path, prompt: str, max_new: int,
 
 
 def lookup_command(bin_dir: Path, gguf: Path, prompt: str, max_new: int,
-                   temperature: float = 0.0, seed: int = 0, threads: int = THREADS,
+                   temperature: float = 0.0, seed: int | None = 0, threads: int = THREADS,
                    ctx: int = CTX, draft_max: int = DRAFT_MAX) -> list[str]:
     """``llama-lookup`` with drafts of at most ``draft_max`` tokens. It stops once it has more
     than ``max_new`` tokens, so it can make up to ``draft_max`` + 1 extra ones."""
@@ -289,7 +289,7 @@ class LlamaCppSystem:
             self._prompt_ids[key] = parse_ids(run_tool(cmd).stdout)
         return self._prompt_ids[key]
 
-    def command(self, text: str, max_new: int, temperature: float, seed: int,
+    def command(self, text: str, max_new: int, temperature: float, seed: int | None,
                 ctx: int, threads: int) -> list[str]:
         if self.kind == "llamacpp_ar":
             return completion_command(self.bin_dir, self.gguf, text, max_new, temperature,

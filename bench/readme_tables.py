@@ -177,7 +177,9 @@ def main(argv=None) -> int:
         if path.is_file():
             runs.append(json.loads(path.read_text()))
     if not runs:
-        raise SystemExit(f"no e2e-*.json under {args.results}: run ./scripts/bench.sh first")
+        names = ", ".join(f"e2e-{key}.json" for key in ORDER)
+        raise SystemExit(f"none of {names} under {args.results}: run ./scripts/bench.sh first "
+                         "(bench.sh's seeded runs; an --unseeded run's files are not tabled)")
 
     print("| task | T | system | tokens/s | vs hf_ar | vs ours_ar [90% interval] | acceptance "
           "| mean accepted length | predicted tokens/s | greedy = AR | target steps: full / "

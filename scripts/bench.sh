@@ -19,6 +19,10 @@ for task in humaneval mtbench; do
     --max-new-tokens "$N" --systems "hf_ar,$OURS,llamacpp_ar,llamacpp_lookup"
   .venv/bin/python bench/e2e.py --task "$task" --temperature 0.7 --prompts "$P" \
     --max-new-tokens "$N" --systems "hf_ar,$OURS"
+  # sampling without a seed: our AR twice, the 2-core default, the 3-level hierarchy
+  .venv/bin/python bench/e2e.py --task "$task" --temperature 0.7 --prompts "$P" \
+    --max-new-tokens "$N" --unseeded --out bench/results/unseeded \
+    --systems ours_ar,ours_ar_again,ours_pipespec_ngram,ours_pipespec
   # the same speculation on the exact compute mode (greedy equal to transformers)
   .venv/bin/python bench/e2e.py --task "$task" --temperature 0 --prompts "$P" \
     --max-new-tokens "$N" --compute exact --systems "$OURS" --out bench/results/exact
@@ -27,6 +31,9 @@ done
 .venv/bin/python bench/model_forward.py --paths packed,int8 --ns 1,2,4,8,16 \
   | tee bench/results/model_forward.md
 .venv/bin/python bench/prefill.py --paths exact,int8 | tee bench/results/prefill.md
+# how fast any window rule could make the n-gram drafter's chains on these prompts
+.venv/bin/python bench/ngram_ceiling.py --prompts "$P" --max-new-tokens "$N" \
+  | tee bench/results/ngram_ceiling.md
 .venv/bin/python bench/memory.py --tokens 512 --json bench/results/memory.json
 .venv/bin/python bench/memory.py --tokens 512 --no-draft --json bench/results/memory-nodraft.json
 # what the int8 compute mode (the default) costs in quality against exact: no timings

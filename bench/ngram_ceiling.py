@@ -1,0 +1,153 @@
+"""How fast any window rule could make the default `[n-gram -> target]` on the benchmarks'
+prompts: the ceiling its drafts allow, given the target's verify latencies on this machine.
+
+Teacher-forced: our AR's greedy answers to the ``bench/e2e.py`` prompts (chat template,
+``--max-new-tokens`` each), and at every position of an answer the chain of ``--window``
+drafts the default n-gram drafter (with its store) proposes after the text so far, each draft
+right or wrong. With ``L(n)``, the target's forward of ``n`` tokens probed alone on the
+machine (``e2e.probe_latency``), decoding an answer costs:
+
+* with a fixed window ``g`` (``0``: AR): ``L(g + 1)`` per step, ``1 + accepted`` tokens each;
+* with a *perfect* window: every step verifies exactly the drafts that will be accepted (the
+  best number of them: a rule that knows each outcome before it verifies). No window rule, and
+  no pipeline schedule of these drafts, commits this answer faster.
+
+Printed per task: decode tokens/s of each as a ratio to AR's decode, and end to end, with
+the target's measured prefill of each prompt added to both (what the benchmark's ratios
+include). Verify steps cost nothing besides their forward here, so every figure is an upper
+bound for its rule.
+
+    .venv/bin/python bench/ngram_ceiling.py [--prompts 12] [--max-new-tokens 96] [--window 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench scripts import each other
+
+Chain = list[bool]  # drafts right (True) or wrong, in order
+Rule = Callable[[Chain], int]  # a step's window from its chain
+
+
+def teacher_forced_chains(drafter, prompt: Sequence[int], answer: Sequence[int],
+                          depth: int) -> list[Chain]:
+    """For each position ``p`` of ``answer``: is each of the ``depth`` drafts the drafter
+    proposes after ``prompt + answer[:p]`` (each after the ones before it) ``answer[p + j]``?
+    ``drafter``: a fresh ``NGramStage`` (its history is used and left behind)."""
+    nxt = drafter.propose(list(prompt))
+    out = []
+    for p in range(len(answer)):
+        base = drafter.cache_len
+        chain, tok = [], nxt
+        for j in range(depth):
+            chain.append(p + j < len(answer) and tok == answer[p + j])
+            if j + 1 < depth:
+                tok = drafter.propose([tok])
+        drafter.rollback(base)
+        out.append(chain)
+        nxt = drafter.propose([answer[p]])
+    return out
+
+
+def accepted(chain: Chain, g: int) -> int:
+    """Drafts a window of ``g`` accepts: its leading run of right ones."""
+    k = 0
+    while k < g and k < len(chain) and chain[k]:
+        k += 1
+    return k
+
+
+def decode_seconds(chains: list[Chain], latency: Callable[[int], float], rule: Rule) -> float:
+    """Seconds to decode the answer whose chains these are, one verify of ``rule(chain)``
+    drafts per step, ``1 + accepted`` tokens committed by each."""
+    seconds, p = 0.0, 0
+    while p < len(chains):
+        g = rule(chains[p])
+        seconds += latency(g + 1)
+        p += accepted(chains[p], g) + 1
+    return seconds
+
+
+def fixed(g: int) -> Rule:
+    return lambda chain: g
+
+
+def perfect(latency: Callable[[int], float]) -> Rule:
+    """The window that knows the outcome: of the drafts that will be accepted, as many as give
+    the most tokens per second this step."""
+    def rule(chain: Chain) -> int:
+        k = accepted(chain, len(chain))
+        return max(range(k + 1), key=lambda g: (g + 1) / latency(g + 1))
+    return rule
+
+
+def ratios(chains: list[list[Chain]], prefill_s: list[float], latency: Callable[[int], float],
+           rules: dict[str, Rule]) -> dict[str, tuple[float, float]]:
+    """Per rule, ``(decode, end to end)`` speed as ratios to AR's over all the answers."""
+    ar = sum(len(c) * latency(1) for c in chains)
+    pre = sum(prefill_s)
+    out = {}
+    for name, rule in rules.items():
+        t = sum(decode_seconds(c, latency, rule) for c in chains)
+        out[name] = (ar / t, (pre + ar) / (pre + t))
+    return out
+
+
+def _answers(pipe, prompts, max_new: int) -> tuple[list[list[int]], list[float]]:
+    """Our AR's greedy answers (as ``e2e.py`` runs them) and each one's prefill seconds."""
+    answers, prefill = [], []
+    for ids in prompts:
+        res = pipe.generate(ids, max_new, mode="ar", ignore_eos=True)
+        answers.append(res.token_ids)
+        prefill.append(sum(b - a for a, b, kind in res.stage_stats[-1].timeline
+                           if kind == "prefill"))
+    return answers, prefill
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=int, default=12)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--window", type=int, default=6, help="the longest chain (the default's)")
+    args = ap.parse_args(argv)
+    if args.prompts < 1 or args.max_new_tokens < 1 or args.window < 1:
+        ap.error("--prompts, --max-new-tokens and --window must be >= 1")
+
+    import e2e
+
+    from pipespec_fast import FastPipeline
+
+    pipe = FastPipeline.from_default(draft=False)
+    drafter = pipe.stages[0]
+    ns = tuple(range(1, args.window + 2))
+    lat_ms = e2e.probe_latency(pipe, ns=ns)["target"]
+    print("L(n), ms: " + ", ".join(f"{n}: {lat_ms[n]:.2f}" for n in ns))
+
+    def latency(n: int) -> float:
+        return lat_ms[n] / 1e3
+
+    rules = {f"window {g}": fixed(g) for g in range(1, args.window + 1)}
+    rules["perfect window"] = perfect(latency)
+    print("| task | rule | decode vs AR | end to end vs AR |\n|---|---|---|---|")
+    for task in ("humaneval", "mtbench"):
+        prompts = [pipe.chat_prompt(p) for p in e2e.load_prompts(task, args.prompts)]
+        t = time.perf_counter()
+        answers, prefill = _answers(pipe, prompts, args.max_new_tokens)
+        chains = [teacher_forced_chains(drafter.clone(), p, a, args.window)
+                  for p, a in zip(prompts, answers, strict=True)]
+        for name, (dec, e2e_ratio) in ratios(chains, prefill, latency, rules).items():
+            print(f"| {task} | {name} | {dec:.2f}x | {e2e_ratio:.2f}x |")
+        print(f"| {task} | (prefill: median {1e3 * statistics.median(prefill):.0f} ms; "
+              f"{time.perf_counter() - t:.0f} s) | | |")
+    pipe.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

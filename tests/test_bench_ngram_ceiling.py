@@ -1,0 +1,63 @@
+"""``bench/ngram_ceiling.py``: teacher-forced chains against fresh drafters, and the decode
+times and ratios of its window rules on chains whose outcome is known."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import ngram_ceiling as C  # noqa: E402
+import pytest  # noqa: E402
+
+from pipespec_fast.stages.ngram import NGramStage  # noqa: E402
+
+
+def _line(n: int) -> float:  # L(n) = 10 ms + 1 ms per token past the first
+    return 0.010 + 0.001 * (n - 1)
+
+
+def test_chains_are_what_a_fresh_drafter_proposes_after_each_prefix():
+    rng = random.Random(3)
+    prompt = [rng.randrange(12) for _ in range(30)]
+    answer = prompt[5:17] + [rng.randrange(12) for _ in range(10)]  # a copied stretch, then new
+    chains = C.teacher_forced_chains(NGramStage(12), prompt, answer, 4)
+    assert len(chains) == len(answer)
+    for p, chain in enumerate(chains):
+        fresh = NGramStage(12)
+        tok = fresh.propose(prompt + answer[:p])
+        want = []
+        for j in range(4):
+            want.append(p + j < len(answer) and tok == answer[p + j])
+            tok = fresh.propose([tok])
+        assert chain == want, p
+    assert any(all(c) for c in chains) and not all(all(c) for c in chains)
+
+
+def test_decode_time_commits_the_accepted_run_and_the_targets_token():
+    right = [[True] * 3] * 9
+    # window 2: 3 tokens per step at L(3): 9 tokens in 3 steps
+    assert C.decode_seconds(right, _line, C.fixed(2)) == pytest.approx(3 * _line(3))
+    assert C.decode_seconds(right, _line, C.fixed(0)) == pytest.approx(9 * _line(1))
+    mixed = [[True, False, True], [False] * 3, [True, True, True], [True] * 3]
+    # window 3: step at 0 commits 2 (one accepted), step at 2 commits 4 (runs past the end)
+    assert C.decode_seconds(mixed, _line, C.fixed(3)) == pytest.approx(2 * _line(4))
+    assert C.accepted([True, False, True], 3) == 1 and C.accepted([True], 5) == 1
+
+
+def test_the_perfect_window_beats_every_fixed_one_and_ratios_add_the_prefill():
+    rng = random.Random(0)
+    chains = [[[rng.random() < 0.6 for _ in range(6)] for _ in range(50)] for _ in range(4)]
+    rules = {g: C.fixed(g) for g in range(7)} | {"perfect": C.perfect(_line)}
+    r = C.ratios(chains, [0.05] * 4, _line, rules)
+    assert r[0] == pytest.approx((1.0, 1.0))
+    assert all(r["perfect"][0] > r[g][0] for g in range(7))
+    # end to end: the same prefill added to both times pulls a ratio towards 1
+    for dec, whole in r.values():
+        assert min(dec, 1.0) <= whole <= max(dec, 1.0)
+    ar = sum(len(c) for c in chains) * _line(1)
+    t = sum(C.decode_seconds(c, _line, C.fixed(2)) for c in chains)
+    assert r[2] == pytest.approx((ar / t, (0.2 + ar) / (0.2 + t)))

@@ -48,13 +48,28 @@ def test_decode_time_commits_the_accepted_run_and_the_targets_token():
     assert C.accepted([True, False, True], 3) == 1 and C.accepted([True], 5) == 1
 
 
+def test_the_perfect_window_is_the_fastest_sequence_of_windows():
+    rng = random.Random(1)
+    steep = {1: 10.0, 2: 10.5, 3: 14.0, 4: 14.5}.__getitem__  # a block of 3 costs a lot
+    for _ in range(30):
+        chain = [[rng.random() < 0.7 for _ in range(3)] for _ in range(7)]
+
+        def brute(p, chain=chain):  # every sequence of windows from position p
+            if p >= len(chain):
+                return 0.0
+            return min(steep(g + 1) + brute(p + C.accepted(chain[p], g) + 1, chain)
+                       for g in range(4))
+
+        assert C.perfect_seconds(chain, steep) == pytest.approx(brute(0))
+
+
 def test_the_perfect_window_beats_every_fixed_one_and_ratios_add_the_prefill():
     rng = random.Random(0)
     chains = [[[rng.random() < 0.6 for _ in range(6)] for _ in range(50)] for _ in range(4)]
-    rules = {g: C.fixed(g) for g in range(7)} | {"perfect": C.perfect(_line)}
+    rules = {g: C.fixed(g) for g in range(7)}
     r = C.ratios(chains, [0.05] * 4, _line, rules)
     assert r[0] == pytest.approx((1.0, 1.0))
-    assert all(r["perfect"][0] > r[g][0] for g in range(7))
+    assert all(r["perfect window"][0] > r[g][0] for g in range(7))
     # end to end: the same prefill added to both times pulls a ratio towards 1
     for dec, whole in r.values():
         assert min(dec, 1.0) <= whole <= max(dec, 1.0)

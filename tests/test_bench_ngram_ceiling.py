@@ -14,20 +14,25 @@ import ngram_ceiling as C  # noqa: E402
 import pytest  # noqa: E402
 
 from pipespec_fast.stages.ngram import NGramStage  # noqa: E402
+from pipespec_fast.stages.ngram_store import NGramStore  # noqa: E402
 
 
 def _line(n: int) -> float:  # L(n) = 10 ms + 1 ms per token past the first
     return 0.010 + 0.001 * (n - 1)
 
 
-def test_chains_are_what_a_fresh_drafter_proposes_after_each_prefix():
+@pytest.mark.parametrize("with_store", [False, True])
+def test_chains_are_what_a_fresh_drafter_proposes_after_each_prefix(with_store):
     rng = random.Random(3)
     prompt = [rng.randrange(12) for _ in range(30)]
     answer = prompt[5:17] + [rng.randrange(12) for _ in range(10)]  # a copied stretch, then new
-    chains = C.teacher_forced_chains(NGramStage(12), prompt, answer, 4)
+    store = NGramStore([[rng.randrange(12) for _ in range(40)] for _ in range(5)], 12) \
+        if with_store else None
+    drafter = NGramStage(12, store=store)
+    chains = C.teacher_forced_chains(drafter.clone(), prompt, answer, 4)  # as main() runs it
     assert len(chains) == len(answer)
     for p, chain in enumerate(chains):
-        fresh = NGramStage(12)
+        fresh = NGramStage(12, store=store)
         tok = fresh.propose(prompt + answer[:p])
         want = []
         for j in range(4):
@@ -76,3 +81,10 @@ def test_the_perfect_window_beats_every_fixed_one_and_ratios_add_the_prefill():
     ar = sum(len(c) for c in chains) * _line(1)
     t = sum(C.decode_seconds(c, _line, C.fixed(2)) for c in chains)
     assert r[2] == pytest.approx((ar / t, (0.2 + ar) / (0.2 + t)))
+
+
+@pytest.mark.parametrize("flag", ["--window", "--prompts", "--max-new-tokens"])
+def test_sizes_below_one_are_refused_before_anything_loads(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        C.main([flag, "0"])
+    assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err

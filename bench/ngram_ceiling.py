@@ -110,17 +110,16 @@ def ratios(chains: list[list[Chain]], prefill_s: list[float], latency: Callable[
 
 
 def _answers(pipe, prompts, max_new: int) -> tuple[list[list[int]], list[float], float]:
-    """Our AR's greedy answers (as ``e2e.py`` runs them), each one's prefill seconds, and the
-    seconds per decoded token over all of them (the rest of each generation)."""
-    answers, prefill, decode_s = [], [], 0.0
-    pipe.generate(prompts[0][:32], 4, mode="ar", ignore_eos=True)  # warm-up
-    for ids in prompts:
-        res = pipe.generate(ids, max_new, mode="ar", ignore_eos=True)
-        answers.append(res.token_ids)
-        prefill.append(sum(b - a for a, b, kind in res.stage_stats[-1].timeline
-                           if kind == "prefill"))
-        decode_s += res.stats["seconds"] - prefill[-1]
-    return answers, prefill, decode_s / sum(len(a) for a in answers)
+    """Our AR's greedy answers (``e2e.py``'s own ``ours_ar`` system), each one's prefill
+    seconds, and the seconds per decoded token over all of them (the rest of each run)."""
+    import e2e
+
+    ar = e2e.OursSystem(pipe, "ar")
+    ar.run(prompts[0][:32], 4, 0.0, 0)  # warm-up, as e2e.py does
+    runs = [ar.run(ids, max_new, 0.0, 0) for ids in prompts]
+    decode_s = sum(r["tokens"] / r["decode_tokens_per_s"] for r in runs)
+    return ([r["ids"] for r in runs], [r.get("prefill_s", 0.0) for r in runs],
+            decode_s / sum(r["tokens"] for r in runs))
 
 
 def main(argv=None) -> int:
